@@ -1,0 +1,16 @@
+//! Reverse-mode differentiation of an ONNX graph into standard ONNX ops.
+//!
+//! Phases, each in its own module:
+//! 1. [`activity`]: which tensors carry a gradient (float, on a path from a parameter to the loss).
+//! 2. [`backward`]: walk the active nodes in reverse, ask each op's rule for the nodes that compute
+//!    its inputs' gradients, and sum contributions where a tensor has several consumers.
+//! 3. [`rules`]: one small function per op, registered in one table line per op.
+
+mod activity;
+mod backward;
+mod context;
+pub mod rules;
+
+pub use activity::{analyze, Activity};
+pub use backward::{differentiate, Gradients};
+pub use context::RuleCtx;

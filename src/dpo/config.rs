@@ -1,0 +1,113 @@
+//! What the user chose for the objective: where beta comes from and how it is bounded, and
+//! which preference loss is used.
+
+use crate::{Error, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BetaSource {
+    /// One beta per pair from the last prompt token (the same for chosen and rejected).
+    Prompt,
+    /// One beta per sequence from its last non-padding token.
+    Sequence,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BetaAggregate {
+    Last,
+    Mean,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LossKind {
+    Sigmoid,
+    Ipo,
+    Hinge,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct ObjectiveConfig {
+    pub beta_source: BetaSource,
+    pub beta_aggregate: BetaAggregate,
+    pub beta_init: f64,
+    pub beta_min: f64,
+    /// `f64::INFINITY` for no upper bound (serialised as null).
+    #[serde(with = "inf_as_null")]
+    pub beta_max: f64,
+    pub beta_reg: f64,
+    pub loss: LossKind,
+    pub label_smoothing: f64,
+    /// Standard DPO with this constant beta and no head.
+    pub fixed_beta: Option<f64>,
+}
+
+impl Default for ObjectiveConfig {
+    fn default() -> Self {
+        ObjectiveConfig {
+            beta_source: BetaSource::Prompt,
+            beta_aggregate: BetaAggregate::Last,
+            beta_init: 0.1,
+            beta_min: 0.0,
+            beta_max: 1.0,
+            beta_reg: 0.0,
+            loss: LossKind::Sigmoid,
+            label_smoothing: 0.0,
+            fixed_beta: None,
+        }
+    }
+}
+
+impl ObjectiveConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |flag: &str, detail: String| Err(Error::BadFlag { flag: flag.into(), detail });
+        if !(self.beta_init.is_finite() && self.beta_init > 0.0) {
+            return bad("--beta-init", format!("{} (must be a positive number)", self.beta_init));
+        }
+        if !(self.beta_min >= 0.0 && self.beta_min.is_finite()) {
+            return bad("--beta-min", format!("{} (must be finite and >= 0)", self.beta_min));
+        }
+        if !(self.beta_max > self.beta_min) {
+            return bad("--beta-max", format!("{} (must be above --beta-min {})", self.beta_max, self.beta_min));
+        }
+        if !(self.beta_init > self.beta_min && self.beta_init < self.beta_max) {
+            return bad("--beta-init", format!("{} (must lie strictly between --beta-min and --beta-max)", self.beta_init));
+        }
+        if !(self.beta_reg >= 0.0 && self.beta_reg.is_finite()) {
+            return bad("--beta-reg", format!("{} (must be finite and >= 0)", self.beta_reg));
+        }
+        if !(0.0..0.5).contains(&self.label_smoothing) {
+            return bad("--label-smoothing", format!("{} (must be in [0, 0.5))", self.label_smoothing));
+        }
+        if let Some(b) = self.fixed_beta {
+            if !(b.is_finite() && b > 0.0) {
+                return bad("--fixed-beta", format!("{b} (must be a positive number)"));
+            }
+        }
+        Ok(())
+    }
+}
+
+mod inf_as_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() {
+            s.serialize_f64(*v)
+        } else {
+            s.serialize_none()
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::INFINITY))
+    }
+}
+
+/// softplus^-1(y) = log(exp(y) - 1), computed stably.
+pub fn inverse_softplus(y: f64) -> f64 {
+    if y > 20.0 {
+        y
+    } else {
+        y + (-(-y).exp_m1()).ln()
+    }
+}

@@ -1,0 +1,9 @@
+//! DPO with a learned beta: the objective appended to a causal LM, the trainable set, the
+//! optimizer graph, and the artifacts (graphs, initial parameters, manifest) `train` drives.
+
+pub mod config;
+pub mod model;
+pub mod objective;
+pub mod params;
+
+pub use config::{BetaAggregate, BetaSource, LossKind, ObjectiveConfig};

@@ -1,0 +1,109 @@
+//! Recognising a causal LM export: its token inputs, its `logits` output, and the final hidden
+//! state (the activation input of the MatMul/Gemm that produces the logits).
+
+use crate::graph::Graph;
+use crate::{Error, Result};
+
+pub struct LmSignature {
+    pub input_ids: String,
+    pub attention_mask: String,
+    pub position_ids: Option<String>,
+    pub logits: String,
+    pub hidden: String,
+    pub hidden_size: i64,
+    /// The lm_head weight the hidden state is multiplied with.
+    pub lm_head: String,
+}
+
+/// Ops the walk from `logits` back to the lm_head may pass through (casts, reshapes,
+/// soft-capping, scaling, a bias).
+const PASS_THROUGH: &[&str] = &["Identity", "Cast", "Reshape", "Tanh", "Mul", "Div", "Add", "Squeeze", "Unsqueeze", "Flatten"];
+
+pub fn recognise(graph: &Graph, hidden_override: Option<&str>) -> Result<LmSignature> {
+    let input = |names: &[&str]| graph.inputs.iter().find(|i| names.contains(&i.name.as_str())).map(|i| i.name.clone());
+    let input_ids = input(&["input_ids"]).ok_or_else(|| Error::graph(format!(
+        "the model has no `input_ids` input (inputs: {})",
+        graph.inputs.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
+    )))?;
+    let attention_mask = input(&["attention_mask"]).ok_or_else(|| Error::graph("the model has no `attention_mask` input"))?;
+    let position_ids = input(&["position_ids"]);
+    let extra: Vec<&str> = graph
+        .inputs
+        .iter()
+        .map(|i| i.name.as_str())
+        .filter(|n| ![input_ids.as_str(), attention_mask.as_str(), "position_ids"].contains(n) && graph.initializer(n).is_none())
+        .collect();
+    if !extra.is_empty() {
+        return Err(Error::graph(format!(
+            "the model has inputs besides input_ids/attention_mask/position_ids: {} (export it without a KV cache, use_cache=False)",
+            extra.join(", ")
+        )));
+    }
+    let logits = graph
+        .outputs
+        .iter()
+        .find(|o| o.name == "logits")
+        .map(|o| o.name.clone())
+        .ok_or_else(|| Error::graph(format!(
+            "the model has no `logits` output (outputs: {})",
+            graph.outputs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>().join(", ")
+        )))?;
+    let producers = graph.producers();
+    let params: std::collections::HashSet<&str> = graph.initializers.iter().map(|t| t.name.as_str()).collect();
+    let is_weightish = |name: &str| -> bool {
+        params.contains(name)
+            || producers.get(name).map(|&i| matches!(graph.nodes[i].op_type.as_str(), "Transpose" | "Constant" | "Identity")
+                && graph.nodes[i].input.first().map(|x| params.contains(x.as_str())).unwrap_or(true)).unwrap_or(false)
+    };
+    let mut cur = logits.clone();
+    for _ in 0..16 {
+        let Some(&i) = producers.get(cur.as_str()) else { break };
+        let n = &graph.nodes[i];
+        match n.op_type.as_str() {
+            "MatMul" | "Gemm" => {
+                let (act, w) = if is_weightish(&n.input[1]) { (&n.input[0], &n.input[1]) } else { (&n.input[1], &n.input[0]) };
+                let hidden = hidden_override.map(str::to_string).unwrap_or_else(|| act.clone());
+                let hidden_size = weight_hidden_size(graph, n, w).ok_or_else(|| Error::graph(format!(
+                    "cannot tell the hidden size from the lm_head weight {w} of node {}", n.name
+                )))?;
+                return Ok(LmSignature { input_ids, attention_mask, position_ids, logits, hidden, hidden_size, lm_head: w.clone() });
+            }
+            op if PASS_THROUGH.contains(&op) => {
+                // follow the non-constant input
+                let next = n.input.iter().find(|x| !params.contains(x.as_str()) && producers.get(x.as_str()).map(|&j| graph.nodes[j].op_type != "Constant").unwrap_or(false));
+                match next {
+                    Some(x) => cur = x.clone(),
+                    None => break,
+                }
+            }
+            _ => break,
+        }
+    }
+    Err(Error::graph(
+        "cannot find the final hidden state: no MatMul/Gemm produces `logits`; name it with --hidden-state NAME",
+    ))
+}
+
+/// Hidden size from the lm_head weight's shape ([H, V] for MatMul, [V, H] for Gemm with transB).
+fn weight_hidden_size(graph: &Graph, node: &crate::onnx::NodeProto, w: &str) -> Option<i64> {
+    use crate::onnx::NodeAttrs;
+    let dims = match graph.initializer(w) {
+        Some(t) => t.dims.clone(),
+        None => {
+            // tied weight recomputed by a Transpose of an initializer
+            let p = graph.producers();
+            let n = &graph.nodes[*p.get(w)?];
+            let t = graph.initializer(n.input.first()?)?;
+            if n.op_type == "Transpose" && t.dims.len() == 2 {
+                vec![t.dims[1], t.dims[0]]
+            } else {
+                t.dims.clone()
+            }
+        }
+    };
+    if dims.len() != 2 {
+        return None;
+    }
+    let trans_b = node.op_type == "Gemm" && node.int_or("transB", 0) != 0;
+    Some(if trans_b { dims[1] } else { dims[0] })
+}

@@ -1,0 +1,245 @@
+//! The DPO objective appended to the language model: sequence log-probs over answer tokens, the
+//! beta head, the preference loss, and the per-pair values metrics are computed from.
+//!
+//! Batch layout (TRL's): rows `0..B` are the chosen and rows `B..2B` the rejected sequences,
+//! right-padded; `completion_mask[r, t] = 1` marks answer tokens, whose log-prob is read from
+//! `logits[r, t-1]`.
+
+use super::config::{inverse_softplus, BetaAggregate, BetaSource, LossKind, ObjectiveConfig};
+use crate::graph::Builder;
+use crate::onnx::{attr_i, dtype, tensor_f32, Dim, TensorProto, ValueInfoProto};
+
+pub const HEAD_WEIGHT: &str = "beta_head.weight";
+pub const HEAD_BIAS: &str = "beta_head.bias";
+pub const COMPLETION_MASK: &str = "completion_mask";
+pub const REF_LOGPS: &str = "ref_logps";
+
+/// Names of the objective's tensors.
+#[derive(Clone, Debug)]
+pub struct Objective {
+    pub loss: String,
+    pub policy_logps: String,
+    pub beta: String,
+    pub chosen_rewards: String,
+    pub rejected_rewards: String,
+    /// New graph inputs (completion mask, reference log-probs).
+    pub inputs: Vec<ValueInfoProto>,
+    /// Initial values of the head (empty with a fixed beta).
+    pub head: Vec<TensorProto>,
+}
+
+/// Where the model's tensors are.
+pub struct ModelTensors<'a> {
+    pub input_ids: &'a str,
+    pub attention_mask: &'a str,
+    pub logits: &'a str,
+    pub hidden: &'a str,
+    pub hidden_size: i64,
+}
+
+fn rows_dims() -> Vec<Dim> {
+    vec![Dim::Sym("rows".into()), Dim::Sym("sequence".into())]
+}
+
+/// `x` [2B, ...] -> (`x[0:B]`, `x[B:2B]`).
+fn halves(b: &mut Builder, x: &str, name: &str) -> (String, String) {
+    let shape = b.ints(&[2, -1]);
+    let pairs = b.op("Reshape", &[x, &shape], vec![], &format!("{name}/pairs"));
+    let zero = b.int(0);
+    let one = b.int(1);
+    let c = b.op("Gather", &[&pairs, &zero], vec![attr_i("axis", 0)], &format!("{name}/chosen"));
+    let r = b.op("Gather", &[&pairs, &one], vec![attr_i("axis", 0)], &format!("{name}/rejected"));
+    (c, r)
+}
+
+/// Sum over answer tokens of log softmax(logits[t-1])[token t], per row. Labels and mask are
+/// shifted left (and padded) instead of slicing the [rows, T, vocab] tensor, so no vocab-sized
+/// copy is made.
+pub fn sequence_logps(b: &mut Builder, m: &ModelTensors, mask: &str) -> String {
+    let logp = b.op("LogSoftmax", &[m.logits], vec![attr_i("axis", -1)], "dpo/logp");
+    let one = b.ints(&[1]);
+    let big = b.ints(&[i64::MAX]);
+    let next_ids = b.op("Slice", &[m.input_ids, &one, &big, &one], vec![], "dpo/next_ids");
+    let next_mask = b.op("Slice", &[mask, &one, &big, &one], vec![], "dpo/next_mask");
+    let col_shape = {
+        let shape = b.op("Shape", &[m.input_ids], vec![], "dpo/ids_shape");
+        let z = b.ints(&[0]);
+        let rows = b.op("Slice", &[&shape, &z, &one], vec![], "dpo/rows");
+        b.op("Concat", &[&rows, &one], vec![attr_i("axis", 0)], "dpo/col_shape")
+    };
+    let zero_i = crate::onnx::tensor_i64("", &[1], &[0]);
+    let pad_ids = b.op("ConstantOfShape", &[&col_shape], vec![crate::onnx::attr_t("value", zero_i)], "dpo/pad_ids");
+    let zero_f = tensor_f32("", &[1], &[0.0]);
+    let pad_mask = b.op("ConstantOfShape", &[&col_shape], vec![crate::onnx::attr_t("value", zero_f)], "dpo/pad_mask");
+    let labels = b.op("Concat", &[&next_ids, &pad_ids], vec![attr_i("axis", 1)], "dpo/labels");
+    let label_mask = b.op("Concat", &[&next_mask, &pad_mask], vec![attr_i("axis", 1)], "dpo/label_mask");
+    let last = b.ints(&[-1]);
+    let labels3 = b.op("Unsqueeze", &[&labels, &last], vec![], "dpo/labels3");
+    let picked = b.op("GatherElements", &[&logp, &labels3], vec![attr_i("axis", 2)], "dpo/token_logp3");
+    let tok = b.op("Squeeze", &[&picked, &last], vec![], "dpo/token_logp");
+    let masked = b.op("Mul", &[&tok, &label_mask], vec![], "dpo/answer_logp");
+    let axis1 = b.ints(&[1]);
+    b.op("ReduceSum", &[&masked, &axis1], vec![attr_i("keepdims", 0)], "policy_logps")
+}
+
+/// Per-row token weights [rows, T] selecting where the head reads the hidden state.
+fn head_weights(b: &mut Builder, m: &ModelTensors, mask: &str, cfg: &ObjectiveConfig) -> String {
+    let am = b.op("Cast", &[m.attention_mask], vec![attr_i("to", dtype::FLOAT as i64)], "beta/attention");
+    let axis1 = b.ints(&[1]);
+    let region = match cfg.beta_source {
+        // prompt tokens: attended and not part of the answer
+        BetaSource::Prompt => b.op("Sub", &[&am, mask], vec![], "beta/prompt_tokens"),
+        BetaSource::Sequence => am.clone(),
+    };
+    match cfg.beta_aggregate {
+        BetaAggregate::Mean => {
+            let n = b.op("ReduceSum", &[&region, &axis1], vec![attr_i("keepdims", 1)], "beta/count");
+            b.op("Div", &[&region, &n], vec![], "beta/token_weights")
+        }
+        BetaAggregate::Last => {
+            // The last token of the region: right padding makes it index count-1.
+            let n = b.op("ReduceSum", &[&region, &axis1], vec![attr_i("keepdims", 1)], "beta/count");
+            let one = b.scalar(1.0, dtype::FLOAT);
+            let last = b.op("Sub", &[&n, &one], vec![], "beta/last_index");
+            let shape = b.op("Shape", &[m.input_ids], vec![], "beta/ids_shape");
+            let one_i = b.ints(&[1]);
+            let two_i = b.ints(&[2]);
+            let t = b.op("Slice", &[&shape, &one_i, &two_i], vec![], "beta/seq_len");
+            let t = b.op("Squeeze", &[&t], vec![], "beta/seq_len_scalar");
+            let z = b.int(0);
+            let o = b.int(1);
+            let pos = b.op("Range", &[&z, &t, &o], vec![], "beta/positions");
+            let posf = b.op("Cast", &[&pos], vec![attr_i("to", dtype::FLOAT as i64)], "beta/positions_f");
+            let hit = b.op("Equal", &[&posf, &last], vec![], "beta/is_last");
+            b.op("Cast", &[&hit], vec![attr_i("to", dtype::FLOAT as i64)], "beta/token_weights")
+        }
+    }
+}
+
+/// beta = beta_min + softplus(w . h + b), capped at beta_max; one value per row.
+pub fn beta_head(b: &mut Builder, m: &ModelTensors, mask: &str, cfg: &ObjectiveConfig) -> String {
+    let weights = head_weights(b, m, mask, cfg);
+    let last = b.ints(&[-1]);
+    let w3 = b.op("Unsqueeze", &[&weights, &last], vec![], "beta/token_weights3");
+    let weighted = b.op("Mul", &[m.hidden, &w3], vec![], "beta/weighted_hidden");
+    let axis1 = b.ints(&[1]);
+    let h = b.op("ReduceSum", &[&weighted, &axis1], vec![attr_i("keepdims", 0)], "beta/hidden");
+    let z = b.op("MatMul", &[&h, HEAD_WEIGHT], vec![], "beta/head_matmul");
+    let z = b.op("Add", &[&z, HEAD_BIAS], vec![], "beta/logit");
+    let mut beta = b.op("Softplus", &[&z], vec![], "beta/softplus");
+    if cfg.beta_min > 0.0 {
+        let lo = b.scalar(cfg.beta_min, dtype::FLOAT);
+        beta = b.op("Add", &[&beta, &lo], vec![], "beta/floored");
+    }
+    if cfg.beta_max.is_finite() {
+        let hi = b.scalar(cfg.beta_max, dtype::FLOAT);
+        beta = b.op("Min", &[&beta, &hi], vec![], "beta/capped");
+    }
+    b.op("Identity", &[&beta], vec![], "beta_rows")
+}
+
+pub fn head_initial_values(hidden_size: i64, cfg: &ObjectiveConfig) -> Vec<TensorProto> {
+    let bias = inverse_softplus(cfg.beta_init - cfg.beta_min) as f32;
+    vec![
+        tensor_f32(HEAD_WEIGHT, &[hidden_size], &vec![0.0; hidden_size as usize]),
+        tensor_f32(HEAD_BIAS, &[1], &[bias]),
+    ]
+}
+
+/// Appends the objective; returns its tensor names. Nodes go into `b`.
+pub fn build(b: &mut Builder, m: &ModelTensors, cfg: &ObjectiveConfig) -> Objective {
+    let inputs = vec![
+        crate::onnx::value_info(COMPLETION_MASK, dtype::FLOAT, &rows_dims()),
+        crate::onnx::value_info(REF_LOGPS, dtype::FLOAT, &[Dim::Sym("rows".into())]),
+    ];
+    let policy = sequence_logps(b, m, COMPLETION_MASK);
+    let delta = b.op("Sub", &[&policy, REF_LOGPS], vec![], "dpo/log_ratio");
+    let (dc, dr) = halves(b, &delta, "dpo/log_ratio");
+
+    let (beta_c, beta_r, beta_out, head) = match cfg.fixed_beta {
+        Some(fixed) => {
+            let k = b.scalar(fixed, dtype::FLOAT);
+            let shape = b.op("Shape", &[&dc], vec![], "beta/pair_shape");
+            let beta = b.op("Expand", &[&k, &shape], vec![], "beta");
+            (beta.clone(), beta.clone(), beta, vec![])
+        }
+        None => {
+            let rows = beta_head(b, m, COMPLETION_MASK, cfg);
+            let head = head_initial_values(m.hidden_size, cfg);
+            match cfg.beta_source {
+                BetaSource::Prompt => {
+                    let (bc, _) = halves(b, &rows, "beta/rows");
+                    let beta = b.op("Identity", &[&bc], vec![], "beta");
+                    (beta.clone(), beta.clone(), beta, head)
+                }
+                BetaSource::Sequence => {
+                    let (bc, br) = halves(b, &rows, "beta/rows");
+                    let beta = b.op("Identity", &[&rows], vec![], "beta");
+                    (bc, br, beta, head)
+                }
+            }
+        }
+    };
+    let chosen_rewards = b.op("Mul", &[&beta_c, &dc], vec![], "chosen_rewards");
+    let rejected_rewards = b.op("Mul", &[&beta_r, &dr], vec![], "rejected_rewards");
+    let u = b.op("Sub", &[&chosen_rewards, &rejected_rewards], vec![], "dpo/logits");
+    let per_pair = match cfg.loss {
+        LossKind::Sigmoid => {
+            let nu = b.op("Neg", &[&u], vec![], "dpo/neg_logits");
+            let l = b.op("Softplus", &[&nu], vec![], "dpo/sigmoid_loss");
+            if cfg.label_smoothing > 0.0 {
+                let eps = cfg.label_smoothing;
+                let flipped = b.op("Softplus", &[&u], vec![], "dpo/flipped_loss");
+                let a = b.scalar(1.0 - eps, dtype::FLOAT);
+                let e = b.scalar(eps, dtype::FLOAT);
+                let l1 = b.op("Mul", &[&l, &a], vec![], "dpo/kept");
+                let l2 = b.op("Mul", &[&flipped, &e], vec![], "dpo/smoothed");
+                b.op("Add", &[&l1, &l2], vec![], "dpo/cdpo_loss")
+            } else {
+                l
+            }
+        }
+        LossKind::Ipo => {
+            // (h - 1/(2 beta))^2 with h the difference of log-ratios (TRL's IPO)
+            let h = b.op("Sub", &[&dc, &dr], vec![], "dpo/h");
+            let beta = if cfg.beta_source == BetaSource::Sequence && cfg.fixed_beta.is_none() {
+                let s = b.op("Add", &[&beta_c, &beta_r], vec![], "dpo/beta_sum");
+                let half = b.scalar(0.5, dtype::FLOAT);
+                b.op("Mul", &[&s, &half], vec![], "dpo/beta_mean")
+            } else {
+                beta_c.clone()
+            };
+            let two = b.scalar(2.0, dtype::FLOAT);
+            let tb = b.op("Mul", &[&beta, &two], vec![], "dpo/two_beta");
+            let inv = b.op("Reciprocal", &[&tb], vec![], "dpo/ipo_target");
+            let d = b.op("Sub", &[&h, &inv], vec![], "dpo/ipo_gap");
+            b.op("Mul", &[&d, &d], vec![], "dpo/ipo_loss")
+        }
+        LossKind::Hinge => {
+            let one = b.scalar(1.0, dtype::FLOAT);
+            let d = b.op("Sub", &[&one, &u], vec![], "dpo/hinge_gap");
+            b.op("Relu", &[&d], vec![], "dpo/hinge_loss")
+        }
+    };
+    let mut loss = b.op("ReduceMean", &[&per_pair], vec![attr_i("keepdims", 0)], "dpo/loss");
+    if cfg.beta_reg > 0.0 && cfg.fixed_beta.is_none() {
+        let lb = b.op("Log", &[&beta_out], vec![], "beta/log");
+        let l0 = b.scalar(cfg.beta_init.ln(), dtype::FLOAT);
+        let d = b.op("Sub", &[&lb, &l0], vec![], "beta/log_drift");
+        let sq = b.op("Mul", &[&d, &d], vec![], "beta/log_drift_sq");
+        let m = b.op("ReduceMean", &[&sq], vec![attr_i("keepdims", 0)], "beta/reg_mean");
+        let lam = b.scalar(cfg.beta_reg, dtype::FLOAT);
+        let reg = b.op("Mul", &[&m, &lam], vec![], "beta/reg");
+        loss = b.op("Add", &[&loss, &reg], vec![], "dpo/regularised_loss");
+    }
+    let loss = b.op("Identity", &[&loss], vec![], "loss");
+    Objective {
+        loss,
+        policy_logps: policy,
+        beta: beta_out,
+        chosen_rewards,
+        rejected_rewards,
+        inputs,
+        head,
+    }
+}

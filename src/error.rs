@@ -1,0 +1,49 @@
+//! The library's error type. Every variant carries enough context to be printed as one line.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid ONNX model ({detail})")]
+    BadModel { path: PathBuf, detail: String },
+    #[error("{0}")]
+    Graph(String),
+    #[error("building node {node} ({op}): {detail}")]
+    Node { node: String, op: String, detail: String },
+    #[error("no gradient rule for {count} op(s) on the differentiable path: {list}")]
+    UnsupportedOps { count: usize, list: String },
+    #[error("invalid value for {flag}: {detail}")]
+    BadFlag { flag: String, detail: String },
+    #[error("ONNX Runtime: {0}")]
+    Runtime(String),
+    #[error("{0}")]
+    Data(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+    pub fn graph(msg: impl Into<String>) -> Self {
+        Error::Graph(msg.into())
+    }
+    pub fn node(node: &str, op: &str, detail: impl Into<String>) -> Self {
+        Error::Node { node: node.to_string(), op: op.to_string(), detail: detail.into() }
+    }
+}
+
+impl From<ort::Error> for Error {
+    fn from(e: ort::Error) -> Self {
+        Error::Runtime(e.to_string())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,172 @@
+//! An editable view of an ONNX graph: nodes, initializers, declared inputs/outputs, and a name
+//! table so that every tensor this crate adds gets a fresh, readable name.
+
+mod builder;
+mod names;
+mod probe;
+
+pub use builder::Builder;
+pub use names::Names;
+pub use probe::{probe_shapes, ProbeBatch, TensorInfo, TensorInfos};
+
+use std::collections::HashMap;
+
+use crate::onnx::{
+    proto::{ModelProto, OperatorSetIdProto},
+    GraphProto, NodeProto, TensorProto, ValueInfoProto,
+};
+use crate::{Error, Result};
+
+/// The ops this crate emits and the models it reads live in the default domain at this opset or above.
+pub const MIN_OPSET: i64 = 13;
+
+#[derive(Clone, Debug, Default)]
+pub struct Graph {
+    pub name: String,
+    pub nodes: Vec<NodeProto>,
+    pub initializers: Vec<TensorProto>,
+    pub inputs: Vec<ValueInfoProto>,
+    pub outputs: Vec<ValueInfoProto>,
+    pub value_info: Vec<ValueInfoProto>,
+    pub opsets: Vec<OperatorSetIdProto>,
+    pub ir_version: i64,
+    pub producer_name: String,
+    pub names: Names,
+}
+
+impl Graph {
+    pub fn from_model(model: ModelProto) -> Result<Self> {
+        let g = model.graph.ok_or_else(|| Error::graph("the model has no graph"))?;
+        if !model.functions.is_empty() {
+            // Exporters sometimes leave unused local functions; any used one shows up as an op
+            // without a gradient rule, which is reported with the node's name.
+        }
+        let mut graph = Graph {
+            name: g.name,
+            nodes: g.node,
+            initializers: g.initializer,
+            inputs: g.input,
+            outputs: g.output,
+            value_info: g.value_info,
+            opsets: model.opset_import,
+            ir_version: model.ir_version,
+            producer_name: model.producer_name,
+            names: Names::default(),
+        };
+        graph.names = Names::from_graph(&graph);
+        let opset = graph.opset();
+        if opset < MIN_OPSET {
+            return Err(Error::graph(format!(
+                "the model uses opset {opset}; betadpo needs opset {MIN_OPSET} or newer (re-export with a newer opset)"
+            )));
+        }
+        Ok(graph)
+    }
+
+    pub fn into_model(self) -> ModelProto {
+        ModelProto {
+            ir_version: self.ir_version.max(8),
+            opset_import: self.opsets,
+            producer_name: "betadpo".into(),
+            producer_version: env!("CARGO_PKG_VERSION").into(),
+            graph: Some(GraphProto {
+                name: self.name,
+                node: self.nodes,
+                initializer: self.initializers,
+                input: self.inputs,
+                output: self.outputs,
+                value_info: self.value_info,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// The default-domain opset version.
+    pub fn opset(&self) -> i64 {
+        self.opsets.iter().find(|o| o.domain.is_empty() || o.domain == "ai.onnx").map(|o| o.version).unwrap_or(0)
+    }
+
+    pub fn initializer(&self, name: &str) -> Option<&TensorProto> {
+        self.initializers.iter().find(|t| t.name == name)
+    }
+
+    pub fn initializer_index(&self) -> HashMap<String, usize> {
+        self.initializers.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect()
+    }
+
+    /// tensor name -> index of the node that produces it.
+    pub fn producers(&self) -> HashMap<&str, usize> {
+        let mut m = HashMap::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            for o in &n.output {
+                if !o.is_empty() {
+                    m.insert(o.as_str(), i);
+                }
+            }
+        }
+        m
+    }
+
+    /// tensor name -> indices of the nodes that read it.
+    pub fn consumers(&self) -> HashMap<&str, Vec<usize>> {
+        let mut m: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            for x in &n.input {
+                if !x.is_empty() {
+                    m.entry(x.as_str()).or_default().push(i);
+                }
+            }
+        }
+        m
+    }
+
+    pub fn has_input(&self, name: &str) -> bool {
+        self.inputs.iter().any(|i| i.name == name)
+    }
+
+    /// Removes nodes whose outputs reach no graph output, and initializers no node reads.
+    pub fn prune(&mut self) {
+        let mut live: std::collections::HashSet<String> = self.outputs.iter().map(|o| o.name.clone()).collect();
+        let mut keep = vec![false; self.nodes.len()];
+        for (i, n) in self.nodes.iter().enumerate().rev() {
+            if n.output.iter().any(|o| live.contains(o)) {
+                keep[i] = true;
+                live.extend(n.input.iter().filter(|x| !x.is_empty()).cloned());
+            }
+        }
+        let mut k = keep.into_iter();
+        self.nodes.retain(|_| k.next().unwrap());
+        self.initializers.retain(|t| live.contains(&t.name));
+        self.value_info.retain(|v| live.contains(&v.name));
+    }
+
+    /// Nodes in an order where each node's inputs are produced before it; errors on cycles.
+    pub fn sort_topologically(&mut self) -> Result<()> {
+        let mut available: std::collections::HashSet<String> = self.inputs.iter().map(|i| i.name.clone()).collect();
+        available.extend(self.initializers.iter().map(|t| t.name.clone()));
+        available.insert(String::new());
+        let mut pending: Vec<NodeProto> = std::mem::take(&mut self.nodes);
+        let mut sorted = Vec::with_capacity(pending.len());
+        while !pending.is_empty() {
+            let before = pending.len();
+            let mut rest = Vec::new();
+            for n in pending {
+                if n.input.iter().all(|x| available.contains(x)) {
+                    available.extend(n.output.iter().cloned());
+                    sorted.push(n);
+                } else {
+                    rest.push(n);
+                }
+            }
+            if rest.len() == before {
+                let n = &rest[0];
+                let missing: Vec<&String> = n.input.iter().filter(|x| !available.contains(*x)).collect();
+                return Err(Error::node(&n.name, &n.op_type, format!("inputs {missing:?} are never produced")));
+            }
+            pending = rest;
+        }
+        self.nodes = sorted;
+        Ok(())
+    }
+}

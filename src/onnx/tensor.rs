@@ -1,0 +1,186 @@
+//! Tensor constructors and readers, and the dtype codes of `TensorProto.DataType`.
+
+use super::proto::{
+    tensor_shape_proto::{dimension::Value as DimValue, Dimension},
+    type_proto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+};
+use crate::{Error, Result};
+
+/// ONNX element type codes (`TensorProto.DataType`).
+pub type DType = i32;
+pub mod dtype {
+    use super::DType;
+    pub const FLOAT: DType = 1;
+    pub const UINT8: DType = 2;
+    pub const INT8: DType = 3;
+    pub const INT32: DType = 6;
+    pub const INT64: DType = 7;
+    pub const STRING: DType = 8;
+    pub const BOOL: DType = 9;
+    pub const FLOAT16: DType = 10;
+    pub const DOUBLE: DType = 11;
+    pub const BFLOAT16: DType = 16;
+
+    pub fn is_float(t: DType) -> bool {
+        matches!(t, FLOAT | FLOAT16 | DOUBLE | BFLOAT16)
+    }
+    pub fn size_of(t: DType) -> usize {
+        match t {
+            UINT8 | INT8 | BOOL => 1,
+            FLOAT16 | BFLOAT16 => 2,
+            FLOAT | INT32 => 4,
+            INT64 | DOUBLE => 8,
+            _ => 4,
+        }
+    }
+    pub fn name(t: DType) -> &'static str {
+        match t {
+            FLOAT => "float32",
+            FLOAT16 => "float16",
+            BFLOAT16 => "bfloat16",
+            DOUBLE => "float64",
+            INT64 => "int64",
+            INT32 => "int32",
+            INT8 => "int8",
+            UINT8 => "uint8",
+            BOOL => "bool",
+            STRING => "string",
+            _ => "other",
+        }
+    }
+}
+
+/// A dimension of a declared shape: fixed or symbolic.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Dim {
+    Fixed(i64),
+    Sym(String),
+}
+
+pub fn tensor_f32(name: &str, dims: &[i64], data: &[f32]) -> TensorProto {
+    let mut raw = Vec::with_capacity(data.len() * 4);
+    for v in data {
+        raw.extend_from_slice(&v.to_le_bytes());
+    }
+    TensorProto {
+        name: name.to_string(),
+        dims: dims.to_vec(),
+        data_type: dtype::FLOAT,
+        raw_data: raw.into(),
+        ..Default::default()
+    }
+}
+
+pub fn tensor_i64(name: &str, dims: &[i64], data: &[i64]) -> TensorProto {
+    let mut raw = Vec::with_capacity(data.len() * 8);
+    for v in data {
+        raw.extend_from_slice(&v.to_le_bytes());
+    }
+    TensorProto {
+        name: name.to_string(),
+        dims: dims.to_vec(),
+        data_type: dtype::INT64,
+        raw_data: raw.into(),
+        ..Default::default()
+    }
+}
+
+fn numel(t: &TensorProto) -> usize {
+    t.dims.iter().product::<i64>().max(0) as usize
+}
+
+/// Reads a float tensor (f32, f16, bf16 or f64 storage) as f32 values.
+pub fn tensor_to_f32(t: &TensorProto) -> Result<Vec<f32>> {
+    let n = numel(t);
+    let raw = &t.raw_data;
+    let out: Vec<f32> = match t.data_type {
+        dtype::FLOAT if !raw.is_empty() => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        dtype::FLOAT => t.float_data.clone(),
+        dtype::DOUBLE if !raw.is_empty() => raw
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+            .collect(),
+        dtype::DOUBLE => t.double_data.iter().map(|&v| v as f32).collect(),
+        dtype::FLOAT16 | dtype::BFLOAT16 => {
+            let bits: Vec<u16> = if !raw.is_empty() {
+                raw.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
+            } else {
+                t.int32_data.iter().map(|&v| v as u16).collect()
+            };
+            if t.data_type == dtype::FLOAT16 {
+                bits.into_iter().map(|b| half::f16::from_bits(b).to_f32()).collect()
+            } else {
+                bits.into_iter().map(|b| half::bf16::from_bits(b).to_f32()).collect()
+            }
+        }
+        other => return Err(Error::graph(format!("tensor {} has dtype {} where a float was expected", t.name, dtype::name(other)))),
+    };
+    if out.len() != n {
+        return Err(Error::graph(format!("tensor {} holds {} values for shape {:?}", t.name, out.len(), t.dims)));
+    }
+    Ok(out)
+}
+
+/// Reads an integer tensor (int64, int32, int8, uint8 or bool storage) as i64 values.
+pub fn tensor_to_i64(t: &TensorProto) -> Result<Vec<i64>> {
+    let n = numel(t);
+    let raw = &t.raw_data;
+    let out: Vec<i64> = match t.data_type {
+        dtype::INT64 if !raw.is_empty() => raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect(),
+        dtype::INT64 => t.int64_data.clone(),
+        dtype::INT32 if !raw.is_empty() => raw.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect(),
+        dtype::INT32 | dtype::INT8 | dtype::UINT8 | dtype::BOOL if raw.is_empty() => t.int32_data.iter().map(|&v| v as i64).collect(),
+        dtype::INT8 => raw.iter().map(|&b| b as i8 as i64).collect(),
+        dtype::UINT8 | dtype::BOOL => raw.iter().map(|&b| b as i64).collect(),
+        other => return Err(Error::graph(format!("tensor {} has dtype {} where an integer was expected", t.name, dtype::name(other)))),
+    };
+    if out.len() != n {
+        return Err(Error::graph(format!("tensor {} holds {} values for shape {:?}", t.name, out.len(), t.dims)));
+    }
+    Ok(out)
+}
+
+/// A typed graph input/output declaration.
+pub fn value_info(name: &str, elem_type: DType, shape: &[Dim]) -> ValueInfoProto {
+    let dims = shape
+        .iter()
+        .map(|d| Dimension {
+            value: Some(match d {
+                Dim::Fixed(v) => DimValue::DimValue(*v),
+                Dim::Sym(s) => DimValue::DimParam(s.clone()),
+            }),
+            ..Default::default()
+        })
+        .collect();
+    ValueInfoProto {
+        name: name.to_string(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type,
+                shape: Some(TensorShapeProto { dim: dims }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Element type and declared shape of a value info, when it describes a tensor.
+pub fn value_info_type(v: &ValueInfoProto) -> Option<(DType, Option<Vec<Dim>>)> {
+    match v.r#type.as_ref()?.value.as_ref()? {
+        type_proto::Value::TensorType(t) => {
+            let shape = t.shape.as_ref().map(|s| {
+                s.dim
+                    .iter()
+                    .map(|d| match &d.value {
+                        Some(DimValue::DimValue(v)) => Dim::Fixed(*v),
+                        Some(DimValue::DimParam(p)) => Dim::Sym(p.clone()),
+                        None => Dim::Sym(String::new()),
+                    })
+                    .collect()
+            });
+            Some((t.elem_type, shape))
+        }
+        _ => None,
+    }
+}
