@@ -14,6 +14,7 @@ pub mod error;
 pub mod graph;
 pub mod onnx;
 pub mod runtime;
+pub mod store;
 pub mod train;
 
 pub use error::{Error, Result};

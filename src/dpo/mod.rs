@@ -7,3 +7,9 @@ pub mod objective;
 pub mod params;
 
 pub use config::{BetaAggregate, BetaSource, LossKind, ObjectiveConfig};
+pub mod artifacts;
+pub mod manifest;
+pub mod optimizer;
+
+pub use artifacts::{build_artifacts, BuildOptions, BuildReport};
+pub use manifest::Manifest;

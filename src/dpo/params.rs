@@ -11,7 +11,7 @@ use crate::onnx::{dtype, tensor_to_f32, TensorProto};
 use crate::{Error, Result};
 
 /// Names that exporters give to buffers: computed constants that PyTorch does not train.
-const BUFFER_PATTERN: &str = r"(^|[./_])(inv_freq|rotary_emb|rope|cos_cached|sin_cached|position_ids|causal_mask|masked_bias|bias_mask)([./_]|$)|attn\.bias$";
+const BUFFER_PATTERN: &str = r"(^|[./_])(inv_freq|rotary_emb|rope|cos_cached|sin_cached|position_ids|causal_mask|masked_bias|bias_mask)([./_]|$)|(^|\.)attn\.bias$";
 
 /// One original initializer a parameter stands for.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
@@ -104,13 +104,20 @@ fn looks_generated(name: &str) -> bool {
     name.starts_with("onnx::") || name.starts_with("val_") || name.starts_with('_') || !name.contains('.')
 }
 
-/// Whether `b` is a copy of `a` (`Some(false)`) or of its transpose (`Some(true)`).
+/// Whether `b` is an exporter's copy of `a` (`Some(false)`) or of its transpose (`Some(true)`).
+/// Tensors holding one repeated value (zero biases, unit norm weights of a fresh model) are equal
+/// by coincidence, not tied; and an untransposed duplicate counts only when one of the two names
+/// is an exporter's temporary name.
 fn tied(a: &TensorProto, b: &TensorProto) -> Option<bool> {
     if a.data_type != b.data_type || a.raw_data.len() != b.raw_data.len() || a.raw_data.is_empty() {
         return None;
     }
+    let width = dtype::size_of(a.data_type);
+    if a.raw_data.chunks_exact(width).all(|c| c == &a.raw_data[..width]) {
+        return None;
+    }
     if a.dims == b.dims && a.raw_data == b.raw_data {
-        return Some(false);
+        return (looks_generated(&a.name) || looks_generated(&b.name)).then_some(false);
     }
     if a.dims.len() == 2 && b.dims.len() == 2 && a.dims[0] == b.dims[1] && a.dims[1] == b.dims[0] {
         let (r, c) = (a.dims[0] as usize, a.dims[1] as usize);
@@ -143,9 +150,7 @@ pub fn lift_parameters(graph: &mut Graph, params: &[Param], only_trainable: bool
         let t = graph.initializer(&p.name).cloned();
         let dt = t.as_ref().map(|t| t.data_type).unwrap_or(dtype::FLOAT);
         let dims: Vec<crate::onnx::Dim> = p.dims.iter().map(|&d| crate::onnx::Dim::Fixed(d)).collect();
-        if !p.beta_head {
-            removed.insert(p.name.clone());
-        }
+        removed.insert(p.name.clone());
         if !graph.has_input(&p.name) {
             graph.inputs.push(crate::onnx::value_info(&p.name, dt, &dims));
         }

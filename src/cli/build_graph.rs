@@ -1,0 +1,136 @@
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use betadpo::dpo::params::Selection;
+use betadpo::dpo::{build_artifacts, BetaAggregate, BetaSource, BuildOptions, LossKind, ObjectiveConfig};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The exported model (ONNX; external data next to it is found automatically).
+    #[arg(long)]
+    model: PathBuf,
+    /// Output directory for the artifacts (replaced atomically when it exists).
+    #[arg(long)]
+    out: PathBuf,
+    /// Where beta is read: `prompt` (last prompt token, one beta per pair) or `sequence`.
+    #[arg(long, value_enum, default_value = "prompt")]
+    beta_source: SourceArg,
+    /// `last` token, or `mean` of the head over the tokens.
+    #[arg(long, value_enum, default_value = "last")]
+    beta_aggregate: AggregateArg,
+    /// Every context's beta at initialisation.
+    #[arg(long, default_value_t = 0.1)]
+    beta_init: f64,
+    /// Lower bound on beta (added to the softplus, so it never blocks the gradient).
+    #[arg(long, default_value_t = 0.0)]
+    beta_min: f64,
+    /// Upper bound on beta (`inf` for none).
+    #[arg(long, default_value = "1.0")]
+    beta_max: f64,
+    /// Weight of the regulariser mean((log beta - log beta_init)^2).
+    #[arg(long, default_value_t = 0.0)]
+    beta_reg: f64,
+    /// Preference loss.
+    #[arg(long, value_enum, default_value = "sigmoid")]
+    loss: LossArg,
+    /// Label smoothing (conservative DPO), in [0, 0.5).
+    #[arg(long, default_value_t = 0.0)]
+    label_smoothing: f64,
+    /// Standard DPO with this constant beta and no head.
+    #[arg(long)]
+    fixed_beta: Option<f64>,
+    /// Name of the final hidden state, when it cannot be found automatically.
+    #[arg(long)]
+    hidden_state: Option<String>,
+    /// Freeze parameters whose initializer name matches this regex.
+    #[arg(long)]
+    freeze: Option<String>,
+    /// Train only parameters whose initializer name matches this regex.
+    #[arg(long)]
+    train: Option<String>,
+    /// `all` model parameters (default) or only the beta `head`.
+    #[arg(long, value_enum, default_value = "all")]
+    trainable: TrainableArg,
+    /// Print less.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum SourceArg {
+    Prompt,
+    Sequence,
+}
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum AggregateArg {
+    Last,
+    Mean,
+}
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum LossArg {
+    Sigmoid,
+    Ipo,
+    Hinge,
+}
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum TrainableArg {
+    All,
+    Head,
+}
+
+fn regex(flag: &str, v: &Option<String>) -> Result<Option<regex::Regex>> {
+    v.as_ref()
+        .map(|s| regex::Regex::new(s).map_err(|e| betadpo::Error::BadFlag { flag: flag.into(), detail: format!("{s:?} is not a valid regex ({e})") }.into()))
+        .transpose()
+}
+
+pub fn options(a: &Args) -> Result<BuildOptions> {
+    let objective = ObjectiveConfig {
+        beta_source: match a.beta_source {
+            SourceArg::Prompt => BetaSource::Prompt,
+            SourceArg::Sequence => BetaSource::Sequence,
+        },
+        beta_aggregate: match a.beta_aggregate {
+            AggregateArg::Last => BetaAggregate::Last,
+            AggregateArg::Mean => BetaAggregate::Mean,
+        },
+        beta_init: a.beta_init,
+        beta_min: a.beta_min,
+        beta_max: a.beta_max,
+        beta_reg: a.beta_reg,
+        loss: match a.loss {
+            LossArg::Sigmoid => LossKind::Sigmoid,
+            LossArg::Ipo => LossKind::Ipo,
+            LossArg::Hinge => LossKind::Hinge,
+        },
+        label_smoothing: a.label_smoothing,
+        fixed_beta: a.fixed_beta,
+    };
+    objective.validate()?;
+    let selection = Selection {
+        freeze: regex("--freeze", &a.freeze)?,
+        train: regex("--train", &a.train)?,
+        head_only: matches!(a.trainable, TrainableArg::Head),
+    };
+    if selection.head_only && objective.fixed_beta.is_some() {
+        anyhow::bail!(betadpo::Error::BadFlag { flag: "--trainable head".into(), detail: "with --fixed-beta there is no head to train".into() });
+    }
+    Ok(BuildOptions { objective, selection, hidden_state: a.hidden_state.clone() })
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let opts = options(&a)?;
+    let start = Instant::now();
+    let report = build_artifacts(&a.model, &a.out, &opts).with_context(|| format!("building artifacts from {}", a.model.display()))?;
+    if !a.quiet {
+        print!("{}", report.parameter_table);
+    }
+    println!(
+        "wrote {} (train/eval/optimizer/infer graphs, {} backward nodes) in {:.2}s",
+        report.out_dir.display(),
+        report.backward_nodes,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

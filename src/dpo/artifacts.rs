@@ -1,0 +1,373 @@
+//! `build-graph`: from an exported causal LM to training artifacts. Phases:
+//! recognise the model → append the objective → probe shapes → choose parameters → lift them to
+//! inputs → differentiate → build eval, optimizer and inference graphs → write all files into a
+//! temporary directory that is renamed into place only when complete.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ndarray::{ArrayD, IxDyn};
+
+use super::manifest::{GraphSpec, Manifest, ModelSpec, ParameterSpec, TensorSpec, FORMAT, FORMAT_VERSION, MANIFEST_FILE};
+use super::model::{recognise, LmSignature};
+use super::objective::{self, ModelTensors, Objective, COMPLETION_MASK, HEAD_BIAS, HEAD_WEIGHT, REF_LOGPS};
+use super::params::{find_parameters, lift_parameters, InitializerRef, Param, Selection};
+use super::{optimizer, BetaSource, ObjectiveConfig};
+use crate::autodiff::differentiate;
+use crate::graph::{probe_shapes, Builder, Graph, ProbeBatch};
+use crate::onnx::{dtype, load_model, save_model, tensor_to_f32, value_info, value_info_type, Dim, SaveOptions, TensorProto};
+use crate::runtime::HostTensor;
+use crate::store::{write_safetensors, NamedTensor};
+use crate::{Error, Result};
+
+pub const PARAMS_FILE: &str = "params.safetensors";
+
+#[derive(Clone, Debug, Default)]
+pub struct BuildOptions {
+    pub objective: ObjectiveConfig,
+    pub selection: Selection,
+    pub hidden_state: Option<String>,
+}
+
+/// What a build produced, for the command line's summary.
+pub struct BuildReport {
+    pub manifest: Manifest,
+    pub parameter_table: String,
+    pub backward_nodes: usize,
+    pub out_dir: PathBuf,
+}
+
+fn float_spec(name: &str, role: &str, shape: Vec<serde_json::Value>) -> TensorSpec {
+    TensorSpec { name: name.into(), role: role.into(), dtype: "float32".into(), shape, parameter: None, description: None }
+}
+
+fn sym(names: &[&str]) -> Vec<serde_json::Value> {
+    names.iter().map(|n| serde_json::json!(n)).collect()
+}
+
+/// The synthetic batches of the two shape probes: 2 pairs x 6 tokens, then 3 pairs x 9 tokens.
+fn probe_batch(sig: &LmSignature, vocab: i64) -> ProbeBatch {
+    let make = |pairs: usize, t: usize| -> Vec<(String, HostTensor)> {
+        let rows = 2 * pairs;
+        let ids = ArrayD::from_shape_fn(IxDyn(&[rows, t]), |ix| ((ix[0] * 7 + ix[1] * 3 + 1) as i64) % vocab.max(2));
+        // the last row is padded by two tokens; the answer starts at t/2
+        let attn = ArrayD::from_shape_fn(IxDyn(&[rows, t]), |ix| i64::from(!(ix[0] == rows - 1 && ix[1] >= t - 2)));
+        let comp = ArrayD::from_shape_fn(IxDyn(&[rows, t]), |ix| {
+            let pad = ix[0] == rows - 1 && ix[1] >= t - 2;
+            if ix[1] >= t / 2 && !pad { 1.0f32 } else { 0.0 }
+        });
+        let mut v = vec![
+            (sig.input_ids.clone(), HostTensor::I64(ids)),
+            (sig.attention_mask.clone(), HostTensor::I64(attn)),
+        ];
+        if let Some(p) = &sig.position_ids {
+            v.push((p.clone(), HostTensor::I64(ArrayD::from_shape_fn(IxDyn(&[rows, t]), |ix| ix[1] as i64))));
+        }
+        v.push((COMPLETION_MASK.into(), HostTensor::F32(comp)));
+        v.push((REF_LOGPS.into(), HostTensor::F32(ArrayD::zeros(IxDyn(&[rows])))));
+        v
+    };
+    ProbeBatch { runs: [make(2, 6), make(3, 9)] }
+}
+
+fn vocab_size(graph: &Graph, sig: &LmSignature) -> i64 {
+    let out = graph.outputs.iter().find(|o| o.name == sig.logits);
+    if let Some((_, Some(shape))) = out.and_then(value_info_type) {
+        if let Some(Dim::Fixed(v)) = shape.last() {
+            return *v;
+        }
+    }
+    let w = graph.initializer(&sig.lm_head).map(|t| t.dims.clone()).unwrap_or_default();
+    w.iter().copied().find(|&d| d != sig.hidden_size).unwrap_or(2)
+}
+
+fn lm_inputs(sig: &LmSignature) -> Vec<TensorSpec> {
+    let mut v = vec![
+        TensorSpec { name: sig.input_ids.clone(), role: "input_ids".into(), dtype: "int64".into(), shape: sym(&["rows", "sequence"]), parameter: None, description: None },
+        TensorSpec { name: sig.attention_mask.clone(), role: "attention_mask".into(), dtype: "int64".into(), shape: sym(&["rows", "sequence"]), parameter: None, description: None },
+    ];
+    if let Some(p) = &sig.position_ids {
+        v.push(TensorSpec { name: p.clone(), role: "position_ids".into(), dtype: "int64".into(), shape: sym(&["rows", "sequence"]), parameter: None, description: None });
+    }
+    v
+}
+
+fn param_inputs(params: &[Param]) -> Vec<TensorSpec> {
+    params
+        .iter()
+        .filter(|p| p.trainable)
+        .map(|p| TensorSpec {
+            name: p.name.clone(),
+            role: "parameter".into(),
+            dtype: "float32".into(),
+            shape: p.dims.iter().map(|&d| serde_json::json!(d)).collect(),
+            parameter: Some(p.name.clone()),
+            description: None,
+        })
+        .collect()
+}
+
+fn metric_outputs(obj: &Objective, cfg: &ObjectiveConfig) -> Vec<TensorSpec> {
+    let beta_shape = if cfg.beta_source == BetaSource::Sequence && cfg.fixed_beta.is_none() { "rows" } else { "pairs" };
+    let mut beta = float_spec(&obj.beta, "beta", sym(&[beta_shape]));
+    beta.description = Some(format!("learned beta per {}", if beta_shape == "rows" { "sequence" } else { "pair" }));
+    let with = |mut s: TensorSpec, d: &str| {
+        s.description = Some(d.into());
+        s
+    };
+    vec![
+        with(float_spec(&obj.loss, "loss", vec![]), "mean preference loss (plus the beta regulariser)"),
+        with(float_spec(&obj.chosen_rewards, "metric", sym(&["pairs"])), "rewards/chosen: beta x (policy - reference) log-prob of the chosen answer"),
+        with(float_spec(&obj.rejected_rewards, "metric", sym(&["pairs"])), "rewards/rejected"),
+        with(float_spec(&obj.policy_logps, "metric", sym(&["rows"])), "logps: policy log-prob of each row's answer"),
+        beta,
+    ]
+}
+
+fn set_outputs(graph: &mut Graph, specs: &[TensorSpec]) {
+    graph.outputs = specs
+        .iter()
+        .map(|s| {
+            let t = if s.dtype == "int64" { dtype::INT64 } else { dtype::FLOAT };
+            let dims: Vec<Dim> = s
+                .shape
+                .iter()
+                .map(|d| match d.as_i64() {
+                    Some(v) => Dim::Fixed(v),
+                    None => Dim::Sym(d.as_str().unwrap_or("").to_string()),
+                })
+                .collect();
+            value_info(&s.name, t, &dims)
+        })
+        .collect();
+}
+
+pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -> Result<BuildReport> {
+    opts.objective.validate()?;
+    let model = load_model(model_path)?;
+    let mut base = Graph::from_model(model)?;
+    base.sort_topologically()?;
+    let sig = recognise(&base, opts.hidden_state.as_deref())?;
+    if !base.producers().contains_key(sig.hidden.as_str()) && !base.has_input(&sig.hidden) {
+        return Err(Error::graph(format!("--hidden-state {}: no such tensor in the model", sig.hidden)));
+    }
+    let vocab = vocab_size(&base, &sig);
+    let cfg = &opts.objective;
+    let tensors = ModelTensors {
+        input_ids: &sig.input_ids,
+        attention_mask: &sig.attention_mask,
+        logits: &sig.logits,
+        hidden: &sig.hidden,
+        hidden_size: sig.hidden_size,
+    };
+
+    // Objective on top of the LM.
+    let mut graph = base.clone();
+    let mut names = graph.names.clone();
+    let mut b = Builder::new(&mut names, "dpo/");
+    let obj = objective::build(&mut b, &tensors, cfg);
+    graph.nodes.extend(b.take());
+    graph.names = names;
+    graph.inputs.extend(obj.inputs.iter().cloned());
+    graph.initializers.extend(obj.head.iter().cloned());
+    let mut outputs = metric_outputs(&obj, cfg);
+    set_outputs(&mut graph, &outputs);
+    graph.prune();
+
+    let infos = probe_shapes(&graph, &probe_batch(&sig, vocab))?;
+    let mut params = find_parameters(&graph, &obj.loss, &infos, &opts.selection)?;
+    params.retain(|p| p.name != HEAD_WEIGHT && p.name != HEAD_BIAS);
+    for t in &obj.head {
+        params.push(Param {
+            name: t.name.clone(),
+            dims: t.dims.clone(),
+            trainable: true,
+            beta_head: true,
+            initializers: vec![InitializerRef { name: t.name.clone(), transposed: false }],
+        });
+    }
+    if !params.iter().any(|p| p.trainable) {
+        return Err(Error::BadFlag { flag: "--train/--freeze".into(), detail: "no parameter is left trainable".into() });
+    }
+    lift_parameters(&mut graph, &params, true);
+
+    // eval: the same graph without gradients
+    let mut eval = graph.clone();
+    eval.prune();
+
+    // train: gradients of the loss for each trainable parameter
+    let trainable: Vec<String> = params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
+    let grads = differentiate(&mut graph, &obj.loss, &trainable, &infos)?;
+    for (p, gname) in &grads.by_param {
+        let dims = &params.iter().find(|x| &x.name == p).unwrap().dims;
+        let mut s = float_spec(gname, "gradient", dims.iter().map(|&d| serde_json::json!(d)).collect());
+        s.parameter = Some(p.clone());
+        outputs.push(s);
+    }
+    set_outputs(&mut graph, &outputs);
+
+    let mut train_inputs = lm_inputs(&sig);
+    train_inputs.push(float_spec(COMPLETION_MASK, "completion_mask", sym(&["rows", "sequence"])));
+    train_inputs.push(float_spec(REF_LOGPS, "ref_logps", sym(&["rows"])));
+    train_inputs.extend(param_inputs(&params));
+    order_inputs(&mut graph, &train_inputs);
+    order_inputs(&mut eval, &train_inputs);
+
+    let infer = inference_graph(&base, &sig, cfg, &params)?;
+    let param_specs: Vec<ParameterSpec> = params
+        .iter()
+        .map(|p| ParameterSpec {
+            name: p.name.clone(),
+            shape: p.dims.clone(),
+            trainable: p.trainable,
+            beta_head: p.beta_head,
+            initializers: p.initializers.clone(),
+            weight_decay: p.dims.len() >= 2 && !p.beta_head,
+        })
+        .collect();
+    let grad_of: BTreeMap<String, String> = grads.by_param.iter().cloned().collect();
+    let (opt_graph, opt_spec) = optimizer::build(&param_specs, |p| grad_of[p].clone());
+
+    let eval_outputs: Vec<TensorSpec> = outputs.iter().filter(|o| o.role != "gradient").cloned().collect();
+    let mut graphs = BTreeMap::new();
+    graphs.insert("train".to_string(), GraphSpec { file: "train.onnx".into(), inputs: train_inputs.clone(), outputs: outputs.clone() });
+    graphs.insert("eval".to_string(), GraphSpec { file: "eval.onnx".into(), inputs: train_inputs, outputs: eval_outputs });
+    graphs.insert("optimizer".to_string(), opt_spec);
+    let mut infer_inputs = lm_inputs(&sig);
+    infer_inputs.extend(param_inputs(&params));
+    let infer_outputs = vec![
+        float_spec(&sig.logits, "logits", vec![serde_json::json!("rows"), serde_json::json!("sequence"), serde_json::json!(vocab)]),
+        float_spec("beta", "beta", sym(&["rows"])),
+    ];
+    graphs.insert("infer".to_string(), GraphSpec { file: "infer.onnx".into(), inputs: infer_inputs, outputs: infer_outputs });
+
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        format_version: FORMAT_VERSION,
+        betadpo_version: env!("CARGO_PKG_VERSION").into(),
+        model: ModelSpec {
+            source: model_path.display().to_string(),
+            input_ids: sig.input_ids.clone(),
+            attention_mask: sig.attention_mask.clone(),
+            position_ids: sig.position_ids.clone(),
+            logits: sig.logits.clone(),
+            hidden_state: sig.hidden.clone(),
+            hidden_size: sig.hidden_size,
+            vocab_size: vocab,
+            opset: base.opset(),
+        },
+        objective: cfg.clone(),
+        graphs,
+        parameters: param_specs,
+        parameters_file: PARAMS_FILE.into(),
+    };
+    let initial = initial_values(&base, &obj, &params)?;
+    write_all(out_dir, &manifest, [("train", graph), ("eval", eval), ("optimizer", opt_graph), ("infer", infer)], &initial)?;
+    Ok(BuildReport {
+        manifest,
+        parameter_table: super::params::describe(&params),
+        backward_nodes: grads.nodes_added,
+        out_dir: out_dir.to_path_buf(),
+    })
+}
+
+/// Graph inputs in the manifest's order (people read graphs in viewers too).
+fn order_inputs(graph: &mut Graph, specs: &[TensorSpec]) {
+    let pos = |n: &str| specs.iter().position(|s| s.name == n).unwrap_or(usize::MAX);
+    graph.inputs.sort_by_key(|i| pos(&i.name));
+}
+
+/// The deployable graph: the LM plus the head reading each row's last non-padding token.
+pub fn inference_graph(base: &Graph, sig: &LmSignature, cfg: &ObjectiveConfig, params: &[Param]) -> Result<Graph> {
+    let mut g = base.clone();
+    let mut names = g.names.clone();
+    let mut b = Builder::new(&mut names, "beta/");
+    let tensors = ModelTensors {
+        input_ids: &sig.input_ids,
+        attention_mask: &sig.attention_mask,
+        logits: &sig.logits,
+        hidden: &sig.hidden,
+        hidden_size: sig.hidden_size,
+    };
+    let beta = match cfg.fixed_beta {
+        Some(f) => {
+            let k = b.scalar(f, dtype::FLOAT);
+            let shape = b.op("Shape", &[&sig.input_ids], vec![], "beta/ids_shape");
+            let zero = b.ints(&[0]);
+            let one = b.ints(&[1]);
+            let rows = b.op("Slice", &[&shape, &zero, &one], vec![], "beta/rows");
+            b.op("Expand", &[&k, &rows], vec![], "beta/fixed")
+        }
+        None => {
+            // At inference there is no answer yet: the head reads the prompt's last token (or
+            // averages over the prompt), which is the sequence rule with an empty completion.
+            let head_cfg = ObjectiveConfig { beta_source: BetaSource::Sequence, ..cfg.clone() };
+            let zero = crate::onnx::tensor_f32("", &[1], &[0.0]);
+            let shape = b.op("Shape", &[&sig.input_ids], vec![], "beta/ids_shape");
+            let no_answer = b.op("ConstantOfShape", &[&shape], vec![crate::onnx::attr_t("value", zero)], "beta/no_answer");
+            objective::beta_head(&mut b, &tensors, &no_answer, &head_cfg)
+        }
+    };
+    b.op_into("Identity", &[&beta], &["beta"], vec![]);
+    g.nodes.extend(b.take());
+    g.names = names;
+    if cfg.fixed_beta.is_none() {
+        g.initializers.extend(head_placeholders(sig.hidden_size, cfg));
+    }
+    let logits_vi = g.outputs.iter().find(|o| o.name == sig.logits).cloned().unwrap();
+    g.outputs = vec![logits_vi, value_info("beta", dtype::FLOAT, &[Dim::Sym("rows".into())])];
+    lift_parameters(&mut g, params, true);
+    g.prune();
+    Ok(g)
+}
+
+fn head_placeholders(hidden: i64, cfg: &ObjectiveConfig) -> Vec<TensorProto> {
+    objective::head_initial_values(hidden, cfg)
+}
+
+/// Initial values of every trainable parameter, read from the model (or the head's init).
+fn initial_values(base: &Graph, obj: &Objective, params: &[Param]) -> Result<Vec<NamedTensor>> {
+    let mut out = Vec::new();
+    for p in params.iter().filter(|p| p.trainable) {
+        let t = base
+            .initializer(&p.name)
+            .or_else(|| obj.head.iter().find(|h| h.name == p.name))
+            .ok_or_else(|| Error::graph(format!("no initial value for parameter {}", p.name)))?;
+        out.push(NamedTensor { name: p.name.clone(), shape: p.dims.iter().map(|&d| d as usize).collect(), data: tensor_to_f32(t)? });
+    }
+    Ok(out)
+}
+
+/// Writes every file into `<out>.partial-<pid>`, then swaps it into place, so `out` is either the
+/// previous complete build or the new complete build, never a mix.
+fn write_all<const N: usize>(out: &Path, manifest: &Manifest, graphs: [(&str, Graph); N], params: &[NamedTensor]) -> Result<()> {
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let name = out.file_name().ok_or_else(|| Error::Other(format!("{}: not a directory path", out.display())))?;
+    let tmp = parent.join(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let result = (|| -> Result<()> {
+        for (which, g) in graphs {
+            let file = &manifest.graphs[which].file;
+            save_model(&g.into_model(), &tmp.join(file), &SaveOptions::default())?;
+        }
+        write_safetensors(&tmp.join(PARAMS_FILE), params, None)?;
+        let text = serde_json::to_string_pretty(manifest).expect("manifest serialises");
+        crate::onnx::write_atomic(&tmp.join(MANIFEST_FILE), |w| w.write_all(text.as_bytes()))?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if out.exists() {
+        let old = parent.join(format!(".{}.old-{}", name.to_string_lossy(), std::process::id()));
+        std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
+        std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+    }
+    Ok(())
+}

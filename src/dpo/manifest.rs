@@ -1,0 +1,117 @@
+//! `manifest.json`: everything a driver in any language needs to run the artifacts — each graph's
+//! inputs and outputs with their roles, the parameters and the files that hold them.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::params::InitializerRef;
+use super::ObjectiveConfig;
+use crate::{Error, Result};
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+pub const FORMAT: &str = "betadpo-artifacts";
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub role: String,
+    pub dtype: String,
+    /// Dimensions: numbers, or names for dimensions that vary (`rows` = 2 x pairs, `sequence`).
+    pub shape: Vec<serde_json::Value>,
+    /// For gradients, optimizer states and updates: the parameter they belong to.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub parameter: Option<String>,
+    /// For metrics: what the value means.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub description: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GraphSpec {
+    pub file: String,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ParameterSpec {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub trainable: bool,
+    pub beta_head: bool,
+    pub initializers: Vec<InitializerRef>,
+    /// Whether decoupled weight decay applies (matrices yes; biases, norms and the head no).
+    pub weight_decay: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ModelSpec {
+    pub source: String,
+    pub input_ids: String,
+    pub attention_mask: String,
+    pub position_ids: Option<String>,
+    pub logits: String,
+    pub hidden_state: String,
+    pub hidden_size: i64,
+    pub vocab_size: i64,
+    pub opset: i64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    pub betadpo_version: String,
+    pub model: ModelSpec,
+    pub objective: ObjectiveConfig,
+    /// `train`, `eval`, `optimizer`, `infer`.
+    pub graphs: BTreeMap<String, GraphSpec>,
+    pub parameters: Vec<ParameterSpec>,
+    /// Initial values of every parameter, beta head included (safetensors).
+    pub parameters_file: String,
+}
+
+impl Manifest {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let m: Manifest = serde_json::from_str(&text)
+            .map_err(|e| Error::Other(format!("{}: not a betadpo manifest ({e})", path.display())))?;
+        if m.format != FORMAT || m.format_version != FORMAT_VERSION {
+            return Err(Error::Other(format!(
+                "{}: format {} v{} is not {FORMAT} v{FORMAT_VERSION}",
+                path.display(),
+                m.format,
+                m.format_version
+            )));
+        }
+        Ok(m)
+    }
+
+    pub fn graph(&self, which: &str) -> Result<&GraphSpec> {
+        self.graphs.get(which).ok_or_else(|| Error::Other(format!("the manifest has no `{which}` graph")))
+    }
+
+    pub fn trainable(&self) -> impl Iterator<Item = &ParameterSpec> {
+        self.parameters.iter().filter(|p| p.trainable)
+    }
+}
+
+impl GraphSpec {
+    pub fn input(&self, role: &str) -> Option<&TensorSpec> {
+        self.inputs.iter().find(|t| t.role == role)
+    }
+    pub fn output(&self, role: &str) -> Option<&TensorSpec> {
+        self.outputs.iter().find(|t| t.role == role)
+    }
+    /// The output with `role` for `parameter` (a gradient, an update).
+    pub fn output_for(&self, role: &str, parameter: &str) -> Option<&TensorSpec> {
+        self.outputs.iter().find(|t| t.role == role && t.parameter.as_deref() == Some(parameter))
+    }
+    pub fn input_for(&self, role: &str, parameter: &str) -> Option<&TensorSpec> {
+        self.inputs.iter().find(|t| t.role == role && t.parameter.as_deref() == Some(parameter))
+    }
+}

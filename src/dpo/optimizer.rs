@@ -1,0 +1,137 @@
+//! The optimizer graph: AdamW with decoupled weight decay, global-norm gradient clipping and a
+//! separate learning rate for the beta head, in standard ONNX ops.
+//!
+//! Per parameter `p` it takes `p`, its gradient and its moments `m`, `v`, and returns the updated
+//! three. The step counter and all hyper-parameters are inputs, so a schedule is just a different
+//! value per call.
+
+use super::manifest::{GraphSpec, ParameterSpec, TensorSpec};
+use crate::graph::{Builder, Graph, Names};
+use crate::onnx::{attr_i, dtype, value_info, Dim, OperatorSetIdProto};
+
+pub const OPSET: i64 = 18;
+
+/// Scalar hyper-parameter inputs: (name, role).
+pub const HYPER: &[(&str, &str)] = &[
+    ("learning_rate", "learning_rate"),
+    ("head_learning_rate", "head_learning_rate"),
+    ("step", "step"),
+    ("adam_beta1", "adam_beta1"),
+    ("adam_beta2", "adam_beta2"),
+    ("adam_epsilon", "adam_epsilon"),
+    ("weight_decay", "weight_decay"),
+    ("max_grad_norm", "max_grad_norm"),
+];
+
+pub fn state_name(p: &str, which: &str) -> String {
+    format!("{p}.adam_{which}")
+}
+pub fn updated(name: &str) -> String {
+    format!("{name}.new")
+}
+
+fn spec(name: &str, role: &str, shape: &[i64], parameter: Option<&str>) -> TensorSpec {
+    TensorSpec {
+        name: name.into(),
+        role: role.into(),
+        dtype: "float32".into(),
+        shape: shape.iter().map(|&d| serde_json::json!(d)).collect(),
+        parameter: parameter.map(str::to_string),
+        description: None,
+    }
+}
+
+/// Builds the optimizer graph for the trainable parameters; `grad_name(p)` names p's gradient.
+pub fn build(params: &[ParameterSpec], grad_name: impl Fn(&str) -> String) -> (Graph, GraphSpec) {
+    let mut g = Graph::default();
+    g.name = "betadpo_adamw".into();
+    g.ir_version = 8;
+    g.opsets = vec![OperatorSetIdProto { domain: String::new(), version: OPSET }];
+    let mut inputs = Vec::new();
+    let mut outputs = Vec::new();
+    for (name, role) in HYPER {
+        g.inputs.push(value_info(name, dtype::FLOAT, &[]));
+        inputs.push(spec(name, role, &[], None));
+    }
+    let trainable: Vec<&ParameterSpec> = params.iter().filter(|p| p.trainable).collect();
+    for p in &trainable {
+        let dims: Vec<Dim> = p.shape.iter().map(|&d| Dim::Fixed(d)).collect();
+        let grad = grad_name(&p.name);
+        for (n, role) in [(p.name.clone(), "parameter"), (grad.clone(), "gradient"), (state_name(&p.name, "m"), "adam_m"), (state_name(&p.name, "v"), "adam_v")] {
+            g.inputs.push(value_info(&n, dtype::FLOAT, &dims));
+            inputs.push(spec(&n, role, &p.shape, Some(&p.name)));
+        }
+    }
+    let mut names = Names::from_graph(&g);
+    let mut b = Builder::new(&mut names, "adamw/");
+    let zero_axes_keep = vec![attr_i("keepdims", 0)];
+
+    // global gradient norm, and the clipping coefficient min(1, max_norm / (norm + 1e-6))
+    let squares: Vec<String> = trainable
+        .iter()
+        .map(|p| {
+            let gr = grad_name(&p.name);
+            let sq = b.op("Mul", &[&gr, &gr], vec![], &format!("{}.grad_sq", p.name));
+            b.op("ReduceSum", &[&sq], zero_axes_keep.clone(), &format!("{}.grad_sq_sum", p.name))
+        })
+        .collect();
+    let refs: Vec<&str> = squares.iter().map(String::as_str).collect();
+    let total = b.op("Sum", &refs, vec![], "grad_sq_total");
+    b.op_into("Sqrt", &[&total], &["grad_norm"], vec![]);
+    let tiny = b.scalar(1e-6, dtype::FLOAT);
+    let one = b.scalar(1.0, dtype::FLOAT);
+    let zero = b.scalar(0.0, dtype::FLOAT);
+    let denom = b.op("Add", &["grad_norm", &tiny], vec![], "clip_denominator");
+    let ratio = b.op("Div", &["max_grad_norm", &denom], vec![], "clip_ratio");
+    let capped = b.op("Min", &[&ratio, &one], vec![], "clip_capped");
+    // max_grad_norm <= 0 disables clipping
+    let enabled = b.op("Greater", &["max_grad_norm", &zero], vec![], "clip_enabled");
+    let coef = b.op("Where", &[&enabled, &capped, &one], vec![], "clip_coefficient");
+
+    // bias corrections 1 - beta^t
+    let b1t = b.op("Pow", &["adam_beta1", "step"], vec![], "beta1_pow");
+    let b2t = b.op("Pow", &["adam_beta2", "step"], vec![], "beta2_pow");
+    let bc1 = b.op("Sub", &[&one, &b1t], vec![], "bias_correction1");
+    let bc2 = b.op("Sub", &[&one, &b2t], vec![], "bias_correction2");
+    let omb1 = b.op("Sub", &[&one, "adam_beta1"], vec![], "one_minus_beta1");
+    let omb2 = b.op("Sub", &[&one, "adam_beta2"], vec![], "one_minus_beta2");
+
+    for p in &trainable {
+        let n = &p.name;
+        let lr = if p.beta_head { "head_learning_rate" } else { "learning_rate" };
+        let gr = b.op("Mul", &[&grad_name(n), &coef], vec![], &format!("{n}.clipped_grad"));
+        let (m, v) = (state_name(n, "m"), state_name(n, "v"));
+        let m1 = b.op("Mul", &[&m, "adam_beta1"], vec![], &format!("{n}.m_decayed"));
+        let m2 = b.op("Mul", &[&gr, &omb1], vec![], &format!("{n}.m_fresh"));
+        b.op_into("Add", &[&m1, &m2], &[&updated(&m)], vec![]);
+        let gg = b.op("Mul", &[&gr, &gr], vec![], &format!("{n}.grad_sq2"));
+        let v1 = b.op("Mul", &[&v, "adam_beta2"], vec![], &format!("{n}.v_decayed"));
+        let v2 = b.op("Mul", &[&gg, &omb2], vec![], &format!("{n}.v_fresh"));
+        b.op_into("Add", &[&v1, &v2], &[&updated(&v)], vec![]);
+        let mhat = b.op("Div", &[&updated(&m), &bc1], vec![], &format!("{n}.m_hat"));
+        let vhat = b.op("Div", &[&updated(&v), &bc2], vec![], &format!("{n}.v_hat"));
+        let sd = b.op("Sqrt", &[&vhat], vec![], &format!("{n}.v_sqrt"));
+        let den = b.op("Add", &[&sd, "adam_epsilon"], vec![], &format!("{n}.denominator"));
+        let mut upd = b.op("Div", &[&mhat, &den], vec![], &format!("{n}.adam_direction"));
+        if p.weight_decay {
+            let wd = b.op("Mul", &[n.as_str(), "weight_decay"], vec![], &format!("{n}.decay"));
+            upd = b.op("Add", &[&upd, &wd], vec![], &format!("{n}.direction"));
+        }
+        let step = b.op("Mul", &[&upd, lr], vec![], &format!("{n}.step"));
+        b.op_into("Sub", &[n.as_str(), &step], &[&updated(n)], vec![]);
+        for (out, role) in [(updated(n), "updated_parameter"), (updated(&m), "updated_adam_m"), (updated(&v), "updated_adam_v")] {
+            outputs.push(spec(&out, role, &p.shape, Some(n)));
+        }
+    }
+    g.nodes = b.take();
+    g.names = names;
+    let mut metric = spec("grad_norm", "metric", &[], None);
+    metric.description = Some("global L2 norm of the gradients before clipping".into());
+    outputs.insert(0, metric);
+    g.outputs = outputs.iter().map(|o| value_info(&o.name, dtype::FLOAT, &[])).collect();
+    for (vi, o) in g.outputs.iter_mut().zip(&outputs) {
+        let dims: Vec<Dim> = o.shape.iter().map(|d| Dim::Fixed(d.as_i64().unwrap_or(0))).collect();
+        *vi = value_info(&o.name, dtype::FLOAT, &dims);
+    }
+    (g, GraphSpec { file: "optimizer.onnx".into(), inputs, outputs })
+}

@@ -1,0 +1,65 @@
+//! Named float tensors on disk (safetensors), written atomically.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, TensorView};
+
+use crate::{Error, Result};
+
+/// A named float32 tensor held on the host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NamedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+pub fn write_safetensors(path: &Path, tensors: &[NamedTensor], metadata: Option<BTreeMap<String, String>>) -> Result<()> {
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|t| t.data.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|(t, b)| Ok((t.name.clone(), TensorView::new(Dtype::F32, t.shape.clone(), b).map_err(|e| Error::Other(e.to_string()))?)))
+        .collect::<Result<_>>()?;
+    let meta = metadata.map(|m| m.into_iter().collect::<std::collections::HashMap<_, _>>());
+    let data = safetensors::serialize(views, meta).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+    crate::onnx::write_atomic(path, |w| w.write_all(&data))
+}
+
+/// Reads every tensor as float32 (f32, f16, bf16 and f64 storage), in file order.
+pub fn read_safetensors(path: &Path) -> Result<(Vec<NamedTensor>, BTreeMap<String, String>)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::Other(format!("{}: not a valid safetensors file ({e})", path.display())))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+    let metadata: BTreeMap<String, String> = meta.metadata().clone().unwrap_or_default().into_iter().collect();
+    let mut out = Vec::new();
+    let mut names: Vec<(usize, String)> = meta.tensors().iter().map(|(n, info)| (info.data_offsets.0, n.clone())).collect();
+    names.sort();
+    for (_, name) in names {
+        let v = st.tensor(&name).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+        let raw = v.data();
+        let data: Vec<f32> = match v.dtype() {
+            Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F64 => raw.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+            Dtype::F16 => raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::BF16 => raw.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            other => return Err(Error::Other(format!("{}: tensor {name} has dtype {other:?}, expected a float", path.display()))),
+        };
+        out.push(NamedTensor { name, shape: v.shape().to_vec(), data });
+    }
+    Ok((out, metadata))
+}
+
+/// Reads the int64 tensors of a safetensors file (token ids in golden files).
+pub fn read_i64(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+    let v = st.tensor(name).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+    if v.dtype() != Dtype::I64 {
+        return Err(Error::Other(format!("{}: {name} is {:?}, not int64", path.display(), v.dtype())));
+    }
+    Ok((v.shape().to_vec(), v.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()))
+}
