@@ -10,6 +10,7 @@ pub use config::{BetaAggregate, BetaSource, LossKind, ObjectiveConfig};
 pub mod artifacts;
 pub mod manifest;
 pub mod optimizer;
+pub mod validate;
 
 pub use artifacts::{build_artifacts, BuildOptions, BuildReport};
 pub use manifest::Manifest;

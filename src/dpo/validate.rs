@@ -1,0 +1,220 @@
+//! `validate`: checks what `build-graph` wrote, independently of how it was built.
+//! 1. structure: topological order, one definition per tensor, every input defined, opsets
+//!    declared, and only default-domain ops in the train and optimizer graphs;
+//! 2. ONNX Runtime loads every graph;
+//! 3. the train graph's gradient agrees with its own loss: for random directions v,
+//!    `(L(θ+εv) − L(θ−εv)) / 2ε ≈ ⟨∇L(θ), v⟩` on a random batch.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use ndarray::{ArrayD, IxDyn};
+use rand::{Rng, SeedableRng};
+
+use super::manifest::{GraphSpec, Manifest};
+use crate::onnx::{load_model, ModelProto};
+use crate::runtime::{run, HostTensor, SessionConfig};
+use crate::store::read_safetensors;
+use crate::{Error, Result};
+
+/// One check's outcome, for the report.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+pub struct ValidateOptions {
+    pub directions: usize,
+    pub seed: u64,
+    pub pairs: usize,
+    pub seq_len: usize,
+}
+
+impl Default for ValidateOptions {
+    fn default() -> Self {
+        ValidateOptions { directions: 3, seed: 0, pairs: 2, seq_len: 12 }
+    }
+}
+
+fn check(name: &str, r: Result<String>) -> Check {
+    match r {
+        Ok(detail) => Check { name: name.into(), ok: true, detail },
+        Err(e) => Check { name: name.into(), ok: false, detail: e.to_string() },
+    }
+}
+
+pub fn validate(dir: &Path, opts: &ValidateOptions) -> Result<Vec<Check>> {
+    let manifest = Manifest::load(dir)?;
+    let mut checks = Vec::new();
+    for (which, spec) in &manifest.graphs {
+        let path = dir.join(&spec.file);
+        let model = match load_model(&path) {
+            Ok(m) => m,
+            Err(e) => {
+                checks.push(Check { name: format!("{which}: load"), ok: false, detail: e.to_string() });
+                continue;
+            }
+        };
+        let default_only = which == "train" || which == "optimizer";
+        checks.push(check(&format!("{which}: structure"), structure(&model, spec, default_only)));
+        checks.push(check(
+            &format!("{which}: ONNX Runtime loads it"),
+            SessionConfig::default().session_from_file(&path).map(|s| format!("{} inputs, {} outputs", s.inputs().len(), s.outputs().len())),
+        ));
+    }
+    checks.push(check("parameters file", parameters_file(dir, &manifest).map(|n| format!("{n} tensors with the manifest's shapes"))));
+    checks.push(check("train: directional derivatives", directional(dir, &manifest, opts)));
+    Ok(checks)
+}
+
+fn structure(model: &ModelProto, spec: &GraphSpec, default_only: bool) -> Result<String> {
+    let g = model.graph.as_ref().ok_or_else(|| Error::graph("no graph"))?;
+    let declared: HashSet<&str> = model.opset_import.iter().map(|o| if o.domain == "ai.onnx" { "" } else { o.domain.as_str() }).collect();
+    let mut defined: HashSet<&str> = HashSet::new();
+    for t in g.input.iter().map(|v| v.name.as_str()).chain(g.initializer.iter().map(|t| t.name.as_str())) {
+        defined.insert(t);
+    }
+    let inputs: HashSet<&str> = g.input.iter().map(|v| v.name.as_str()).collect();
+    for (i, n) in g.node.iter().enumerate() {
+        let label = || format!("node {i} {} ({})", n.name, n.op_type);
+        let domain = if n.domain == "ai.onnx" { "" } else { n.domain.as_str() };
+        if !declared.contains(domain) {
+            return Err(Error::graph(format!("{}: domain {:?} has no opset import", label(), n.domain)));
+        }
+        if default_only && !domain.is_empty() {
+            return Err(Error::graph(format!("{}: op outside the default ONNX domain ({})", label(), n.domain)));
+        }
+        for x in &n.input {
+            if !x.is_empty() && !defined.contains(x.as_str()) {
+                return Err(Error::graph(format!("{}: input {x} is not defined before it (not topological, or undefined)", label())));
+            }
+        }
+        for o in &n.output {
+            if o.is_empty() {
+                continue;
+            }
+            if !defined.insert(o.as_str()) {
+                let what = if inputs.contains(o.as_str()) { "a graph input" } else { "defined twice" };
+                return Err(Error::graph(format!("{}: output {o} is {what}", label())));
+            }
+        }
+    }
+    for o in &g.output {
+        if !defined.contains(o.name.as_str()) {
+            return Err(Error::graph(format!("graph output {} is never produced", o.name)));
+        }
+    }
+    let graph_inputs: HashSet<&str> = g.input.iter().map(|v| v.name.as_str()).collect();
+    for t in &spec.inputs {
+        if !graph_inputs.contains(t.name.as_str()) {
+            return Err(Error::graph(format!("the manifest names input {} ({}) but the graph has none", t.name, t.role)));
+        }
+    }
+    let graph_outputs: HashSet<&str> = g.output.iter().map(|v| v.name.as_str()).collect();
+    for t in &spec.outputs {
+        if !graph_outputs.contains(t.name.as_str()) {
+            return Err(Error::graph(format!("the manifest names output {} ({}) but the graph has none", t.name, t.role)));
+        }
+    }
+    Ok(format!("{} nodes, topological, single definitions{}", g.node.len(), if default_only { ", default domain only" } else { "" }))
+}
+
+fn parameters_file(dir: &Path, m: &Manifest) -> Result<usize> {
+    let (tensors, _) = read_safetensors(&dir.join(&m.parameters_file))?;
+    let by_name: HashMap<&str, &crate::store::NamedTensor> = tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    for p in m.trainable() {
+        let t = by_name.get(p.name.as_str()).ok_or_else(|| Error::Other(format!("parameter {} is missing from {}", p.name, m.parameters_file)))?;
+        let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+        if shape != p.shape {
+            return Err(Error::Other(format!("parameter {} has shape {shape:?}, the manifest says {:?}", p.name, p.shape)));
+        }
+        if t.data.iter().any(|v| !v.is_finite()) {
+            return Err(Error::Other(format!("parameter {} holds non-finite values", p.name)));
+        }
+    }
+    Ok(tensors.len())
+}
+
+/// A random batch in the manifest's layout: `pairs` pairs of `seq_len` tokens, the answer in the
+/// second half, the last row right-padded.
+pub fn random_batch(m: &Manifest, spec: &GraphSpec, rng: &mut impl Rng, pairs: usize, t: usize) -> Vec<(String, HostTensor)> {
+    let rows = 2 * pairs;
+    let vocab = m.model.vocab_size.max(2);
+    let pad = |r: usize, c: usize| r == rows - 1 && c >= t - 2;
+    let mut v = Vec::new();
+    for i in &spec.inputs {
+        let tensor = match i.role.as_str() {
+            "input_ids" => HostTensor::I64(ArrayD::from_shape_fn(IxDyn(&[rows, t]), |_| rng.random_range(0..vocab))),
+            "attention_mask" => HostTensor::I64(ArrayD::from_shape_fn(IxDyn(&[rows, t]), |ix| i64::from(!pad(ix[0], ix[1])))),
+            "position_ids" => HostTensor::I64(ArrayD::from_shape_fn(IxDyn(&[rows, t]), |ix| ix[1] as i64)),
+            "completion_mask" => HostTensor::F32(ArrayD::from_shape_fn(IxDyn(&[rows, t]), |ix| if ix[1] >= t / 2 && !pad(ix[0], ix[1]) { 1.0 } else { 0.0 })),
+            "ref_logps" => HostTensor::F32(ArrayD::from_shape_fn(IxDyn(&[rows]), |_| rng.random_range(-40.0..-20.0))),
+            _ => continue,
+        };
+        v.push((i.name.clone(), tensor));
+    }
+    v
+}
+
+fn directional(dir: &Path, m: &Manifest, opts: &ValidateOptions) -> Result<String> {
+    let spec = m.graph("train")?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
+    let batch = random_batch(m, spec, &mut rng, opts.pairs, opts.seq_len);
+    let (tensors, _) = read_safetensors(&dir.join(&m.parameters_file))?;
+    let mut theta: HashMap<String, ArrayD<f32>> = HashMap::new();
+    for t in tensors {
+        // A zero head weight makes every beta equal; a small random one exercises the head fully.
+        let mut data = t.data;
+        if m.parameters.iter().any(|p| p.name == t.name && p.beta_head) && data.iter().all(|&x| x == 0.0) {
+            data.iter_mut().for_each(|x| *x = rng.random_range(-0.05..0.05));
+        }
+        theta.insert(t.name.clone(), ArrayD::from_shape_vec(IxDyn(&t.shape), data).map_err(|e| Error::Other(e.to_string()))?);
+    }
+    let mut session = SessionConfig::default().session_from_file(&dir.join(&spec.file))?;
+    let loss_name = &spec.output("loss").ok_or_else(|| Error::Other("the train graph has no loss output".into()))?.name;
+    let feeds = |params: &HashMap<String, ArrayD<f32>>| -> Vec<(&str, HostTensor)> {
+        let mut f: Vec<(&str, HostTensor)> = batch.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        for i in spec.inputs.iter().filter(|i| i.role == "parameter") {
+            f.push((i.name.as_str(), HostTensor::F32(params[&i.name].clone())));
+        }
+        f
+    };
+    let outs = run(&mut session, &feeds(&theta))?;
+    let get = |outs: &[(String, HostTensor)], name: &str| -> Result<ArrayD<f32>> {
+        outs.iter().find(|(n, _)| n == name).and_then(|(_, t)| t.as_f32().cloned()).ok_or_else(|| Error::Other(format!("no output {name}")))
+    };
+    let grads: Vec<(String, ArrayD<f32>)> = spec
+        .outputs
+        .iter()
+        .filter(|o| o.role == "gradient")
+        .map(|o| Ok((o.parameter.clone().unwrap_or_default(), get(&outs, &o.name)?)))
+        .collect::<Result<_>>()?;
+    let mut worst = 0.0f64;
+    for _ in 0..opts.directions {
+        let v: HashMap<String, ArrayD<f32>> = grads.iter().map(|(p, g)| (p.clone(), g.mapv(|_| rng.random_range(-1.0f32..1.0)))).collect();
+        let vnorm: f64 = v.values().map(|a| a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>()).sum::<f64>().sqrt();
+        let analytic: f64 = grads.iter().map(|(p, g)| g.iter().zip(v[p].iter()).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>()).sum();
+        let eps = 1e-2 / vnorm;
+        let mut lv = [0.0f64; 2];
+        for (s, sign) in [1.0f64, -1.0].iter().enumerate() {
+            let shifted: HashMap<String, ArrayD<f32>> = theta
+                .iter()
+                .map(|(n, a)| match v.get(n) {
+                    Some(d) => (n.clone(), a + &d.mapv(|x| (x as f64 * eps * sign) as f32)),
+                    None => (n.clone(), a.clone()),
+                })
+                .collect();
+            let o = run(&mut session, &feeds(&shifted))?;
+            lv[s] = get(&o, loss_name)?.iter().next().copied().unwrap_or(f32::NAN) as f64;
+        }
+        let numeric = (lv[0] - lv[1]) / (2.0 * eps);
+        let err = (numeric - analytic).abs() / analytic.abs().max(numeric.abs()).max(1e-6);
+        worst = worst.max(err);
+        if !(err < 2e-2) {
+            return Err(Error::Other(format!("directional derivative mismatch: autodiff {analytic:.6e}, central difference {numeric:.6e} (relative error {err:.2e})")));
+        }
+    }
+    Ok(format!("{} random directions, worst relative error {worst:.1e}", opts.directions))
+}
