@@ -20,25 +20,25 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "last")]
     beta_aggregate: AggregateArg,
     /// Every context's beta at initialisation.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.1)]
     beta_init: f64,
     /// Lower bound on beta (added to the softplus, so it never blocks the gradient).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
     beta_min: f64,
     /// Upper bound on beta (`inf` for none).
-    #[arg(long, default_value = "1.0")]
+    #[arg(long, allow_negative_numbers = true, default_value = "1.0")]
     beta_max: f64,
     /// Weight of the regulariser mean((log beta - log beta_init)^2).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
     beta_reg: f64,
     /// Preference loss.
     #[arg(long, value_enum, default_value = "sigmoid")]
     loss: LossArg,
     /// Label smoothing (conservative DPO), in [0, 0.5).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
     label_smoothing: f64,
     /// Standard DPO with this constant beta and no head.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     fixed_beta: Option<f64>,
     /// Name of the final hidden state, when it cannot be found automatically.
     #[arg(long)]

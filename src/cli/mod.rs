@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "betadpo", version, about = "DPO with a learned, context-dependent beta, trained on ONNX Runtime")]
+#[command(name = "betadpo", version, about = "DPO with a learned, context-dependent beta, trained on ONNX Runtime", allow_negative_numbers = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -22,7 +22,16 @@ enum Command {
 }
 
 pub fn run() -> Result<()> {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) => e.exit(),
+        Err(e) => {
+            // clap's usage block spans several lines; keep its first, which names the problem.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ").to_string();
+            anyhow::bail!("{first} (see --help)");
+        }
+    };
     match cli.command {
         Command::BuildGraph(a) => build_graph::run(a),
         Command::Validate(a) => validate::run(a),

@@ -1,1 +1,3 @@
+pub mod fixtures;
 pub mod gradcheck;
+pub mod tiny_lm;

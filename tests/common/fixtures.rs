@@ -1,0 +1,50 @@
+//! Locating test fixtures: the shared PyTorch-generated ones (skipped with a notice when absent)
+//! and the repository's own under tests/fixtures.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `../shared/fixtures/<sub>` when present; otherwise prints why the caller skips.
+pub fn shared(sub: &str) -> Option<PathBuf> {
+    let p = repo().join("../shared/fixtures").join(sub);
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!("notice: {} is absent; skipping the checks that need it", p.display());
+        None
+    }
+}
+
+/// The repository's own fixture models (tests/fixtures/models/<family>) that carry goldens.
+pub fn own_models() -> Vec<PathBuf> {
+    let dir = repo().join("tests/fixtures/models");
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.join("golden.safetensors").exists()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// All fixture model directories with goldens: shared first, then our own.
+pub fn all_models() -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    for s in ["tiny-gpt2-ts", "tiny-llama-dynamo"] {
+        if let Some(p) = shared(s) {
+            v.push(p);
+        }
+    }
+    v.extend(own_models());
+    v
+}
+
+pub fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("betadpo-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
