@@ -532,6 +532,7 @@ def golden(model, onnx_path, exporter_desc, test_jsonl, tokenizer_path, pairs, s
 
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, os.path.join(out_dir, "golden.safetensors"))
+    os.chmod(os.path.join(out_dir, "golden.safetensors"), 0o644)
     import transformers
     meta = {
         "pairs": len(rows),

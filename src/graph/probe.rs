@@ -62,7 +62,7 @@ pub fn probe_shapes(graph: &Graph, batch: &ProbeBatch) -> Result<TensorInfos> {
     }
     let model = probe_model(graph)?;
     let bytes = prost::Message::encode_to_vec(&model);
-    let mut session = SessionConfig { optimization: OptLevel::Disable, intra_threads: Some(1) }.session_from_bytes(&bytes)?;
+    let mut session = SessionConfig { optimization: OptLevel::Disable, intra_threads: Some(1), ..Default::default() }.session_from_bytes(&bytes)?;
     let mut seen: [HashMap<String, (DType, Vec<i64>)>; 2] = Default::default();
     for (k, inputs) in batch.runs.iter().enumerate() {
         let refs: Vec<(&str, HostTensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
@@ -70,12 +70,7 @@ pub fn probe_shapes(graph: &Graph, batch: &ProbeBatch) -> Result<TensorInfos> {
             seen[k].insert(name, (t, shape));
         }
         for (name, t) in inputs {
-            let dt = match t {
-                HostTensor::F32(_) => dtype::FLOAT,
-                HostTensor::F64(_) => dtype::DOUBLE,
-                HostTensor::I64(_) => dtype::INT64,
-                HostTensor::Bool(_) => dtype::BOOL,
-            };
+            let dt = t.onnx_dtype();
             seen[k].insert(name.clone(), (dt, t.shape().iter().map(|&d| d as i64).collect()));
         }
     }

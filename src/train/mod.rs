@@ -1,1 +1,21 @@
-//! placeholder
+//! Training: data, tokenization, batches, reference log-probs, the loop, checkpoints, metrics.
+//!
+//! Data flows: [`data`] reads TRL-format preference rows, [`tokenize`] turns them into token ids
+//! (rendering conversational rows with [`chat_template`]), [`batch`] collates pairs into model
+//! inputs and orders them per epoch; [`trainer`] runs the graphs on ONNX Runtime.
+
+pub mod batch;
+pub mod chat_template;
+pub mod checkpoint;
+pub mod data;
+pub mod device;
+pub mod metrics;
+pub mod reference;
+pub mod schedule;
+pub mod session_io;
+pub mod tokenize;
+
+pub use batch::{collate, Batch, CollateOptions, DataLoader, LoaderConfig, LoaderPosition};
+pub use chat_template::{ChatTemplate, RenderedPair};
+pub use data::{load_preferences, parse_preferences, parse_row, split_implicit_prompt, LoadOptions, LoadedData, Message, PreferenceRow, Text};
+pub use tokenize::{PairTokenizer, TokenizeStats, TokenizedPair, TokenizerConfig, TruncationConfig};

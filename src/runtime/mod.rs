@@ -1,0 +1,108 @@
+//! ONNX Runtime provisioning and sessions.
+//!
+//! betadpo loads ONNX Runtime 1.31.x dynamically and provisions it itself on first use (see [`provision`]), so
+//! `cargo test` and the binary work without a manual install step.
+//!
+//! **One build per process.** A process loads either the CPU build (`onnxruntime` wheel) or the GPU build
+//! (`onnxruntime-gpu` wheel, which adds the CUDA and TensorRT providers). The first call to [`init`] decides, from
+//! the execution provider it is given: the binary calls `init(&ep)` with the user's `--ep` before anything else;
+//! [`environment`] (used by tests and tools that only need the CPU) is `init(&ExecutionProvider::Cpu)`. Asking for a
+//! GPU provider after the CPU build was loaded is a clear error, never a silent CPU fallback. `ORT_DYLIB_PATH`
+//! overrides the choice entirely.
+//!
+//! Call [`init`] or [`environment`] before any other `ort` API: `ort` otherwise tries to load a library on its own.
+
+mod ep;
+pub mod provision;
+mod session;
+mod tensor;
+mod version;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::environment::Environment;
+
+pub use ep::{ExecutionProvider, EP_CHOICES};
+pub use provision::{default_cache_dir, Flavor, Locator, LIB_NAME, ORT_VERSION};
+pub use session::{OptLevel, SessionConfig};
+pub use tensor::{input_names, output_names, run, run_meta, HostTensor};
+pub use version::library_version;
+
+pub use ort::session::Session;
+
+use crate::{Error, Result};
+
+/// What this process loaded, for logs and error messages.
+#[derive(Debug)]
+pub struct LoadedLibrary {
+    pub path: PathBuf,
+    /// As reported by the library itself, e.g. `1.31.1`.
+    pub version: String,
+    /// The build that was asked for; with `ORT_DYLIB_PATH` the file may be either.
+    pub flavor: Flavor,
+}
+
+struct Runtime {
+    env: Environment,
+    library: LoadedLibrary,
+}
+
+/// The outcome of the first initialization, success or failure, shared by all later callers. A failure is kept as
+/// its message: retrying in the same process could not succeed (ort's library slot may already be taken).
+static RUNTIME: OnceLock<std::result::Result<Runtime, String>> = OnceLock::new();
+
+/// The process-wide environment on the CPU build (or whatever build an earlier [`init`] loaded).
+pub fn environment() -> Result<&'static Environment> {
+    init(&ExecutionProvider::Cpu)
+}
+
+/// Loads ONNX Runtime for `ep` (first call only; see the module docs) and returns the process-wide environment.
+/// Thread-safe: concurrent first callers block until one of them has finished.
+pub fn init(ep: &ExecutionProvider) -> Result<&'static Environment> {
+    let outcome = RUNTIME.get_or_init(|| load(ep.flavor()).map_err(|e| e.to_string()));
+    match outcome {
+        Ok(rt) => Ok(&rt.env),
+        Err(msg) => Err(Error::Runtime(format!("could not be loaded: {msg}"))),
+    }
+}
+
+/// The library this process loaded, once [`init`] has succeeded.
+pub fn loaded_library() -> Option<&'static LoadedLibrary> {
+    RUNTIME
+        .get()
+        .and_then(|r| r.as_ref().ok())
+        .map(|rt| &rt.library)
+}
+
+fn load(flavor: Flavor) -> Result<Runtime> {
+    let path = Locator::from_env()?.resolve(flavor)?;
+    let version = version::library_version(&path)?;
+    version::check_version(&path, &version)?;
+    let env = ort::init_from(&path)
+        .map_err(|e| Error::Runtime(format!("loading {}: {e}", path.display())))?
+        .with_name("betadpo")
+        .with_telemetry(false)
+        .build()
+        .map_err(|e| {
+            Error::Runtime(format!(
+                "creating the environment from {}: {e}",
+                path.display()
+            ))
+        })?;
+    Ok(Runtime {
+        env,
+        library: LoadedLibrary {
+            path,
+            version,
+            flavor,
+        },
+    })
+}
+
+/// Checks a library file without loading it into `ort`: returns its version if it is a usable 1.31.x build.
+pub fn check_library(path: &Path) -> Result<String> {
+    let version = version::library_version(path)?;
+    version::check_version(path, &version)?;
+    Ok(version)
+}

@@ -1,0 +1,357 @@
+//! Finding or provisioning the ONNX Runtime shared library, so users never have to install it by hand.
+//!
+//! Resolution order (see [`Locator::resolve`]):
+//! 1. `ORT_DYLIB_PATH`, when set: the user's explicit choice wins, and a missing file is an error rather than
+//!    a silent fallback to something else;
+//! 2. the per-user cache (`$BETADPO_CACHE_DIR`, else `$XDG_CACHE_HOME/betadpo`, else `~/.cache/betadpo`);
+//! 3. provisioning into that cache from the official PyPI wheel (`pip download`, which reuses pip's own cache),
+//!    or, failing that, by copying the libraries of an already installed Python package of the same version.
+//!
+//! Provisioning holds an exclusive lock file so that concurrent processes (e.g. `cargo test` binaries) provision
+//! once, and every file is written under a temporary name and renamed into place, the main library last, so a
+//! reader that sees the main library also sees everything next to it, complete.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use fs2::FileExt;
+
+use crate::{Error, Result};
+
+/// The ONNX Runtime release betadpo is built and tested against.
+pub const ORT_VERSION: &str = "1.31.1";
+/// The release series accepted when the user points `ORT_DYLIB_PATH` at their own build.
+pub const ORT_SERIES: &str = "1.31.";
+/// File name of the main library inside the wheel and inside the cache.
+pub const LIB_NAME: &str = "libonnxruntime.so.1.31.1";
+
+/// Which build of ONNX Runtime a process loads. A process loads exactly one; the GPU build also runs CPU sessions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Flavor {
+    /// The `onnxruntime` wheel: CPU execution provider only.
+    Cpu,
+    /// The `onnxruntime-gpu` wheel: adds the CUDA and TensorRT execution providers.
+    Gpu,
+}
+
+impl Flavor {
+    /// The PyPI distribution that carries this build.
+    pub fn package(self) -> &'static str {
+        match self {
+            Flavor::Cpu => "onnxruntime",
+            Flavor::Gpu => "onnxruntime-gpu",
+        }
+    }
+
+    /// The cache subdirectory; CPU and GPU builds live apart because their main libraries share a file name.
+    pub fn dir_name(self) -> String {
+        format!("{}-{ORT_VERSION}", self.package())
+    }
+
+    /// Libraries that must sit next to the main one for this flavor to be usable; the main library comes last.
+    fn required_files(self) -> &'static [&'static str] {
+        match self {
+            Flavor::Cpu => &[LIB_NAME],
+            Flavor::Gpu => &[
+                "libonnxruntime_providers_shared.so",
+                "libonnxruntime_providers_cuda.so",
+                "libonnxruntime_providers_tensorrt.so",
+                LIB_NAME,
+            ],
+        }
+    }
+}
+
+/// Where to look for the library. Built from the environment by [`Locator::from_env`], or by hand (tests use a
+/// private cache directory this way without touching process-wide environment variables).
+#[derive(Clone, Debug)]
+pub struct Locator {
+    /// The value of `ORT_DYLIB_PATH`, if set and non-empty.
+    pub dylib_override: Option<PathBuf>,
+    /// The betadpo cache directory.
+    pub cache_dir: PathBuf,
+}
+
+impl Locator {
+    /// Reads `ORT_DYLIB_PATH` and the cache directory variables.
+    pub fn from_env() -> Result<Self> {
+        let dylib_override = std::env::var_os("ORT_DYLIB_PATH")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
+        Ok(Locator {
+            dylib_override,
+            cache_dir: default_cache_dir()?,
+        })
+    }
+
+    /// Where the cache keeps the main library of `flavor`.
+    pub fn cached_library(&self, flavor: Flavor) -> PathBuf {
+        self.cache_dir.join(flavor.dir_name()).join(LIB_NAME)
+    }
+
+    /// Returns the library to load for `flavor`, provisioning it into the cache if needed.
+    pub fn resolve(&self, flavor: Flavor) -> Result<PathBuf> {
+        if let Some(path) = &self.dylib_override {
+            if !path.is_file() {
+                return Err(Error::Runtime(format!(
+                    "ORT_DYLIB_PATH is set to {} but no such file exists; point it at libonnxruntime.so.{ORT_VERSION} \
+                     or unset it to let betadpo provision ONNX Runtime {ORT_VERSION} itself",
+                    path.display()
+                )));
+            }
+            return Ok(path.clone());
+        }
+        let cached = self.cached_library(flavor);
+        if cached.is_file() {
+            return Ok(cached);
+        }
+        provision(&self.cache_dir, flavor)
+    }
+}
+
+/// `$BETADPO_CACHE_DIR`, else `$XDG_CACHE_HOME/betadpo`, else `~/.cache/betadpo`.
+pub fn default_cache_dir() -> Result<PathBuf> {
+    let var = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(dir) = var("BETADPO_CACHE_DIR") {
+        return Ok(dir);
+    }
+    if let Some(dir) = var("XDG_CACHE_HOME") {
+        return Ok(dir.join("betadpo"));
+    }
+    if let Some(home) = var("HOME") {
+        return Ok(home.join(".cache").join("betadpo"));
+    }
+    Err(Error::Runtime(
+        "cannot choose a cache directory for ONNX Runtime: none of BETADPO_CACHE_DIR, XDG_CACHE_HOME, HOME is set"
+            .into(),
+    ))
+}
+
+/// Puts the `flavor` libraries into `cache_dir/<package>-1.31.1/` and returns the main library's path.
+///
+/// Safe to call from many threads and processes at once: all but one wait on the lock and then find the files.
+pub fn provision(cache_dir: &Path, flavor: Flavor) -> Result<PathBuf> {
+    let target_dir = cache_dir.join(flavor.dir_name());
+    let main_lib = target_dir.join(LIB_NAME);
+    fs::create_dir_all(&target_dir).map_err(|e| Error::io(&target_dir, e))?;
+
+    let lock_path = cache_dir.join(format!("{}.lock", flavor.dir_name()));
+    let lock = File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
+    lock.lock_exclusive()
+        .map_err(|e| Error::io(&lock_path, e))?;
+    // The lock is released when `lock` is dropped, on every return path.
+
+    if main_lib.is_file() {
+        return Ok(main_lib);
+    }
+    eprintln!(
+        "provisioning ONNX Runtime {ORT_VERSION} ({}) into {} ...",
+        flavor.package(),
+        target_dir.display()
+    );
+    let from_wheel = match download_wheel(cache_dir, flavor) {
+        Ok((_tmp, wheel)) => extract_from_wheel(&wheel, &target_dir, flavor),
+        Err(e) => Err(e),
+    };
+    let first_error = match from_wheel {
+        Ok(()) => return Ok(main_lib),
+        Err(e) => e,
+    };
+    match copy_from_installed_package(&target_dir, flavor) {
+        Ok(()) => {
+            eprintln!("(pip download failed: {first_error}; copied the installed Python package instead)");
+            Ok(main_lib)
+        }
+        Err(second_error) => Err(Error::Runtime(format!(
+            "could not provision ONNX Runtime {ORT_VERSION}: downloading the `{pkg}` wheel failed ({first_error}), \
+             and no usable installed `{pkg}` Python package was found ({second_error}). \
+             Fix: run `pip install {pkg}=={ORT_VERSION}`, or set ORT_DYLIB_PATH=/path/to/{LIB_NAME}",
+            pkg = flavor.package()
+        ))),
+    }
+}
+
+/// Runs `pip download` into a temporary directory inside the cache (same filesystem, removed on drop).
+fn download_wheel(cache_dir: &Path, flavor: Flavor) -> Result<(tempfile::TempDir, PathBuf)> {
+    let tmp = tempfile::Builder::new()
+        .prefix(".wheel-")
+        .tempdir_in(cache_dir)
+        .map_err(|e| Error::io(cache_dir, e))?;
+    let spec = format!("{}=={ORT_VERSION}", flavor.package());
+    let output = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            &spec,
+            "--no-deps",
+            "--only-binary=:all:",
+            "--quiet",
+        ])
+        .args([
+            "--disable-pip-version-check",
+            "--retries",
+            "2",
+            "--timeout",
+            "60",
+            "-d",
+        ])
+        .arg(tmp.path())
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Error::Other(format!("cannot run `python3 -m pip`: {e}")))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let last = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("no output");
+        return Err(Error::Other(format!(
+            "`pip download {spec}` exited with {}: {}",
+            output.status,
+            last.trim()
+        )));
+    }
+    let wheel = fs::read_dir(tmp.path())
+        .map_err(|e| Error::io(tmp.path(), e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .ok_or_else(|| Error::Other(format!("`pip download {spec}` produced no wheel")))?;
+    Ok((tmp, wheel))
+}
+
+/// Extracts every `onnxruntime/capi/libonnxruntime*.so*` member of the wheel, the main library last.
+fn extract_from_wheel(wheel: &Path, target_dir: &Path, flavor: Flavor) -> Result<()> {
+    let file = File::open(wheel).map_err(|e| Error::io(wheel, e))?;
+    let mut archive = zip::ZipArchive::new(file)
+        .map_err(|e| Error::Other(format!("{}: not a valid wheel: {e}", wheel.display())))?;
+    let mut members: Vec<(String, String)> = archive
+        .file_names()
+        .filter_map(|name| {
+            let base = name.strip_prefix("onnxruntime/capi/")?;
+            (base.starts_with("libonnxruntime") && base.contains(".so") && !base.contains('/'))
+                .then(|| (name.to_string(), base.to_string()))
+        })
+        .collect();
+    check_required(
+        flavor,
+        members.iter().map(|(_, b)| b.as_str()),
+        &wheel.display().to_string(),
+    )?;
+    members.sort_by_key(|(_, base)| base == LIB_NAME); // the main library last
+    for (name, base) in members {
+        let mut entry = archive
+            .by_name(&name)
+            .map_err(|e| Error::Other(format!("{}: cannot read {name}: {e}", wheel.display())))?;
+        write_atomically(&target_dir.join(&base), |out| {
+            io::copy(&mut entry, out).map(|_| ())
+        })?;
+    }
+    Ok(())
+}
+
+/// Fallback for machines where pip cannot download: copy the libraries of an installed package of the same
+/// version. Asks Python where the package lives without importing it (importing may be slow or fail).
+fn copy_from_installed_package(target_dir: &Path, flavor: Flavor) -> Result<()> {
+    let script = format!(
+        "import importlib.metadata as m, importlib.util as u\n\
+         print(m.version('{}'))\n\
+         print(u.find_spec('onnxruntime').submodule_search_locations[0])",
+        flavor.package()
+    );
+    let output = Command::new("python3")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Error::Other(format!("cannot run python3: {e}")))?;
+    if !output.status.success() {
+        return Err(Error::Other(format!(
+            "`{}` is not installed for python3",
+            flavor.package()
+        )));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let mut lines = stdout.lines();
+    let (version, location) = (
+        lines.next().unwrap_or("").trim(),
+        lines.next().unwrap_or("").trim(),
+    );
+    if version != ORT_VERSION {
+        return Err(Error::Other(format!(
+            "installed `{}` is version {version}, not {ORT_VERSION}",
+            flavor.package()
+        )));
+    }
+    let capi = Path::new(location).join("capi");
+    let mut names: Vec<String> = fs::read_dir(&capi)
+        .map_err(|e| Error::io(&capi, e))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("libonnxruntime") && n.contains(".so"))
+        .collect();
+    check_required(
+        flavor,
+        names.iter().map(String::as_str),
+        &capi.display().to_string(),
+    )?;
+    names.sort_by_key(|n| n == LIB_NAME);
+    for name in names {
+        let src = capi.join(&name);
+        let mut input = File::open(&src).map_err(|e| Error::io(&src, e))?;
+        write_atomically(&target_dir.join(&name), |out| {
+            io::copy(&mut input, out).map(|_| ())
+        })?;
+    }
+    Ok(())
+}
+
+fn check_required<'a>(
+    flavor: Flavor,
+    present: impl Iterator<Item = &'a str>,
+    source: &str,
+) -> Result<()> {
+    let present: Vec<&str> = present.collect();
+    let missing: Vec<&str> = flavor
+        .required_files()
+        .iter()
+        .copied()
+        .filter(|f| !present.contains(f))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Other(format!(
+            "{source} lacks {}",
+            missing.join(", ")
+        )))
+    }
+}
+
+/// Writes `dest` through a temporary file in the same directory, synced and then renamed, so no reader can
+/// ever observe a partially written library.
+fn write_atomically(dest: &Path, fill: impl FnOnce(&mut File) -> io::Result<()>) -> Result<()> {
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".partial-")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    fill(tmp.as_file_mut()).map_err(|e| Error::io(dest, e))?;
+    tmp.as_file_mut()
+        .flush()
+        .and_then(|_| tmp.as_file().sync_all())
+        .map_err(|e| Error::io(dest, e))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755))
+            .map_err(|e| Error::io(dest, e))?;
+    }
+    tmp.persist(dest).map_err(|e| Error::io(dest, e.error))?;
+    Ok(())
+}

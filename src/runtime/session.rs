@@ -1,0 +1,167 @@
+//! Building sessions from one plain configuration struct, so every caller (training, validation, shape probing)
+//! gets the same provider checks and error messages.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
+use ort::session::Session;
+
+use super::{init, loaded_library, ExecutionProvider};
+use crate::{Error, Result};
+
+/// ONNX Runtime graph optimization level.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum OptLevel {
+    /// No graph rewrites (useful to debug a graph exactly as written).
+    Disable,
+    /// Constant folding and redundant node elimination.
+    Basic,
+    /// Plus complex fusions.
+    Extended,
+    /// Everything, including layout optimizations (ONNX Runtime's own default).
+    #[default]
+    All,
+}
+
+impl From<OptLevel> for GraphOptimizationLevel {
+    fn from(level: OptLevel) -> Self {
+        match level {
+            OptLevel::Disable => GraphOptimizationLevel::Disable,
+            OptLevel::Basic => GraphOptimizationLevel::Level1,
+            OptLevel::Extended => GraphOptimizationLevel::Level2,
+            OptLevel::All => GraphOptimizationLevel::All,
+        }
+    }
+}
+
+impl fmt::Display for OptLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OptLevel::Disable => "disable",
+            OptLevel::Basic => "basic",
+            OptLevel::Extended => "extended",
+            OptLevel::All => "all",
+        })
+    }
+}
+
+impl FromStr for OptLevel {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "disable" | "none" | "0" => Ok(OptLevel::Disable),
+            "basic" | "1" => Ok(OptLevel::Basic),
+            "extended" | "2" => Ok(OptLevel::Extended),
+            "all" | "3" => Ok(OptLevel::All),
+            _ => Err(Error::BadFlag {
+                flag: "optimization level".into(),
+                detail: format!("unknown level '{s}'; choose one of disable, basic, extended, all"),
+            }),
+        }
+    }
+}
+
+/// How to build a session. `Default` is CPU, ONNX Runtime's default thread count, all optimizations.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    pub ep: ExecutionProvider,
+    /// Intra-op threads; `None` lets ONNX Runtime pick (one per physical core).
+    pub intra_threads: Option<usize>,
+    pub optimization: OptLevel,
+    /// Enables ONNX Runtime's profiler; it writes `<prefix>_<timestamp>.json` when
+    /// `Session::end_profiling` is called (not on drop).
+    pub profile_prefix: Option<PathBuf>,
+    /// Memory pattern planning; turn it off when input shapes vary from run to run.
+    pub memory_pattern: bool,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            ep: ExecutionProvider::Cpu,
+            intra_threads: None,
+            optimization: OptLevel::All,
+            profile_prefix: None,
+            memory_pattern: true,
+        }
+    }
+}
+
+impl SessionConfig {
+    /// A default configuration on `ep`.
+    pub fn with_ep(ep: ExecutionProvider) -> Self {
+        SessionConfig {
+            ep,
+            ..Default::default()
+        }
+    }
+
+    /// Loads a model file; external data files are resolved relative to it.
+    pub fn session_from_file(&self, path: &Path) -> Result<Session> {
+        let what = path.display().to_string();
+        let mut builder = self.builder(&what)?;
+        builder
+            .commit_from_file(path)
+            .map_err(|e| self.commit_error(&what, e))
+    }
+
+    /// Loads a serialized model held in memory (its initializers must be embedded).
+    pub fn session_from_bytes(&self, bytes: &[u8]) -> Result<Session> {
+        let what = format!("<in-memory model, {} bytes>", bytes.len());
+        let mut builder = self.builder(&what)?;
+        builder
+            .commit_from_memory(bytes)
+            .map_err(|e| self.commit_error(&what, e))
+    }
+
+    fn builder(&self, what: &str) -> Result<SessionBuilder> {
+        let env = init(&self.ep)?;
+        let library = loaded_library()
+            .map(|l| l.path.display().to_string())
+            .unwrap_or_default();
+        self.ep.check_available(&library)?;
+        let fail = |e: ort::Error<SessionBuilder>| {
+            Error::Runtime(format!("{what}: configuring session: {e}"))
+        };
+
+        let mut builder = ort::session::Session::builder(env)
+            .map_err(|e| Error::Runtime(format!("{what}: creating session builder: {e}")))?
+            .with_optimization_level(self.optimization.into())
+            .map_err(fail)?
+            .with_memory_pattern(self.memory_pattern)
+            .map_err(fail)?;
+        if let Some(n) = self.intra_threads {
+            builder = builder.with_intra_threads(n).map_err(fail)?;
+        }
+        if let Some(prefix) = &self.profile_prefix {
+            builder = builder.with_profiling(prefix).map_err(fail)?;
+        }
+        let dispatches = self.ep.dispatches();
+        if !dispatches.is_empty() {
+            builder = builder.with_execution_providers(dispatches).map_err(|e| {
+                let msg = e.to_string();
+                // The usual cause on a GPU build: its CUDA/cuDNN dependencies are not on the loader path.
+                let hint = if msg.contains("cannot open shared object file") {
+                    " (the GPU build of ONNX Runtime needs the CUDA and cuDNN libraries it was built against on \
+                     the loader path, e.g. via LD_LIBRARY_PATH)"
+                } else {
+                    ""
+                };
+                self.ep.unavailable(format_args!("{msg}{hint}"))
+            })?;
+        }
+        Ok(builder)
+    }
+
+    /// GPU providers may only fail at commit time (e.g. no device, missing CUDA libraries); name the provider
+    /// then, so the user does not chase a model problem.
+    fn commit_error(&self, what: &str, e: ort::Error) -> Error {
+        match self.ep {
+            ExecutionProvider::Cpu => Error::Runtime(format!("{what}: {e}")),
+            ep => Error::Runtime(format!("{what}: creating session on {ep}: {e}")),
+        }
+    }
+}

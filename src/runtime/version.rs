@@ -1,0 +1,79 @@
+//! Reading a library's ONNX Runtime version before `ort` loads it.
+//!
+//! `ort` only rejects libraries *older* than its API level and merely logs newer ones, but betadpo's graphs and
+//! tests are pinned to 1.31.x, so we check the version ourselves and fail with a message that says what to do.
+//! The check opens the library with `dlopen` (the handle is kept open on purpose: `ort` opens the same file right
+//! after, which then reuses the already mapped library) and calls `OrtGetApiBase()->GetVersionString()`.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::path::Path;
+
+use super::provision::{LIB_NAME, ORT_SERIES, ORT_VERSION};
+use crate::{Error, Result};
+
+extern "C" {
+    fn dlopen(filename: *const c_char, flags: c_int) -> *mut c_void;
+    fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+    fn dlerror() -> *mut c_char;
+}
+
+const RTLD_NOW: c_int = 2;
+
+fn last_dl_error() -> String {
+    // SAFETY: dlerror returns null or a NUL-terminated string owned by the C library.
+    let msg = unsafe { dlerror() };
+    if msg.is_null() {
+        "unknown dlopen error".into()
+    } else {
+        unsafe { CStr::from_ptr(msg) }
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+/// Returns the version string (e.g. `"1.31.1"`) reported by the ONNX Runtime library at `path`.
+pub fn library_version(path: &Path) -> Result<String> {
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::Runtime(format!("{}: path contains a NUL byte", path.display())))?;
+    // SAFETY: plain dlopen/dlsym calls with valid C strings; the returned pointers are checked before use.
+    let handle = unsafe { dlopen(c_path.as_ptr(), RTLD_NOW) };
+    if handle.is_null() {
+        return Err(Error::Runtime(format!(
+            "cannot load {}: {}",
+            path.display(),
+            last_dl_error()
+        )));
+    }
+    let symbol = unsafe { dlsym(handle, c"OrtGetApiBase".as_ptr()) };
+    if symbol.is_null() {
+        return Err(Error::Runtime(format!(
+            "{} is not an ONNX Runtime library (it does not export OrtGetApiBase)",
+            path.display()
+        )));
+    }
+    // SAFETY: OrtGetApiBase has this signature in every ONNX Runtime release; it returns a static struct whose
+    // GetVersionString returns a static NUL-terminated string.
+    let get_base: unsafe extern "C" fn() -> *const ort::sys::OrtApiBase =
+        unsafe { std::mem::transmute(symbol) };
+    let base = unsafe { get_base() };
+    if base.is_null() {
+        return Err(Error::Runtime(format!(
+            "{}: OrtGetApiBase returned null",
+            path.display()
+        )));
+    }
+    let version = unsafe { CStr::from_ptr(((*base).GetVersionString)()) };
+    Ok(version.to_string_lossy().into_owned())
+}
+
+/// Fails unless `version` belongs to the supported 1.31 series.
+pub fn check_version(path: &Path, version: &str) -> Result<()> {
+    if version.starts_with(ORT_SERIES) {
+        return Ok(());
+    }
+    Err(Error::Runtime(format!(
+        "{} is ONNX Runtime {version}, but betadpo needs {ORT_SERIES}x; unset ORT_DYLIB_PATH to let betadpo \
+         provision {ORT_VERSION} itself, or point ORT_DYLIB_PATH at {LIB_NAME} (`pip install onnxruntime=={ORT_VERSION}`)",
+        path.display()
+    )))
+}

@@ -1,0 +1,271 @@
+//! Collating tokenized pairs into model inputs, and a resumable, deterministic data loader.
+//!
+//! The layout is TRL's concatenated forward: rows `0..B` hold prompt+chosen and rows `B..2B`
+//! prompt+rejected for the same prompts, right-padded, so one forward pass scores both answers.
+
+use ndarray::{Array1, Array2};
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::{Error, Result};
+use crate::train::tokenize::TokenizedPair;
+
+/// One batch of `B` pairs as `2B` rows of width `T`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    /// `[2B, T]` token ids, padded with the pad id.
+    pub input_ids: Array2<i64>,
+    /// `[2B, T]` 1 on real tokens, 0 on padding.
+    pub attention_mask: Array2<i64>,
+    /// `[2B, T]` 1 where token `t` is an answer token (incl. EOS); its log-prob is read from the
+    /// logits at `t - 1`.
+    pub completion_mask: Array2<f32>,
+    /// `[2B, T]` `0..T` on every row (right padding needs no offsets).
+    pub position_ids: Array2<i64>,
+    /// `[B]` index of the last prompt token of pair `i`, the same in its chosen and rejected row:
+    /// the position whose hidden state the beta head reads.
+    pub prompt_last_index: Array1<i64>,
+    /// `[2B]` index of the last real token of each row.
+    pub sequence_last_index: Array1<i64>,
+    /// Per pair, the value of the `group_by` column (`None` without grouping or if the row lacks it).
+    pub groups: Vec<Option<String>>,
+    /// Per pair, its index in the loaded data.
+    pub source_indices: Vec<usize>,
+    /// Real (non-pad) tokens in the batch.
+    pub num_tokens: usize,
+}
+
+impl Batch {
+    /// Number of pairs `B`.
+    pub fn pairs(&self) -> usize {
+        self.prompt_last_index.len()
+    }
+    /// Padded width `T`.
+    pub fn width(&self) -> usize {
+        self.input_ids.ncols()
+    }
+}
+
+/// How pairs are turned into a [`Batch`].
+#[derive(Debug, Clone, Default)]
+pub struct CollateOptions {
+    pub pad_id: u32,
+    /// Extra column whose value is reported per pair (for per-group metrics).
+    pub group_by: Option<String>,
+    /// Round `T` up to a multiple of this (fewer distinct shapes for the runtime to plan).
+    pub pad_to_multiple_of: Option<usize>,
+}
+
+/// Builds the `[chosen rows; rejected rows]` batch from `pairs` (at least one).
+pub fn collate(pairs: &[&TokenizedPair], opts: &CollateOptions) -> Result<Batch> {
+    if pairs.is_empty() {
+        return Err(Error::Data("cannot collate an empty batch".into()));
+    }
+    let b = pairs.len();
+    let mut t = pairs.iter().map(|p| p.max_len()).max().unwrap_or(0);
+    if let Some(m) = opts.pad_to_multiple_of.filter(|&m| m > 1) {
+        t = t.div_ceil(m) * m;
+    }
+    let mut input_ids = Array2::from_elem((2 * b, t), opts.pad_id as i64);
+    let mut attention_mask = Array2::zeros((2 * b, t));
+    let mut completion_mask = Array2::zeros((2 * b, t));
+    let mut prompt_last_index = Array1::zeros(b);
+    let mut sequence_last_index = Array1::zeros(2 * b);
+    let mut num_tokens = 0;
+    for (i, pair) in pairs.iter().enumerate() {
+        let p = pair.prompt.len();
+        prompt_last_index[i] = p as i64 - 1;
+        for (row, answer) in [(i, &pair.chosen), (i + b, &pair.rejected)] {
+            let ids = pair.prompt.iter().chain(answer.iter());
+            for (col, &id) in ids.enumerate() {
+                input_ids[[row, col]] = id as i64;
+                attention_mask[[row, col]] = 1;
+                if col >= p {
+                    completion_mask[[row, col]] = 1.0;
+                }
+            }
+            let len = p + answer.len();
+            sequence_last_index[row] = len as i64 - 1;
+            num_tokens += len;
+        }
+    }
+    let position_ids = Array2::from_shape_fn((2 * b, t), |(_, c)| c as i64);
+    let groups = pairs
+        .iter()
+        .map(|p| {
+            opts.group_by
+                .as_ref()
+                .and_then(|k| p.extras.get(k).cloned())
+        })
+        .collect();
+    let source_indices = pairs.iter().map(|p| p.source_index).collect();
+    Ok(Batch {
+        input_ids,
+        attention_mask,
+        completion_mask,
+        position_ids,
+        prompt_last_index,
+        sequence_last_index,
+        groups,
+        source_indices,
+        num_tokens,
+    })
+}
+
+/// Order of pairs per epoch.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LoaderConfig {
+    /// Pairs per batch (`B`).
+    pub batch_size: usize,
+    pub seed: u64,
+    /// Shuffle every epoch; without it pairs come in file order.
+    pub shuffle: bool,
+    /// Length bucketing: sort pairs by length within windows of this many batches, then shuffle the
+    /// order of the batches. Pairs of similar length share a batch, which cuts padding; 0 disables it.
+    pub bucket_batches: usize,
+    /// Drop the last, smaller batch of an epoch.
+    pub drop_last: bool,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        LoaderConfig {
+            batch_size: 8,
+            seed: 0,
+            shuffle: true,
+            bucket_batches: 0,
+            drop_last: false,
+        }
+    }
+}
+
+/// Where a loader is: the next batch to produce is batch `index` of epoch `epoch`. Saved in
+/// checkpoints; with the same data and config, [`DataLoader::seek`] resumes exactly.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LoaderPosition {
+    pub epoch: u64,
+    pub index: usize,
+}
+
+/// Endless iterator of batches over tokenized pairs, epoch after epoch.
+#[derive(Debug)]
+pub struct DataLoader {
+    pairs: Vec<TokenizedPair>,
+    config: LoaderConfig,
+    collate: CollateOptions,
+    position: LoaderPosition,
+    /// Batches (pair indices) of `position.epoch`.
+    plan: Vec<Vec<usize>>,
+}
+
+impl DataLoader {
+    pub fn new(
+        pairs: Vec<TokenizedPair>,
+        config: LoaderConfig,
+        collate: CollateOptions,
+    ) -> Result<Self> {
+        if config.batch_size == 0 {
+            return Err(Error::Data("batch size must be at least 1".into()));
+        }
+        if pairs.is_empty() || (config.drop_last && pairs.len() < config.batch_size) {
+            return Err(Error::Data(format!(
+                "not enough pairs for one batch ({} pairs, batch size {})",
+                pairs.len(),
+                config.batch_size
+            )));
+        }
+        let plan = epoch_plan(&pairs, &config, 0);
+        Ok(DataLoader {
+            pairs,
+            config,
+            collate,
+            position: LoaderPosition::default(),
+            plan,
+        })
+    }
+
+    pub fn pairs(&self) -> &[TokenizedPair] {
+        &self.pairs
+    }
+    pub fn config(&self) -> &LoaderConfig {
+        &self.config
+    }
+    pub fn batches_per_epoch(&self) -> usize {
+        self.plan.len()
+    }
+    /// The position of the next batch.
+    pub fn position(&self) -> LoaderPosition {
+        self.position
+    }
+
+    /// Moves to `pos` (normalised if `index` is past the end of its epoch).
+    pub fn seek(&mut self, pos: LoaderPosition) {
+        let per_epoch = self.plan.len();
+        let pos = LoaderPosition {
+            epoch: pos.epoch + (pos.index / per_epoch) as u64,
+            index: pos.index % per_epoch,
+        };
+        if pos.epoch != self.position.epoch {
+            self.plan = epoch_plan(&self.pairs, &self.config, pos.epoch);
+        }
+        self.position = pos;
+    }
+
+    /// The batches of `epoch` as pair indices (for inspection and tests).
+    pub fn epoch_batches(&self, epoch: u64) -> Vec<Vec<usize>> {
+        epoch_plan(&self.pairs, &self.config, epoch)
+    }
+
+    /// Produces the batch at the current position and advances.
+    pub fn next_batch(&mut self) -> Result<Batch> {
+        let members: Vec<&TokenizedPair> = self.plan[self.position.index]
+            .iter()
+            .map(|&i| &self.pairs[i])
+            .collect();
+        let batch = collate(&members, &self.collate)?;
+        self.seek(LoaderPosition {
+            epoch: self.position.epoch,
+            index: self.position.index + 1,
+        });
+        Ok(batch)
+    }
+}
+
+/// Batches of one epoch. The random stream is ChaCha8 seeded with `seed` on stream `epoch`, so each
+/// epoch's order depends only on (seed, epoch) and can be rebuilt when resuming.
+fn epoch_plan(pairs: &[TokenizedPair], cfg: &LoaderConfig, epoch: u64) -> Vec<Vec<usize>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    rng.set_stream(epoch);
+    let mut order: Vec<usize> = (0..pairs.len()).collect();
+    if cfg.shuffle {
+        shuffle(&mut order, &mut rng);
+    }
+    let b = cfg.batch_size;
+    let mut batches: Vec<Vec<usize>> = if cfg.bucket_batches > 0 {
+        let mut out = Vec::new();
+        for window in order.chunks(cfg.bucket_batches * b) {
+            let mut window = window.to_vec();
+            window.sort_by_key(|&i| std::cmp::Reverse(pairs[i].max_len()));
+            out.extend(window.chunks(b).map(<[usize]>::to_vec));
+        }
+        if cfg.shuffle {
+            shuffle(&mut out, &mut rng);
+        }
+        out
+    } else {
+        order.chunks(b).map(<[usize]>::to_vec).collect()
+    };
+    if cfg.drop_last {
+        batches.retain(|batch| batch.len() == b);
+    }
+    batches
+}
+
+/// Fisher-Yates with our own index draw, so the order does not change with the `rand` version
+/// (a checkpoint's position must keep meaning the same batches).
+fn shuffle<T>(items: &mut [T], rng: &mut ChaCha8Rng) {
+    for i in (1..items.len()).rev() {
+        let j = ((rng.next_u64() as u128 * (i as u128 + 1)) >> 64) as usize;
+        items.swap(i, j);
+    }
+}

@@ -1,0 +1,110 @@
+//! Checkpoints `RUN/checkpoints/step-N/`: parameters, optimizer moments and the loop's state.
+//! Each is written into a hidden temporary directory and renamed into place, so a directory named
+//! `step-N` is always complete; a kill at any moment leaves at worst a temporary directory that
+//! the next run removes.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::batch::LoaderPosition;
+use crate::store::{read_safetensors, write_safetensors, NamedTensor};
+use crate::{Error, Result};
+
+pub const PARAMS: &str = "params.safetensors";
+pub const OPTIMIZER: &str = "optimizer.safetensors";
+pub const STATE: &str = "trainer_state.json";
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Where the data loader continues.
+    pub position: LoaderPosition,
+    /// Non-padding tokens trained on so far.
+    pub tokens: u64,
+    pub skipped_nonfinite: u64,
+    /// Fingerprint of everything that must not change across a resume (data, artifacts, flags).
+    pub run_key: String,
+}
+
+pub fn checkpoints_dir(run: &Path) -> PathBuf {
+    run.join("checkpoints")
+}
+
+/// Complete checkpoints, oldest first.
+pub fn list(run: &Path) -> Vec<(u64, PathBuf)> {
+    let dir = checkpoints_dir(run);
+    let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let step = name.strip_prefix("step-")?.parse::<u64>().ok()?;
+                    e.path().join(STATE).exists().then(|| (step, e.path()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Removes temporary directories left by a killed process.
+pub fn clean_partial(run: &Path) {
+    if let Ok(rd) = std::fs::read_dir(checkpoints_dir(run)) {
+        for e in rd.filter_map(|e| e.ok()) {
+            if e.file_name().to_string_lossy().starts_with(".partial-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+pub fn save(run: &Path, state: &TrainerState, params: &[NamedTensor], moments: &[NamedTensor], keep: usize) -> Result<PathBuf> {
+    let dir = checkpoints_dir(run);
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let final_dir = dir.join(format!("step-{}", state.step));
+    let tmp = dir.join(format!(".partial-step-{}-{}", state.step, std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    write_safetensors(&tmp.join(PARAMS), params, None)?;
+    write_safetensors(&tmp.join(OPTIMIZER), moments, None)?;
+    let text = serde_json::to_string_pretty(state).expect("state serialises");
+    crate::onnx::write_atomic(&tmp.join(STATE), |w| w.write_all(text.as_bytes()))?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    sync_dir(&dir);
+    let all = list(run);
+    if keep > 0 && all.len() > keep {
+        for (_, p) in &all[..all.len() - keep] {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+    Ok(final_dir)
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+}
+
+pub struct Loaded {
+    pub state: TrainerState,
+    pub params: Vec<NamedTensor>,
+    pub moments: Vec<NamedTensor>,
+    pub dir: PathBuf,
+}
+
+pub fn load(dir: &Path) -> Result<Loaded> {
+    let path = dir.join(STATE);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let state: TrainerState = serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+    let (params, _) = read_safetensors(&dir.join(PARAMS))?;
+    let (moments, _) = read_safetensors(&dir.join(OPTIMIZER))?;
+    Ok(Loaded { state, params, moments, dir: dir.to_path_buf() })
+}
+
