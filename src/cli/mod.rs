@@ -1,6 +1,7 @@
 //! Subcommands. Each lives in its own file and turns flags into library calls.
 
 mod build_graph;
+mod train;
 mod validate;
 
 use anyhow::Result;
@@ -17,6 +18,8 @@ struct Cli {
 enum Command {
     /// Build training artifacts (train/eval/optimizer/inference graphs, parameters, manifest) from an exported causal LM.
     BuildGraph(build_graph::Args),
+    /// Train with DPO (learned beta) on ONNX Runtime: metrics, checkpoints, exact resume.
+    Train(train::Args),
     /// Check artifacts: structure, standard ops only, ONNX Runtime loads them, gradients agree with the loss.
     Validate(validate::Args),
 }
@@ -35,5 +38,6 @@ pub fn run() -> Result<()> {
     match cli.command {
         Command::BuildGraph(a) => build_graph::run(a),
         Command::Validate(a) => validate::run(a),
+        Command::Train(a) => train::run(a),
     }
 }

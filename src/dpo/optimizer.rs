@@ -21,6 +21,7 @@ pub const HYPER: &[(&str, &str)] = &[
     ("adam_epsilon", "adam_epsilon"),
     ("weight_decay", "weight_decay"),
     ("max_grad_norm", "max_grad_norm"),
+    ("gradient_scale", "gradient_scale"),
 ];
 
 pub fn state_name(p: &str, which: &str) -> String {
@@ -41,6 +42,7 @@ fn spec(name: &str, role: &str, shape: &[i64], parameter: Option<&str>) -> Tenso
     }
 }
 
+/// `gradient_scale` multiplies every gradient first (1/k after accumulating k micro-batches).
 /// Builds the optimizer graph for the trainable parameters; `grad_name(p)` names p's gradient.
 pub fn build(params: &[ParameterSpec], grad_name: impl Fn(&str) -> String) -> (Graph, GraphSpec) {
     let mut g = Graph::default();
@@ -67,11 +69,14 @@ pub fn build(params: &[ParameterSpec], grad_name: impl Fn(&str) -> String) -> (G
     let zero_axes_keep = vec![attr_i("keepdims", 0)];
 
     // global gradient norm, and the clipping coefficient min(1, max_norm / (norm + 1e-6))
+    let mut scaled = Vec::new();
     let squares: Vec<String> = trainable
         .iter()
         .map(|p| {
-            let gr = grad_name(&p.name);
+            let raw = grad_name(&p.name);
+            let gr = b.op("Mul", &[&raw, "gradient_scale"], vec![], &format!("{}.scaled_grad", p.name));
             let sq = b.op("Mul", &[&gr, &gr], vec![], &format!("{}.grad_sq", p.name));
+            scaled.push(gr);
             b.op("ReduceSum", &[&sq], zero_axes_keep.clone(), &format!("{}.grad_sq_sum", p.name))
         })
         .collect();
@@ -96,10 +101,10 @@ pub fn build(params: &[ParameterSpec], grad_name: impl Fn(&str) -> String) -> (G
     let omb1 = b.op("Sub", &[&one, "adam_beta1"], vec![], "one_minus_beta1");
     let omb2 = b.op("Sub", &[&one, "adam_beta2"], vec![], "one_minus_beta2");
 
-    for p in &trainable {
+    for (p, g_scaled) in trainable.iter().zip(&scaled) {
         let n = &p.name;
         let lr = if p.beta_head { "head_learning_rate" } else { "learning_rate" };
-        let gr = b.op("Mul", &[&grad_name(n), &coef], vec![], &format!("{n}.clipped_grad"));
+        let gr = b.op("Mul", &[g_scaled, &coef], vec![], &format!("{n}.clipped_grad"));
         let (m, v) = (state_name(n, "m"), state_name(n, "v"));
         let m1 = b.op("Mul", &[&m, "adam_beta1"], vec![], &format!("{n}.m_decayed"));
         let m2 = b.op("Mul", &[&gr, &omb1], vec![], &format!("{n}.m_fresh"));

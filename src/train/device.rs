@@ -2,7 +2,7 @@
 //! values on the execution provider's device; the host sees them only at checkpoints.
 
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
-use ort::value::{DynValue, Tensor};
+use ort::value::Tensor;
 
 use crate::runtime::ExecutionProvider;
 use crate::{Error, Result};
@@ -35,21 +35,21 @@ impl Device {
     }
 
     /// Moves a host tensor to the device (no copy on CPU).
-    pub fn upload(&self, shape: &[usize], data: Vec<f32>) -> Result<DynValue> {
+    pub fn upload(&self, shape: &[usize], data: Vec<f32>) -> Result<Tensor<f32>> {
         let host = Tensor::from_array((shape.to_vec(), data))?;
         match self.gpu {
-            None => Ok(host.into_dyn()),
-            Some(id) => Ok(host.to(AllocationDevice::CUDA, id)?.into_dyn()),
+            None => Ok(host),
+            Some(id) => Ok(host.to(AllocationDevice::CUDA, id)?),
         }
     }
 
     /// Reads a float tensor back to the host.
-    pub fn download(&self, v: &DynValue) -> Result<(Vec<usize>, Vec<f32>)> {
+    pub fn download(&self, v: &Tensor<f32>) -> Result<(Vec<usize>, Vec<f32>)> {
         let host;
         let v = match self.gpu {
             None => v,
             Some(_) => {
-                host = v.downcast_ref::<ort::value::TensorValueType<f32>>()?.to(AllocationDevice::CPU, 0)?.into_dyn();
+                host = v.to(AllocationDevice::CPU, 0)?;
                 &host
             }
         };

@@ -1,0 +1,137 @@
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use betadpo::runtime::ExecutionProvider;
+use betadpo::train::config::TrainConfig;
+use betadpo::train::schedule::Schedule;
+use betadpo::train::trainer::train;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Artifacts directory written by build-graph.
+    #[arg(long)]
+    artifacts: PathBuf,
+    /// Training preferences (TRL formats, JSONL or a JSON array).
+    #[arg(long)]
+    data: PathBuf,
+    /// Held-out preferences for evaluation.
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// tokenizer.json (tokenizer_config.json beside it is read for the chat template and special tokens).
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// tokenizer_config.json, when it is not beside tokenizer.json.
+    #[arg(long)]
+    tokenizer_config: Option<PathBuf>,
+    /// Run directory (metrics, checkpoints, final parameters, report).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 1.0)]
+    epochs: f64,
+    /// Optimizer steps (overrides --epochs).
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Pairs per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    #[arg(long, default_value_t = 1e-3, allow_negative_numbers = true)]
+    lr: f64,
+    /// Learning rate of the beta head.
+    #[arg(long, default_value_t = 1e-2, allow_negative_numbers = true)]
+    head_lr: f64,
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: u64,
+    /// constant, linear or cosine (after warmup).
+    #[arg(long, default_value = "constant")]
+    lr_schedule: Schedule,
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    weight_decay: f64,
+    /// Global gradient-norm clipping (0 disables it).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    max_grad_norm: f64,
+    #[arg(long, default_value_t = 512)]
+    max_length: usize,
+    #[arg(long, default_value_t = 256)]
+    max_prompt_length: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Evaluate every N steps (and always at the end).
+    #[arg(long, default_value_t = 0)]
+    eval_every: u64,
+    /// Checkpoint every N steps (and always at the end).
+    #[arg(long, default_value_t = 0)]
+    save_every: u64,
+    /// Checkpoints kept (the newest).
+    #[arg(long, default_value_t = 2)]
+    save_total_limit: usize,
+    /// Column whose values split the evaluation metrics (e.g. regime).
+    #[arg(long)]
+    group_by: Option<String>,
+    /// Execution provider: cpu, cuda[:N] or tensorrt[:N].
+    #[arg(long, default_value = "cpu")]
+    ep: ExecutionProvider,
+    /// Intra-op threads (default: ONNX Runtime's choice).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Continue from the newest complete checkpoint in --out.
+    #[arg(long)]
+    resume: bool,
+    /// Skip malformed data rows (counted) instead of stopping at the first.
+    #[arg(long)]
+    skip_bad_rows: bool,
+    /// Skip optimizer steps with a non-finite loss or gradient (counted) instead of stopping.
+    #[arg(long)]
+    skip_nonfinite: bool,
+    /// Group pairs of similar length within windows of N batches (0: off) to cut padding.
+    #[arg(long, default_value_t = 0)]
+    bucket_batches: usize,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+pub fn config(a: Args) -> TrainConfig {
+    TrainConfig {
+        artifacts: a.artifacts,
+        data: a.data,
+        eval_data: a.eval_data,
+        tokenizer: a.tokenizer,
+        tokenizer_config: a.tokenizer_config,
+        out: a.out,
+        epochs: a.epochs,
+        max_steps: a.max_steps,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        lr: a.lr,
+        head_lr: a.head_lr,
+        warmup_steps: a.warmup_steps,
+        lr_schedule: a.lr_schedule,
+        weight_decay: a.weight_decay,
+        max_grad_norm: a.max_grad_norm,
+        max_length: Some(a.max_length),
+        max_prompt_length: Some(a.max_prompt_length),
+        seed: a.seed,
+        eval_every: a.eval_every,
+        save_every: a.save_every,
+        save_total_limit: a.save_total_limit,
+        group_by: a.group_by,
+        ep: a.ep,
+        threads: a.threads,
+        resume: a.resume,
+        skip_bad_rows: a.skip_bad_rows,
+        skip_nonfinite: a.skip_nonfinite,
+        bucket_batches: a.bucket_batches,
+        progress: !a.quiet,
+        ..Default::default()
+    }
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let cfg = config(a);
+    let s = train(&cfg).with_context(|| format!("training into {}", cfg.out.display()))?;
+    println!("{}", betadpo::train::report::summary_table(&s));
+    Ok(())
+}

@@ -1,0 +1,133 @@
+//! What `betadpo train` was asked to do. Saved as `RUN/train_config.json`.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::schedule::Schedule;
+use crate::runtime::ExecutionProvider;
+use crate::{Error, Result};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub artifacts: PathBuf,
+    pub data: PathBuf,
+    pub eval_data: Option<PathBuf>,
+    pub tokenizer: PathBuf,
+    pub tokenizer_config: Option<PathBuf>,
+    pub out: PathBuf,
+    pub epochs: f64,
+    pub max_steps: Option<u64>,
+    /// Pairs per micro-batch.
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub head_lr: f64,
+    pub warmup_steps: u64,
+    pub lr_schedule: Schedule,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub max_length: Option<usize>,
+    pub max_prompt_length: Option<usize>,
+    pub seed: u64,
+    pub eval_every: u64,
+    pub save_every: u64,
+    pub save_total_limit: usize,
+    pub group_by: Option<String>,
+    #[serde(with = "ep_string")]
+    pub ep: ExecutionProvider,
+    pub threads: Option<usize>,
+    pub resume: bool,
+    pub skip_bad_rows: bool,
+    pub skip_nonfinite: bool,
+    /// Sort pairs by length within windows of this many batches (0: off) to cut padding.
+    pub bucket_batches: usize,
+    pub progress: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            artifacts: PathBuf::new(),
+            data: PathBuf::new(),
+            eval_data: None,
+            tokenizer: PathBuf::new(),
+            tokenizer_config: None,
+            out: PathBuf::new(),
+            epochs: 1.0,
+            max_steps: None,
+            batch_size: 8,
+            grad_accum: 1,
+            lr: 1e-3,
+            head_lr: 1e-2,
+            warmup_steps: 0,
+            lr_schedule: Schedule::Constant,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_length: Some(512),
+            max_prompt_length: Some(256),
+            seed: 42,
+            eval_every: 0,
+            save_every: 0,
+            save_total_limit: 2,
+            group_by: None,
+            ep: ExecutionProvider::Cpu,
+            threads: None,
+            resume: false,
+            skip_bad_rows: false,
+            skip_nonfinite: false,
+            bucket_batches: 0,
+            progress: true,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |flag: &str, detail: String| Err(Error::BadFlag { flag: flag.into(), detail });
+        if self.batch_size == 0 {
+            return bad("--batch-size", "must be at least 1".into());
+        }
+        if self.grad_accum == 0 {
+            return bad("--grad-accum", "must be at least 1".into());
+        }
+        for (flag, v) in [("--lr", self.lr), ("--head-lr", self.head_lr)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(flag, format!("{v} (must be a finite number >= 0)"));
+            }
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad("--weight-decay", format!("{} (must be >= 0)", self.weight_decay));
+        }
+        if !(self.epochs.is_finite() && self.epochs > 0.0) && self.max_steps.is_none() {
+            return bad("--epochs", format!("{} (must be > 0)", self.epochs));
+        }
+        if self.max_steps == Some(0) {
+            return bad("--max-steps", "must be at least 1".into());
+        }
+        if let (Some(p), Some(l)) = (self.max_prompt_length, self.max_length) {
+            if p >= l {
+                return bad("--max-prompt-length", format!("{p} must be below --max-length {l}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+mod ep_string {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::runtime::ExecutionProvider;
+    pub fn serialize<S: Serializer>(v: &ExecutionProvider, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&v.to_string())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ExecutionProvider, D::Error> {
+        String::deserialize(d)?.parse().map_err(|e: crate::Error| serde::de::Error::custom(e.to_string()))
+    }
+}

@@ -1,0 +1,133 @@
+//! One optimizer step: the optimizer graph applied to the state, and the accumulation of
+//! gradients across micro-batches, both on the runtime's device.
+
+use std::borrow::Cow;
+
+use ort::session::{Session, SessionInputValue};
+use ort::value::{Tensor, TensorValueType};
+
+use super::session_io::Feeds;
+use crate::dpo::manifest::GraphSpec;
+use crate::dpo::optimizer::{state_name, updated};
+use crate::graph::{Builder, Graph, Names};
+use crate::onnx::{dtype, value_info, Dim, OperatorSetIdProto};
+use crate::runtime::SessionConfig;
+use crate::{Error, Result};
+
+/// Hyper-parameters of one step, fed as scalar inputs.
+pub struct Hyper {
+    pub learning_rate: f32,
+    pub head_learning_rate: f32,
+    pub step: f32,
+    pub adam_beta1: f32,
+    pub adam_beta2: f32,
+    pub adam_epsilon: f32,
+    pub weight_decay: f32,
+    pub max_grad_norm: f32,
+    pub gradient_scale: f32,
+}
+
+impl Hyper {
+    fn value(&self, role: &str) -> Option<f32> {
+        Some(match role {
+            "learning_rate" => self.learning_rate,
+            "head_learning_rate" => self.head_learning_rate,
+            "step" => self.step,
+            "adam_beta1" => self.adam_beta1,
+            "adam_beta2" => self.adam_beta2,
+            "adam_epsilon" => self.adam_epsilon,
+            "weight_decay" => self.weight_decay,
+            "max_grad_norm" => self.max_grad_norm,
+            "gradient_scale" => self.gradient_scale,
+            _ => return None,
+        })
+    }
+}
+
+/// Parameters and Adam moments, by parameter, in the same order.
+pub struct State {
+    pub params: Feeds,
+    pub m: Vec<Tensor<f32>>,
+    pub v: Vec<Tensor<f32>>,
+}
+
+/// Runs the optimizer graph. On success the state holds the updated values and the global gradient
+/// norm is returned; when the norm is not finite nothing is updated and `Ok(None)` tells the caller.
+pub fn apply(session: &mut Session, spec: &GraphSpec, state: &mut State, grads: &[Tensor<f32>], h: &Hyper) -> Result<Option<f32>> {
+    let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(spec.inputs.len());
+    for i in &spec.inputs {
+        if let Some(v) = h.value(&i.role) {
+            inputs.push((Cow::Owned(i.name.clone()), SessionInputValue::Owned(Tensor::from_array((Vec::<usize>::new(), vec![v]))?.into_dyn())));
+            continue;
+        }
+        let p = i.parameter.as_deref().ok_or_else(|| Error::Other(format!("optimizer input {} has role {} and no parameter", i.name, i.role)))?;
+        let k = state.params.names.iter().position(|n| n == p).ok_or_else(|| Error::Other(format!("no state for parameter {p}")))?;
+        let value = match i.role.as_str() {
+            "parameter" => &state.params.values[k],
+            "gradient" => &grads[k],
+            "adam_m" => &state.m[k],
+            "adam_v" => &state.v[k],
+            other => return Err(Error::Other(format!("optimizer input role {other} is unknown"))),
+        };
+        inputs.push((Cow::Owned(i.name.clone()), SessionInputValue::from(value)));
+    }
+    let mut outputs = session.run(inputs)?;
+    let norm = {
+        let v = outputs.get("grad_norm").ok_or_else(|| Error::Runtime("the optimizer returned no grad_norm".into()))?;
+        v.try_extract_tensor::<f32>()?.1[0]
+    };
+    if !norm.is_finite() {
+        return Ok(None);
+    }
+    let mut take = |name: &str| -> Result<Tensor<f32>> {
+        outputs.remove(name).ok_or_else(|| Error::Runtime(format!("the optimizer returned no {name}")))?.downcast::<TensorValueType<f32>>().map_err(Error::from)
+    };
+    for k in 0..state.params.names.len() {
+        let p = state.params.names[k].clone();
+        state.params.values[k] = take(&updated(&p))?;
+        state.m[k] = take(&updated(&state_name(&p, "m")))?;
+        state.v[k] = take(&updated(&state_name(&p, "v")))?;
+    }
+    Ok(Some(norm))
+}
+
+/// Sums gradients of micro-batches on the device: `acc_i + g_i` for every parameter.
+pub struct Accumulator {
+    session: Session,
+    n: usize,
+}
+
+impl Accumulator {
+    pub fn new(shapes: &[Vec<i64>], cfg: &SessionConfig) -> Result<Self> {
+        let mut g = Graph::default();
+        g.name = "betadpo_grad_accumulate".into();
+        g.ir_version = 8;
+        g.opsets = vec![OperatorSetIdProto { domain: String::new(), version: 18 }];
+        for (i, s) in shapes.iter().enumerate() {
+            let dims: Vec<Dim> = s.iter().map(|&d| Dim::Fixed(d)).collect();
+            g.inputs.push(value_info(&format!("acc{i}"), dtype::FLOAT, &dims));
+            g.inputs.push(value_info(&format!("g{i}"), dtype::FLOAT, &dims));
+            g.outputs.push(value_info(&format!("sum{i}"), dtype::FLOAT, &dims));
+        }
+        let mut names = Names::from_graph(&g);
+        let mut b = Builder::new(&mut names, "acc/");
+        for i in 0..shapes.len() {
+            b.op_into("Add", &[&format!("acc{i}"), &format!("g{i}")], &[&format!("sum{i}")], vec![]);
+        }
+        g.nodes = b.take();
+        let bytes = prost::Message::encode_to_vec(&g.into_model());
+        Ok(Accumulator { session: cfg.session_from_bytes(&bytes)?, n: shapes.len() })
+    }
+
+    pub fn add(&mut self, acc: Vec<Tensor<f32>>, grads: &[Tensor<f32>]) -> Result<Vec<Tensor<f32>>> {
+        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(2 * self.n);
+        for i in 0..self.n {
+            inputs.push((Cow::Owned(format!("acc{i}")), SessionInputValue::from(&acc[i])));
+            inputs.push((Cow::Owned(format!("g{i}")), SessionInputValue::from(&grads[i])));
+        }
+        let mut out = self.session.run(inputs)?;
+        (0..self.n)
+            .map(|i| out.remove(format!("sum{i}")).ok_or_else(|| Error::Runtime("accumulator output missing".into()))?.downcast::<TensorValueType<f32>>().map_err(Error::from))
+            .collect()
+    }
+}

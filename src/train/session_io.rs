@@ -1,0 +1,98 @@
+//! Feeding a batch and the parameters to the train/eval graphs and reading what they return.
+//! Parameters are passed by reference (no copy); outputs stay runtime-owned values.
+
+use std::borrow::Cow;
+
+use ort::session::{Session, SessionInputValue};
+use ort::value::{DynValue, Tensor, TensorValueType};
+
+use super::batch::Batch;
+use crate::dpo::manifest::GraphSpec;
+use crate::{Error, Result};
+
+/// Values for a graph's parameter inputs, by input name.
+#[derive(Default)]
+pub struct Feeds {
+    pub names: Vec<String>,
+    pub values: Vec<Tensor<f32>>,
+}
+
+impl Feeds {
+    pub fn get(&self, name: &str) -> Option<&Tensor<f32>> {
+        self.names.iter().position(|n| n == name).map(|i| &self.values[i])
+    }
+}
+
+/// The scalar loss and per-pair/per-row values of one forward pass.
+#[derive(Clone, Debug, Default)]
+pub struct ForwardOut {
+    pub loss: f32,
+    pub chosen_rewards: Vec<f32>,
+    pub rejected_rewards: Vec<f32>,
+    pub policy_logps: Vec<f32>,
+    pub beta: Vec<f32>,
+}
+
+fn batch_inputs<'v>(spec: &GraphSpec, batch: &Batch, refs: &[f32]) -> Result<Vec<(Cow<'static, str>, SessionInputValue<'v>)>> {
+    let rows = batch.input_ids.nrows();
+    let mut v: Vec<(Cow<'static, str>, SessionInputValue<'v>)> = Vec::new();
+    for i in &spec.inputs {
+        let value: DynValue = match i.role.as_str() {
+            "input_ids" => Tensor::from_array(batch.input_ids.clone())?.into_dyn(),
+            "attention_mask" => Tensor::from_array(batch.attention_mask.clone())?.into_dyn(),
+            "position_ids" => Tensor::from_array(batch.position_ids.clone())?.into_dyn(),
+            "completion_mask" => Tensor::from_array(batch.completion_mask.clone())?.into_dyn(),
+            "ref_logps" => Tensor::from_array((vec![rows], refs.to_vec()))?.into_dyn(),
+            "parameter" => continue,
+            other => return Err(Error::Other(format!("the graph wants an input with role {other}, which train does not know"))),
+        };
+        v.push((Cow::Owned(i.name.clone()), SessionInputValue::Owned(value)));
+    }
+    Ok(v)
+}
+
+fn floats(v: &DynValue, name: &str) -> Result<Vec<f32>> {
+    let (_, d) = v.try_extract_tensor::<f32>().map_err(|e| Error::Runtime(format!("output {name}: {e}")))?;
+    Ok(d.to_vec())
+}
+
+/// Runs a train or eval graph. Returns the forward values and, for the train graph, the
+/// gradient values in `grad_outputs` order.
+pub fn run_graph(session: &mut Session, spec: &GraphSpec, batch: &Batch, refs: &[f32], params: &Feeds, grad_outputs: &[String]) -> Result<(ForwardOut, Vec<Tensor<f32>>)> {
+    let mut inputs = batch_inputs(spec, batch, refs)?;
+    for i in spec.inputs.iter().filter(|i| i.role == "parameter") {
+        let v = params.get(&i.name).ok_or_else(|| Error::Other(format!("no value for parameter {}", i.name)))?;
+        inputs.push((Cow::Owned(i.name.clone()), SessionInputValue::from(v)));
+    }
+    let mut outputs = session.run(inputs)?;
+    let mut out = ForwardOut::default();
+    let metrics: Vec<&str> = spec.outputs.iter().filter(|o| o.role == "metric").map(|o| o.name.as_str()).collect();
+    for o in &spec.outputs {
+        let Some(v) = outputs.get(&o.name) else { continue };
+        match o.role.as_str() {
+            "loss" => out.loss = floats(v, &o.name)?.first().copied().unwrap_or(f32::NAN),
+            "beta" => out.beta = floats(v, &o.name)?,
+            "metric" => {
+                let vals = floats(v, &o.name)?;
+                match metrics.iter().position(|m| *m == o.name) {
+                    Some(0) => out.chosen_rewards = vals,
+                    Some(1) => out.rejected_rewards = vals,
+                    Some(2) => out.policy_logps = vals,
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut grads = Vec::with_capacity(grad_outputs.len());
+    for g in grad_outputs {
+        let v = outputs.remove(g).ok_or_else(|| Error::Runtime(format!("the train graph returned no {g}")))?;
+        grads.push(v.downcast::<TensorValueType<f32>>()?);
+    }
+    Ok((out, grads))
+}
+
+/// A forward pass without gradients (eval graph).
+pub fn forward_values(session: &mut Session, spec: &GraphSpec, batch: &Batch, refs: &[f32], params: &Feeds) -> Result<ForwardOut> {
+    Ok(run_graph(session, spec, batch, refs, params, &[])?.0)
+}

@@ -1,0 +1,368 @@
+//! The training loop: reference log-probs → [micro-batches → gradients] → optimizer step →
+//! metrics, evaluation and checkpoints, resumable at every checkpoint.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use super::batch::{collate, CollateOptions, DataLoader, LoaderConfig, LoaderPosition};
+use super::checkpoint::{self, TrainerState};
+use super::config::TrainConfig;
+use super::data::{load_preferences, LoadOptions};
+use super::device::Device;
+use super::metrics::{num, summarise, summarise_groups, MetricsLog, PairValues};
+use super::optimizer_step::{apply, Accumulator, Hyper, State};
+use super::reference::{batch_refs, cache_key, reference_logps, RefTable};
+use super::schedule::factor;
+use super::session_io::{run_graph, Feeds};
+use super::tokenize::{PairTokenizer, TokenizedPair, TruncationConfig};
+use crate::dpo::Manifest;
+use crate::runtime::SessionConfig;
+use crate::store::{read_safetensors, write_safetensors, NamedTensor};
+use crate::{Error, Result};
+
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const CONFIG_FILE: &str = "train_config.json";
+pub const FINAL_DIR: &str = "final";
+
+/// What a finished run reports.
+pub struct TrainSummary {
+    pub run: PathBuf,
+    pub steps: u64,
+    pub initial_eval: Option<Map<String, Value>>,
+    pub final_eval: Option<Map<String, Value>>,
+    pub last_train: Option<Map<String, Value>>,
+    pub resumed_from: Option<u64>,
+    pub stats: String,
+    pub report: PathBuf,
+}
+
+fn load_pairs(path: &Path, tok: &PairTokenizer, trunc: &TruncationConfig, skip_bad: bool, log: &mut String) -> Result<Vec<TokenizedPair>> {
+    let data = load_preferences(path, &LoadOptions { skip_bad_rows: skip_bad })?;
+    let (pairs, stats) = tok.tokenize_all(&data.rows, trunc)?;
+    log.push_str(&format!(
+        "{}: {} pairs kept of {} ({} prompts truncated, {} answers truncated, {} dropped, {} malformed rows skipped)\n",
+        path.display(),
+        stats.kept,
+        stats.pairs,
+        stats.truncated_prompts,
+        stats.truncated_answers,
+        stats.dropped + stats.dropped_empty_prompt,
+        data.skipped
+    ));
+    if pairs.is_empty() {
+        return Err(Error::Data(format!("{}: no usable pairs", path.display())));
+    }
+    Ok(pairs)
+}
+
+fn to_feeds(tensors: &[NamedTensor], m: &Manifest, device: &Device) -> Result<Feeds> {
+    let mut f = Feeds::default();
+    for p in m.trainable() {
+        let t = tensors.iter().find(|t| t.name == p.name).ok_or_else(|| Error::Other(format!("parameter {} is missing", p.name)))?;
+        f.names.push(p.name.clone());
+        f.values.push(device.upload(&t.shape, t.data.clone())?);
+    }
+    Ok(f)
+}
+
+fn download_all(names: &[String], values: &[ort::value::Tensor<f32>], suffix: &str, device: &Device) -> Result<Vec<NamedTensor>> {
+    names
+        .iter()
+        .zip(values)
+        .map(|(n, v)| {
+            let (shape, data) = device.download(v)?;
+            Ok(NamedTensor { name: format!("{n}{suffix}"), shape, data })
+        })
+        .collect()
+}
+
+/// Everything a resumed run must share with the original, hashed.
+fn run_key(cfg: &TrainConfig, manifest_text: &str, train_key: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(manifest_text.as_bytes());
+    h.update(train_key.as_bytes());
+    let essentials = serde_json::json!({
+        "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "lr": cfg.lr, "head_lr": cfg.head_lr,
+        "warmup": cfg.warmup_steps, "schedule": cfg.lr_schedule, "wd": cfg.weight_decay, "clip": cfg.max_grad_norm,
+        "betas": [cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon], "seed": cfg.seed, "bucket": cfg.bucket_batches,
+    });
+    h.update(essentials.to_string().as_bytes());
+    format!("{:x}", h.finalize())[..16].to_string()
+}
+
+struct Evaluator<'a> {
+    pairs: &'a [TokenizedPair],
+    refs: RefTable,
+    collate: CollateOptions,
+    batch_size: usize,
+}
+
+impl Evaluator<'_> {
+    fn run(&self, session: &mut ort::session::Session, m: &Manifest, params: &Feeds, prefix: &str) -> Result<Map<String, Value>> {
+        let spec = m.graph("eval")?;
+        let mut all = PairValues::default();
+        let mut loss_sum = 0.0f64;
+        for chunk in self.pairs.chunks(self.batch_size) {
+            let refs: Vec<&TokenizedPair> = chunk.iter().collect();
+            let batch = collate(&refs, &self.collate)?;
+            let r = batch_refs(&self.refs, &batch.source_indices)?;
+            let (out, _) = run_graph(session, spec, &batch, &r, params, &[])?;
+            loss_sum += out.loss as f64 * chunk.len() as f64;
+            all.extend(PairValues::from_outputs(&out.chosen_rewards, &out.rejected_rewards, &out.policy_logps, &r, &out.beta, batch.groups.clone()));
+        }
+        let mut rec = Map::new();
+        rec.insert(format!("{prefix}loss"), num(loss_sum / self.pairs.len() as f64));
+        summarise(&all, prefix, &mut rec);
+        summarise_groups(&all, prefix, &mut rec);
+        Ok(rec)
+    }
+}
+
+fn progress_bar(total: u64, pos: u64, enabled: bool) -> indicatif::ProgressBar {
+    if !enabled {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(total);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_prefix("train");
+    pb.set_position(pos);
+    pb
+}
+
+pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
+    cfg.validate()?;
+    crate::runtime::init(&cfg.ep)?;
+    let manifest = Manifest::load(&cfg.artifacts)?;
+    let manifest_text = std::fs::read_to_string(cfg.artifacts.join(crate::dpo::manifest::MANIFEST_FILE)).map_err(|e| Error::io(&cfg.artifacts, e))?;
+    let run = cfg.out.clone();
+    std::fs::create_dir_all(&run).map_err(|e| Error::io(&run, e))?;
+    checkpoint::clean_partial(&run);
+    let previous = checkpoint::list(&run);
+    if !cfg.resume && !previous.is_empty() {
+        return Err(Error::Other(format!("{} already holds checkpoints; pass --resume to continue it, or choose a new --out", run.display())));
+    }
+
+    let mut stats = String::new();
+    let tok = PairTokenizer::from_files(&cfg.tokenizer, cfg.tokenizer_config.as_deref())?;
+    let trunc = TruncationConfig { max_prompt_length: cfg.max_prompt_length, max_completion_length: None, max_length: cfg.max_length };
+    let train_pairs = load_pairs(&cfg.data, &tok, &trunc, cfg.skip_bad_rows, &mut stats)?;
+    let eval_pairs = match &cfg.eval_data {
+        Some(p) => Some(load_pairs(p, &tok, &trunc, cfg.skip_bad_rows, &mut stats)?),
+        None => None,
+    };
+    if cfg.progress {
+        eprint!("{stats}");
+    }
+
+    let scfg = SessionConfig { ep: cfg.ep.clone(), intra_threads: cfg.threads, ..Default::default() };
+    let graph_path = |which: &str| -> Result<PathBuf> { Ok(cfg.artifacts.join(&manifest.graph(which)?.file)) };
+    let mut train_s = scfg.session_from_file(&graph_path("train")?)?;
+    let mut eval_s = scfg.session_from_file(&graph_path("eval")?)?;
+    let mut opt_s = scfg.session_from_file(&graph_path("optimizer")?)?;
+    let device = Device::for_ep(&cfg.ep);
+    let (initial, _) = read_safetensors(&cfg.artifacts.join(&manifest.parameters_file))?;
+    let initial_feeds = to_feeds(&initial, &manifest, &device)?;
+
+    let collate_opts = CollateOptions { pad_id: tok.pad_id(), group_by: cfg.group_by.clone(), pad_to_multiple_of: None };
+    let ref_bar = progress_bar((train_pairs.len() + eval_pairs.as_ref().map(Vec::len).unwrap_or(0)) as u64, 0, cfg.progress);
+    ref_bar.set_prefix("reference log-probs");
+    let train_key = cache_key(&train_pairs, &cfg.artifacts, &manifest)?;
+    let train_refs = reference_logps(&run, "train", &train_key, &train_pairs, &manifest, &mut eval_s, &initial_feeds, &collate_opts, cfg.batch_size, |n| ref_bar.inc(n as u64))?;
+    let evaluator = match &eval_pairs {
+        Some(pairs) => {
+            let key = cache_key(pairs, &cfg.artifacts, &manifest)?;
+            let refs = reference_logps(&run, "eval", &key, pairs, &manifest, &mut eval_s, &initial_feeds, &collate_opts, cfg.batch_size, |n| ref_bar.inc(n as u64))?;
+            Some(Evaluator { pairs, refs, collate: collate_opts.clone(), batch_size: cfg.batch_size })
+        }
+        None => None,
+    };
+    ref_bar.finish_and_clear();
+
+    let key = run_key(cfg, &manifest_text, &train_key);
+    let shapes: Vec<Vec<i64>> = manifest.trainable().map(|p| p.shape.clone()).collect();
+    let (mut tstate, mut state, resumed_from) = match (cfg.resume, previous.last()) {
+        (true, Some((step, dir))) => {
+            let l = checkpoint::load(dir)?;
+            if l.state.run_key != key {
+                return Err(Error::Other(format!(
+                    "{} was trained with other artifacts, data or optimizer flags; resume needs the same ones (or choose a new --out)",
+                    run.display()
+                )));
+            }
+            let params = to_feeds(&l.params, &manifest, &device)?;
+            let find = |suffix: &str| -> Result<Vec<ort::value::Tensor<f32>>> {
+                params
+                    .names
+                    .iter()
+                    .map(|n| {
+                        let t = l.moments.iter().find(|t| t.name == format!("{n}{suffix}")).ok_or_else(|| Error::Other(format!("checkpoint lacks {n}{suffix}")))?;
+                        device.upload(&t.shape, t.data.clone())
+                    })
+                    .collect()
+            };
+            let (m, v) = (find(".adam_m")?, find(".adam_v")?);
+            (l.state, State { params, m, v }, Some(*step))
+        }
+        _ => {
+            let zeros = |s: &Vec<i64>| device.upload(&s.iter().map(|&d| d as usize).collect::<Vec<_>>(), vec![0.0; s.iter().product::<i64>() as usize]);
+            let m = shapes.iter().map(zeros).collect::<Result<Vec<_>>>()?;
+            let v = shapes.iter().map(zeros).collect::<Result<Vec<_>>>()?;
+            let params = to_feeds(&initial, &manifest, &device)?;
+            let ts = TrainerState { step: 0, position: LoaderPosition::default(), tokens: 0, skipped_nonfinite: 0, run_key: key.clone() };
+            (ts, State { params, m, v }, None)
+        }
+    };
+    let cfg_text = serde_json::to_string_pretty(cfg).expect("config serialises");
+    crate::onnx::write_atomic(&run.join(CONFIG_FILE), |w| w.write_all(cfg_text.as_bytes()))?;
+
+    let mut loader = DataLoader::new(
+        train_pairs,
+        LoaderConfig { batch_size: cfg.batch_size, seed: cfg.seed, shuffle: true, bucket_batches: cfg.bucket_batches, drop_last: false },
+        collate_opts.clone(),
+    )?;
+    loader.seek(tstate.position);
+    let per_epoch = loader.batches_per_epoch() as f64;
+    let total = cfg.max_steps.unwrap_or_else(|| ((cfg.epochs * per_epoch) / cfg.grad_accum as f64).ceil().max(1.0) as u64);
+    let mut log = MetricsLog::open(&run.join(METRICS_FILE), resumed_from)?;
+    let mut accumulator = if cfg.grad_accum > 1 { Some(Accumulator::new(&shapes, &scfg)?) } else { None };
+    let train_spec = manifest.graph("train")?.clone();
+    let opt_spec = manifest.graph("optimizer")?.clone();
+    let grad_names: Vec<String> = state
+        .params
+        .names
+        .iter()
+        .map(|p| train_spec.output_for("gradient", p).map(|o| o.name.clone()).ok_or_else(|| Error::Other(format!("no gradient output for {p}"))))
+        .collect::<Result<_>>()?;
+
+    let mut initial_eval = None;
+    if let (Some(ev), None) = (&evaluator, resumed_from) {
+        let mut rec = ev.run(&mut eval_s, &manifest, &state.params, "eval/")?;
+        rec.insert("step".into(), Value::from(0u64));
+        rec.insert("epoch".into(), num(0.0));
+        log.write(&rec)?;
+        initial_eval = Some(rec);
+    }
+
+    let pb = progress_bar(total, tstate.step, cfg.progress);
+    let mut last_train = None;
+    let mut final_eval = None;
+    while tstate.step < total {
+        let started = Instant::now();
+        let mut pairs = PairValues::default();
+        let mut loss_sum = 0.0f64;
+        let mut n_pairs = 0usize;
+        let mut tokens = 0usize;
+        let mut acc: Option<Vec<ort::value::Tensor<f32>>> = None;
+        for _ in 0..cfg.grad_accum {
+            let batch = loader.next_batch()?;
+            let refs = batch_refs(&train_refs, &batch.source_indices)?;
+            let (out, grads) = run_graph(&mut train_s, &train_spec, &batch, &refs, &state.params, &grad_names)?;
+            loss_sum += out.loss as f64 * batch.pairs() as f64;
+            n_pairs += batch.pairs();
+            tokens += batch.num_tokens;
+            pairs.extend(PairValues::from_outputs(&out.chosen_rewards, &out.rejected_rewards, &out.policy_logps, &refs, &out.beta, batch.groups.clone()));
+            acc = Some(match (acc, accumulator.as_mut()) {
+                (None, _) => grads,
+                (Some(a), Some(accum)) => accum.add(a, &grads)?,
+                (Some(_), None) => unreachable!("accumulating needs grad_accum > 1"),
+            });
+        }
+        let grads = acc.expect("at least one micro-batch");
+        let loss = loss_sum / n_pairs as f64;
+        let step = tstate.step + 1;
+        let f = factor(cfg.lr_schedule, step, cfg.warmup_steps, total);
+        let hyper = Hyper {
+            learning_rate: (cfg.lr * f) as f32,
+            head_learning_rate: (cfg.head_lr * f) as f32,
+            step: step as f32,
+            adam_beta1: cfg.adam_beta1 as f32,
+            adam_beta2: cfg.adam_beta2 as f32,
+            adam_epsilon: cfg.adam_epsilon as f32,
+            weight_decay: cfg.weight_decay as f32,
+            max_grad_norm: cfg.max_grad_norm as f32,
+            gradient_scale: 1.0 / cfg.grad_accum as f32,
+        };
+        let norm = if loss.is_finite() { apply(&mut opt_s, &opt_spec, &mut state, &grads, &hyper)? } else { None };
+        let norm = match norm {
+            Some(n) => n,
+            None if cfg.skip_nonfinite => {
+                tstate.skipped_nonfinite += 1;
+                f32::NAN
+            }
+            None => {
+                let last = checkpoint::list(&run).last().map(|(s, p)| format!("; the last checkpoint {} (step {s}) is intact", p.display())).unwrap_or_default();
+                pb.abandon();
+                return Err(Error::Other(format!("non-finite loss or gradient at step {step} (loss {loss}){last}; --skip-nonfinite skips such steps")));
+            }
+        };
+        tstate.step = step;
+        tstate.tokens += tokens as u64;
+        tstate.position = loader.position();
+        let epoch = (tstate.position.epoch as f64) + tstate.position.index as f64 / per_epoch;
+        let mut rec = Map::new();
+        rec.insert("loss".into(), num(loss));
+        summarise(&pairs, "", &mut rec);
+        rec.insert("grad_norm".into(), num(norm as f64));
+        rec.insert("learning_rate".into(), num(hyper.learning_rate as f64));
+        rec.insert("head_learning_rate".into(), num(hyper.head_learning_rate as f64));
+        rec.insert("step".into(), Value::from(step));
+        rec.insert("epoch".into(), num(epoch));
+        rec.insert("tokens".into(), Value::from(tstate.tokens));
+        rec.insert("step_time_s".into(), num(started.elapsed().as_secs_f64()));
+        if tstate.skipped_nonfinite > 0 {
+            rec.insert("skipped_nonfinite".into(), Value::from(tstate.skipped_nonfinite));
+        }
+        log.write(&rec)?;
+        pb.set_message(format!(
+            "loss {:.4} acc {:.2} beta {:.3}",
+            loss,
+            rec["rewards/accuracies"].as_f64().unwrap_or(f64::NAN),
+            rec["beta/mean"].as_f64().unwrap_or(f64::NAN)
+        ));
+        pb.set_position(step);
+        last_train = Some(rec);
+
+        let is_last = step == total;
+        if let Some(ev) = &evaluator {
+            if is_last || (cfg.eval_every > 0 && step % cfg.eval_every == 0) {
+                let mut rec = ev.run(&mut eval_s, &manifest, &state.params, "eval/")?;
+                rec.insert("step".into(), Value::from(step));
+                rec.insert("epoch".into(), num(epoch));
+                log.write(&rec)?;
+                pb.println(format!(
+                    "step {step}: eval loss {:.4}, accuracy {:.3}, beta {:.3}",
+                    rec["eval/loss"].as_f64().unwrap_or(f64::NAN),
+                    rec["eval/rewards/accuracies"].as_f64().unwrap_or(f64::NAN),
+                    rec["eval/beta/mean"].as_f64().unwrap_or(f64::NAN)
+                ));
+                if is_last {
+                    final_eval = Some(rec);
+                }
+            }
+        }
+        if is_last || (cfg.save_every > 0 && step % cfg.save_every == 0) {
+            let params = download_all(&state.params.names, &state.params.values, "", &device)?;
+            let mut moments = download_all(&state.params.names, &state.m, ".adam_m", &device)?;
+            moments.extend(download_all(&state.params.names, &state.v, ".adam_v", &device)?);
+            checkpoint::save(&run, &tstate, &params, &moments, cfg.save_total_limit)?;
+        }
+    }
+    pb.finish_and_clear();
+    // RUN/final: the trained parameters, and where the graphs they belong to are.
+    let params = download_all(&state.params.names, &state.params.values, "", &device)?;
+    let final_dir = run.join(FINAL_DIR);
+    std::fs::create_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    let mut meta = std::collections::BTreeMap::new();
+    meta.insert("step".to_string(), tstate.step.to_string());
+    meta.insert("artifacts".to_string(), std::fs::canonicalize(&cfg.artifacts).unwrap_or(cfg.artifacts.clone()).display().to_string());
+    write_safetensors(&final_dir.join(checkpoint::PARAMS), &params, Some(meta))?;
+    let report = super::report::write_report(&run)?;
+    Ok(TrainSummary { run, steps: tstate.step, initial_eval, final_eval, last_train, resumed_from, stats, report })
+}
