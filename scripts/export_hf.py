@@ -179,12 +179,36 @@ def export(model, out_dir, exporter, opset, external_data):
                 else:
                     onnx.save_model(proto, path)
     if exporter == "dynamo":
-        # name the output's dynamic axes like the inputs' (dynamo names them after its symbols)
+        # name the output's dynamic axes like the inputs' (dynamo names them after its symbols), and drop
+        # the Python stack traces the exporter stores per node: they hold this machine's absolute paths
+        # and source line numbers, so the file would change with the checkout location
         proto = onnx.load(path, load_external_data=False)
-        if _fix_output_dims(proto):
+        changed = _fix_output_dims(proto)
+        changed = _strip_stack_traces(proto) or changed
+        if changed:
             onnx.save_model(proto, path)  # external data references are kept as they are
     onnx.checker.check_model(path)
     return path, opset
+
+
+def _strip_stack_traces(proto):
+    def nodes(graph):
+        for n in graph.node:
+            yield n
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    yield from nodes(a.g)
+                for g in a.graphs:
+                    yield from nodes(g)
+    all_nodes = list(nodes(proto.graph)) + [n for f in proto.functions for n in f.node]
+    changed = False
+    for n in all_nodes:
+        keep = [m for m in n.metadata_props if m.key != "pkg.torch.onnx.stack_trace"]
+        if len(keep) != len(n.metadata_props):
+            del n.metadata_props[:]
+            n.metadata_props.extend(keep)
+            changed = True
+    return changed
 
 
 def _fix_output_dims(proto):

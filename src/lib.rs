@@ -12,6 +12,7 @@ pub mod autodiff;
 pub mod dpo;
 pub mod error;
 pub mod graph;
+pub mod infer;
 pub mod onnx;
 pub mod runtime;
 pub mod store;

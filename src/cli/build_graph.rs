@@ -25,8 +25,8 @@ pub struct Args {
     /// Lower bound on beta (added to the softplus, so it never blocks the gradient).
     #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
     beta_min: f64,
-    /// Upper bound on beta (`inf` for none).
-    #[arg(long, allow_negative_numbers = true, default_value = "1.0")]
+    /// Upper bound on beta, approached smoothly (`inf` for none).
+    #[arg(long, allow_negative_numbers = true, default_value = "2.0")]
     beta_max: f64,
     /// Weight of the regulariser mean((log beta - log beta_init)^2).
     #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]

@@ -1,6 +1,9 @@
 //! Subcommands. Each lives in its own file and turns flags into library calls.
 
 mod build_graph;
+mod export;
+mod infer;
+mod quickstart;
 mod train;
 mod validate;
 
@@ -20,6 +23,12 @@ enum Command {
     BuildGraph(build_graph::Args),
     /// Train with DPO (learned beta) on ONNX Runtime: metrics, checkpoints, exact resume.
     Train(train::Args),
+    /// Write the trained model with its beta head as one ONNX model (outputs logits and beta).
+    Export(export::Args),
+    /// Print the learned beta per prompt (and optionally a greedy continuation).
+    Infer(infer::Args),
+    /// The whole pipeline on the bundled tiny model and data, in a few minutes on a CPU.
+    Quickstart(quickstart::Args),
     /// Check artifacts: structure, standard ops only, ONNX Runtime loads them, gradients agree with the loss.
     Validate(validate::Args),
 }
@@ -39,5 +48,8 @@ pub fn run() -> Result<()> {
         Command::BuildGraph(a) => build_graph::run(a),
         Command::Validate(a) => validate::run(a),
         Command::Train(a) => train::run(a),
+        Command::Export(a) => export::run(a),
+        Command::Infer(a) => infer::run(a),
+        Command::Quickstart(a) => quickstart::run(a),
     }
 }

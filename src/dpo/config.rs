@@ -50,7 +50,7 @@ impl Default for ObjectiveConfig {
             beta_aggregate: BetaAggregate::Last,
             beta_init: 0.1,
             beta_min: 0.0,
-            beta_max: 1.0,
+            beta_max: 2.0,
             beta_reg: 0.0,
             loss: LossKind::Sigmoid,
             label_smoothing: 0.0,

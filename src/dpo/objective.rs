@@ -116,7 +116,9 @@ fn head_weights(b: &mut Builder, m: &ModelTensors, mask: &str, cfg: &ObjectiveCo
     }
 }
 
-/// beta = beta_min + softplus(w . h + b), capped at beta_max; one value per row.
+/// beta = beta_min + softplus(w . h + b), one value per row. A finite beta_max bounds it smoothly:
+/// beta = beta_min + R tanh(softplus(.) / R) with R = beta_max - beta_min. A hard clip would stop
+/// the gradient of every context that reached the bound, and the head could never bring it back.
 pub fn beta_head(b: &mut Builder, m: &ModelTensors, mask: &str, cfg: &ObjectiveConfig) -> String {
     let weights = head_weights(b, m, mask, cfg);
     let last = b.ints(&[-1]);
@@ -127,19 +129,31 @@ pub fn beta_head(b: &mut Builder, m: &ModelTensors, mask: &str, cfg: &ObjectiveC
     let z = b.op("MatMul", &[&h, HEAD_WEIGHT], vec![], "beta/head_matmul");
     let z = b.op("Add", &[&z, HEAD_BIAS], vec![], "beta/logit");
     let mut beta = b.op("Softplus", &[&z], vec![], "beta/softplus");
+    if cfg.beta_max.is_finite() {
+        let range = cfg.beta_max - cfg.beta_min;
+        let inv = b.scalar(1.0 / range, dtype::FLOAT);
+        let r = b.scalar(range, dtype::FLOAT);
+        let scaled = b.op("Mul", &[&beta, &inv], vec![], "beta/scaled");
+        let squashed = b.op("Tanh", &[&scaled], vec![], "beta/squashed");
+        beta = b.op("Mul", &[&squashed, &r], vec![], "beta/bounded");
+    }
     if cfg.beta_min > 0.0 {
         let lo = b.scalar(cfg.beta_min, dtype::FLOAT);
         beta = b.op("Add", &[&beta, &lo], vec![], "beta/floored");
     }
-    if cfg.beta_max.is_finite() {
-        let hi = b.scalar(cfg.beta_max, dtype::FLOAT);
-        beta = b.op("Min", &[&beta, &hi], vec![], "beta/capped");
-    }
     b.op("Identity", &[&beta], vec![], "beta_rows")
 }
 
+/// A zero weight and the bias that makes every context's beta exactly `beta_init`.
 pub fn head_initial_values(hidden_size: i64, cfg: &ObjectiveConfig) -> Vec<TensorProto> {
-    let bias = inverse_softplus(cfg.beta_init - cfg.beta_min) as f32;
+    let above_min = cfg.beta_init - cfg.beta_min;
+    let softplus_value = if cfg.beta_max.is_finite() {
+        let range = cfg.beta_max - cfg.beta_min;
+        range * (above_min / range).atanh()
+    } else {
+        above_min
+    };
+    let bias = inverse_softplus(softplus_value) as f32;
     vec![
         tensor_f32(HEAD_WEIGHT, &[hidden_size], &vec![0.0; hidden_size as usize]),
         tensor_f32(HEAD_BIAS, &[1], &[bias]),

@@ -73,17 +73,27 @@ pub fn save(run: &Path, state: &TrainerState, params: &[NamedTensor], moments: &
     let text = serde_json::to_string_pretty(state).expect("state serialises");
     crate::onnx::write_atomic(&tmp.join(STATE), |w| w.write_all(text.as_bytes()))?;
     if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+        remove(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
     }
     std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
     sync_dir(&dir);
     let all = list(run);
     if keep > 0 && all.len() > keep {
         for (_, p) in &all[..all.len() - keep] {
-            let _ = std::fs::remove_dir_all(p);
+            let _ = remove(p);
         }
     }
     Ok(final_dir)
+}
+
+/// Removes a checkpoint without a `step-N` directory ever being seen half-deleted (one that still
+/// has its state file would pass for complete): it is renamed to a temporary name first, which
+/// [`clean_partial`] removes should the process die before the deletion ends.
+fn remove(dir: &Path) -> std::io::Result<()> {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.with_file_name(format!(".partial-removing-{name}-{}", std::process::id()));
+    std::fs::rename(dir, &tmp)?;
+    std::fs::remove_dir_all(&tmp)
 }
 
 fn sync_dir(dir: &Path) {

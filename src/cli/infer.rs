@@ -1,0 +1,79 @@
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use betadpo::infer::Predictor;
+use betadpo::runtime::{ExecutionProvider, SessionConfig};
+use betadpo::train::Text;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Exported model (betadpo export).
+    #[arg(long)]
+    model: PathBuf,
+    /// tokenizer.json (tokenizer_config.json beside it supplies the chat template).
+    #[arg(long)]
+    tokenizer: PathBuf,
+    #[arg(long)]
+    tokenizer_config: Option<PathBuf>,
+    /// A prompt (repeatable).
+    #[arg(long)]
+    prompt: Vec<String>,
+    /// JSONL of prompts: strings, {"prompt": "..."} or {"prompt": [messages]}.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Render plain prompts through the chat template as a user message.
+    #[arg(long)]
+    chat: bool,
+    /// Continue each prompt greedily for up to N tokens.
+    #[arg(long, default_value_t = 0)]
+    generate: usize,
+    /// One JSON object per prompt instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value = "cpu")]
+    ep: ExecutionProvider,
+}
+
+fn read_prompts(path: &PathBuf) -> Result<Vec<Text>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+        let p = match &v {
+            serde_json::Value::String(s) => Text::Plain(s.clone()),
+            serde_json::Value::Object(o) => match o.get("prompt") {
+                Some(serde_json::Value::String(s)) => Text::Plain(s.clone()),
+                Some(m @ serde_json::Value::Array(_)) => Text::Messages(serde_json::from_value(m.clone()).with_context(|| format!("{}:{}: bad messages", path.display(), i + 1))?),
+                _ => anyhow::bail!("{}:{}: expected a \"prompt\" field", path.display(), i + 1),
+            },
+            _ => anyhow::bail!("{}:{}: expected a string or an object", path.display(), i + 1),
+        };
+        out.push(p);
+    }
+    Ok(out)
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let mut prompts: Vec<Text> = a.prompt.iter().cloned().map(Text::Plain).collect();
+    if let Some(f) = &a.file {
+        prompts.extend(read_prompts(f)?);
+    }
+    if prompts.is_empty() {
+        anyhow::bail!(betadpo::Error::BadFlag { flag: "--prompt/--file".into(), detail: "give at least one prompt".into() });
+    }
+    let cfg = SessionConfig { ep: a.ep, ..Default::default() };
+    let mut p = Predictor::new(&a.model, &a.tokenizer, a.tokenizer_config.as_deref(), &cfg)?;
+    let preds = p.predict(&prompts, a.chat, a.generate)?;
+    for pr in &preds {
+        if a.json {
+            println!("{}", serde_json::to_string(pr)?);
+        } else {
+            let shown: String = pr.prompt.replace('\n', "\\n").chars().take(70).collect();
+            match &pr.completion {
+                Some(c) => println!("beta {:.4}  {shown}  →{}", pr.beta, c.replace('\n', "\\n")),
+                None => println!("beta {:.4}  {shown}", pr.beta),
+            }
+        }
+    }
+    Ok(())
+}

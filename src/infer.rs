@@ -1,0 +1,135 @@
+//! Running an exported model (`logits` + `beta`): the beta it learned for each prompt, and a
+//! greedy continuation that reuses the same session.
+
+use std::path::Path;
+
+use ndarray::Array2;
+use ort::session::{Session, SessionInputValue};
+use ort::value::Tensor;
+
+use crate::runtime::SessionConfig;
+use crate::train::{Message, PairTokenizer, Text};
+use crate::{Error, Result};
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Prediction {
+    pub prompt: String,
+    pub beta: f32,
+    pub prompt_tokens: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion: Option<String>,
+}
+
+pub struct Predictor {
+    session: Session,
+    tokenizer: PairTokenizer,
+    has_position_ids: bool,
+}
+
+impl Predictor {
+    pub fn new(model: &Path, tokenizer: &Path, tokenizer_config: Option<&Path>, cfg: &SessionConfig) -> Result<Self> {
+        crate::runtime::init(&cfg.ep)?;
+        let session = cfg.session_from_file(model)?;
+        let names = crate::runtime::input_names(&session);
+        for needed in ["input_ids", "attention_mask"] {
+            if !names.iter().any(|n| n == needed) {
+                return Err(Error::Other(format!("{}: the model has no `{needed}` input; is it a betadpo export?", model.display())));
+            }
+        }
+        let outs = crate::runtime::output_names(&session);
+        if !outs.iter().any(|n| n == "beta") || !outs.iter().any(|n| n == "logits") {
+            return Err(Error::Other(format!("{}: the model needs `logits` and `beta` outputs (export it with `betadpo export`)", model.display())));
+        }
+        let tokenizer = PairTokenizer::from_files(tokenizer, tokenizer_config)?;
+        Ok(Predictor { session, tokenizer, has_position_ids: names.iter().any(|n| n == "position_ids") })
+    }
+
+    /// The text the model sees: plain prompts as they are (or through the chat template with
+    /// `chat`), message lists always through the template.
+    pub fn render(&self, prompt: &Text, chat: bool) -> Result<String> {
+        match prompt {
+            Text::Plain(s) if !chat => Ok(s.clone()),
+            Text::Plain(s) => self.template()?.render_prompt(&[Message::new("user", s.clone())]),
+            Text::Messages(m) => self.template()?.render_prompt(m),
+        }
+    }
+
+    fn template(&self) -> Result<&crate::train::ChatTemplate> {
+        self.tokenizer.chat_template().ok_or_else(|| Error::Data("the tokenizer has no chat_template (tokenizer_config.json)".into()))
+    }
+
+    /// Runs the rows (right-padded); returns per row the beta and the logits at its last token.
+    fn forward(&mut self, rows: &[Vec<u32>]) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+        let t = rows.iter().map(Vec::len).max().unwrap_or(1).max(1);
+        let pad = self.tokenizer.pad_id() as i64;
+        let mut ids = Array2::<i64>::from_elem((rows.len(), t), pad);
+        let mut mask = Array2::<i64>::zeros((rows.len(), t));
+        for (r, row) in rows.iter().enumerate() {
+            for (c, &tok) in row.iter().enumerate() {
+                ids[[r, c]] = tok as i64;
+                mask[[r, c]] = 1;
+            }
+        }
+        let pos = Array2::from_shape_fn((rows.len(), t), |(_, c)| c as i64);
+        let mut inputs: Vec<(&str, SessionInputValue)> = vec![
+            ("input_ids", Tensor::from_array(ids)?.into_dyn().into()),
+            ("attention_mask", Tensor::from_array(mask)?.into_dyn().into()),
+        ];
+        if self.has_position_ids {
+            inputs.push(("position_ids", Tensor::from_array(pos)?.into_dyn().into()));
+        }
+        let outputs = self.session.run(inputs)?;
+        let beta = outputs["beta"].try_extract_tensor::<f32>()?.1.to_vec();
+        let (shape, logits) = outputs["logits"].try_extract_tensor::<f32>()?;
+        let v = shape[2] as usize;
+        let last = rows
+            .iter()
+            .enumerate()
+            .map(|(r, row)| {
+                let at = row.len().max(1) - 1;
+                let off = (r * t + at) * v;
+                logits[off..off + v].to_vec()
+            })
+            .collect();
+        Ok((beta, last))
+    }
+
+    /// Beta per prompt, and with `generate > 0` a greedy continuation of up to that many tokens.
+    pub fn predict(&mut self, prompts: &[Text], chat: bool, generate: usize) -> Result<Vec<Prediction>> {
+        let texts: Vec<String> = prompts.iter().map(|p| self.render(p, chat)).collect::<Result<_>>()?;
+        let mut rows: Vec<Vec<u32>> = texts.iter().map(|t| self.tokenizer.encode(t)).collect::<Result<_>>()?;
+        if let Some((i, _)) = rows.iter().enumerate().find(|(_, r)| r.is_empty()) {
+            return Err(Error::Data(format!("prompt {} is empty after tokenization", i + 1)));
+        }
+        let lens: Vec<usize> = rows.iter().map(Vec::len).collect();
+        let (beta, mut last) = self.forward(&rows)?;
+        let mut done = vec![generate == 0; rows.len()];
+        for step in 0..generate {
+            for (r, logits) in last.iter().enumerate() {
+                if done[r] {
+                    continue;
+                }
+                let next = logits.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32;
+                if next == self.tokenizer.eos_id() {
+                    done[r] = true;
+                } else {
+                    rows[r].push(next);
+                }
+            }
+            if done.iter().all(|&d| d) || step + 1 == generate {
+                break;
+            }
+            last = self.forward(&rows)?.1;
+        }
+        let mut out = Vec::with_capacity(rows.len());
+        for (r, text) in texts.into_iter().enumerate() {
+            let completion = if generate > 0 {
+                Some(self.tokenizer.inner().decode(&rows[r][lens[r]..], false).map_err(|e| Error::Data(format!("decoding: {e}")))?)
+            } else {
+                None
+            };
+            out.push(Prediction { prompt: text, beta: beta[r], prompt_tokens: lens[r], completion });
+        }
+        Ok(out)
+    }
+}
