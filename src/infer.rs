@@ -71,10 +71,8 @@ impl Predictor {
             }
         }
         let pos = Array2::from_shape_fn((rows.len(), t), |(_, c)| c as i64);
-        let mut inputs: Vec<(&str, SessionInputValue)> = vec![
-            ("input_ids", Tensor::from_array(ids)?.into_dyn().into()),
-            ("attention_mask", Tensor::from_array(mask)?.into_dyn().into()),
-        ];
+        let mut inputs: Vec<(&str, SessionInputValue)> =
+            vec![("input_ids", Tensor::from_array(ids)?.into_dyn().into()), ("attention_mask", Tensor::from_array(mask)?.into_dyn().into())];
         if self.has_position_ids {
             inputs.push(("position_ids", Tensor::from_array(pos)?.into_dyn().into()));
         }

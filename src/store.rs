@@ -30,10 +30,8 @@ pub fn write_safetensors(path: &Path, tensors: &[NamedTensor], metadata: Option<
 /// Reads every tensor as float32 (f32, f16, bf16 and f64 storage), in file order.
 pub fn read_safetensors(path: &Path) -> Result<(Vec<NamedTensor>, BTreeMap<String, String>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::Other(format!("{}: not a valid safetensors file ({e})", path.display())))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Other(format!("{}: not a valid safetensors file ({e})", path.display())))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
     let metadata: BTreeMap<String, String> = meta.metadata().clone().unwrap_or_default().into_iter().collect();
     let mut out = Vec::new();
     let mut names: Vec<(usize, String)> = meta.tensors().iter().map(|(n, info)| (info.data_offsets.0, n.clone())).collect();

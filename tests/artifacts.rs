@@ -29,7 +29,13 @@ sys.exit(1 if bad else 0)
         return;
     }
     let out = Command::new("python3").args(["-c", script, dir.to_str().unwrap()]).output().unwrap();
-    assert!(out.status.success(), "onnx.checker rejected graphs in {}:\n{}{}", dir.display(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "onnx.checker rejected graphs in {}:\n{}{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn build_and_check(model: &Path, objective: ObjectiveConfig, tag: &str) {
@@ -53,7 +59,10 @@ fn fixture_models_default_objective() {
 #[test]
 fn objective_variants_on_each_fixture() {
     let variants = [
-        ("sequence-mean-ipo", ObjectiveConfig { beta_source: BetaSource::Sequence, beta_aggregate: BetaAggregate::Mean, loss: LossKind::Ipo, ..Default::default() }),
+        (
+            "sequence-mean-ipo",
+            ObjectiveConfig { beta_source: BetaSource::Sequence, beta_aggregate: BetaAggregate::Mean, loss: LossKind::Ipo, ..Default::default() },
+        ),
         ("hinge-reg-bounds", ObjectiveConfig { loss: LossKind::Hinge, beta_reg: 0.1, beta_min: 0.01, beta_max: 2.0, ..Default::default() }),
         ("cdpo", ObjectiveConfig { label_smoothing: 0.1, ..Default::default() }),
         ("fixed", ObjectiveConfig { fixed_beta: Some(0.1), ..Default::default() }),

@@ -23,7 +23,12 @@ fn assert_one_line_error(args: &[&str], needle: &str) -> String {
 fn assert_absent(p: &Path) {
     assert!(!p.exists(), "{} should not exist after a failed build", p.display());
     let parent = p.parent().unwrap();
-    let leftovers: Vec<_> = std::fs::read_dir(parent).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.contains("partial")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(parent)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial"))
+        .collect();
     assert!(leftovers.is_empty(), "temporary files left behind: {leftovers:?}");
 }
 

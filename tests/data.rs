@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 use betadpo::train::*;
 
 fn here(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/data")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data").join(name)
 }
 
 fn shared() -> Option<PathBuf> {
@@ -63,10 +61,7 @@ fn json_array_input() {
 fn conversational_rows() {
     let d = load("conversational.jsonl");
     let row = &d.rows[0];
-    assert_eq!(
-        row.prompt,
-        msgs(&[("system", "Be brief."), ("user", "Hi?")])
-    );
+    assert_eq!(row.prompt, msgs(&[("system", "Be brief."), ("user", "Hi?")]));
     assert_eq!(row.chosen, msgs(&[("assistant", "Hello.")]));
     assert_eq!(row.extras["regime"], "mixed");
 }
@@ -89,169 +84,57 @@ fn implicit_prompt() {
     // Identical message lists still leave one message per answer.
     let same = msgs(&[("user", "x"), ("assistant", "y")]);
     let (p, c, _) = split_implicit_prompt(same.clone(), same);
-    assert_eq!(
-        (p, c),
-        (msgs(&[("user", "x")]), msgs(&[("assistant", "y")]))
-    );
+    assert_eq!((p, c), (msgs(&[("user", "x")]), msgs(&[("assistant", "y")])));
 }
 
 #[test]
 fn malformed_lines_name_file_and_line() {
-    let err = load_preferences(&here("bad.jsonl"), &LoadOptions::default())
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("bad.jsonl:2: missing field \"rejected\""),
-        "{err}"
-    );
-    let d = load_preferences(
-        &here("bad.jsonl"),
-        &LoadOptions {
-            skip_bad_rows: true,
-        },
-    )
-    .unwrap();
+    let err = load_preferences(&here("bad.jsonl"), &LoadOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("bad.jsonl:2: missing field \"rejected\""), "{err}");
+    let d = load_preferences(&here("bad.jsonl"), &LoadOptions { skip_bad_rows: true }).unwrap();
     assert_eq!((d.rows.len(), d.skipped), (2, 3));
-    assert!(
-        d.skipped_examples[1].contains("bad.jsonl:3: invalid JSON"),
-        "{:?}",
-        d.skipped_examples
-    );
-    assert!(
-        d.skipped_examples[2].contains("bad.jsonl:5: field \"chosen\" must be"),
-        "{:?}",
-        d.skipped_examples
-    );
-    let err =
-        parse_preferences("[{\"prompt\": \"a\"}]", "x.json", &LoadOptions::default()).unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "x.json: element 0: missing field \"chosen\""
-    );
-    let err = parse_preferences(
-        "[1, 2",
-        "y.json",
-        &LoadOptions {
-            skip_bad_rows: true,
-        },
-    )
-    .unwrap_err();
-    assert!(
-        err.to_string().starts_with("y.json: invalid JSON array"),
-        "{err}"
-    );
+    assert!(d.skipped_examples[1].contains("bad.jsonl:3: invalid JSON"), "{:?}", d.skipped_examples);
+    assert!(d.skipped_examples[2].contains("bad.jsonl:5: field \"chosen\" must be"), "{:?}", d.skipped_examples);
+    let err = parse_preferences("[{\"prompt\": \"a\"}]", "x.json", &LoadOptions::default()).unwrap_err();
+    assert_eq!(err.to_string(), "x.json: element 0: missing field \"chosen\"");
+    let err = parse_preferences("[1, 2", "y.json", &LoadOptions { skip_bad_rows: true }).unwrap_err();
+    assert!(err.to_string().starts_with("y.json: invalid JSON array"), "{err}");
 }
 
 #[test]
 fn special_token_fallbacks() {
     let t = word_tokenizer();
-    assert_eq!(
-        (t.eos_id(), t.pad_id(), t.bos_id()),
-        (0, 1, None),
-        "</s> and <pad> found by name"
-    );
+    assert_eq!((t.eos_id(), t.pad_id(), t.bos_id()), (0, 1, None), "</s> and <pad> found by name");
     let dir = tempfile::tempdir().unwrap();
     let json = std::fs::read_to_string(here("word_tokenizer/tokenizer.json")).unwrap();
-    std::fs::write(
-        dir.path().join("tokenizer.json"),
-        json.replace("</s>", "<end>"),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("tokenizer.json"), json.replace("</s>", "<end>")).unwrap();
     let err = PairTokenizer::from_dir(dir.path()).unwrap_err().to_string();
     assert!(err.contains("no end-of-sequence token"), "{err}");
-    std::fs::write(
-        dir.path().join("tokenizer_config.json"),
-        r#"{"eos_token": {"content": "<end>"}}"#,
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"eos_token": {"content": "<end>"}}"#).unwrap();
     assert_eq!(PairTokenizer::from_dir(dir.path()).unwrap().eos_id(), 0);
 }
 
 #[test]
 fn tokenize_and_collate_exact_ids() {
     let t = word_tokenizer();
-    let (pairs, stats) = t
-        .tokenize_all(&load("standard.jsonl").rows, &TruncationConfig::default())
-        .unwrap();
-    assert_eq!(
-        (
-            stats.pairs,
-            stats.kept,
-            stats.truncated_prompts,
-            stats.dropped
-        ),
-        (2, 2, 0, 0)
-    );
-    assert_eq!(
-        (pairs[0].prompt.as_slice(), pairs[0].chosen.as_slice()),
-        (&[4, 5][..], &[6, 7, 0][..])
-    );
-    let opts = CollateOptions {
-        pad_id: t.pad_id(),
-        group_by: Some("regime".into()),
-        pad_to_multiple_of: None,
-    };
+    let (pairs, stats) = t.tokenize_all(&load("standard.jsonl").rows, &TruncationConfig::default()).unwrap();
+    assert_eq!((stats.pairs, stats.kept, stats.truncated_prompts, stats.dropped), (2, 2, 0, 0));
+    assert_eq!((pairs[0].prompt.as_slice(), pairs[0].chosen.as_slice()), (&[4, 5][..], &[6, 7, 0][..]));
+    let opts = CollateOptions { pad_id: t.pad_id(), group_by: Some("regime".into()), pad_to_multiple_of: None };
     let b = collate(&[&pairs[0], &pairs[1]], &opts).unwrap();
     let ids: Vec<Vec<i64>> = b.input_ids.rows().into_iter().map(|r| r.to_vec()).collect();
-    assert_eq!(
-        ids,
-        vec![
-            vec![4, 5, 6, 7, 0],
-            vec![6, 7, 8, 9, 0],
-            vec![4, 5, 8, 0, 1],
-            vec![6, 10, 0, 1, 1]
-        ]
-    );
-    let att: Vec<Vec<i64>> = b
-        .attention_mask
-        .rows()
-        .into_iter()
-        .map(|r| r.to_vec())
-        .collect();
-    assert_eq!(
-        att,
-        vec![
-            vec![1; 5],
-            vec![1; 5],
-            vec![1, 1, 1, 1, 0],
-            vec![1, 1, 1, 0, 0]
-        ]
-    );
-    let comp: Vec<Vec<f32>> = b
-        .completion_mask
-        .rows()
-        .into_iter()
-        .map(|r| r.to_vec())
-        .collect();
-    assert_eq!(
-        comp,
-        vec![
-            vec![0., 0., 1., 1., 1.],
-            vec![0., 1., 1., 1., 1.],
-            vec![0., 0., 1., 1., 0.],
-            vec![0., 1., 1., 0., 0.]
-        ]
-    );
+    assert_eq!(ids, vec![vec![4, 5, 6, 7, 0], vec![6, 7, 8, 9, 0], vec![4, 5, 8, 0, 1], vec![6, 10, 0, 1, 1]]);
+    let att: Vec<Vec<i64>> = b.attention_mask.rows().into_iter().map(|r| r.to_vec()).collect();
+    assert_eq!(att, vec![vec![1; 5], vec![1; 5], vec![1, 1, 1, 1, 0], vec![1, 1, 1, 0, 0]]);
+    let comp: Vec<Vec<f32>> = b.completion_mask.rows().into_iter().map(|r| r.to_vec()).collect();
+    assert_eq!(comp, vec![vec![0., 0., 1., 1., 1.], vec![0., 1., 1., 1., 1.], vec![0., 0., 1., 1., 0.], vec![0., 1., 1., 0., 0.]]);
     assert_eq!(b.prompt_last_index.to_vec(), vec![1, 0]);
     assert_eq!(b.sequence_last_index.to_vec(), vec![4, 4, 3, 2]);
     assert_eq!(b.position_ids.row(3).to_vec(), vec![0, 1, 2, 3, 4]);
-    assert_eq!(
-        b.groups,
-        vec![Some("clean".to_string()), Some("noise".to_string())]
-    );
+    assert_eq!(b.groups, vec![Some("clean".to_string()), Some("noise".to_string())]);
     assert_eq!((b.num_tokens, b.pairs(), b.width()), (17, 2, 5));
-    let padded = collate(
-        &[&pairs[0]],
-        &CollateOptions {
-            pad_to_multiple_of: Some(8),
-            ..opts
-        },
-    )
-    .unwrap();
-    assert_eq!(
-        padded.input_ids.row(1).to_vec(),
-        vec![4, 5, 8, 0, 1, 1, 1, 1]
-    );
+    let padded = collate(&[&pairs[0]], &CollateOptions { pad_to_multiple_of: Some(8), ..opts }).unwrap();
+    assert_eq!(padded.input_ids.row(1).to_vec(), vec![4, 5, 8, 0, 1, 1, 1, 1]);
 }
 
 #[test]
@@ -259,55 +142,25 @@ fn truncation() {
     let t = word_tokenizer();
     let rows = load("standard.jsonl").rows;
     // Prompt keeps its end; answers keep their start within max_length.
-    let cfg = TruncationConfig {
-        max_prompt_length: Some(1),
-        max_length: Some(3),
-        ..Default::default()
-    };
+    let cfg = TruncationConfig { max_prompt_length: Some(1), max_length: Some(3), ..Default::default() };
     let (pairs, stats) = t.tokenize_all(&rows, &cfg).unwrap();
     assert_eq!(pairs[0].prompt, vec![5]);
-    assert_eq!(
-        (pairs[0].chosen.clone(), pairs[0].rejected.clone()),
-        (vec![6, 7], vec![8, 0])
-    );
+    assert_eq!((pairs[0].chosen.clone(), pairs[0].rejected.clone()), (vec![6, 7], vec![8, 0]));
     assert_eq!(pairs[1].chosen, vec![7, 8]);
-    assert_eq!(
-        (
-            stats.truncated_prompts,
-            stats.truncated_answers,
-            stats.dropped,
-            stats.kept
-        ),
-        (1, 2, 0, 2)
-    );
+    assert_eq!((stats.truncated_prompts, stats.truncated_answers, stats.dropped, stats.kept), (1, 2, 0, 2));
     // A prompt that fills max_length leaves no answer: the pair is dropped.
-    let cfg = TruncationConfig {
-        max_length: Some(2),
-        ..Default::default()
-    };
+    let cfg = TruncationConfig { max_length: Some(2), ..Default::default() };
     let (pairs, stats) = t.tokenize_all(&rows, &cfg).unwrap();
-    assert_eq!(
-        (pairs.len(), pairs[0].source_index, stats.dropped),
-        (1, 1, 1)
-    );
+    assert_eq!((pairs.len(), pairs[0].source_index, stats.dropped), (1, 1, 1));
     assert_eq!(pairs[0].chosen, vec![7]);
     // max_completion_length cuts answers independently of the prompt.
-    let cfg = TruncationConfig {
-        max_completion_length: Some(1),
-        ..Default::default()
-    };
+    let cfg = TruncationConfig { max_completion_length: Some(1), ..Default::default() };
     let (pairs, _) = t.tokenize_all(&rows, &cfg).unwrap();
-    assert_eq!(
-        (pairs[1].chosen.clone(), pairs[1].rejected.clone()),
-        (vec![7], vec![10])
-    );
+    assert_eq!((pairs[1].chosen.clone(), pairs[1].rejected.clone()), (vec![7], vec![10]));
     // BOS (add_bos_token) stays first when the prompt is cut from the left.
     let mut stats = TokenizeStats::default();
     let (mut p, mut c, mut r) = (vec![3, 4, 5, 6], vec![7, 0], vec![8, 0]);
-    let cfg = TruncationConfig {
-        max_prompt_length: Some(2),
-        ..Default::default()
-    };
+    let cfg = TruncationConfig { max_prompt_length: Some(2), ..Default::default() };
     assert!(cfg.apply(&mut p, [&mut c, &mut r], Some(3), &mut stats));
     assert_eq!(p, vec![3, 6]);
 }
@@ -315,13 +168,8 @@ fn truncation() {
 #[test]
 fn add_bos_token_from_config() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        here("word_tokenizer/tokenizer.json"),
-        dir.path().join("tokenizer.json"),
-    )
-    .unwrap();
-    let cfg =
-        r#"{"bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>", "add_bos_token": true}"#;
+    std::fs::copy(here("word_tokenizer/tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
+    let cfg = r#"{"bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>", "add_bos_token": true}"#;
     std::fs::write(dir.path().join("tokenizer_config.json"), cfg).unwrap();
     let t = PairTokenizer::from_dir(dir.path()).unwrap();
     assert_eq!((t.bos_id(), t.pad_id()), (Some(3), 0));

@@ -139,14 +139,10 @@ fn check_model(model_dir: &Path, mode: Mode) {
 
     if matches!(mode, Mode::Prompt) {
         // default trainable set == the golden's parameter set
-        let ours: BTreeSet<String> = m.parameters.iter().filter(|p| p.trainable && !p.beta_head).flat_map(|p| p.initializers.iter().map(|r| r.name.clone())).collect();
-        let theirs: BTreeSet<String> = golden
-            .f32s
-            .keys()
-            .filter_map(|k| k.strip_prefix("grad/"))
-            .filter(|k| !k.starts_with("beta_head."))
-            .map(str::to_string)
-            .collect();
+        let ours: BTreeSet<String> =
+            m.parameters.iter().filter(|p| p.trainable && !p.beta_head).flat_map(|p| p.initializers.iter().map(|r| r.name.clone())).collect();
+        let theirs: BTreeSet<String> =
+            golden.f32s.keys().filter_map(|k| k.strip_prefix("grad/")).filter(|k| !k.starts_with("beta_head.")).map(str::to_string).collect();
         assert_eq!(ours, theirs, "{label}: trainable set differs from the golden's parameters");
     }
     let _ = std::fs::remove_dir_all(&out);

@@ -17,15 +17,8 @@ fn ints(v: &[i64]) -> In {
 }
 
 /// Shape pairs for broadcasting binary ops: same, trailing, keepdim-style, two-sided, rank-0.
-const BROADCAST: &[(&[usize], &[usize])] = &[
-    (&[2, 3], &[2, 3]),
-    (&[2, 3], &[3]),
-    (&[2, 3], &[1, 3]),
-    (&[2, 1, 4], &[3, 1]),
-    (&[4], &[2, 3, 4]),
-    (&[], &[2, 3]),
-    (&[2, 3], &[]),
-];
+const BROADCAST: &[(&[usize], &[usize])] =
+    &[(&[2, 3], &[2, 3]), (&[2, 3], &[3]), (&[2, 3], &[1, 3]), (&[2, 1, 4], &[3, 1]), (&[4], &[2, 3, 4]), (&[], &[2, 3]), (&[2, 3], &[])];
 
 #[test]
 fn binary_elementwise_broadcasting() {

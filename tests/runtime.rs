@@ -8,9 +8,7 @@ mod provision;
 
 use betadpo::onnx::proto::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
 use betadpo::onnx::{dtype, value_info, Dim};
-use betadpo::runtime::{
-    self, input_names, output_names, run, ExecutionProvider, HostTensor, OptLevel, SessionConfig,
-};
+use betadpo::runtime::{self, input_names, output_names, run, ExecutionProvider, HostTensor, OptLevel, SessionConfig};
 use ndarray::ArrayD;
 use prost::Message;
 
@@ -26,31 +24,18 @@ fn node(op: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
     }
 }
 
-fn model(
-    nodes: Vec<NodeProto>,
-    inputs: Vec<(&str, i32)>,
-    outputs: Vec<(&str, i32, Vec<Dim>)>,
-) -> Vec<u8> {
+fn model(nodes: Vec<NodeProto>, inputs: Vec<(&str, i32)>, outputs: Vec<(&str, i32, Vec<Dim>)>) -> Vec<u8> {
     let dims = || vec![Dim::Fixed(2), Dim::Fixed(3)];
     let graph = GraphProto {
         name: "test".into(),
         node: nodes,
-        input: inputs
-            .into_iter()
-            .map(|(n, t)| value_info(n, t, &dims()))
-            .collect(),
-        output: outputs
-            .into_iter()
-            .map(|(n, t, d)| value_info(n, t, &d))
-            .collect(),
+        input: inputs.into_iter().map(|(n, t)| value_info(n, t, &dims())).collect(),
+        output: outputs.into_iter().map(|(n, t, d)| value_info(n, t, &d)).collect(),
         ..Default::default()
     };
     ModelProto {
         ir_version: 8,
-        opset_import: vec![OperatorSetIdProto {
-            domain: String::new(),
-            version: 17,
-        }],
+        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 17 }],
         producer_name: "betadpo-tests".into(),
         graph: Some(graph),
         ..Default::default()
@@ -69,27 +54,14 @@ fn mixed_model() -> Vec<u8> {
             node("Shape", &["x"], &["shape"]),
             node("Identity", &["n"], &["n_out"]),
         ],
-        vec![
-            ("x", dtype::FLOAT),
-            ("y", dtype::FLOAT),
-            ("n", dtype::INT32),
-        ],
-        vec![
-            ("shape", dtype::INT64, vec![Dim::Fixed(2)]),
-            ("sum", dtype::FLOAT, d23.clone()),
-            ("n_out", dtype::INT32, d23.clone()),
-            ("gt", dtype::BOOL, d23),
-        ],
+        vec![("x", dtype::FLOAT), ("y", dtype::FLOAT), ("n", dtype::INT32)],
+        vec![("shape", dtype::INT64, vec![Dim::Fixed(2)]), ("sum", dtype::FLOAT, d23.clone()), ("n_out", dtype::INT32, d23.clone()), ("gt", dtype::BOOL, d23)],
     )
 }
 
 fn add_model() -> Vec<u8> {
     let d23 = vec![Dim::Fixed(2), Dim::Fixed(3)];
-    model(
-        vec![node("Add", &["x", "y"], &["sum"])],
-        vec![("x", dtype::FLOAT), ("y", dtype::FLOAT)],
-        vec![("sum", dtype::FLOAT, d23)],
-    )
+    model(vec![node("Add", &["x", "y"], &["sum"])], vec![("x", dtype::FLOAT), ("y", dtype::FLOAT)], vec![("sum", dtype::FLOAT, d23)])
 }
 
 fn f32_input(values: &[f32]) -> HostTensor {
@@ -100,9 +72,7 @@ fn f32_input(values: &[f32]) -> HostTensor {
 
 #[test]
 fn add_model_returns_correct_numbers() {
-    let mut session = SessionConfig::default()
-        .session_from_bytes(&add_model())
-        .expect("session");
+    let mut session = SessionConfig::default().session_from_bytes(&add_model()).expect("session");
     assert_eq!(input_names(&session), ["x", "y"]);
     assert_eq!(output_names(&session), ["sum"]);
     let x = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
@@ -118,57 +88,28 @@ fn add_model_returns_correct_numbers() {
 
 #[test]
 fn run_returns_all_outputs_in_session_order_with_their_types() {
-    let config = SessionConfig {
-        intra_threads: Some(1),
-        optimization: OptLevel::Disable,
-        ..Default::default()
-    };
+    let config = SessionConfig { intra_threads: Some(1), optimization: OptLevel::Disable, ..Default::default() };
     let mut session = config.session_from_bytes(&mixed_model()).expect("session");
     let x = [1.0, 5.0, 3.0, 0.0, -1.0, 2.0];
     let y = [2.0, 4.0, 3.0, -1.0, -2.0, 7.0];
     let n = ArrayD::from_shape_vec(vec![2, 3], vec![1i32, 2, 3, 4, 5, 6]).unwrap();
-    let out = run(
-        &mut session,
-        &[
-            ("x", f32_input(&x)),
-            ("y", f32_input(&y)),
-            ("n", n.clone().into()),
-        ],
-    )
-    .unwrap();
+    let out = run(&mut session, &[("x", f32_input(&x)), ("y", f32_input(&y)), ("n", n.clone().into())]).unwrap();
     let names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["shape", "sum", "n_out", "gt"]);
     assert_eq!(out[0].1.as_i64().unwrap().as_slice().unwrap(), [2, 3]);
-    assert_eq!(
-        out[1].1.as_f32().unwrap().as_slice().unwrap(),
-        [3.0, 9.0, 6.0, -1.0, -3.0, 9.0]
-    );
+    assert_eq!(out[1].1.as_f32().unwrap().as_slice().unwrap(), [3.0, 9.0, 6.0, -1.0, -3.0, 9.0]);
     assert_eq!(out[2].1.as_i32().unwrap(), &n);
-    assert_eq!(
-        out[3].1.as_bool().unwrap().as_slice().unwrap(),
-        [false, true, false, true, true, false]
-    );
+    assert_eq!(out[3].1.as_bool().unwrap().as_slice().unwrap(), [false, true, false, true, true, false]);
     assert_eq!(out[3].1.dtype_name(), "bool");
 }
 
 #[test]
 fn unsupported_output_type_names_the_output() {
     let mut cast = node("Cast", &["x"], &["as_half"]);
-    cast.attribute
-        .push(betadpo::onnx::attr_i("to", dtype::FLOAT16 as i64));
-    let bytes = model(
-        vec![cast],
-        vec![("x", dtype::FLOAT)],
-        vec![(
-            "as_half",
-            dtype::FLOAT16,
-            vec![Dim::Fixed(2), Dim::Fixed(3)],
-        )],
-    );
+    cast.attribute.push(betadpo::onnx::attr_i("to", dtype::FLOAT16 as i64));
+    let bytes = model(vec![cast], vec![("x", dtype::FLOAT)], vec![("as_half", dtype::FLOAT16, vec![Dim::Fixed(2), Dim::Fixed(3)])]);
     let mut session = SessionConfig::default().session_from_bytes(&bytes).unwrap();
-    let err = run(&mut session, &[("x", f32_input(&[0.0; 6]))])
-        .unwrap_err()
-        .to_string();
+    let err = run(&mut session, &[("x", f32_input(&[0.0; 6]))]).unwrap_err().to_string();
     assert!(err.contains("as_half") && err.contains("Float16"), "{err}");
 }
 
@@ -177,28 +118,16 @@ fn session_from_file_works_and_errors_name_the_path() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("add.onnx");
     std::fs::write(&path, add_model()).unwrap();
-    let mut session = SessionConfig::default()
-        .session_from_file(&path)
-        .expect("session from file");
-    let out = run(
-        &mut session,
-        &[("x", f32_input(&[1.0; 6])), ("y", f32_input(&[2.0; 6]))],
-    )
-    .unwrap();
+    let mut session = SessionConfig::default().session_from_file(&path).expect("session from file");
+    let out = run(&mut session, &[("x", f32_input(&[1.0; 6])), ("y", f32_input(&[2.0; 6]))]).unwrap();
     assert_eq!(out[0].1.as_f32().unwrap().sum(), 18.0);
 
     let missing = dir.path().join("missing.onnx");
-    let err = SessionConfig::default()
-        .session_from_file(&missing)
-        .unwrap_err()
-        .to_string();
+    let err = SessionConfig::default().session_from_file(&missing).unwrap_err().to_string();
     assert!(err.contains("missing.onnx"), "{err}");
     let garbage = dir.path().join("garbage.onnx");
     std::fs::write(&garbage, b"not a model").unwrap();
-    let err = SessionConfig::default()
-        .session_from_file(&garbage)
-        .unwrap_err()
-        .to_string();
+    let err = SessionConfig::default().session_from_file(&garbage).unwrap_err().to_string();
     assert!(err.contains("garbage.onnx"), "{err}");
 }
 
@@ -215,25 +144,14 @@ fn loaded_library_is_1_31() {
 fn gpu_providers_fail_clearly_instead_of_falling_back() {
     // Load the CPU build first (a GPU request as the very first init would provision the large GPU wheel).
     runtime::environment().expect("environment");
-    for (ep, name) in [
-        (ExecutionProvider::Cuda { device: 0 }, "CUDA"),
-        (ExecutionProvider::TensorRt { device: 0 }, "TensorRT"),
-    ] {
+    for (ep, name) in [(ExecutionProvider::Cuda { device: 0 }, "CUDA"), (ExecutionProvider::TensorRt { device: 0 }, "TensorRT")] {
         match SessionConfig::with_ep(ep).session_from_bytes(&add_model()) {
             Err(e) => {
                 let msg = e.to_string();
-                assert!(
-                    msg.contains(&format!(
-                        "{name} execution provider requested but not available"
-                    )),
-                    "{msg}"
-                );
+                assert!(msg.contains(&format!("{name} execution provider requested but not available")), "{msg}");
             }
             // Only acceptable when someone pointed ORT_DYLIB_PATH at a GPU build on a GPU machine.
-            Ok(_) => assert!(
-                std::env::var_os("ORT_DYLIB_PATH").is_some(),
-                "{name} session created on a CPU build"
-            ),
+            Ok(_) => assert!(std::env::var_os("ORT_DYLIB_PATH").is_some(), "{name} session created on a CPU build"),
         }
     }
 }
@@ -242,44 +160,17 @@ fn gpu_providers_fail_clearly_instead_of_falling_back() {
 fn execution_provider_parsing() {
     let parse = |s: &str| s.parse::<ExecutionProvider>();
     assert_eq!(parse("cpu").unwrap(), ExecutionProvider::Cpu);
-    assert_eq!(
-        parse("CUDA").unwrap(),
-        ExecutionProvider::Cuda { device: 0 }
-    );
-    assert_eq!(
-        parse("cuda:3").unwrap(),
-        ExecutionProvider::Cuda { device: 3 }
-    );
-    assert_eq!(
-        parse("tensorrt").unwrap(),
-        ExecutionProvider::TensorRt { device: 0 }
-    );
-    assert_eq!(
-        parse("tensorrt:1").unwrap(),
-        ExecutionProvider::TensorRt { device: 1 }
-    );
-    for ep in [
-        ExecutionProvider::Cpu,
-        ExecutionProvider::Cuda { device: 2 },
-        ExecutionProvider::TensorRt { device: 0 },
-    ] {
-        assert_eq!(
-            parse(&ep.to_string()).unwrap(),
-            ep,
-            "Display must round-trip"
-        );
+    assert_eq!(parse("CUDA").unwrap(), ExecutionProvider::Cuda { device: 0 });
+    assert_eq!(parse("cuda:3").unwrap(), ExecutionProvider::Cuda { device: 3 });
+    assert_eq!(parse("tensorrt").unwrap(), ExecutionProvider::TensorRt { device: 0 });
+    assert_eq!(parse("tensorrt:1").unwrap(), ExecutionProvider::TensorRt { device: 1 });
+    for ep in [ExecutionProvider::Cpu, ExecutionProvider::Cuda { device: 2 }, ExecutionProvider::TensorRt { device: 0 }] {
+        assert_eq!(parse(&ep.to_string()).unwrap(), ep, "Display must round-trip");
     }
     let err = parse("tpu").unwrap_err().to_string();
-    assert!(
-        err.contains("tpu") && err.contains("cpu, cuda") && err.contains("tensorrt"),
-        "{err}"
-    );
+    assert!(err.contains("tpu") && err.contains("cpu, cuda") && err.contains("tensorrt"), "{err}");
     assert!(parse("cuda:x").unwrap_err().to_string().contains("device"));
     assert!(parse("cpu:0").is_err());
     assert_eq!("extended".parse::<OptLevel>().unwrap(), OptLevel::Extended);
-    assert!("fast"
-        .parse::<OptLevel>()
-        .unwrap_err()
-        .to_string()
-        .contains("disable, basic, extended, all"));
+    assert!("fast".parse::<OptLevel>().unwrap_err().to_string().contains("disable, basic, extended, all"));
 }

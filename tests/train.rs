@@ -170,8 +170,9 @@ fn f(rec: &Map<String, Value>, key: &str) -> f64 {
 
 /// Names of the entries of RUN/checkpoints, sorted.
 fn checkpoint_entries(run: &Path) -> Vec<String> {
-    let mut v: Vec<String> =
-        std::fs::read_dir(checkpoint::checkpoints_dir(run)).map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
+    let mut v: Vec<String> = std::fs::read_dir(checkpoint::checkpoints_dir(run))
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
     v.sort();
     v
 }
@@ -334,7 +335,10 @@ struct KillSetup {
 impl KillSetup {
     fn args(&self, out: &Path) -> Vec<String> {
         let mut a = args(&["train", "--artifacts", &s(&self.art), "--data", &s(&self.data), "--tokenizer", &s(&self.tokenizer), "--out", &s(out)]);
-        a.extend(words(&format!("--max-steps {} --batch-size 4 --save-every 1 --threads 1 --max-length 128 --max-prompt-length 64 --quiet --resume", self.steps)));
+        a.extend(words(&format!(
+            "--max-steps {} --batch-size 4 --save-every 1 --threads 1 --max-length 128 --max-prompt-length 64 --quiet --resume",
+            self.steps
+        )));
         a
     }
     fn spawn(&self, out: &Path) -> Child {
@@ -561,7 +565,11 @@ fn data_formats_train() {
         }
         assert!((f(&recs[0], "loss") - std::f64::consts::LN_2).abs() < 1e-5, "{name}: first loss {} != ln 2", f(&recs[0], "loss"));
         let ev = s.final_eval.as_ref().unwrap();
-        assert_eq!(ev["eval/pairs/clean"].as_u64().unwrap() + ev["eval/pairs/mixed"].as_u64().unwrap() + ev["eval/pairs/noise"].as_u64().unwrap(), 16, "{name}: groups");
+        assert_eq!(
+            ev["eval/pairs/clean"].as_u64().unwrap() + ev["eval/pairs/mixed"].as_u64().unwrap() + ev["eval/pairs/noise"].as_u64().unwrap(),
+            16,
+            "{name}: groups"
+        );
         assert!(final_params(&out).iter().all(|t| t.data.iter().all(|x| x.is_finite())), "{name}");
         let refs: Vec<_> = std::fs::read_dir(out.join("reference")).unwrap().filter_map(|e| e.ok()).collect();
         assert_eq!(refs.len(), 2, "{name}: train and eval reference caches");
@@ -652,7 +660,11 @@ fn bad_input() {
     assert_eq!(std::fs::read(out.join("metrics.jsonl")).unwrap(), before, "metrics.jsonl was touched");
     assert_eq!(std::fs::read(&ck).unwrap(), ck_before, "the checkpoint was touched");
     // ... nor resumed with other optimizer flags or data.
-    assert_one_line_error(&run_bin(&with(base(&good, &out), &["--quiet", "--resume", "--lr", "0.5"]), &[]), &["resume needs the same"], "resume with another --lr");
+    assert_one_line_error(
+        &run_bin(&with(base(&good, &out), &["--quiet", "--resume", "--lr", "0.5"]), &[]),
+        &["resume needs the same"],
+        "resume with another --lr",
+    );
     let other = head(&inp.train, 12, &dir, "other.jsonl");
     assert_one_line_error(&run_bin(&with(base(&other, &out), &["--quiet", "--resume"]), &[]), &["resume needs the same"], "resume with other data");
     assert_eq!(std::fs::read(out.join("metrics.jsonl")).unwrap(), before);
@@ -676,7 +688,14 @@ fn learns_context_dependent_beta() {
     let art = artifacts(&inp.model, &dir, ObjectiveConfig::default());
     let eval = head(&inp.test, 150, &dir, "eval.jsonl");
     let out = dir.join("run");
-    let cfg = TrainConfig { eval_data: Some(eval.clone()), group_by: Some("regime".into()), batch_size: 8, lr: 1e-3, head_lr: 1e-2, ..config(&art, &inp.train, &inp, &out, 150) };
+    let cfg = TrainConfig {
+        eval_data: Some(eval.clone()),
+        group_by: Some("regime".into()),
+        batch_size: 8,
+        lr: 1e-3,
+        head_lr: 1e-2,
+        ..config(&art, &inp.train, &inp, &out, 150)
+    };
     let t = Instant::now();
     let s = run_train(&cfg);
     eprintln!("150 steps of 8 pairs + eval on 150 pairs: {:.1}s", t.elapsed().as_secs_f64());

@@ -18,9 +18,33 @@ pub struct Activity {
 /// Ops whose outputs never carry a gradient even when their inputs do (their outputs are
 /// piecewise constant in the inputs, or they read only shapes).
 pub const NOT_DIFFERENTIABLE: &[&str] = &[
-    "Shape", "Size", "ArgMax", "ArgMin", "Floor", "Ceil", "Round", "Sign", "Equal", "Less", "Greater",
-    "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf", "NonZero", "ConstantOfShape",
-    "EyeLike", "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial", "TopK_indices",
+    "Shape",
+    "Size",
+    "ArgMax",
+    "ArgMin",
+    "Floor",
+    "Ceil",
+    "Round",
+    "Sign",
+    "Equal",
+    "Less",
+    "Greater",
+    "LessOrEqual",
+    "GreaterOrEqual",
+    "Not",
+    "And",
+    "Or",
+    "Xor",
+    "IsNaN",
+    "IsInf",
+    "NonZero",
+    "ConstantOfShape",
+    "EyeLike",
+    "RandomNormalLike",
+    "RandomUniformLike",
+    "Bernoulli",
+    "Multinomial",
+    "TopK_indices",
 ];
 
 pub fn analyze(graph: &Graph, params: &[String], loss: &str, infos: &TensorInfos) -> Activity {

@@ -108,11 +108,8 @@ pub fn options(a: &Args) -> Result<BuildOptions> {
         fixed_beta: a.fixed_beta,
     };
     objective.validate()?;
-    let selection = Selection {
-        freeze: regex("--freeze", &a.freeze)?,
-        train: regex("--train", &a.train)?,
-        head_only: matches!(a.trainable, TrainableArg::Head),
-    };
+    let selection =
+        Selection { freeze: regex("--freeze", &a.freeze)?, train: regex("--train", &a.train)?, head_only: matches!(a.trainable, TrainableArg::Head) };
     if selection.head_only && objective.fixed_beta.is_some() {
         anyhow::bail!(betadpo::Error::BadFlag { flag: "--trainable head".into(), detail: "with --fixed-beta there is no head to train".into() });
     }

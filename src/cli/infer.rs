@@ -43,7 +43,9 @@ fn read_prompts(path: &PathBuf) -> Result<Vec<Text>> {
             serde_json::Value::String(s) => Text::Plain(s.clone()),
             serde_json::Value::Object(o) => match o.get("prompt") {
                 Some(serde_json::Value::String(s)) => Text::Plain(s.clone()),
-                Some(m @ serde_json::Value::Array(_)) => Text::Messages(serde_json::from_value(m.clone()).with_context(|| format!("{}:{}: bad messages", path.display(), i + 1))?),
+                Some(m @ serde_json::Value::Array(_)) => {
+                    Text::Messages(serde_json::from_value(m.clone()).with_context(|| format!("{}:{}: bad messages", path.display(), i + 1))?)
+                }
                 _ => anyhow::bail!("{}:{}: expected a \"prompt\" field", path.display(), i + 1),
             },
             _ => anyhow::bail!("{}:{}: expected a string or an object", path.display(), i + 1),

@@ -53,7 +53,6 @@ fn train_run(assets: &Path, artifacts: &Path, out: &Path, steps: u64, quiet: boo
         max_steps: Some(steps),
         batch_size: 8,
         lr: 1e-3,
-        head_lr: 1e-2,
         eval_every: (steps / 4).max(1),
         group_by: Some("regime".into()),
         progress: !quiet,
@@ -90,7 +89,11 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         step("3/5 the same with a fixed beta = 0.1 (standard DPO) for comparison");
         let art_fixed = out.join("artifacts-fixed");
-        build_artifacts(&assets.join("model.onnx"), &art_fixed, &BuildOptions { objective: ObjectiveConfig { fixed_beta: Some(0.1), ..Default::default() }, ..Default::default() })?;
+        build_artifacts(
+            &assets.join("model.onnx"),
+            &art_fixed,
+            &BuildOptions { objective: ObjectiveConfig { fixed_beta: Some(0.1), ..Default::default() }, ..Default::default() },
+        )?;
         Some(train_run(&assets, &art_fixed, &out.join("run-fixed"), a.steps, a.quiet)?)
     };
     step("4/5 export: trained weights + beta head in one ONNX model");

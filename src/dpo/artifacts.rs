@@ -54,12 +54,13 @@ fn probe_batch(sig: &LmSignature, vocab: i64) -> ProbeBatch {
         let attn = ArrayD::from_shape_fn(IxDyn(&[rows, t]), |ix| i64::from(!(ix[0] == rows - 1 && ix[1] >= t - 2)));
         let comp = ArrayD::from_shape_fn(IxDyn(&[rows, t]), |ix| {
             let pad = ix[0] == rows - 1 && ix[1] >= t - 2;
-            if ix[1] >= t / 2 && !pad { 1.0f32 } else { 0.0 }
+            if ix[1] >= t / 2 && !pad {
+                1.0f32
+            } else {
+                0.0
+            }
         });
-        let mut v = vec![
-            (sig.input_ids.clone(), HostTensor::I64(ids)),
-            (sig.attention_mask.clone(), HostTensor::I64(attn)),
-        ];
+        let mut v = vec![(sig.input_ids.clone(), HostTensor::I64(ids)), (sig.attention_mask.clone(), HostTensor::I64(attn))];
         if let Some(p) = &sig.position_ids {
             v.push((p.clone(), HostTensor::I64(ArrayD::from_shape_fn(IxDyn(&[rows, t]), |ix| ix[1] as i64))));
         }
@@ -83,11 +84,32 @@ fn vocab_size(graph: &Graph, sig: &LmSignature) -> i64 {
 
 fn lm_inputs(sig: &LmSignature) -> Vec<TensorSpec> {
     let mut v = vec![
-        TensorSpec { name: sig.input_ids.clone(), role: "input_ids".into(), dtype: "int64".into(), shape: sym(&["rows", "sequence"]), parameter: None, description: None },
-        TensorSpec { name: sig.attention_mask.clone(), role: "attention_mask".into(), dtype: "int64".into(), shape: sym(&["rows", "sequence"]), parameter: None, description: None },
+        TensorSpec {
+            name: sig.input_ids.clone(),
+            role: "input_ids".into(),
+            dtype: "int64".into(),
+            shape: sym(&["rows", "sequence"]),
+            parameter: None,
+            description: None,
+        },
+        TensorSpec {
+            name: sig.attention_mask.clone(),
+            role: "attention_mask".into(),
+            dtype: "int64".into(),
+            shape: sym(&["rows", "sequence"]),
+            parameter: None,
+            description: None,
+        },
     ];
     if let Some(p) = &sig.position_ids {
-        v.push(TensorSpec { name: p.clone(), role: "position_ids".into(), dtype: "int64".into(), shape: sym(&["rows", "sequence"]), parameter: None, description: None });
+        v.push(TensorSpec {
+            name: p.clone(),
+            role: "position_ids".into(),
+            dtype: "int64".into(),
+            shape: sym(&["rows", "sequence"]),
+            parameter: None,
+            description: None,
+        });
     }
     v
 }
@@ -153,13 +175,8 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     }
     let vocab = vocab_size(&base, &sig);
     let cfg = &opts.objective;
-    let tensors = ModelTensors {
-        input_ids: &sig.input_ids,
-        attention_mask: &sig.attention_mask,
-        logits: &sig.logits,
-        hidden: &sig.hidden,
-        hidden_size: sig.hidden_size,
-    };
+    let tensors =
+        ModelTensors { input_ids: &sig.input_ids, attention_mask: &sig.attention_mask, logits: &sig.logits, hidden: &sig.hidden, hidden_size: sig.hidden_size };
 
     // Objective on top of the LM.
     let mut graph = base.clone();
@@ -263,12 +280,7 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     };
     let initial = initial_values(&base, &obj, &params)?;
     write_all(out_dir, &manifest, [("train", graph), ("eval", eval), ("optimizer", opt_graph), ("infer", infer)], &initial)?;
-    Ok(BuildReport {
-        manifest,
-        parameter_table: super::params::describe(&params),
-        backward_nodes: grads.nodes_added,
-        out_dir: out_dir.to_path_buf(),
-    })
+    Ok(BuildReport { manifest, parameter_table: super::params::describe(&params), backward_nodes: grads.nodes_added, out_dir: out_dir.to_path_buf() })
 }
 
 /// Graph inputs in the manifest's order (people read graphs in viewers too).
@@ -282,13 +294,8 @@ pub fn inference_graph(base: &Graph, sig: &LmSignature, cfg: &ObjectiveConfig, p
     let mut g = base.clone();
     let mut names = g.names.clone();
     let mut b = Builder::new(&mut names, "beta/");
-    let tensors = ModelTensors {
-        input_ids: &sig.input_ids,
-        attention_mask: &sig.attention_mask,
-        logits: &sig.logits,
-        hidden: &sig.hidden,
-        hidden_size: sig.hidden_size,
-    };
+    let tensors =
+        ModelTensors { input_ids: &sig.input_ids, attention_mask: &sig.attention_mask, logits: &sig.logits, hidden: &sig.hidden, hidden_size: sig.hidden_size };
     let beta = match cfg.fixed_beta {
         Some(f) => {
             let k = b.scalar(f, dtype::FLOAT);

@@ -32,8 +32,7 @@ pub fn locate_run(run: &Path) -> Result<RunParams> {
     };
     let cfg_path = run.join(crate::train::trainer::CONFIG_FILE);
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let cfg: crate::train::config::TrainConfig =
-        serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", cfg_path.display())))?;
+    let cfg: crate::train::config::TrainConfig = serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", cfg_path.display())))?;
     Ok(RunParams { params, artifacts: cfg.artifacts })
 }
 
@@ -46,10 +45,7 @@ pub fn export_model(artifacts: &Path, params: &Path, out: &Path) -> Result<()> {
     let mut g = Graph::from_model(model)?;
     let (tensors, _) = read_safetensors(params)?;
     for p in m.trainable() {
-        let t = tensors
-            .iter()
-            .find(|t| t.name == p.name)
-            .ok_or_else(|| Error::Other(format!("{}: parameter {} is missing", params.display(), p.name)))?;
+        let t = tensors.iter().find(|t| t.name == p.name).ok_or_else(|| Error::Other(format!("{}: parameter {} is missing", params.display(), p.name)))?;
         let dims: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
         if dims != p.shape {
             return Err(Error::Other(format!("{}: parameter {} has shape {dims:?}, the artifacts expect {:?}", params.display(), p.name, p.shape)));

@@ -78,15 +78,9 @@ impl Manifest {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let m: Manifest = serde_json::from_str(&text)
-            .map_err(|e| Error::Other(format!("{}: not a betadpo manifest ({e})", path.display())))?;
+        let m: Manifest = serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: not a betadpo manifest ({e})", path.display())))?;
         if m.format != FORMAT || m.format_version != FORMAT_VERSION {
-            return Err(Error::Other(format!(
-                "{}: format {} v{} is not {FORMAT} v{FORMAT_VERSION}",
-                path.display(),
-                m.format,
-                m.format_version
-            )));
+            return Err(Error::Other(format!("{}: format {} v{} is not {FORMAT} v{FORMAT_VERSION}", path.display(), m.format, m.format_version)));
         }
         Ok(m)
     }

@@ -21,10 +21,9 @@ const PASS_THROUGH: &[&str] = &["Identity", "Cast", "Reshape", "Tanh", "Mul", "D
 
 pub fn recognise(graph: &Graph, hidden_override: Option<&str>) -> Result<LmSignature> {
     let input = |names: &[&str]| graph.inputs.iter().find(|i| names.contains(&i.name.as_str())).map(|i| i.name.clone());
-    let input_ids = input(&["input_ids"]).ok_or_else(|| Error::graph(format!(
-        "the model has no `input_ids` input (inputs: {})",
-        graph.inputs.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
-    )))?;
+    let input_ids = input(&["input_ids"]).ok_or_else(|| {
+        Error::graph(format!("the model has no `input_ids` input (inputs: {})", graph.inputs.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")))
+    })?;
     let attention_mask = input(&["attention_mask"]).ok_or_else(|| Error::graph("the model has no `attention_mask` input"))?;
     let position_ids = input(&["position_ids"]);
     let extra: Vec<&str> = graph
@@ -39,21 +38,20 @@ pub fn recognise(graph: &Graph, hidden_override: Option<&str>) -> Result<LmSigna
             extra.join(", ")
         )));
     }
-    let logits = graph
-        .outputs
-        .iter()
-        .find(|o| o.name == "logits")
-        .map(|o| o.name.clone())
-        .ok_or_else(|| Error::graph(format!(
-            "the model has no `logits` output (outputs: {})",
-            graph.outputs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>().join(", ")
-        )))?;
+    let logits = graph.outputs.iter().find(|o| o.name == "logits").map(|o| o.name.clone()).ok_or_else(|| {
+        Error::graph(format!("the model has no `logits` output (outputs: {})", graph.outputs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>().join(", ")))
+    })?;
     let producers = graph.producers();
     let params: std::collections::HashSet<&str> = graph.initializers.iter().map(|t| t.name.as_str()).collect();
     let is_weightish = |name: &str| -> bool {
         params.contains(name)
-            || producers.get(name).map(|&i| matches!(graph.nodes[i].op_type.as_str(), "Transpose" | "Constant" | "Identity")
-                && graph.nodes[i].input.first().map(|x| params.contains(x.as_str())).unwrap_or(true)).unwrap_or(false)
+            || producers
+                .get(name)
+                .map(|&i| {
+                    matches!(graph.nodes[i].op_type.as_str(), "Transpose" | "Constant" | "Identity")
+                        && graph.nodes[i].input.first().map(|x| params.contains(x.as_str())).unwrap_or(true)
+                })
+                .unwrap_or(false)
     };
     let mut cur = logits.clone();
     for _ in 0..16 {
@@ -63,14 +61,16 @@ pub fn recognise(graph: &Graph, hidden_override: Option<&str>) -> Result<LmSigna
             "MatMul" | "Gemm" => {
                 let (act, w) = if is_weightish(&n.input[1]) { (&n.input[0], &n.input[1]) } else { (&n.input[1], &n.input[0]) };
                 let hidden = hidden_override.map(str::to_string).unwrap_or_else(|| act.clone());
-                let hidden_size = weight_hidden_size(graph, n, w).ok_or_else(|| Error::graph(format!(
-                    "cannot tell the hidden size from the lm_head weight {w} of node {}", n.name
-                )))?;
+                let hidden_size = weight_hidden_size(graph, n, w)
+                    .ok_or_else(|| Error::graph(format!("cannot tell the hidden size from the lm_head weight {w} of node {}", n.name)))?;
                 return Ok(LmSignature { input_ids, attention_mask, position_ids, logits, hidden, hidden_size, lm_head: w.clone() });
             }
             op if PASS_THROUGH.contains(&op) => {
                 // follow the non-constant input
-                let next = n.input.iter().find(|x| !params.contains(x.as_str()) && producers.get(x.as_str()).map(|&j| graph.nodes[j].op_type != "Constant").unwrap_or(false));
+                let next = n
+                    .input
+                    .iter()
+                    .find(|x| !params.contains(x.as_str()) && producers.get(x.as_str()).map(|&j| graph.nodes[j].op_type != "Constant").unwrap_or(false));
                 match next {
                     Some(x) => cur = x.clone(),
                     None => break,
@@ -79,9 +79,7 @@ pub fn recognise(graph: &Graph, hidden_override: Option<&str>) -> Result<LmSigna
             _ => break,
         }
     }
-    Err(Error::graph(
-        "cannot find the final hidden state: no MatMul/Gemm produces `logits`; name it with --hidden-state NAME",
-    ))
+    Err(Error::graph("cannot find the final hidden state: no MatMul/Gemm produces `logits`; name it with --hidden-state NAME"))
 }
 
 /// Hidden size from the lm_head weight's shape ([H, V] for MatMul, [V, H] for Gemm with transB).

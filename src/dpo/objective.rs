@@ -154,10 +154,7 @@ pub fn head_initial_values(hidden_size: i64, cfg: &ObjectiveConfig) -> Vec<Tenso
         above_min
     };
     let bias = inverse_softplus(softplus_value) as f32;
-    vec![
-        tensor_f32(HEAD_WEIGHT, &[hidden_size], &vec![0.0; hidden_size as usize]),
-        tensor_f32(HEAD_BIAS, &[1], &[bias]),
-    ]
+    vec![tensor_f32(HEAD_WEIGHT, &[hidden_size], &vec![0.0; hidden_size as usize]), tensor_f32(HEAD_BIAS, &[1], &[bias])]
 }
 
 /// Appends the objective; returns its tensor names. Nodes go into `b`.
@@ -247,13 +244,5 @@ pub fn build(b: &mut Builder, m: &ModelTensors, cfg: &ObjectiveConfig) -> Object
         loss = b.op("Add", &[&loss, &reg], vec![], "dpo/regularised_loss");
     }
     let loss = b.op("Identity", &[&loss], vec![], "loss");
-    Objective {
-        loss,
-        policy_logps: policy,
-        beta: beta_out,
-        chosen_rewards,
-        rejected_rewards,
-        inputs,
-        head,
-    }
+    Objective { loss, policy_logps: policy, beta: beta_out, chosen_rewards, rejected_rewards, inputs, head }
 }

@@ -59,7 +59,8 @@ pub fn build(params: &[ParameterSpec], grad_name: impl Fn(&str) -> String) -> (G
     for p in &trainable {
         let dims: Vec<Dim> = p.shape.iter().map(|&d| Dim::Fixed(d)).collect();
         let grad = grad_name(&p.name);
-        for (n, role) in [(p.name.clone(), "parameter"), (grad.clone(), "gradient"), (state_name(&p.name, "m"), "adam_m"), (state_name(&p.name, "v"), "adam_v")] {
+        for (n, role) in [(p.name.clone(), "parameter"), (grad.clone(), "gradient"), (state_name(&p.name, "m"), "adam_m"), (state_name(&p.name, "v"), "adam_v")]
+        {
             g.inputs.push(value_info(&n, dtype::FLOAT, &dims));
             inputs.push(spec(&n, role, &p.shape, Some(&p.name)));
         }

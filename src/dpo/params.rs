@@ -11,7 +11,8 @@ use crate::onnx::{dtype, tensor_to_f32, TensorProto};
 use crate::{Error, Result};
 
 /// Names that exporters give to buffers: computed constants that PyTorch does not train.
-const BUFFER_PATTERN: &str = r"(^|[./_])(inv_freq|rotary_emb|rope|cos_cached|sin_cached|position_ids|causal_mask|masked_bias|bias_mask)([./_]|$)|(^|\.)attn\.bias$";
+const BUFFER_PATTERN: &str =
+    r"(^|[./_])(inv_freq|rotary_emb|rope|cos_cached|sin_cached|position_ids|causal_mask|masked_bias|bias_mask)([./_]|$)|(^|\.)attn\.bias$";
 
 /// One original initializer a parameter stands for.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
@@ -50,11 +51,7 @@ pub fn find_parameters(graph: &Graph, loss: &str, infos: &TensorInfos, sel: &Sel
         .map(|t| t.name.clone())
         .collect();
     let activity = analyze(graph, &candidates, loss, infos);
-    let on_path: Vec<&TensorProto> = graph
-        .initializers
-        .iter()
-        .filter(|t| activity.tensors.contains(&t.name) && candidates.contains(&t.name))
-        .collect();
+    let on_path: Vec<&TensorProto> = graph.initializers.iter().filter(|t| activity.tensors.contains(&t.name) && candidates.contains(&t.name)).collect();
     let mut params = Vec::new();
     let mut merged: HashSet<String> = HashSet::new();
     for (i, t) in on_path.iter().enumerate() {
@@ -75,10 +72,7 @@ pub fn find_parameters(graph: &Graph, loss: &str, infos: &TensorInfos, sel: &Sel
         refs.sort_by_key(|r| (r.transposed, looks_generated(&r.name)));
         let primary = refs[0].clone();
         let base_dims = on_path.iter().find(|x| x.name == primary.name).unwrap().dims.clone();
-        let refs: Vec<InitializerRef> = refs
-            .into_iter()
-            .map(|r| InitializerRef { transposed: r.transposed != primary.transposed, name: r.name })
-            .collect();
+        let refs: Vec<InitializerRef> = refs.into_iter().map(|r| InitializerRef { transposed: r.transposed != primary.transposed, name: r.name }).collect();
         let is_buffer = refs.iter().any(|r| buffers.is_match(&r.name));
         let mut trainable = !is_buffer && !sel.head_only;
         if let Some(f) = &sel.freeze {

@@ -65,21 +65,13 @@ impl<'a> Builder<'a> {
     /// A scalar constant of float type `t` (the dtype of the tensors it will combine with).
     pub fn scalar(&mut self, value: f64, t: DType) -> String {
         let tensor = match t {
-            dtype::DOUBLE => TensorProto {
-                data_type: dtype::DOUBLE,
-                raw_data: value.to_le_bytes().to_vec().into(),
-                ..Default::default()
-            },
-            dtype::FLOAT16 => TensorProto {
-                data_type: dtype::FLOAT16,
-                raw_data: half::f16::from_f64(value).to_le_bytes().to_vec().into(),
-                ..Default::default()
-            },
-            dtype::BFLOAT16 => TensorProto {
-                data_type: dtype::BFLOAT16,
-                raw_data: half::bf16::from_f64(value).to_le_bytes().to_vec().into(),
-                ..Default::default()
-            },
+            dtype::DOUBLE => TensorProto { data_type: dtype::DOUBLE, raw_data: value.to_le_bytes().to_vec().into(), ..Default::default() },
+            dtype::FLOAT16 => {
+                TensorProto { data_type: dtype::FLOAT16, raw_data: half::f16::from_f64(value).to_le_bytes().to_vec().into(), ..Default::default() }
+            }
+            dtype::BFLOAT16 => {
+                TensorProto { data_type: dtype::BFLOAT16, raw_data: half::bf16::from_f64(value).to_le_bytes().to_vec().into(), ..Default::default() }
+            }
             _ => tensor_f32("", &[], &[value as f32]),
         };
         self.constant(tensor, "const_scalar")

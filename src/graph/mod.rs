@@ -56,9 +56,7 @@ impl Graph {
         graph.names = Names::from_graph(&graph);
         let opset = graph.opset();
         if opset < MIN_OPSET {
-            return Err(Error::graph(format!(
-                "the model uses opset {opset}; betadpo needs opset {MIN_OPSET} or newer (re-export with a newer opset)"
-            )));
+            return Err(Error::graph(format!("the model uses opset {opset}; betadpo needs opset {MIN_OPSET} or newer (re-export with a newer opset)")));
         }
         Ok(graph)
     }

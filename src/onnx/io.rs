@@ -32,10 +32,8 @@ pub fn load_model(path: &Path) -> Result<ModelProto> {
     if bytes.is_empty() {
         return Err(Error::BadModel { path: path.into(), detail: "the file is empty".into() });
     }
-    let mut model = ModelProto::decode(bytes).map_err(|e| Error::BadModel {
-        path: path.into(),
-        detail: format!("protobuf decoding failed, the file may be truncated: {e}"),
-    })?;
+    let mut model = ModelProto::decode(bytes)
+        .map_err(|e| Error::BadModel { path: path.into(), detail: format!("protobuf decoding failed, the file may be truncated: {e}") })?;
     if model.graph.is_none() {
         return Err(Error::BadModel { path: path.into(), detail: "it has no graph".into() });
     }
@@ -59,12 +57,7 @@ pub fn load_model(path: &Path) -> Result<ModelProto> {
     Ok(model)
 }
 
-fn resolve_external(
-    t: &mut TensorProto,
-    dir: &Path,
-    files: &mut std::collections::HashMap<PathBuf, Bytes>,
-    model_path: &Path,
-) -> Result<()> {
+fn resolve_external(t: &mut TensorProto, dir: &Path, files: &mut std::collections::HashMap<PathBuf, Bytes>, model_path: &Path) -> Result<()> {
     let mut location = None;
     let mut offset = 0usize;
     let mut length = None;
@@ -146,10 +139,8 @@ pub fn save_model(model: &ModelProto, path: &Path, opts: &SaveOptions) -> Result
         let buf = model.encode_to_vec();
         return write_atomic(path, |w| w.write_all(&buf));
     }
-    let file_name = path
-        .file_name()
-        .map(|f| format!("{}.data", f.to_string_lossy()))
-        .ok_or_else(|| Error::Other(format!("{}: not a file path", path.display())))?;
+    let file_name =
+        path.file_name().map(|f| format!("{}.data", f.to_string_lossy())).ok_or_else(|| Error::Other(format!("{}: not a file path", path.display())))?;
     let data_path = path.with_file_name(&file_name);
     let mut light = model.clone(); // cheap: raw_data are reference-counted slices
     let mut offset = 0usize;
@@ -167,11 +158,7 @@ pub fn save_model(model: &ModelProto, path: &Path, opts: &SaveOptions) -> Result
         let len = t.raw_data.len();
         chunks.push(std::mem::take(&mut t.raw_data));
         t.data_location = DataLocation::External as i32;
-        t.external_data = vec![
-            kv("location", &file_name),
-            kv("offset", &offset.to_string()),
-            kv("length", &len.to_string()),
-        ];
+        t.external_data = vec![kv("location", &file_name), kv("offset", &offset.to_string()), kv("length", &len.to_string())];
         offset += len;
     }
     write_atomic(&data_path, |w| chunks.iter().try_for_each(|c| w.write_all(c)))?;

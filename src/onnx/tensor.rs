@@ -62,13 +62,7 @@ pub fn tensor_f32(name: &str, dims: &[i64], data: &[f32]) -> TensorProto {
     for v in data {
         raw.extend_from_slice(&v.to_le_bytes());
     }
-    TensorProto {
-        name: name.to_string(),
-        dims: dims.to_vec(),
-        data_type: dtype::FLOAT,
-        raw_data: raw.into(),
-        ..Default::default()
-    }
+    TensorProto { name: name.to_string(), dims: dims.to_vec(), data_type: dtype::FLOAT, raw_data: raw.into(), ..Default::default() }
 }
 
 pub fn tensor_i64(name: &str, dims: &[i64], data: &[i64]) -> TensorProto {
@@ -76,13 +70,7 @@ pub fn tensor_i64(name: &str, dims: &[i64], data: &[i64]) -> TensorProto {
     for v in data {
         raw.extend_from_slice(&v.to_le_bytes());
     }
-    TensorProto {
-        name: name.to_string(),
-        dims: dims.to_vec(),
-        data_type: dtype::INT64,
-        raw_data: raw.into(),
-        ..Default::default()
-    }
+    TensorProto { name: name.to_string(), dims: dims.to_vec(), data_type: dtype::INT64, raw_data: raw.into(), ..Default::default() }
 }
 
 fn numel(t: &TensorProto) -> usize {
@@ -96,10 +84,7 @@ pub fn tensor_to_f32(t: &TensorProto) -> Result<Vec<f32>> {
     let out: Vec<f32> = match t.data_type {
         dtype::FLOAT if !raw.is_empty() => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
         dtype::FLOAT => t.float_data.clone(),
-        dtype::DOUBLE if !raw.is_empty() => raw
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
-            .collect(),
+        dtype::DOUBLE if !raw.is_empty() => raw.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
         dtype::DOUBLE => t.double_data.iter().map(|&v| v as f32).collect(),
         dtype::FLOAT16 | dtype::BFLOAT16 => {
             let bits: Vec<u16> = if !raw.is_empty() {
@@ -155,10 +140,7 @@ pub fn value_info(name: &str, elem_type: DType, shape: &[Dim]) -> ValueInfoProto
     ValueInfoProto {
         name: name.to_string(),
         r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type,
-                shape: Some(TensorShapeProto { dim: dims }),
-            })),
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor { elem_type, shape: Some(TensorShapeProto { dim: dims }) })),
             ..Default::default()
         }),
         ..Default::default()

@@ -47,10 +47,7 @@ impl ExecutionProvider {
 
     /// The error every GPU-provider failure is reported with.
     pub(crate) fn unavailable(&self, why: impl fmt::Display) -> Error {
-        Error::Runtime(format!(
-            "{} execution provider requested but not available: {why}",
-            self.display_name()
-        ))
+        Error::Runtime(format!("{} execution provider requested but not available: {why}", self.display_name()))
     }
 
     /// Checks that the loaded ONNX Runtime was built with this provider. `library` names it in the message.
@@ -77,21 +74,11 @@ impl ExecutionProvider {
         match *self {
             ExecutionProvider::Cpu => Vec::new(),
             ExecutionProvider::Cuda { device } => {
-                vec![CUDA::default()
-                    .with_device_id(device)
-                    .build()
-                    .error_on_failure()]
+                vec![CUDA::default().with_device_id(device).build().error_on_failure()]
             }
-            ExecutionProvider::TensorRt { device } => vec![
-                TensorRT::default()
-                    .with_device_id(device)
-                    .build()
-                    .error_on_failure(),
-                CUDA::default()
-                    .with_device_id(device)
-                    .build()
-                    .error_on_failure(),
-            ],
+            ExecutionProvider::TensorRt { device } => {
+                vec![TensorRT::default().with_device_id(device).build().error_on_failure(), CUDA::default().with_device_id(device).build().error_on_failure()]
+            }
         }
     }
 }
@@ -111,36 +98,25 @@ impl FromStr for ExecutionProvider {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        let bad = |detail: String| Error::BadFlag {
-            flag: "execution provider".into(),
-            detail,
-        };
+        let bad = |detail: String| Error::BadFlag { flag: "execution provider".into(), detail };
         let lower = s.trim().to_ascii_lowercase();
         let (name, device) = match lower.split_once(':') {
             Some((name, dev)) => {
-                let device = dev.parse::<i32>().ok().filter(|d| *d >= 0).ok_or_else(|| {
-                    bad(format!(
-                        "'{s}': device must be a non-negative integer (choices: {EP_CHOICES})"
-                    ))
-                })?;
+                let device = dev
+                    .parse::<i32>()
+                    .ok()
+                    .filter(|d| *d >= 0)
+                    .ok_or_else(|| bad(format!("'{s}': device must be a non-negative integer (choices: {EP_CHOICES})")))?;
                 (name, Some(device))
             }
             None => (lower.as_str(), None),
         };
         match (name, device) {
             ("cpu", None) => Ok(ExecutionProvider::Cpu),
-            ("cpu", Some(_)) => Err(bad(format!(
-                "'{s}': the CPU provider takes no device (choices: {EP_CHOICES})"
-            ))),
-            ("cuda", d) => Ok(ExecutionProvider::Cuda {
-                device: d.unwrap_or(0),
-            }),
-            ("tensorrt" | "trt", d) => Ok(ExecutionProvider::TensorRt {
-                device: d.unwrap_or(0),
-            }),
-            _ => Err(bad(format!(
-                "unknown execution provider '{s}'; choose one of {EP_CHOICES}"
-            ))),
+            ("cpu", Some(_)) => Err(bad(format!("'{s}': the CPU provider takes no device (choices: {EP_CHOICES})"))),
+            ("cuda", d) => Ok(ExecutionProvider::Cuda { device: d.unwrap_or(0) }),
+            ("tensorrt" | "trt", d) => Ok(ExecutionProvider::TensorRt { device: d.unwrap_or(0) }),
+            _ => Err(bad(format!("unknown execution provider '{s}'; choose one of {EP_CHOICES}"))),
         }
     }
 }

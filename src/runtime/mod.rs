@@ -69,10 +69,7 @@ pub fn init(ep: &ExecutionProvider) -> Result<&'static Environment> {
 
 /// The library this process loaded, once [`init`] has succeeded.
 pub fn loaded_library() -> Option<&'static LoadedLibrary> {
-    RUNTIME
-        .get()
-        .and_then(|r| r.as_ref().ok())
-        .map(|rt| &rt.library)
+    RUNTIME.get().and_then(|r| r.as_ref().ok()).map(|rt| &rt.library)
 }
 
 fn load(flavor: Flavor) -> Result<Runtime> {
@@ -84,20 +81,8 @@ fn load(flavor: Flavor) -> Result<Runtime> {
         .with_name("betadpo")
         .with_telemetry(false)
         .build()
-        .map_err(|e| {
-            Error::Runtime(format!(
-                "creating the environment from {}: {e}",
-                path.display()
-            ))
-        })?;
-    Ok(Runtime {
-        env,
-        library: LoadedLibrary {
-            path,
-            version,
-            flavor,
-        },
-    })
+        .map_err(|e| Error::Runtime(format!("creating the environment from {}: {e}", path.display())))?;
+    Ok(Runtime { env, library: LoadedLibrary { path, version, flavor } })
 }
 
 /// Checks a library file without loading it into `ort`: returns its version if it is a usable 1.31.x build.

@@ -54,12 +54,7 @@ impl Flavor {
     fn required_files(self) -> &'static [&'static str] {
         match self {
             Flavor::Cpu => &[LIB_NAME],
-            Flavor::Gpu => &[
-                "libonnxruntime_providers_shared.so",
-                "libonnxruntime_providers_cuda.so",
-                "libonnxruntime_providers_tensorrt.so",
-                LIB_NAME,
-            ],
+            Flavor::Gpu => &["libonnxruntime_providers_shared.so", "libonnxruntime_providers_cuda.so", "libonnxruntime_providers_tensorrt.so", LIB_NAME],
         }
     }
 }
@@ -77,13 +72,8 @@ pub struct Locator {
 impl Locator {
     /// Reads `ORT_DYLIB_PATH` and the cache directory variables.
     pub fn from_env() -> Result<Self> {
-        let dylib_override = std::env::var_os("ORT_DYLIB_PATH")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from);
-        Ok(Locator {
-            dylib_override,
-            cache_dir: default_cache_dir()?,
-        })
+        let dylib_override = std::env::var_os("ORT_DYLIB_PATH").filter(|v| !v.is_empty()).map(PathBuf::from);
+        Ok(Locator { dylib_override, cache_dir: default_cache_dir()? })
     }
 
     /// Where the cache keeps the main library of `flavor`.
@@ -113,11 +103,7 @@ impl Locator {
 
 /// `$BETADPO_CACHE_DIR`, else `$XDG_CACHE_HOME/betadpo`, else `~/.cache/betadpo`.
 pub fn default_cache_dir() -> Result<PathBuf> {
-    let var = |name: &str| {
-        std::env::var_os(name)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     if let Some(dir) = var("BETADPO_CACHE_DIR") {
         return Ok(dir);
     }
@@ -127,10 +113,7 @@ pub fn default_cache_dir() -> Result<PathBuf> {
     if let Some(home) = var("HOME") {
         return Ok(home.join(".cache").join("betadpo"));
     }
-    Err(Error::Runtime(
-        "cannot choose a cache directory for ONNX Runtime: none of BETADPO_CACHE_DIR, XDG_CACHE_HOME, HOME is set"
-            .into(),
-    ))
+    Err(Error::Runtime("cannot choose a cache directory for ONNX Runtime: none of BETADPO_CACHE_DIR, XDG_CACHE_HOME, HOME is set".into()))
 }
 
 /// Puts the `flavor` libraries into `cache_dir/<package>-1.31.1/` and returns the main library's path.
@@ -143,18 +126,13 @@ pub fn provision(cache_dir: &Path, flavor: Flavor) -> Result<PathBuf> {
 
     let lock_path = cache_dir.join(format!("{}.lock", flavor.dir_name()));
     let lock = File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
-    lock.lock_exclusive()
-        .map_err(|e| Error::io(&lock_path, e))?;
+    lock.lock_exclusive().map_err(|e| Error::io(&lock_path, e))?;
     // The lock is released when `lock` is dropped, on every return path.
 
     if main_lib.is_file() {
         return Ok(main_lib);
     }
-    eprintln!(
-        "provisioning ONNX Runtime {ORT_VERSION} ({}) into {} ...",
-        flavor.package(),
-        target_dir.display()
-    );
+    eprintln!("provisioning ONNX Runtime {ORT_VERSION} ({}) into {} ...", flavor.package(), target_dir.display());
     let from_wheel = match download_wheel(cache_dir, flavor) {
         Ok((_tmp, wheel)) => extract_from_wheel(&wheel, &target_dir, flavor),
         Err(e) => Err(e),
@@ -179,45 +157,19 @@ pub fn provision(cache_dir: &Path, flavor: Flavor) -> Result<PathBuf> {
 
 /// Runs `pip download` into a temporary directory inside the cache (same filesystem, removed on drop).
 fn download_wheel(cache_dir: &Path, flavor: Flavor) -> Result<(tempfile::TempDir, PathBuf)> {
-    let tmp = tempfile::Builder::new()
-        .prefix(".wheel-")
-        .tempdir_in(cache_dir)
-        .map_err(|e| Error::io(cache_dir, e))?;
+    let tmp = tempfile::Builder::new().prefix(".wheel-").tempdir_in(cache_dir).map_err(|e| Error::io(cache_dir, e))?;
     let spec = format!("{}=={ORT_VERSION}", flavor.package());
     let output = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "download",
-            &spec,
-            "--no-deps",
-            "--only-binary=:all:",
-            "--quiet",
-        ])
-        .args([
-            "--disable-pip-version-check",
-            "--retries",
-            "2",
-            "--timeout",
-            "60",
-            "-d",
-        ])
+        .args(["-m", "pip", "download", &spec, "--no-deps", "--only-binary=:all:", "--quiet"])
+        .args(["--disable-pip-version-check", "--retries", "2", "--timeout", "60", "-d"])
         .arg(tmp.path())
         .stdin(Stdio::null())
         .output()
         .map_err(|e| Error::Other(format!("cannot run `python3 -m pip`: {e}")))?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let last = stderr
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("no output");
-        return Err(Error::Other(format!(
-            "`pip download {spec}` exited with {}: {}",
-            output.status,
-            last.trim()
-        )));
+        let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
+        return Err(Error::Other(format!("`pip download {spec}` exited with {}: {}", output.status, last.trim())));
     }
     let wheel = fs::read_dir(tmp.path())
         .map_err(|e| Error::io(tmp.path(), e))?
@@ -230,29 +182,19 @@ fn download_wheel(cache_dir: &Path, flavor: Flavor) -> Result<(tempfile::TempDir
 /// Extracts every `onnxruntime/capi/libonnxruntime*.so*` member of the wheel, the main library last.
 fn extract_from_wheel(wheel: &Path, target_dir: &Path, flavor: Flavor) -> Result<()> {
     let file = File::open(wheel).map_err(|e| Error::io(wheel, e))?;
-    let mut archive = zip::ZipArchive::new(file)
-        .map_err(|e| Error::Other(format!("{}: not a valid wheel: {e}", wheel.display())))?;
+    let mut archive = zip::ZipArchive::new(file).map_err(|e| Error::Other(format!("{}: not a valid wheel: {e}", wheel.display())))?;
     let mut members: Vec<(String, String)> = archive
         .file_names()
         .filter_map(|name| {
             let base = name.strip_prefix("onnxruntime/capi/")?;
-            (base.starts_with("libonnxruntime") && base.contains(".so") && !base.contains('/'))
-                .then(|| (name.to_string(), base.to_string()))
+            (base.starts_with("libonnxruntime") && base.contains(".so") && !base.contains('/')).then(|| (name.to_string(), base.to_string()))
         })
         .collect();
-    check_required(
-        flavor,
-        members.iter().map(|(_, b)| b.as_str()),
-        &wheel.display().to_string(),
-    )?;
+    check_required(flavor, members.iter().map(|(_, b)| b.as_str()), &wheel.display().to_string())?;
     members.sort_by_key(|(_, base)| base == LIB_NAME); // the main library last
     for (name, base) in members {
-        let mut entry = archive
-            .by_name(&name)
-            .map_err(|e| Error::Other(format!("{}: cannot read {name}: {e}", wheel.display())))?;
-        write_atomically(&target_dir.join(&base), |out| {
-            io::copy(&mut entry, out).map(|_| ())
-        })?;
+        let mut entry = archive.by_name(&name).map_err(|e| Error::Other(format!("{}: cannot read {name}: {e}", wheel.display())))?;
+        write_atomically(&target_dir.join(&base), |out| io::copy(&mut entry, out).map(|_| ()))?;
     }
     Ok(())
 }
@@ -266,28 +208,15 @@ fn copy_from_installed_package(target_dir: &Path, flavor: Flavor) -> Result<()> 
          print(u.find_spec('onnxruntime').submodule_search_locations[0])",
         flavor.package()
     );
-    let output = Command::new("python3")
-        .args(["-c", &script])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| Error::Other(format!("cannot run python3: {e}")))?;
+    let output = Command::new("python3").args(["-c", &script]).stdin(Stdio::null()).output().map_err(|e| Error::Other(format!("cannot run python3: {e}")))?;
     if !output.status.success() {
-        return Err(Error::Other(format!(
-            "`{}` is not installed for python3",
-            flavor.package()
-        )));
+        return Err(Error::Other(format!("`{}` is not installed for python3", flavor.package())));
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
     let mut lines = stdout.lines();
-    let (version, location) = (
-        lines.next().unwrap_or("").trim(),
-        lines.next().unwrap_or("").trim(),
-    );
+    let (version, location) = (lines.next().unwrap_or("").trim(), lines.next().unwrap_or("").trim());
     if version != ORT_VERSION {
-        return Err(Error::Other(format!(
-            "installed `{}` is version {version}, not {ORT_VERSION}",
-            flavor.package()
-        )));
+        return Err(Error::Other(format!("installed `{}` is version {version}, not {ORT_VERSION}", flavor.package())));
     }
     let capi = Path::new(location).join("capi");
     let mut names: Vec<String> = fs::read_dir(&capi)
@@ -295,41 +224,23 @@ fn copy_from_installed_package(target_dir: &Path, flavor: Flavor) -> Result<()> 
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter(|n| n.starts_with("libonnxruntime") && n.contains(".so"))
         .collect();
-    check_required(
-        flavor,
-        names.iter().map(String::as_str),
-        &capi.display().to_string(),
-    )?;
+    check_required(flavor, names.iter().map(String::as_str), &capi.display().to_string())?;
     names.sort_by_key(|n| n == LIB_NAME);
     for name in names {
         let src = capi.join(&name);
         let mut input = File::open(&src).map_err(|e| Error::io(&src, e))?;
-        write_atomically(&target_dir.join(&name), |out| {
-            io::copy(&mut input, out).map(|_| ())
-        })?;
+        write_atomically(&target_dir.join(&name), |out| io::copy(&mut input, out).map(|_| ()))?;
     }
     Ok(())
 }
 
-fn check_required<'a>(
-    flavor: Flavor,
-    present: impl Iterator<Item = &'a str>,
-    source: &str,
-) -> Result<()> {
+fn check_required<'a>(flavor: Flavor, present: impl Iterator<Item = &'a str>, source: &str) -> Result<()> {
     let present: Vec<&str> = present.collect();
-    let missing: Vec<&str> = flavor
-        .required_files()
-        .iter()
-        .copied()
-        .filter(|f| !present.contains(f))
-        .collect();
+    let missing: Vec<&str> = flavor.required_files().iter().copied().filter(|f| !present.contains(f)).collect();
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(Error::Other(format!(
-            "{source} lacks {}",
-            missing.join(", ")
-        )))
+        Err(Error::Other(format!("{source} lacks {}", missing.join(", "))))
     }
 }
 
@@ -337,20 +248,13 @@ fn check_required<'a>(
 /// ever observe a partially written library.
 fn write_atomically(dest: &Path, fill: impl FnOnce(&mut File) -> io::Result<()>) -> Result<()> {
     let dir = dest.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".partial-")
-        .tempfile_in(dir)
-        .map_err(|e| Error::io(dir, e))?;
+    let mut tmp = tempfile::Builder::new().prefix(".partial-").tempfile_in(dir).map_err(|e| Error::io(dir, e))?;
     fill(tmp.as_file_mut()).map_err(|e| Error::io(dest, e))?;
-    tmp.as_file_mut()
-        .flush()
-        .and_then(|_| tmp.as_file().sync_all())
-        .map_err(|e| Error::io(dest, e))?;
+    tmp.as_file_mut().flush().and_then(|_| tmp.as_file().sync_all()).map_err(|e| Error::io(dest, e))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755))
-            .map_err(|e| Error::io(dest, e))?;
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).map_err(|e| Error::io(dest, e))?;
     }
     tmp.persist(dest).map_err(|e| Error::io(dest, e.error))?;
     Ok(())

@@ -56,10 +56,7 @@ impl FromStr for OptLevel {
             "basic" | "1" => Ok(OptLevel::Basic),
             "extended" | "2" => Ok(OptLevel::Extended),
             "all" | "3" => Ok(OptLevel::All),
-            _ => Err(Error::BadFlag {
-                flag: "optimization level".into(),
-                detail: format!("unknown level '{s}'; choose one of disable, basic, extended, all"),
-            }),
+            _ => Err(Error::BadFlag { flag: "optimization level".into(), detail: format!("unknown level '{s}'; choose one of disable, basic, extended, all") }),
         }
     }
 }
@@ -80,52 +77,35 @@ pub struct SessionConfig {
 
 impl Default for SessionConfig {
     fn default() -> Self {
-        SessionConfig {
-            ep: ExecutionProvider::Cpu,
-            intra_threads: None,
-            optimization: OptLevel::All,
-            profile_prefix: None,
-            memory_pattern: true,
-        }
+        SessionConfig { ep: ExecutionProvider::Cpu, intra_threads: None, optimization: OptLevel::All, profile_prefix: None, memory_pattern: true }
     }
 }
 
 impl SessionConfig {
     /// A default configuration on `ep`.
     pub fn with_ep(ep: ExecutionProvider) -> Self {
-        SessionConfig {
-            ep,
-            ..Default::default()
-        }
+        SessionConfig { ep, ..Default::default() }
     }
 
     /// Loads a model file; external data files are resolved relative to it.
     pub fn session_from_file(&self, path: &Path) -> Result<Session> {
         let what = path.display().to_string();
         let mut builder = self.builder(&what)?;
-        builder
-            .commit_from_file(path)
-            .map_err(|e| self.commit_error(&what, e))
+        builder.commit_from_file(path).map_err(|e| self.commit_error(&what, e))
     }
 
     /// Loads a serialized model held in memory (its initializers must be embedded).
     pub fn session_from_bytes(&self, bytes: &[u8]) -> Result<Session> {
         let what = format!("<in-memory model, {} bytes>", bytes.len());
         let mut builder = self.builder(&what)?;
-        builder
-            .commit_from_memory(bytes)
-            .map_err(|e| self.commit_error(&what, e))
+        builder.commit_from_memory(bytes).map_err(|e| self.commit_error(&what, e))
     }
 
     fn builder(&self, what: &str) -> Result<SessionBuilder> {
         let env = init(&self.ep)?;
-        let library = loaded_library()
-            .map(|l| l.path.display().to_string())
-            .unwrap_or_default();
+        let library = loaded_library().map(|l| l.path.display().to_string()).unwrap_or_default();
         self.ep.check_available(&library)?;
-        let fail = |e: ort::Error<SessionBuilder>| {
-            Error::Runtime(format!("{what}: configuring session: {e}"))
-        };
+        let fail = |e: ort::Error<SessionBuilder>| Error::Runtime(format!("{what}: configuring session: {e}"));
 
         let mut builder = ort::session::Session::builder(env)
             .map_err(|e| Error::Runtime(format!("{what}: creating session builder: {e}")))?

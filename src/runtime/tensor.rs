@@ -89,28 +89,19 @@ impl HostTensor {
 
     /// A float32 tensor from a shape and row-major values.
     pub fn f32(shape: &[usize], values: Vec<f32>) -> Result<Self> {
-        ArrayD::from_shape_vec(shape, values)
-            .map(HostTensor::F32)
-            .map_err(|e| shape_error(shape, e))
+        ArrayD::from_shape_vec(shape, values).map(HostTensor::F32).map_err(|e| shape_error(shape, e))
     }
 
     /// An int64 tensor from a shape and row-major values.
     pub fn i64(shape: &[usize], values: Vec<i64>) -> Result<Self> {
-        ArrayD::from_shape_vec(shape, values)
-            .map(HostTensor::I64)
-            .map_err(|e| shape_error(shape, e))
+        ArrayD::from_shape_vec(shape, values).map(HostTensor::I64).map_err(|e| shape_error(shape, e))
     }
 
     /// Copies the data into an ONNX Runtime input. `run` is the convenience path, not the hot one, so an owned
     /// copy (which also fixes non-standard layouts) is simpler than tracking borrow lifetimes.
     fn to_input(&self, name: &str) -> Result<SessionInputValue<'static>> {
-        fn owned<T: PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static>(
-            a: &ArrayD<T>,
-            name: &str,
-        ) -> Result<SessionInputValue<'static>> {
-            Tensor::from_array(a.as_standard_layout().into_owned())
-                .map(SessionInputValue::from)
-                .map_err(|e| Error::Runtime(format!("input {name}: {e}")))
+        fn owned<T: PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static>(a: &ArrayD<T>, name: &str) -> Result<SessionInputValue<'static>> {
+            Tensor::from_array(a.as_standard_layout().into_owned()).map(SessionInputValue::from).map_err(|e| Error::Runtime(format!("input {name}: {e}")))
         }
         match self {
             HostTensor::F32(a) => owned(a, name),
@@ -154,69 +145,39 @@ impl From<ArrayD<i32>> for HostTensor {
 
 /// The session's input names, in declaration order.
 pub fn input_names(session: &Session) -> Vec<String> {
-    session
-        .inputs()
-        .iter()
-        .map(|o| o.name().to_string())
-        .collect()
+    session.inputs().iter().map(|o| o.name().to_string()).collect()
 }
 
 /// The session's output names, in declaration order.
 pub fn output_names(session: &Session) -> Vec<String> {
-    session
-        .outputs()
-        .iter()
-        .map(|o| o.name().to_string())
-        .collect()
+    session.outputs().iter().map(|o| o.name().to_string()).collect()
 }
 
 /// Runs `session` on host inputs and returns every output, in the session's output order.
-pub fn run(
-    session: &mut Session,
-    inputs: &[(&str, HostTensor)],
-) -> Result<Vec<(String, HostTensor)>> {
+pub fn run(session: &mut Session, inputs: &[(&str, HostTensor)]) -> Result<Vec<(String, HostTensor)>> {
     run_with(session, inputs, to_host)
 }
 
 /// Runs `session` and returns each output's ONNX element type and shape, in the session's output order, without
 /// copying values: shape probing needs only these, and it works for every element type (float16 included).
-pub fn run_meta(
-    session: &mut Session,
-    inputs: &[(&str, HostTensor)],
-) -> Result<Vec<(String, DType, Vec<i64>)>> {
+pub fn run_meta(session: &mut Session, inputs: &[(&str, HostTensor)]) -> Result<Vec<(String, DType, Vec<i64>)>> {
     run_with(session, inputs, |name, value| match value.dtype() {
-        ValueType::Tensor { ty, shape, .. } => {
-            Ok((onnx_dtype_of(*ty), shape.iter().copied().collect()))
-        }
-        other => Err(Error::Runtime(format!(
-            "output {name} is not a tensor ({other:?})"
-        ))),
+        ValueType::Tensor { ty, shape, .. } => Ok((onnx_dtype_of(*ty), shape.iter().copied().collect())),
+        other => Err(Error::Runtime(format!("output {name} is not a tensor ({other:?})"))),
     })
-    .map(|outs| {
-        outs.into_iter()
-            .map(|(name, (t, shape))| (name, t, shape))
-            .collect()
-    })
+    .map(|outs| outs.into_iter().map(|(name, (t, shape))| (name, t, shape)).collect())
 }
 
-fn run_with<T>(
-    session: &mut Session,
-    inputs: &[(&str, HostTensor)],
-    mut convert: impl FnMut(&str, &DynValue) -> Result<T>,
-) -> Result<Vec<(String, T)>> {
+fn run_with<T>(session: &mut Session, inputs: &[(&str, HostTensor)], mut convert: impl FnMut(&str, &DynValue) -> Result<T>) -> Result<Vec<(String, T)>> {
     let names = output_names(session);
     let mut feed: Vec<(String, SessionInputValue<'static>)> = Vec::with_capacity(inputs.len());
     for (name, tensor) in inputs {
         feed.push((name.to_string(), tensor.to_input(name)?));
     }
-    let mut outputs = session
-        .run(feed)
-        .map_err(|e| Error::Runtime(format!("run failed: {e}")))?;
+    let mut outputs = session.run(feed).map_err(|e| Error::Runtime(format!("run failed: {e}")))?;
     let mut result = Vec::with_capacity(names.len());
     for name in names {
-        let value = outputs.remove(name.as_str()).ok_or_else(|| {
-            Error::Runtime(format!("output {name} missing from the run's results"))
-        })?;
+        let value = outputs.remove(name.as_str()).ok_or_else(|| Error::Runtime(format!("output {name} missing from the run's results")))?;
         let converted = convert(&name, &value)?;
         result.push((name, converted));
     }
@@ -246,45 +207,19 @@ fn onnx_dtype_of(ty: TensorElementType) -> DType {
 
 /// Copies one output to the host, naming the output when its type is not one `HostTensor` holds.
 fn to_host(name: &str, value: &DynValue) -> Result<HostTensor> {
-    let unsupported = |ty: &dyn std::fmt::Debug| {
-        Error::Runtime(format!("output {name} has type {ty:?}; HostTensor holds float32, float64, int64, int32 and bool tensors"))
-    };
+    let unsupported =
+        |ty: &dyn std::fmt::Debug| Error::Runtime(format!("output {name} has type {ty:?}; HostTensor holds float32, float64, int64, int32 and bool tensors"));
     let ty = match value.dtype() {
         ValueType::Tensor { ty, .. } => *ty,
         other => return Err(unsupported(other)),
     };
     let extract_err = |e: ort::Error| Error::Runtime(format!("output {name}: {e}"));
     Ok(match ty {
-        TensorElementType::Float32 => HostTensor::F32(
-            value
-                .try_extract_array::<f32>()
-                .map_err(extract_err)?
-                .to_owned(),
-        ),
-        TensorElementType::Float64 => HostTensor::F64(
-            value
-                .try_extract_array::<f64>()
-                .map_err(extract_err)?
-                .to_owned(),
-        ),
-        TensorElementType::Int64 => HostTensor::I64(
-            value
-                .try_extract_array::<i64>()
-                .map_err(extract_err)?
-                .to_owned(),
-        ),
-        TensorElementType::Int32 => HostTensor::I32(
-            value
-                .try_extract_array::<i32>()
-                .map_err(extract_err)?
-                .to_owned(),
-        ),
-        TensorElementType::Bool => HostTensor::Bool(
-            value
-                .try_extract_array::<bool>()
-                .map_err(extract_err)?
-                .to_owned(),
-        ),
+        TensorElementType::Float32 => HostTensor::F32(value.try_extract_array::<f32>().map_err(extract_err)?.to_owned()),
+        TensorElementType::Float64 => HostTensor::F64(value.try_extract_array::<f64>().map_err(extract_err)?.to_owned()),
+        TensorElementType::Int64 => HostTensor::I64(value.try_extract_array::<i64>().map_err(extract_err)?.to_owned()),
+        TensorElementType::Int32 => HostTensor::I32(value.try_extract_array::<i32>().map_err(extract_err)?.to_owned()),
+        TensorElementType::Bool => HostTensor::Bool(value.try_extract_array::<bool>().map_err(extract_err)?.to_owned()),
         other => return Err(unsupported(&other)),
     })
 }

@@ -25,42 +25,28 @@ fn last_dl_error() -> String {
     if msg.is_null() {
         "unknown dlopen error".into()
     } else {
-        unsafe { CStr::from_ptr(msg) }
-            .to_string_lossy()
-            .into_owned()
+        unsafe { CStr::from_ptr(msg) }.to_string_lossy().into_owned()
     }
 }
 
 /// Returns the version string (e.g. `"1.31.1"`) reported by the ONNX Runtime library at `path`.
 pub fn library_version(path: &Path) -> Result<String> {
-    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| Error::Runtime(format!("{}: path contains a NUL byte", path.display())))?;
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| Error::Runtime(format!("{}: path contains a NUL byte", path.display())))?;
     // SAFETY: plain dlopen/dlsym calls with valid C strings; the returned pointers are checked before use.
     let handle = unsafe { dlopen(c_path.as_ptr(), RTLD_NOW) };
     if handle.is_null() {
-        return Err(Error::Runtime(format!(
-            "cannot load {}: {}",
-            path.display(),
-            last_dl_error()
-        )));
+        return Err(Error::Runtime(format!("cannot load {}: {}", path.display(), last_dl_error())));
     }
     let symbol = unsafe { dlsym(handle, c"OrtGetApiBase".as_ptr()) };
     if symbol.is_null() {
-        return Err(Error::Runtime(format!(
-            "{} is not an ONNX Runtime library (it does not export OrtGetApiBase)",
-            path.display()
-        )));
+        return Err(Error::Runtime(format!("{} is not an ONNX Runtime library (it does not export OrtGetApiBase)", path.display())));
     }
     // SAFETY: OrtGetApiBase has this signature in every ONNX Runtime release; it returns a static struct whose
     // GetVersionString returns a static NUL-terminated string.
-    let get_base: unsafe extern "C" fn() -> *const ort::sys::OrtApiBase =
-        unsafe { std::mem::transmute(symbol) };
+    let get_base: unsafe extern "C" fn() -> *const ort::sys::OrtApiBase = unsafe { std::mem::transmute(symbol) };
     let base = unsafe { get_base() };
     if base.is_null() {
-        return Err(Error::Runtime(format!(
-            "{}: OrtGetApiBase returned null",
-            path.display()
-        )));
+        return Err(Error::Runtime(format!("{}: OrtGetApiBase returned null", path.display())));
     }
     let version = unsafe { CStr::from_ptr(((*base).GetVersionString)()) };
     Ok(version.to_string_lossy().into_owned())

@@ -90,26 +90,9 @@ pub fn collate(pairs: &[&TokenizedPair], opts: &CollateOptions) -> Result<Batch>
         }
     }
     let position_ids = Array2::from_shape_fn((2 * b, t), |(_, c)| c as i64);
-    let groups = pairs
-        .iter()
-        .map(|p| {
-            opts.group_by
-                .as_ref()
-                .and_then(|k| p.extras.get(k).cloned())
-        })
-        .collect();
+    let groups = pairs.iter().map(|p| opts.group_by.as_ref().and_then(|k| p.extras.get(k).cloned())).collect();
     let source_indices = pairs.iter().map(|p| p.source_index).collect();
-    Ok(Batch {
-        input_ids,
-        attention_mask,
-        completion_mask,
-        position_ids,
-        prompt_last_index,
-        sequence_last_index,
-        groups,
-        source_indices,
-        num_tokens,
-    })
+    Ok(Batch { input_ids, attention_mask, completion_mask, position_ids, prompt_last_index, sequence_last_index, groups, source_indices, num_tokens })
 }
 
 /// Order of pairs per epoch.
@@ -129,13 +112,7 @@ pub struct LoaderConfig {
 
 impl Default for LoaderConfig {
     fn default() -> Self {
-        LoaderConfig {
-            batch_size: 8,
-            seed: 0,
-            shuffle: true,
-            bucket_batches: 0,
-            drop_last: false,
-        }
+        LoaderConfig { batch_size: 8, seed: 0, shuffle: true, bucket_batches: 0, drop_last: false }
     }
 }
 
@@ -159,29 +136,15 @@ pub struct DataLoader {
 }
 
 impl DataLoader {
-    pub fn new(
-        pairs: Vec<TokenizedPair>,
-        config: LoaderConfig,
-        collate: CollateOptions,
-    ) -> Result<Self> {
+    pub fn new(pairs: Vec<TokenizedPair>, config: LoaderConfig, collate: CollateOptions) -> Result<Self> {
         if config.batch_size == 0 {
             return Err(Error::Data("batch size must be at least 1".into()));
         }
         if pairs.is_empty() || (config.drop_last && pairs.len() < config.batch_size) {
-            return Err(Error::Data(format!(
-                "not enough pairs for one batch ({} pairs, batch size {})",
-                pairs.len(),
-                config.batch_size
-            )));
+            return Err(Error::Data(format!("not enough pairs for one batch ({} pairs, batch size {})", pairs.len(), config.batch_size)));
         }
         let plan = epoch_plan(&pairs, &config, 0);
-        Ok(DataLoader {
-            pairs,
-            config,
-            collate,
-            position: LoaderPosition::default(),
-            plan,
-        })
+        Ok(DataLoader { pairs, config, collate, position: LoaderPosition::default(), plan })
     }
 
     pub fn pairs(&self) -> &[TokenizedPair] {
@@ -201,10 +164,7 @@ impl DataLoader {
     /// Moves to `pos` (normalised if `index` is past the end of its epoch).
     pub fn seek(&mut self, pos: LoaderPosition) {
         let per_epoch = self.plan.len();
-        let pos = LoaderPosition {
-            epoch: pos.epoch + (pos.index / per_epoch) as u64,
-            index: pos.index % per_epoch,
-        };
+        let pos = LoaderPosition { epoch: pos.epoch + (pos.index / per_epoch) as u64, index: pos.index % per_epoch };
         if pos.epoch != self.position.epoch {
             self.plan = epoch_plan(&self.pairs, &self.config, pos.epoch);
         }
@@ -218,15 +178,9 @@ impl DataLoader {
 
     /// Produces the batch at the current position and advances.
     pub fn next_batch(&mut self) -> Result<Batch> {
-        let members: Vec<&TokenizedPair> = self.plan[self.position.index]
-            .iter()
-            .map(|&i| &self.pairs[i])
-            .collect();
+        let members: Vec<&TokenizedPair> = self.plan[self.position.index].iter().map(|&i| &self.pairs[i]).collect();
         let batch = collate(&members, &self.collate)?;
-        self.seek(LoaderPosition {
-            epoch: self.position.epoch,
-            index: self.position.index + 1,
-        });
+        self.seek(LoaderPosition { epoch: self.position.epoch, index: self.position.index + 1 });
         Ok(batch)
     }
 }

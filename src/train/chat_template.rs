@@ -24,9 +24,7 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate")
-            .field("bos_token", &self.bos_token)
-            .finish_non_exhaustive()
+        f.debug_struct("ChatTemplate").field("bos_token", &self.bos_token).finish_non_exhaustive()
     }
 }
 
@@ -40,34 +38,20 @@ pub struct RenderedPair {
 
 impl ChatTemplate {
     /// Compiles `source`; a syntax error is reported with the template's line.
-    pub fn new(
-        source: &str,
-        bos_token: Option<String>,
-        eos_token: Option<String>,
-        pad_token: Option<String>,
-    ) -> Result<Self> {
+    pub fn new(source: &str, bos_token: Option<String>, eos_token: Option<String>, pad_token: Option<String>) -> Result<Self> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_filter("tojson", py_tojson);
-        env.add_template_owned(NAME, source.to_string())
-            .map_err(|e| Error::Data(format!("chat template does not compile: {e:#}")))?;
-        Ok(ChatTemplate {
-            env,
-            bos_token,
-            eos_token,
-            pad_token,
-        })
+        env.add_template_owned(NAME, source.to_string()).map_err(|e| Error::Data(format!("chat template does not compile: {e:#}")))?;
+        Ok(ChatTemplate { env, bos_token, eos_token, pad_token })
     }
 
     /// Renders `messages` with the variables HF's `apply_chat_template` provides.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let tmpl = self
-            .env
-            .get_template(NAME)
-            .map_err(|e| Error::Data(e.to_string()))?;
+        let tmpl = self.env.get_template(NAME).map_err(|e| Error::Data(e.to_string()))?;
         let ctx = minijinja::context! {
             messages => Value::from_serialize(messages),
             add_generation_prompt => add_generation_prompt,
@@ -75,8 +59,7 @@ impl ChatTemplate {
             eos_token => self.eos_token.clone(),
             pad_token => self.pad_token.clone(),
         };
-        tmpl.render(ctx)
-            .map_err(|e| Error::Data(format!("chat template failed: {e:#}")))
+        tmpl.render(ctx).map_err(|e| Error::Data(format!("chat template failed: {e:#}")))
     }
 
     /// Renders a prompt the way TRL's `maybe_apply_chat_template` does: with the generation prompt
@@ -96,12 +79,7 @@ impl ChatTemplate {
     /// prompt + answer minus the rendering of the prompt (TRL's way). The prompt is the common prefix
     /// of all three renderings, which absorbs templates whose generation prompt differs from the start
     /// of a finished assistant turn (e.g. an added `<think>`).
-    pub fn render_pair(
-        &self,
-        prompt: &[Message],
-        chosen: &[Message],
-        rejected: &[Message],
-    ) -> Result<RenderedPair> {
+    pub fn render_pair(&self, prompt: &[Message], chosen: &[Message], rejected: &[Message]) -> Result<RenderedPair> {
         let p = self.render_prompt(prompt)?;
         let full = |answer: &[Message]| {
             let mut all = prompt.to_vec();
@@ -110,27 +88,18 @@ impl ChatTemplate {
         };
         let (pc, pr) = (full(chosen)?, full(rejected)?);
         let n = common_prefix_len(common_prefix(&p, &pc), &pr);
-        Ok(RenderedPair {
-            prompt: p[..n].to_string(),
-            chosen: pc[n..].to_string(),
-            rejected: pr[n..].to_string(),
-        })
+        Ok(RenderedPair { prompt: p[..n].to_string(), chosen: pc[n..].to_string(), rejected: pr[n..].to_string() })
     }
 }
 
 /// Cuts the rendering right after the final message's content, as HF does for
 /// `continue_final_message`, so the model continues that message instead of closing it.
 fn continue_final_message(text: String, content: &str) -> Result<String> {
-    let end = [content, content.trim()]
-        .iter()
-        .filter(|c| !c.is_empty())
-        .find_map(|c| text.rfind(*c).map(|i| i + c.len()));
+    let end = [content, content.trim()].iter().filter(|c| !c.is_empty()).find_map(|c| text.rfind(*c).map(|i| i + c.len()));
     match end {
         Some(end) => Ok(text[..end].to_string()),
         None if content.trim().is_empty() => Ok(text),
-        None => Err(Error::Data(
-            "the final assistant message of the prompt does not appear in the rendered chat".into(),
-        )),
+        None => Err(Error::Data("the final assistant message of the prompt does not appear in the rendered chat".into())),
     }
 }
 
@@ -140,29 +109,18 @@ pub fn common_prefix<'a>(a: &'a str, b: &str) -> &'a str {
 }
 
 fn common_prefix_len(a: &str, b: &str) -> usize {
-    a.char_indices()
-        .zip(b.chars())
-        .take_while(|((_, x), y)| x == y)
-        .last()
-        .map_or(0, |((i, x), _)| i + x.len_utf8())
+    a.char_indices().zip(b.chars()).take_while(|((_, x), y)| x == y).last().map_or(0, |((i, x), _)| i + x.len_utf8())
 }
 
 /// HF's `raise_exception(message)`: templates call it to reject conversations they cannot render.
 fn raise_exception(message: String) -> std::result::Result<Value, minijinja::Error> {
-    Err(minijinja::Error::new(
-        ErrorKind::InvalidOperation,
-        format!("template raised: {message}"),
-    ))
+    Err(minijinja::Error::new(ErrorKind::InvalidOperation, format!("template raised: {message}")))
 }
 
 /// HF's `tojson`: Python `json.dumps(x, ensure_ascii=False, indent=indent)`, so `", "` and `": "`
 /// separators without indent and no HTML escaping (minijinja's built-in escapes `<`, `>`, `&`, `'`,
 /// which would change the rendered text of tool definitions).
-fn py_tojson(
-    value: &Value,
-    indent: Option<Value>,
-    kwargs: Kwargs,
-) -> std::result::Result<Value, minijinja::Error> {
+fn py_tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> std::result::Result<Value, minijinja::Error> {
     let indent = match indent {
         Some(i) => Some(i),
         None => kwargs.get::<Option<Value>>("indent")?,
@@ -176,43 +134,26 @@ fn py_tojson(
             let n = usize::try_from(i)?;
             let pad = " ".repeat(n);
             let fmt = serde_json::ser::PrettyFormatter::with_indent(pad.as_bytes());
-            serde::Serialize::serialize(
-                value,
-                &mut serde_json::Serializer::with_formatter(&mut out, fmt),
-            )
+            serde::Serialize::serialize(value, &mut serde_json::Serializer::with_formatter(&mut out, fmt))
         }
-        None => serde::Serialize::serialize(
-            value,
-            &mut serde_json::Serializer::with_formatter(&mut out, PyCompact),
-        ),
+        None => serde::Serialize::serialize(value, &mut serde_json::Serializer::with_formatter(&mut out, PyCompact)),
     };
-    result
-        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
-    Ok(Value::from_safe_string(
-        String::from_utf8(out).expect("serde_json writes UTF-8"),
-    ))
+    result.map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    Ok(Value::from_safe_string(String::from_utf8(out).expect("serde_json writes UTF-8")))
 }
 
 /// Python's default JSON separators: `", "` between items and `": "` after keys.
 struct PyCompact;
 
 impl serde_json::ser::Formatter for PyCompact {
-    fn begin_array_value<W: ?Sized + std::io::Write>(
-        &mut self,
-        w: &mut W,
-        first: bool,
-    ) -> std::io::Result<()> {
+    fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
         if first {
             Ok(())
         } else {
             w.write_all(b", ")
         }
     }
-    fn begin_object_key<W: ?Sized + std::io::Write>(
-        &mut self,
-        w: &mut W,
-        first: bool,
-    ) -> std::io::Result<()> {
+    fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
         if first {
             Ok(())
         } else {

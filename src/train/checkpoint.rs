@@ -117,4 +117,3 @@ pub fn load(dir: &Path) -> Result<Loaded> {
     let (moments, _) = read_safetensors(&dir.join(OPTIMIZER))?;
     Ok(Loaded { state, params, moments, dir: dir.to_path_buf() })
 }
-

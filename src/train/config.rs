@@ -62,7 +62,7 @@ impl Default for TrainConfig {
             batch_size: 8,
             grad_accum: 1,
             lr: 1e-3,
-            head_lr: 1e-2,
+            head_lr: 3e-3,
             warmup_steps: 0,
             lr_schedule: Schedule::Constant,
             weight_decay: 0.0,

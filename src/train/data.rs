@@ -26,10 +26,7 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Message {
-            role: role.into(),
-            content: content.into(),
-        }
+        Message { role: role.into(), content: content.into() }
     }
 }
 
@@ -104,8 +101,7 @@ pub fn parse_preferences(text: &str, name: &str, opts: &LoadOptions) -> Result<L
     let body = text.trim_start_matches('\u{feff}');
     if body.trim_start().starts_with('[') {
         // An unparsable array cannot be split into rows, so it fails even in skip mode.
-        let items: Vec<Value> = serde_json::from_str(body)
-            .map_err(|e| Error::Data(format!("{name}: invalid JSON array: {e}")))?;
+        let items: Vec<Value> = serde_json::from_str(body).map_err(|e| Error::Data(format!("{name}: invalid JSON array: {e}")))?;
         for (i, item) in items.iter().enumerate() {
             handle(format!("{name}: element {i}"), parse_row(item))?;
         }
@@ -114,9 +110,7 @@ pub fn parse_preferences(text: &str, name: &str, opts: &LoadOptions) -> Result<L
             if line.trim().is_empty() {
                 continue;
             }
-            let parsed = serde_json::from_str::<Value>(line)
-                .map_err(|e| format!("invalid JSON: {e}"))
-                .and_then(|v| parse_row(&v));
+            let parsed = serde_json::from_str::<Value>(line).map_err(|e| format!("invalid JSON: {e}")).and_then(|v| parse_row(&v));
             handle(format!("{name}:{}", i + 1), parsed)?;
         }
     }
@@ -125,24 +119,18 @@ pub fn parse_preferences(text: &str, name: &str, opts: &LoadOptions) -> Result<L
 
 /// Parses one row object into a [`PreferenceRow`]; the error says what is wrong, without location.
 pub fn parse_row(value: &Value) -> std::result::Result<PreferenceRow, String> {
-    let obj = value
-        .as_object()
-        .ok_or_else(|| format!("expected a JSON object, got {}", kind(value)))?;
+    let obj = value.as_object().ok_or_else(|| format!("expected a JSON object, got {}", kind(value)))?;
     let chosen = text_field(obj, "chosen")?;
     let rejected = text_field(obj, "rejected")?;
     if chosen.is_messages() != rejected.is_messages() {
-        return Err(
-            "\"chosen\" and \"rejected\" must both be strings or both be message lists".into(),
-        );
+        return Err("\"chosen\" and \"rejected\" must both be strings or both be message lists".into());
     }
     let (prompt, chosen, rejected) = match obj.get("prompt") {
         None | Some(Value::Null) => split_implicit_prompt(chosen, rejected),
         Some(_) => {
             let prompt = text_field(obj, "prompt")?;
             if prompt.is_messages() != chosen.is_messages() {
-                return Err(
-                    "\"prompt\" and the answers must all be strings or all be message lists".into(),
-                );
+                return Err("\"prompt\" and the answers must all be strings or all be message lists".into());
             }
             (prompt, chosen, rejected)
         }
@@ -162,12 +150,7 @@ pub fn parse_row(value: &Value) -> std::result::Result<PreferenceRow, String> {
             }
         }
     }
-    Ok(PreferenceRow {
-        prompt,
-        chosen,
-        rejected,
-        extras,
-    })
+    Ok(PreferenceRow { prompt, chosen, rejected, extras })
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -191,19 +174,14 @@ fn text_field(obj: &Map<String, Value>, key: &str) -> std::result::Result<Text, 
             .map(|(i, m)| parse_message(m).map_err(|e| format!("\"{key}\"[{i}]: {e}")))
             .collect::<std::result::Result<Vec<_>, _>>()
             .map(Text::Messages),
-        Some(other) => Err(format!(
-            "field \"{key}\" must be a string or a list of messages, got {}",
-            kind(other)
-        )),
+        Some(other) => Err(format!("field \"{key}\" must be a string or a list of messages, got {}", kind(other))),
     }
 }
 
 /// A message needs a string `role`; `content` may be a string, `null` (assistant tool calls) or a
 /// list of parts whose `text` entries are concatenated (the multimodal message shape, text only).
 fn parse_message(value: &Value) -> std::result::Result<Message, String> {
-    let obj = value
-        .as_object()
-        .ok_or_else(|| format!("expected a message object, got {}", kind(value)))?;
+    let obj = value.as_object().ok_or_else(|| format!("expected a message object, got {}", kind(value)))?;
     let role = match obj.get("role") {
         Some(Value::String(r)) => r.clone(),
         Some(other) => return Err(format!("\"role\" must be a string, got {}", kind(other))),
@@ -238,25 +216,12 @@ pub fn split_implicit_prompt(chosen: Text, rejected: Text) -> (Text, Text, Text)
     match (chosen, rejected) {
         (Text::Plain(c), Text::Plain(r)) => {
             let cut = string_split_point(&c, &r);
-            (
-                Text::Plain(c[..cut].to_string()),
-                Text::Plain(c[cut..].to_string()),
-                Text::Plain(r[cut..].to_string()),
-            )
+            (Text::Plain(c[..cut].to_string()), Text::Plain(c[cut..].to_string()), Text::Plain(r[cut..].to_string()))
         }
         (Text::Messages(c), Text::Messages(r)) => {
             let max = c.len().min(r.len()).saturating_sub(1);
-            let n = c
-                .iter()
-                .zip(&r)
-                .take(max)
-                .take_while(|(a, b)| a == b)
-                .count();
-            (
-                Text::Messages(c[..n].to_vec()),
-                Text::Messages(c[n..].to_vec()),
-                Text::Messages(r[n..].to_vec()),
-            )
+            let n = c.iter().zip(&r).take(max).take_while(|(a, b)| a == b).count();
+            (Text::Messages(c[..n].to_vec()), Text::Messages(c[n..].to_vec()), Text::Messages(r[n..].to_vec()))
         }
         // Mixed kinds are rejected by `parse_row`; keep the rows whole with an empty prompt.
         (c, r) => (Text::Plain(String::new()), c, r),
@@ -272,11 +237,7 @@ fn string_split_point(a: &str, b: &str) -> usize {
         }
         common = i + ca.len_utf8();
     }
-    match a[..common]
-        .char_indices()
-        .rev()
-        .find(|(_, ch)| ch.is_whitespace())
-    {
+    match a[..common].char_indices().rev().find(|(_, ch)| ch.is_whitespace()) {
         Some((i, _)) if i > 0 => i,
         _ => common,
     }

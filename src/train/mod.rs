@@ -19,7 +19,7 @@ pub use batch::{collate, Batch, CollateOptions, DataLoader, LoaderConfig, Loader
 pub use chat_template::{ChatTemplate, RenderedPair};
 pub use data::{load_preferences, parse_preferences, parse_row, split_implicit_prompt, LoadOptions, LoadedData, Message, PreferenceRow, Text};
 pub use tokenize::{PairTokenizer, TokenizeStats, TokenizedPair, TokenizerConfig, TruncationConfig};
-pub mod optimizer_step;
 pub mod config;
-pub mod trainer;
+pub mod optimizer_step;
 pub mod report;
+pub mod trainer;

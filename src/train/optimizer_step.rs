@@ -127,7 +127,12 @@ impl Accumulator {
         }
         let mut out = self.session.run(inputs)?;
         (0..self.n)
-            .map(|i| out.remove(format!("sum{i}")).ok_or_else(|| Error::Runtime("accumulator output missing".into()))?.downcast::<TensorValueType<f32>>().map_err(Error::from))
+            .map(|i| {
+                out.remove(format!("sum{i}"))
+                    .ok_or_else(|| Error::Runtime("accumulator output missing".into()))?
+                    .downcast::<TensorValueType<f32>>()
+                    .map_err(Error::from)
+            })
             .collect()
     }
 }

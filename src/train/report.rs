@@ -16,13 +16,11 @@ pub const REPORT_FILE: &str = "report.svg";
 type Series = Vec<(f64, f64)>;
 
 fn series(log: &[Map<String, Value>], key: &str) -> Series {
-    log.iter()
-        .filter_map(|r| Some((r.get("step")?.as_f64()?, r.get(key)?.as_f64()?)))
-        .filter(|(_, y)| y.is_finite())
-        .collect()
+    log.iter().filter_map(|r| Some((r.get("step")?.as_f64()?, r.get(key)?.as_f64()?))).filter(|(_, y)| y.is_finite()).collect()
 }
 
-const COLORS: [RGBColor; 6] = [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(255, 127, 14), RGBColor(148, 103, 189), RGBColor(140, 86, 75)];
+const COLORS: [RGBColor; 6] =
+    [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(255, 127, 14), RGBColor(148, 103, 189), RGBColor(140, 86, 75)];
 
 fn panel<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>, title: &str, lines: &[(String, Series)]) -> Result<()> {
     let err = |e: String| Error::Other(format!("drawing the report: {e}"));
@@ -62,10 +60,7 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
     let log = read_log(&run.join(METRICS_FILE))?;
     let train: Vec<Map<String, Value>> = log.iter().filter(|r| r.contains_key("loss")).cloned().collect();
     let eval: Vec<Map<String, Value>> = log.iter().filter(|r| r.contains_key("eval/loss")).cloned().collect();
-    let groups: Vec<String> = eval
-        .last()
-        .map(|r| r.keys().filter_map(|k| k.strip_prefix("eval/beta/mean/")).map(str::to_string).collect())
-        .unwrap_or_default();
+    let groups: Vec<String> = eval.last().map(|r| r.keys().filter_map(|k| k.strip_prefix("eval/beta/mean/")).map(str::to_string).collect()).unwrap_or_default();
     let path = run.join(REPORT_FILE);
     let tmp = run.join(format!(".{REPORT_FILE}.partial"));
     {
@@ -112,7 +107,12 @@ pub fn summary_table(s: &TrainSummary) -> String {
     }
     out.push('\n');
     if let Some(t) = &s.last_train {
-        out.push_str(&format!("last step: loss {}, reward accuracy {}, beta mean {}\n", f(Some(t), "loss"), f(Some(t), "rewards/accuracies"), f(Some(t), "beta/mean")));
+        out.push_str(&format!(
+            "last step: loss {}, reward accuracy {}, beta mean {}\n",
+            f(Some(t), "loss"),
+            f(Some(t), "rewards/accuracies"),
+            f(Some(t), "beta/mean")
+        ));
     }
     let Some(after) = &s.final_eval else { return out };
     let before = s.initial_eval.as_ref();

@@ -58,7 +58,14 @@ fn floats(v: &DynValue, name: &str) -> Result<Vec<f32>> {
 
 /// Runs a train or eval graph. Returns the forward values and, for the train graph, the
 /// gradient values in `grad_outputs` order.
-pub fn run_graph(session: &mut Session, spec: &GraphSpec, batch: &Batch, refs: &[f32], params: &Feeds, grad_outputs: &[String]) -> Result<(ForwardOut, Vec<Tensor<f32>>)> {
+pub fn run_graph(
+    session: &mut Session,
+    spec: &GraphSpec,
+    batch: &Batch,
+    refs: &[f32],
+    params: &Feeds,
+    grad_outputs: &[String],
+) -> Result<(ForwardOut, Vec<Tensor<f32>>)> {
     let mut inputs = batch_inputs(spec, batch, refs)?;
     for i in spec.inputs.iter().filter(|i| i.role == "parameter") {
         let v = params.get(&i.name).ok_or_else(|| Error::Other(format!("no value for parameter {}", i.name)))?;

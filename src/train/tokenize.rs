@@ -16,13 +16,7 @@ use crate::train::chat_template::ChatTemplate;
 use crate::train::data::{PreferenceRow, Text};
 
 /// Tokens tried, in order, when `tokenizer_config.json` names no EOS token.
-const EOS_FALLBACKS: &[&str] = &[
-    "<|endoftext|>",
-    "</s>",
-    "<eos>",
-    "<|end_of_text|>",
-    "<|eos|>",
-];
+const EOS_FALLBACKS: &[&str] = &["<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eos|>"];
 
 /// Length limits in tokens; `None` means unlimited.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -74,13 +68,7 @@ impl TokenizedPair {
 impl TruncationConfig {
     /// Truncates one pair in place and records it in `stats`; returns false if the pair must be
     /// dropped. `keep_first` is a token (BOS) that stays at the start of a left-truncated prompt.
-    pub fn apply(
-        &self,
-        prompt: &mut Vec<u32>,
-        answers: [&mut Vec<u32>; 2],
-        keep_first: Option<u32>,
-        stats: &mut TokenizeStats,
-    ) -> bool {
+    pub fn apply(&self, prompt: &mut Vec<u32>, answers: [&mut Vec<u32>; 2], keep_first: Option<u32>, stats: &mut TokenizeStats) -> bool {
         if let Some(max) = self.max_prompt_length {
             if prompt.len() > max {
                 stats.truncated_prompts += 1;
@@ -129,8 +117,7 @@ impl TokenizerConfig {
     /// `default` is used.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::Data(format!("{}: invalid JSON: {e}", path.display())))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| Error::Data(format!("{}: invalid JSON: {e}", path.display())))?;
         let token = |key: &str| match v.get(key) {
             Some(Value::String(s)) => Some(s.clone()),
             Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).map(str::to_string),
@@ -152,10 +139,7 @@ impl TokenizerConfig {
             eos_token: token("eos_token"),
             pad_token: token("pad_token"),
             bos_token: token("bos_token"),
-            add_bos_token: v
-                .get("add_bos_token")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            add_bos_token: v.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false),
         })
     }
 }
@@ -186,16 +170,9 @@ impl PairTokenizer {
     /// A `chat_template.jinja` beside it (newer `transformers` save it there) is used when the
     /// config carries no template.
     pub fn from_files(tokenizer_json: &Path, config: Option<&Path>) -> Result<Self> {
-        let dir = tokenizer_json
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
-        let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| {
-            Error::Data(format!(
-                "{}: cannot load tokenizer: {e}",
-                tokenizer_json.display()
-            ))
-        })?;
+        let dir = tokenizer_json.parent().map(Path::to_path_buf).unwrap_or_default();
+        let tokenizer =
+            tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| Error::Data(format!("{}: cannot load tokenizer: {e}", tokenizer_json.display())))?;
         let config_path: Option<PathBuf> = match config {
             Some(p) => Some(p.to_path_buf()),
             None => Some(dir.join("tokenizer_config.json")).filter(|p| p.exists()),
@@ -206,8 +183,7 @@ impl PairTokenizer {
         };
         let jinja = dir.join("chat_template.jinja");
         if cfg.chat_template.is_none() && jinja.exists() {
-            cfg.chat_template =
-                Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
+            cfg.chat_template = Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
         }
         Self::new(tokenizer, cfg)
     }
@@ -221,54 +197,27 @@ impl PairTokenizer {
     /// vocabulary has; PAD from the config, else `<pad>`, else EOS (pad positions are masked, so
     /// reusing EOS is harmless).
     pub fn new(tokenizer: tokenizers::Tokenizer, cfg: TokenizerConfig) -> Result<Self> {
-        let id_of = |tok: &str, what: &str| {
-            tokenizer.token_to_id(tok).ok_or_else(|| {
-                Error::Data(format!("{what} token {tok:?} is not in the vocabulary"))
-            })
-        };
+        let id_of = |tok: &str, what: &str| tokenizer.token_to_id(tok).ok_or_else(|| Error::Data(format!("{what} token {tok:?} is not in the vocabulary")));
         let eos_token = match &cfg.eos_token {
             Some(t) => t.clone(),
             None => EOS_FALLBACKS
                 .iter()
                 .find(|t| tokenizer.token_to_id(t).is_some())
                 .map(|t| t.to_string())
-                .ok_or_else(|| {
-                    Error::Data(
-                        "no end-of-sequence token: set eos_token in tokenizer_config.json".into(),
-                    )
-                })?,
+                .ok_or_else(|| Error::Data("no end-of-sequence token: set eos_token in tokenizer_config.json".into()))?,
         };
         let eos_id = id_of(&eos_token, "eos")?;
-        let pad_token = cfg
-            .pad_token
-            .clone()
-            .or_else(|| Some("<pad>".to_string()).filter(|p| tokenizer.token_to_id(p).is_some()));
+        let pad_token = cfg.pad_token.clone().or_else(|| Some("<pad>".to_string()).filter(|p| tokenizer.token_to_id(p).is_some()));
         let pad_id = match &pad_token {
             Some(t) => id_of(t, "pad")?,
             None => eos_id,
         };
-        let bos_id = cfg
-            .bos_token
-            .as_deref()
-            .map(|t| id_of(t, "bos"))
-            .transpose()?;
+        let bos_id = cfg.bos_token.as_deref().map(|t| id_of(t, "bos")).transpose()?;
         let template = match &cfg.chat_template {
-            Some(src) => Some(ChatTemplate::new(
-                src,
-                cfg.bos_token.clone(),
-                Some(eos_token),
-                pad_token,
-            )?),
+            Some(src) => Some(ChatTemplate::new(src, cfg.bos_token.clone(), Some(eos_token), pad_token)?),
             None => None,
         };
-        Ok(PairTokenizer {
-            tokenizer,
-            template,
-            eos_id,
-            pad_id,
-            bos_id,
-            add_bos: cfg.add_bos_token,
-        })
+        Ok(PairTokenizer { tokenizer, template, eos_id, pad_id, bos_id, add_bos: cfg.add_bos_token })
     }
 
     pub fn eos_id(&self) -> u32 {
@@ -290,40 +239,26 @@ impl PairTokenizer {
     /// Encodes `text` without adding special tokens (special tokens written in the text, such as a
     /// chat template's `<|im_start|>`, are still recognised).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        self.tokenizer
-            .encode(text, false)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| Error::Data(format!("tokenizer failed: {e}")))
+        self.tokenizer.encode(text, false).map(|e| e.get_ids().to_vec()).map_err(|e| Error::Data(format!("tokenizer failed: {e}")))
     }
 
     /// The prompt, chosen and rejected texts that get encoded; conversational rows are rendered with
     /// the chat template.
     pub fn texts(&self, row: &PreferenceRow) -> Result<(String, String, String)> {
         match (&row.prompt, &row.chosen, &row.rejected) {
-            (Text::Plain(p), Text::Plain(c), Text::Plain(r)) => {
-                Ok((p.clone(), c.clone(), r.clone()))
-            }
+            (Text::Plain(p), Text::Plain(c), Text::Plain(r)) => Ok((p.clone(), c.clone(), r.clone())),
             (Text::Messages(p), Text::Messages(c), Text::Messages(r)) => {
-                let t = self.template.as_ref().ok_or_else(|| {
-                    Error::Data("conversational data needs a chat template (tokenizer_config.json has none)".into())
-                })?;
+                let t =
+                    self.template.as_ref().ok_or_else(|| Error::Data("conversational data needs a chat template (tokenizer_config.json has none)".into()))?;
                 let r = t.render_pair(p, c, r)?;
                 Ok((r.prompt, r.chosen, r.rejected))
             }
-            _ => Err(Error::Data(
-                "prompt and answers mix plain text and messages".into(),
-            )),
+            _ => Err(Error::Data("prompt and answers mix plain text and messages".into())),
         }
     }
 
     /// Tokenizes and truncates one row; `Ok(None)` when the pair is dropped (counted in `stats`).
-    pub fn tokenize_pair(
-        &self,
-        index: usize,
-        row: &PreferenceRow,
-        cfg: &TruncationConfig,
-        stats: &mut TokenizeStats,
-    ) -> Result<Option<TokenizedPair>> {
+    pub fn tokenize_pair(&self, index: usize, row: &PreferenceRow, cfg: &TruncationConfig, stats: &mut TokenizeStats) -> Result<Option<TokenizedPair>> {
         let with_row = |e: Error| Error::Data(format!("row {index}: {e}"));
         let (p, c, r) = self.texts(row).map_err(with_row)?;
         let mut prompt = self.encode(&p).map_err(with_row)?;
@@ -341,30 +276,15 @@ impl PairTokenizer {
             stats.dropped_empty_prompt += 1;
             return Ok(None);
         }
-        if !cfg.apply(
-            &mut prompt,
-            [&mut chosen, &mut rejected],
-            self.bos_id.filter(|_| self.add_bos),
-            stats,
-        ) {
+        if !cfg.apply(&mut prompt, [&mut chosen, &mut rejected], self.bos_id.filter(|_| self.add_bos), stats) {
             return Ok(None);
         }
         stats.kept += 1;
-        Ok(Some(TokenizedPair {
-            prompt,
-            chosen,
-            rejected,
-            extras: row.extras.clone(),
-            source_index: index,
-        }))
+        Ok(Some(TokenizedPair { prompt, chosen, rejected, extras: row.extras.clone(), source_index: index }))
     }
 
     /// Tokenizes all rows, dropping those truncation empties.
-    pub fn tokenize_all(
-        &self,
-        rows: &[PreferenceRow],
-        cfg: &TruncationConfig,
-    ) -> Result<(Vec<TokenizedPair>, TokenizeStats)> {
+    pub fn tokenize_all(&self, rows: &[PreferenceRow], cfg: &TruncationConfig) -> Result<(Vec<TokenizedPair>, TokenizeStats)> {
         let mut stats = TokenizeStats::default();
         let mut out = Vec::with_capacity(rows.len());
         for (i, row) in rows.iter().enumerate() {

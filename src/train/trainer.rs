@@ -174,11 +174,14 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let ref_bar = progress_bar((train_pairs.len() + eval_pairs.as_ref().map(Vec::len).unwrap_or(0)) as u64, 0, cfg.progress);
     ref_bar.set_prefix("reference log-probs");
     let train_key = cache_key(&train_pairs, &cfg.artifacts, &manifest)?;
-    let train_refs = reference_logps(&run, "train", &train_key, &train_pairs, &manifest, &mut eval_s, &initial_feeds, &collate_opts, cfg.batch_size, |n| ref_bar.inc(n as u64))?;
+    let train_refs = reference_logps(&run, "train", &train_key, &train_pairs, &manifest, &mut eval_s, &initial_feeds, &collate_opts, cfg.batch_size, |n| {
+        ref_bar.inc(n as u64)
+    })?;
     let evaluator = match &eval_pairs {
         Some(pairs) => {
             let key = cache_key(pairs, &cfg.artifacts, &manifest)?;
-            let refs = reference_logps(&run, "eval", &key, pairs, &manifest, &mut eval_s, &initial_feeds, &collate_opts, cfg.batch_size, |n| ref_bar.inc(n as u64))?;
+            let refs =
+                reference_logps(&run, "eval", &key, pairs, &manifest, &mut eval_s, &initial_feeds, &collate_opts, cfg.batch_size, |n| ref_bar.inc(n as u64))?;
             Some(Evaluator { pairs, refs, collate: collate_opts.clone(), batch_size: cfg.batch_size })
         }
         None => None,
@@ -202,7 +205,8 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
                     .names
                     .iter()
                     .map(|n| {
-                        let t = l.moments.iter().find(|t| t.name == format!("{n}{suffix}")).ok_or_else(|| Error::Other(format!("checkpoint lacks {n}{suffix}")))?;
+                        let t =
+                            l.moments.iter().find(|t| t.name == format!("{n}{suffix}")).ok_or_else(|| Error::Other(format!("checkpoint lacks {n}{suffix}")))?;
                         device.upload(&t.shape, t.data.clone())
                     })
                     .collect()
@@ -297,7 +301,8 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
                 f32::NAN
             }
             None => {
-                let last = checkpoint::list(&run).last().map(|(s, p)| format!("; the last checkpoint {} (step {s}) is intact", p.display())).unwrap_or_default();
+                let last =
+                    checkpoint::list(&run).last().map(|(s, p)| format!("; the last checkpoint {} (step {s}) is intact", p.display())).unwrap_or_default();
                 pb.abandon();
                 return Err(Error::Other(format!("non-finite loss or gradient at step {step} (loss {loss}){last}; --skip-nonfinite skips such steps")));
             }

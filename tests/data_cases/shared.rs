@@ -5,60 +5,27 @@ use super::*;
 fn golden_i64(st: &safetensors::SafeTensors, name: &str) -> Vec<i64> {
     let v = st.tensor(name).unwrap();
     assert_eq!(v.dtype(), safetensors::Dtype::I64, "{name}");
-    v.data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect()
+    v.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
 }
 
 #[test]
 fn tokenization_matches_pytorch_golden_ids() {
     let Some(dir) = shared() else { return };
     let t = PairTokenizer::from_dir(&dir.join("tokenizer")).unwrap();
-    let rows = load_preferences(&dir.join("prefs/test.jsonl"), &LoadOptions::default())
-        .unwrap()
-        .rows;
-    let (pairs, _) = t
-        .tokenize_all(&rows[..4], &TruncationConfig::default())
-        .unwrap();
+    let rows = load_preferences(&dir.join("prefs/test.jsonl"), &LoadOptions::default()).unwrap().rows;
+    let (pairs, _) = t.tokenize_all(&rows[..4], &TruncationConfig::default()).unwrap();
     let refs: Vec<&TokenizedPair> = pairs.iter().collect();
-    let b = collate(
-        &refs,
-        &CollateOptions {
-            pad_id: t.pad_id(),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let b = collate(&refs, &CollateOptions { pad_id: t.pad_id(), ..Default::default() }).unwrap();
     let bytes = std::fs::read(dir.join("tiny-gpt2-ts/golden.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     assert_eq!(st.tensor("input_ids").unwrap().shape(), b.input_ids.shape());
-    assert_eq!(
-        golden_i64(&st, "input_ids"),
-        b.input_ids.iter().copied().collect::<Vec<_>>()
-    );
-    assert_eq!(
-        golden_i64(&st, "attention_mask"),
-        b.attention_mask.iter().copied().collect::<Vec<_>>()
-    );
-    assert_eq!(
-        golden_i64(&st, "position_ids"),
-        b.position_ids.iter().copied().collect::<Vec<_>>()
-    );
-    assert_eq!(
-        golden_i64(&st, "prompt_last_index"),
-        b.prompt_last_index.to_vec()
-    );
-    assert_eq!(
-        golden_i64(&st, "sequence_last_index"),
-        b.sequence_last_index.to_vec()
-    );
+    assert_eq!(golden_i64(&st, "input_ids"), b.input_ids.iter().copied().collect::<Vec<_>>());
+    assert_eq!(golden_i64(&st, "attention_mask"), b.attention_mask.iter().copied().collect::<Vec<_>>());
+    assert_eq!(golden_i64(&st, "position_ids"), b.position_ids.iter().copied().collect::<Vec<_>>());
+    assert_eq!(golden_i64(&st, "prompt_last_index"), b.prompt_last_index.to_vec());
+    assert_eq!(golden_i64(&st, "sequence_last_index"), b.sequence_last_index.to_vec());
     let mask = st.tensor("loss_mask").unwrap();
-    let mask: Vec<f32> = mask
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    let mask: Vec<f32> = mask.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     assert_eq!(mask, b.completion_mask.iter().copied().collect::<Vec<_>>());
 }
 
@@ -66,29 +33,19 @@ fn tokenization_matches_pytorch_golden_ids() {
 fn shared_conversational_rows_tokenize() {
     let Some(dir) = shared() else { return };
     let t = PairTokenizer::from_dir(&dir.join("tokenizer")).unwrap();
-    let rows = load_preferences(
-        &dir.join("prefs/test_conversational.jsonl"),
-        &LoadOptions::default(),
-    )
-    .unwrap()
-    .rows;
+    let rows = load_preferences(&dir.join("prefs/test_conversational.jsonl"), &LoadOptions::default()).unwrap().rows;
     assert_eq!(rows.len(), 60);
     let gen = t.encode("<|im_start|>assistant\n").unwrap();
     for row in &rows {
         let (prompt, chosen, _) = t.texts(row).unwrap();
         assert!(prompt.ends_with("<|im_start|>assistant\n"), "{prompt:?}");
-        let Text::Messages(c) = &row.chosen else {
-            panic!("messages expected")
-        };
+        let Text::Messages(c) = &row.chosen else { panic!("messages expected") };
         assert_eq!(chosen, format!("{}<|im_end|>\n", c[0].content));
     }
     let (pairs, stats) = t.tokenize_all(&rows, &TruncationConfig::default()).unwrap();
     assert_eq!((pairs.len(), stats.dropped), (60, 0));
     for p in &pairs {
         assert!(p.prompt.ends_with(&gen));
-        assert_eq!(
-            (p.chosen.last(), p.rejected.last()),
-            (Some(&t.eos_id()), Some(&t.eos_id()))
-        );
+        assert_eq!((p.chosen.last(), p.rejected.last()), (Some(&t.eos_id()), Some(&t.eos_id())));
     }
 }

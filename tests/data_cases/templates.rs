@@ -30,11 +30,7 @@ fn template(src: &str) -> ChatTemplate {
 #[test]
 fn chat_templates_render_the_trl_way() {
     let row = &load("conversational.jsonl").rows[0];
-    let (Text::Messages(p), Text::Messages(c), Text::Messages(r)) =
-        (&row.prompt, &row.chosen, &row.rejected)
-    else {
-        panic!("conversational row expected")
-    };
+    let (Text::Messages(p), Text::Messages(c), Text::Messages(r)) = (&row.prompt, &row.chosen, &row.rejected) else { panic!("conversational row expected") };
     let chatml = template(CHATML).render_pair(p, c, r).unwrap();
     assert_eq!(chatml.prompt, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n");
     assert_eq!(chatml.chosen, "Hello.<|im_end|>\n");
@@ -43,49 +39,24 @@ fn chat_templates_render_the_trl_way() {
     // decides where the answer starts.
     let fancy = template(FANCY).render_pair(p, c, r).unwrap();
     assert_eq!(fancy.prompt, "<s>[USER] (Be brief.) Hi?[BOT]");
-    assert_eq!(
-        (fancy.chosen.as_str(), fancy.rejected.as_str()),
-        (" Hello.</s>", " Go away.</s>")
-    );
+    assert_eq!((fancy.chosen.as_str(), fancy.rejected.as_str()), (" Hello.</s>", " Go away.</s>"));
     let bad = [Message::new("user", "x"), Message::new("system", "y")];
     let err = template(FANCY).render(&bad, true).unwrap_err().to_string();
     assert!(err.contains("system message must come first"), "{err}");
     // A prompt ending with an assistant message is continued, not closed.
-    let open = [
-        Message::new("user", "Hi?"),
-        Message::new("assistant", "Well,"),
-    ];
-    assert_eq!(
-        template(CHATML).render_prompt(&open).unwrap(),
-        "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\nWell,"
-    );
+    let open = [Message::new("user", "Hi?"), Message::new("assistant", "Well,")];
+    assert_eq!(template(CHATML).render_prompt(&open).unwrap(), "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\nWell,");
     // tojson as Python's json.dumps: ", " / ": " separators, key order kept, no HTML escaping.
     let json = template("{{ messages | tojson }}|{{ messages[0] | tojson(indent=1) }}");
-    let out = json
-        .render(&[Message::new("user", "<a & b>")], false)
-        .unwrap();
+    let out = json.render(&[Message::new("user", "<a & b>")], false).unwrap();
     assert_eq!(out, "[{\"role\": \"user\", \"content\": \"<a & b>\"}]|{\n \"role\": \"user\",\n \"content\": \"<a & b>\"\n}");
     let loops = template("{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.content.upper() }}{% endfor %}");
-    assert_eq!(
-        loops
-            .render(
-                &[Message::new("user", "a"), Message::new("user", "b")],
-                false
-            )
-            .unwrap(),
-        "A"
-    );
+    assert_eq!(loops.render(&[Message::new("user", "a"), Message::new("user", "b")], false).unwrap(), "A");
 }
 
 #[test]
 fn conversational_without_template_is_an_error() {
     let row = &load("conversational.jsonl").rows[0];
-    let err = word_tokenizer()
-        .tokenize_all(std::slice::from_ref(row), &TruncationConfig::default())
-        .unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("row 0: conversational data needs a chat template"),
-        "{err}"
-    );
+    let err = word_tokenizer().tokenize_all(std::slice::from_ref(row), &TruncationConfig::default()).unwrap_err();
+    assert!(err.to_string().contains("row 0: conversational data needs a chat template"), "{err}");
 }

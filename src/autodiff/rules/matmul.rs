@@ -103,20 +103,12 @@ pub fn gemm(ctx: &mut RuleCtx) -> Result<()> {
     };
     if ctx.needs(0) {
         // dA = alpha g op(B)^T, or its transpose when A was transposed
-        let attrs = if ta == 0 {
-            scaled(vec![attr_i("transB", 1 - tb)])
-        } else {
-            scaled(vec![attr_i("transA", tb), attr_i("transB", 1)])
-        };
+        let attrs = if ta == 0 { scaled(vec![attr_i("transB", 1 - tb)]) } else { scaled(vec![attr_i("transA", tb), attr_i("transB", 1)]) };
         let inputs: [&str; 2] = if ta == 0 { [&g, b] } else { [b, &g] };
         ctx.op_gi(0, "Gemm", &inputs, attrs);
     }
     if ctx.needs(1) {
-        let attrs = if tb == 0 {
-            scaled(vec![attr_i("transA", 1 - ta)])
-        } else {
-            scaled(vec![attr_i("transA", 1), attr_i("transB", ta)])
-        };
+        let attrs = if tb == 0 { scaled(vec![attr_i("transA", 1 - ta)]) } else { scaled(vec![attr_i("transA", 1), attr_i("transB", ta)]) };
         let inputs: [&str; 2] = if tb == 0 { [a, &g] } else { [&g, a] };
         ctx.op_gi(1, "Gemm", &inputs, attrs);
     }

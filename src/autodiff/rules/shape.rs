@@ -134,12 +134,7 @@ pub fn slice(ctx: &mut RuleCtx) -> Result<()> {
     let idx = ctx.op("Reshape", &[&picked, &flat], vec![]);
     let gflat = ctx.op("Reshape", &[&g, &flat], vec![]);
     let t = ctx.float_type();
-    let zero_t = crate::onnx::TensorProto {
-        data_type: t,
-        dims: vec![1],
-        raw_data: vec![0u8; crate::onnx::dtype::size_of(t)].into(),
-        ..Default::default()
-    };
+    let zero_t = crate::onnx::TensorProto { data_type: t, dims: vec![1], raw_data: vec![0u8; crate::onnx::dtype::size_of(t)].into(), ..Default::default() };
     let one_d = ctx.ints(&[1]);
     let size1 = ctx.op("Reshape", &[&size, &one_d], vec![]);
     let zeros = ctx.op("ConstantOfShape", &[&size1], vec![attr_t("value", zero_t)]);
