@@ -25,11 +25,10 @@ What it does
 """
 import argparse
 import collections
-import glob
 import json
 import os
+import resource
 import struct
-import sys
 import time
 
 import numpy as np
@@ -89,13 +88,25 @@ def feeds_for(spec, batch, params, extra):
 
 
 def timed(sess, feeds, runs):
-    sess.run(None, feeds)  # warm-up: memory planning, arena growth
+    """Times `runs` runs after one warm-up; returns (seconds per run, last outputs, CPU/fault counts
+    per run). The previous run's outputs are released before the next run, as betadpo does."""
+    out = sess.run(None, feeds)  # warm-up: memory planning, arena growth
     ts = []
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(runs):
+        del out
         t0 = time.perf_counter()
         out = sess.run(None, feeds)
         ts.append(time.perf_counter() - t0)
-    return ts, out
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    usage = dict(user_s=(r1.ru_utime - r0.ru_utime) / runs, sys_s=(r1.ru_stime - r0.ru_stime) / runs,
+                 minor_faults=(r1.ru_minflt - r0.ru_minflt) / runs)
+    return ts, out, usage
+
+
+def usage_text(u):
+    return (f"per run: user {u['user_s']:.2f} s, system {u['sys_s']:.2f} s, "
+            f"{u['minor_faults'] / 1e3:.0f}k page faults (~{u['minor_faults'] * 4 / 1024:.0f} MiB first-touched)")
 
 
 def summarize_profile(path, top, title):
@@ -178,12 +189,13 @@ def main():
 
     tr, load_s = session(os.path.join(a.artifacts, g["train"]["file"]), a.threads, not a.no_arena)
     train_feeds = feeds_for(g["train"], batch, params, {})
-    ts, out = timed(tr, train_feeds, a.runs)
+    ts, out, usage = timed(tr, train_feeds, a.runs)
     out_names = [o.name for o in tr.get_outputs()]
     loss = float(out[out_names.index("loss")]) if "loss" in out_names else float("nan")
     print(f"train graph:     session {load_s:.2f} s; run {np.median(ts):.3f} s median "
           f"({' '.join(f'{t:.3f}' for t in ts)}); loss {loss:.4f}; RSS {rss():.0f} MiB, peak {rss('VmHWM'):.0f} MiB")
-    res["train_s"] = ts
+    print("                 " + usage_text(usage))
+    res["train_s"], res["train_usage"] = ts, usage
     grads = {}
     for o in g["train"]["outputs"]:
         if o["role"] == "gradient":
@@ -200,11 +212,12 @@ def main():
     extra.update(gradient=lambda i: grads[i["parameter"]], adam_m=zero_like, adam_v=zero_like)
     opt, load_s = session(os.path.join(a.artifacts, g["optimizer"]["file"]), a.threads, not a.no_arena)
     opt_feeds = feeds_for(g["optimizer"], {}, params, extra)
-    ts, out = timed(opt, opt_feeds, a.runs)
+    ts, out, usage = timed(opt, opt_feeds, a.runs)
     del out
     print(f"optimizer graph: session {load_s:.2f} s; run {np.median(ts):.3f} s median "
           f"({' '.join(f'{t:.3f}' for t in ts)}); RSS {rss():.0f} MiB, peak {rss('VmHWM'):.0f} MiB")
-    res["optimizer_s"] = ts
+    print("                 " + usage_text(usage))
+    res["optimizer_s"], res["optimizer_usage"] = ts, usage
     res["peak_rss_mib"] = rss("VmHWM")
     del tr, opt
 

@@ -53,7 +53,7 @@ fn train_run(assets: &Path, artifacts: &Path, out: &Path, steps: u64, quiet: boo
         max_steps: Some(steps),
         batch_size: 8,
         lr: 1e-3,
-        eval_every: (steps / 4).max(1),
+        eval_every: (steps / 8).max(1),
         group_by: Some("regime".into()),
         progress: !quiet,
         ..Default::default()

@@ -45,14 +45,34 @@ fn panel<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>, tit
     chart.configure_mesh().x_desc("step").light_line_style(WHITE.mix(0.0)).draw().map_err(|e| err(e.to_string()))?;
     for (i, (name, s)) in lines.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
+        // Per-step training values are noisy: draw them faintly, with a moving average on top.
+        let shown = if s.len() > 40 {
+            chart.draw_series(LineSeries::new(s.iter().copied(), c.mix(0.2).stroke_width(1))).map_err(|e| err(e.to_string()))?;
+            moving_average(s, (s.len() / 40).max(3))
+        } else {
+            s.clone()
+        };
         chart
-            .draw_series(LineSeries::new(s.iter().copied(), c.stroke_width(2)))
+            .draw_series(LineSeries::new(shown, c.stroke_width(2)))
             .map_err(|e| err(e.to_string()))?
             .label(name.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2)));
     }
     chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| err(e.to_string()))?;
     Ok(())
+}
+
+/// Centered moving average over `window` points (shorter at the ends).
+fn moving_average(s: &Series, window: usize) -> Series {
+    let half = window / 2;
+    (0..s.len())
+        .map(|i| {
+            let lo = i.saturating_sub(half);
+            let hi = (i + half + 1).min(s.len());
+            let m = s[lo..hi].iter().map(|p| p.1).sum::<f64>() / (hi - lo) as f64;
+            (s[i].0, m)
+        })
+        .collect()
 }
 
 /// Draws `RUN/report.svg` from `RUN/metrics.jsonl`.
