@@ -27,6 +27,41 @@ pub fn write_safetensors(path: &Path, tensors: &[NamedTensor], metadata: Option<
     crate::onnx::write_atomic(path, |w| w.write_all(&data))
 }
 
+/// A float32 tensor given as its little-endian bytes (e.g. an ONNX initializer's `raw_data`).
+pub struct RawTensor<'a> {
+    pub name: &'a str,
+    pub shape: Vec<usize>,
+    pub bytes: std::borrow::Cow<'a, [u8]>,
+}
+
+/// Writes float32 tensors straight from their bytes: no copy of the weights is made, so writing
+/// a model's parameters costs no memory beyond the (memory-mapped) model itself.
+pub fn write_safetensors_raw(path: &Path, tensors: &[RawTensor]) -> Result<()> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for t in tensors {
+        let len = t.bytes.len();
+        if len != t.shape.iter().product::<usize>() * 4 {
+            return Err(Error::Other(format!("{}: tensor {} has {len} bytes for shape {:?}", path.display(), t.name, t.shape)));
+        }
+        header.insert(t.name.to_string(), serde_json::json!({"dtype": "F32", "shape": t.shape, "data_offsets": [offset, offset + len]}));
+        offset += len;
+    }
+    let mut text = serde_json::to_string(&header).expect("header serialises");
+    // the data section starts 8-byte aligned
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    crate::onnx::write_atomic(path, |w| {
+        w.write_all(&(text.len() as u64).to_le_bytes())?;
+        w.write_all(text.as_bytes())?;
+        for t in tensors {
+            w.write_all(&t.bytes)?;
+        }
+        Ok(())
+    })
+}
+
 /// Reads every tensor as float32 (f32, f16, bf16 and f64 storage), in file order.
 pub fn read_safetensors(path: &Path) -> Result<(Vec<NamedTensor>, BTreeMap<String, String>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;

@@ -88,6 +88,9 @@ pub struct Args {
     /// Group pairs of similar length within windows of N batches (0: off) to cut padding.
     #[arg(long, default_value_t = 0)]
     bucket_batches: usize,
+    /// AdamW implementation: auto (fused host kernel on CPU, the optimizer graph on GPUs), graph, fused.
+    #[arg(long, default_value = "auto")]
+    optimizer: betadpo::train::config::OptimizerKind,
     /// No progress bars.
     #[arg(long)]
     quiet: bool,
@@ -125,6 +128,7 @@ pub fn config(a: Args) -> TrainConfig {
         skip_nonfinite: a.skip_nonfinite,
         bucket_batches: a.bucket_batches,
         progress: !a.quiet,
+        optimizer: a.optimizer,
         ..Default::default()
     }
 }

@@ -17,7 +17,7 @@ use crate::autodiff::differentiate;
 use crate::graph::{probe_shapes, Builder, Graph, ProbeBatch};
 use crate::onnx::{dtype, load_model, save_model, tensor_to_f32, value_info, value_info_type, Dim, SaveOptions, TensorProto};
 use crate::runtime::HostTensor;
-use crate::store::{write_safetensors, NamedTensor};
+use crate::store::{write_safetensors_raw, RawTensor};
 use crate::{Error, Result};
 
 pub const PARAMS_FILE: &str = "params.safetensors";
@@ -332,22 +332,28 @@ fn head_placeholders(hidden: i64, cfg: &ObjectiveConfig) -> Vec<TensorProto> {
     objective::head_initial_values(hidden, cfg)
 }
 
-/// Initial values of every trainable parameter, read from the model (or the head's init).
-fn initial_values(base: &Graph, obj: &Objective, params: &[Param]) -> Result<Vec<NamedTensor>> {
+/// Initial values of every trainable parameter, read from the model (or the head's init): the
+/// model's float32 bytes are passed through without a copy.
+fn initial_values<'a>(base: &'a Graph, obj: &'a Objective, params: &'a [Param]) -> Result<Vec<RawTensor<'a>>> {
     let mut out = Vec::new();
     for p in params.iter().filter(|p| p.trainable) {
         let t = base
             .initializer(&p.name)
             .or_else(|| obj.head.iter().find(|h| h.name == p.name))
             .ok_or_else(|| Error::graph(format!("no initial value for parameter {}", p.name)))?;
-        out.push(NamedTensor { name: p.name.clone(), shape: p.dims.iter().map(|&d| d as usize).collect(), data: tensor_to_f32(t)? });
+        let bytes: std::borrow::Cow<[u8]> = if t.data_type == dtype::FLOAT && !t.raw_data.is_empty() {
+            std::borrow::Cow::Borrowed(&t.raw_data[..])
+        } else {
+            std::borrow::Cow::Owned(tensor_to_f32(t)?.iter().flat_map(|v| v.to_le_bytes()).collect())
+        };
+        out.push(RawTensor { name: &p.name, shape: p.dims.iter().map(|&d| d as usize).collect(), bytes });
     }
     Ok(out)
 }
 
 /// Writes every file into `<out>.partial-<pid>`, then swaps it into place, so `out` is either the
 /// previous complete build or the new complete build, never a mix.
-fn write_all<const N: usize>(out: &Path, manifest: &Manifest, graphs: [(&str, Graph); N], params: &[NamedTensor]) -> Result<()> {
+fn write_all<const N: usize>(out: &Path, manifest: &Manifest, graphs: [(&str, Graph); N], params: &[RawTensor]) -> Result<()> {
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     let name = out.file_name().ok_or_else(|| Error::Other(format!("{}: not a directory path", out.display())))?;
@@ -359,7 +365,7 @@ fn write_all<const N: usize>(out: &Path, manifest: &Manifest, graphs: [(&str, Gr
             let file = &manifest.graphs[which].file;
             save_model(&g.into_model(), &tmp.join(file), &SaveOptions::default())?;
         }
-        write_safetensors(&tmp.join(PARAMS_FILE), params, None)?;
+        write_safetensors_raw(&tmp.join(PARAMS_FILE), params)?;
         let text = serde_json::to_string_pretty(manifest).expect("manifest serialises");
         crate::onnx::write_atomic(&tmp.join(MANIFEST_FILE), |w| w.write_all(text.as_bytes()))?;
         Ok(())

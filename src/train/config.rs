@@ -46,6 +46,31 @@ pub struct TrainConfig {
     /// Sort pairs by length within windows of this many batches (0: off) to cut padding.
     pub bucket_batches: usize,
     pub progress: bool,
+    /// How the AdamW step runs: `auto` (fused host kernel on CPU, the optimizer graph elsewhere),
+    /// `graph` (always the optimizer graph) or `fused`.
+    #[serde(default)]
+    pub optimizer: OptimizerKind,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    #[default]
+    Auto,
+    Graph,
+    Fused,
+}
+
+impl std::str::FromStr for OptimizerKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(OptimizerKind::Auto),
+            "graph" => Ok(OptimizerKind::Graph),
+            "fused" => Ok(OptimizerKind::Fused),
+            other => Err(format!("{other:?} is not an optimizer implementation (auto, graph, fused)")),
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -84,6 +109,7 @@ impl Default for TrainConfig {
             skip_nonfinite: false,
             bucket_batches: 0,
             progress: true,
+            optimizer: OptimizerKind::Auto,
         }
     }
 }
@@ -107,6 +133,9 @@ impl TrainConfig {
         }
         if !(self.epochs.is_finite() && self.epochs > 0.0) && self.max_steps.is_none() {
             return bad("--epochs", format!("{} (must be > 0)", self.epochs));
+        }
+        if self.optimizer == OptimizerKind::Fused && self.ep != ExecutionProvider::Cpu {
+            return bad("--optimizer", "fused runs on host memory; use graph (or auto) with a GPU provider".into());
         }
         if self.max_steps == Some(0) {
             return bad("--max-steps", "must be at least 1".into());

@@ -20,6 +20,7 @@ pub use chat_template::{ChatTemplate, RenderedPair};
 pub use data::{load_preferences, parse_preferences, parse_row, split_implicit_prompt, LoadOptions, LoadedData, Message, PreferenceRow, Text};
 pub use tokenize::{PairTokenizer, TokenizeStats, TokenizedPair, TokenizerConfig, TruncationConfig};
 pub mod config;
+pub mod fused_adamw;
 pub mod optimizer_step;
 pub mod report;
 pub mod trainer;

@@ -9,9 +9,10 @@ use sha2::{Digest, Sha256};
 
 use super::batch::{collate, CollateOptions, DataLoader, LoaderConfig, LoaderPosition};
 use super::checkpoint::{self, TrainerState};
-use super::config::TrainConfig;
+use super::config::{OptimizerKind, TrainConfig};
 use super::data::{load_preferences, LoadOptions};
 use super::device::Device;
+use super::fused_adamw::{self, ParamKind};
 use super::metrics::{num, summarise, summarise_groups, MetricsLog, PairValues};
 use super::optimizer_step::{apply, Accumulator, Hyper, State};
 use super::reference::{batch_refs, cache_key, reference_logps, RefTable};
@@ -79,6 +80,15 @@ fn download_all(names: &[String], values: &[ort::value::Tensor<f32>], suffix: &s
         .collect()
 }
 
+/// Whether the AdamW step runs as the fused host kernel rather than the optimizer graph.
+fn uses_fused(cfg: &TrainConfig) -> bool {
+    match cfg.optimizer {
+        OptimizerKind::Fused => true,
+        OptimizerKind::Graph => false,
+        OptimizerKind::Auto => cfg.ep == crate::runtime::ExecutionProvider::Cpu,
+    }
+}
+
 /// Everything a resumed run must share with the original, hashed.
 fn run_key(cfg: &TrainConfig, manifest_text: &str, train_key: &str) -> String {
     let mut h = Sha256::new();
@@ -88,6 +98,7 @@ fn run_key(cfg: &TrainConfig, manifest_text: &str, train_key: &str) -> String {
         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "lr": cfg.lr, "head_lr": cfg.head_lr,
         "warmup": cfg.warmup_steps, "schedule": cfg.lr_schedule, "wd": cfg.weight_decay, "clip": cfg.max_grad_norm,
         "betas": [cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon], "seed": cfg.seed, "bucket": cfg.bucket_batches,
+        "fused": uses_fused(cfg),
     });
     h.update(essentials.to_string().as_bytes());
     format!("{:x}", h.finalize())[..16].to_string()
@@ -245,6 +256,16 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         .map(|p| train_spec.output_for("gradient", p).map(|o| o.name.clone()).ok_or_else(|| Error::Other(format!("no gradient output for {p}"))))
         .collect::<Result<_>>()?;
 
+    let fused = uses_fused(cfg);
+    let kinds: Vec<ParamKind> = state
+        .params
+        .names
+        .iter()
+        .map(|n| {
+            let p = manifest.parameters.iter().find(|p| &p.name == n).expect("trainable parameter in the manifest");
+            ParamKind { beta_head: p.beta_head, weight_decay: p.weight_decay }
+        })
+        .collect();
     let mut initial_eval = None;
     if let (Some(ev), None) = (&evaluator, resumed_from) {
         let mut rec = ev.run(&mut eval_s, &manifest, &state.params, "eval/")?;
@@ -293,7 +314,11 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             max_grad_norm: cfg.max_grad_norm as f32,
             gradient_scale: 1.0 / cfg.grad_accum as f32,
         };
-        let norm = if loss.is_finite() { apply(&mut opt_s, &opt_spec, &mut state, &grads, &hyper)? } else { None };
+        let norm = match (loss.is_finite(), fused) {
+            (false, _) => None,
+            (true, true) => fused_adamw::step(&mut state, &grads, &kinds, &hyper, cfg.threads)?,
+            (true, false) => apply(&mut opt_s, &opt_spec, &mut state, &grads, &hyper)?,
+        };
         let norm = match norm {
             Some(n) => n,
             None if cfg.skip_nonfinite => {
