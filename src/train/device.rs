@@ -2,7 +2,11 @@
 //! values on the execution provider's device; the host sees them only at checkpoints.
 
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
-use ort::value::Tensor;
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use ort::session::{Session, SessionInputValue};
+use ort::value::{DynValue, Tensor};
 
 use crate::runtime::ExecutionProvider;
 use crate::{Error, Result};
@@ -32,6 +36,37 @@ impl Device {
     /// Host memory, for the small outputs the loop reads every step (loss, metrics).
     pub fn host_memory() -> Result<MemoryInfo<'static>> {
         MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default).map_err(Error::from)
+    }
+
+    pub fn is_gpu(&self) -> bool {
+        self.gpu.is_some()
+    }
+
+    /// Runs a session and returns its outputs by name. On a GPU the outputs named by `on_device`
+    /// are bound to device memory through an IoBinding (parameters, gradients and moments never
+    /// travel through the host) and the rest to host memory; on the CPU a plain run already
+    /// leaves every output in place.
+    pub fn run(
+        &self,
+        session: &mut Session,
+        inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)>,
+        on_device: &dyn Fn(&str) -> bool,
+    ) -> Result<HashMap<String, DynValue>> {
+        if !self.is_gpu() {
+            let outputs = session.run(inputs)?;
+            return Ok(outputs.into_iter().map(|(k, v)| (k.to_string(), v)).collect());
+        }
+        let names: Vec<String> = session.outputs().iter().map(|o| o.name().to_string()).collect();
+        let (device, host) = (self.memory()?, Self::host_memory()?);
+        let mut binding = session.create_binding()?;
+        for (name, value) in &inputs {
+            binding.bind_input(name.as_ref(), &**value)?;
+        }
+        for n in &names {
+            binding.bind_output_to_device(n.as_str(), if on_device(n) { &device } else { &host })?;
+        }
+        let outputs = session.run_binding(&binding)?;
+        Ok(outputs.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
     }
 
     /// Moves a host tensor to the device (no copy on CPU).

@@ -6,6 +6,7 @@ use std::borrow::Cow;
 use ort::session::{Session, SessionInputValue};
 use ort::value::{Tensor, TensorValueType};
 
+use super::device::Device;
 use super::session_io::Feeds;
 use crate::dpo::manifest::GraphSpec;
 use crate::dpo::optimizer::{state_name, updated};
@@ -53,7 +54,7 @@ pub struct State {
 
 /// Runs the optimizer graph. On success the state holds the updated values and the global gradient
 /// norm is returned; when the norm is not finite nothing is updated and `Ok(None)` tells the caller.
-pub fn apply(session: &mut Session, spec: &GraphSpec, state: &mut State, grads: &[Tensor<f32>], h: &Hyper) -> Result<Option<f32>> {
+pub fn apply(session: &mut Session, spec: &GraphSpec, state: &mut State, grads: &[Tensor<f32>], h: &Hyper, device: &Device) -> Result<Option<f32>> {
     let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(spec.inputs.len());
     for i in &spec.inputs {
         if let Some(v) = h.value(&i.role) {
@@ -71,7 +72,7 @@ pub fn apply(session: &mut Session, spec: &GraphSpec, state: &mut State, grads: 
         };
         inputs.push((Cow::Owned(i.name.clone()), SessionInputValue::from(value)));
     }
-    let mut outputs = session.run(inputs)?;
+    let mut outputs = device.run(session, inputs, &|name| name != "grad_norm")?;
     let norm = {
         let v = outputs.get("grad_norm").ok_or_else(|| Error::Runtime("the optimizer returned no grad_norm".into()))?;
         v.try_extract_tensor::<f32>()?.1[0]
@@ -95,10 +96,11 @@ pub fn apply(session: &mut Session, spec: &GraphSpec, state: &mut State, grads: 
 pub struct Accumulator {
     session: Session,
     n: usize,
+    device: Device,
 }
 
 impl Accumulator {
-    pub fn new(shapes: &[Vec<i64>], cfg: &SessionConfig) -> Result<Self> {
+    pub fn new(shapes: &[Vec<i64>], cfg: &SessionConfig, device: Device) -> Result<Self> {
         let mut g = Graph::default();
         g.name = "betadpo_grad_accumulate".into();
         g.ir_version = 8;
@@ -116,7 +118,7 @@ impl Accumulator {
         }
         g.nodes = b.take();
         let bytes = prost::Message::encode_to_vec(&g.into_model());
-        Ok(Accumulator { session: cfg.session_from_bytes(&bytes)?, n: shapes.len() })
+        Ok(Accumulator { session: cfg.session_from_bytes(&bytes)?, n: shapes.len(), device })
     }
 
     pub fn add(&mut self, acc: Vec<Tensor<f32>>, grads: &[Tensor<f32>]) -> Result<Vec<Tensor<f32>>> {
@@ -125,10 +127,10 @@ impl Accumulator {
             inputs.push((Cow::Owned(format!("acc{i}")), SessionInputValue::from(&acc[i])));
             inputs.push((Cow::Owned(format!("g{i}")), SessionInputValue::from(&grads[i])));
         }
-        let mut out = self.session.run(inputs)?;
+        let mut out = self.device.run(&mut self.session, inputs, &|_| true)?;
         (0..self.n)
             .map(|i| {
-                out.remove(format!("sum{i}"))
+                out.remove(&format!("sum{i}"))
                     .ok_or_else(|| Error::Runtime("accumulator output missing".into()))?
                     .downcast::<TensorValueType<f32>>()
                     .map_err(Error::from)

@@ -58,6 +58,7 @@ pub fn reference_logps(
     params: &Feeds,
     collate_opts: &CollateOptions,
     batch_size: usize,
+    device: &super::device::Device,
     mut progress: impl FnMut(usize),
 ) -> Result<RefTable> {
     let path = cache_path(run, name, key);
@@ -77,7 +78,7 @@ pub fn reference_logps(
         let refs: Vec<&TokenizedPair> = chunk.iter().collect();
         let batch = collate(&refs, collate_opts)?;
         let zeros = vec![0.0f32; 2 * chunk.len()];
-        let out = forward_values(session, spec, &batch, &zeros, params)?;
+        let out = forward_values(session, spec, &batch, &zeros, params, device)?;
         let b = chunk.len();
         for (i, p) in chunk.iter().enumerate() {
             table.insert(p.source_index, (out.policy_logps[i], out.policy_logps[b + i]));

@@ -7,6 +7,7 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorValueType};
 
 use super::batch::Batch;
+use super::device::Device;
 use crate::dpo::manifest::GraphSpec;
 use crate::{Error, Result};
 
@@ -65,17 +66,18 @@ pub fn run_graph(
     refs: &[f32],
     params: &Feeds,
     grad_outputs: &[String],
+    device: &Device,
 ) -> Result<(ForwardOut, Vec<Tensor<f32>>)> {
     let mut inputs = batch_inputs(spec, batch, refs)?;
     for i in spec.inputs.iter().filter(|i| i.role == "parameter") {
         let v = params.get(&i.name).ok_or_else(|| Error::Other(format!("no value for parameter {}", i.name)))?;
         inputs.push((Cow::Owned(i.name.clone()), SessionInputValue::from(v)));
     }
-    let mut outputs = session.run(inputs)?;
+    let mut outputs = device.run(session, inputs, &|name| grad_outputs.iter().any(|g| g == name))?;
     let mut out = ForwardOut::default();
     let metrics: Vec<&str> = spec.outputs.iter().filter(|o| o.role == "metric").map(|o| o.name.as_str()).collect();
     for o in &spec.outputs {
-        let Some(v) = outputs.get(&o.name) else { continue };
+        let Some(v) = outputs.get(o.name.as_str()) else { continue };
         match o.role.as_str() {
             "loss" => out.loss = floats(v, &o.name)?.first().copied().unwrap_or(f32::NAN),
             "beta" => out.beta = floats(v, &o.name)?,
@@ -93,13 +95,13 @@ pub fn run_graph(
     }
     let mut grads = Vec::with_capacity(grad_outputs.len());
     for g in grad_outputs {
-        let v = outputs.remove(g).ok_or_else(|| Error::Runtime(format!("the train graph returned no {g}")))?;
+        let v = outputs.remove(g.as_str()).ok_or_else(|| Error::Runtime(format!("the train graph returned no {g}")))?;
         grads.push(v.downcast::<TensorValueType<f32>>()?);
     }
     Ok((out, grads))
 }
 
 /// A forward pass without gradients (eval graph).
-pub fn forward_values(session: &mut Session, spec: &GraphSpec, batch: &Batch, refs: &[f32], params: &Feeds) -> Result<ForwardOut> {
-    Ok(run_graph(session, spec, batch, refs, params, &[])?.0)
+pub fn forward_values(session: &mut Session, spec: &GraphSpec, batch: &Batch, refs: &[f32], params: &Feeds, device: &Device) -> Result<ForwardOut> {
+    Ok(run_graph(session, spec, batch, refs, params, &[], device)?.0)
 }

@@ -112,7 +112,7 @@ struct Evaluator<'a> {
 }
 
 impl Evaluator<'_> {
-    fn run(&self, session: &mut ort::session::Session, m: &Manifest, params: &Feeds, prefix: &str) -> Result<Map<String, Value>> {
+    fn run(&self, session: &mut ort::session::Session, m: &Manifest, params: &Feeds, prefix: &str, device: &Device) -> Result<Map<String, Value>> {
         let spec = m.graph("eval")?;
         let mut all = PairValues::default();
         let mut loss_sum = 0.0f64;
@@ -120,7 +120,7 @@ impl Evaluator<'_> {
             let refs: Vec<&TokenizedPair> = chunk.iter().collect();
             let batch = collate(&refs, &self.collate)?;
             let r = batch_refs(&self.refs, &batch.source_indices)?;
-            let (out, _) = run_graph(session, spec, &batch, &r, params, &[])?;
+            let (out, _) = run_graph(session, spec, &batch, &r, params, &[], device)?;
             loss_sum += out.loss as f64 * chunk.len() as f64;
             all.extend(PairValues::from_outputs(&out.chosen_rewards, &out.rejected_rewards, &out.policy_logps, &r, &out.beta, batch.groups.clone()));
         }
@@ -176,7 +176,8 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let graph_path = |which: &str| -> Result<PathBuf> { Ok(cfg.artifacts.join(&manifest.graph(which)?.file)) };
     let mut train_s = scfg.session_from_file(&graph_path("train")?)?;
     let mut eval_s = scfg.session_from_file(&graph_path("eval")?)?;
-    let mut opt_s = scfg.session_from_file(&graph_path("optimizer")?)?;
+    // The fused host kernel replaces the optimizer graph on the CPU: no session (and no arena) for it.
+    let mut opt_s = if uses_fused(cfg) { None } else { Some(scfg.session_from_file(&graph_path("optimizer")?)?) };
     let device = Device::for_ep(&cfg.ep);
     let (initial, _) = read_safetensors(&cfg.artifacts.join(&manifest.parameters_file))?;
     let initial_feeds = to_feeds(&initial, &manifest, &device)?;
@@ -185,14 +186,16 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let ref_bar = progress_bar((train_pairs.len() + eval_pairs.as_ref().map(Vec::len).unwrap_or(0)) as u64, 0, cfg.progress);
     ref_bar.set_prefix("reference log-probs");
     let train_key = cache_key(&train_pairs, &cfg.artifacts, &manifest)?;
-    let train_refs = reference_logps(&run, "train", &train_key, &train_pairs, &manifest, &mut eval_s, &initial_feeds, &collate_opts, cfg.batch_size, |n| {
-        ref_bar.inc(n as u64)
-    })?;
+    let train_refs =
+        reference_logps(&run, "train", &train_key, &train_pairs, &manifest, &mut eval_s, &initial_feeds, &collate_opts, cfg.batch_size, &device, |n| {
+            ref_bar.inc(n as u64)
+        })?;
     let evaluator = match &eval_pairs {
         Some(pairs) => {
             let key = cache_key(pairs, &cfg.artifacts, &manifest)?;
-            let refs =
-                reference_logps(&run, "eval", &key, pairs, &manifest, &mut eval_s, &initial_feeds, &collate_opts, cfg.batch_size, |n| ref_bar.inc(n as u64))?;
+            let refs = reference_logps(&run, "eval", &key, pairs, &manifest, &mut eval_s, &initial_feeds, &collate_opts, cfg.batch_size, &device, |n| {
+                ref_bar.inc(n as u64)
+            })?;
             Some(Evaluator { pairs, refs, collate: collate_opts.clone(), batch_size: cfg.batch_size })
         }
         None => None,
@@ -246,7 +249,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let per_epoch = loader.batches_per_epoch() as f64;
     let total = cfg.max_steps.unwrap_or_else(|| ((cfg.epochs * per_epoch) / cfg.grad_accum as f64).ceil().max(1.0) as u64);
     let mut log = MetricsLog::open(&run.join(METRICS_FILE), resumed_from)?;
-    let mut accumulator = if cfg.grad_accum > 1 { Some(Accumulator::new(&shapes, &scfg)?) } else { None };
+    let mut accumulator = if cfg.grad_accum > 1 { Some(Accumulator::new(&shapes, &scfg, device)?) } else { None };
     let train_spec = manifest.graph("train")?.clone();
     let opt_spec = manifest.graph("optimizer")?.clone();
     let grad_names: Vec<String> = state
@@ -268,7 +271,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         .collect();
     let mut initial_eval = None;
     if let (Some(ev), None) = (&evaluator, resumed_from) {
-        let mut rec = ev.run(&mut eval_s, &manifest, &state.params, "eval/")?;
+        let mut rec = ev.run(&mut eval_s, &manifest, &state.params, "eval/", &device)?;
         rec.insert("step".into(), Value::from(0u64));
         rec.insert("epoch".into(), num(0.0));
         log.write(&rec)?;
@@ -288,7 +291,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         for _ in 0..cfg.grad_accum {
             let batch = loader.next_batch()?;
             let refs = batch_refs(&train_refs, &batch.source_indices)?;
-            let (out, grads) = run_graph(&mut train_s, &train_spec, &batch, &refs, &state.params, &grad_names)?;
+            let (out, grads) = run_graph(&mut train_s, &train_spec, &batch, &refs, &state.params, &grad_names, &device)?;
             loss_sum += out.loss as f64 * batch.pairs() as f64;
             n_pairs += batch.pairs();
             tokens += batch.num_tokens;
@@ -317,7 +320,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         let norm = match (loss.is_finite(), fused) {
             (false, _) => None,
             (true, true) => fused_adamw::step(&mut state, &grads, &kinds, &hyper, cfg.threads)?,
-            (true, false) => apply(&mut opt_s, &opt_spec, &mut state, &grads, &hyper)?,
+            (true, false) => apply(opt_s.as_mut().expect("optimizer session"), &opt_spec, &mut state, &grads, &hyper, &device)?,
         };
         let norm = match norm {
             Some(n) => n,
@@ -362,7 +365,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         let is_last = step == total;
         if let Some(ev) = &evaluator {
             if is_last || (cfg.eval_every > 0 && step % cfg.eval_every == 0) {
-                let mut rec = ev.run(&mut eval_s, &manifest, &state.params, "eval/")?;
+                let mut rec = ev.run(&mut eval_s, &manifest, &state.params, "eval/", &device)?;
                 rec.insert("step".into(), Value::from(step));
                 rec.insert("epoch".into(), num(epoch));
                 log.write(&rec)?;
