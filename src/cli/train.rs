@@ -91,6 +91,9 @@ pub struct Args {
     /// AdamW implementation: auto (fused host kernel on CPU, the optimizer graph on GPUs), graph, fused.
     #[arg(long, default_value = "auto")]
     optimizer: betadpo::train::config::OptimizerKind,
+    /// Write ONNX Runtime profiles (chrome-trace JSON per session) with this path prefix.
+    #[arg(long)]
+    profile: Option<PathBuf>,
     /// No progress bars.
     #[arg(long)]
     quiet: bool,
@@ -129,6 +132,7 @@ pub fn config(a: Args) -> TrainConfig {
         bucket_batches: a.bucket_batches,
         progress: !a.quiet,
         optimizer: a.optimizer,
+        profile: a.profile,
         ..Default::default()
     }
 }

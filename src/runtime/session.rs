@@ -73,11 +73,21 @@ pub struct SessionConfig {
     pub profile_prefix: Option<PathBuf>,
     /// Memory pattern planning; turn it off when input shapes vary from run to run.
     pub memory_pattern: bool,
+    /// ONNX Runtime's CPU arena keeps every block it ever allocated (growing in powers of two);
+    /// training graphs with batch-dependent shapes do better returning memory to the system.
+    pub cpu_arena: bool,
 }
 
 impl Default for SessionConfig {
     fn default() -> Self {
-        SessionConfig { ep: ExecutionProvider::Cpu, intra_threads: None, optimization: OptLevel::All, profile_prefix: None, memory_pattern: true }
+        SessionConfig {
+            ep: ExecutionProvider::Cpu,
+            intra_threads: None,
+            optimization: OptLevel::All,
+            profile_prefix: None,
+            memory_pattern: true,
+            cpu_arena: true,
+        }
     }
 }
 
@@ -118,6 +128,11 @@ impl SessionConfig {
         }
         if let Some(prefix) = &self.profile_prefix {
             builder = builder.with_profiling(prefix).map_err(fail)?;
+        }
+        if !self.cpu_arena && self.ep == ExecutionProvider::Cpu {
+            builder = builder
+                .with_execution_providers([ort::ep::CPU::default().with_arena_allocator(false).build()])
+                .map_err(|e| Error::Runtime(format!("{what}: configuring the CPU provider: {e}")))?;
         }
         let dispatches = self.ep.dispatches();
         if !dispatches.is_empty() {

@@ -50,6 +50,9 @@ pub struct TrainConfig {
     /// `graph` (always the optimizer graph) or `fused`.
     #[serde(default)]
     pub optimizer: OptimizerKind,
+    /// Write ONNX Runtime profiles (JSON, one per session) with this path prefix.
+    #[serde(default)]
+    pub profile: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,6 +113,7 @@ impl Default for TrainConfig {
             bucket_batches: 0,
             progress: true,
             optimizer: OptimizerKind::Auto,
+            profile: None,
         }
     }
 }
