@@ -7,7 +7,8 @@ Usage
       --out /tmp/bdp-bench-art -- --trainable head        # arguments after `--` go to build-graph
 
 Runs `betadpo build-graph --model M --out OUT --quiet [extra args]` --repeat times, each in its own child
-process, and prints per run the wall time, the child's peak resident set size (ru_maxrss from wait4(2),
+process, and prints per run the wall time (and user + system CPU time, which other load on the
+machine distorts less), the child's peak resident set size (ru_maxrss from wait4(2),
 i.e. what `/usr/bin/time -v` reports as "Maximum resident set size") and the ratio of that peak to the
 model's size on disk: the .onnx file plus every external data file it references. The first run may read
 the model from disk; later runs usually find it in the page cache (the page cache is not counted in RSS,
@@ -61,14 +62,14 @@ def external_data_files(model):
 
 
 def run_child(cmd):
-    """Runs cmd; returns (exit status, wall seconds, peak RSS bytes, combined output)."""
+    """Runs cmd; returns (exit status, wall seconds, peak RSS bytes, combined output, CPU seconds)."""
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out = p.stdout.read()  # the child writes little; read it all before reaping
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
     p.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
-    return p.returncode, wall, ru.ru_maxrss * 1024, out.decode(errors="replace")
+    return p.returncode, wall, ru.ru_maxrss * 1024, out.decode(errors="replace"), ru.ru_utime + ru.ru_stime
 
 
 def mib(n):
@@ -102,13 +103,13 @@ def main():
 
     runs = []
     for i in range(a.repeat):
-        rc, wall, rss, text = run_child(cmd)
+        rc, wall, rss, text, cpu = run_child(cmd)
         if rc != 0:
             print(text)
             sys.exit(f"run {i + 1}: build-graph exited with status {rc}")
         reported = next((l for l in text.splitlines() if l.startswith("wrote ")), "").strip()
-        runs.append(dict(wall_s=wall, peak_rss_bytes=rss, ratio=rss / model_bytes))
-        print(f"run {i + 1}: wall {wall:6.2f} s   peak RSS {mib(rss):8.1f} MiB   "
+        runs.append(dict(wall_s=wall, cpu_s=cpu, peak_rss_bytes=rss, ratio=rss / model_bytes))
+        print(f"run {i + 1}: wall {wall:6.2f} s (CPU {cpu:6.2f} s)   peak RSS {mib(rss):8.1f} MiB   "
               f"peak/model {rss / model_bytes:5.2f}x   [{reported}]")
     art_bytes = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
     if a.out is None:

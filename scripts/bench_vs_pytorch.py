@@ -361,7 +361,7 @@ def run_betadpo(a, data_file, pairs, workdir):
     cmd = [a.betadpo, "train", "--artifacts", a.artifacts, "--data", data_file, "--tokenizer", a.tokenizer,
            "--out", run_dir, "--max-steps", str(a.warmup + a.steps), "--batch-size", str(pairs),
            "--threads", str(a.threads), "--lr", str(a.lr), "--head-lr", str(a.head_lr),
-           "--max-grad-norm", str(a.max_grad_norm), "--quiet"]
+           "--max-grad-norm", str(a.max_grad_norm), "--quiet", *a.betadpo_arg]
     timeline = []
     rc, wall, rss, out, err, killed = run_measured(cmd, rss_limit=a.rss_limit, timeline=timeline)
     metrics = os.path.join(run_dir, "metrics.jsonl")
@@ -422,6 +422,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="PyTorch attention implementation")
     ap.add_argument("--betadpo", default=os.path.join(ROOT, "target", "release", "betadpo"))
+    ap.add_argument("--betadpo-arg", action="append", default=[],
+                    help="extra argument for `betadpo train`, repeatable (e.g. --betadpo-arg=--optimizer=graph)")
     ap.add_argument("--artifacts", help="betadpo artifacts (default: a directory under --workdir)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild --artifacts even if present")
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")

@@ -4,6 +4,8 @@
 Usage
   python3 scripts/profile_artifacts.py --artifacts ART [--pairs 8] [--seq 28] [--threads 2] [--runs 3]
          [--no-arena] [--profile-dir DIR] [--top 15] [--json OUT]
+  # or only summarise existing ONNX Runtime profiles, e.g. those of `betadpo train --profile PREFIX`
+  python3 scripts/profile_artifacts.py --summarize PREFIX*.json [--skip-runs 1]
 
 Needs numpy and onnxruntime only (no torch). Use the onnxruntime version betadpo loads (1.31.1, the
 version `betadpo train` provisions) so the kernels are the same:  pip install onnxruntime==1.31.1 numpy
@@ -109,6 +111,21 @@ def usage_text(u):
             f"{u['minor_faults'] / 1e3:.0f}k page faults (~{u['minor_faults'] * 4 / 1024:.0f} MiB first-touched)")
 
 
+def drop_first_runs(path, n):
+    """Writes PATH minus its first n model runs (and their node events) to *_steady.json; returns it."""
+    ev = json.load(open(path))
+    runs = sorted((e for e in ev if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                  key=lambda e: e["ts"])
+    if n <= 0 or len(runs) <= n:
+        return path
+    cut = runs[n - 1]["ts"] + runs[n - 1]["dur"]
+    dropped = {id(e) for e in runs[:n]}
+    ev = [e for e in ev if id(e) not in dropped and not (e.get("cat") == "Node" and e["ts"] < cut)]
+    out = path[:-len(".json")] + "_steady.json" if path.endswith(".json") else path + "_steady.json"
+    json.dump(ev, open(out, "w"))
+    return out
+
+
 def summarize_profile(path, top, title):
     events = json.load(open(path))
     runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
@@ -147,7 +164,11 @@ def summarize_profile(path, top, title):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--artifacts", required=True)
+    ap.add_argument("--artifacts")
+    ap.add_argument("--summarize", nargs="+", metavar="PROFILE_JSON",
+                    help="only summarise these ONNX Runtime profile files")
+    ap.add_argument("--skip-runs", type=int, default=1,
+                    help="with --summarize: leave out each file's first N runs (warm-up)")
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--seq", type=int, default=28, help="tokens per row")
     ap.add_argument("--answer", type=int, default=10, help="answer tokens per row (end of the row)")
@@ -159,6 +180,12 @@ def main():
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    if a.summarize:
+        for path in a.summarize:
+            summarize_profile(drop_first_runs(path, a.skip_runs), a.top, os.path.basename(path))
+        return
+    if not a.artifacts:
+        ap.error("--artifacts is required (or --summarize)")
 
     man = json.load(open(os.path.join(a.artifacts, "manifest.json")))
     g = man["graphs"]
@@ -230,17 +257,7 @@ def main():
                 s.run(None, feeds)
             path = s.end_profiling()
             print(f"\nprofile: {path}")
-            # drop the warm-up run from the summary: rewrite without the first model_run's nodes
-            ev = json.load(open(path))
-            runs = sorted((e for e in ev if e.get("cat") == "Session" and e.get("name") == "model_run"),
-                          key=lambda e: e["ts"])
-            if len(runs) > 1:
-                cut = runs[0]["ts"] + runs[0]["dur"]
-                warm = lambda e: e is runs[0] or (e.get("cat") == "Node" and e["ts"] < cut)
-                ev = [e for e in ev if not warm(e)]
-                path2 = path.replace(".json", "_steady.json")
-                json.dump(ev, open(path2, "w"))
-                path = path2
+            path = drop_first_runs(path, 1)
             res[f"{which}_profile"] = summarize_profile(path, a.top, f"{which} graph")
             del s
     if a.json:
