@@ -37,10 +37,6 @@ pub struct Graph {
 impl Graph {
     pub fn from_model(model: ModelProto) -> Result<Self> {
         let g = model.graph.ok_or_else(|| Error::graph("the model has no graph"))?;
-        if !model.functions.is_empty() {
-            // Exporters sometimes leave unused local functions; any used one shows up as an op
-            // without a gradient rule, which is reported with the node's name.
-        }
         let mut graph = Graph {
             name: g.name,
             nodes: g.node,

@@ -55,8 +55,8 @@ pub const RULES: &[(&str, Rule)] = &[
     // reduce.rs
     ("ReduceSum", reduce::reduce_sum),
     ("ReduceMean", reduce::reduce_mean),
-    ("ReduceMax", reduce::reduce_max),
-    ("ReduceMin", reduce::reduce_max),
+    ("ReduceMax", reduce::reduce_extreme),
+    ("ReduceMin", reduce::reduce_extreme),
     // softmax.rs
     ("Softmax", softmax::softmax),
     ("LogSoftmax", softmax::log_softmax),

@@ -68,7 +68,7 @@ pub fn reduce_mean(ctx: &mut RuleCtx) -> Result<()> {
 }
 
 /// ReduceMax and ReduceMin: the gradient goes to the elements equal to the extreme value.
-pub fn reduce_max(ctx: &mut RuleCtx) -> Result<()> {
+pub fn reduce_extreme(ctx: &mut RuleCtx) -> Result<()> {
     if !ctx.needs(0) {
         return Ok(());
     }
