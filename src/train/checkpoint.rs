@@ -24,6 +24,9 @@ pub struct TrainerState {
     /// Non-padding tokens trained on so far.
     pub tokens: u64,
     pub skipped_nonfinite: u64,
+    /// Optimizer updates applied (steps minus skipped ones): Adam's step counter.
+    #[serde(default)]
+    pub updates: u64,
     /// Fingerprint of everything that must not change across a resume (data, artifacts, flags).
     pub run_key: String,
 }
@@ -109,10 +112,15 @@ pub struct Loaded {
     pub dir: PathBuf,
 }
 
-pub fn load(dir: &Path) -> Result<Loaded> {
+/// The loop's state alone (cheap: no tensors).
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
     let path = dir.join(STATE);
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let state: TrainerState = serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+    serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", path.display())))
+}
+
+pub fn load(dir: &Path) -> Result<Loaded> {
+    let state = read_state(dir)?;
     let (params, _) = read_safetensors(&dir.join(PARAMS))?;
     let (moments, _) = read_safetensors(&dir.join(OPTIMIZER))?;
     Ok(Loaded { state, params, moments, dir: dir.to_path_buf() })

@@ -155,7 +155,6 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let manifest = Manifest::load(&cfg.artifacts)?;
     let manifest_text = std::fs::read_to_string(cfg.artifacts.join(crate::dpo::manifest::MANIFEST_FILE)).map_err(|e| Error::io(&cfg.artifacts, e))?;
     let run = cfg.out.clone();
-    std::fs::create_dir_all(&run).map_err(|e| Error::io(&run, e))?;
     checkpoint::clean_partial(&run);
     let previous = checkpoint::list(&run);
     if !cfg.resume && !previous.is_empty() {
@@ -172,6 +171,17 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     };
     if cfg.progress {
         eprint!("{stats}");
+    }
+    // Refuse a mismatched resume before any expensive work (reference log-probs).
+    let train_key = cache_key(&train_pairs, &cfg.artifacts, &manifest)?;
+    let key = run_key(cfg, &manifest_text, &train_key);
+    if let (true, Some((_, dir))) = (cfg.resume, previous.last()) {
+        if checkpoint::read_state(dir)?.run_key != key {
+            return Err(Error::Other(format!(
+                "{} was trained with other artifacts, data or optimizer flags; resume needs the same ones (or choose a new --out)",
+                run.display()
+            )));
+        }
     }
 
     let scfg = SessionConfig {
@@ -191,10 +201,10 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let device = Device::for_ep(&cfg.ep);
     let initial_feeds = to_feeds(read_safetensors(&cfg.artifacts.join(&manifest.parameters_file))?.0, &manifest, &device)?;
 
+    std::fs::create_dir_all(&run).map_err(|e| Error::io(&run, e))?;
     let collate_opts = CollateOptions { pad_id: tok.pad_id(), group_by: cfg.group_by.clone(), pad_to_multiple_of: None };
     let ref_bar = progress_bar((train_pairs.len() + eval_pairs.as_ref().map(Vec::len).unwrap_or(0)) as u64, 0, cfg.progress);
     ref_bar.set_prefix("reference log-probs");
-    let train_key = cache_key(&train_pairs, &cfg.artifacts, &manifest)?;
     let train_refs =
         reference_logps(&run, "train", &train_key, &train_pairs, &manifest, &mut eval_s, &initial_feeds, &collate_opts, cfg.batch_size, &device, |n| {
             ref_bar.inc(n as u64)
@@ -211,17 +221,10 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     };
     ref_bar.finish_and_clear();
 
-    let key = run_key(cfg, &manifest_text, &train_key);
     let shapes: Vec<Vec<i64>> = manifest.trainable().map(|p| p.shape.clone()).collect();
     let (mut tstate, mut state, resumed_from) = match (cfg.resume, previous.last()) {
         (true, Some((step, dir))) => {
             let l = checkpoint::load(dir)?;
-            if l.state.run_key != key {
-                return Err(Error::Other(format!(
-                    "{} was trained with other artifacts, data or optimizer flags; resume needs the same ones (or choose a new --out)",
-                    run.display()
-                )));
-            }
             let params = to_feeds(l.params, &manifest, &device)?;
             let find = |suffix: &str| -> Result<Vec<ort::value::Tensor<f32>>> {
                 params
@@ -242,7 +245,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             let m = shapes.iter().map(zeros).collect::<Result<Vec<_>>>()?;
             let v = shapes.iter().map(zeros).collect::<Result<Vec<_>>>()?;
             let params = initial_feeds;
-            let ts = TrainerState { step: 0, position: LoaderPosition::default(), tokens: 0, skipped_nonfinite: 0, run_key: key.clone() };
+            let ts = TrainerState { step: 0, position: LoaderPosition::default(), tokens: 0, skipped_nonfinite: 0, updates: 0, run_key: key.clone() };
             (ts, State { params, m, v }, None)
         }
     };
@@ -318,7 +321,8 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         let hyper = Hyper {
             learning_rate: (cfg.lr * f) as f32,
             head_learning_rate: (cfg.head_lr * f) as f32,
-            step: step as f32,
+            // Adam's bias correction counts the updates applied, not the skipped steps.
+            step: (tstate.updates + 1) as f32,
             adam_beta1: cfg.adam_beta1 as f32,
             adam_beta2: cfg.adam_beta2 as f32,
             adam_epsilon: cfg.adam_epsilon as f32,
@@ -344,6 +348,9 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
                 return Err(Error::Other(format!("non-finite loss or gradient at step {step} (loss {loss}){last}; --skip-nonfinite skips such steps")));
             }
         };
+        if norm.is_finite() {
+            tstate.updates += 1;
+        }
         tstate.step = step;
         tstate.tokens += tokens as u64;
         tstate.position = loader.position();
