@@ -92,7 +92,7 @@ pub fn differentiate(graph: &mut Graph, loss: &str, params: &[String], infos: &T
                 let mut b = Builder::new(&mut names, "grad/");
                 let shape = b.op("Shape", &[p], vec![], &format!("{p}_shape"));
                 let t = infos.get(p).map(|i| i.dtype).unwrap_or(dtype::FLOAT);
-                let zero = TensorProto { data_type: t, dims: vec![1], raw_data: vec![0u8; dtype::size_of(t)].into(), ..Default::default() };
+                let zero = crate::onnx::zero_value(t);
                 b.op_into("ConstantOfShape", &[&shape], &[&out], vec![attr_t("value", zero)]);
                 emitted.extend(b.take());
             }

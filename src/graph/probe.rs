@@ -129,7 +129,7 @@ fn zero_fill(t: &TensorProto) -> [NodeProto; 2] {
     };
     let mut zero = tensor_f32("", &[1], &[0.0]);
     if t.data_type != dtype::FLOAT {
-        zero = TensorProto { data_type: t.data_type, dims: vec![1], raw_data: vec![0u8; dtype::size_of(t.data_type)].into(), ..Default::default() };
+        zero = crate::onnx::zero_value(t.data_type);
     }
     let fill = NodeProto {
         name: format!("probe_fill/{}", t.name),

@@ -73,6 +73,11 @@ pub fn tensor_i64(name: &str, dims: &[i64], data: &[i64]) -> TensorProto {
     TensorProto { name: name.to_string(), dims: dims.to_vec(), data_type: dtype::INT64, raw_data: raw.into(), ..Default::default() }
 }
 
+/// A one-element zero of type `t`: the `value` of a `ConstantOfShape` that makes zeros.
+pub fn zero_value(t: DType) -> TensorProto {
+    TensorProto { data_type: t, dims: vec![1], raw_data: vec![0u8; dtype::size_of(t)].into(), ..Default::default() }
+}
+
 fn numel(t: &TensorProto) -> usize {
     t.dims.iter().product::<i64>().max(0) as usize
 }

@@ -2,12 +2,12 @@
 //! zero tensor, adding where positions repeat (`reduction="add"`, opset 16 and newer).
 
 use crate::autodiff::RuleCtx;
-use crate::onnx::{attr_i, attr_ints, attr_s, attr_t, dtype, TensorProto};
+use crate::onnx::{attr_i, attr_ints, attr_s, attr_t, dtype};
 use crate::Result;
 
 fn zeros_like(ctx: &mut RuleCtx, x: &str) -> String {
     let t = ctx.float_type();
-    let zero = TensorProto { data_type: t, dims: vec![1], raw_data: vec![0u8; dtype::size_of(t)].into(), ..Default::default() };
+    let zero = crate::onnx::zero_value(t);
     let shape = ctx.op("Shape", &[x], vec![]);
     ctx.op("ConstantOfShape", &[&shape], vec![attr_t("value", zero)])
 }

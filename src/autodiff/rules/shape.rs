@@ -91,12 +91,7 @@ pub fn split(ctx: &mut RuleCtx) -> Result<()> {
             Some(g) => g,
             None => {
                 let shape = ctx.op("Shape", &[ctx.o(k)], vec![]);
-                let zero = crate::onnx::TensorProto {
-                    data_type: ctx.float_type(),
-                    dims: vec![1],
-                    raw_data: vec![0u8; crate::onnx::dtype::size_of(ctx.float_type())].into(),
-                    ..Default::default()
-                };
+                let zero = crate::onnx::zero_value(ctx.float_type());
                 ctx.op("ConstantOfShape", &[&shape], vec![attr_t("value", zero)])
             }
         };
@@ -134,7 +129,7 @@ pub fn slice(ctx: &mut RuleCtx) -> Result<()> {
     let idx = ctx.op("Reshape", &[&picked, &flat], vec![]);
     let gflat = ctx.op("Reshape", &[&g, &flat], vec![]);
     let t = ctx.float_type();
-    let zero_t = crate::onnx::TensorProto { data_type: t, dims: vec![1], raw_data: vec![0u8; crate::onnx::dtype::size_of(t)].into(), ..Default::default() };
+    let zero_t = crate::onnx::zero_value(t);
     let one_d = ctx.ints(&[1]);
     let size1 = ctx.op("Reshape", &[&size, &one_d], vec![]);
     let zeros = ctx.op("ConstantOfShape", &[&size1], vec![attr_t("value", zero_t)]);
