@@ -175,8 +175,14 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     }
     let vocab = vocab_size(&base, &sig);
     let cfg = &opts.objective;
-    let tensors =
-        ModelTensors { input_ids: &sig.input_ids, attention_mask: &sig.attention_mask, logits: &sig.logits, hidden: &sig.hidden, hidden_size: sig.hidden_size };
+    let tensors = ModelTensors {
+        input_ids: &sig.input_ids,
+        attention_mask: &sig.attention_mask,
+        logits: &sig.logits,
+        hidden: &sig.hidden,
+        hidden_size: sig.hidden_size,
+        projection: sig.projection.as_ref(),
+    };
 
     // Objective on top of the LM.
     let mut graph = base.clone();
@@ -294,8 +300,14 @@ pub fn inference_graph(base: &Graph, sig: &LmSignature, cfg: &ObjectiveConfig, p
     let mut g = base.clone();
     let mut names = g.names.clone();
     let mut b = Builder::new(&mut names, "beta/");
-    let tensors =
-        ModelTensors { input_ids: &sig.input_ids, attention_mask: &sig.attention_mask, logits: &sig.logits, hidden: &sig.hidden, hidden_size: sig.hidden_size };
+    let tensors = ModelTensors {
+        input_ids: &sig.input_ids,
+        attention_mask: &sig.attention_mask,
+        logits: &sig.logits,
+        hidden: &sig.hidden,
+        hidden_size: sig.hidden_size,
+        projection: None,
+    };
     let beta = match cfg.fixed_beta {
         Some(f) => {
             let k = b.scalar(f, dtype::FLOAT);

@@ -13,6 +13,28 @@ pub struct LmSignature {
     pub hidden_size: i64,
     /// The lm_head weight the hidden state is multiplied with.
     pub lm_head: String,
+    /// How `logits` is computed when it comes straight from the lm_head product (no soft-capping or
+    /// other op after it), so the objective can apply the same head to answer positions only.
+    pub projection: Option<Projection>,
+}
+
+/// `logits = hidden @ W (+ bias)`: a MatMul, or a Gemm with transA = 0, alpha = beta = 1.
+#[derive(Clone, Debug)]
+pub struct Projection {
+    pub weight: String,
+    pub trans_b: bool,
+    pub bias: Option<String>,
+}
+
+fn projection_of(n: &crate::onnx::NodeProto, weight: &str) -> Option<Projection> {
+    use crate::onnx::NodeAttrs;
+    match n.op_type.as_str() {
+        "MatMul" if n.input[1] == weight => Some(Projection { weight: weight.to_string(), trans_b: false, bias: None }),
+        "Gemm" if n.input[1] == weight && n.int_or("transA", 0) == 0 && n.float_or("alpha", 1.0) == 1.0 && n.float_or("beta", 1.0) == 1.0 => {
+            Some(Projection { weight: weight.to_string(), trans_b: n.int_or("transB", 0) != 0, bias: n.input.get(2).filter(|c| !c.is_empty()).cloned() })
+        }
+        _ => None,
+    }
 }
 
 /// Ops the walk from `logits` back to the lm_head may pass through (casts, reshapes,
@@ -63,7 +85,8 @@ pub fn recognise(graph: &Graph, hidden_override: Option<&str>) -> Result<LmSigna
                 let hidden = hidden_override.map(str::to_string).unwrap_or_else(|| act.clone());
                 let hidden_size = weight_hidden_size(graph, n, w)
                     .ok_or_else(|| Error::graph(format!("cannot tell the hidden size from the lm_head weight {w} of node {}", n.name)))?;
-                return Ok(LmSignature { input_ids, attention_mask, position_ids, logits, hidden, hidden_size, lm_head: w.clone() });
+                let projection = if cur == logits && hidden_override.is_none() { projection_of(n, w) } else { None };
+                return Ok(LmSignature { input_ids, attention_mask, position_ids, logits, hidden, hidden_size, lm_head: w.clone(), projection });
             }
             op if PASS_THROUGH.contains(&op) => {
                 // follow the non-constant input

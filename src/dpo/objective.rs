@@ -35,6 +35,8 @@ pub struct ModelTensors<'a> {
     pub logits: &'a str,
     pub hidden: &'a str,
     pub hidden_size: i64,
+    /// When set, answer log-probs apply this lm_head to the answer positions only.
+    pub projection: Option<&'a super::model::Projection>,
 }
 
 fn rows_dims() -> Vec<Dim> {
@@ -54,9 +56,9 @@ fn halves(b: &mut Builder, x: &str, name: &str) -> (String, String) {
 
 /// Sum over answer tokens of log softmax(logits[t-1])[token t], per row. Labels and mask are
 /// shifted left (and padded) instead of slicing the [rows, T, vocab] tensor, so no vocab-sized
-/// copy is made.
+/// copy is made. When the lm_head is a plain product, it is applied to the positions that predict an
+/// answer token only: the vocabulary-sized work then scales with the answer tokens, not the batch.
 pub fn sequence_logps(b: &mut Builder, m: &ModelTensors, mask: &str) -> String {
-    let logp = b.op("LogSoftmax", &[m.logits], vec![attr_i("axis", -1)], "dpo/logp");
     let one = b.ints(&[1]);
     let big = b.ints(&[i64::MAX]);
     let next_ids = b.op("Slice", &[m.input_ids, &one, &big, &one], vec![], "dpo/next_ids");
@@ -74,12 +76,50 @@ pub fn sequence_logps(b: &mut Builder, m: &ModelTensors, mask: &str) -> String {
     let labels = b.op("Concat", &[&next_ids, &pad_ids], vec![attr_i("axis", 1)], "dpo/labels");
     let label_mask = b.op("Concat", &[&next_mask, &pad_mask], vec![attr_i("axis", 1)], "dpo/label_mask");
     let last = b.ints(&[-1]);
+    let axis1 = b.ints(&[1]);
+    if let Some(p) = m.projection {
+        return answer_positions_logps(b, m, p, &labels, &label_mask);
+    }
+    let logp = b.op("LogSoftmax", &[m.logits], vec![attr_i("axis", -1)], "dpo/logp");
     let labels3 = b.op("Unsqueeze", &[&labels, &last], vec![], "dpo/labels3");
     let picked = b.op("GatherElements", &[&logp, &labels3], vec![attr_i("axis", 2)], "dpo/token_logp3");
     let tok = b.op("Squeeze", &[&picked, &last], vec![], "dpo/token_logp");
     let masked = b.op("Mul", &[&tok, &label_mask], vec![], "dpo/answer_logp");
-    let axis1 = b.ints(&[1]);
     b.op("ReduceSum", &[&masked, &axis1], vec![attr_i("keepdims", 0)], "policy_logps")
+}
+
+/// The lm_head on the N positions whose next token is an answer token: hidden [N, H] → logits
+/// [N, V] → log-prob of the label; per-row sums through an [N, rows] selection matrix.
+fn answer_positions_logps(b: &mut Builder, m: &ModelTensors, p: &super::model::Projection, labels: &str, label_mask: &str) -> String {
+    let on = b.op("Cast", &[label_mask], vec![attr_i("to", dtype::BOOL as i64)], "dpo/answer_positions_mask");
+    let nz = b.op("NonZero", &[&on], vec![], "dpo/answer_positions_nz");
+    let at = b.op("Transpose", &[&nz], vec![crate::onnx::attr_ints("perm", &[1, 0])], "dpo/answer_positions");
+    let h = b.op("GatherND", &[m.hidden, &at], vec![], "dpo/answer_hidden");
+    let lab = b.op("GatherND", &[labels, &at], vec![], "dpo/answer_labels");
+    let mut z = if p.trans_b {
+        b.op("Gemm", &[&h, &p.weight], vec![attr_i("transB", 1)], "dpo/answer_logits")
+    } else {
+        b.op("MatMul", &[&h, &p.weight], vec![], "dpo/answer_logits")
+    };
+    if let Some(bias) = &p.bias {
+        z = b.op("Add", &[&z, bias], vec![], "dpo/answer_logits_biased");
+    }
+    let logp = b.op("LogSoftmax", &[&z], vec![attr_i("axis", -1)], "dpo/logp");
+    let last = b.ints(&[-1]);
+    let lab2 = b.op("Unsqueeze", &[&lab, &last], vec![], "dpo/answer_labels2");
+    let picked = b.op("GatherElements", &[&logp, &lab2], vec![attr_i("axis", 1)], "dpo/token_logp2");
+    let tok = b.op("Squeeze", &[&picked, &last], vec![], "dpo/token_logp");
+    // row of each position, compared against 0..rows: a one-hot [N, rows] matrix
+    let zero = b.ints(&[0]);
+    let row = b.op("Gather", &[&at, &zero], vec![attr_i("axis", 1)], "dpo/answer_row2");
+    let shape = b.op("Shape", &[m.input_ids], vec![], "dpo/rows_shape");
+    let start = b.int(0);
+    let rows = b.op("Gather", &[&shape, &start], vec![attr_i("axis", 0)], "dpo/rows_count");
+    let step = b.int(1);
+    let all_rows = b.op("Range", &[&start, &rows, &step], vec![], "dpo/row_ids");
+    let hit = b.op("Equal", &[&row, &all_rows], vec![], "dpo/row_hit");
+    let onehot = b.op("Cast", &[&hit], vec![attr_i("to", dtype::FLOAT as i64)], "dpo/row_onehot");
+    b.op("MatMul", &[&tok, &onehot], vec![], "policy_logps")
 }
 
 /// Per-row token weights [rows, T] selecting where the head reads the hidden state.
