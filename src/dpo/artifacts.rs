@@ -15,7 +15,7 @@ use super::params::{find_parameters, lift_parameters, InitializerRef, Param, Sel
 use super::{optimizer, BetaSource, ObjectiveConfig};
 use crate::autodiff::differentiate;
 use crate::graph::{probe_shapes, Builder, Graph, ProbeBatch};
-use crate::onnx::{dtype, load_model, save_model, tensor_to_f32, value_info, value_info_type, Dim, SaveOptions, TensorProto};
+use crate::onnx::{dtype, load_model, save_model, tensor_to_f32, value_info, value_info_type, Dim, SaveOptions};
 use crate::runtime::HostTensor;
 use crate::store::{write_safetensors_raw, RawTensor};
 use crate::{Error, Result};
@@ -175,14 +175,7 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     }
     let vocab = vocab_size(&base, &sig);
     let cfg = &opts.objective;
-    let tensors = ModelTensors {
-        input_ids: &sig.input_ids,
-        attention_mask: &sig.attention_mask,
-        logits: &sig.logits,
-        hidden: &sig.hidden,
-        hidden_size: sig.hidden_size,
-        projection: sig.projection.as_ref(),
-    };
+    let tensors = ModelTensors::of(&sig, true);
 
     // Objective on top of the LM.
     let mut graph = base.clone();
@@ -300,14 +293,7 @@ pub fn inference_graph(base: &Graph, sig: &LmSignature, cfg: &ObjectiveConfig, p
     let mut g = base.clone();
     let mut names = g.names.clone();
     let mut b = Builder::new(&mut names, "beta/");
-    let tensors = ModelTensors {
-        input_ids: &sig.input_ids,
-        attention_mask: &sig.attention_mask,
-        logits: &sig.logits,
-        hidden: &sig.hidden,
-        hidden_size: sig.hidden_size,
-        projection: None,
-    };
+    let tensors = ModelTensors::of(sig, false);
     let beta = match cfg.fixed_beta {
         Some(f) => {
             let k = b.scalar(f, dtype::FLOAT);
@@ -331,17 +317,13 @@ pub fn inference_graph(base: &Graph, sig: &LmSignature, cfg: &ObjectiveConfig, p
     g.nodes.extend(b.take());
     g.names = names;
     if cfg.fixed_beta.is_none() {
-        g.initializers.extend(head_placeholders(sig.hidden_size, cfg));
+        g.initializers.extend(objective::head_initial_values(sig.hidden_size, cfg));
     }
     let logits_vi = g.outputs.iter().find(|o| o.name == sig.logits).cloned().unwrap();
     g.outputs = vec![logits_vi, value_info("beta", dtype::FLOAT, &[Dim::Sym("rows".into())])];
     lift_parameters(&mut g, params, true);
     g.prune();
     Ok(g)
-}
-
-fn head_placeholders(hidden: i64, cfg: &ObjectiveConfig) -> Vec<TensorProto> {
-    objective::head_initial_values(hidden, cfg)
 }
 
 /// Initial values of every trainable parameter, read from the model (or the head's init): the

@@ -39,6 +39,21 @@ pub struct ModelTensors<'a> {
     pub projection: Option<&'a super::model::Projection>,
 }
 
+impl<'a> ModelTensors<'a> {
+    /// The tensors of a recognised model; `answer_positions` lets the objective apply the lm_head
+    /// to answer positions only (training), where the deployable graph keeps the full `logits`.
+    pub fn of(sig: &'a super::model::LmSignature, answer_positions: bool) -> Self {
+        ModelTensors {
+            input_ids: &sig.input_ids,
+            attention_mask: &sig.attention_mask,
+            logits: &sig.logits,
+            hidden: &sig.hidden,
+            hidden_size: sig.hidden_size,
+            projection: if answer_positions { sig.projection.as_ref() } else { None },
+        }
+    }
+}
+
 fn rows_dims() -> Vec<Dim> {
     vec![Dim::Sym("rows".into()), Dim::Sym("sequence".into())]
 }
