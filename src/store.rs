@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::Dtype;
 
 use crate::{Error, Result};
 
@@ -15,16 +15,23 @@ pub struct NamedTensor {
     pub data: Vec<f32>,
 }
 
+/// Writes host tensors; their bytes are streamed to the file, not gathered into one buffer first.
 pub fn write_safetensors(path: &Path, tensors: &[NamedTensor], metadata: Option<BTreeMap<String, String>>) -> Result<()> {
-    let bytes: Vec<Vec<u8>> = tensors.iter().map(|t| t.data.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .zip(&bytes)
-        .map(|(t, b)| Ok((t.name.clone(), TensorView::new(Dtype::F32, t.shape.clone(), b).map_err(|e| Error::Other(e.to_string()))?)))
-        .collect::<Result<_>>()?;
-    let meta = metadata.map(|m| m.into_iter().collect::<std::collections::HashMap<_, _>>());
-    let data = safetensors::serialize(views, meta).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
-    crate::onnx::write_atomic(path, |w| w.write_all(&data))
+    let raw: Vec<RawTensor> = tensors.iter().map(|t| RawTensor { name: &t.name, shape: t.shape.clone(), bytes: le_bytes(&t.data) }).collect();
+    write_raw(path, &raw, metadata.as_ref())
+}
+
+/// The little-endian bytes of `data`: a view on little-endian machines, a copy elsewhere.
+fn le_bytes(data: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+    #[cfg(target_endian = "little")]
+    {
+        // SAFETY: f32 has no padding and any byte pattern is a valid u8; the view has the slice's lifetime.
+        std::borrow::Cow::Borrowed(unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), std::mem::size_of_val(data)) })
+    }
+    #[cfg(not(target_endian = "little"))]
+    {
+        std::borrow::Cow::Owned(data.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
 }
 
 /// A float32 tensor given as its little-endian bytes (e.g. an ONNX initializer's `raw_data`).
@@ -37,7 +44,14 @@ pub struct RawTensor<'a> {
 /// Writes float32 tensors straight from their bytes: no copy of the weights is made, so writing
 /// a model's parameters costs no memory beyond the (memory-mapped) model itself.
 pub fn write_safetensors_raw(path: &Path, tensors: &[RawTensor]) -> Result<()> {
+    write_raw(path, tensors, None)
+}
+
+fn write_raw(path: &Path, tensors: &[RawTensor], metadata: Option<&BTreeMap<String, String>>) -> Result<()> {
     let mut header = serde_json::Map::new();
+    if let Some(m) = metadata {
+        header.insert("__metadata__".into(), serde_json::json!(m));
+    }
     let mut offset = 0usize;
     for t in tensors {
         let len = t.bytes.len();
