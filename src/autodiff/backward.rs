@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use super::activity::analyze;
 use super::context::RuleCtx;
+use super::fold::fold;
 use super::rules::rule_for;
 use crate::graph::{Builder, Graph, TensorInfos};
 use crate::onnx::{attr_t, dtype, NodeAttrs, NodeProto, TensorProto};
@@ -99,6 +100,8 @@ pub fn differentiate(graph: &mut Graph, loss: &str, params: &[String], infos: &T
         }
         by_param.push((p.clone(), out));
     }
+    let roots = by_param.iter().map(|(_, g)| g.clone()).collect();
+    let emitted = fold(emitted, &roots, &mut names);
     let nodes_added = emitted.len();
     graph.nodes.extend(emitted);
     graph.names = names;

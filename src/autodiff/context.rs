@@ -168,15 +168,22 @@ impl<'a> RuleCtx<'a> {
     /// reduce-to-shape step of every broadcasting op. Axes come from the probed shapes when they
     /// decide it, else from shapes computed at run time.
     pub fn reduce_to_input(&mut self, grad: &str, like: &str, k: usize) -> Result<String> {
+        self.reduce_leading_to_input(grad, like, k, 0)
+    }
+
+    /// [`Self::reduce_to_input`] for a gradient whose last `core` axes already have input `k`'s
+    /// sizes (a matrix product's operand gradient): only the leading (batch) axes of `like`,
+    /// the shape the gradient was broadcast to, are compared and summed.
+    pub fn reduce_leading_to_input(&mut self, grad: &str, like: &str, k: usize, core: usize) -> Result<String> {
         let target = self.i(k);
         let t = self.info(target)?.clone();
         let g = self.info(like)?.clone();
-        if g.rank() < t.rank() {
+        if g.rank() < t.rank() || t.rank() < core {
             return Err(self.err(format!("gradient {like} has lower rank than input {target}")));
         }
         let lead = g.rank() - t.rank();
         let mut axes: Vec<i64> = (0..lead as i64).collect();
-        for j in lead..g.rank() {
+        for j in lead..g.rank() - core {
             let same = (0..2).all(|p| t.dims[p][j - lead] == g.dims[p][j]);
             let broadcast = (0..2).all(|p| t.dims[p][j - lead] == 1) && (0..2).any(|p| g.dims[p][j] != 1);
             if same {

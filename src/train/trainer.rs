@@ -300,10 +300,13 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         let mut n_pairs = 0usize;
         let mut tokens = 0usize;
         let mut acc: Option<Vec<ort::value::Tensor<f32>>> = None;
+        let mut graph_time = 0.0f64;
         for _ in 0..cfg.grad_accum {
             let batch = loader.next_batch()?;
             let refs = batch_refs(&train_refs, &batch.source_indices)?;
+            let graph_started = Instant::now();
             let (out, grads) = run_graph(&mut train_s, &train_spec, &batch, &refs, &state.params, &grad_names, &device)?;
+            graph_time += graph_started.elapsed().as_secs_f64();
             loss_sum += out.loss as f64 * batch.pairs() as f64;
             n_pairs += batch.pairs();
             tokens += batch.num_tokens;
@@ -330,11 +333,13 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             max_grad_norm: cfg.max_grad_norm as f32,
             gradient_scale: 1.0 / cfg.grad_accum as f32,
         };
+        let optimizer_started = Instant::now();
         let norm = match (loss.is_finite(), fused) {
             (false, _) => None,
             (true, true) => fused_adamw::step(&mut state, &grads, &kinds, &hyper, cfg.threads)?,
             (true, false) => apply(opt_s.as_mut().expect("optimizer session"), &opt_spec, &mut state, &grads, &hyper, &device)?,
         };
+        let optimizer_time = optimizer_started.elapsed().as_secs_f64();
         let norm = match norm {
             Some(n) => n,
             None if cfg.skip_nonfinite => {
@@ -365,6 +370,8 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         rec.insert("epoch".into(), num(epoch));
         rec.insert("tokens".into(), Value::from(tstate.tokens));
         rec.insert("step_time_s".into(), num(started.elapsed().as_secs_f64()));
+        rec.insert("train_graph_time_s".into(), num(graph_time));
+        rec.insert("optimizer_time_s".into(), num(optimizer_time));
         if tstate.skipped_nonfinite > 0 {
             rec.insert("skipped_nonfinite".into(), Value::from(tstate.skipped_nonfinite));
         }

@@ -19,10 +19,21 @@ pub fn matmul(ctx: &mut RuleCtx) -> Result<()> {
         return matmul_vector(ctx, &g, ra, rb);
     }
     let ry = ctx.rank(y)?;
+    if ra == 2 && rb == 2 {
+        // Plain GEMMs; as Gemm (not MatMul of a Transpose) a later transpose of the result folds
+        // into the product (see `autodiff::fold`).
+        if ctx.needs(0) {
+            ctx.op_gi(0, "Gemm", &[&g, b], vec![attr_i("transB", 1)]);
+        }
+        if ctx.needs(1) {
+            ctx.op_gi(1, "Gemm", &[a, &g], vec![attr_i("transA", 1)]);
+        }
+        return Ok(());
+    }
     if ctx.needs(0) {
         let bt = transpose_last2(ctx, b, rb);
         let ga = ctx.op("MatMul", &[&g, &bt], vec![]);
-        let ga = ctx.reduce_to_input(&ga, y, 0)?;
+        let ga = ctx.reduce_leading_to_input(&ga, y, 0, 2)?;
         ctx.set_gi(0, ga);
     }
     if ctx.needs(1) {
@@ -41,7 +52,7 @@ pub fn matmul(ctx: &mut RuleCtx) -> Result<()> {
             _ => {
                 let at = transpose_last2(ctx, a, ra);
                 let gb = ctx.op("MatMul", &[&at, &g], vec![]);
-                let gb = ctx.reduce_to_input(&gb, y, 1)?;
+                let gb = ctx.reduce_leading_to_input(&gb, y, 1, 2)?;
                 ctx.set_gi(1, gb);
             }
         }

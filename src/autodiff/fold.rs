@@ -1,0 +1,170 @@
+//! Local rewrites of the emitted backward nodes that rules cannot see on their own, because each
+//! pattern spans two rules. Every rewrite computes the same values with fewer full-size tensors;
+//! the big wins are on tied embeddings, whose gradient is `vocab x hidden`.
+//!
+//! - `Transpose(Gemm(A, B))` → `Gemm(B, A)` with swapped transposes: the gradient of a weight used
+//!   as `MatMul(x, Transpose(W))` comes out in `W`'s layout directly.
+//! - `Sum(.., ScatterND(zeros, i, u, add), ..)` → `ScatterND(Sum(..), i, u, add)`: a gather's
+//!   gradient scatters into the other contributions instead of into a fresh zero tensor.
+//! - `Identity` of a tensor nothing else reads: its producer writes the identity's output instead
+//!   (a parameter's single gradient contribution would otherwise be copied once more).
+//! - Nodes whose outputs nothing reads are dropped.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::graph::Names;
+use crate::onnx::{attr_i, NodeAttrs, NodeProto, TensorProto};
+
+/// Applies every rewrite to `nodes` (in topological order); `roots` are the outputs that must stay.
+pub fn fold(nodes: Vec<NodeProto>, roots: &HashSet<String>, names: &mut Names) -> Vec<NodeProto> {
+    let nodes = transpose_of_gemm(nodes);
+    let nodes = scatter_into_sum(nodes, names);
+    let nodes = rename_through_identity(nodes, roots);
+    drop_dead(nodes, roots)
+}
+
+fn consumer_counts(nodes: &[NodeProto]) -> HashMap<&str, usize> {
+    let mut uses = HashMap::new();
+    for n in nodes {
+        for i in &n.input {
+            *uses.entry(i.as_str()).or_insert(0) += 1;
+        }
+    }
+    uses
+}
+
+fn producers(nodes: &[NodeProto]) -> HashMap<String, usize> {
+    nodes.iter().enumerate().flat_map(|(k, n)| n.output.iter().map(move |o| (o.clone(), k))).collect()
+}
+
+fn int_attr(n: &NodeProto, name: &str) -> Option<i64> {
+    n.attribute.iter().find(|a| a.name == name).map(|a| a.i)
+}
+
+fn transpose_of_gemm(mut nodes: Vec<NodeProto>) -> Vec<NodeProto> {
+    let prod = producers(&nodes);
+    let uses: HashMap<String, usize> = consumer_counts(&nodes).into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let mut removed = HashSet::new();
+    for t in 0..nodes.len() {
+        let n = &nodes[t];
+        let swaps = n.op_type == "Transpose" && n.attribute.iter().find(|a| a.name == "perm").map(|a| a.ints == [1, 0]).unwrap_or(false);
+        if !swaps {
+            continue;
+        }
+        let Some(&g) = prod.get(&n.input[0]) else { continue };
+        let gemm = &nodes[g];
+        let plain = gemm.op_type == "Gemm" && gemm.input.len() == 2 && uses.get(&gemm.output[0]) == Some(&1);
+        if !plain {
+            continue;
+        }
+        // (op(A) op(B))^T = op(B)^T op(A)^T
+        let (ta, tb) = (int_attr(gemm, "transA").unwrap_or(0), int_attr(gemm, "transB").unwrap_or(0));
+        let mut attrs: Vec<_> = gemm.attribute.iter().filter(|a| a.name != "transA" && a.name != "transB").cloned().collect();
+        attrs.push(attr_i("transA", 1 - tb));
+        attrs.push(attr_i("transB", 1 - ta));
+        let swapped = NodeProto {
+            input: vec![gemm.input[1].clone(), gemm.input[0].clone()],
+            output: nodes[t].output.clone(),
+            name: nodes[t].name.clone(),
+            op_type: "Gemm".into(),
+            attribute: attrs,
+            ..Default::default()
+        };
+        nodes[t] = swapped;
+        removed.insert(g);
+    }
+    nodes.into_iter().enumerate().filter(|(k, _)| !removed.contains(k)).map(|(_, n)| n).collect()
+}
+
+fn is_zero_tensor(t: &TensorProto) -> bool {
+    t.raw_data.iter().all(|&b| b == 0)
+        && t.float_data.iter().all(|&v| v == 0.0)
+        && t.double_data.iter().all(|&v| v == 0.0)
+        && t.int32_data.iter().all(|&v| v == 0)
+        && t.int64_data.iter().all(|&v| v == 0)
+}
+
+fn is_zeros(n: &NodeProto) -> bool {
+    n.op_type == "ConstantOfShape" && n.tensor_attr("value").map(is_zero_tensor).unwrap_or(true)
+}
+
+fn scatter_into_sum(mut nodes: Vec<NodeProto>, names: &mut Names) -> Vec<NodeProto> {
+    let prod = producers(&nodes);
+    let uses: HashMap<String, usize> = consumer_counts(&nodes).into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let mut removed = HashSet::new();
+    let mut inserted: HashMap<usize, NodeProto> = HashMap::new();
+    for s in 0..nodes.len() {
+        if nodes[s].op_type != "Sum" || nodes[s].input.len() < 2 {
+            continue;
+        }
+        let found = nodes[s].input.iter().enumerate().find_map(|(k, x)| {
+            let &p = prod.get(x)?;
+            let sc = &nodes[p];
+            let adds = sc.attribute.iter().any(|a| a.name == "reduction" && a.s.as_ref() == b"add");
+            let into_zeros = prod.get(&sc.input[0]).map(|&z| is_zeros(&nodes[z])).unwrap_or(false);
+            let fits = sc.op_type == "ScatterND" && adds && into_zeros && uses.get(x) == Some(&1) && !removed.contains(&p);
+            fits.then_some((k, p))
+        });
+        let Some((k, p)) = found else { continue };
+        let mut others: Vec<String> = nodes[s].input.clone();
+        others.remove(k);
+        let data = if others.len() == 1 {
+            others.pop().unwrap()
+        } else {
+            let partial = names.fresh(&format!("{}_partial", nodes[s].output[0]));
+            let sum = NodeProto { input: others, output: vec![partial.clone()], name: partial.clone(), op_type: "Sum".into(), ..Default::default() };
+            inserted.insert(s, sum);
+            partial
+        };
+        let mut scatter = nodes[p].clone();
+        scatter.input[0] = data;
+        scatter.output = nodes[s].output.clone();
+        scatter.name = nodes[s].name.clone();
+        nodes[s] = scatter;
+        removed.insert(p);
+    }
+    let mut out = Vec::with_capacity(nodes.len() + inserted.len());
+    for (k, n) in nodes.into_iter().enumerate() {
+        if let Some(pre) = inserted.remove(&k) {
+            out.push(pre);
+        }
+        if !removed.contains(&k) {
+            out.push(n);
+        }
+    }
+    out
+}
+
+fn rename_through_identity(mut nodes: Vec<NodeProto>, roots: &HashSet<String>) -> Vec<NodeProto> {
+    let prod = producers(&nodes);
+    let uses: HashMap<String, usize> = consumer_counts(&nodes).into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let mut removed = HashSet::new();
+    for k in 0..nodes.len() {
+        if nodes[k].op_type != "Identity" {
+            continue;
+        }
+        let x = nodes[k].input[0].clone();
+        let Some(&p) = prod.get(&x) else { continue };
+        if uses.get(&x) != Some(&1) || roots.contains(&x) {
+            continue;
+        }
+        let y = nodes[k].output[0].clone();
+        if let Some(slot) = nodes[p].output.iter_mut().find(|o| **o == x) {
+            *slot = y;
+            removed.insert(k);
+        }
+    }
+    nodes.into_iter().enumerate().filter(|(k, _)| !removed.contains(k)).map(|(_, n)| n).collect()
+}
+
+fn drop_dead(nodes: Vec<NodeProto>, roots: &HashSet<String>) -> Vec<NodeProto> {
+    let mut live: HashSet<String> = roots.clone();
+    let mut keep = vec![false; nodes.len()];
+    for (k, n) in nodes.iter().enumerate().rev() {
+        if n.output.iter().any(|o| live.contains(o)) {
+            keep[k] = true;
+            live.extend(n.input.iter().cloned());
+        }
+    }
+    nodes.into_iter().zip(keep).filter_map(|(n, k)| k.then_some(n)).collect()
+}
