@@ -17,7 +17,7 @@ pub struct NamedTensor {
 
 /// Writes host tensors; their bytes are streamed to the file, not gathered into one buffer first.
 pub fn write_safetensors(path: &Path, tensors: &[NamedTensor], metadata: Option<BTreeMap<String, String>>) -> Result<()> {
-    let raw: Vec<RawTensor> = tensors.iter().map(|t| RawTensor { name: &t.name, shape: t.shape.clone(), bytes: le_bytes(&t.data) }).collect();
+    let raw: Vec<RawTensor> = tensors.iter().map(|t| RawTensor::of_f32(&t.name, t.shape.clone(), &t.data)).collect();
     write_raw(path, &raw, metadata.as_ref())
 }
 
@@ -43,8 +43,15 @@ pub struct RawTensor<'a> {
 
 /// Writes float32 tensors straight from their bytes: no copy of the weights is made, so writing
 /// a model's parameters costs no memory beyond the (memory-mapped) model itself.
-pub fn write_safetensors_raw(path: &Path, tensors: &[RawTensor]) -> Result<()> {
-    write_raw(path, tensors, None)
+pub fn write_safetensors_raw(path: &Path, tensors: &[RawTensor], metadata: Option<&BTreeMap<String, String>>) -> Result<()> {
+    write_raw(path, tensors, metadata)
+}
+
+impl<'a> RawTensor<'a> {
+    /// A view on float32 values (a copy only on big-endian machines).
+    pub fn of_f32(name: &'a str, shape: Vec<usize>, data: &'a [f32]) -> Self {
+        RawTensor { name, shape, bytes: le_bytes(data) }
+    }
 }
 
 fn write_raw(path: &Path, tensors: &[RawTensor], metadata: Option<&BTreeMap<String, String>>) -> Result<()> {

@@ -359,7 +359,7 @@ fn write_all<const N: usize>(out: &Path, manifest: &Manifest, graphs: [(&str, Gr
             let file = &manifest.graphs[which].file;
             save_model(&g.into_model(), &tmp.join(file), &SaveOptions::default())?;
         }
-        write_safetensors_raw(&tmp.join(PARAMS_FILE), params)?;
+        write_safetensors_raw(&tmp.join(PARAMS_FILE), params, None)?;
         let text = serde_json::to_string_pretty(manifest).expect("manifest serialises");
         crate::onnx::write_atomic(&tmp.join(MANIFEST_FILE), |w| w.write_all(text.as_bytes()))?;
         Ok(())

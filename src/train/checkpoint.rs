@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::batch::LoaderPosition;
-use crate::store::{read_safetensors, write_safetensors, NamedTensor};
+use crate::store::{read_safetensors, write_safetensors_raw, NamedTensor, RawTensor};
 use crate::{Error, Result};
 
 pub const PARAMS: &str = "params.safetensors";
@@ -64,15 +64,15 @@ pub fn clean_partial(run: &Path) {
     }
 }
 
-pub fn save(run: &Path, state: &TrainerState, params: &[NamedTensor], moments: &[NamedTensor], keep: usize) -> Result<PathBuf> {
+pub fn save(run: &Path, state: &TrainerState, params: &[RawTensor], moments: &[RawTensor], keep: usize) -> Result<PathBuf> {
     let dir = checkpoints_dir(run);
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let final_dir = dir.join(format!("step-{}", state.step));
     let tmp = dir.join(format!(".partial-step-{}-{}", state.step, std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    write_safetensors(&tmp.join(PARAMS), params, None)?;
-    write_safetensors(&tmp.join(OPTIMIZER), moments, None)?;
+    write_safetensors_raw(&tmp.join(PARAMS), params, None)?;
+    write_safetensors_raw(&tmp.join(OPTIMIZER), moments, None)?;
     let text = serde_json::to_string_pretty(state).expect("state serialises");
     crate::onnx::write_atomic(&tmp.join(STATE), |w| w.write_all(text.as_bytes()))?;
     if final_dir.exists() {

@@ -21,7 +21,7 @@ use super::session_io::{run_graph, Feeds};
 use super::tokenize::{PairTokenizer, TokenizedPair, TruncationConfig};
 use crate::dpo::Manifest;
 use crate::runtime::SessionConfig;
-use crate::store::{read_safetensors, write_safetensors, NamedTensor};
+use crate::store::{read_safetensors, write_safetensors_raw, NamedTensor, RawTensor};
 use crate::{Error, Result};
 
 pub const METRICS_FILE: &str = "metrics.jsonl";
@@ -71,15 +71,35 @@ fn to_feeds(tensors: Vec<NamedTensor>, m: &Manifest, device: &Device) -> Result<
     Ok(f)
 }
 
-fn download_all(names: &[String], values: &[ort::value::Tensor<f32>], suffix: &str, device: &Device) -> Result<Vec<NamedTensor>> {
-    names
-        .iter()
-        .zip(values)
-        .map(|(n, v)| {
-            let (shape, data) = device.download(v)?;
-            Ok(NamedTensor { name: format!("{n}{suffix}"), shape, data })
-        })
-        .collect()
+/// Host-side views of training state for writing files: the tensors' own memory on the CPU
+/// (a checkpoint of a large model costs no extra memory), downloaded copies on a GPU.
+struct HostViews<'a> {
+    names: Vec<String>,
+    shapes: Vec<Vec<usize>>,
+    data: Vec<std::borrow::Cow<'a, [f32]>>,
+}
+
+impl<'a> HostViews<'a> {
+    fn of(names: &[String], values: &'a [ort::value::Tensor<f32>], suffix: &str, device: &Device) -> Result<Self> {
+        let mut views = HostViews { names: Vec::new(), shapes: Vec::new(), data: Vec::new() };
+        for (n, v) in names.iter().zip(values) {
+            let (shape, data) = if device.is_gpu() {
+                let (shape, data) = device.download(v)?;
+                (shape, std::borrow::Cow::Owned(data))
+            } else {
+                let (shape, data) = v.try_extract_tensor::<f32>()?;
+                (shape.iter().map(|&d| d as usize).collect(), std::borrow::Cow::Borrowed(data))
+            };
+            views.names.push(format!("{n}{suffix}"));
+            views.shapes.push(shape);
+            views.data.push(data);
+        }
+        Ok(views)
+    }
+
+    fn raw(&self) -> Vec<RawTensor<'_>> {
+        self.names.iter().zip(&self.shapes).zip(&self.data).map(|((n, s), d)| RawTensor::of_f32(n, s.clone(), d)).collect()
+    }
 }
 
 /// Whether the AdamW step runs as the fused host kernel rather than the optimizer graph.
@@ -404,21 +424,22 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             }
         }
         if is_last || (cfg.save_every > 0 && step % cfg.save_every == 0) {
-            let params = download_all(&state.params.names, &state.params.values, "", &device)?;
-            let mut moments = download_all(&state.params.names, &state.m, ".adam_m", &device)?;
-            moments.extend(download_all(&state.params.names, &state.v, ".adam_v", &device)?);
-            checkpoint::save(&run, &tstate, &params, &moments, cfg.save_total_limit)?;
+            let params = HostViews::of(&state.params.names, &state.params.values, "", &device)?;
+            let m = HostViews::of(&state.params.names, &state.m, ".adam_m", &device)?;
+            let v = HostViews::of(&state.params.names, &state.v, ".adam_v", &device)?;
+            let moments: Vec<RawTensor> = m.raw().into_iter().chain(v.raw()).collect();
+            checkpoint::save(&run, &tstate, &params.raw(), &moments, cfg.save_total_limit)?;
         }
     }
     pb.finish_and_clear();
     // RUN/final: the trained parameters, and where the graphs they belong to are.
-    let params = download_all(&state.params.names, &state.params.values, "", &device)?;
+    let params = HostViews::of(&state.params.names, &state.params.values, "", &device)?;
     let final_dir = run.join(FINAL_DIR);
     std::fs::create_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
     let mut meta = std::collections::BTreeMap::new();
     meta.insert("step".to_string(), tstate.step.to_string());
     meta.insert("artifacts".to_string(), std::fs::canonicalize(&cfg.artifacts).unwrap_or(cfg.artifacts.clone()).display().to_string());
-    write_safetensors(&final_dir.join(checkpoint::PARAMS), &params, Some(meta))?;
+    write_safetensors_raw(&final_dir.join(checkpoint::PARAMS), &params.raw(), Some(&meta))?;
     let report = super::report::write_report(&run)?;
     Ok(TrainSummary { run, steps: tstate.step, initial_eval, final_eval, last_train, resumed_from, stats, report })
 }
