@@ -66,6 +66,7 @@ fn get(r: Option<&Map<String, Value>>, key: &str) -> String {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    betadpo::runtime::keep_freed_memory_for_reuse();
     let assets = assets_dir(&a)?;
     let out = a.out.clone();
     if out.exists() {

@@ -139,6 +139,7 @@ pub fn config(a: Args) -> TrainConfig {
 
 pub fn run(a: Args) -> Result<()> {
     let cfg = config(a);
+    betadpo::runtime::keep_freed_memory_for_reuse();
     let s = train(&cfg).with_context(|| format!("training into {}", cfg.out.display()))?;
     println!("{}", betadpo::train::report::summary_table(&s));
     Ok(())

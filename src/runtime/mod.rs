@@ -13,6 +13,7 @@
 //! Call [`init`] or [`environment`] before any other `ort` API: `ort` otherwise tries to load a library on its own.
 
 mod ep;
+mod host_memory;
 pub mod provision;
 mod session;
 mod tensor;
@@ -24,6 +25,7 @@ use std::sync::OnceLock;
 use ort::environment::Environment;
 
 pub use ep::{ExecutionProvider, EP_CHOICES};
+pub use host_memory::keep_freed_memory_for_reuse;
 pub use provision::{default_cache_dir, Flavor, Locator, LIB_NAME, ORT_VERSION};
 pub use session::{OptLevel, SessionConfig};
 pub use tensor::{input_names, output_names, run, run_meta, HostTensor};
