@@ -259,11 +259,18 @@ def torch_worker(a):
             comp[row, len(p):len(seq)] = 1.0
             real_tokens += len(seq)
 
-    model = load_torch_model(a.torch_model, a.gguf_file, a.weights_map, a.onnx, a.attn)
+    dev = torch.device(a.device)
+    ids, mask, comp, prompt_last = ids.to(dev), mask.to(dev), comp.to(dev), prompt_last.to(dev)
+    model = load_torch_model(a.torch_model, a.gguf_file, a.weights_map, a.onnx, a.attn).to(dev)
     model.train()  # no dropout in these models; train mode as in real training
     hidden = model.config.get_text_config().hidden_size
-    w = torch.zeros(hidden, requires_grad=True)
-    b = torch.tensor([math.log(math.expm1(a.beta_init))], requires_grad=True)
+    w = torch.zeros(hidden, requires_grad=True, device=dev)
+    b = torch.tensor([math.log(math.expm1(a.beta_init))], requires_grad=True, device=dev)
+
+    def sync():
+        # GPU work is asynchronous: a step ends when the device is done, not when Python returns
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
     emb, out_emb = model.get_input_embeddings(), model.get_output_embeddings()
     tied = out_emb is not None and out_emb.weight is emb.weight
     n_params = sum(p.numel() for p in model.parameters())
@@ -297,26 +304,31 @@ def torch_worker(a):
 
     steps = []
     for step in range(a.warmup + a.steps):
+        sync()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         logps, h = seq_logps_and_hidden()
-        hp = h[torch.arange(B), prompt_last]  # chosen rows hold the same prompt as the rejected ones
+        hp = h[torch.arange(B, device=dev), prompt_last]  # chosen rows hold the same prompt as the rejected ones
         beta = F.softplus(hp @ w + b)
         if math.isfinite(a.beta_max):
             beta = torch.clamp(beta, max=a.beta_max)
         margin = (logps[:B] - ref[:B]) - (logps[B:] - ref[B:])
         loss = -F.logsigmoid(beta * margin).mean()
+        sync()
         t1 = time.perf_counter()
         loss.backward()
+        sync()
         t2 = time.perf_counter()
         gn = torch.nn.utils.clip_grad_norm_(params + [w, b], a.max_grad_norm)
         opt.step()
+        sync()
         t3 = time.perf_counter()
         steps.append(dict(step=step + 1, time_s=t3 - t0, forward_s=t1 - t0, backward_s=t2 - t1,
                           optimizer_s=t3 - t2, loss=loss.item(), grad_norm=gn.item()))
     print(json.dumps(dict(steps=steps, ref_logps=ref.tolist(), pairs=B, width=T, real_tokens=real_tokens,
                           padded_tokens=2 * B * T, n_params=n_params, p_matmul=p_matmul, tied=tied,
-                          rss_after_load=rss_after_load,
+                          rss_after_load=rss_after_load, device=str(dev),
+                          gpu_peak_bytes=torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
                           train_peak_rss=_proc_status("VmHWM") if hwm_reset else None,
                           torch=torch.__version__, threads=torch.get_num_threads())))
 
@@ -336,7 +348,8 @@ def run_torch(a, data_file):
            "--tokenizer", a.tokenizer, "--torch-model", a.torch_model, "--onnx", a.onnx,
            "--threads", str(a.threads), "--steps", str(a.steps), "--warmup", str(a.warmup),
            "--attn", a.attn, "--lr", str(a.lr), "--head-lr", str(a.head_lr),
-           "--beta-init", str(a.beta_init), "--beta-max", str(a.beta_max), "--max-grad-norm", str(a.max_grad_norm)]
+           "--beta-init", str(a.beta_init), "--beta-max", str(a.beta_max), "--max-grad-norm", str(a.max_grad_norm),
+           "--device", a.device]
     if a.gguf_file:
         cmd += ["--gguf-file", a.gguf_file]
     if a.weights_map:
@@ -361,7 +374,7 @@ def run_betadpo(a, data_file, pairs, workdir):
     cmd = [a.betadpo, "train", "--artifacts", a.artifacts, "--data", data_file, "--tokenizer", a.tokenizer,
            "--out", run_dir, "--max-steps", str(a.warmup + a.steps), "--batch-size", str(pairs),
            "--threads", str(a.threads), "--lr", str(a.lr), "--head-lr", str(a.head_lr),
-           "--max-grad-norm", str(a.max_grad_norm), "--quiet", *a.betadpo_arg]
+           "--max-grad-norm", str(a.max_grad_norm), "--ep", a.ep, "--quiet", *a.betadpo_arg]
     timeline = []
     rc, wall, rss, out, err, killed = run_measured(cmd, rss_limit=a.rss_limit, timeline=timeline)
     metrics = os.path.join(run_dir, "metrics.jsonl")
@@ -420,6 +433,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each run")
     ap.add_argument("--rounds", type=int, default=2, help="torch/betadpo alternations per batch size")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where PyTorch trains")
+    ap.add_argument("--ep", default="cpu", help="betadpo's execution provider: cpu, cuda[:N], tensorrt[:N]")
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="PyTorch attention implementation")
     ap.add_argument("--betadpo", default=os.path.join(ROOT, "target", "release", "betadpo"))
     ap.add_argument("--betadpo-arg", action="append", default=[],
