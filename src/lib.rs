@@ -16,6 +16,7 @@ pub mod infer;
 pub mod onnx;
 pub mod runtime;
 pub mod store;
+pub mod temp_files;
 pub mod train;
 
 pub use error::{Error, Result};

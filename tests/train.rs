@@ -378,6 +378,12 @@ fn check_after_resume(run: &Path, k: &KillSetup, reference: &[NamedTensor], what
     assert_eq!(checkpoint::list(run).last().unwrap().0, k.steps, "{what}");
     assert_bit_identical(reference, &final_params(run), what);
     assert_eq!(steps_of(&train_records(run)), (1..=k.steps).collect::<Vec<_>>(), "{what}: one metrics line per step");
+    for dir in [run.to_path_buf(), run.join("final"), run.join("reference")] {
+        let stray: Vec<String> = std::fs::read_dir(&dir)
+            .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(".betadpo-tmp-")).collect())
+            .unwrap_or_default();
+        assert!(stray.is_empty(), "{what}: temporary files of the killed run left in {}: {stray:?}", dir.display());
+    }
 }
 
 #[cfg(unix)]

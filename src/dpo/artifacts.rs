@@ -345,13 +345,14 @@ fn initial_values<'a>(base: &'a Graph, obj: &'a Objective, params: &'a [Param]) 
     Ok(out)
 }
 
-/// Writes every file into `<out>.partial-<pid>`, then swaps it into place, so `out` is either the
+/// Writes every file into `.<out>.partial-<pid>` (leftovers of killed builds are removed first), then swaps it into place, so `out` is either the
 /// previous complete build or the new complete build, never a mix.
 fn write_all<const N: usize>(out: &Path, manifest: &Manifest, graphs: [(&str, Graph); N], params: &[RawTensor]) -> Result<()> {
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     let name = out.file_name().ok_or_else(|| Error::Other(format!("{}: not a directory path", out.display())))?;
-    let tmp = parent.join(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id()));
+    crate::temp_files::remove_stale(parent, Some(&name.to_string_lossy()));
+    let tmp = parent.join(crate::temp_files::dir_name(&name.to_string_lossy()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let result = (|| -> Result<()> {

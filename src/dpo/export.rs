@@ -56,6 +56,7 @@ pub fn export_model(artifacts: &Path, params: &Path, out: &Path) -> Result<()> {
     g.name = "betadpo_policy_with_beta".into();
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        crate::temp_files::remove_stale(parent, None);
     }
     save_model(&g.into_model(), out, &SaveOptions::default())
 }

@@ -176,6 +176,9 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let manifest_text = std::fs::read_to_string(cfg.artifacts.join(crate::dpo::manifest::MANIFEST_FILE)).map_err(|e| Error::io(&cfg.artifacts, e))?;
     let run = cfg.out.clone();
     checkpoint::clean_partial(&run);
+    for dir in [run.clone(), run.join(FINAL_DIR), run.join("reference")] {
+        crate::temp_files::remove_stale(&dir, None);
+    }
     let previous = checkpoint::list(&run);
     if !cfg.resume && !previous.is_empty() {
         return Err(Error::Other(format!("{} already holds checkpoints; pass --resume to continue it, or choose a new --out", run.display())));

@@ -1,0 +1,87 @@
+//! Names of the temporary files and directories betadpo writes before renaming them into place, and
+//! removal of those a killed process left behind. A name carries its writer's process id, so a
+//! sweep removes only leftovers of processes that no longer run, never a concurrent writer's.
+
+use std::path::Path;
+
+const FILE_PREFIX: &str = ".betadpo-tmp-";
+
+/// Prefix for this process's temporary files (`tempfile` appends a random suffix).
+pub fn file_prefix() -> String {
+    format!("{FILE_PREFIX}{}-", std::process::id())
+}
+
+/// Name of this process's temporary directory for `name` (a directory swapped into place).
+pub fn dir_name(name: &str) -> String {
+    format!(".{name}.partial-{}", std::process::id())
+}
+
+/// The writer's process id of one of our temporary files.
+fn file_writer(name: &str) -> Option<u32> {
+    name.strip_prefix(FILE_PREFIX)?.split('-').next()?.parse().ok()
+}
+
+/// The writer's process id of a temporary directory for `dir_for` (see [`dir_name`]).
+fn dir_writer(name: &str, dir_for: &str) -> Option<u32> {
+    name.strip_prefix('.')?.strip_prefix(dir_for)?.strip_prefix(".partial-")?.parse().ok()
+}
+
+fn is_running(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        // SAFETY: signal 0 only checks that the process exists and may be signalled.
+        let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
+/// Removes our temporary files in `dir` whose writer no longer runs, and with `dir_for`, the
+/// temporary directories of that output name too; returns how many. Errors are ignored: a leftover
+/// that cannot be removed is harmless, it is never read.
+pub fn remove_stale(dir: &Path, dir_for: Option<&str>) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let mut removed = 0;
+    for e in entries.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file_writer(&name).or_else(|| dir_for.and_then(|d| dir_writer(&name, d))) else { continue };
+        if pid == std::process::id() || is_running(pid) {
+            continue;
+        }
+        let path = e.path();
+        let gone = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        removed += gone.is_ok() as usize;
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removes_leftovers_of_dead_writers_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let mine = std::process::id();
+        let names =
+            [format!("{FILE_PREFIX}{dead}-abc"), format!(".artifacts.partial-{dead}"), format!("{FILE_PREFIX}{mine}-def"), "params.safetensors".to_string()];
+        for n in [&names[0], &names[2], &names[3]] {
+            std::fs::write(dir.path().join(n), b"x").unwrap();
+        }
+        std::fs::create_dir(dir.path().join(&names[1])).unwrap();
+        std::fs::write(dir.path().join(&names[1]).join("train.onnx"), b"x").unwrap();
+        assert_eq!(remove_stale(dir.path(), None), 1, "directories only for their output name");
+        assert_eq!(remove_stale(dir.path(), Some("artifacts")), 1);
+        assert!(!dir.path().join(&names[0]).exists());
+        assert!(!dir.path().join(&names[1]).exists());
+        assert!(dir.path().join(&names[2]).exists(), "a running writer's file stays");
+        assert!(dir.path().join(&names[3]).exists());
+    }
+}
