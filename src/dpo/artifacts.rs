@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use ndarray::{ArrayD, IxDyn};
 
-use super::manifest::{GraphSpec, Manifest, ModelSpec, ParameterSpec, TensorSpec, FORMAT, FORMAT_VERSION, MANIFEST_FILE};
+use super::manifest::{GraphSpec, Manifest, ModelSpec, ParameterSpec, SpecDim, TensorSpec, FORMAT, FORMAT_VERSION, MANIFEST_FILE};
 use super::model::{recognise, LmSignature};
 use super::objective::{self, ModelTensors, Objective, COMPLETION_MASK, HEAD_BIAS, HEAD_WEIGHT, REF_LOGPS};
 use super::params::{find_parameters, lift_parameters, InitializerRef, Param, Selection};
@@ -35,14 +35,6 @@ pub struct BuildReport {
     pub parameter_table: String,
     pub backward_nodes: usize,
     pub out_dir: PathBuf,
-}
-
-fn float_spec(name: &str, role: &str, shape: Vec<serde_json::Value>) -> TensorSpec {
-    TensorSpec { name: name.into(), role: role.into(), dtype: "float32".into(), shape, parameter: None, description: None }
-}
-
-fn sym(names: &[&str]) -> Vec<serde_json::Value> {
-    names.iter().map(|n| serde_json::json!(n)).collect()
 }
 
 /// The synthetic batches of the two shape probes: 2 pairs x 6 tokens, then 3 pairs x 9 tokens.
@@ -83,66 +75,28 @@ fn vocab_size(graph: &Graph, sig: &LmSignature) -> i64 {
 }
 
 fn lm_inputs(sig: &LmSignature) -> Vec<TensorSpec> {
-    let mut v = vec![
-        TensorSpec {
-            name: sig.input_ids.clone(),
-            role: "input_ids".into(),
-            dtype: "int64".into(),
-            shape: sym(&["rows", "sequence"]),
-            parameter: None,
-            description: None,
-        },
-        TensorSpec {
-            name: sig.attention_mask.clone(),
-            role: "attention_mask".into(),
-            dtype: "int64".into(),
-            shape: sym(&["rows", "sequence"]),
-            parameter: None,
-            description: None,
-        },
-    ];
+    let token_ids = |name: &str, role: &str| TensorSpec::new(name, role, "int64", &[SpecDim::Named("rows"), SpecDim::Named("sequence")]);
+    let mut v = vec![token_ids(&sig.input_ids, "input_ids"), token_ids(&sig.attention_mask, "attention_mask")];
     if let Some(p) = &sig.position_ids {
-        v.push(TensorSpec {
-            name: p.clone(),
-            role: "position_ids".into(),
-            dtype: "int64".into(),
-            shape: sym(&["rows", "sequence"]),
-            parameter: None,
-            description: None,
-        });
+        v.push(token_ids(p, "position_ids"));
     }
     v
 }
 
 fn param_inputs(params: &[Param]) -> Vec<TensorSpec> {
-    params
-        .iter()
-        .filter(|p| p.trainable)
-        .map(|p| TensorSpec {
-            name: p.name.clone(),
-            role: "parameter".into(),
-            dtype: "float32".into(),
-            shape: p.dims.iter().map(|&d| serde_json::json!(d)).collect(),
-            parameter: Some(p.name.clone()),
-            description: None,
-        })
-        .collect()
+    params.iter().filter(|p| p.trainable).map(|p| TensorSpec::float(&p.name, "parameter", &p.dims).of_parameter(&p.name)).collect()
 }
 
 fn metric_outputs(obj: &Objective, cfg: &ObjectiveConfig) -> Vec<TensorSpec> {
     let beta_shape = if cfg.beta_source == BetaSource::Sequence && cfg.fixed_beta.is_none() { "rows" } else { "pairs" };
-    let mut beta = float_spec(&obj.beta, "beta", sym(&[beta_shape]));
-    beta.description = Some(format!("learned beta per {}", if beta_shape == "rows" { "sequence" } else { "pair" }));
-    let with = |mut s: TensorSpec, d: &str| {
-        s.description = Some(d.into());
-        s
-    };
+    let per = if beta_shape == "rows" { "sequence" } else { "pair" };
     vec![
-        with(float_spec(&obj.loss, "loss", vec![]), "mean preference loss (plus the beta regulariser)"),
-        with(float_spec(&obj.chosen_rewards, "metric", sym(&["pairs"])), "rewards/chosen: beta x (policy - reference) log-prob of the chosen answer"),
-        with(float_spec(&obj.rejected_rewards, "metric", sym(&["pairs"])), "rewards/rejected"),
-        with(float_spec(&obj.policy_logps, "metric", sym(&["rows"])), "logps: policy log-prob of each row's answer"),
-        beta,
+        TensorSpec::float(&obj.loss, "loss", &[]).described("mean preference loss (plus the beta regulariser)"),
+        TensorSpec::float_named(&obj.chosen_rewards, "metric", &["pairs"])
+            .described("rewards/chosen: beta x (policy - reference) log-prob of the chosen answer"),
+        TensorSpec::float_named(&obj.rejected_rewards, "metric", &["pairs"]).described("rewards/rejected"),
+        TensorSpec::float_named(&obj.policy_logps, "metric", &["rows"]).described("logps: policy log-prob of each row's answer"),
+        TensorSpec::float_named(&obj.beta, "beta", &[beta_shape]).described(&format!("learned beta per {per}")),
     ]
 }
 
@@ -216,15 +170,13 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     let grads = differentiate(&mut graph, &obj.loss, &trainable, &infos)?;
     for (p, gname) in &grads.by_param {
         let dims = &params.iter().find(|x| &x.name == p).unwrap().dims;
-        let mut s = float_spec(gname, "gradient", dims.iter().map(|&d| serde_json::json!(d)).collect());
-        s.parameter = Some(p.clone());
-        outputs.push(s);
+        outputs.push(TensorSpec::float(gname, "gradient", dims).of_parameter(p));
     }
     set_outputs(&mut graph, &outputs);
 
     let mut train_inputs = lm_inputs(&sig);
-    train_inputs.push(float_spec(COMPLETION_MASK, "completion_mask", sym(&["rows", "sequence"])));
-    train_inputs.push(float_spec(REF_LOGPS, "ref_logps", sym(&["rows"])));
+    train_inputs.push(TensorSpec::float_named(COMPLETION_MASK, "completion_mask", &["rows", "sequence"]));
+    train_inputs.push(TensorSpec::float_named(REF_LOGPS, "ref_logps", &["rows"]));
     train_inputs.extend(param_inputs(&params));
     order_inputs(&mut graph, &train_inputs);
     order_inputs(&mut eval, &train_inputs);
@@ -252,8 +204,8 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     let mut infer_inputs = lm_inputs(&sig);
     infer_inputs.extend(param_inputs(&params));
     let infer_outputs = vec![
-        float_spec(&sig.logits, "logits", vec![serde_json::json!("rows"), serde_json::json!("sequence"), serde_json::json!(vocab)]),
-        float_spec("beta", "beta", sym(&["rows"])),
+        TensorSpec::new(&sig.logits, "logits", "float32", &[SpecDim::Named("rows"), SpecDim::Named("sequence"), SpecDim::Fixed(vocab)]),
+        TensorSpec::float_named("beta", "beta", &["rows"]),
     ];
     graphs.insert("infer".to_string(), GraphSpec { file: "infer.onnx".into(), inputs: infer_inputs, outputs: infer_outputs });
 
@@ -297,10 +249,7 @@ pub fn inference_graph(base: &Graph, sig: &LmSignature, cfg: &ObjectiveConfig, p
     let beta = match cfg.fixed_beta {
         Some(f) => {
             let k = b.scalar(f, dtype::FLOAT);
-            let shape = b.op("Shape", &[&sig.input_ids], vec![], "beta/ids_shape");
-            let zero = b.ints(&[0]);
-            let one = b.ints(&[1]);
-            let rows = b.op("Slice", &[&shape, &zero, &one], vec![], "beta/rows");
+            let rows = b.dim(&sig.input_ids, 0, "beta/rows");
             b.op("Expand", &[&k, &rows], vec![], "beta/fixed")
         }
         None => {

@@ -29,6 +29,45 @@ pub struct TensorSpec {
     pub description: Option<String>,
 }
 
+/// A dimension of a [`TensorSpec`]: a fixed size, or the name of one that varies.
+pub enum SpecDim<'a> {
+    Fixed(i64),
+    Named(&'a str),
+}
+
+impl TensorSpec {
+    pub fn new(name: &str, role: &str, dtype: &str, shape: &[SpecDim]) -> Self {
+        let shape = shape
+            .iter()
+            .map(|d| match d {
+                SpecDim::Fixed(n) => serde_json::json!(n),
+                SpecDim::Named(s) => serde_json::json!(s),
+            })
+            .collect();
+        TensorSpec { name: name.into(), role: role.into(), dtype: dtype.into(), shape, parameter: None, description: None }
+    }
+
+    /// A float32 tensor of fixed dimensions.
+    pub fn float(name: &str, role: &str, dims: &[i64]) -> Self {
+        Self::new(name, role, "float32", &dims.iter().map(|&d| SpecDim::Fixed(d)).collect::<Vec<_>>())
+    }
+
+    /// A float32 tensor whose dimensions all vary with the batch.
+    pub fn float_named(name: &str, role: &str, dims: &[&str]) -> Self {
+        Self::new(name, role, "float32", &dims.iter().map(|&d| SpecDim::Named(d)).collect::<Vec<_>>())
+    }
+
+    pub fn of_parameter(mut self, p: &str) -> Self {
+        self.parameter = Some(p.into());
+        self
+    }
+
+    pub fn described(mut self, what: &str) -> Self {
+        self.description = Some(what.into());
+        self
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct GraphSpec {
     pub file: String,

@@ -79,9 +79,7 @@ pub fn sequence_logps(b: &mut Builder, m: &ModelTensors, mask: &str) -> String {
     let next_ids = b.op("Slice", &[m.input_ids, &one, &big, &one], vec![], "dpo/next_ids");
     let next_mask = b.op("Slice", &[mask, &one, &big, &one], vec![], "dpo/next_mask");
     let col_shape = {
-        let shape = b.op("Shape", &[m.input_ids], vec![], "dpo/ids_shape");
-        let z = b.ints(&[0]);
-        let rows = b.op("Slice", &[&shape, &z, &one], vec![], "dpo/rows");
+        let rows = b.dim(m.input_ids, 0, "dpo/rows");
         b.op("Concat", &[&rows, &one], vec![attr_i("axis", 0)], "dpo/col_shape")
     };
     let zero_i = crate::onnx::tensor_i64("", &[1], &[0]);
@@ -127,9 +125,8 @@ fn answer_positions_logps(b: &mut Builder, m: &ModelTensors, p: &super::model::P
     // row of each position, compared against 0..rows: a one-hot [N, rows] matrix
     let zero = b.ints(&[0]);
     let row = b.op("Gather", &[&at, &zero], vec![attr_i("axis", 1)], "dpo/answer_row2");
-    let shape = b.op("Shape", &[m.input_ids], vec![], "dpo/rows_shape");
+    let rows = b.dim_scalar(m.input_ids, 0, "dpo/rows_count");
     let start = b.int(0);
-    let rows = b.op("Gather", &[&shape, &start], vec![attr_i("axis", 0)], "dpo/rows_count");
     let step = b.int(1);
     let all_rows = b.op("Range", &[&start, &rows, &step], vec![], "dpo/row_ids");
     let hit = b.op("Equal", &[&row, &all_rows], vec![], "dpo/row_hit");
@@ -156,11 +153,7 @@ fn head_weights(b: &mut Builder, m: &ModelTensors, mask: &str, cfg: &ObjectiveCo
             let n = b.op("ReduceSum", &[&region, &axis1], vec![attr_i("keepdims", 1)], "beta/count");
             let one = b.scalar(1.0, dtype::FLOAT);
             let last = b.op("Sub", &[&n, &one], vec![], "beta/last_index");
-            let shape = b.op("Shape", &[m.input_ids], vec![], "beta/ids_shape");
-            let one_i = b.ints(&[1]);
-            let two_i = b.ints(&[2]);
-            let t = b.op("Slice", &[&shape, &one_i, &two_i], vec![], "beta/seq_len");
-            let t = b.op("Squeeze", &[&t], vec![], "beta/seq_len_scalar");
+            let t = b.dim_scalar(m.input_ids, 1, "beta/seq_len");
             let z = b.int(0);
             let o = b.int(1);
             let pos = b.op("Range", &[&z, &t, &o], vec![], "beta/positions");

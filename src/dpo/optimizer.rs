@@ -31,17 +31,6 @@ pub fn updated(name: &str) -> String {
     format!("{name}.new")
 }
 
-fn spec(name: &str, role: &str, shape: &[i64], parameter: Option<&str>) -> TensorSpec {
-    TensorSpec {
-        name: name.into(),
-        role: role.into(),
-        dtype: "float32".into(),
-        shape: shape.iter().map(|&d| serde_json::json!(d)).collect(),
-        parameter: parameter.map(str::to_string),
-        description: None,
-    }
-}
-
 /// `gradient_scale` multiplies every gradient first (1/k after accumulating k micro-batches).
 /// Builds the optimizer graph for the trainable parameters; `grad_name(p)` names p's gradient.
 pub fn build(params: &[ParameterSpec], grad_name: impl Fn(&str) -> String) -> (Graph, GraphSpec) {
@@ -53,7 +42,7 @@ pub fn build(params: &[ParameterSpec], grad_name: impl Fn(&str) -> String) -> (G
     let mut outputs = Vec::new();
     for (name, role) in HYPER {
         g.inputs.push(value_info(name, dtype::FLOAT, &[]));
-        inputs.push(spec(name, role, &[], None));
+        inputs.push(TensorSpec::float(name, role, &[]));
     }
     let trainable: Vec<&ParameterSpec> = params.iter().filter(|p| p.trainable).collect();
     for p in &trainable {
@@ -62,7 +51,7 @@ pub fn build(params: &[ParameterSpec], grad_name: impl Fn(&str) -> String) -> (G
         for (n, role) in [(p.name.clone(), "parameter"), (grad.clone(), "gradient"), (state_name(&p.name, "m"), "adam_m"), (state_name(&p.name, "v"), "adam_v")]
         {
             g.inputs.push(value_info(&n, dtype::FLOAT, &dims));
-            inputs.push(spec(&n, role, &p.shape, Some(&p.name)));
+            inputs.push(TensorSpec::float(&n, role, &p.shape).of_parameter(&p.name));
         }
     }
     let mut names = Names::from_graph(&g);
@@ -126,14 +115,12 @@ pub fn build(params: &[ParameterSpec], grad_name: impl Fn(&str) -> String) -> (G
         let step = b.op("Mul", &[&upd, lr], vec![], &format!("{n}.step"));
         b.op_into("Sub", &[n.as_str(), &step], &[&updated(n)], vec![]);
         for (out, role) in [(updated(n), "updated_parameter"), (updated(&m), "updated_adam_m"), (updated(&v), "updated_adam_v")] {
-            outputs.push(spec(&out, role, &p.shape, Some(n)));
+            outputs.push(TensorSpec::float(&out, role, &p.shape).of_parameter(n));
         }
     }
     g.nodes = b.take();
     g.names = names;
-    let mut metric = spec("grad_norm", "metric", &[], None);
-    metric.description = Some("global L2 norm of the gradients before clipping".into());
-    outputs.insert(0, metric);
+    outputs.insert(0, TensorSpec::float("grad_norm", "metric", &[]).described("global L2 norm of the gradients before clipping"));
     g.outputs = outputs.iter().map(|o| value_info(&o.name, dtype::FLOAT, &[])).collect();
     for (vi, o) in g.outputs.iter_mut().zip(&outputs) {
         let dims: Vec<Dim> = o.shape.iter().map(|d| Dim::Fixed(d.as_i64().unwrap_or(0))).collect();

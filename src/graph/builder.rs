@@ -77,6 +77,20 @@ impl<'a> Builder<'a> {
         self.constant(tensor, "const_scalar")
     }
 
+    /// The run-time size of `x` along `axis`, as a 1-D tensor of one element (for shapes).
+    pub fn dim(&mut self, x: &str, axis: i64, hint: &str) -> String {
+        let shape = self.op("Shape", &[x], vec![], &format!("{hint}_shape"));
+        let (start, end) = (self.ints(&[axis]), self.ints(&[axis + 1]));
+        self.op("Slice", &[&shape, &start, &end], vec![], hint)
+    }
+
+    /// The run-time size of `x` along `axis`, as a scalar (for `Range`).
+    pub fn dim_scalar(&mut self, x: &str, axis: i64, hint: &str) -> String {
+        let shape = self.op("Shape", &[x], vec![], &format!("{hint}_shape"));
+        let at = self.int(axis);
+        self.op("Gather", &[&shape, &at], vec![crate::onnx::attr_i("axis", 0)], hint)
+    }
+
     pub fn fresh(&mut self, hint: &str) -> String {
         self.names.fresh(hint)
     }
