@@ -70,7 +70,7 @@ fn write_raw(path: &Path, tensors: &[RawTensor], metadata: Option<&BTreeMap<Stri
     }
     let mut text = serde_json::to_string(&header).expect("header serialises");
     // the data section starts 8-byte aligned
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(' ');
     }
     crate::onnx::write_atomic(path, |w| {

@@ -60,6 +60,8 @@ impl Default for ObjectiveConfig {
 }
 
 impl ObjectiveConfig {
+    // `!(a > b)` on purpose: a NaN flag value must fail these checks too.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
     pub fn validate(&self) -> Result<()> {
         let bad = |flag: &str, detail: String| Err(Error::BadFlag { flag: flag.into(), detail });
         if !(self.beta_init.is_finite() && self.beta_init > 0.0) {

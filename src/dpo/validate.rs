@@ -158,6 +158,8 @@ pub fn random_batch(m: &Manifest, spec: &GraphSpec, rng: &mut impl Rng, pairs: u
     v
 }
 
+// `!(err < tol)` on purpose: a NaN error must fail.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
 fn directional(dir: &Path, m: &Manifest, opts: &ValidateOptions) -> Result<String> {
     let spec = m.graph("train")?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);

@@ -2,8 +2,9 @@
 
 use super::proto::{attribute_proto::AttributeType, AttributeProto, NodeProto, TensorProto};
 
-/// A value to put into an attribute.
+/// A value to put into an attribute (short-lived, so the large `Tensor` variant is not boxed).
 #[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum AttrValue {
     Int(i64),
     Float(f32),

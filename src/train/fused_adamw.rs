@@ -150,8 +150,16 @@ pub fn step(state: &mut State, grads: &[Tensor<f32>], kinds: &[ParamKind], h: &H
     let bc1 = 1.0 - h.adam_beta1.powf(h.step);
     let bc2 = 1.0 - h.adam_beta2.powf(h.step);
     let (b1, b2, eps) = (h.adam_beta1, h.adam_beta2, h.adam_epsilon);
-    // (p, m, v, g, lr, wd) chunks, all parameters together, so threads share the work evenly.
-    let mut jobs: Vec<(&mut [f32], &mut [f32], &mut [f32], &[f32], f32, f32)> = Vec::new();
+    // Chunks of all parameters together, so threads share the work evenly.
+    struct Job<'a> {
+        p: &'a mut [f32],
+        m: &'a mut [f32],
+        v: &'a mut [f32],
+        g: &'a [f32],
+        lr: f32,
+        wd: f32,
+    }
+    let mut jobs: Vec<Job> = Vec::new();
     let State { params, m, v } = state;
     for (k, ((p, (mk, vk)), g)) in params.values.iter_mut().zip(m.iter_mut().zip(v.iter_mut())).zip(&g_slices).enumerate() {
         let lr = if kinds[k].beta_head { h.head_learning_rate } else { h.learning_rate };
@@ -163,16 +171,16 @@ pub fn step(state: &mut State, grads: &[Tensor<f32>], kinds: &[ParamKind], h: &H
             return Err(Error::Other(format!("optimizer state of parameter {} does not match its gradient", params.names[k])));
         }
         for (((pc, mc), vc), gc) in p.chunks_mut(CHUNK).zip(mk.chunks_mut(CHUNK)).zip(vk.chunks_mut(CHUNK)).zip(g.chunks(CHUNK)) {
-            jobs.push((pc, mc, vc, gc, lr, wd));
+            jobs.push(Job { p: pc, m: mc, v: vc, g: gc, lr, wd });
         }
     }
     let per = jobs.len().div_ceil(n_threads).max(1);
     std::thread::scope(|s| {
         for batch in jobs.chunks_mut(per) {
             s.spawn(move || {
-                for (p, m, v, g, lr, wd) in batch.iter_mut() {
-                    let c = Coefficients { g_mul, b1, b2, bc1, bc2, eps, lr: *lr, wd: *wd };
-                    simd::dispatch_update(p, m, v, g, &c);
+                for j in batch.iter_mut() {
+                    let c = Coefficients { g_mul, b1, b2, bc1, bc2, eps, lr: j.lr, wd: j.wd };
+                    simd::dispatch_update(j.p, j.m, j.v, j.g, &c);
                 }
             });
         }

@@ -101,10 +101,12 @@ pub struct Accumulator {
 
 impl Accumulator {
     pub fn new(shapes: &[Vec<i64>], cfg: &SessionConfig, device: Device) -> Result<Self> {
-        let mut g = Graph::default();
-        g.name = "betadpo_grad_accumulate".into();
-        g.ir_version = 8;
-        g.opsets = vec![OperatorSetIdProto { domain: String::new(), version: 18 }];
+        let mut g = Graph {
+            name: "betadpo_grad_accumulate".into(),
+            ir_version: 8,
+            opsets: vec![OperatorSetIdProto { domain: String::new(), version: 18 }],
+            ..Default::default()
+        };
         for (i, s) in shapes.iter().enumerate() {
             let dims: Vec<Dim> = s.iter().map(|&d| Dim::Fixed(d)).collect();
             g.inputs.push(value_info(&format!("acc{i}"), dtype::FLOAT, &dims));

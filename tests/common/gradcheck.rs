@@ -104,9 +104,7 @@ struct Built {
 
 fn base_graph(case: &Case, t: i32, seed: u64) -> Built {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let mut g = Graph::default();
-    g.opsets = vec![OperatorSetIdProto { domain: String::new(), version: case.opset }];
-    g.ir_version = 8;
+    let mut g = Graph { opsets: vec![OperatorSetIdProto { domain: String::new(), version: case.opset }], ir_version: 8, ..Default::default() };
     let mut node = NodeProto { op_type: case.op.into(), name: "op_under_test".into(), attribute: case.attrs.clone(), ..Default::default() };
     let mut feeds = Vec::new();
     let mut active = Vec::new();
@@ -191,7 +189,7 @@ fn try_check(case: &Case, t: i32) -> Result<(), String> {
         let shape = y.shape();
         let r = random_values(&mut rng, shape.iter().product(), -1.0, 1.0);
         let rname = format!("r{k}");
-        feeds.push((rname.clone(), host_float(&shape, &r, out_type(y))));
+        feeds.push((rname.clone(), host_float(shape, &r, out_type(y))));
         let prod = b.op("Mul", &[&format!("y{k}"), &rname], vec![], "prod");
         terms.push(b.op("ReduceSum", &[&prod], vec![betadpo::onnx::attr_i("keepdims", 0)], "term"));
     }
@@ -199,9 +197,9 @@ fn try_check(case: &Case, t: i32) -> Result<(), String> {
     b.op_into("Sum", &refs, &["loss"], vec![]);
     let nodes = b.take();
     g.nodes.extend(nodes);
-    for k in 0..outs.len() {
-        let shape: Vec<Dim> = outs[k].1.shape().iter().enumerate().map(|(j, _)| Dim::Sym(format!("r{k}_d{j}"))).collect();
-        g.inputs.push(value_info(&format!("r{k}"), out_type(&outs[k].1), &shape));
+    for (k, (_, out)) in outs.iter().enumerate() {
+        let shape: Vec<Dim> = out.shape().iter().enumerate().map(|(j, _)| Dim::Sym(format!("r{k}_d{j}"))).collect();
+        g.inputs.push(value_info(&format!("r{k}"), out_type(out), &shape));
     }
     g.outputs = vec![value_info("loss", elem(t), &[])];
     g.outputs[0].r#type = None;
@@ -240,7 +238,7 @@ fn try_check(case: &Case, t: i32) -> Result<(), String> {
             let mut f = b2.feeds.clone();
             for (k, (_, y)) in outs2.iter().enumerate() {
                 let shape = y.shape();
-                f.push((format!("r{k}"), host_float(&shape, &vec![0.25; shape.iter().product()], out_type(y))));
+                f.push((format!("r{k}"), host_float(shape, &vec![0.25; shape.iter().product()], out_type(y))));
             }
             f
         }
