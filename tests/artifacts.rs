@@ -38,12 +38,49 @@ sys.exit(1 if bad else 0)
     );
 }
 
+/// The backward pass leaves none of the patterns `autodiff::fold` removes (each costs a full-size copy
+/// per step on a tied embedding, so a regression would show as time, not as a wrong value).
+fn assert_folded(dir: &Path, tag: &str) {
+    let model = betadpo::onnx::load_model(&dir.join("train.onnx")).unwrap();
+    let nodes = &model.graph.as_ref().unwrap().node;
+    let producer: std::collections::HashMap<&str, &betadpo::onnx::NodeProto> =
+        nodes.iter().flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n))).collect();
+    let mut uses: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for n in nodes {
+        for i in &n.input {
+            *uses.entry(i.as_str()).or_default() += 1;
+        }
+    }
+    let from = |x: &str, op: &str| producer.get(x).filter(|p| p.op_type == op).copied();
+    for n in nodes.iter().filter(|n| n.name.starts_with("grad/")) {
+        let input = |k: usize| n.input.get(k).map(String::as_str).unwrap_or("");
+        match n.op_type.as_str() {
+            "Transpose" => {
+                let gemm = from(input(0), "Gemm").filter(|g| g.input.len() == 2 && uses[g.output[0].as_str()] == 1);
+                assert!(gemm.is_none(), "{tag}: {} transposes a Gemm result", n.name);
+            }
+            "Sum" => {
+                for x in &n.input {
+                    let into_zeros = from(x, "ScatterND").and_then(|s| from(&s.input[0], "ConstantOfShape"));
+                    assert!(into_zeros.is_none(), "{tag}: {} adds a scatter into zeros", n.name);
+                }
+            }
+            "Identity" => {
+                let copies = producer.get(input(0)).is_some_and(|p| p.name.starts_with("grad/")) && uses[input(0)] == 1;
+                assert!(!copies, "{tag}: {} copies a single gradient contribution", n.name);
+            }
+            _ => {}
+        }
+    }
+}
+
 fn build_and_check(model: &Path, objective: ObjectiveConfig, tag: &str) {
     let out = common::fixtures::scratch(&format!("art-{tag}"));
     build_artifacts(model, &out, &BuildOptions { objective, ..Default::default() }).unwrap_or_else(|e| panic!("{}: {e}", model.display()));
     let checks = validate(&out, &ValidateOptions::default()).unwrap();
     let failed: Vec<String> = checks.iter().filter(|c| !c.ok).map(|c| format!("{}: {}", c.name, c.detail)).collect();
     assert!(failed.is_empty(), "{} ({tag}): validate failed:\n{}", model.display(), failed.join("\n"));
+    assert_folded(&out, tag);
     onnx_checker(&out);
     let _ = std::fs::remove_dir_all(&out);
 }
