@@ -375,6 +375,8 @@ def run_betadpo(a, data_file, pairs, workdir):
            "--out", run_dir, "--max-steps", str(a.warmup + a.steps), "--batch-size", str(pairs),
            "--threads", str(a.threads), "--lr", str(a.lr), "--head-lr", str(a.head_lr),
            "--max-grad-norm", str(a.max_grad_norm), "--ep", a.ep, "--quiet", *a.betadpo_arg]
+    if a.flush_denormal:
+        cmd.append("--flush-denormals")
     timeline = []
     rc, wall, rss, out, err, killed = run_measured(cmd, rss_limit=a.rss_limit, timeline=timeline)
     metrics = os.path.join(run_dir, "metrics.jsonl")
@@ -453,7 +455,7 @@ def main():
     ap.add_argument("--beta-max", type=float, default=1.0)
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--flush-denormal", action="store_true",
-                    help="PyTorch: torch.set_flush_denormal(True) (betadpo cannot do the same from its CLI)")
+                    help="subnormal floats as zero on both sides: torch.set_flush_denormal(True), betadpo --flush-denormals")
     ap.add_argument("--worker", choices=["torch"], help=argparse.SUPPRESS)
     ap.add_argument("--data-file", help=argparse.SUPPRESS)
     a = ap.parse_args()

@@ -15,7 +15,7 @@ fn fused_adamw_matches_the_optimizer_graph() {
     let dir = common::fixtures::scratch("optimizer-kinds");
     let art = dir.join("art");
     build_artifacts(&q.join("model.onnx"), &art, &BuildOptions::default()).unwrap();
-    let run = |kind: OptimizerKind, name: &str| {
+    let run = |kind: OptimizerKind, name: &str, flush_denormals: bool| {
         let cfg = TrainConfig {
             artifacts: art.clone(),
             data: q.join("train.jsonl"),
@@ -31,6 +31,7 @@ fn fused_adamw_matches_the_optimizer_graph() {
             threads: Some(1),
             progress: false,
             optimizer: kind,
+            flush_denormals,
             ..Default::default()
         };
         train(&cfg).unwrap();
@@ -42,20 +43,25 @@ fn fused_adamw_matches_the_optimizer_graph() {
             .collect();
         (params, norms)
     };
-    let (graph_params, graph_norms) = run(OptimizerKind::Graph, "graph");
-    let (fused_params, fused_norms) = run(OptimizerKind::Fused, "fused");
+    let (graph_params, graph_norms) = run(OptimizerKind::Graph, "graph", false);
+    let (fused_params, fused_norms) = run(OptimizerKind::Fused, "fused", false);
+    // Subnormals as zero (graphs and kernel) changes nothing at this scale.
+    let (flushed_params, flushed_norms) = run(OptimizerKind::Fused, "fused-ftz", true);
     assert_eq!(graph_norms.len(), 8);
-    for (a, b) in graph_norms.iter().zip(&fused_norms) {
+    for ((a, b), c) in graph_norms.iter().zip(&fused_norms).zip(&flushed_norms) {
         assert!((a - b).abs() <= 1e-4 * a.abs(), "grad_norm {a} (graph) vs {b} (fused)");
+        assert!((a - c).abs() <= 1e-4 * a.abs(), "grad_norm {a} (graph) vs {c} (fused, subnormals flushed)");
     }
     // clipping was active at least once, so the clipped path is compared too
     assert!(graph_norms.iter().any(|&n| n > 0.5), "{graph_norms:?}");
     let mut moved = 0;
-    for (a, b) in graph_params.iter().zip(&fused_params) {
+    for ((a, b), c) in graph_params.iter().zip(&fused_params).zip(&flushed_params) {
         assert_eq!(a.name, b.name);
         let scale = a.data.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-3);
-        let diff = a.data.iter().zip(&b.data).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(diff <= 1e-4 * scale, "{}: graph and fused differ by {diff} (scale {scale})", a.name);
+        for (other, what) in [(b, "fused"), (c, "fused with subnormals flushed")] {
+            let diff = a.data.iter().zip(&other.data).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(diff <= 1e-4 * scale, "{}: graph and {what} differ by {diff} (scale {scale})", a.name);
+        }
         moved += 1;
     }
     assert!(moved > 10);

@@ -94,6 +94,10 @@ pub struct Args {
     /// Write ONNX Runtime profiles (chrome-trace JSON per session) with this path prefix.
     #[arg(long)]
     profile: Option<PathBuf>,
+    /// Treat subnormal floats (below ~1e-38) as zero: steps stay fast once the loss saturates and
+    /// gradients become tiny (like torch.set_flush_denormal).
+    #[arg(long)]
+    flush_denormals: bool,
     /// No progress bars.
     #[arg(long)]
     quiet: bool,
@@ -133,6 +137,7 @@ pub fn config(a: Args) -> TrainConfig {
         progress: !a.quiet,
         optimizer: a.optimizer,
         profile: a.profile,
+        flush_denormals: a.flush_denormals,
         ..Default::default()
     }
 }

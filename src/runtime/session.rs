@@ -71,6 +71,8 @@ pub struct SessionConfig {
     /// Enables ONNX Runtime's profiler; it writes `<prefix>_<timestamp>.json` when
     /// `Session::end_profiling` is called (not on drop).
     pub profile_prefix: Option<PathBuf>,
+    /// Subnormal floats as zero in the session's threads.
+    pub flush_denormals: bool,
     /// Memory pattern planning; turn it off when input shapes vary from run to run.
     pub memory_pattern: bool,
     /// ONNX Runtime's CPU arena keeps every block it ever allocated (growing in powers of two);
@@ -85,6 +87,7 @@ impl Default for SessionConfig {
             intra_threads: None,
             optimization: OptLevel::All,
             profile_prefix: None,
+            flush_denormals: false,
             memory_pattern: true,
             cpu_arena: true,
         }
@@ -125,6 +128,9 @@ impl SessionConfig {
             .map_err(fail)?;
         if let Some(n) = self.intra_threads {
             builder = builder.with_intra_threads(n).map_err(fail)?;
+        }
+        if self.flush_denormals {
+            builder = builder.with_flush_to_zero().map_err(fail)?;
         }
         if let Some(prefix) = &self.profile_prefix {
             builder = builder.with_profiling(prefix).map_err(fail)?;

@@ -53,6 +53,10 @@ pub struct TrainConfig {
     /// Write ONNX Runtime profiles (JSON, one per session) with this path prefix.
     #[serde(default)]
     pub profile: Option<PathBuf>,
+    /// Treat subnormal floats as zero in the graphs and the fused optimizer (faster once the loss
+    /// saturates; values below ~1e-38 become 0).
+    #[serde(default)]
+    pub flush_denormals: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,6 +118,7 @@ impl Default for TrainConfig {
             progress: true,
             optimizer: OptimizerKind::Auto,
             profile: None,
+            flush_denormals: false,
         }
     }
 }

@@ -7,6 +7,7 @@
 
 use ort::value::Tensor;
 
+use super::denormals::FlushGuard;
 use super::optimizer_step::{Hyper, State};
 use crate::{Error, Result};
 
@@ -24,13 +25,14 @@ fn threads(requested: Option<usize>) -> usize {
 }
 
 /// Sum of squares of all gradients (times `scale`²), in float64, chunk order fixed.
-fn squared_norm(grads: &[&[f32]], scale: f32, n_threads: usize) -> f64 {
+fn squared_norm(grads: &[&[f32]], scale: f32, n_threads: usize, flush_denormals: bool) -> f64 {
     let chunks: Vec<&[f32]> = grads.iter().flat_map(|g| g.chunks(CHUNK)).collect();
     let mut partial = vec![0.0f64; chunks.len()];
     let per = chunks.len().div_ceil(n_threads).max(1);
     std::thread::scope(|s| {
         for (cs, out) in chunks.chunks(per).zip(partial.chunks_mut(per)) {
             s.spawn(move || {
+                let _ftz = flush_denormals.then(FlushGuard::new);
                 for (c, o) in cs.iter().zip(out.iter_mut()) {
                     *o = simd::dispatch_sum_squares(c, scale);
                 }
@@ -138,10 +140,10 @@ mod simd {
 
 /// Applies one AdamW step in place. Returns the global gradient norm (before clipping), or `None`
 /// without touching the state when it is not finite.
-pub fn step(state: &mut State, grads: &[Tensor<f32>], kinds: &[ParamKind], h: &Hyper, n_threads: Option<usize>) -> Result<Option<f32>> {
+pub fn step(state: &mut State, grads: &[Tensor<f32>], kinds: &[ParamKind], h: &Hyper, n_threads: Option<usize>, flush_denormals: bool) -> Result<Option<f32>> {
     let n_threads = threads(n_threads);
     let g_slices: Vec<&[f32]> = grads.iter().map(|g| g.try_extract_tensor::<f32>().map(|(_, d)| d)).collect::<std::result::Result<_, _>>()?;
-    let norm = squared_norm(&g_slices, h.gradient_scale, n_threads).sqrt() as f32;
+    let norm = squared_norm(&g_slices, h.gradient_scale, n_threads, flush_denormals).sqrt() as f32;
     if !norm.is_finite() {
         return Ok(None);
     }
@@ -178,6 +180,7 @@ pub fn step(state: &mut State, grads: &[Tensor<f32>], kinds: &[ParamKind], h: &H
     std::thread::scope(|s| {
         for batch in jobs.chunks_mut(per) {
             s.spawn(move || {
+                let _ftz = flush_denormals.then(FlushGuard::new);
                 for j in batch.iter_mut() {
                     let c = Coefficients { g_mul, b1, b2, bc1, bc2, eps, lr: j.lr, wd: j.wd };
                     simd::dispatch_update(j.p, j.m, j.v, j.g, &c);

@@ -8,6 +8,7 @@ pub mod batch;
 pub mod chat_template;
 pub mod checkpoint;
 pub mod data;
+pub mod denormals;
 pub mod device;
 pub mod metrics;
 pub mod reference;

@@ -128,10 +128,13 @@ pub fn summary_table(s: &TrainSummary) -> String {
     out.push('\n');
     if let Some(t) = &s.last_train {
         out.push_str(&format!(
-            "last step: loss {}, reward accuracy {}, beta mean {}\n",
+            "last step: loss {}, reward accuracy {}, beta mean {}; {} s (train graph {} s, optimizer {} s)\n",
             f(Some(t), "loss"),
             f(Some(t), "rewards/accuracies"),
-            f(Some(t), "beta/mean")
+            f(Some(t), "beta/mean"),
+            f(Some(t), "step_time_s"),
+            f(Some(t), "train_graph_time_s"),
+            f(Some(t), "optimizer_time_s")
         ));
     }
     let Some(after) = &s.final_eval else { return out };

@@ -116,12 +116,16 @@ fn run_key(cfg: &TrainConfig, manifest_text: &str, train_key: &str) -> String {
     let mut h = Sha256::new();
     h.update(manifest_text.as_bytes());
     h.update(train_key.as_bytes());
-    let essentials = serde_json::json!({
+    let mut essentials = serde_json::json!({
         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "lr": cfg.lr, "head_lr": cfg.head_lr,
         "warmup": cfg.warmup_steps, "schedule": cfg.lr_schedule, "wd": cfg.weight_decay, "clip": cfg.max_grad_norm,
         "betas": [cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon], "seed": cfg.seed, "bucket": cfg.bucket_batches,
         "fused": uses_fused(cfg),
     });
+    if cfg.flush_denormals {
+        // only when set, so runs from before the flag existed keep their key
+        essentials["ftz"] = serde_json::json!(true);
+    }
     h.update(essentials.to_string().as_bytes());
     format!("{:x}", h.finalize())[..16].to_string()
 }
@@ -171,6 +175,8 @@ fn progress_bar(total: u64, pos: u64, enabled: bool) -> indicatif::ProgressBar {
 
 pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     cfg.validate()?;
+    // ONNX Runtime's pool threads get the flag from the session; the caller's thread runs work too.
+    let _ftz = cfg.flush_denormals.then(super::denormals::FlushGuard::new);
     crate::runtime::init(&cfg.ep)?;
     let manifest = Manifest::load(&cfg.artifacts)?;
     let manifest_text = std::fs::read_to_string(cfg.artifacts.join(crate::dpo::manifest::MANIFEST_FILE)).map_err(|e| Error::io(&cfg.artifacts, e))?;
@@ -211,6 +217,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         ep: cfg.ep,
         intra_threads: cfg.threads,
         profile_prefix: cfg.profile.clone(),
+        flush_denormals: cfg.flush_denormals,
         // ONNX Runtime's arena rounds blocks up and never shrinks (SmolLM2-135M, 8 pairs: peak RSS
         // 5.3 GB with it, 3.1 GB without). Its memory pattern puts all intermediates in one block
         // allocated per run, which glibc maps fresh every step; tensor by tensor, they come from a
@@ -367,7 +374,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         let optimizer_started = Instant::now();
         let norm = match (loss.is_finite(), fused) {
             (false, _) => None,
-            (true, true) => fused_adamw::step(&mut state, &grads, &kinds, &hyper, cfg.threads)?,
+            (true, true) => fused_adamw::step(&mut state, &grads, &kinds, &hyper, cfg.threads, cfg.flush_denormals)?,
             (true, false) => apply(opt_s.as_mut().expect("optimizer session"), &opt_spec, &mut state, &grads, &hyper, &device)?,
         };
         let optimizer_time = optimizer_started.elapsed().as_secs_f64();
