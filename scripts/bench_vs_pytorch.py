@@ -381,7 +381,8 @@ def run_betadpo(a, data_file, pairs, workdir):
     rc, wall, rss, out, err, killed = run_measured(cmd, rss_limit=a.rss_limit, timeline=timeline)
     metrics = os.path.join(run_dir, "metrics.jsonl")
     recs = [json.loads(l) for l in open(metrics)] if os.path.exists(metrics) else []
-    steps = [dict(step=r["step"], time_s=r["step_time_s"], loss=r["loss"], grad_norm=r.get("grad_norm"))
+    steps = [dict(step=r["step"], time_s=r["step_time_s"], loss=r["loss"], grad_norm=r.get("grad_norm"),
+                  train_graph_s=r.get("train_graph_time_s"), optimizer_s=r.get("optimizer_time_s"))
              for r in recs if "step_time_s" in r]
     refs = None
     ref_dir = os.path.join(run_dir, "reference")
@@ -568,6 +569,12 @@ def summarise(a, P, runs, shape):
                 rec[k] = med([s[k] for r in ok[side] for s in r["steps"][a.warmup:]])
             line += (f"; forward {rec['forward_s']:.3f} / backward {rec['backward_s']:.3f} / "
                      f"optimizer {rec['optimizer_s']:.3f} s")
+        else:
+            split = [s for r in ok[side] for s in r["steps"][a.warmup:] if s.get("train_graph_s") is not None]
+            if split:
+                rec["train_graph_s"] = med([s["train_graph_s"] for s in split])
+                rec["optimizer_s"] = med([s["optimizer_s"] for s in split])
+                line += f"; train graph {rec['train_graph_s']:.3f} / optimizer {rec['optimizer_s']:.3f} s"
         log(line)
     if ok["torch"] and ok["betadpo"]:
         t, b = out["sides"]["torch"], out["sides"]["betadpo"]
