@@ -215,6 +215,13 @@ fn args(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()
 }
 
+/// `betadpo train` on these inputs, then `flags` (values without spaces).
+fn train_args(art: &Path, data: &Path, tokenizer: &Path, out: &Path, flags: &str) -> Vec<String> {
+    let mut a = args(&["train", "--artifacts", &s(art), "--data", &s(data), "--tokenizer", &s(tokenizer), "--out", &s(out)]);
+    a.extend(words(flags));
+    a
+}
+
 /// Flags without spaces in their values, as one string.
 fn words(flags: &str) -> Vec<String> {
     flags.split_whitespace().map(String::from).collect()
@@ -334,12 +341,8 @@ struct KillSetup {
 
 impl KillSetup {
     fn args(&self, out: &Path) -> Vec<String> {
-        let mut a = args(&["train", "--artifacts", &s(&self.art), "--data", &s(&self.data), "--tokenizer", &s(&self.tokenizer), "--out", &s(out)]);
-        a.extend(words(&format!(
-            "--max-steps {} --batch-size 4 --save-every 1 --threads 1 --max-length 128 --max-prompt-length 64 --quiet --resume",
-            self.steps
-        )));
-        a
+        let flags = format!("--max-steps {} --batch-size 4 --save-every 1 --threads 1 --max-length 128 --max-prompt-length 64 --quiet --resume", self.steps);
+        train_args(&self.art, &self.data, &self.tokenizer, out, &flags)
     }
     fn spawn(&self, out: &Path) -> Child {
         bin().args(self.args(out)).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
@@ -599,11 +602,7 @@ fn bad_input() {
     let dir = scratch("badinput");
     let art = artifacts(&inp.model, &dir, ObjectiveConfig::default());
     let good = head(&inp.train, 16, &dir, "good.jsonl");
-    let base = |data: &Path, out: &Path| {
-        let mut a = args(&["train", "--artifacts", &s(&art), "--data", &s(data), "--tokenizer", &s(&inp.tokenizer), "--out", &s(out)]);
-        a.extend(words("--max-steps 2 --batch-size 4 --threads 1"));
-        a
-    };
+    let base = |data: &Path, out: &Path| train_args(&art, data, &inp.tokenizer, out, "--max-steps 2 --batch-size 4 --threads 1");
     let with = |mut a: Vec<String>, more: &[&str]| {
         a.extend(args(more));
         a
@@ -839,8 +838,7 @@ fn nonfinite_loss() {
     let data = head(&inp.train, 24, &dir, "train.jsonl");
     // lr 1e30: step 1 is finite, but moves every weight by ~1e30, so step 2's logits overflow.
     let a = |out: &Path, more: &[&str]| {
-        let mut v = args(&["train", "--artifacts", &s(&art), "--data", &s(&data), "--tokenizer", &s(&inp.tokenizer), "--out", &s(out)]);
-        v.extend(words("--max-steps 5 --batch-size 4 --save-every 1 --threads 1 --lr 1e30 --quiet"));
+        let mut v = train_args(&art, &data, &inp.tokenizer, out, "--max-steps 5 --batch-size 4 --save-every 1 --threads 1 --lr 1e30 --quiet");
         v.extend(args(more));
         v
     };

@@ -23,11 +23,12 @@ pub fn fold(nodes: Vec<NodeProto>, roots: &HashSet<String>, names: &mut Names) -
     drop_dead(nodes, roots)
 }
 
-fn consumer_counts(nodes: &[NodeProto]) -> HashMap<&str, usize> {
+/// How many node inputs read each tensor (owned keys: the rewrites then mutate `nodes`).
+fn consumer_counts(nodes: &[NodeProto]) -> HashMap<String, usize> {
     let mut uses = HashMap::new();
     for n in nodes {
         for i in &n.input {
-            *uses.entry(i.as_str()).or_insert(0) += 1;
+            *uses.entry(i.clone()).or_insert(0) += 1;
         }
     }
     uses
@@ -37,17 +38,13 @@ fn producers(nodes: &[NodeProto]) -> HashMap<String, usize> {
     nodes.iter().enumerate().flat_map(|(k, n)| n.output.iter().map(move |o| (o.clone(), k))).collect()
 }
 
-fn int_attr(n: &NodeProto, name: &str) -> Option<i64> {
-    n.attribute.iter().find(|a| a.name == name).map(|a| a.i)
-}
-
 fn transpose_of_gemm(mut nodes: Vec<NodeProto>) -> Vec<NodeProto> {
     let prod = producers(&nodes);
-    let uses: HashMap<String, usize> = consumer_counts(&nodes).into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let uses = consumer_counts(&nodes);
     let mut removed = HashSet::new();
     for t in 0..nodes.len() {
         let n = &nodes[t];
-        let swaps = n.op_type == "Transpose" && n.attribute.iter().find(|a| a.name == "perm").map(|a| a.ints == [1, 0]).unwrap_or(false);
+        let swaps = n.op_type == "Transpose" && n.ints_attr("perm").is_some_and(|p| p == [1, 0]);
         if !swaps {
             continue;
         }
@@ -58,7 +55,7 @@ fn transpose_of_gemm(mut nodes: Vec<NodeProto>) -> Vec<NodeProto> {
             continue;
         }
         // (op(A) op(B))^T = op(B)^T op(A)^T
-        let (ta, tb) = (int_attr(gemm, "transA").unwrap_or(0), int_attr(gemm, "transB").unwrap_or(0));
+        let (ta, tb) = (gemm.int_or("transA", 0), gemm.int_or("transB", 0));
         let mut attrs: Vec<_> = gemm.attribute.iter().filter(|a| a.name != "transA" && a.name != "transB").cloned().collect();
         attrs.push(attr_i("transA", 1 - tb));
         attrs.push(attr_i("transB", 1 - ta));
@@ -90,7 +87,7 @@ fn is_zeros(n: &NodeProto) -> bool {
 
 fn scatter_into_sum(mut nodes: Vec<NodeProto>, names: &mut Names) -> Vec<NodeProto> {
     let prod = producers(&nodes);
-    let uses: HashMap<String, usize> = consumer_counts(&nodes).into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let uses = consumer_counts(&nodes);
     let mut removed = HashSet::new();
     let mut inserted: HashMap<usize, NodeProto> = HashMap::new();
     for s in 0..nodes.len() {
@@ -100,7 +97,7 @@ fn scatter_into_sum(mut nodes: Vec<NodeProto>, names: &mut Names) -> Vec<NodePro
         let found = nodes[s].input.iter().enumerate().find_map(|(k, x)| {
             let &p = prod.get(x)?;
             let sc = &nodes[p];
-            let adds = sc.attribute.iter().any(|a| a.name == "reduction" && a.s.as_ref() == b"add");
+            let adds = sc.str_attr("reduction").as_deref() == Some("add");
             let into_zeros = prod.get(&sc.input[0]).map(|&z| is_zeros(&nodes[z])).unwrap_or(false);
             let fits = sc.op_type == "ScatterND" && adds && into_zeros && uses.get(x) == Some(&1) && !removed.contains(&p);
             fits.then_some((k, p))
@@ -137,7 +134,7 @@ fn scatter_into_sum(mut nodes: Vec<NodeProto>, names: &mut Names) -> Vec<NodePro
 
 fn rename_through_identity(mut nodes: Vec<NodeProto>, roots: &HashSet<String>) -> Vec<NodeProto> {
     let prod = producers(&nodes);
-    let uses: HashMap<String, usize> = consumer_counts(&nodes).into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let uses = consumer_counts(&nodes);
     let mut removed = HashSet::new();
     for k in 0..nodes.len() {
         if nodes[k].op_type != "Identity" {

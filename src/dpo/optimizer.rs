@@ -34,12 +34,8 @@ pub fn updated(name: &str) -> String {
 /// `gradient_scale` multiplies every gradient first (1/k after accumulating k micro-batches).
 /// Builds the optimizer graph for the trainable parameters; `grad_name(p)` names p's gradient.
 pub fn build(params: &[ParameterSpec], grad_name: impl Fn(&str) -> String) -> (Graph, GraphSpec) {
-    let mut g = Graph {
-        name: "betadpo_adamw".into(),
-        ir_version: 8,
-        opsets: vec![OperatorSetIdProto { domain: String::new(), version: OPSET }],
-        ..Default::default()
-    };
+    let mut g =
+        Graph { name: "betadpo_adamw".into(), ir_version: 8, opsets: vec![OperatorSetIdProto { domain: String::new(), version: OPSET }], ..Default::default() };
     let mut inputs = Vec::new();
     let mut outputs = Vec::new();
     for (name, role) in HYPER {

@@ -1,6 +1,7 @@
 //! The training loop: reference log-probs → [micro-batches → gradients] → optimizer step →
 //! metrics, evaluation and checkpoints, resumable at every checkpoint.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -59,16 +60,32 @@ fn load_pairs(path: &Path, tok: &PairTokenizer, trunc: &TruncationConfig, skip_b
     Ok(pairs)
 }
 
-/// Moves host tensors into runtime values (no copy on the CPU), in the manifest's order.
+/// Moves the host tensors named `wanted` out of `by_name` into runtime values, in that order (no
+/// copy on the CPU); `missing` words the error for a name that is not there.
+fn take_uploaded(
+    by_name: &mut HashMap<String, NamedTensor>,
+    wanted: &[String],
+    device: &Device,
+    missing: impl Fn(&str) -> String,
+) -> Result<Vec<ort::value::Tensor<f32>>> {
+    wanted
+        .iter()
+        .map(|n| {
+            let t = by_name.remove(n).ok_or_else(|| Error::Other(missing(n)))?;
+            device.upload(&t.shape, t.data)
+        })
+        .collect()
+}
+
+fn by_name(tensors: Vec<NamedTensor>) -> HashMap<String, NamedTensor> {
+    tensors.into_iter().map(|t| (t.name.clone(), t)).collect()
+}
+
+/// The trainable parameters among `tensors`, in the manifest's order, as runtime values.
 fn to_feeds(tensors: Vec<NamedTensor>, m: &Manifest, device: &Device) -> Result<Feeds> {
-    let mut by_name: std::collections::HashMap<String, NamedTensor> = tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
-    let mut f = Feeds::default();
-    for p in m.trainable() {
-        let t = by_name.remove(&p.name).ok_or_else(|| Error::Other(format!("parameter {} is missing", p.name)))?;
-        f.names.push(p.name.clone());
-        f.values.push(device.upload(&t.shape, t.data)?);
-    }
-    Ok(f)
+    let names: Vec<String> = m.trainable().map(|p| p.name.clone()).collect();
+    let values = take_uploaded(&mut by_name(tensors), &names, device, |n| format!("parameter {n} is missing"))?;
+    Ok(Feeds { names, values })
 }
 
 /// Host-side views of training state for writing files: the tensors' own memory on the CPU
@@ -262,22 +279,18 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         (true, Some((step, dir))) => {
             let l = checkpoint::load(dir)?;
             let params = to_feeds(l.params, &manifest, &device)?;
-            let find = |suffix: &str| -> Result<Vec<ort::value::Tensor<f32>>> {
-                params
-                    .names
-                    .iter()
-                    .map(|n| {
-                        let t =
-                            l.moments.iter().find(|t| t.name == format!("{n}{suffix}")).ok_or_else(|| Error::Other(format!("checkpoint lacks {n}{suffix}")))?;
-                        device.upload(&t.shape, t.data.clone())
-                    })
-                    .collect()
+            let mut moments = by_name(l.moments);
+            let mut take = |suffix: &str| {
+                let names: Vec<String> = params.names.iter().map(|n| format!("{n}{suffix}")).collect();
+                take_uploaded(&mut moments, &names, &device, |n| format!("checkpoint lacks {n}"))
             };
-            let (m, v) = (find(".adam_m")?, find(".adam_v")?);
+            let (m, v) = (take(".adam_m")?, take(".adam_v")?);
             (l.state, State { params, m, v }, Some(*step))
         }
         _ => {
             let zeros = |s: &Vec<i64>| {
+                // Written now, not `vec![0.0; n]`: calloc's lazily mapped zero pages would be faulted
+                // in during the first optimizer step instead (SmolLM2-135M: ~3.5 s).
                 let n = s.iter().product::<i64>() as usize;
                 let mut z = Vec::with_capacity(n);
                 z.extend(std::iter::repeat_n(0.0f32, n));
