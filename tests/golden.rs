@@ -8,7 +8,8 @@ mod common;
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
-use betadpo::dpo::{build_artifacts, BetaSource, BuildOptions, Manifest, ObjectiveConfig};
+use betadpo::dpo::packing::{pack, HeadReads, PackedBatch, PairTokens};
+use betadpo::dpo::{build_artifacts, BetaSource, BuildOptions, Layout, Manifest, ObjectiveConfig};
 use betadpo::runtime::{run, HostTensor, SessionConfig};
 use betadpo::store::read_safetensors;
 use ndarray::{ArrayD, IxDyn};
@@ -58,7 +59,31 @@ enum Mode {
     Fixed,
 }
 
+/// The golden batch in the packed layout: its pairs read back from the padded rows.
+fn packed_golden(golden: &Golden, objective: &ObjectiveConfig) -> PackedBatch {
+    let ids = &golden.i64s["input_ids"];
+    let prompt_last = &golden.i64s["prompt_last_index"];
+    let seq_last = &golden.i64s["sequence_last_index"];
+    let b = prompt_last.len();
+    let tokens = |row: usize, from: usize, to_incl: i64| -> Vec<u32> { (from..=to_incl as usize).map(|c| ids[[row, c]] as u32).collect() };
+    let triples: Vec<[Vec<u32>; 3]> = (0..b)
+        .map(|i| {
+            let p = prompt_last[[i]] as usize + 1;
+            [tokens(i, 0, p as i64 - 1), tokens(i, p, seq_last[[i]]), tokens(b + i, p, seq_last[[b + i]])]
+        })
+        .collect();
+    let views: Vec<PairTokens> = triples.iter().map(|[p, c, r]| PairTokens { prompt: p, chosen: c, rejected: r }).collect();
+    // rows of ~2 pairs, so the batch spans several rows with padding at the end of one
+    let row_tokens = views.iter().map(|v| v.prompt.len() + v.chosen.len() + v.rejected.len()).max().unwrap() + 4;
+    pack(&views, row_tokens, 0, HeadReads { source: objective.beta_source, aggregate: objective.beta_aggregate })
+}
+
 fn check_model(model_dir: &Path, mode: Mode) {
+    check_model_in(model_dir, mode, Layout::Padded).unwrap();
+}
+
+/// Errs only when the build refuses the model (the packed layout does so for masks it cannot replace).
+fn check_model_in(model_dir: &Path, mode: Mode, layout: Layout) -> Result<(), String> {
     let golden = load_golden(model_dir);
     let objective = ObjectiveConfig {
         beta_source: if matches!(mode, Mode::Sequence) { BetaSource::Sequence } else { BetaSource::Prompt },
@@ -68,13 +93,18 @@ fn check_model(model_dir: &Path, mode: Mode) {
         fixed_beta: matches!(mode, Mode::Fixed).then_some(0.1),
         ..Default::default()
     };
-    let out = common::fixtures::scratch(&format!("golden-{}-{mode:?}", model_dir.file_name().unwrap().to_string_lossy()));
-    build_artifacts(&model_dir.join("model.onnx"), &out, &BuildOptions { objective, ..Default::default() }).unwrap();
+    let out = common::fixtures::scratch(&format!("golden-{}-{mode:?}-{layout:?}", model_dir.file_name().unwrap().to_string_lossy()));
+    let packed = (layout == Layout::Packed).then(|| packed_golden(&golden, &objective));
+    build_artifacts(&model_dir.join("model.onnx"), &out, &BuildOptions { objective, layout, ..Default::default() }).map_err(|e| e.to_string())?;
     let m = Manifest::load(&out).unwrap();
     let spec = m.graph("train").unwrap();
     let (params, _) = read_safetensors(&out.join(&m.parameters_file)).unwrap();
     let mut feeds: Vec<(&str, HostTensor)> = Vec::new();
     for i in &spec.inputs {
+        if let Some(t) = packed.as_ref().and_then(|p| p.by_role(&i.role)) {
+            feeds.push((i.name.as_str(), t));
+            continue;
+        }
         let t = match i.role.as_str() {
             "input_ids" => HostTensor::I64(golden.i64s["input_ids"].clone()),
             "attention_mask" => HostTensor::I64(golden.i64s["attention_mask"].clone()),
@@ -103,7 +133,7 @@ fn check_model(model_dir: &Path, mode: Mode) {
         Mode::Sequence => ("loss_sequence", "grad_sequence/"),
         Mode::Fixed => ("loss_fixed_beta", "grad_fixed_beta/"),
     };
-    let label = format!("{} {mode:?}", model_dir.display());
+    let label = format!("{} {mode:?} {layout:?}", model_dir.display());
     let loss = &outs[&spec.output("loss").unwrap().name];
     let r = rel(loss, &golden.f32s[loss_key].clone().into_shape_with_order(IxDyn(&[])).unwrap());
     assert!(r < 1e-4, "{label}: loss {loss} vs golden {}, relative error {r:.2e}", golden.f32s[loss_key]);
@@ -146,6 +176,7 @@ fn check_model(model_dir: &Path, mode: Mode) {
         assert_eq!(ours, theirs, "{label}: trainable set differs from the golden's parameters");
     }
     let _ = std::fs::remove_dir_all(&out);
+    Ok(())
 }
 
 #[test]
@@ -166,5 +197,27 @@ fn sequence_beta_matches_pytorch() {
 fn fixed_beta_matches_pytorch() {
     for m in common::fixtures::all_models() {
         check_model(&m, Mode::Fixed);
+    }
+}
+
+/// The packed layout (shared prompts, several pairs per row, positions restarting for the rejected
+/// answer) gives PyTorch's padded-batch loss and gradients.
+/// Models whose mask or positions it cannot replace are refused with the reason: Mistral's sliding
+/// window (16 tokens, shorter than the golden batch) and OPT's positions (a cumulative sum of the mask).
+#[test]
+fn packed_layout_matches_pytorch() {
+    let mut refused = BTreeSet::new();
+    for m in common::fixtures::all_models() {
+        for mode in [Mode::Prompt, Mode::Sequence, Mode::Fixed] {
+            if let Err(e) = check_model_in(&m, mode, Layout::Packed) {
+                let name = m.file_name().unwrap().to_string_lossy().to_string();
+                let why = if name == "mistral" { "not plain causal" } else { "no position computation" };
+                assert!(e.contains("cannot pack this model") && e.contains(why), "{name}: unexpected refusal: {e}");
+                refused.insert(name);
+            }
+        }
+    }
+    if common::fixtures::own_models().len() == 8 {
+        assert_eq!(refused, BTreeSet::from(["mistral".to_string(), "opt".to_string()]));
     }
 }

@@ -3,7 +3,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use betadpo::dpo::params::Selection;
-use betadpo::dpo::{build_artifacts, BetaAggregate, BetaSource, BuildOptions, LossKind, ObjectiveConfig};
+use betadpo::dpo::{build_artifacts, BetaAggregate, BetaSource, BuildOptions, Layout, LossKind, ObjectiveConfig};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -52,9 +52,20 @@ pub struct Args {
     /// `all` model parameters (default) or only the beta `head`.
     #[arg(long, value_enum, default_value = "all")]
     trainable: TrainableArg,
+    /// How a batch enters the train graph: `padded` rows (TRL's layout), or `packed` rows where
+    /// each pair's prompt is computed once and no padding sits between sequences (same results,
+    /// about half the tokens on short pairs; needs a model whose attention mask can be replaced).
+    #[arg(long, value_enum, default_value = "padded")]
+    layout: LayoutArg,
     /// Print less.
     #[arg(long, short)]
     quiet: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum LayoutArg {
+    Padded,
+    Packed,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -113,7 +124,11 @@ pub fn options(a: &Args) -> Result<BuildOptions> {
     if selection.head_only && objective.fixed_beta.is_some() {
         anyhow::bail!(betadpo::Error::BadFlag { flag: "--trainable head".into(), detail: "with --fixed-beta there is no head to train".into() });
     }
-    Ok(BuildOptions { objective, selection, hidden_state: a.hidden_state.clone() })
+    let layout = match a.layout {
+        LayoutArg::Padded => Layout::Padded,
+        LayoutArg::Packed => Layout::Packed,
+    };
+    Ok(BuildOptions { objective, layout, selection, hidden_state: a.hidden_state.clone() })
 }
 
 pub fn run(a: Args) -> Result<()> {

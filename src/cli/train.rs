@@ -98,6 +98,10 @@ pub struct Args {
     /// gradients become tiny (like torch.set_flush_denormal).
     #[arg(long)]
     flush_denormals: bool,
+    /// With packed artifacts: tokens per row (a longer pair gets its own row). Longer rows mean
+    /// fewer, wider attention products; 512 suits models of SmolLM2's size.
+    #[arg(long, default_value_t = 512)]
+    pack_tokens: usize,
     /// No progress bars.
     #[arg(long)]
     quiet: bool,
@@ -138,6 +142,7 @@ pub fn config(a: Args) -> TrainConfig {
         optimizer: a.optimizer,
         profile: a.profile,
         flush_denormals: a.flush_denormals,
+        pack_tokens: a.pack_tokens,
         ..Default::default()
     }
 }

@@ -106,6 +106,9 @@ pub struct Manifest {
     pub betadpo_version: String,
     pub model: ModelSpec,
     pub objective: ObjectiveConfig,
+    /// How the train and eval graphs take a batch (manifests without it are padded).
+    #[serde(default)]
+    pub layout: super::Layout,
     /// `train`, `eval`, `optimizer`, `infer`.
     pub graphs: BTreeMap<String, GraphSpec>,
     pub parameters: Vec<ParameterSpec>,

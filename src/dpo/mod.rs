@@ -11,7 +11,9 @@ pub mod artifacts;
 pub mod export;
 pub mod manifest;
 pub mod optimizer;
+pub mod packing;
 pub mod validate;
 
 pub use artifacts::{build_artifacts, BuildOptions, BuildReport};
 pub use manifest::Manifest;
+pub use packing::Layout;

@@ -6,6 +6,7 @@
 //! `logits[r, t-1]`.
 
 use super::config::{inverse_softplus, BetaAggregate, BetaSource, LossKind, ObjectiveConfig};
+use super::packing::{objective as packed, Layout};
 use crate::graph::Builder;
 use crate::onnx::{attr_i, dtype, tensor_f32, Dim, TensorProto, ValueInfoProto};
 
@@ -37,6 +38,7 @@ pub struct ModelTensors<'a> {
     pub hidden_size: i64,
     /// When set, answer log-probs apply this lm_head to the answer positions only.
     pub projection: Option<&'a super::model::Projection>,
+    pub layout: Layout,
 }
 
 impl<'a> ModelTensors<'a> {
@@ -50,6 +52,7 @@ impl<'a> ModelTensors<'a> {
             hidden: &sig.hidden,
             hidden_size: sig.hidden_size,
             projection: if answer_positions { sig.projection.as_ref() } else { None },
+            layout: Layout::Padded,
         }
     }
 }
@@ -90,8 +93,8 @@ pub fn sequence_logps(b: &mut Builder, m: &ModelTensors, mask: &str) -> String {
     let label_mask = b.op("Concat", &[&next_mask, &pad_mask], vec![attr_i("axis", 1)], "dpo/label_mask");
     let last = b.ints(&[-1]);
     let axis1 = b.ints(&[1]);
-    if let Some(p) = m.projection {
-        return answer_positions_logps(b, m, p, &labels, &label_mask);
+    if m.projection.is_some() {
+        return answer_positions_logps(b, m, &labels, &label_mask);
     }
     let logp = b.op("LogSoftmax", &[m.logits], vec![attr_i("axis", -1)], "dpo/logp");
     let labels3 = b.op("Unsqueeze", &[&labels, &last], vec![], "dpo/labels3");
@@ -103,35 +106,54 @@ pub fn sequence_logps(b: &mut Builder, m: &ModelTensors, mask: &str) -> String {
 
 /// The lm_head on the N positions whose next token is an answer token: hidden [N, H] → logits
 /// [N, V] → log-prob of the label; per-row sums through an [N, rows] selection matrix.
-fn answer_positions_logps(b: &mut Builder, m: &ModelTensors, p: &super::model::Projection, labels: &str, label_mask: &str) -> String {
+fn answer_positions_logps(b: &mut Builder, m: &ModelTensors, labels: &str, label_mask: &str) -> String {
     let on = b.op("Cast", &[label_mask], vec![attr_i("to", dtype::BOOL as i64)], "dpo/answer_positions_mask");
     let nz = b.op("NonZero", &[&on], vec![], "dpo/answer_positions_nz");
     let at = b.op("Transpose", &[&nz], vec![crate::onnx::attr_ints("perm", &[1, 0])], "dpo/answer_positions");
-    let h = b.op("GatherND", &[m.hidden, &at], vec![], "dpo/answer_hidden");
     let lab = b.op("GatherND", &[labels, &at], vec![], "dpo/answer_labels");
-    let mut z = if p.trans_b {
-        b.op("Gemm", &[&h, &p.weight], vec![attr_i("transB", 1)], "dpo/answer_logits")
-    } else {
-        b.op("MatMul", &[&h, &p.weight], vec![], "dpo/answer_logits")
+    let zero = b.int(0);
+    let row = b.op("Gather", &[&at, &zero], vec![attr_i("axis", 1)], "dpo/answer_row");
+    let rows = b.dim_scalar(m.input_ids, 0, "dpo/rows_count");
+    tokens_to_sequences(b, m, &at, &lab, &row, &rows)
+}
+
+/// Sums of answer-token log-probs per sequence: the tokens at positions `at` [N, 2] (the positions
+/// that predict them) with labels [N], belonging to sequences `seq` of `count`. With a plain
+/// lm_head it is applied at those positions only; otherwise the model's logits are gathered.
+pub(crate) fn tokens_to_sequences(b: &mut Builder, m: &ModelTensors, at: &str, labels: &str, seq: &str, count: &str) -> String {
+    let z = match m.projection {
+        Some(p) => {
+            let h = b.op("GatherND", &[m.hidden, at], vec![], "dpo/answer_hidden");
+            let z = if p.trans_b {
+                b.op("Gemm", &[&h, &p.weight], vec![attr_i("transB", 1)], "dpo/answer_logits")
+            } else {
+                b.op("MatMul", &[&h, &p.weight], vec![], "dpo/answer_logits")
+            };
+            match &p.bias {
+                Some(bias) => b.op("Add", &[&z, bias], vec![], "dpo/answer_logits_biased"),
+                None => z,
+            }
+        }
+        None => b.op("GatherND", &[m.logits, at], vec![], "dpo/answer_logits"),
     };
-    if let Some(bias) = &p.bias {
-        z = b.op("Add", &[&z, bias], vec![], "dpo/answer_logits_biased");
-    }
     let logp = b.op("LogSoftmax", &[&z], vec![attr_i("axis", -1)], "dpo/logp");
     let last = b.ints(&[-1]);
-    let lab2 = b.op("Unsqueeze", &[&lab, &last], vec![], "dpo/answer_labels2");
+    let lab2 = b.op("Unsqueeze", &[labels, &last], vec![], "dpo/answer_labels2");
     let picked = b.op("GatherElements", &[&logp, &lab2], vec![attr_i("axis", 1)], "dpo/token_logp2");
     let tok = b.op("Squeeze", &[&picked, &last], vec![], "dpo/token_logp");
-    // row of each position, compared against 0..rows: a one-hot [N, rows] matrix
-    let zero = b.ints(&[0]);
-    let row = b.op("Gather", &[&at, &zero], vec![attr_i("axis", 1)], "dpo/answer_row2");
-    let rows = b.dim_scalar(m.input_ids, 0, "dpo/rows_count");
+    let onehot = one_hot(b, seq, count, "dpo/row");
+    b.op("MatMul", &[&tok, &onehot], vec![], "policy_logps")
+}
+
+/// `[N, count]` float: row `i` is 1 at column `ids[i]` (`ids` is [N] int64).
+pub(crate) fn one_hot(b: &mut Builder, ids: &str, count: &str, hint: &str) -> String {
     let start = b.int(0);
     let step = b.int(1);
-    let all_rows = b.op("Range", &[&start, &rows, &step], vec![], "dpo/row_ids");
-    let hit = b.op("Equal", &[&row, &all_rows], vec![], "dpo/row_hit");
-    let onehot = b.op("Cast", &[&hit], vec![attr_i("to", dtype::FLOAT as i64)], "dpo/row_onehot");
-    b.op("MatMul", &[&tok, &onehot], vec![], "policy_logps")
+    let all = b.op("Range", &[&start, count, &step], vec![], &format!("{hint}_ids"));
+    let last = b.ints(&[-1]);
+    let col = b.op("Unsqueeze", &[ids, &last], vec![], &format!("{hint}_column"));
+    let hit = b.op("Equal", &[&col, &all], vec![], &format!("{hint}_hit"));
+    b.op("Cast", &[&hit], vec![attr_i("to", dtype::FLOAT as i64)], &format!("{hint}_onehot"))
 }
 
 /// Per-row token weights [rows, T] selecting where the head reads the hidden state.
@@ -174,7 +196,12 @@ pub fn beta_head(b: &mut Builder, m: &ModelTensors, mask: &str, cfg: &ObjectiveC
     let weighted = b.op("Mul", &[m.hidden, &w3], vec![], "beta/weighted_hidden");
     let axis1 = b.ints(&[1]);
     let h = b.op("ReduceSum", &[&weighted, &axis1], vec![attr_i("keepdims", 0)], "beta/hidden");
-    let z = b.op("MatMul", &[&h, HEAD_WEIGHT], vec![], "beta/head_matmul");
+    head_on_context(b, &h, cfg)
+}
+
+/// The head on per-row context vectors `h` [rows, H].
+fn head_on_context(b: &mut Builder, h: &str, cfg: &ObjectiveConfig) -> String {
+    let z = b.op("MatMul", &[h, HEAD_WEIGHT], vec![], "beta/head_matmul");
     let z = b.op("Add", &[&z, HEAD_BIAS], vec![], "beta/logit");
     let mut beta = b.op("Softplus", &[&z], vec![], "beta/softplus");
     if cfg.beta_max.is_finite() {
@@ -207,11 +234,15 @@ pub fn head_initial_values(hidden_size: i64, cfg: &ObjectiveConfig) -> Vec<Tenso
 
 /// Appends the objective; returns its tensor names. Nodes go into `b`.
 pub fn build(b: &mut Builder, m: &ModelTensors, cfg: &ObjectiveConfig) -> Objective {
-    let inputs = vec![
-        crate::onnx::value_info(COMPLETION_MASK, dtype::FLOAT, &rows_dims()),
-        crate::onnx::value_info(REF_LOGPS, dtype::FLOAT, &[Dim::Sym("rows".into())]),
-    ];
-    let policy = sequence_logps(b, m, COMPLETION_MASK);
+    let mut inputs = match m.layout {
+        Layout::Padded => vec![crate::onnx::value_info(COMPLETION_MASK, dtype::FLOAT, &rows_dims())],
+        Layout::Packed => packed::inputs(),
+    };
+    inputs.push(crate::onnx::value_info(REF_LOGPS, dtype::FLOAT, &[Dim::Sym("rows".into())]));
+    let policy = match m.layout {
+        Layout::Padded => sequence_logps(b, m, COMPLETION_MASK),
+        Layout::Packed => packed::sequence_logps(b, m),
+    };
     let delta = b.op("Sub", &[&policy, REF_LOGPS], vec![], "dpo/log_ratio");
     let (dc, dr) = halves(b, &delta, "dpo/log_ratio");
 
@@ -223,7 +254,13 @@ pub fn build(b: &mut Builder, m: &ModelTensors, cfg: &ObjectiveConfig) -> Object
             (beta.clone(), beta.clone(), beta, vec![])
         }
         None => {
-            let rows = beta_head(b, m, COMPLETION_MASK, cfg);
+            let rows = match m.layout {
+                Layout::Padded => beta_head(b, m, COMPLETION_MASK, cfg),
+                Layout::Packed => {
+                    let h = packed::head_context(b, m);
+                    head_on_context(b, &h, cfg)
+                }
+            };
             let head = head_initial_values(m.hidden_size, cfg);
             match cfg.beta_source {
                 BetaSource::Prompt => {

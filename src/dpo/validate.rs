@@ -140,6 +140,9 @@ fn parameters_file(dir: &Path, m: &Manifest) -> Result<usize> {
 /// A random batch in the manifest's layout: `pairs` pairs of `seq_len` tokens, the answer in the
 /// second half, the last row right-padded.
 pub fn random_batch(m: &Manifest, spec: &GraphSpec, rng: &mut impl Rng, pairs: usize, t: usize) -> Vec<(String, HostTensor)> {
+    if m.layout == super::Layout::Packed {
+        return random_packed_batch(m, spec, rng, pairs, t);
+    }
     let rows = 2 * pairs;
     let vocab = m.model.vocab_size.max(2);
     let pad = |r: usize, c: usize| r == rows - 1 && c >= t - 2;
@@ -152,6 +155,31 @@ pub fn random_batch(m: &Manifest, spec: &GraphSpec, rng: &mut impl Rng, pairs: u
             "completion_mask" => HostTensor::F32(ArrayD::from_shape_fn(IxDyn(&[rows, t]), |ix| if ix[1] >= t / 2 && !pad(ix[0], ix[1]) { 1.0 } else { 0.0 })),
             "ref_logps" => HostTensor::F32(ArrayD::from_shape_fn(IxDyn(&[rows]), |_| rng.random_range(-40.0..-20.0))),
             _ => continue,
+        };
+        v.push((i.name.clone(), tensor));
+    }
+    v
+}
+
+/// The packed equivalent: prompts of `t / 2` tokens, rejected answers two tokens shorter than
+/// the chosen ones, in rows of 3 pairs at most.
+fn random_packed_batch(m: &Manifest, spec: &GraphSpec, rng: &mut impl Rng, pairs: usize, t: usize) -> Vec<(String, HostTensor)> {
+    use super::packing::{pack, HeadReads, PairTokens};
+    let vocab = m.model.vocab_size.max(2) as u32;
+    let mut ids = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..vocab)).collect() };
+    let (p, a) = (t / 2, t - t / 2);
+    let tokens: Vec<[Vec<u32>; 3]> = (0..pairs).map(|_| [ids(p), ids(a), ids(a.saturating_sub(2).max(1))]).collect();
+    let views: Vec<PairTokens> = tokens.iter().map(|[p, c, r]| PairTokens { prompt: p, chosen: c, rejected: r }).collect();
+    let head = HeadReads { source: m.objective.beta_source, aggregate: m.objective.beta_aggregate };
+    let batch = pack(&views, 3 * (p + 2 * a), 0, head);
+    let mut v = Vec::new();
+    for i in &spec.inputs {
+        let tensor = match i.role.as_str() {
+            "ref_logps" => HostTensor::F32(ArrayD::from_shape_fn(IxDyn(&[2 * pairs]), |_| rng.random_range(-40.0..-20.0))),
+            role => match batch.by_role(role) {
+                Some(t) => t,
+                None => continue,
+            },
         };
         v.push((i.name.clone(), tensor));
     }

@@ -99,7 +99,7 @@ impl HostTensor {
 
     /// Copies the data into an ONNX Runtime input. `run` is the convenience path, not the hot one, so an owned
     /// copy (which also fixes non-standard layouts) is simpler than tracking borrow lifetimes.
-    fn to_input(&self, name: &str) -> Result<SessionInputValue<'static>> {
+    pub fn to_input(&self, name: &str) -> Result<SessionInputValue<'static>> {
         fn owned<T: PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static>(a: &ArrayD<T>, name: &str) -> Result<SessionInputValue<'static>> {
             Tensor::from_array(a.as_standard_layout().into_owned()).map(SessionInputValue::from).map_err(|e| Error::Runtime(format!("input {name}: {e}")))
         }

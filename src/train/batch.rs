@@ -7,6 +7,7 @@ use ndarray::{Array1, Array2};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::dpo::packing::{pack, HeadReads, PackedBatch, PairTokens};
 use crate::error::{Error, Result};
 use crate::train::tokenize::TokenizedPair;
 
@@ -33,6 +34,8 @@ pub struct Batch {
     pub source_indices: Vec<usize>,
     /// Real (non-pad) tokens in the batch.
     pub num_tokens: usize,
+    /// The same pairs in the packed layout, when the artifacts take it.
+    pub packed: Option<PackedBatch>,
 }
 
 impl Batch {
@@ -54,6 +57,18 @@ pub struct CollateOptions {
     pub group_by: Option<String>,
     /// Round `T` up to a multiple of this (fewer distinct shapes for the runtime to plan).
     pub pad_to_multiple_of: Option<usize>,
+    /// Also lay the batch out packed (for artifacts built with `--layout packed`).
+    pub packing: Option<Packing>,
+}
+
+/// How pairs are packed into rows.
+#[derive(Debug, Clone, Copy)]
+pub struct Packing {
+    /// Tokens per row (a longer pair gets a row of its own). Attention costs grow with the square
+    /// of a row's length, the rest of the model does not care how tokens are split into rows.
+    pub row_tokens: usize,
+    /// Where the beta head reads, from the artifacts' objective.
+    pub head: HeadReads,
 }
 
 /// Builds the `[chosen rows; rejected rows]` batch from `pairs` (at least one).
@@ -92,7 +107,11 @@ pub fn collate(pairs: &[&TokenizedPair], opts: &CollateOptions) -> Result<Batch>
     let position_ids = Array2::from_shape_fn((2 * b, t), |(_, c)| c as i64);
     let groups = pairs.iter().map(|p| opts.group_by.as_ref().and_then(|k| p.extras.get(k).cloned())).collect();
     let source_indices = pairs.iter().map(|p| p.source_index).collect();
-    Ok(Batch { input_ids, attention_mask, completion_mask, position_ids, prompt_last_index, sequence_last_index, groups, source_indices, num_tokens })
+    let packed = opts.packing.map(|pk| {
+        let views: Vec<PairTokens> = pairs.iter().map(|p| PairTokens { prompt: &p.prompt, chosen: &p.chosen, rejected: &p.rejected }).collect();
+        pack(&views, pk.row_tokens, opts.pad_id as i64, pk.head)
+    });
+    Ok(Batch { input_ids, attention_mask, completion_mask, position_ids, prompt_last_index, sequence_last_index, groups, source_indices, num_tokens, packed })
 }
 
 /// Order of pairs per epoch.

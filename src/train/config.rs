@@ -57,6 +57,13 @@ pub struct TrainConfig {
     /// saturates; values below ~1e-38 become 0).
     #[serde(default)]
     pub flush_denormals: bool,
+    /// Tokens per row when the artifacts take packed batches (`build-graph --layout packed`).
+    #[serde(default = "default_pack_tokens")]
+    pub pack_tokens: usize,
+}
+
+fn default_pack_tokens() -> usize {
+    512
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +126,7 @@ impl Default for TrainConfig {
             optimizer: OptimizerKind::Auto,
             profile: None,
             flush_denormals: false,
+            pack_tokens: default_pack_tokens(),
         }
     }
 }
@@ -145,6 +153,9 @@ impl TrainConfig {
         }
         if self.optimizer == OptimizerKind::Fused && self.ep != ExecutionProvider::Cpu {
             return bad("--optimizer", "fused runs on host memory; use graph (or auto) with a GPU provider".into());
+        }
+        if self.pack_tokens == 0 {
+            return bad("--pack-tokens", "must be at least 1".into());
         }
         if self.max_steps == Some(0) {
             return bad("--max-steps", "must be at least 1".into());

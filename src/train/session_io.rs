@@ -38,6 +38,12 @@ fn batch_inputs<'v>(spec: &GraphSpec, batch: &Batch, refs: &[f32]) -> Result<Vec
     let rows = batch.input_ids.nrows();
     let mut v: Vec<(Cow<'static, str>, SessionInputValue<'v>)> = Vec::new();
     for i in &spec.inputs {
+        if let Some(packed) = &batch.packed {
+            if let Some(t) = packed.by_role(&i.role) {
+                v.push((Cow::Owned(i.name.clone()), t.to_input(&i.name)?));
+                continue;
+            }
+        }
         let value: DynValue = match i.role.as_str() {
             "input_ids" => Tensor::from_array(batch.input_ids.clone())?.into_dyn(),
             "attention_mask" => Tensor::from_array(batch.attention_mask.clone())?.into_dyn(),

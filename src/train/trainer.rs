@@ -8,7 +8,7 @@ use std::time::Instant;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::batch::{collate, CollateOptions, DataLoader, LoaderConfig, LoaderPosition};
+use super::batch::{collate, CollateOptions, DataLoader, LoaderConfig, LoaderPosition, Packing};
 use super::checkpoint::{self, TrainerState};
 use super::config::{OptimizerKind, TrainConfig};
 use super::data::{load_preferences, LoadOptions};
@@ -20,7 +20,8 @@ use super::reference::{batch_refs, cache_key, reference_logps, RefTable};
 use super::schedule::factor;
 use super::session_io::{run_graph, Feeds};
 use super::tokenize::{PairTokenizer, TokenizedPair, TruncationConfig};
-use crate::dpo::Manifest;
+use crate::dpo::packing::HeadReads;
+use crate::dpo::{Layout, Manifest};
 use crate::runtime::SessionConfig;
 use crate::store::{read_safetensors, write_safetensors_raw, NamedTensor, RawTensor};
 use crate::{Error, Result};
@@ -129,7 +130,7 @@ fn uses_fused(cfg: &TrainConfig) -> bool {
 }
 
 /// Everything a resumed run must share with the original, hashed.
-fn run_key(cfg: &TrainConfig, manifest_text: &str, train_key: &str) -> String {
+fn run_key(cfg: &TrainConfig, manifest: &Manifest, manifest_text: &str, train_key: &str) -> String {
     let mut h = Sha256::new();
     h.update(manifest_text.as_bytes());
     h.update(train_key.as_bytes());
@@ -142,6 +143,9 @@ fn run_key(cfg: &TrainConfig, manifest_text: &str, train_key: &str) -> String {
     if cfg.flush_denormals {
         // only when set, so runs from before the flag existed keep their key
         essentials["ftz"] = serde_json::json!(true);
+    }
+    if manifest.layout == Layout::Packed {
+        essentials["pack_tokens"] = serde_json::json!(cfg.pack_tokens);
     }
     h.update(essentials.to_string().as_bytes());
     format!("{:x}", h.finalize())[..16].to_string()
@@ -223,7 +227,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     }
     // Refuse a mismatched resume before any expensive work (reference log-probs).
     let train_key = cache_key(&train_pairs, &cfg.artifacts, &manifest)?;
-    let key = run_key(cfg, &manifest_text, &train_key);
+    let key = run_key(cfg, &manifest, &manifest_text, &train_key);
     if let (true, Some((_, dir))) = (cfg.resume, previous.last()) {
         if checkpoint::read_state(dir)?.run_key != key {
             return Err(Error::Other(format!(
@@ -255,7 +259,11 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let initial_feeds = to_feeds(read_safetensors(&cfg.artifacts.join(&manifest.parameters_file))?.0, &manifest, &device)?;
 
     std::fs::create_dir_all(&run).map_err(|e| Error::io(&run, e))?;
-    let collate_opts = CollateOptions { pad_id: tok.pad_id(), group_by: cfg.group_by.clone(), pad_to_multiple_of: None };
+    let packing = (manifest.layout == Layout::Packed).then_some(Packing {
+        row_tokens: cfg.pack_tokens,
+        head: HeadReads { source: manifest.objective.beta_source, aggregate: manifest.objective.beta_aggregate },
+    });
+    let collate_opts = CollateOptions { pad_id: tok.pad_id(), group_by: cfg.group_by.clone(), pad_to_multiple_of: None, packing };
     let ref_bar = progress_bar((train_pairs.len() + eval_pairs.as_ref().map(Vec::len).unwrap_or(0)) as u64, 0, cfg.progress);
     ref_bar.set_prefix("reference log-probs");
     let train_refs =

@@ -1,0 +1,46 @@
+//! The packed layout: pairs written as `prompt · chosen · rejected` in shared rows, with no padding
+//! between sequences and each prompt computed once. The padded layout (TRL's) computes `2B` rows
+//! of the longest sequence's length; on short, uneven pairs most of that is padding and repeated
+//! prompts. Both layouts give the same log-probs, betas and gradients.
+
+mod batch;
+mod graph;
+pub mod objective;
+
+pub use batch::{pack, HeadReads, PackedBatch, PairTokens};
+pub use graph::{make_packable, ATTENTION_BIAS, POSITIONS};
+
+use crate::runtime::HostTensor;
+
+/// How a batch is laid out in the train and eval graphs' inputs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// `2B` right-padded rows: chosen rows, then rejected rows (TRL's concatenated forward).
+    #[default]
+    Padded,
+    /// Pairs packed into shared rows (see the module documentation).
+    Packed,
+}
+
+impl PackedBatch {
+    /// The value for a graph input of `role` (`input_ids`, `attention_mask` and `position_ids`
+    /// included), or `None` for a role this layout does not fill.
+    pub fn by_role(&self, role: &str) -> Option<HostTensor> {
+        let i64s = |a: &ndarray::Array2<i64>| HostTensor::I64(a.clone().into_dyn());
+        let v = match role {
+            "input_ids" => i64s(&self.input_ids),
+            "attention_mask" => i64s(&self.attention_mask),
+            "position_ids" | "positions" => i64s(&self.positions),
+            "attention_bias" => HostTensor::F32(self.attention_bias.clone().into_dyn()),
+            "answer_index" => i64s(&self.answer_index),
+            "answer_labels" => HostTensor::I64(self.answer_labels.clone().into_dyn()),
+            "answer_sequence" => HostTensor::I64(self.answer_sequence.clone().into_dyn()),
+            "head_index" => i64s(&self.head_index),
+            "head_sequence" => HostTensor::I64(self.head_sequence.clone().into_dyn()),
+            "head_weight" => HostTensor::F32(self.head_weight.clone().into_dyn()),
+            _ => return None,
+        };
+        Some(v)
+    }
+}
