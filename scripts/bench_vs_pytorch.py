@@ -56,8 +56,13 @@ in both implementations); from then on the gradients are ~1e-22 with many float3
 handles in slow microcode, so the timing would measure a degenerate state. The cost of a step does not
 otherwise depend on the learning rate. Pass --lr 1e-3 --head-lr 1e-2 to see betadpo's defaults.
 
-Throughput estimate: GFLOP/s = 6 x P_matmul x (2P x T) / step time, where 2P x T is the padded batch
-(what both implementations compute on) and P_matmul the parameters used in matrix products: every
+Layout: by default betadpo's artifacts are built with --layout packed (each pair's prompt once, no
+padding between sequences; the same log-probs and gradients) while PyTorch runs TRL's padded rows;
+--layout padded compares the same padded rows on both sides.
+
+Throughput estimate: GFLOP/s = 6 x P_matmul x tokens / step time, where tokens is what the side computes
+on: the padded batch 2P x T, or for betadpo's packed layout the sum of prompt + chosen + rejected tokens;
+P_matmul the parameters used in matrix products: every
 parameter except an input embedding table that is only gathered from (when the embedding is tied to the
 lm_head it is counted once, as the lm_head). 6 = 2 (forward multiply-add) + 4 (backward: gradients for
 activations and weights). Attention score products (~12 x layers x T x hidden per token) and the optimizer
@@ -408,8 +413,10 @@ def ensure_artifacts(a):
         man = json.load(open(os.path.join(a.artifacts, "manifest.json")))
         if os.path.abspath(man["model"]["source"]) != os.path.abspath(a.onnx):
             raise SystemExit(f"{a.artifacts} was built from {man['model']['source']}, not {a.onnx}; pass --rebuild")
+        if man.get("layout", "padded") != a.layout:
+            raise SystemExit(f"{a.artifacts} has the {man.get('layout', 'padded')} layout, not {a.layout}; pass --rebuild")
         return
-    cmd = [a.betadpo, "build-graph", "--model", a.onnx, "--out", a.artifacts, "--quiet"]
+    cmd = [a.betadpo, "build-graph", "--model", a.onnx, "--out", a.artifacts, "--layout", a.layout, "--quiet"]
     log("building artifacts:", " ".join(cmd))
     rc, wall, rss, out, err, _ = run_measured(cmd)
     if rc != 0:
@@ -457,6 +464,8 @@ def main():
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--flush-denormal", action="store_true",
                     help="subnormal floats as zero on both sides: torch.set_flush_denormal(True), betadpo --flush-denormals")
+    ap.add_argument("--layout", default="packed", choices=["packed", "padded"],
+                    help="betadpo's batch layout (build-graph --layout); PyTorch always runs TRL's padded rows")
     ap.add_argument("--worker", choices=["torch"], help=argparse.SUPPRESS)
     ap.add_argument("--data-file", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -485,7 +494,7 @@ def main():
     log(f"date {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {os.cpu_count()} CPUs, load average "
         f"{os.getloadavg()[0]:.2f}; betadpo {a.betadpo}; python {sys.executable}")
     log(f"model {a.onnx}; torch model {a.torch_model}; data {a.data}; threads {a.threads}; "
-        f"{a.warmup} warm-up + {a.steps} timed steps per run, {a.rounds} rounds")
+        f"{a.warmup} warm-up + {a.steps} timed steps per run, {a.rounds} rounds; betadpo layout {a.layout}")
     if a.only != "torch":
         ensure_artifacts(a)
 
@@ -526,7 +535,8 @@ def batch_shape(a, P, rows):
     pairs, _ = tokenize_like_betadpo(a.tokenizer, rows[:P])
     width = max(len(p) + max(len(c), len(j)) for p, c, j in pairs)
     real = sum(2 * len(p) + len(c) + len(j) for p, c, j in pairs)
-    return dict(width=width, padded_tokens=2 * P * width, real_tokens=real)
+    packed = sum(len(p) + len(c) + len(j) for p, c, j in pairs)
+    return dict(width=width, padded_tokens=2 * P * width, real_tokens=real, packed_tokens=packed)
 
 
 def summarise(a, P, runs, shape):
@@ -541,7 +551,7 @@ def summarise(a, P, runs, shape):
                                                     if not p.get("beta_head"))
     out = dict(pairs=P, shape=dict(shape), sides={}, runs=runs)
     log(f"\n=== {P} pairs: {2 * P} rows x {shape['width']} tokens padded ({shape['padded_tokens']}), "
-        f"{shape['real_tokens']} real tokens; {shape['n_params'] / 1e6:.2f}M parameters, "
+        f"{shape['real_tokens']} real tokens, {shape['packed_tokens']} packed; {shape['n_params'] / 1e6:.2f}M parameters, "
         f"{shape['p_matmul'] / 1e6:.2f}M in matmuls")
     for side, rs in runs.items():
         for r in rs:
@@ -556,7 +566,8 @@ def summarise(a, P, runs, shape):
         rec.update(median_step_s=m, min_step_s=min(timed), steps=timed,
                    peak_rss=max(r["peak_rss"] for r in ok[side]))
         rec["tokens_per_s"] = shape["real_tokens"] / m
-        rec["gflops"] = 6 * shape["p_matmul"] * shape["padded_tokens"] / m / 1e9
+        computed = shape["packed_tokens"] if side == "betadpo" and a.layout == "packed" else shape["padded_tokens"]
+        rec["gflops"] = 6 * shape["p_matmul"] * computed / m / 1e9
         line = (f"{side:8s}: median step {m:7.3f} s over {len(timed)} steps (min {min(timed):.3f}, "
                 f"max {max(timed):.3f}), {rec['tokens_per_s']:7.1f} tokens/s, ~{rec['gflops']:6.1f} GFLOP/s, "
                 f"peak RSS {rec['peak_rss'] / 2**20:.0f} MiB")

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use betadpo::dpo::{build_artifacts, BuildOptions, ObjectiveConfig};
+use betadpo::dpo::{build_artifacts, BuildOptions, Layout, ObjectiveConfig};
 use betadpo::store::{read_safetensors, NamedTensor};
 use betadpo::train::checkpoint::{self, TrainerState};
 use betadpo::train::config::TrainConfig;
@@ -760,6 +760,43 @@ fn fixed_beta_stays_fixed() {
     assert!(f(s.final_eval.as_ref().unwrap(), "eval/loss") < f(s.initial_eval.as_ref().unwrap(), "eval/loss"), "standard DPO did not reduce the eval loss");
     // No beta head among the trained parameters.
     assert!(final_params(&out).iter().all(|t| !t.name.contains("beta")), "{:?}", final_params(&out).iter().map(|t| &t.name).collect::<Vec<_>>());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Training on packed artifacts is training on the same numbers: reference log-probs, the first
+/// step's loss and gradient norm, and the step-0 evaluation agree with the padded layout's, with
+/// rows of ~2 pairs so that batches span several rows.
+#[test]
+fn packed_layout_trains_like_padded() {
+    let Some(inp) = inputs() else { return };
+    let dir = scratch("packed");
+    let padded = artifacts(&inp.model, &dir.join("padded"), ObjectiveConfig::default());
+    let packed = dir.join("packed").join("art");
+    build_artifacts(&inp.model, &packed, &BuildOptions { layout: Layout::Packed, ..Default::default() }).unwrap();
+    let data = head(&inp.train, 32, &dir, "train.jsonl");
+    let eval = head(&inp.test, 24, &dir, "eval.jsonl");
+    let run = |art: &Path, name: &str| {
+        let out = dir.join(name);
+        let cfg = TrainConfig { eval_data: Some(eval.clone()), batch_size: 8, pack_tokens: 64, ..config(art, &data, &inp, &out, 1) };
+        let s = run_train(&cfg);
+        let refs = reference_files(&out).into_iter().find(|f| f.0.starts_with("train-")).unwrap();
+        let (t, _) = read_safetensors(&out.join("reference").join(&refs.0)).unwrap();
+        (s, t.into_iter().find(|t| t.name == "ref_logps").unwrap().data, train_records(&out))
+    };
+    let (s_pad, refs_pad, rec_pad) = run(&padded, "run-padded");
+    let (s_pack, refs_pack, rec_pack) = run(&packed, "run-packed");
+    assert_eq!(refs_pad.len(), refs_pack.len());
+    for (a, b) in refs_pad.iter().zip(&refs_pack) {
+        assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "reference log-probs differ: padded {a}, packed {b}");
+    }
+    for key in ["loss", "grad_norm", "logps/chosen", "logps/rejected"] {
+        let (a, b) = (f(&rec_pad[0], key), f(&rec_pack[0], key));
+        assert!((a - b).abs() <= 1e-4 * a.abs().max(1e-3), "step 1 {key}: padded {a}, packed {b}");
+    }
+    let (a, b) = (s_pad.initial_eval.unwrap(), s_pack.initial_eval.unwrap());
+    for key in ["eval/loss", "eval/logps/chosen", "eval/beta/mean"] {
+        assert!((f(&a, key) - f(&b, key)).abs() <= 1e-5 * f(&a, key).abs().max(1.0), "{key}: padded {}, packed {}", f(&a, key), f(&b, key));
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

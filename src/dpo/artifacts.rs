@@ -301,6 +301,7 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
         },
         objective: cfg.clone(),
         layout: opts.layout,
+        max_sequence_tokens: (opts.layout == Layout::Packed).then_some(packing::VERIFIED_SEQUENCE_TOKENS),
         graphs,
         parameters: param_specs,
         parameters_file: PARAMS_FILE.into(),

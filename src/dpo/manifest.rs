@@ -109,6 +109,10 @@ pub struct Manifest {
     /// How the train and eval graphs take a batch (manifests without it are padded).
     #[serde(default)]
     pub layout: super::Layout,
+    /// Packed layout: the model's mask was checked to be plain causal for sequences up to this many
+    /// tokens; `train` refuses longer ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sequence_tokens: Option<usize>,
     /// `train`, `eval`, `optimizer`, `infer`.
     pub graphs: BTreeMap<String, GraphSpec>,
     pub parameters: Vec<ParameterSpec>,

@@ -225,6 +225,15 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     if cfg.progress {
         eprint!("{stats}");
     }
+    if let Some(limit) = manifest.max_sequence_tokens {
+        let longest = train_pairs.iter().chain(eval_pairs.iter().flatten()).map(TokenizedPair::max_len).max().unwrap_or(0);
+        if longest > limit {
+            return Err(Error::BadFlag {
+                flag: "--max-length".into(),
+                detail: format!("a sequence has {longest} tokens; these packed artifacts were verified for up to {limit} (lower --max-length, or build with --layout padded)"),
+            });
+        }
+    }
     // Refuse a mismatched resume before any expensive work (reference log-probs).
     let train_key = cache_key(&train_pairs, &cfg.artifacts, &manifest)?;
     let key = run_key(cfg, &manifest, &manifest_text, &train_key);

@@ -8,7 +8,7 @@ mod graph;
 pub mod objective;
 
 pub use batch::{pack, HeadReads, PackedBatch, PairTokens};
-pub use graph::{make_packable, ATTENTION_BIAS, POSITIONS};
+pub use graph::{make_packable, ATTENTION_BIAS, POSITIONS, VERIFIED_SEQUENCE_TOKENS};
 
 use crate::runtime::HostTensor;
 
