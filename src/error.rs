@@ -18,6 +18,9 @@ pub enum Error {
     Node { node: String, op: String, detail: String },
     #[error("no gradient rule for {count} op(s) on the differentiable path: {list}")]
     UnsupportedOps { count: usize, list: String },
+    /// The packed layout cannot reproduce this model's attention (see `dpo::packing`).
+    #[error("cannot pack this model: {0}; build it with --layout padded")]
+    NotPackable(String),
     #[error("invalid value for {flag}: {detail}")]
     BadFlag { flag: String, detail: String },
     #[error("ONNX Runtime: {0}")]

@@ -8,7 +8,7 @@ mod common;
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
-use betadpo::dpo::packing::{pack, HeadReads, PackedBatch, PairTokens};
+use betadpo::dpo::packing::{pack, HeadReads, LayoutChoice, PackedBatch, PairTokens};
 use betadpo::dpo::{build_artifacts, BetaSource, BuildOptions, Layout, Manifest, ObjectiveConfig};
 use betadpo::runtime::{run, HostTensor, SessionConfig};
 use betadpo::store::read_safetensors;
@@ -95,7 +95,8 @@ fn check_model_in(model_dir: &Path, mode: Mode, layout: Layout) -> Result<(), St
     };
     let out = common::fixtures::scratch(&format!("golden-{}-{mode:?}-{layout:?}", model_dir.file_name().unwrap().to_string_lossy()));
     let packed = (layout == Layout::Packed).then(|| packed_golden(&golden, &objective));
-    build_artifacts(&model_dir.join("model.onnx"), &out, &BuildOptions { objective, layout, ..Default::default() }).map_err(|e| e.to_string())?;
+    let choice = if layout == Layout::Packed { LayoutChoice::Packed } else { LayoutChoice::Padded };
+    build_artifacts(&model_dir.join("model.onnx"), &out, &BuildOptions { objective, layout: choice, ..Default::default() }).map_err(|e| e.to_string())?;
     let m = Manifest::load(&out).unwrap();
     let spec = m.graph("train").unwrap();
     let (params, _) = read_safetensors(&out.join(&m.parameters_file)).unwrap();
@@ -213,6 +214,12 @@ fn packed_layout_matches_pytorch() {
                 let name = m.file_name().unwrap().to_string_lossy().to_string();
                 let why = if name == "mistral" { "not plain causal" } else { "no position computation" };
                 assert!(e.contains("cannot pack this model") && e.contains(why), "{name}: unexpected refusal: {e}");
+                // `auto` falls back to the padded layout and says why
+                let out = common::fixtures::scratch(&format!("golden-auto-{name}"));
+                let report = build_artifacts(&m.join("model.onnx"), &out, &BuildOptions { layout: LayoutChoice::Auto, ..Default::default() }).unwrap();
+                assert_eq!(report.manifest.layout, Layout::Padded);
+                assert!(report.not_packed_because.as_deref().is_some_and(|w| w.contains(why)), "{name}: {:?}", report.not_packed_because);
+                let _ = std::fs::remove_dir_all(&out);
                 refused.insert(name);
             }
         }

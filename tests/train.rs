@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use betadpo::dpo::{build_artifacts, BuildOptions, Layout, ObjectiveConfig};
+use betadpo::dpo::packing::LayoutChoice;
+use betadpo::dpo::{build_artifacts, BuildOptions, ObjectiveConfig};
 use betadpo::store::{read_safetensors, NamedTensor};
 use betadpo::train::checkpoint::{self, TrainerState};
 use betadpo::train::config::TrainConfig;
@@ -772,7 +773,7 @@ fn packed_layout_trains_like_padded() {
     let dir = scratch("packed");
     let padded = artifacts(&inp.model, &dir.join("padded"), ObjectiveConfig::default());
     let packed = dir.join("packed").join("art");
-    build_artifacts(&inp.model, &packed, &BuildOptions { layout: Layout::Packed, ..Default::default() }).unwrap();
+    build_artifacts(&inp.model, &packed, &BuildOptions { layout: LayoutChoice::Packed, ..Default::default() }).unwrap();
     let data = head(&inp.train, 32, &dir, "train.jsonl");
     let eval = head(&inp.test, 24, &dir, "eval.jsonl");
     let run = |art: &Path, name: &str| {

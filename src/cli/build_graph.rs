@@ -2,8 +2,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use betadpo::dpo::packing::LayoutChoice;
 use betadpo::dpo::params::Selection;
-use betadpo::dpo::{build_artifacts, BetaAggregate, BetaSource, BuildOptions, Layout, LossKind, ObjectiveConfig};
+use betadpo::dpo::{build_artifacts, BetaAggregate, BetaSource, BuildOptions, LossKind, ObjectiveConfig};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -52,10 +53,11 @@ pub struct Args {
     /// `all` model parameters (default) or only the beta `head`.
     #[arg(long, value_enum, default_value = "all")]
     trainable: TrainableArg,
-    /// How a batch enters the train graph: `padded` rows (TRL's layout), or `packed` rows where
-    /// each pair's prompt is computed once and no padding sits between sequences (same results,
-    /// about half the tokens on short pairs; needs a model whose attention mask can be replaced).
-    #[arg(long, value_enum, default_value = "padded")]
+    /// How a batch enters the train graph: `packed` rows, where each pair's prompt is computed once
+    /// and no padding sits between sequences (same results, fewer tokens; needs a model whose
+    /// attention mask can be replaced), `padded` rows (TRL's layout), or `auto`: packed when the
+    /// model allows it.
+    #[arg(long, value_enum, default_value = "auto")]
     layout: LayoutArg,
     /// Print less.
     #[arg(long, short)]
@@ -64,6 +66,7 @@ pub struct Args {
 
 #[derive(clap::ValueEnum, Clone, Copy)]
 enum LayoutArg {
+    Auto,
     Padded,
     Packed,
 }
@@ -125,8 +128,9 @@ pub fn options(a: &Args) -> Result<BuildOptions> {
         anyhow::bail!(betadpo::Error::BadFlag { flag: "--trainable head".into(), detail: "with --fixed-beta there is no head to train".into() });
     }
     let layout = match a.layout {
-        LayoutArg::Padded => Layout::Padded,
-        LayoutArg::Packed => Layout::Packed,
+        LayoutArg::Auto => LayoutChoice::Auto,
+        LayoutArg::Padded => LayoutChoice::Padded,
+        LayoutArg::Packed => LayoutChoice::Packed,
     };
     Ok(BuildOptions { objective, layout, selection, hidden_state: a.hidden_state.clone() })
 }
@@ -138,9 +142,13 @@ pub fn run(a: Args) -> Result<()> {
     if !a.quiet {
         print!("{}", report.parameter_table);
     }
+    if let Some(why) = &report.not_packed_because {
+        println!("layout: padded (cannot pack this model: {why})");
+    }
     println!(
-        "wrote {} (train/eval/optimizer/infer graphs, {} backward nodes) in {:.2}s",
+        "wrote {} (train/eval/optimizer/infer graphs, {} layout, {} backward nodes) in {:.2}s",
         report.out_dir.display(),
+        serde_json::to_value(report.manifest.layout).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
         report.backward_nodes,
         start.elapsed().as_secs_f64()
     );

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use betadpo::dpo::export::export_model;
+use betadpo::dpo::packing::LayoutChoice;
 use betadpo::dpo::{build_artifacts, BuildOptions, ObjectiveConfig};
 use betadpo::infer::Predictor;
 use betadpo::runtime::SessionConfig;
@@ -79,9 +80,9 @@ pub fn run(a: Args) -> Result<()> {
     };
     step("1/5 build-graph: the bundled tiny Llama + learned beta head + DPO loss, differentiated");
     let art = out.join("artifacts");
-    let report = build_artifacts(&assets.join("model.onnx"), &art, &BuildOptions::default())?;
+    let report = build_artifacts(&assets.join("model.onnx"), &art, &BuildOptions { layout: LayoutChoice::Auto, ..Default::default() })?;
     if !a.quiet {
-        eprintln!("{} backward nodes, {} parameters", report.backward_nodes, report.manifest.parameters.len());
+        eprintln!("{} backward nodes, {} parameters, {:?} layout", report.backward_nodes, report.manifest.parameters.len(), report.manifest.layout);
     }
     step(&format!("2/5 train {} steps with the learned beta (eval on test.jsonl by regime)", a.steps));
     let learned = train_run(&assets, &art, &out.join("run-learned"), a.steps, a.quiet)?;
@@ -93,7 +94,7 @@ pub fn run(a: Args) -> Result<()> {
         build_artifacts(
             &assets.join("model.onnx"),
             &art_fixed,
-            &BuildOptions { objective: ObjectiveConfig { fixed_beta: Some(0.1), ..Default::default() }, ..Default::default() },
+            &BuildOptions { objective: ObjectiveConfig { fixed_beta: Some(0.1), ..Default::default() }, layout: LayoutChoice::Auto, ..Default::default() },
         )?;
         Some(train_run(&assets, &art_fixed, &out.join("run-fixed"), a.steps, a.quiet)?)
     };

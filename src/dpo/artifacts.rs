@@ -11,7 +11,7 @@ use ndarray::{ArrayD, IxDyn};
 use super::manifest::{GraphSpec, Manifest, ModelSpec, ParameterSpec, SpecDim, TensorSpec, FORMAT, FORMAT_VERSION, MANIFEST_FILE};
 use super::model::{recognise, LmSignature};
 use super::objective::{self, ModelTensors, Objective, COMPLETION_MASK, HEAD_BIAS, HEAD_WEIGHT, REF_LOGPS};
-use super::packing::{self, Layout, PairTokens};
+use super::packing::{self, Layout, LayoutChoice, PairTokens};
 use super::params::{find_parameters, lift_parameters, InitializerRef, Param, Selection};
 use super::{optimizer, BetaSource, ObjectiveConfig};
 use crate::autodiff::differentiate;
@@ -27,7 +27,7 @@ pub const PARAMS_FILE: &str = "params.safetensors";
 pub struct BuildOptions {
     pub objective: ObjectiveConfig,
     /// How batches are laid out in the train and eval graphs.
-    pub layout: Layout,
+    pub layout: LayoutChoice,
     pub selection: Selection,
     pub hidden_state: Option<String>,
 }
@@ -35,6 +35,8 @@ pub struct BuildOptions {
 /// What a build produced, for the command line's summary.
 pub struct BuildReport {
     pub manifest: Manifest,
+    /// Why `LayoutChoice::Auto` chose the padded layout.
+    pub not_packed_because: Option<String>,
     pub parameter_table: String,
     pub backward_nodes: usize,
     pub out_dir: PathBuf,
@@ -189,21 +191,32 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     }
     let vocab = vocab_size(&base, &sig);
     let cfg = &opts.objective;
-    let mut tensors = ModelTensors::of(&sig, true);
-    tensors.layout = opts.layout;
-
     // Objective on top of the LM.
     let mut graph = base.clone();
-    let mut batch_inputs = match opts.layout {
-        Layout::Padded => {
+    let mut not_packed_because = None;
+    let packed = match opts.layout {
+        LayoutChoice::Padded => None,
+        LayoutChoice::Packed => Some(packing::make_packable(&mut graph, &sig)?),
+        LayoutChoice::Auto => match packing::make_packable(&mut graph, &sig) {
+            Ok(own_positions) => Some(own_positions),
+            Err(Error::NotPackable(why)) => {
+                graph = base.clone();
+                not_packed_because = Some(why);
+                None
+            }
+            Err(e) => return Err(e),
+        },
+    };
+    let layout = if packed.is_some() { Layout::Packed } else { Layout::Padded };
+    let mut tensors = ModelTensors::of(&sig, true);
+    tensors.layout = layout;
+    let mut batch_inputs = match packed {
+        None => {
             let mut v = lm_inputs(&sig);
             v.push(TensorSpec::float_named(COMPLETION_MASK, "completion_mask", &["rows", "sequence"]));
             v
         }
-        Layout::Packed => {
-            let own_positions = packing::make_packable(&mut graph, &sig)?;
-            packed_inputs(&sig, own_positions)
-        }
+        Some(own_positions) => packed_inputs(&sig, own_positions),
     };
     batch_inputs.push(TensorSpec::float_named(REF_LOGPS, "ref_logps", &["rows"]));
     let mut names = graph.names.clone();
@@ -217,7 +230,7 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     set_outputs(&mut graph, &outputs);
     graph.prune();
 
-    let probes = match opts.layout {
+    let probes = match layout {
         Layout::Padded => probe_batch(&sig, vocab),
         Layout::Packed => packed_probe_batch(&batch_inputs, vocab, cfg),
     };
@@ -300,15 +313,21 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
             opset: base.opset(),
         },
         objective: cfg.clone(),
-        layout: opts.layout,
-        max_sequence_tokens: (opts.layout == Layout::Packed).then_some(packing::VERIFIED_SEQUENCE_TOKENS),
+        layout,
+        max_sequence_tokens: (layout == Layout::Packed).then_some(packing::VERIFIED_SEQUENCE_TOKENS),
         graphs,
         parameters: param_specs,
         parameters_file: PARAMS_FILE.into(),
     };
     let initial = initial_values(&base, &obj, &params)?;
     write_all(out_dir, &manifest, [("train", graph), ("eval", eval), ("optimizer", opt_graph), ("infer", infer)], &initial)?;
-    Ok(BuildReport { manifest, parameter_table: super::params::describe(&params), backward_nodes: grads.nodes_added, out_dir: out_dir.to_path_buf() })
+    Ok(BuildReport {
+        manifest,
+        not_packed_because,
+        parameter_table: super::params::describe(&params),
+        backward_nodes: grads.nodes_added,
+        out_dir: out_dir.to_path_buf(),
+    })
 }
 
 /// Graph inputs in the manifest's order (people read graphs in viewers too).

@@ -24,7 +24,7 @@ pub const ATTENTION_BIAS: &str = "packed_attention_bias";
 pub const POSITIONS: &str = "packed_positions";
 
 fn packing_error(detail: impl std::fmt::Display) -> Error {
-    Error::graph(format!("cannot pack this model: {detail}; build it with --layout padded"))
+    Error::NotPackable(detail.to_string())
 }
 
 /// Rewrites the model so that masking and positions are inputs. Returns whether positions come

@@ -23,6 +23,16 @@ pub enum Layout {
     Packed,
 }
 
+/// The layout build-graph is asked for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LayoutChoice {
+    /// Packed when the model allows it, padded otherwise (the reason is reported).
+    Auto,
+    #[default]
+    Padded,
+    Packed,
+}
+
 impl PackedBatch {
     /// The value for a graph input of `role` (`input_ids`, `attention_mask` and `position_ids`
     /// included), or `None` for a role this layout does not fill.
