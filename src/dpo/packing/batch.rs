@@ -6,6 +6,10 @@
 //!
 //! Sequences are numbered as in the padded layout: pair `i`'s chosen answer is sequence `i` and its
 //! rejected answer `B + i`.
+//!
+//! An answer's last token (EOS) is only a label: nothing attends to it and its logits predict
+//! nothing that is scored, so it is not written unless the beta head reads the sequence's hidden
+//! states (`beta_source = sequence`).
 
 use ndarray::{Array1, Array2, Array4};
 
@@ -20,8 +24,10 @@ pub struct PairTokens<'a> {
 }
 
 impl PairTokens<'_> {
-    fn len(&self) -> usize {
-        self.prompt.len() + self.chosen.len() + self.rejected.len()
+    /// Tokens written into a row: the prompt, and each answer with or without its last token.
+    fn written(&self, last_tokens: bool) -> usize {
+        let answer = |a: &[u32]| if last_tokens { a.len() } else { a.len().saturating_sub(1) };
+        self.prompt.len() + answer(self.chosen) + answer(self.rejected)
     }
 }
 
@@ -59,13 +65,13 @@ pub struct PackedBatch {
 
 /// Rows of at most `row_tokens` tokens (a longer pair gets a row of its own), filled first-fit in
 /// order of decreasing pair length.
-fn assign_rows(pairs: &[PairTokens], row_tokens: usize) -> Vec<Vec<usize>> {
-    let capacity = pairs.iter().map(PairTokens::len).max().unwrap_or(0).max(row_tokens);
-    let mut order: Vec<usize> = (0..pairs.len()).collect();
-    order.sort_by_key(|&i| (std::cmp::Reverse(pairs[i].len()), i));
+fn assign_rows(lengths: &[usize], row_tokens: usize) -> Vec<Vec<usize>> {
+    let capacity = lengths.iter().copied().max().unwrap_or(0).max(row_tokens);
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(lengths[i]), i));
     let mut rows: Vec<(usize, Vec<usize>)> = Vec::new();
     for i in order {
-        let n = pairs[i].len();
+        let n = lengths[i];
         match rows.iter_mut().find(|(used, _)| used + n <= capacity) {
             Some((used, members)) => {
                 *used += n;
@@ -85,8 +91,10 @@ fn assign_rows(pairs: &[PairTokens], row_tokens: usize) -> Vec<Vec<usize>> {
 /// Packs `pairs` (at least one) into rows of about `row_tokens` tokens.
 pub fn pack(pairs: &[PairTokens], row_tokens: usize, pad_id: i64, head: HeadReads) -> PackedBatch {
     let b = pairs.len();
-    let rows = assign_rows(pairs, row_tokens);
-    let width = rows.iter().map(|r| r.iter().map(|&i| pairs[i].len()).sum::<usize>()).max().unwrap_or(0).max(1);
+    let last_tokens = head.source == BetaSource::Sequence;
+    let lengths: Vec<usize> = pairs.iter().map(|p| p.written(last_tokens)).collect();
+    let rows = assign_rows(&lengths, row_tokens);
+    let width = rows.iter().map(|r| r.iter().map(|&i| lengths[i]).sum::<usize>()).max().unwrap_or(0).max(1);
     let mut input_ids = Array2::from_elem((rows.len(), width), pad_id);
     let mut attention_mask = Array2::zeros((rows.len(), width));
     let mut positions = Array2::zeros((rows.len(), width));
@@ -108,8 +116,6 @@ pub fn pack(pairs: &[PairTokens], row_tokens: usize, pad_id: i64, head: HeadRead
             for (seq, answer) in [(i, pair.chosen), (b + i, pair.rejected)] {
                 let start = col;
                 for (k, &t) in answer.iter().enumerate() {
-                    input_ids[[r, col]] = t as i64;
-                    positions[[r, col]] = (p + k) as i64;
                     // predicted from the previous token of this sequence: the prompt's last for k = 0
                     let from = if k == 0 { (p > 0).then(|| at + p - 1) } else { Some(col - 1) };
                     if let Some(from) = from {
@@ -117,7 +123,11 @@ pub fn pack(pairs: &[PairTokens], row_tokens: usize, pad_id: i64, head: HeadRead
                         labels.push(t as i64);
                         answer_seq.push(seq as i64);
                     }
-                    col += 1;
+                    if k + 1 < answer.len() || last_tokens {
+                        input_ids[[r, col]] = t as i64;
+                        positions[[r, col]] = (p + k) as i64;
+                        col += 1;
+                    }
                 }
                 let answer_cols = start..col;
                 for q in prompt_cols.clone().chain(answer_cols.clone()) {
@@ -171,10 +181,12 @@ mod tests {
 
     const LAST_PROMPT: HeadReads = HeadReads { source: BetaSource::Prompt, aggregate: BetaAggregate::Last };
 
+    const LAST_OF_SEQUENCE: HeadReads = HeadReads { source: BetaSource::Sequence, aggregate: BetaAggregate::Last };
+
     #[test]
     fn one_pair_shares_its_prompt_and_restarts_positions() {
         let pair = PairTokens { prompt: &[10, 11], chosen: &[20, 21], rejected: &[30] };
-        let p = pack(&[pair], 64, 0, LAST_PROMPT);
+        let p = pack(&[pair], 64, 0, LAST_OF_SEQUENCE);
         assert_eq!(p.input_ids.row(0).to_vec(), vec![10, 11, 20, 21, 30]);
         assert_eq!(p.positions.row(0).to_vec(), vec![0, 1, 2, 3, 2]);
         // the rejected token sees the prompt and itself, not the chosen answer
@@ -184,6 +196,20 @@ mod tests {
         assert_eq!(p.answer_index.outer_iter().map(|r| r[1]).collect::<Vec<_>>(), vec![1, 2, 1]);
         assert_eq!(p.answer_labels.to_vec(), vec![20, 21, 30]);
         assert_eq!(p.answer_sequence.to_vec(), vec![0, 0, 1]);
+        // each sequence's beta reads its last token
+        assert_eq!(p.head_index.outer_iter().map(|r| r[1]).collect::<Vec<_>>(), vec![3, 4]);
+        assert_eq!(p.head_sequence.to_vec(), vec![0, 1]);
+    }
+
+    #[test]
+    fn answers_last_tokens_are_labels_only_when_the_head_reads_the_prompt() {
+        let pair = PairTokens { prompt: &[10, 11], chosen: &[20, 21], rejected: &[30] };
+        let p = pack(&[pair], 64, 0, LAST_PROMPT);
+        assert_eq!(p.input_ids.row(0).to_vec(), vec![10, 11, 20]);
+        assert_eq!(p.positions.row(0).to_vec(), vec![0, 1, 2]);
+        // every answer token is still scored, from the same positions as above
+        assert_eq!(p.answer_index.outer_iter().map(|r| r[1]).collect::<Vec<_>>(), vec![1, 2, 1]);
+        assert_eq!(p.answer_labels.to_vec(), vec![20, 21, 30]);
         // both sequences' beta reads the prompt's last token
         assert_eq!(p.head_index.outer_iter().map(|r| r[1]).collect::<Vec<_>>(), vec![1, 1]);
         assert_eq!(p.head_sequence.to_vec(), vec![0, 1]);
@@ -194,7 +220,7 @@ mod tests {
         let a = PairTokens { prompt: &[1, 2, 3], chosen: &[4], rejected: &[5] };
         let b = PairTokens { prompt: &[6], chosen: &[7], rejected: &[8] };
         let c = PairTokens { prompt: &[9, 9], chosen: &[9], rejected: &[9] };
-        let p = pack(&[a, b, c], 7, 0, LAST_PROMPT);
+        let p = pack(&[a, b, c], 7, 0, LAST_OF_SEQUENCE);
         // longest first: a (5) alone, then c (4) and b (3) share the second row
         assert_eq!(p.input_ids.dim(), (2, 7));
         assert_eq!(p.attention_mask.row(0).sum(), 5);
