@@ -61,7 +61,8 @@ padding between sequences; the same log-probs and gradients) while PyTorch runs 
 --layout padded compares the same padded rows on both sides.
 
 Throughput estimate: GFLOP/s = 6 x P_matmul x tokens / step time, where tokens is what the side computes
-on: the padded batch 2P x T, or for betadpo's packed layout the sum of prompt + chosen + rejected tokens;
+on: the padded batch 2P x T, or for betadpo's packed layout the tokens its rows hold (each prompt once,
+each answer without its last token, which is only a label);
 P_matmul the parameters used in matrix products: every
 parameter except an input embedding table that is only gathered from (when the embedding is tied to the
 lm_head it is counted once, as the lm_head). 6 = 2 (forward multiply-add) + 4 (backward: gradients for
@@ -535,7 +536,8 @@ def batch_shape(a, P, rows):
     pairs, _ = tokenize_like_betadpo(a.tokenizer, rows[:P])
     width = max(len(p) + max(len(c), len(j)) for p, c, j in pairs)
     real = sum(2 * len(p) + len(c) + len(j) for p, c, j in pairs)
-    packed = sum(len(p) + len(c) + len(j) for p, c, j in pairs)
+    # packed rows hold each prompt once and each answer without its last token (a label only)
+    packed = sum(len(p) + len(c) + len(j) - 2 for p, c, j in pairs)
     return dict(width=width, padded_tokens=2 * P * width, real_tokens=real, packed_tokens=packed)
 
 

@@ -78,6 +78,9 @@ pub struct SessionConfig {
     /// ONNX Runtime's CPU arena keeps every block it ever allocated (growing in powers of two);
     /// training graphs with batch-dependent shapes do better returning memory to the system.
     pub cpu_arena: bool,
+    /// Park the intra-op threads as soon as a run returns instead of letting them spin for more
+    /// work: for a caller that does CPU work of its own between runs (the fused optimizer).
+    pub stop_spinning_after_run: bool,
 }
 
 impl Default for SessionConfig {
@@ -90,6 +93,7 @@ impl Default for SessionConfig {
             flush_denormals: false,
             memory_pattern: true,
             cpu_arena: true,
+            stop_spinning_after_run: false,
         }
     }
 }
@@ -131,6 +135,9 @@ impl SessionConfig {
         }
         if self.flush_denormals {
             builder = builder.with_flush_to_zero().map_err(fail)?;
+        }
+        if self.stop_spinning_after_run {
+            builder = builder.with_config_entry("session.force_spinning_stop", "1").map_err(fail)?;
         }
         if let Some(prefix) = &self.profile_prefix {
             builder = builder.with_profiling(prefix).map_err(fail)?;
