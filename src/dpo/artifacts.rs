@@ -11,7 +11,7 @@ use ndarray::{ArrayD, IxDyn};
 use super::manifest::{GraphSpec, Manifest, ModelSpec, ParameterSpec, SpecDim, TensorSpec, FORMAT, FORMAT_VERSION, MANIFEST_FILE};
 use super::model::{recognise, LmSignature};
 use super::objective::{self, ModelTensors, Objective, COMPLETION_MASK, HEAD_BIAS, HEAD_WEIGHT, REF_LOGPS};
-use super::packing::{self, Layout, LayoutChoice, PairTokens};
+use super::packing::{self, Layout, LayoutChoice};
 use super::params::{find_parameters, lift_parameters, InitializerRef, Param, Selection};
 use super::{optimizer, BetaSource, ObjectiveConfig};
 use crate::autodiff::differentiate;
@@ -68,32 +68,6 @@ fn probe_batch(sig: &LmSignature, vocab: i64) -> ProbeBatch {
     ProbeBatch { runs: [make(2, 6), make(3, 9)] }
 }
 
-/// The packed probes: 2 pairs in one row, then 3 pairs in two rows, answers of uneven lengths.
-fn packed_probe_batch(specs: &[TensorSpec], vocab: i64, cfg: &ObjectiveConfig) -> ProbeBatch {
-    let make = |pairs: usize, row_tokens: usize| -> Vec<(String, HostTensor)> {
-        let tokens: Vec<[Vec<u32>; 3]> = (0..pairs)
-            .map(|i| {
-                let ids = |n: usize, salt: usize| (0..n).map(|k| ((k * 7 + salt * 3 + i * 5 + 1) as i64 % vocab.max(2)) as u32).collect();
-                [ids(3 + i, 1), ids(2 + i % 2, 2), ids(3, 3)]
-            })
-            .collect();
-        let views: Vec<PairTokens> = tokens.iter().map(|[p, c, r]| PairTokens { prompt: p, chosen: c, rejected: r }).collect();
-        let head = packing::HeadReads { source: cfg.beta_source, aggregate: cfg.beta_aggregate };
-        let batch = packing::pack(&views, row_tokens, 0, head);
-        specs
-            .iter()
-            .map(|s| {
-                let t = match s.role.as_str() {
-                    "ref_logps" => HostTensor::F32(ArrayD::zeros(IxDyn(&[2 * pairs]))),
-                    role => batch.by_role(role).expect("every packed input role has a value"),
-                };
-                (s.name.clone(), t)
-            })
-            .collect()
-    };
-    ProbeBatch { runs: [make(2, 64), make(3, 20)] }
-}
-
 fn vocab_size(graph: &Graph, sig: &LmSignature) -> i64 {
     let out = graph.outputs.iter().find(|o| o.name == sig.logits);
     if let Some((_, Some(shape))) = out.and_then(value_info_type) {
@@ -111,37 +85,6 @@ fn lm_inputs(sig: &LmSignature) -> Vec<TensorSpec> {
     if let Some(p) = &sig.position_ids {
         v.push(token_ids(p, "position_ids"));
     }
-    v
-}
-
-/// The packed layout's inputs before the reference log-probs: rows of packed pairs, the attention
-/// bias and positions that replace the model's own, where answers and head reads are.
-fn packed_inputs(sig: &LmSignature, own_positions: bool) -> Vec<TensorSpec> {
-    use packing::objective::*;
-    use SpecDim::{Fixed, Named};
-    let row = [Named("packed_rows"), Named("packed_sequence")];
-    let mut v = vec![TensorSpec::new(&sig.input_ids, "input_ids", "int64", &row), TensorSpec::new(&sig.attention_mask, "attention_mask", "int64", &row)];
-    match (&sig.position_ids, own_positions) {
-        (_, true) => v.push(TensorSpec::new(packing::POSITIONS, "positions", "int64", &row)),
-        (Some(p), false) => v.push(TensorSpec::new(p, "position_ids", "int64", &row)),
-        (None, false) => {}
-    }
-    let bias = [Named("packed_rows"), Fixed(1), Named("packed_sequence"), Named("packed_sequence")];
-    v.push(TensorSpec::new(packing::ATTENTION_BIAS, "attention_bias", "float32", &bias).described("0 where a token may attend, the lowest float elsewhere"));
-    let answers = [Named("answer_tokens")];
-    let reads = [Named("head_reads")];
-    v.push(TensorSpec::new(ANSWER_INDEX, "answer_index", "int64", &[Named("answer_tokens"), Fixed(2)]).described("(row, column) predicting each answer token"));
-    v.push(TensorSpec::new(ANSWER_LABELS, "answer_labels", "int64", &answers));
-    v.push(
-        TensorSpec::new(ANSWER_SEQUENCE, "answer_sequence", "int64", &answers)
-            .described("sequence of each answer token: pair i chosen = i, rejected = pairs + i"),
-    );
-    v.push(
-        TensorSpec::new(HEAD_INDEX, "head_index", "int64", &[Named("head_reads"), Fixed(2)])
-            .described("(row, column) of each hidden state the beta head reads"),
-    );
-    v.push(TensorSpec::new(HEAD_SEQUENCE, "head_sequence", "int64", &reads));
-    v.push(TensorSpec::new(HEAD_WEIGHT, "head_weight", "float32", &reads));
     v
 }
 
@@ -216,7 +159,7 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
             v.push(TensorSpec::float_named(COMPLETION_MASK, "completion_mask", &["rows", "sequence"]));
             v
         }
-        Some(own_positions) => packed_inputs(&sig, own_positions),
+        Some(own_positions) => packing::inputs::specs(&sig, own_positions),
     };
     batch_inputs.push(TensorSpec::float_named(REF_LOGPS, "ref_logps", &["rows"]));
     let mut names = graph.names.clone();
@@ -232,7 +175,7 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
 
     let probes = match layout {
         Layout::Padded => probe_batch(&sig, vocab),
-        Layout::Packed => packed_probe_batch(&batch_inputs, vocab, cfg),
+        Layout::Packed => packing::inputs::probe_batch(&batch_inputs, vocab, cfg),
     };
     let infos = probe_shapes(&graph, &probes)?;
     let mut params = find_parameters(&graph, &obj.loss, &infos, &opts.selection)?;

@@ -5,6 +5,7 @@
 
 mod batch;
 mod graph;
+pub mod inputs;
 pub mod objective;
 
 pub use batch::{pack, HeadReads, PackedBatch, PairTokens};
