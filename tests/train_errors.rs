@@ -21,3 +21,32 @@ fn failed_start_leaves_no_run_directory() {
     assert!(err.contains("missing.jsonl") && err.trim().lines().count() == 1, "{err}");
     assert!(!out.exists(), "a failed start must not create {}", out.display());
 }
+
+/// Packed artifacts were checked for sequences up to `max_sequence_tokens`; a longer one is refused
+/// in one line that names the flag to change, before any work.
+#[test]
+fn packed_artifacts_refuse_sequences_longer_than_verified() {
+    use betadpo::dpo::packing::LayoutChoice;
+    use betadpo::dpo::BuildOptions;
+    let q = common::fixtures::repo().join("graphs/quickstart");
+    let dir = common::fixtures::scratch("train-packed-limit");
+    let art = dir.join("art");
+    let report = betadpo::dpo::build_artifacts(&q.join("model.onnx"), &art, &BuildOptions { layout: LayoutChoice::Packed, ..Default::default() }).unwrap();
+    assert_eq!(report.manifest.max_sequence_tokens, Some(betadpo::dpo::packing::VERIFIED_SEQUENCE_TOKENS));
+    // the same artifacts, as if the model's mask had been checked for 8 tokens only
+    let manifest = art.join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    m["max_sequence_tokens"] = serde_json::json!(8);
+    std::fs::write(&manifest, serde_json::to_string(&m).unwrap()).unwrap();
+    let out = dir.join("run");
+    let res = Command::new(env!("CARGO_BIN_EXE_betadpo"))
+        .args(["train", "--artifacts", art.to_str().unwrap(), "--data", q.join("train.jsonl").to_str().unwrap()])
+        .args(["--tokenizer", q.join("tokenizer.json").to_str().unwrap(), "--out", out.to_str().unwrap(), "--quiet", "--max-steps", "1"])
+        .output()
+        .unwrap();
+    assert!(!res.status.success());
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(err.contains("--max-length") && err.contains("verified for up to 8") && err.trim().lines().count() == 1, "{err}");
+    assert!(!out.exists(), "a failed start must not create {}", out.display());
+    let _ = std::fs::remove_dir_all(&dir);
+}
