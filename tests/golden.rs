@@ -9,7 +9,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use betadpo::dpo::packing::{pack, HeadReads, LayoutChoice, PackedBatch, PairTokens};
-use betadpo::dpo::{build_artifacts, BetaSource, BuildOptions, Layout, Manifest, ObjectiveConfig};
+use betadpo::dpo::{build_artifacts, BetaAggregate, BetaSource, BuildOptions, Layout, Manifest, ObjectiveConfig};
 use betadpo::runtime::{run, HostTensor, SessionConfig};
 use betadpo::store::read_safetensors;
 use ndarray::{ArrayD, IxDyn};
@@ -78,23 +78,17 @@ fn packed_golden(golden: &Golden, objective: &ObjectiveConfig) -> PackedBatch {
     pack(&views, row_tokens, 0, HeadReads { source: objective.beta_source, aggregate: objective.beta_aggregate })
 }
 
-fn check_model(model_dir: &Path, mode: Mode) {
-    check_model_in(model_dir, mode, Layout::Padded).unwrap();
-}
-
-/// Errs only when the build refuses the model (the packed layout does so for masks it cannot replace).
-fn check_model_in(model_dir: &Path, mode: Mode, layout: Layout) -> Result<(), String> {
-    let golden = load_golden(model_dir);
-    let objective = ObjectiveConfig {
-        beta_source: if matches!(mode, Mode::Sequence) { BetaSource::Sequence } else { BetaSource::Prompt },
-        beta_min: 0.0,
-        beta_max: f64::INFINITY,
-        beta_reg: 0.0,
-        fixed_beta: matches!(mode, Mode::Fixed).then_some(0.1),
-        ..Default::default()
-    };
-    let out = common::fixtures::scratch(&format!("golden-{}-{mode:?}-{layout:?}", model_dir.file_name().unwrap().to_string_lossy()));
-    let packed = (layout == Layout::Packed).then(|| packed_golden(&golden, &objective));
+/// Builds `objective` in `layout` and runs its train graph on the golden batch with the golden's
+/// beta head; returns the manifest and every float output by name.
+fn train_graph_outputs(
+    model_dir: &Path,
+    golden: &Golden,
+    objective: ObjectiveConfig,
+    layout: Layout,
+    tag: &str,
+) -> Result<(Manifest, HashMap<String, ArrayD<f32>>), String> {
+    let out = common::fixtures::scratch(&format!("golden-{}-{tag}-{layout:?}", model_dir.file_name().unwrap().to_string_lossy()));
+    let packed = (layout == Layout::Packed).then(|| packed_golden(golden, &objective));
     let choice = if layout == Layout::Packed { LayoutChoice::Packed } else { LayoutChoice::Padded };
     build_artifacts(&model_dir.join("model.onnx"), &out, &BuildOptions { objective, layout: choice, ..Default::default() }).map_err(|e| e.to_string())?;
     let m = Manifest::load(&out).unwrap();
@@ -129,6 +123,27 @@ fn check_model_in(model_dir: &Path, mode: Mode, layout: Layout) -> Result<(), St
     }
     let mut session = SessionConfig::default().session_from_file(&out.join(&spec.file)).unwrap();
     let outs: HashMap<String, ArrayD<f32>> = run(&mut session, &feeds).unwrap().into_iter().filter_map(|(n, t)| t.as_f32().cloned().map(|a| (n, a))).collect();
+    let _ = std::fs::remove_dir_all(&out);
+    Ok((m, outs))
+}
+
+fn check_model(model_dir: &Path, mode: Mode) {
+    check_model_in(model_dir, mode, Layout::Padded).unwrap();
+}
+
+/// Errs only when the build refuses the model (the packed layout does so for masks it cannot replace).
+fn check_model_in(model_dir: &Path, mode: Mode, layout: Layout) -> Result<(), String> {
+    let golden = load_golden(model_dir);
+    let objective = ObjectiveConfig {
+        beta_source: if matches!(mode, Mode::Sequence) { BetaSource::Sequence } else { BetaSource::Prompt },
+        beta_min: 0.0,
+        beta_max: f64::INFINITY,
+        beta_reg: 0.0,
+        fixed_beta: matches!(mode, Mode::Fixed).then_some(0.1),
+        ..Default::default()
+    };
+    let (m, outs) = train_graph_outputs(model_dir, &golden, objective, layout, &format!("{mode:?}"))?;
+    let spec = m.graph("train").unwrap();
     let (loss_key, grad_prefix) = match mode {
         Mode::Prompt => ("loss", "grad/"),
         Mode::Sequence => ("loss_sequence", "grad_sequence/"),
@@ -176,7 +191,6 @@ fn check_model_in(model_dir: &Path, mode: Mode, layout: Layout) -> Result<(), St
             golden.f32s.keys().filter_map(|k| k.strip_prefix("grad/")).filter(|k| !k.starts_with("beta_head.")).map(str::to_string).collect();
         assert_eq!(ours, theirs, "{label}: trainable set differs from the golden's parameters");
     }
-    let _ = std::fs::remove_dir_all(&out);
     Ok(())
 }
 
@@ -226,5 +240,41 @@ fn packed_layout_matches_pytorch() {
     }
     if common::fixtures::own_models().len() == 8 {
         assert_eq!(refused, BTreeSet::from(["mistral".to_string(), "opt".to_string()]));
+    }
+}
+
+/// The mean-over-tokens heads have no PyTorch golden; the packed layout must give what the padded
+/// one gives (loss, betas, every gradient) with a nonzero head, so every token's weight matters.
+#[test]
+fn packed_layout_matches_padded_for_mean_heads() {
+    let Some(model) = common::fixtures::all_models().into_iter().find(|m| m.ends_with("tiny-llama-dynamo") || m.ends_with("llama")) else {
+        eprintln!("notice: no Llama fixture; skipping");
+        return;
+    };
+    let golden = load_golden(&model);
+    for source in [BetaSource::Prompt, BetaSource::Sequence] {
+        let objective = ObjectiveConfig { beta_source: source, beta_aggregate: BetaAggregate::Mean, beta_max: f64::INFINITY, ..Default::default() };
+        let tag = format!("mean-{source:?}");
+        let (m, padded) = train_graph_outputs(&model, &golden, objective.clone(), Layout::Padded, &tag).unwrap();
+        let (mp, packed) = train_graph_outputs(&model, &golden, objective, Layout::Packed, &tag).unwrap();
+        let (spec, spec_p) = (m.graph("train").unwrap(), mp.graph("train").unwrap());
+        let by_role = |spec: &betadpo::dpo::manifest::GraphSpec, outs: &HashMap<String, ArrayD<f32>>, role: &str, p: Option<&str>| -> ArrayD<f32> {
+            let o = match p {
+                Some(p) => spec.output_for(role, p).unwrap(),
+                None => spec.output(role).unwrap(),
+            };
+            outs[&o.name].clone()
+        };
+        for role in ["loss", "beta"] {
+            let (a, b) = (by_role(spec, &padded, role, None), by_role(spec_p, &packed, role, None));
+            assert!(rel(&b, &a) < 1e-5, "{source:?} mean: {role} padded {a} packed {b}");
+        }
+        let beta = by_role(spec, &padded, "beta", None);
+        assert!(beta.iter().any(|&x| (x - beta[0]).abs() > 1e-4), "{source:?} mean: the head should tell contexts apart: {beta}");
+        for p in m.trainable() {
+            let (a, b) = (by_role(spec, &padded, "gradient", Some(&p.name)), by_role(spec_p, &packed, "gradient", Some(&p.name)));
+            let r = diff(&b, &a) / norm(&a).max(1e-9);
+            assert!(r < 1e-3, "{source:?} mean: gradient of {} differs by {r:.2e} (relative)", p.name);
+        }
     }
 }
