@@ -16,14 +16,21 @@ pub fn dir_name(name: &str) -> String {
     format!(".{name}.partial-{}", std::process::id())
 }
 
+/// Name of this process's copy of the previous `name` while a new one is moved into place.
+pub fn old_dir_name(name: &str) -> String {
+    format!(".{name}.old-{}", std::process::id())
+}
+
 /// The writer's process id of one of our temporary files.
 fn file_writer(name: &str) -> Option<u32> {
     name.strip_prefix(FILE_PREFIX)?.split('-').next()?.parse().ok()
 }
 
-/// The writer's process id of a temporary directory for `dir_for` (see [`dir_name`]).
+/// The writer's process id of a temporary directory for `dir_for` (see [`dir_name`] and
+/// [`old_dir_name`]).
 fn dir_writer(name: &str, dir_for: &str) -> Option<u32> {
-    name.strip_prefix('.')?.strip_prefix(dir_for)?.strip_prefix(".partial-")?.parse().ok()
+    let rest = name.strip_prefix('.')?.strip_prefix(dir_for)?;
+    rest.strip_prefix(".partial-").or_else(|| rest.strip_prefix(".old-"))?.parse().ok()
 }
 
 fn is_running(pid: u32) -> bool {
@@ -70,17 +77,24 @@ mod tests {
         let dead = child.id();
         child.wait().unwrap();
         let mine = std::process::id();
-        let names =
-            [format!("{FILE_PREFIX}{dead}-abc"), format!(".artifacts.partial-{dead}"), format!("{FILE_PREFIX}{mine}-def"), "params.safetensors".to_string()];
+        let names = [
+            format!("{FILE_PREFIX}{dead}-abc"),
+            format!(".artifacts.partial-{dead}"),
+            format!("{FILE_PREFIX}{mine}-def"),
+            "params.safetensors".to_string(),
+            format!(".artifacts.old-{dead}"),
+        ];
         for n in [&names[0], &names[2], &names[3]] {
             std::fs::write(dir.path().join(n), b"x").unwrap();
         }
-        std::fs::create_dir(dir.path().join(&names[1])).unwrap();
-        std::fs::write(dir.path().join(&names[1]).join("train.onnx"), b"x").unwrap();
+        for d in [&names[1], &names[4]] {
+            std::fs::create_dir(dir.path().join(d)).unwrap();
+            std::fs::write(dir.path().join(d).join("train.onnx"), b"x").unwrap();
+        }
         assert_eq!(remove_stale(dir.path(), None), 1, "directories only for their output name");
-        assert_eq!(remove_stale(dir.path(), Some("artifacts")), 1);
+        assert_eq!(remove_stale(dir.path(), Some("artifacts")), 2);
         assert!(!dir.path().join(&names[0]).exists());
-        assert!(!dir.path().join(&names[1]).exists());
+        assert!(!dir.path().join(&names[1]).exists() && !dir.path().join(&names[4]).exists());
         assert!(dir.path().join(&names[2]).exists(), "a running writer's file stays");
         assert!(dir.path().join(&names[3]).exists());
     }

@@ -333,6 +333,30 @@ fn initial_values<'a>(base: &'a Graph, obj: &'a Objective, params: &'a [Param]) 
     Ok(out)
 }
 
+/// Replaces the directory `out` by `tmp`. On Linux one `renameat2(RENAME_EXCHANGE)` swaps them, so
+/// `out` is always a complete build; `tmp` then holds the previous build and is removed (a kill
+/// before that leaves it for `temp_files::remove_stale`). Elsewhere, or on a file system without the
+/// exchange, `out` moves aside to `.<out>.old-<pid>` first.
+fn swap_into_place(tmp: &Path, out: &Path, parent: &Path, name: &str) -> Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::Other(format!("{}: path contains a NUL byte", p.display())));
+        let (a, b) = (c(tmp)?, c(out)?);
+        // SAFETY: both paths are valid NUL-terminated strings; renameat2 only reads them.
+        let r = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
+        if r == 0 {
+            let _ = std::fs::remove_dir_all(tmp);
+            return Ok(());
+        }
+    }
+    let old = parent.join(crate::temp_files::old_dir_name(name));
+    std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
+    std::fs::rename(tmp, out).map_err(|e| Error::io(out, e))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
 /// Writes every file into `.<out>.partial-<pid>` (leftovers of killed builds are removed first), then swaps it into place, so `out` is either the
 /// previous complete build or the new complete build, never a mix.
 fn write_all<const N: usize>(out: &Path, manifest: &Manifest, graphs: [(&str, Graph); N], params: &[RawTensor]) -> Result<()> {
@@ -358,10 +382,7 @@ fn write_all<const N: usize>(out: &Path, manifest: &Manifest, graphs: [(&str, Gr
         return Err(e);
     }
     if out.exists() {
-        let old = parent.join(format!(".{}.old-{}", name.to_string_lossy(), std::process::id()));
-        std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
-        std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
-        let _ = std::fs::remove_dir_all(&old);
+        swap_into_place(&tmp, out, parent, &name.to_string_lossy())?;
     } else {
         std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
     }
