@@ -2,7 +2,10 @@
 //! removal of those a killed process left behind. A name carries its writer's process id, so a
 //! sweep removes only leftovers of processes that no longer run, never a concurrent writer's.
 
+use std::io::Write;
 use std::path::Path;
+
+use crate::{Error, Result};
 
 const FILE_PREFIX: &str = ".betadpo-tmp-";
 
@@ -14,6 +17,30 @@ pub fn file_prefix() -> String {
 /// Name of this process's temporary directory for `name` (a directory swapped into place).
 pub fn dir_name(name: &str) -> String {
     format!(".{name}.partial-{}", std::process::id())
+}
+
+/// Writes `path` through a temporary file of this process in the same directory, flushed to disk,
+/// given `mode` (Unix permissions; temporary files start as 0600), then renamed over `path`: a reader
+/// sees the old file or the complete new one, and a killed writer leaves only a temporary file that
+/// [`remove_stale`] recognises.
+pub fn write_atomically(path: &Path, mode: u32, write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new().prefix(&file_prefix()).tempfile_in(dir).map_err(|e| Error::io(dir, e))?;
+    {
+        let mut w = std::io::BufWriter::new(tmp.as_file_mut());
+        write(&mut w).map_err(|e| Error::io(path, e))?;
+        w.flush().map_err(|e| Error::io(path, e))?;
+    }
+    tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file().set_permissions(std::fs::Permissions::from_mode(mode)).map_err(|e| Error::io(path, e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
 }
 
 /// Name of this process's copy of the previous `name` while a new one is moved into place.

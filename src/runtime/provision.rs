@@ -12,7 +12,7 @@
 //! reader that sees the main library also sees everything next to it, complete.
 
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -194,7 +194,7 @@ fn extract_from_wheel(wheel: &Path, target_dir: &Path, flavor: Flavor) -> Result
     members.sort_by_key(|(_, base)| base == LIB_NAME); // the main library last
     for (name, base) in members {
         let mut entry = archive.by_name(&name).map_err(|e| Error::Other(format!("{}: cannot read {name}: {e}", wheel.display())))?;
-        write_atomically(&target_dir.join(&base), |out| io::copy(&mut entry, out).map(|_| ()))?;
+        crate::temp_files::write_atomically(&target_dir.join(&base), 0o755, |out| io::copy(&mut entry, out).map(|_| ()))?;
     }
     Ok(())
 }
@@ -229,7 +229,7 @@ fn copy_from_installed_package(target_dir: &Path, flavor: Flavor) -> Result<()> 
     for name in names {
         let src = capi.join(&name);
         let mut input = File::open(&src).map_err(|e| Error::io(&src, e))?;
-        write_atomically(&target_dir.join(&name), |out| io::copy(&mut input, out).map(|_| ()))?;
+        crate::temp_files::write_atomically(&target_dir.join(&name), 0o755, |out| io::copy(&mut input, out).map(|_| ()))?;
     }
     Ok(())
 }
@@ -242,20 +242,4 @@ fn check_required<'a>(flavor: Flavor, present: impl Iterator<Item = &'a str>, so
     } else {
         Err(Error::Other(format!("{source} lacks {}", missing.join(", "))))
     }
-}
-
-/// Writes `dest` through a temporary file in the same directory, synced and then renamed, so no reader can
-/// ever observe a partially written library.
-fn write_atomically(dest: &Path, fill: impl FnOnce(&mut File) -> io::Result<()>) -> Result<()> {
-    let dir = dest.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new().prefix(".partial-").tempfile_in(dir).map_err(|e| Error::io(dir, e))?;
-    fill(tmp.as_file_mut()).map_err(|e| Error::io(dest, e))?;
-    tmp.as_file_mut().flush().and_then(|_| tmp.as_file().sync_all()).map_err(|e| Error::io(dest, e))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).map_err(|e| Error::io(dest, e))?;
-    }
-    tmp.persist(dest).map_err(|e| Error::io(dest, e.error))?;
-    Ok(())
 }

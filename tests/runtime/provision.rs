@@ -22,7 +22,7 @@ fn assert_clean_cache(cache: &Path) -> PathBuf {
         .unwrap()
         .chain(std::fs::read_dir(cache).unwrap())
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with(".partial-") || n.starts_with(".wheel-"))
+        .filter(|n| n.starts_with(".betadpo-tmp-") || n.starts_with(".wheel-"))
         .collect();
     assert!(leftovers.is_empty(), "leftovers: {leftovers:?}");
     lib
