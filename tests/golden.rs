@@ -75,7 +75,7 @@ fn packed_golden(golden: &Golden, objective: &ObjectiveConfig) -> PackedBatch {
     let views: Vec<PairTokens> = triples.iter().map(|[p, c, r]| PairTokens { prompt: p, chosen: c, rejected: r }).collect();
     // rows of ~2 pairs, so the batch spans several rows with padding at the end of one
     let row_tokens = views.iter().map(|v| v.prompt.len() + v.chosen.len() + v.rejected.len()).max().unwrap() + 4;
-    pack(&views, row_tokens, 0, HeadReads { source: objective.beta_source, aggregate: objective.beta_aggregate })
+    pack(&views, row_tokens, 0, HeadReads::of(objective))
 }
 
 /// Builds `objective` in `layout` and runs its train graph on the golden batch with the golden's

@@ -148,7 +148,7 @@ pub fn run(a: Args) -> Result<()> {
     println!(
         "wrote {} (train/eval/optimizer/infer graphs, {} layout, {} backward nodes) in {:.2}s",
         report.out_dir.display(),
-        serde_json::to_value(report.manifest.layout).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+        report.manifest.layout,
         report.backward_nodes,
         start.elapsed().as_secs_f64()
     );

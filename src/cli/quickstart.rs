@@ -82,7 +82,7 @@ pub fn run(a: Args) -> Result<()> {
     let art = out.join("artifacts");
     let report = build_artifacts(&assets.join("model.onnx"), &art, &BuildOptions { layout: LayoutChoice::Auto, ..Default::default() })?;
     if !a.quiet {
-        eprintln!("{} backward nodes, {} parameters, {:?} layout", report.backward_nodes, report.manifest.parameters.len(), report.manifest.layout);
+        eprintln!("{} backward nodes, {} parameters, {} layout", report.backward_nodes, report.manifest.parameters.len(), report.manifest.layout);
     }
     step(&format!("2/5 train {} steps with the learned beta (eval on test.jsonl by regime)", a.steps));
     let learned = train_run(&assets, &art, &out.join("run-learned"), a.steps, a.quiet)?;

@@ -170,8 +170,7 @@ fn random_packed_batch(m: &Manifest, spec: &GraphSpec, rng: &mut impl Rng, pairs
     let (p, a) = (t / 2, t - t / 2);
     let tokens: Vec<[Vec<u32>; 3]> = (0..pairs).map(|_| [ids(p), ids(a), ids(a.saturating_sub(2).max(1))]).collect();
     let views: Vec<PairTokens> = tokens.iter().map(|[p, c, r]| PairTokens { prompt: p, chosen: c, rejected: r }).collect();
-    let head = HeadReads { source: m.objective.beta_source, aggregate: m.objective.beta_aggregate };
-    let batch = pack(&views, 3 * (p + 2 * a), 0, head);
+    let batch = pack(&views, 3 * (p + 2 * a), 0, HeadReads::of(&m.objective));
     let mut v = Vec::new();
     for i in &spec.inputs {
         let tensor = match i.role.as_str() {

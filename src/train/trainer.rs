@@ -271,10 +271,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let initial_feeds = to_feeds(read_safetensors(&cfg.artifacts.join(&manifest.parameters_file))?.0, &manifest, &device)?;
 
     std::fs::create_dir_all(&run).map_err(|e| Error::io(&run, e))?;
-    let packing = (manifest.layout == Layout::Packed).then_some(Packing {
-        row_tokens: cfg.pack_tokens,
-        head: HeadReads { source: manifest.objective.beta_source, aggregate: manifest.objective.beta_aggregate },
-    });
+    let packing = (manifest.layout == Layout::Packed).then_some(Packing { row_tokens: cfg.pack_tokens, head: HeadReads::of(&manifest.objective) });
     let collate_opts = CollateOptions { pad_id: tok.pad_id(), group_by: cfg.group_by.clone(), pad_to_multiple_of: None, packing };
     let ref_bar = progress_bar((train_pairs.len() + eval_pairs.as_ref().map(Vec::len).unwrap_or(0)) as u64, 0, cfg.progress);
     ref_bar.set_prefix("reference log-probs");

@@ -38,6 +38,13 @@ pub struct HeadReads {
     pub aggregate: BetaAggregate,
 }
 
+impl HeadReads {
+    /// Where the head of `objective` reads.
+    pub fn of(objective: &crate::dpo::ObjectiveConfig) -> Self {
+        HeadReads { source: objective.beta_source, aggregate: objective.beta_aggregate }
+    }
+}
+
 /// The packed graph inputs of one batch.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PackedBatch {

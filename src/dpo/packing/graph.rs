@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::dpo::model::LmSignature;
 use crate::graph::{Builder, Graph};
-use crate::onnx::{attr_i, dtype, tensor_i64, tensor_to_i64, value_info, Dim};
+use crate::onnx::{attr_i, dtype, tensor_i64, tensor_to_i64, value_info, Dim, NodeAttrs};
 use crate::runtime::{run, HostTensor, SessionConfig};
 use crate::{Error, Result};
 
@@ -42,7 +42,6 @@ pub fn make_packable(graph: &mut Graph, sig: &LmSignature) -> Result<bool> {
     };
     rename_uses(graph, &mask, &bias);
     graph.nodes.extend(b.take());
-    let rows_seq = || vec![Dim::Sym("rows".into()), Dim::Sym("sequence".into())];
     graph.inputs.push(value_info(
         ATTENTION_BIAS,
         dtype::FLOAT,
@@ -59,7 +58,7 @@ pub fn make_packable(graph: &mut Graph, sig: &LmSignature) -> Result<bool> {
     if rewritten == 0 {
         return Err(packing_error("no position computation (Range) was found and the model has no position_ids input"));
     }
-    graph.inputs.push(value_info(POSITIONS, dtype::INT64, &rows_seq()));
+    graph.inputs.push(value_info(POSITIONS, dtype::INT64, &[Dim::Sym("rows".into()), Dim::Sym("sequence".into())]));
     graph.prune();
     graph.sort_topologically()?;
     Ok(true)
@@ -169,7 +168,7 @@ fn const_ints(graph: &Graph, name: &str, producers: &HashMap<&str, usize>) -> Op
     if n.op_type != "Constant" {
         return None;
     }
-    n.attribute.iter().find(|a| a.name == "value").and_then(|a| a.t.as_ref()).and_then(|t| tensor_to_i64(t).ok())
+    n.tensor_attr("value").and_then(|t| tensor_to_i64(t).ok())
 }
 
 /// `Unsqueeze(Range(0, S), axes ∋ 0)` is a position vector broadcast over the batch; it becomes

@@ -51,8 +51,7 @@ pub fn probe_batch(specs: &[TensorSpec], vocab: i64, cfg: &ObjectiveConfig) -> P
             })
             .collect();
         let views: Vec<PairTokens> = tokens.iter().map(|[p, c, r]| PairTokens { prompt: p, chosen: c, rejected: r }).collect();
-        let head = HeadReads { source: cfg.beta_source, aggregate: cfg.beta_aggregate };
-        let batch = pack(&views, row_tokens, 0, head);
+        let batch = pack(&views, row_tokens, 0, HeadReads::of(cfg));
         specs
             .iter()
             .map(|s| {

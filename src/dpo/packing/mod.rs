@@ -24,6 +24,16 @@ pub enum Layout {
     Packed,
 }
 
+impl std::fmt::Display for Layout {
+    /// The manifest's spelling (`padded`, `packed`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Layout::Padded => "padded",
+            Layout::Packed => "packed",
+        })
+    }
+}
+
 /// The layout build-graph is asked for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum LayoutChoice {
