@@ -18,7 +18,7 @@ pub struct NamedTensor {
 /// Writes host tensors; their bytes are streamed to the file, not gathered into one buffer first.
 pub fn write_safetensors(path: &Path, tensors: &[NamedTensor], metadata: Option<BTreeMap<String, String>>) -> Result<()> {
     let raw: Vec<RawTensor> = tensors.iter().map(|t| RawTensor::of_f32(&t.name, t.shape.clone(), &t.data)).collect();
-    write_raw(path, &raw, metadata.as_ref())
+    write_safetensors_raw(path, &raw, metadata.as_ref())
 }
 
 /// The little-endian bytes of `data`: a view on little-endian machines, a copy elsewhere.
@@ -41,12 +41,6 @@ pub struct RawTensor<'a> {
     pub bytes: std::borrow::Cow<'a, [u8]>,
 }
 
-/// Writes float32 tensors straight from their bytes: no copy of the weights is made, so writing
-/// a model's parameters costs no memory beyond the (memory-mapped) model itself.
-pub fn write_safetensors_raw(path: &Path, tensors: &[RawTensor], metadata: Option<&BTreeMap<String, String>>) -> Result<()> {
-    write_raw(path, tensors, metadata)
-}
-
 impl<'a> RawTensor<'a> {
     /// A view on float32 values (a copy only on big-endian machines).
     pub fn of_f32(name: &'a str, shape: Vec<usize>, data: &'a [f32]) -> Self {
@@ -54,7 +48,9 @@ impl<'a> RawTensor<'a> {
     }
 }
 
-fn write_raw(path: &Path, tensors: &[RawTensor], metadata: Option<&BTreeMap<String, String>>) -> Result<()> {
+/// Writes float32 tensors straight from their bytes: no copy of the weights is made, so writing
+/// a model's parameters costs no memory beyond the (memory-mapped) model itself.
+pub fn write_safetensors_raw(path: &Path, tensors: &[RawTensor], metadata: Option<&BTreeMap<String, String>>) -> Result<()> {
     let mut header = serde_json::Map::new();
     if let Some(m) = metadata {
         header.insert("__metadata__".into(), serde_json::json!(m));

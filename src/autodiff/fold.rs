@@ -12,7 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::graph::Names;
+use crate::graph::{live_nodes, Names};
 use crate::onnx::{attr_i, NodeAttrs, NodeProto, TensorProto};
 
 /// Applies every rewrite to `nodes` (in topological order); `roots` are the outputs that must stay.
@@ -155,13 +155,6 @@ fn rename_through_identity(mut nodes: Vec<NodeProto>, roots: &HashSet<String>) -
 }
 
 fn drop_dead(nodes: Vec<NodeProto>, roots: &HashSet<String>) -> Vec<NodeProto> {
-    let mut live: HashSet<String> = roots.clone();
-    let mut keep = vec![false; nodes.len()];
-    for (k, n) in nodes.iter().enumerate().rev() {
-        if n.output.iter().any(|o| live.contains(o)) {
-            keep[k] = true;
-            live.extend(n.input.iter().cloned());
-        }
-    }
+    let (keep, _) = live_nodes(&nodes, roots.clone());
     nodes.into_iter().zip(keep).filter_map(|(n, k)| k.then_some(n)).collect()
 }

@@ -121,14 +121,8 @@ impl Graph {
 
     /// Removes nodes whose outputs reach no graph output, and initializers no node reads.
     pub fn prune(&mut self) {
-        let mut live: std::collections::HashSet<String> = self.outputs.iter().map(|o| o.name.clone()).collect();
-        let mut keep = vec![false; self.nodes.len()];
-        for (i, n) in self.nodes.iter().enumerate().rev() {
-            if n.output.iter().any(|o| live.contains(o)) {
-                keep[i] = true;
-                live.extend(n.input.iter().filter(|x| !x.is_empty()).cloned());
-            }
-        }
+        let roots = self.outputs.iter().map(|o| o.name.clone()).collect();
+        let (keep, live) = live_nodes(&self.nodes, roots);
         let mut k = keep.into_iter();
         self.nodes.retain(|_| k.next().unwrap());
         self.initializers.retain(|t| live.contains(&t.name));
@@ -163,4 +157,18 @@ impl Graph {
         self.nodes = sorted;
         Ok(())
     }
+}
+
+/// Which of `nodes` (in topological order) contribute to a tensor in `roots`, and every tensor
+/// those nodes read (with the roots).
+pub fn live_nodes(nodes: &[NodeProto], roots: std::collections::HashSet<String>) -> (Vec<bool>, std::collections::HashSet<String>) {
+    let mut live = roots;
+    let mut keep = vec![false; nodes.len()];
+    for (i, n) in nodes.iter().enumerate().rev() {
+        if n.output.iter().any(|o| live.contains(o)) {
+            keep[i] = true;
+            live.extend(n.input.iter().filter(|x| !x.is_empty()).cloned());
+        }
+    }
+    (keep, live)
 }
