@@ -65,6 +65,10 @@ fn assert_folded(dir: &Path, tag: &str) {
                     assert!(into_zeros.is_none(), "{tag}: {} adds a scatter into zeros", n.name);
                 }
             }
+            "Sub" => {
+                let scattered = from(input(0), "ScatterElements").and_then(|s| from(&s.input[0], "ConstantOfShape"));
+                assert!(scattered.is_none(), "{tag}: {} subtracts from a scatter into zeros (log-softmax gradient left unfolded)", n.name);
+            }
             "Identity" => {
                 let copies = producer.get(input(0)).is_some_and(|p| p.name.starts_with("grad/")) && uses[input(0)] == 1;
                 assert!(!copies, "{tag}: {} copies a single gradient contribution", n.name);

@@ -120,7 +120,7 @@ fn einsum_equations() {
 
 #[test]
 fn reductions() {
-    for op in ["ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin"] {
+    for op in ["ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceLogSumExp"] {
         for keep in [0, 1] {
             check(&Case::new(op, vec![f(&[2, 3, 4]), ints(&[1])]).attrs(vec![attr_i("keepdims", keep)]));
             check(&Case::new(op, vec![f(&[2, 3, 4]), ints(&[-1, 0])]).attrs(vec![attr_i("keepdims", keep)]));

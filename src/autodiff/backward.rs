@@ -101,7 +101,7 @@ pub fn differentiate(graph: &mut Graph, loss: &str, params: &[String], infos: &T
         by_param.push((p.clone(), out));
     }
     let roots = by_param.iter().map(|(_, g)| g.clone()).collect();
-    let emitted = fold(emitted, &roots, &mut names);
+    let emitted = fold(emitted, &roots, &mut names, infos);
     let nodes_added = emitted.len();
     graph.nodes.extend(emitted);
     graph.names = names;

@@ -6,17 +6,23 @@
 //!   as `MatMul(x, Transpose(W))` comes out in `W`'s layout directly.
 //! - `Sum(.., ScatterND(zeros, i, u, add), ..)` → `ScatterND(Sum(..), i, u, add)`: a gather's
 //!   gradient scatters into the other contributions instead of into a fresh zero tensor.
+//! - `LogSoftmax`'s gradient `g - exp(y) * sum(g)` where `g = ScatterElements(zeros, i, u, add)`
+//!   (the log-prob of picked tokens, the usual LM loss) → `ScatterElements(exp(y) * -sum(u), i, u,
+//!   add)`: no zero tensor, no vocabulary-wide row sums, no subtraction. Only when the probes show
+//!   `i` covering every non-axis position of the scattered tensor, so `sum(g) = sum(u)` row by row.
 //! - `Identity` of a tensor nothing else reads: its producer writes the identity's output instead
 //!   (a parameter's single gradient contribution would otherwise be copied once more).
 //! - Nodes whose outputs nothing reads are dropped.
 
 use std::collections::{HashMap, HashSet};
 
-use crate::graph::{live_nodes, Names};
-use crate::onnx::{attr_i, NodeAttrs, NodeProto, TensorProto};
+use crate::graph::{live_nodes, Names, TensorInfos};
+use crate::onnx::{attr_i, tensor_to_i64, NodeAttrs, NodeProto, TensorProto};
 
 /// Applies every rewrite to `nodes` (in topological order); `roots` are the outputs that must stay.
-pub fn fold(nodes: Vec<NodeProto>, roots: &HashSet<String>, names: &mut Names) -> Vec<NodeProto> {
+/// `infos` are the forward tensors' probed shapes.
+pub fn fold(nodes: Vec<NodeProto>, roots: &HashSet<String>, names: &mut Names, infos: &TensorInfos) -> Vec<NodeProto> {
+    let nodes = log_softmax_of_scatter(nodes, infos, names);
     let nodes = transpose_of_gemm(nodes);
     let nodes = scatter_into_sum(nodes, names);
     let nodes = rename_through_identity(nodes, roots);
@@ -85,6 +91,102 @@ fn is_zeros(n: &NodeProto) -> bool {
     n.op_type == "ConstantOfShape" && n.tensor_attr("value").map(is_zero_tensor).unwrap_or(true)
 }
 
+/// The nodes of one `Sub(g, Mul(exp(y), ReduceSum(g)))` over a scattered `g`.
+struct ScatteredLogSoftmaxGrad {
+    sub: usize,
+    scatter: usize,
+    reduce: usize,
+    mul: usize,
+    /// Which input of the `Mul` is the row sum.
+    sum_slot: usize,
+}
+
+/// The values of int64 `Constant` nodes (reduction axes).
+fn constant_ints(nodes: &[NodeProto]) -> HashMap<String, Vec<i64>> {
+    nodes.iter().filter(|n| n.op_type == "Constant").filter_map(|n| Some((n.output[0].clone(), tensor_to_i64(n.tensor_attr("value")?).ok()?))).collect()
+}
+
+fn match_scattered_log_softmax_grad(
+    nodes: &[NodeProto],
+    sub: usize,
+    prod: &HashMap<String, usize>,
+    uses: &HashMap<String, usize>,
+    consts: &HashMap<String, Vec<i64>>,
+    infos: &TensorInfos,
+) -> Option<ScatteredLogSoftmaxGrad> {
+    let node = |name: &str, op: &str| prod.get(name).copied().filter(|&k| nodes[k].op_type == op);
+    let d = &nodes[sub];
+    if d.op_type != "Sub" || d.input.len() != 2 {
+        return None;
+    }
+    let scatter = node(&d.input[0], "ScatterElements")?;
+    let sc = &nodes[scatter];
+    let g = &sc.output[0];
+    if sc.input.len() != 3 || sc.str_attr("reduction").as_deref() != Some("add") || uses.get(g) != Some(&2) {
+        return None;
+    }
+    let zeros = node(&sc.input[0], "ConstantOfShape").filter(|&z| is_zeros(&nodes[z]))?;
+    let like = node(&nodes[zeros].input[0], "Shape").filter(|&s| nodes[s].attribute.is_empty())?;
+    let (data, idx) = (infos.get(&nodes[like].input[0])?, infos.get(&sc.input[1])?);
+    let rank = data.rank() as i64;
+    let axis = sc.int_or("axis", 0).rem_euclid(rank.max(1));
+    let covers = idx.rank() == data.rank() && (0..2).all(|p| (0..data.rank()).all(|k| k as i64 == axis || idx.dims[p][k] == data.dims[p][k]));
+    if !covers {
+        return None;
+    }
+    let mul = node(&d.input[1], "Mul").filter(|&m| uses.get(&nodes[m].output[0]) == Some(&1))?;
+    let (sum_slot, reduce) = nodes[mul].input.iter().enumerate().find_map(|(k, x)| Some((k, node(x, "ReduceSum")?)))?;
+    let r = &nodes[reduce];
+    let axes = match r.input.get(1) {
+        Some(a) => consts.get(a)?.clone(),
+        None => r.ints_attr("axes")?.to_vec(),
+    };
+    let one_axis = axes.len() == 1 && axes[0].rem_euclid(rank.max(1)) == axis;
+    let fits = r.input[0] == *g && r.int_or("keepdims", 1) == 1 && one_axis && uses.get(&r.output[0]) == Some(&1);
+    fits.then_some(ScatteredLogSoftmaxGrad { sub, scatter, reduce, mul, sum_slot })
+}
+
+fn log_softmax_of_scatter(mut nodes: Vec<NodeProto>, infos: &TensorInfos, names: &mut Names) -> Vec<NodeProto> {
+    let prod = producers(&nodes);
+    let uses = consumer_counts(&nodes);
+    let consts = constant_ints(&nodes);
+    let found: Vec<_> = (0..nodes.len()).filter_map(|k| match_scattered_log_softmax_grad(&nodes, k, &prod, &uses, &consts, infos)).collect();
+    let mut removed = HashSet::new();
+    let mut inserted: HashMap<usize, NodeProto> = HashMap::new();
+    for m in found {
+        let scatter = nodes[m.scatter].clone();
+        let updates = scatter.input[2].clone();
+        nodes[m.reduce].input[0] = updates.clone();
+        let row_sum = nodes[m.reduce].output[0].clone();
+        let negated = names.fresh(&format!("{row_sum}_neg"));
+        inserted.insert(
+            m.mul,
+            NodeProto { input: vec![row_sum], output: vec![negated.clone()], name: format!("grad/{negated}"), op_type: "Neg".into(), ..Default::default() },
+        );
+        nodes[m.mul].input[m.sum_slot] = negated;
+        let base = nodes[m.mul].output[0].clone();
+        let sub = &nodes[m.sub];
+        let rewritten = NodeProto { input: vec![base, scatter.input[1].clone(), updates], output: sub.output.clone(), name: sub.name.clone(), ..scatter };
+        nodes[m.sub] = rewritten;
+        removed.insert(m.scatter);
+    }
+    splice(nodes, inserted, &removed)
+}
+
+/// `nodes` without the `removed` indices, with `inserted[k]` placed just before node `k`.
+fn splice(nodes: Vec<NodeProto>, mut inserted: HashMap<usize, NodeProto>, removed: &HashSet<usize>) -> Vec<NodeProto> {
+    let mut out = Vec::with_capacity(nodes.len() + inserted.len());
+    for (k, n) in nodes.into_iter().enumerate() {
+        if let Some(pre) = inserted.remove(&k) {
+            out.push(pre);
+        }
+        if !removed.contains(&k) {
+            out.push(n);
+        }
+    }
+    out
+}
+
 fn scatter_into_sum(mut nodes: Vec<NodeProto>, names: &mut Names) -> Vec<NodeProto> {
     let prod = producers(&nodes);
     let uses = consumer_counts(&nodes);
@@ -120,16 +222,7 @@ fn scatter_into_sum(mut nodes: Vec<NodeProto>, names: &mut Names) -> Vec<NodePro
         nodes[s] = scatter;
         removed.insert(p);
     }
-    let mut out = Vec::with_capacity(nodes.len() + inserted.len());
-    for (k, n) in nodes.into_iter().enumerate() {
-        if let Some(pre) = inserted.remove(&k) {
-            out.push(pre);
-        }
-        if !removed.contains(&k) {
-            out.push(n);
-        }
-    }
-    out
+    splice(nodes, inserted, &removed)
 }
 
 fn rename_through_identity(mut nodes: Vec<NodeProto>, roots: &HashSet<String>) -> Vec<NodeProto> {

@@ -94,10 +94,14 @@ pub struct Args {
     /// Write ONNX Runtime profiles (chrome-trace JSON per session) with this path prefix.
     #[arg(long)]
     profile: Option<PathBuf>,
-    /// Treat subnormal floats (below ~1e-38) as zero: steps stay fast once the loss saturates and
-    /// gradients become tiny (like torch.set_flush_denormal).
+    /// Keep subnormal floats (below ~1e-38) instead of treating them as zero. By default they are
+    /// flushed (like torch.set_flush_denormal(True)): x86 handles them in slow microcode, and they
+    /// appear in every masked attention row (exp of a masked score) and in the gradients of a saturated loss.
     #[arg(long)]
-    flush_denormals: bool,
+    keep_denormals: bool,
+    /// The default; accepted for scripts written when flushing was opt-in.
+    #[arg(long = "flush-denormals", hide = true, conflicts_with = "keep_denormals")]
+    _flush_denormals: bool,
     /// With packed artifacts: tokens per row (a longer pair gets its own row). Longer rows mean
     /// fewer, wider attention products; 512 suits models of SmolLM2's size.
     #[arg(long, default_value_t = 512)]
@@ -141,7 +145,7 @@ pub fn config(a: Args) -> TrainConfig {
         progress: !a.quiet,
         optimizer: a.optimizer,
         profile: a.profile,
-        flush_denormals: a.flush_denormals,
+        flush_denormals: !a.keep_denormals,
         pack_tokens: a.pack_tokens,
         ..Default::default()
     }

@@ -240,7 +240,8 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     if let (true, Some((_, dir))) = (cfg.resume, previous.last()) {
         if checkpoint::read_state(dir)?.run_key != key {
             return Err(Error::Other(format!(
-                "{} was trained with other artifacts, data or optimizer flags; resume needs the same ones (or choose a new --out)",
+                "{} was trained with other artifacts, data or optimizer flags; resume needs the same ones (or choose a new --out; \
+                 runs started before subnormals were flushed by default resume with --keep-denormals)",
                 run.display()
             )));
         }

@@ -57,6 +57,7 @@ pub const RULES: &[(&str, Rule)] = &[
     ("ReduceMean", reduce::reduce_mean),
     ("ReduceMax", reduce::reduce_extreme),
     ("ReduceMin", reduce::reduce_extreme),
+    ("ReduceLogSumExp", reduce::reduce_log_sum_exp),
     // softmax.rs
     ("Softmax", softmax::softmax),
     ("LogSoftmax", softmax::log_softmax),
