@@ -19,7 +19,8 @@ Usage
   scripts/.venv/bin/python scripts/bench_vs_pytorch.py --onnx M.onnx --tokenizer tokenizer.json \
       --torch-model HF_DIR [--gguf-file F.gguf] --data prefs.jsonl
 Main options: --pairs 2,8,32 (pairs per batch, one benchmark each), --steps 4 (timed steps per run),
---warmup 1 (untimed first steps per run), --rounds 2 (torch/betadpo alternations per batch size),
+--warmup 2 (untimed first steps per run: PyTorch's second and third steps ran up to 30% slower than its later
+ones in this harness), --rounds 2 (torch/betadpo alternations per batch size),
 --threads 2, --artifacts DIR (built with `betadpo build-graph` when missing), --json OUT (everything,
 incl. per-step times and RSS timelines sampled every 0.1 s), --rss-limit-gb (a run above it is killed,
 to spare a shared machine; default 75% of RAM; the steps it completed still count).
@@ -446,7 +447,7 @@ def main():
     ap.add_argument("--data", help="preference data (TRL standard JSONL); its first P rows form the batch")
     ap.add_argument("--pairs", default="8", help="comma-separated batch sizes in pairs (default 8)")
     ap.add_argument("--steps", type=int, default=4, help="timed steps per run")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each run")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each run")
     ap.add_argument("--rounds", type=int, default=2, help="torch/betadpo alternations per batch size")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where PyTorch trains")

@@ -171,18 +171,8 @@ fn random_packed_batch(m: &Manifest, spec: &GraphSpec, rng: &mut impl Rng, pairs
     let tokens: Vec<[Vec<u32>; 3]> = (0..pairs).map(|_| [ids(p), ids(a), ids(a.saturating_sub(2).max(1))]).collect();
     let views: Vec<PairTokens> = tokens.iter().map(|[p, c, r]| PairTokens { prompt: p, chosen: c, rejected: r }).collect();
     let batch = pack(&views, 3 * (p + 2 * a), 0, HeadReads::of(&m.objective));
-    let mut v = Vec::new();
-    for i in &spec.inputs {
-        let tensor = match i.role.as_str() {
-            "ref_logps" => HostTensor::F32(ArrayD::from_shape_fn(IxDyn(&[2 * pairs]), |_| rng.random_range(-40.0..-20.0))),
-            role => match batch.by_role(role) {
-                Some(t) => t,
-                None => continue,
-            },
-        };
-        v.push((i.name.clone(), tensor));
-    }
-    v
+    let refs = HostTensor::F32(ArrayD::from_shape_fn(IxDyn(&[2 * pairs]), |_| rng.random_range(-40.0..-20.0)));
+    batch.feeds(&spec.inputs, &refs)
 }
 
 // `!(err < tol)` on purpose: a NaN error must fail.

@@ -52,16 +52,7 @@ pub fn probe_batch(specs: &[TensorSpec], vocab: i64, cfg: &ObjectiveConfig) -> P
             .collect();
         let views: Vec<PairTokens> = tokens.iter().map(|[p, c, r]| PairTokens { prompt: p, chosen: c, rejected: r }).collect();
         let batch = pack(&views, row_tokens, 0, HeadReads::of(cfg));
-        specs
-            .iter()
-            .map(|s| {
-                let t = match s.role.as_str() {
-                    "ref_logps" => HostTensor::F32(ArrayD::zeros(IxDyn(&[2 * pairs]))),
-                    role => batch.by_role(role).expect("every packed input role has a value"),
-                };
-                (s.name.clone(), t)
-            })
-            .collect()
+        batch.feeds(specs, &HostTensor::F32(ArrayD::zeros(IxDyn(&[2 * pairs]))))
     };
     ProbeBatch { runs: [make(2, 64), make(3, 20)] }
 }

@@ -11,6 +11,7 @@ pub mod objective;
 pub use batch::{pack, HeadReads, PackedBatch, PairTokens};
 pub use graph::{make_packable, ATTENTION_BIAS, POSITIONS, VERIFIED_SEQUENCE_TOKENS};
 
+use crate::dpo::manifest::TensorSpec;
 use crate::runtime::HostTensor;
 
 /// How a batch is laid out in the train and eval graphs' inputs.
@@ -63,5 +64,17 @@ impl PackedBatch {
             _ => return None,
         };
         Some(v)
+    }
+
+    /// `(name, value)` for each input in `specs` this batch fills, with `ref_logps` for the
+    /// reference log-probs; the parameters and any other role are left to the caller.
+    pub fn feeds<'a>(&self, specs: impl IntoIterator<Item = &'a TensorSpec>, ref_logps: &HostTensor) -> Vec<(String, HostTensor)> {
+        specs
+            .into_iter()
+            .filter_map(|s| {
+                let t = if s.role == "ref_logps" { Some(ref_logps.clone()) } else { self.by_role(&s.role) };
+                Some((s.name.clone(), t?))
+            })
+            .collect()
     }
 }
