@@ -6,6 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
+use betadpo::dpo::packing::{Layout, LayoutChoice, ATTENTION_BIAS};
 use betadpo::dpo::validate::{validate, ValidateOptions};
 use betadpo::dpo::{build_artifacts, BetaAggregate, BetaSource, BuildOptions, LossKind, ObjectiveConfig};
 
@@ -122,4 +123,65 @@ fn hand_built_model_without_fixtures() {
     let path = dir.join("model.onnx");
     common::tiny_lm::write(&path, &common::tiny_lm::model(&["Tanh", "Sigmoid", "Erf"]));
     build_and_check(&path, ObjectiveConfig::default(), "handbuilt");
+}
+
+/// Packed artifacts (every fixture build-graph packs) pass validate, whose last check compares the
+/// packed graphs with the model's own forward on padded rows; with the packed attention bias
+/// zeroed in the eval graph (pairs attend to each other and to later tokens) that check fails.
+#[test]
+fn packed_artifacts_match_the_models_forward() {
+    let mut packed = 0;
+    for m in common::fixtures::all_models() {
+        let tag = m.file_name().unwrap().to_string_lossy().to_string();
+        for (name, objective) in [
+            ("default", ObjectiveConfig::default()),
+            ("sequence-mean", ObjectiveConfig { beta_source: BetaSource::Sequence, beta_aggregate: BetaAggregate::Mean, ..Default::default() }),
+        ] {
+            let out = common::fixtures::scratch(&format!("packed-{tag}-{name}"));
+            let report = build_artifacts(&m.join("model.onnx"), &out, &BuildOptions { objective, layout: LayoutChoice::Auto, ..Default::default() }).unwrap();
+            if report.manifest.layout != Layout::Packed {
+                let _ = std::fs::remove_dir_all(&out);
+                continue;
+            }
+            packed += 1;
+            let checks = validate(&out, &ValidateOptions::default()).unwrap();
+            let failed: Vec<String> = checks.iter().filter(|c| !c.ok).map(|c| format!("{}: {}", c.name, c.detail)).collect();
+            assert!(failed.is_empty(), "{tag} ({name}): validate failed:\n{}", failed.join("\n"));
+            assert!(checks.iter().any(|c| c.name.starts_with("packed layout")), "{tag}: no packed-layout check ran");
+            if name == "default" {
+                zero_attention_bias(&out.join("eval.onnx"));
+                let checks = validate(&out, &ValidateOptions::default()).unwrap();
+                let packed_check = checks.iter().find(|c| c.name.starts_with("packed layout")).unwrap();
+                assert!(!packed_check.ok, "{tag}: a zeroed attention bias passed the packed-layout check: {}", packed_check.detail);
+            }
+            let _ = std::fs::remove_dir_all(&out);
+        }
+    }
+    assert!(packed >= 2, "expected at least one packable fixture model (got {packed} packed builds)");
+}
+
+/// Rewrites `path` so every reader of the packed attention bias reads `bias * 0` instead.
+fn zero_attention_bias(path: &Path) {
+    use betadpo::onnx::{attr_t, load_model, save_model, tensor_f32, NodeProto, SaveOptions};
+    let mut model = load_model(path).unwrap();
+    let g = model.graph.as_mut().unwrap();
+    for n in g.node.iter_mut() {
+        for i in n.input.iter_mut().filter(|i| *i == ATTENTION_BIAS) {
+            *i = "tampered_bias".into();
+        }
+    }
+    let zero = NodeProto {
+        op_type: "Constant".into(),
+        output: vec!["tampered_zero".into()],
+        attribute: vec![attr_t("value", tensor_f32("", &[], &[0.0]))],
+        ..Default::default()
+    };
+    let mul = NodeProto {
+        op_type: "Mul".into(),
+        input: vec![ATTENTION_BIAS.into(), "tampered_zero".into()],
+        output: vec!["tampered_bias".into()],
+        ..Default::default()
+    };
+    g.node.splice(0..0, [zero, mul]);
+    save_model(&model, path, &SaveOptions::default()).unwrap();
 }

@@ -3,7 +3,9 @@
 //!    declared, and only default-domain ops in the train and optimizer graphs;
 //! 2. ONNX Runtime loads every graph;
 //! 3. the train graph's gradient agrees with its own loss: for random directions v,
-//!    `(L(θ+εv) − L(θ−εv)) / 2ε ≈ ⟨∇L(θ), v⟩` on a random batch.
+//!    `(L(θ+εv) − L(θ−εv)) / 2ε ≈ ⟨∇L(θ), v⟩` on a random batch;
+//! 4. packed artifacts: the packed graphs' log-probs and betas equal the model's own forward on
+//!    padded rows ([`super::packing::packed_matches_model`]).
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -66,6 +68,9 @@ pub fn validate(dir: &Path, opts: &ValidateOptions) -> Result<Vec<Check>> {
     }
     checks.push(check("parameters file", parameters_file(dir, &manifest).map(|n| format!("{n} tensors with the manifest's shapes"))));
     checks.push(check("train: directional derivatives", directional(dir, &manifest, opts)));
+    if manifest.layout == super::packing::Layout::Packed {
+        checks.push(check("packed layout: the model's own forward agrees", packed_vs_model(dir, &manifest, opts)));
+    }
     Ok(checks)
 }
 
@@ -175,22 +180,36 @@ fn random_packed_batch(m: &Manifest, spec: &GraphSpec, rng: &mut impl Rng, pairs
     batch.feeds(&spec.inputs, &refs)
 }
 
-// `!(err < tol)` on purpose: a NaN error must fail.
-#[allow(clippy::neg_cmp_op_on_partial_ord)]
-fn directional(dir: &Path, m: &Manifest, opts: &ValidateOptions) -> Result<String> {
-    let spec = m.graph("train")?;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
-    let batch = random_batch(m, spec, &mut rng, opts.pairs, opts.seq_len);
+/// The artifacts' parameters; a zero head weight (every beta equal) is replaced by a small random
+/// one, which exercises the head fully.
+fn parameters_with_live_head(dir: &Path, m: &Manifest, rng: &mut impl Rng) -> Result<HashMap<String, ArrayD<f32>>> {
     let (tensors, _) = read_safetensors(&dir.join(&m.parameters_file))?;
-    let mut theta: HashMap<String, ArrayD<f32>> = HashMap::new();
+    let mut theta = HashMap::new();
     for t in tensors {
-        // A zero head weight makes every beta equal; a small random one exercises the head fully.
         let mut data = t.data;
         if m.parameters.iter().any(|p| p.name == t.name && p.beta_head) && data.iter().all(|&x| x == 0.0) {
             data.iter_mut().for_each(|x| *x = rng.random_range(-0.05..0.05));
         }
         theta.insert(t.name.clone(), ArrayD::from_shape_vec(IxDyn(&t.shape), data).map_err(|e| Error::Other(e.to_string()))?);
     }
+    Ok(theta)
+}
+
+fn packed_vs_model(dir: &Path, m: &Manifest, opts: &ValidateOptions) -> Result<String> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
+    let theta = parameters_with_live_head(dir, m, &mut rng)?;
+    let mut eval = SessionConfig::default().session_from_file(&dir.join(&m.graph("eval")?.file))?;
+    let mut infer = SessionConfig::default().session_from_file(&dir.join(&m.graph("infer")?.file))?;
+    super::packing::packed_matches_model(m, (&mut eval, &mut infer), &theta, &mut rng)
+}
+
+// `!(err < tol)` on purpose: a NaN error must fail.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
+fn directional(dir: &Path, m: &Manifest, opts: &ValidateOptions) -> Result<String> {
+    let spec = m.graph("train")?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
+    let batch = random_batch(m, spec, &mut rng, opts.pairs, opts.seq_len);
+    let theta = parameters_with_live_head(dir, m, &mut rng)?;
     let mut session = SessionConfig::default().session_from_file(&dir.join(&spec.file))?;
     let loss_name = &spec.output("loss").ok_or_else(|| Error::Other("the train graph has no loss output".into()))?.name;
     let feeds = |params: &HashMap<String, ArrayD<f32>>| -> Vec<(&str, HostTensor)> {
@@ -211,6 +230,11 @@ fn directional(dir: &Path, m: &Manifest, opts: &ValidateOptions) -> Result<Strin
         .map(|o| Ok((o.parameter.clone().unwrap_or_default(), get(&outs, &o.name)?)))
         .collect::<Result<_>>()?;
     let gnorm: f64 = grads.iter().map(|(_, g)| g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>()).sum::<f64>().sqrt();
+    // float32 rounding in the loss grows with the sums behind it, like the square root of their
+    // length: 2e-3 up to a million parameters, 2.3e-2 for SmolLM2's 135 million (measured there:
+    // 6.3e-3 along the gradient, whatever the step: smaller steps trade truncation for rounding).
+    let n_params: usize = grads.iter().map(|(_, g)| g.len()).sum();
+    let tolerance = 2e-3 * (n_params as f64 / 1e6).sqrt().max(1.0);
     let mut worst = 0.0f64;
     // The first direction is the gradient itself (largest signal, checks the magnitude); the
     // others are random (check the orientation). A random direction can be nearly orthogonal to
@@ -242,12 +266,12 @@ fn directional(dir: &Path, m: &Manifest, opts: &ValidateOptions) -> Result<Strin
         let numeric = (lv[0] - lv[1]) / (2.0 * eps);
         let err = (numeric - analytic).abs() / (gnorm * vnorm);
         worst = worst.max(err);
-        if !(err < 2e-3) {
+        if !(err < tolerance) {
             let what = if k == 0 { "along the gradient" } else { "along a random direction" };
             return Err(Error::Other(format!(
-                "directional derivative mismatch {what}: autodiff {analytic:.6e}, central difference {numeric:.6e} (error {err:.2e} of |grad||v|)"
+                "directional derivative mismatch {what}: autodiff {analytic:.6e}, central difference {numeric:.6e} (error {err:.2e} of |grad||v|, tolerance {tolerance:.1e})"
             )));
         }
     }
-    Ok(format!("the gradient and {} random directions, worst error {worst:.1e} of |grad||v|", opts.directions))
+    Ok(format!("the gradient and {} random directions, worst error {worst:.1e} of |grad||v| (tolerance {tolerance:.1e})", opts.directions))
 }

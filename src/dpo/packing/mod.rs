@@ -7,9 +7,11 @@ mod batch;
 mod graph;
 pub mod inputs;
 pub mod objective;
+mod verify;
 
 pub use batch::{pack, HeadReads, PackedBatch, PairTokens};
 pub use graph::{make_packable, ATTENTION_BIAS, POSITIONS, VERIFIED_SEQUENCE_TOKENS};
+pub use verify::packed_matches_model;
 
 use crate::dpo::manifest::TensorSpec;
 use crate::runtime::HostTensor;
