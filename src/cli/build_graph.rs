@@ -152,5 +152,8 @@ pub fn run(a: Args) -> Result<()> {
         report.backward_nodes,
         start.elapsed().as_secs_f64()
     );
+    if report.manifest.layout == betadpo::dpo::Layout::Packed && !a.quiet {
+        println!("check the packed graphs against the model's own forward: betadpo validate {}", report.out_dir.display());
+    }
     Ok(())
 }
