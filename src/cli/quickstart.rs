@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use betadpo::dpo::export::export_model;
 use betadpo::dpo::packing::LayoutChoice;
+use betadpo::dpo::validate::{validate, ValidateOptions};
 use betadpo::dpo::{build_artifacts, BuildOptions, ObjectiveConfig};
 use betadpo::infer::Predictor;
 use betadpo::runtime::SessionConfig;
@@ -78,11 +79,18 @@ pub fn run(a: Args) -> Result<()> {
             eprintln!("\n== {s}");
         }
     };
-    step("1/5 build-graph: the bundled tiny Llama + learned beta head + DPO loss, differentiated");
+    step("1/5 build-graph: the bundled tiny Llama + learned beta head + DPO loss, differentiated, then validated");
     let art = out.join("artifacts");
     let report = build_artifacts(&assets.join("model.onnx"), &art, &BuildOptions { layout: LayoutChoice::Auto, ..Default::default() })?;
     if !a.quiet {
         eprintln!("{} backward nodes, {} parameters, {} layout", report.backward_nodes, report.manifest.parameters.len(), report.manifest.layout);
+    }
+    let checks = validate(&art, &ValidateOptions::default())?;
+    if let Some(bad) = checks.iter().find(|c| !c.ok) {
+        anyhow::bail!("validate {}: {}: {}", art.display(), bad.name, bad.detail);
+    }
+    if !a.quiet {
+        eprintln!("validate: all {} checks passed (structure, ONNX Runtime loads every graph, gradient against central differences, packed graphs against the model's own forward)", checks.len());
     }
     step(&format!("2/5 train {} steps with the learned beta (eval on test.jsonl by regime)", a.steps));
     let learned = train_run(&assets, &art, &out.join("run-learned"), a.steps, a.quiet)?;
