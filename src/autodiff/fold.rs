@@ -136,6 +136,12 @@ fn match_scattered_log_softmax_grad(
     }
     let mul = node(&d.input[1], "Mul").filter(|&m| uses.get(&nodes[m].output[0]) == Some(&1))?;
     let (sum_slot, reduce) = nodes[mul].input.iter().enumerate().find_map(|(k, x)| Some((k, node(x, "ReduceSum")?)))?;
+    // The other factor must have the scattered tensor's full shape (it becomes the scatter's data):
+    // `exp(y)` of the log-softmax output `y`, which has the probed shape of `data`.
+    let factor = node(nodes[mul].input.get(1 - sum_slot)?, "Exp")?;
+    if infos.get(&nodes[factor].input[0]).map(|i| &i.dims) != Some(&data.dims) {
+        return None;
+    }
     let r = &nodes[reduce];
     let axes = match r.input.get(1) {
         Some(a) => consts.get(a)?.clone(),
