@@ -57,11 +57,15 @@ pub struct TrainConfig {
     /// become 0). On by default: x86 computes with subnormals in slow microcode, and they arise in
     /// every masked attention score and in the gradients of a saturated loss. Part of the run key:
     /// a run started without it resumes only without it.
-    #[serde(default)]
+    #[serde(default = "flush_by_default")]
     pub flush_denormals: bool,
     /// Tokens per row when the artifacts take packed batches (`build-graph --layout packed`).
     #[serde(default = "default_pack_tokens")]
     pub pack_tokens: usize,
+}
+
+fn flush_by_default() -> bool {
+    true
 }
 
 fn default_pack_tokens() -> usize {
