@@ -7,13 +7,12 @@
 use std::collections::HashMap;
 
 use ndarray::{Array2, ArrayD, Axis, IxDyn};
+use ort::session::Session;
 use rand::Rng;
 
 use super::{pack, HeadReads, PairTokens};
 use crate::dpo::manifest::{GraphSpec, Manifest};
 use crate::dpo::BetaSource;
-use ort::session::Session;
-
 use crate::runtime::{run, HostTensor};
 use crate::{Error, Result};
 
@@ -24,6 +23,7 @@ const TOLERANCE: f64 = 2e-5;
 
 /// Compares packed and padded forwards; `sessions` are the `eval` and `infer` sessions, `theta` the
 /// parameters both take. Returns the largest relative differences.
+//
 // `!(x < tol)` on purpose: a NaN difference must fail.
 #[allow(clippy::neg_cmp_op_on_partial_ord)]
 pub fn packed_matches_model(m: &Manifest, sessions: (&mut Session, &mut Session), theta: &HashMap<String, ArrayD<f32>>, rng: &mut impl Rng) -> Result<String> {
