@@ -11,6 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use ndarray::{ArrayD, IxDyn};
+use ort::session::Session;
 use rand::{Rng, SeedableRng};
 
 use super::manifest::{GraphSpec, Manifest};
@@ -50,6 +51,9 @@ fn check(name: &str, r: Result<String>) -> Check {
 pub fn validate(dir: &Path, opts: &ValidateOptions) -> Result<Vec<Check>> {
     let manifest = Manifest::load(dir)?;
     let mut checks = Vec::new();
+    // Sessions are created once and reused by the numerical checks (creating SmolLM2's train
+    // session alone takes ~4.5 s).
+    let mut sessions: HashMap<&str, Session> = HashMap::new();
     for (which, spec) in &manifest.graphs {
         let path = dir.join(&spec.file);
         let model = match load_model(&path) {
@@ -61,15 +65,22 @@ pub fn validate(dir: &Path, opts: &ValidateOptions) -> Result<Vec<Check>> {
         };
         let default_only = which == "train" || which == "optimizer";
         checks.push(check(&format!("{which}: structure"), structure(&model, spec, default_only)));
-        checks.push(check(
-            &format!("{which}: ONNX Runtime loads it"),
-            SessionConfig::default().session_from_file(&path).map(|s| format!("{} inputs, {} outputs", s.inputs().len(), s.outputs().len())),
-        ));
+        let loaded = SessionConfig::default().session_from_file(&path);
+        let detail = match &loaded {
+            Ok(s) => Ok(format!("{} inputs, {} outputs", s.inputs().len(), s.outputs().len())),
+            Err(e) => Err(Error::Other(e.to_string())),
+        };
+        checks.push(check(&format!("{which}: ONNX Runtime loads it"), detail));
+        if let Ok(session) = loaded {
+            sessions.insert(which.as_str(), session);
+        }
     }
     checks.push(check("parameters file", parameters_file(dir, &manifest).map(|n| format!("{n} tensors with the manifest's shapes"))));
-    checks.push(check("train: directional derivatives", directional(dir, &manifest, opts)));
+    let mut take = |which: &str| sessions.remove(which).ok_or_else(|| Error::Other(format!("the {which} graph did not load")));
+    checks.push(check("train: directional derivatives", take("train").and_then(|mut s| directional(dir, &manifest, opts, &mut s))));
     if manifest.layout == super::packing::Layout::Packed {
-        checks.push(check("packed layout: the model's own forward agrees", packed_vs_model(dir, &manifest, opts)));
+        let packed = take("eval").and_then(|mut eval| take("infer").and_then(|mut infer| packed_vs_model(dir, &manifest, opts, &mut eval, &mut infer)));
+        checks.push(check("packed layout: the model's own forward agrees", packed));
     }
     Ok(checks)
 }
@@ -195,22 +206,19 @@ fn parameters_with_live_head(dir: &Path, m: &Manifest, rng: &mut impl Rng) -> Re
     Ok(theta)
 }
 
-fn packed_vs_model(dir: &Path, m: &Manifest, opts: &ValidateOptions) -> Result<String> {
+fn packed_vs_model(dir: &Path, m: &Manifest, opts: &ValidateOptions, eval: &mut Session, infer: &mut Session) -> Result<String> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
     let theta = parameters_with_live_head(dir, m, &mut rng)?;
-    let mut eval = SessionConfig::default().session_from_file(&dir.join(&m.graph("eval")?.file))?;
-    let mut infer = SessionConfig::default().session_from_file(&dir.join(&m.graph("infer")?.file))?;
-    super::packing::packed_matches_model(m, (&mut eval, &mut infer), &theta, &mut rng)
+    super::packing::packed_matches_model(m, (eval, infer), &theta, &mut rng)
 }
 
 // `!(err < tol)` on purpose: a NaN error must fail.
 #[allow(clippy::neg_cmp_op_on_partial_ord)]
-fn directional(dir: &Path, m: &Manifest, opts: &ValidateOptions) -> Result<String> {
+fn directional(dir: &Path, m: &Manifest, opts: &ValidateOptions, session: &mut Session) -> Result<String> {
     let spec = m.graph("train")?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
     let batch = random_batch(m, spec, &mut rng, opts.pairs, opts.seq_len);
     let theta = parameters_with_live_head(dir, m, &mut rng)?;
-    let mut session = SessionConfig::default().session_from_file(&dir.join(&spec.file))?;
     let loss_name = &spec.output("loss").ok_or_else(|| Error::Other("the train graph has no loss output".into()))?.name;
     let feeds = |params: &HashMap<String, ArrayD<f32>>| -> Vec<(&str, HostTensor)> {
         let mut f: Vec<(&str, HostTensor)> = batch.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
@@ -219,7 +227,7 @@ fn directional(dir: &Path, m: &Manifest, opts: &ValidateOptions) -> Result<Strin
         }
         f
     };
-    let outs = run(&mut session, &feeds(&theta))?;
+    let outs = run(session, &feeds(&theta))?;
     let get = |outs: &[(String, HostTensor)], name: &str| -> Result<ArrayD<f32>> {
         outs.iter().find(|(n, _)| n == name).and_then(|(_, t)| t.as_f32().cloned()).ok_or_else(|| Error::Other(format!("no output {name}")))
     };
@@ -260,7 +268,7 @@ fn directional(dir: &Path, m: &Manifest, opts: &ValidateOptions) -> Result<Strin
                     None => (n.clone(), a.clone()),
                 })
                 .collect();
-            let o = run(&mut session, &feeds(&shifted))?;
+            let o = run(session, &feeds(&shifted))?;
             lv[s] = get(&o, loss_name)?.iter().next().copied().unwrap_or(f32::NAN) as f64;
         }
         let numeric = (lv[0] - lv[1]) / (2.0 * eps);
