@@ -220,14 +220,15 @@ fn directional(dir: &Path, m: &Manifest, opts: &ValidateOptions, session: &mut S
     let batch = random_batch(m, spec, &mut rng, opts.pairs, opts.seq_len);
     let theta = parameters_with_live_head(dir, m, &mut rng)?;
     let loss_name = &spec.output("loss").ok_or_else(|| Error::Other("the train graph has no loss output".into()))?.name;
-    let feeds = |params: &HashMap<String, ArrayD<f32>>| -> Vec<(&str, HostTensor)> {
+    // Each parameter's feed is made by `param` in one allocation (SmolLM2: 540 MB per evaluation).
+    let feeds = |param: &dyn Fn(&str) -> ArrayD<f32>| -> Vec<(&str, HostTensor)> {
         let mut f: Vec<(&str, HostTensor)> = batch.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
         for i in spec.inputs.iter().filter(|i| i.role == "parameter") {
-            f.push((i.name.as_str(), HostTensor::F32(params[&i.name].clone())));
+            f.push((i.name.as_str(), HostTensor::F32(param(&i.name))));
         }
         f
     };
-    let outs = run(session, &feeds(&theta))?;
+    let outs = run(session, &feeds(&|n| theta[n].clone()))?;
     let get = |outs: &[(String, HostTensor)], name: &str| -> Result<ArrayD<f32>> {
         outs.iter().find(|(n, _)| n == name).and_then(|(_, t)| t.as_f32().cloned()).ok_or_else(|| Error::Other(format!("no output {name}")))
     };
@@ -261,13 +262,10 @@ fn directional(dir: &Path, m: &Manifest, opts: &ValidateOptions, session: &mut S
         let eps = 2e-3 / vnorm;
         let mut lv = [0.0f64; 2];
         for (s, sign) in [1.0f64, -1.0].iter().enumerate() {
-            let shifted: HashMap<String, ArrayD<f32>> = theta
-                .iter()
-                .map(|(n, a)| match v.get(n) {
-                    Some(d) => (n.clone(), a + &d.mapv(|x| (x as f64 * eps * sign) as f32)),
-                    None => (n.clone(), a.clone()),
-                })
-                .collect();
+            let shifted = |n: &str| match v.get(n) {
+                Some(d) => ndarray::Zip::from(&theta[n]).and(d).map_collect(|&a, &x| a + (x as f64 * eps * sign) as f32),
+                None => theta[n].clone(),
+            };
             let o = run(session, &feeds(&shifted))?;
             lv[s] = get(&o, loss_name)?.iter().next().copied().unwrap_or(f32::NAN) as f64;
         }
