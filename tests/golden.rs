@@ -72,7 +72,7 @@ fn packed_golden(golden: &Golden, objective: &ObjectiveConfig) -> PackedBatch {
             [tokens(i, 0, p as i64 - 1), tokens(i, p, seq_last[[i]]), tokens(b + i, p, seq_last[[b + i]])]
         })
         .collect();
-    let views: Vec<PairTokens> = triples.iter().map(|[p, c, r]| PairTokens { prompt: p, chosen: c, rejected: r }).collect();
+    let views: Vec<PairTokens> = triples.iter().map(PairTokens::of).collect();
     // rows of ~2 pairs, so the batch spans several rows with padding at the end of one
     let row_tokens = views.iter().map(|v| v.prompt.len() + v.chosen.len() + v.rejected.len()).max().unwrap() + 4;
     pack(&views, row_tokens, 0, HeadReads::of(objective))

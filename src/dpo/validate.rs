@@ -185,7 +185,7 @@ fn random_packed_batch(m: &Manifest, spec: &GraphSpec, rng: &mut impl Rng, pairs
     let mut ids = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..vocab)).collect() };
     let (p, a) = (t / 2, t - t / 2);
     let tokens: Vec<[Vec<u32>; 3]> = (0..pairs).map(|_| [ids(p), ids(a), ids(a.saturating_sub(2).max(1))]).collect();
-    let views: Vec<PairTokens> = tokens.iter().map(|[p, c, r]| PairTokens { prompt: p, chosen: c, rejected: r }).collect();
+    let views: Vec<PairTokens> = tokens.iter().map(PairTokens::of).collect();
     let batch = pack(&views, 3 * (p + 2 * a), 0, HeadReads::of(&m.objective));
     let refs = HostTensor::F32(ArrayD::from_shape_fn(IxDyn(&[2 * pairs]), |_| rng.random_range(-40.0..-20.0)));
     batch.feeds(&spec.inputs, &refs)

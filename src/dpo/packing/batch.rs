@@ -23,7 +23,13 @@ pub struct PairTokens<'a> {
     pub rejected: &'a [u32],
 }
 
-impl PairTokens<'_> {
+impl<'a> PairTokens<'a> {
+    /// A pair held as `[prompt, chosen, rejected]`.
+    pub fn of(tokens: &'a [Vec<u32>; 3]) -> Self {
+        let [prompt, chosen, rejected] = tokens;
+        PairTokens { prompt, chosen, rejected }
+    }
+
     /// Tokens written into a row: the prompt, and each answer with or without its last token.
     fn written(&self, last_tokens: bool) -> usize {
         let answer = |a: &[u32]| if last_tokens { a.len() } else { a.len().saturating_sub(1) };

@@ -50,7 +50,7 @@ pub fn probe_batch(specs: &[TensorSpec], vocab: i64, cfg: &ObjectiveConfig) -> P
                 [ids(3 + i, 1), ids(2 + i % 2, 2), ids(3, 3)]
             })
             .collect();
-        let views: Vec<PairTokens> = tokens.iter().map(|[p, c, r]| PairTokens { prompt: p, chosen: c, rejected: r }).collect();
+        let views: Vec<PairTokens> = tokens.iter().map(PairTokens::of).collect();
         let batch = pack(&views, row_tokens, 0, HeadReads::of(cfg));
         batch.feeds(specs, &HostTensor::F32(ArrayD::zeros(IxDyn(&[2 * pairs]))))
     };

@@ -38,7 +38,7 @@ pub fn packed_matches_model(m: &Manifest, sessions: (&mut Session, &mut Session)
             [ids(p), ids(c), ids(r)]
         })
         .collect();
-    let views: Vec<PairTokens> = tokens.iter().map(|[p, c, r]| PairTokens { prompt: p, chosen: c, rejected: r }).collect();
+    let views: Vec<PairTokens> = tokens.iter().map(PairTokens::of).collect();
     let row_tokens = tokens.iter().map(|t| t.iter().map(Vec::len).sum::<usize>()).sum();
     let batch = pack(&views, row_tokens, 0, HeadReads::of(&m.objective));
     let sequences = 2 * tokens.len();
