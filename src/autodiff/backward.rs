@@ -8,7 +8,7 @@ use super::context::RuleCtx;
 use super::fold::fold;
 use super::rules::rule_for;
 use crate::graph::{Builder, Graph, TensorInfos};
-use crate::onnx::{attr_t, dtype, NodeAttrs, NodeProto, TensorProto};
+use crate::onnx::{attr_t, dtype, NodeProto};
 use crate::{Error, Result};
 
 /// Names of the gradient tensors, one per parameter, in parameter order.
@@ -35,7 +35,7 @@ pub fn differentiate(graph: &mut Graph, loss: &str, params: &[String], infos: &T
     if !activity.tensors.contains(loss) {
         return Err(Error::graph(format!("the loss {loss} does not depend on any trainable parameter")));
     }
-    let consts = constant_table(graph);
+    let consts = graph.constants();
     let opset = graph.opset();
     let mut names = graph.names.clone();
     for p in params {
@@ -134,22 +134,4 @@ fn accumulate(
     };
     emitted.extend(b.take());
     Some(result)
-}
-
-/// Constant tensors by name: initializers and `Constant` nodes with a `value` tensor.
-fn constant_table(graph: &Graph) -> HashMap<String, TensorProto> {
-    let mut m = HashMap::new();
-    for t in &graph.initializers {
-        if !dtype::is_float(t.data_type) || t.dims.iter().product::<i64>() <= 16 {
-            m.insert(t.name.clone(), t.clone());
-        }
-    }
-    for n in &graph.nodes {
-        if n.op_type == "Constant" {
-            if let Some(t) = n.tensor_attr("value") {
-                m.insert(n.output[0].clone(), t.clone());
-            }
-        }
-    }
-    m
 }

@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::graph::{live_nodes, Names, TensorInfos};
+use crate::graph::{constant_tensors, live_nodes, Names, TensorInfos};
 use crate::onnx::{attr_i, tensor_to_i64, NodeAttrs, NodeProto, TensorProto};
 
 /// Applies every rewrite to `nodes` (in topological order); `roots` are the outputs that must stay.
@@ -101,17 +101,12 @@ struct ScatteredLogSoftmaxGrad {
     sum_slot: usize,
 }
 
-/// The values of int64 `Constant` nodes (reduction axes).
-fn constant_ints(nodes: &[NodeProto]) -> HashMap<String, Vec<i64>> {
-    nodes.iter().filter(|n| n.op_type == "Constant").filter_map(|n| Some((n.output[0].clone(), tensor_to_i64(n.tensor_attr("value")?).ok()?))).collect()
-}
-
 fn match_scattered_log_softmax_grad(
     nodes: &[NodeProto],
     sub: usize,
     prod: &HashMap<String, usize>,
     uses: &HashMap<String, usize>,
-    consts: &HashMap<String, Vec<i64>>,
+    consts: &HashMap<String, TensorProto>,
     infos: &TensorInfos,
 ) -> Option<ScatteredLogSoftmaxGrad> {
     let node = |name: &str, op: &str| prod.get(name).copied().filter(|&k| nodes[k].op_type == op);
@@ -144,7 +139,7 @@ fn match_scattered_log_softmax_grad(
     }
     let r = &nodes[reduce];
     let axes = match r.input.get(1) {
-        Some(a) => consts.get(a)?.clone(),
+        Some(a) => tensor_to_i64(consts.get(a)?).ok()?,
         None => r.ints_attr("axes")?.to_vec(),
     };
     let one_axis = axes.len() == 1 && axes[0].rem_euclid(rank.max(1)) == axis;
@@ -155,7 +150,7 @@ fn match_scattered_log_softmax_grad(
 fn log_softmax_of_scatter(mut nodes: Vec<NodeProto>, infos: &TensorInfos, names: &mut Names) -> Vec<NodeProto> {
     let prod = producers(&nodes);
     let uses = consumer_counts(&nodes);
-    let consts = constant_ints(&nodes);
+    let consts = constant_tensors(&nodes, &[]);
     let found: Vec<_> = (0..nodes.len()).filter_map(|k| match_scattered_log_softmax_grad(&nodes, k, &prod, &uses, &consts, infos)).collect();
     let mut removed = HashSet::new();
     let mut inserted: HashMap<usize, NodeProto> = HashMap::new();

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 
 use crate::onnx::{
     proto::{ModelProto, OperatorSetIdProto},
-    GraphProto, NodeProto, TensorProto, ValueInfoProto,
+    GraphProto, NodeAttrs, NodeProto, TensorProto, ValueInfoProto,
 };
 use crate::{Error, Result};
 
@@ -90,6 +90,11 @@ impl Graph {
     }
 
     /// tensor name -> index of the node that produces it.
+    /// Small constant tensors by name (see [`constant_tensors`]).
+    pub fn constants(&self) -> HashMap<String, TensorProto> {
+        constant_tensors(&self.nodes, &self.initializers)
+    }
+
     pub fn producers(&self) -> HashMap<&str, usize> {
         let mut m = HashMap::new();
         for (i, n) in self.nodes.iter().enumerate() {
@@ -171,4 +176,21 @@ pub fn live_nodes(nodes: &[NodeProto], roots: std::collections::HashSet<String>)
         }
     }
     (keep, live)
+}
+
+/// Constant tensors by name: `initializers` (float ones only up to 16 elements, so no weight is
+/// copied) and the `value` of every `Constant` node among `nodes`.
+pub fn constant_tensors(nodes: &[NodeProto], initializers: &[TensorProto]) -> HashMap<String, TensorProto> {
+    let mut m = HashMap::new();
+    for t in initializers {
+        if !crate::onnx::dtype::is_float(t.data_type) || t.dims.iter().product::<i64>() <= 16 {
+            m.insert(t.name.clone(), t.clone());
+        }
+    }
+    for n in nodes.iter().filter(|n| n.op_type == "Constant") {
+        if let Some(t) = n.tensor_attr("value") {
+            m.insert(n.output[0].clone(), t.clone());
+        }
+    }
+    m
 }

@@ -9,11 +9,11 @@
 //! `position_ids` input when it has one). Anything else is refused with the reason, so a model this
 //! does not understand never trains on a silently wrong mask.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use crate::dpo::model::LmSignature;
 use crate::graph::{Builder, Graph};
-use crate::onnx::{attr_i, dtype, tensor_i64, tensor_to_i64, value_info, Dim, NodeAttrs};
+use crate::onnx::{attr_i, dtype, tensor_i64, tensor_to_i64, value_info, Dim};
 use crate::runtime::{run, HostTensor, SessionConfig};
 use crate::{Error, Result};
 
@@ -160,28 +160,17 @@ fn rename_uses(graph: &mut Graph, from: &str, to: &str) {
     }
 }
 
-fn const_ints(graph: &Graph, name: &str, producers: &HashMap<&str, usize>) -> Option<Vec<i64>> {
-    if let Some(t) = graph.initializer(name) {
-        return tensor_to_i64(t).ok();
-    }
-    let n = &graph.nodes[*producers.get(name)?];
-    if n.op_type != "Constant" {
-        return None;
-    }
-    n.tensor_attr("value").and_then(|t| tensor_to_i64(t).ok())
-}
-
 /// `Unsqueeze(Range(0, S), axes ∋ 0)` is a position vector broadcast over the batch; it becomes
 /// `Unsqueeze(positions[rows, S], axes ∖ {0})`, the same rank with the batch axis filled in.
 fn broadcast_positions_to_rows(graph: &mut Graph, names: &mut crate::graph::Names) -> Result<usize> {
-    let producers = graph.producers();
+    let consts = graph.constants();
     let consumers = graph.consumers();
     let mut rewrites: Vec<(usize, Vec<i64>)> = Vec::new();
     for n in graph.nodes.iter().filter(|n| n.op_type == "Range") {
         let uses = consumers.get(n.output[0].as_str()).cloned().unwrap_or_default();
         for u in uses {
             let c = &graph.nodes[u];
-            let axes = (c.op_type == "Unsqueeze").then(|| c.input.get(1).and_then(|a| const_ints(graph, a, &producers))).flatten();
+            let axes = (c.op_type == "Unsqueeze").then(|| c.input.get(1).and_then(|a| tensor_to_i64(consts.get(a)?).ok())).flatten();
             let Some(axes) = axes else {
                 return Err(packing_error(format!(
                     "its positions Range {} is read by {} ({}), not by an Unsqueeze over the batch axis",
