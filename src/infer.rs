@@ -20,6 +20,29 @@ pub struct Prediction {
     pub completion: Option<String>,
 }
 
+/// Token rows as a model's inputs, right-padded to the longest: ids, attention mask, positions.
+pub struct RightPadded {
+    pub ids: Array2<i64>,
+    pub mask: Array2<i64>,
+    pub positions: Array2<i64>,
+}
+
+impl RightPadded {
+    pub fn of(rows: &[Vec<u32>], pad_id: i64) -> Self {
+        let t = rows.iter().map(Vec::len).max().unwrap_or(1).max(1);
+        let mut ids = Array2::from_elem((rows.len(), t), pad_id);
+        let mut mask = Array2::zeros((rows.len(), t));
+        for (r, row) in rows.iter().enumerate() {
+            for (c, &tok) in row.iter().enumerate() {
+                ids[[r, c]] = tok as i64;
+                mask[[r, c]] = 1;
+            }
+        }
+        let positions = Array2::from_shape_fn((rows.len(), t), |(_, c)| c as i64);
+        RightPadded { ids, mask, positions }
+    }
+}
+
 pub struct Predictor {
     session: Session,
     tokenizer: PairTokenizer,
@@ -60,17 +83,8 @@ impl Predictor {
 
     /// Runs the rows (right-padded); returns per row the beta and the logits at its last token.
     fn forward(&mut self, rows: &[Vec<u32>]) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
-        let t = rows.iter().map(Vec::len).max().unwrap_or(1).max(1);
-        let pad = self.tokenizer.pad_id() as i64;
-        let mut ids = Array2::<i64>::from_elem((rows.len(), t), pad);
-        let mut mask = Array2::<i64>::zeros((rows.len(), t));
-        for (r, row) in rows.iter().enumerate() {
-            for (c, &tok) in row.iter().enumerate() {
-                ids[[r, c]] = tok as i64;
-                mask[[r, c]] = 1;
-            }
-        }
-        let pos = Array2::from_shape_fn((rows.len(), t), |(_, c)| c as i64);
+        let RightPadded { ids, mask, positions: pos } = RightPadded::of(rows, self.tokenizer.pad_id() as i64);
+        let t = ids.ncols();
         let mut inputs: Vec<(&str, SessionInputValue)> =
             vec![("input_ids", Tensor::from_array(ids)?.into_dyn().into()), ("attention_mask", Tensor::from_array(mask)?.into_dyn().into())];
         if self.has_position_ids {

@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 
 use super::manifest::{GraphSpec, Manifest};
 use crate::onnx::{load_model, ModelProto};
-use crate::runtime::{run, HostTensor, SessionConfig};
+use crate::runtime::{f32_output, run, HostTensor, SessionConfig};
 use crate::store::read_safetensors;
 use crate::{Error, Result};
 
@@ -206,6 +206,21 @@ fn parameters_with_live_head(dir: &Path, m: &Manifest, rng: &mut impl Rng) -> Re
     Ok(theta)
 }
 
+/// `(name, value)` for each parameter input of `spec`, each value made by `value` (one allocation
+/// per tensor: SmolLM2's parameters are 540 MB).
+pub(crate) fn parameter_feeds<'s>(spec: &'s GraphSpec, value: &dyn Fn(&str) -> Result<ArrayD<f32>>) -> Result<Vec<(&'s str, HostTensor)>> {
+    spec.inputs.iter().filter(|i| i.role == "parameter").map(|i| Ok((i.name.as_str(), HostTensor::F32(value(&i.name)?)))).collect()
+}
+
+/// A copy of parameter `name` from `theta`.
+pub(crate) fn stored(theta: &HashMap<String, ArrayD<f32>>, name: &str) -> Result<ArrayD<f32>> {
+    theta.get(name).cloned().ok_or_else(|| missing(name))
+}
+
+fn missing(name: &str) -> Error {
+    Error::Other(format!("no value for parameter {name} in the parameters file"))
+}
+
 fn packed_vs_model(dir: &Path, m: &Manifest, opts: &ValidateOptions, eval: &mut Session, infer: &mut Session) -> Result<String> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
     let theta = parameters_with_live_head(dir, m, &mut rng)?;
@@ -220,23 +235,17 @@ fn directional(dir: &Path, m: &Manifest, opts: &ValidateOptions, session: &mut S
     let batch = random_batch(m, spec, &mut rng, opts.pairs, opts.seq_len);
     let theta = parameters_with_live_head(dir, m, &mut rng)?;
     let loss_name = &spec.output("loss").ok_or_else(|| Error::Other("the train graph has no loss output".into()))?.name;
-    // Each parameter's feed is made by `param` in one allocation (SmolLM2: 540 MB per evaluation).
-    let feeds = |param: &dyn Fn(&str) -> ArrayD<f32>| -> Vec<(&str, HostTensor)> {
+    let feeds = |param: &dyn Fn(&str) -> Result<ArrayD<f32>>| -> Result<Vec<(&str, HostTensor)>> {
         let mut f: Vec<(&str, HostTensor)> = batch.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-        for i in spec.inputs.iter().filter(|i| i.role == "parameter") {
-            f.push((i.name.as_str(), HostTensor::F32(param(&i.name))));
-        }
-        f
+        f.extend(parameter_feeds(spec, param)?);
+        Ok(f)
     };
-    let outs = run(session, &feeds(&|n| theta[n].clone()))?;
-    let get = |outs: &[(String, HostTensor)], name: &str| -> Result<ArrayD<f32>> {
-        outs.iter().find(|(n, _)| n == name).and_then(|(_, t)| t.as_f32().cloned()).ok_or_else(|| Error::Other(format!("no output {name}")))
-    };
+    let outs = run(session, &feeds(&|n| stored(&theta, n))?)?;
     let grads: Vec<(String, ArrayD<f32>)> = spec
         .outputs
         .iter()
         .filter(|o| o.role == "gradient")
-        .map(|o| Ok((o.parameter.clone().unwrap_or_default(), get(&outs, &o.name)?)))
+        .map(|o| Ok((o.parameter.clone().unwrap_or_default(), f32_output(&outs, &o.name)?.clone())))
         .collect::<Result<_>>()?;
     let gnorm: f64 = grads.iter().map(|(_, g)| g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>()).sum::<f64>().sqrt();
     // float32 rounding in the loss grows with the sums behind it, like the square root of their
@@ -263,11 +272,11 @@ fn directional(dir: &Path, m: &Manifest, opts: &ValidateOptions, session: &mut S
         let mut lv = [0.0f64; 2];
         for (s, sign) in [1.0f64, -1.0].iter().enumerate() {
             let shifted = |n: &str| match v.get(n) {
-                Some(d) => ndarray::Zip::from(&theta[n]).and(d).map_collect(|&a, &x| a + (x as f64 * eps * sign) as f32),
-                None => theta[n].clone(),
+                Some(d) => Ok(ndarray::Zip::from(theta.get(n).ok_or_else(|| missing(n))?).and(d).map_collect(|&a, &x| a + (x as f64 * eps * sign) as f32)),
+                None => stored(&theta, n),
             };
-            let o = run(session, &feeds(&shifted))?;
-            lv[s] = get(&o, loss_name)?.iter().next().copied().unwrap_or(f32::NAN) as f64;
+            let o = run(session, &feeds(&shifted)?)?;
+            lv[s] = f32_output(&o, loss_name)?.iter().next().copied().unwrap_or(f32::NAN) as f64;
         }
         let numeric = (lv[0] - lv[1]) / (2.0 * eps);
         let err = (numeric - analytic).abs() / (gnorm * vnorm);

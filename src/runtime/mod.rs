@@ -28,7 +28,7 @@ pub use ep::{ExecutionProvider, EP_CHOICES};
 pub use host_memory::keep_freed_memory_for_reuse;
 pub use provision::{default_cache_dir, Flavor, Locator, LIB_NAME, ORT_VERSION};
 pub use session::{OptLevel, SessionConfig};
-pub use tensor::{input_names, output_names, run, run_meta, HostTensor};
+pub use tensor::{f32_output, input_names, output_names, run, run_meta, HostTensor};
 pub use version::library_version;
 
 pub use ort::session::Session;

@@ -154,6 +154,11 @@ pub fn output_names(session: &Session) -> Vec<String> {
 }
 
 /// Runs `session` on host inputs and returns every output, in the session's output order.
+/// The float32 output `name` of a [`run`].
+pub fn f32_output<'a>(outs: &'a [(String, HostTensor)], name: &str) -> Result<&'a ArrayD<f32>> {
+    outs.iter().find(|(n, _)| n == name).and_then(|(_, t)| t.as_f32()).ok_or_else(|| Error::Runtime(format!("no float32 output {name}")))
+}
+
 pub fn run(session: &mut Session, inputs: &[(&str, HostTensor)]) -> Result<Vec<(String, HostTensor)>> {
     run_with(session, inputs, to_host)
 }

@@ -6,14 +6,16 @@
 
 use std::collections::HashMap;
 
-use ndarray::{Array2, ArrayD, Axis, IxDyn};
+use ndarray::{ArrayD, Axis, IxDyn};
 use ort::session::Session;
 use rand::Rng;
 
 use super::{pack, HeadReads, PairTokens};
 use crate::dpo::manifest::{GraphSpec, Manifest};
+use crate::dpo::validate::{parameter_feeds, stored};
 use crate::dpo::BetaSource;
-use crate::runtime::{run, HostTensor};
+use crate::infer::RightPadded;
+use crate::runtime::{f32_output, run, HostTensor};
 use crate::{Error, Result};
 
 /// Relative tolerance on log-probs (and on betas), floored at 1: float32 sums in a different order
@@ -44,17 +46,18 @@ pub fn packed_matches_model(m: &Manifest, sessions: (&mut Session, &mut Session)
     let sequences = 2 * tokens.len();
 
     let eval = m.graph("eval")?;
-    let mut feeds = batch.feeds(&eval.inputs, &HostTensor::F32(ArrayD::zeros(IxDyn(&[sequences]))));
-    feeds.extend(parameter_feeds(eval, theta)?);
-    let outs = run(eval_s, &borrowed(&feeds))?;
-    let packed_logps = output(&outs, "policy_logps")?;
-    let packed_beta = output(&outs, "beta")?;
+    let batch_feeds = batch.feeds(&eval.inputs, &HostTensor::F32(ArrayD::zeros(IxDyn(&[sequences]))));
+    let mut feeds: Vec<(&str, HostTensor)> = batch_feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    feeds.extend(parameter_feeds(eval, &|n| stored(theta, n))?);
+    let outs = run(eval_s, &feeds)?;
+    let packed_logps = f32_output(&outs, "policy_logps")?.iter().copied().collect::<Vec<_>>();
+    let packed_beta = f32_output(&outs, "beta")?.iter().copied().collect::<Vec<_>>();
 
     // Padded rows as TRL lays them out: chosen rows, then rejected rows.
     let rows: Vec<(&[u32], &[u32])> = (0..2).flat_map(|side| tokens.iter().map(move |t| (t[0].as_slice(), t[1 + side].as_slice()))).collect();
     let full: Vec<Vec<u32>> = rows.iter().map(|(p, a)| [*p, *a].concat()).collect();
     let infer = m.graph("infer")?;
-    let logits = forward(infer_s, infer, &full, theta)?.0;
+    let (logits, full_beta) = forward(infer_s, infer, &full, theta)?;
     let padded_logps: Vec<f32> = rows
         .iter()
         .enumerate()
@@ -63,7 +66,7 @@ pub fn packed_matches_model(m: &Manifest, sessions: (&mut Session, &mut Session)
     // At inference the head reads everything it is given: the prompt alone, or the whole sequence.
     let padded_beta = match m.objective.beta_source {
         BetaSource::Prompt => forward(infer_s, infer, &rows.iter().map(|(p, _)| p.to_vec()).collect::<Vec<_>>(), theta)?.1,
-        BetaSource::Sequence => forward(infer_s, infer, &full, theta)?.1,
+        BetaSource::Sequence => full_beta,
     };
 
     // One beta per pair (read from the prompt, or fixed) or one per sequence: chosen rows come first.
@@ -83,44 +86,23 @@ pub fn packed_matches_model(m: &Manifest, sessions: (&mut Session, &mut Session)
     Ok(format!("{pairs} pairs in one packed row: log-probs within {dl:.1e}, betas within {db:.1e} of the model on padded rows"))
 }
 
-fn parameter_feeds(spec: &GraphSpec, theta: &HashMap<String, ArrayD<f32>>) -> Result<Vec<(String, HostTensor)>> {
-    spec.inputs
-        .iter()
-        .filter(|i| i.role == "parameter")
-        .map(|i| Ok((i.name.clone(), HostTensor::F32(theta.get(&i.name).ok_or_else(|| Error::Other(format!("no value for parameter {}", i.name)))?.clone()))))
-        .collect()
-}
-
-fn borrowed(feeds: &[(String, HostTensor)]) -> Vec<(&str, HostTensor)> {
-    feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect()
-}
-
-fn output(outs: &[(String, HostTensor)], name: &str) -> Result<Vec<f32>> {
-    let t = outs.iter().find(|(n, _)| n == name).and_then(|(_, t)| t.as_f32()).ok_or_else(|| Error::Other(format!("no float output {name}")))?;
-    Ok(t.iter().copied().collect())
-}
-
 /// The model's forward on right-padded `rows`: logits `[rows, T, V]` and one beta per row.
 fn forward(session: &mut Session, spec: &GraphSpec, rows: &[Vec<u32>], theta: &HashMap<String, ArrayD<f32>>) -> Result<(ArrayD<f32>, Vec<f32>)> {
-    let t = rows.iter().map(Vec::len).max().unwrap_or(1);
-    let ids = Array2::from_shape_fn((rows.len(), t), |(r, k)| rows[r].get(k).map_or(0, |&x| x as i64));
-    let mask = Array2::from_shape_fn((rows.len(), t), |(r, k)| (k < rows[r].len()) as i64);
-    let positions = Array2::from_shape_fn((rows.len(), t), |(_, k)| k as i64);
+    let RightPadded { ids, mask, positions } = RightPadded::of(rows, 0);
     let mut feeds = Vec::new();
     for i in &spec.inputs {
         let v = match i.role.as_str() {
-            "input_ids" => ids.clone(),
-            "attention_mask" => mask.clone(),
-            "position_ids" => positions.clone(),
+            "input_ids" => &ids,
+            "attention_mask" => &mask,
+            "position_ids" => &positions,
             _ => continue,
         };
-        feeds.push((i.name.clone(), HostTensor::I64(v.into_dyn())));
+        feeds.push((i.name.as_str(), HostTensor::I64(v.clone().into_dyn())));
     }
-    feeds.extend(parameter_feeds(spec, theta)?);
-    let outs = run(session, &borrowed(&feeds))?;
+    feeds.extend(parameter_feeds(spec, &|n| stored(theta, n))?);
+    let outs = run(session, &feeds)?;
     let logits_name = &spec.outputs.iter().find(|o| o.role == "logits").ok_or_else(|| Error::Other("infer has no logits output".into()))?.name;
-    let logits = outs.iter().find(|(n, _)| n == logits_name).and_then(|(_, t)| t.as_f32()).ok_or_else(|| Error::Other("no logits".into()))?.clone();
-    Ok((logits, output(&outs, "beta")?))
+    Ok((f32_output(&outs, logits_name)?.clone(), f32_output(&outs, "beta")?.iter().copied().collect()))
 }
 
 /// `log softmax(logits[row, pos])[label]`, in double precision.
