@@ -10,14 +10,14 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use ndarray::{ArrayD, IxDyn};
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use ort::session::Session;
 use rand::{Rng, SeedableRng};
 
 use super::manifest::{GraphSpec, Manifest};
 use crate::onnx::{load_model, ModelProto};
 use crate::runtime::{f32_output, run, HostTensor, SessionConfig};
-use crate::store::read_safetensors;
+use crate::store::{read_safetensors, NamedTensor};
 use crate::{Error, Result};
 
 /// One check's outcome, for the report.
@@ -75,11 +75,14 @@ pub fn validate(dir: &Path, opts: &ValidateOptions) -> Result<Vec<Check>> {
             sessions.insert(which.as_str(), session);
         }
     }
-    checks.push(check("parameters file", parameters_file(dir, &manifest).map(|n| format!("{n} tensors with the manifest's shapes"))));
+    // Read once: the numerical checks share these values (SmolLM2: 540 MB).
+    let stored = read_safetensors(&dir.join(&manifest.parameters_file)).map(|(t, _)| t);
+    let tensors = || stored.as_deref().map_err(|e| Error::Other(e.to_string()));
+    checks.push(check("parameters file", tensors().and_then(|t| parameters_file(t, &manifest)).map(|n| format!("{n} tensors with the manifest's shapes"))));
     let mut take = |which: &str| sessions.remove(which).ok_or_else(|| Error::Other(format!("the {which} graph did not load")));
-    checks.push(check("train: directional derivatives", take("train").and_then(|mut s| directional(dir, &manifest, opts, &mut s))));
+    checks.push(check("train: directional derivatives", take("train").and_then(|mut s| directional(tensors()?, &manifest, opts, &mut s))));
     if manifest.layout == super::packing::Layout::Packed {
-        let packed = take("eval").and_then(|mut eval| take("infer").and_then(|mut infer| packed_vs_model(dir, &manifest, opts, &mut eval, &mut infer)));
+        let packed = take("eval").and_then(|mut eval| take("infer").and_then(|mut infer| packed_vs_model(tensors()?, &manifest, opts, &mut eval, &mut infer)));
         checks.push(check("packed layout: the model's own forward agrees", packed));
     }
     Ok(checks)
@@ -137,8 +140,7 @@ fn structure(model: &ModelProto, spec: &GraphSpec, default_only: bool) -> Result
     Ok(format!("{} nodes, topological, single definitions{}", g.node.len(), if default_only { ", default domain only" } else { "" }))
 }
 
-fn parameters_file(dir: &Path, m: &Manifest) -> Result<usize> {
-    let (tensors, _) = read_safetensors(&dir.join(&m.parameters_file))?;
+fn parameters_file(tensors: &[NamedTensor], m: &Manifest) -> Result<usize> {
     let by_name: HashMap<&str, &crate::store::NamedTensor> = tensors.iter().map(|t| (t.name.as_str(), t)).collect();
     for p in m.trainable() {
         let t = by_name.get(p.name.as_str()).ok_or_else(|| Error::Other(format!("parameter {} is missing from {}", p.name, m.parameters_file)))?;
@@ -191,19 +193,36 @@ fn random_packed_batch(m: &Manifest, spec: &GraphSpec, rng: &mut impl Rng, pairs
     batch.feeds(&spec.inputs, &refs)
 }
 
-/// The artifacts' parameters; a zero head weight (every beta equal) is replaced by a small random
-/// one, which exercises the head fully.
-fn parameters_with_live_head(dir: &Path, m: &Manifest, rng: &mut impl Rng) -> Result<HashMap<String, ArrayD<f32>>> {
-    let (tensors, _) = read_safetensors(&dir.join(&m.parameters_file))?;
-    let mut theta = HashMap::new();
-    for t in tensors {
-        let mut data = t.data;
-        if m.parameters.iter().any(|p| p.name == t.name && p.beta_head) && data.iter().all(|&x| x == 0.0) {
-            data.iter_mut().for_each(|x| *x = rng.random_range(-0.05..0.05));
+/// The artifacts' parameters as a check feeds them: the stored values, with a zero head weight
+/// (every beta equal) replaced by a small random one, which exercises the head fully.
+struct Theta<'a> {
+    stored: HashMap<&'a str, &'a NamedTensor>,
+    live_head: HashMap<String, ArrayD<f32>>,
+}
+
+impl<'a> Theta<'a> {
+    fn new(tensors: &'a [NamedTensor], m: &Manifest, rng: &mut impl Rng) -> Result<Self> {
+        let mut live_head = HashMap::new();
+        for t in tensors {
+            if m.parameters.iter().any(|p| p.name == t.name && p.beta_head) && t.data.iter().all(|&x| x == 0.0) {
+                let data = t.data.iter().map(|_| rng.random_range(-0.05..0.05)).collect();
+                live_head.insert(t.name.clone(), ArrayD::from_shape_vec(IxDyn(&t.shape), data).map_err(|e| Error::Other(e.to_string()))?);
+            }
         }
-        theta.insert(t.name.clone(), ArrayD::from_shape_vec(IxDyn(&t.shape), data).map_err(|e| Error::Other(e.to_string()))?);
+        Ok(Theta { stored: tensors.iter().map(|t| (t.name.as_str(), t)).collect(), live_head })
     }
-    Ok(theta)
+
+    fn view(&self, name: &str) -> Result<ArrayViewD<'_, f32>> {
+        if let Some(a) = self.live_head.get(name) {
+            return Ok(a.view());
+        }
+        let t = self.stored.get(name).ok_or_else(|| Error::Other(format!("no value for parameter {name} in the parameters file")))?;
+        ArrayViewD::from_shape(IxDyn(&t.shape), &t.data).map_err(|e| Error::Other(format!("parameter {name}: {e}")))
+    }
+
+    fn value(&self, name: &str) -> Result<ArrayD<f32>> {
+        Ok(self.view(name)?.to_owned())
+    }
 }
 
 /// `(name, value)` for each parameter input of `spec`, each value made by `value` (one allocation
@@ -212,35 +231,26 @@ pub(crate) fn parameter_feeds<'s>(spec: &'s GraphSpec, value: &dyn Fn(&str) -> R
     spec.inputs.iter().filter(|i| i.role == "parameter").map(|i| Ok((i.name.as_str(), HostTensor::F32(value(&i.name)?)))).collect()
 }
 
-/// A copy of parameter `name` from `theta`.
-pub(crate) fn stored(theta: &HashMap<String, ArrayD<f32>>, name: &str) -> Result<ArrayD<f32>> {
-    theta.get(name).cloned().ok_or_else(|| missing(name))
-}
-
-fn missing(name: &str) -> Error {
-    Error::Other(format!("no value for parameter {name} in the parameters file"))
-}
-
-fn packed_vs_model(dir: &Path, m: &Manifest, opts: &ValidateOptions, eval: &mut Session, infer: &mut Session) -> Result<String> {
+fn packed_vs_model(tensors: &[NamedTensor], m: &Manifest, opts: &ValidateOptions, eval: &mut Session, infer: &mut Session) -> Result<String> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
-    let theta = parameters_with_live_head(dir, m, &mut rng)?;
-    super::packing::packed_matches_model(m, (eval, infer), &theta, &mut rng)
+    let theta = Theta::new(tensors, m, &mut rng)?;
+    super::packing::packed_matches_model(m, (eval, infer), &|n| theta.value(n), &mut rng)
 }
 
 // `!(err < tol)` on purpose: a NaN error must fail.
 #[allow(clippy::neg_cmp_op_on_partial_ord)]
-fn directional(dir: &Path, m: &Manifest, opts: &ValidateOptions, session: &mut Session) -> Result<String> {
+fn directional(tensors: &[NamedTensor], m: &Manifest, opts: &ValidateOptions, session: &mut Session) -> Result<String> {
     let spec = m.graph("train")?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
     let batch = random_batch(m, spec, &mut rng, opts.pairs, opts.seq_len);
-    let theta = parameters_with_live_head(dir, m, &mut rng)?;
+    let theta = Theta::new(tensors, m, &mut rng)?;
     let loss_name = &spec.output("loss").ok_or_else(|| Error::Other("the train graph has no loss output".into()))?.name;
     let feeds = |param: &dyn Fn(&str) -> Result<ArrayD<f32>>| -> Result<Vec<(&str, HostTensor)>> {
         let mut f: Vec<(&str, HostTensor)> = batch.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
         f.extend(parameter_feeds(spec, param)?);
         Ok(f)
     };
-    let outs = run(session, &feeds(&|n| stored(&theta, n))?)?;
+    let outs = run(session, &feeds(&|n| theta.value(n))?)?;
     let grads: Vec<(String, ArrayD<f32>)> = spec
         .outputs
         .iter()
@@ -272,8 +282,8 @@ fn directional(dir: &Path, m: &Manifest, opts: &ValidateOptions, session: &mut S
         let mut lv = [0.0f64; 2];
         for (s, sign) in [1.0f64, -1.0].iter().enumerate() {
             let shifted = |n: &str| match v.get(n) {
-                Some(d) => Ok(ndarray::Zip::from(theta.get(n).ok_or_else(|| missing(n))?).and(d).map_collect(|&a, &x| a + (x as f64 * eps * sign) as f32)),
-                None => stored(&theta, n),
+                Some(d) => Ok(ndarray::Zip::from(&theta.view(n)?).and(d).map_collect(|&a, &x| a + (x as f64 * eps * sign) as f32)),
+                None => theta.value(n),
             };
             let o = run(session, &feeds(&shifted)?)?;
             lv[s] = f32_output(&o, loss_name)?.iter().next().copied().unwrap_or(f32::NAN) as f64;

@@ -4,15 +4,13 @@
 //! its own mask and positions) on the same random pairs and parameters, and compares each
 //! sequence's answer log-prob and beta.
 
-use std::collections::HashMap;
-
 use ndarray::{ArrayD, Axis, IxDyn};
 use ort::session::Session;
 use rand::Rng;
 
 use super::{pack, HeadReads, PairTokens};
 use crate::dpo::manifest::{GraphSpec, Manifest};
-use crate::dpo::validate::{parameter_feeds, stored};
+use crate::dpo::validate::parameter_feeds;
 use crate::dpo::BetaSource;
 use crate::infer::RightPadded;
 use crate::runtime::{f32_output, run, HostTensor};
@@ -23,12 +21,17 @@ use crate::{Error, Result};
 /// of after the prompt already differ by 1e-4 on the tiny random Llama fixture.
 const TOLERANCE: f64 = 2e-5;
 
-/// Compares packed and padded forwards; `sessions` are the `eval` and `infer` sessions, `theta` the
-/// parameters both take. Returns the largest relative differences.
+/// Compares packed and padded forwards; `sessions` are the `eval` and `infer` sessions, `theta` gives
+/// the parameters both take. Returns the largest relative differences.
 //
 // `!(x < tol)` on purpose: a NaN difference must fail.
 #[allow(clippy::neg_cmp_op_on_partial_ord)]
-pub fn packed_matches_model(m: &Manifest, sessions: (&mut Session, &mut Session), theta: &HashMap<String, ArrayD<f32>>, rng: &mut impl Rng) -> Result<String> {
+pub fn packed_matches_model(
+    m: &Manifest,
+    sessions: (&mut Session, &mut Session),
+    theta: &dyn Fn(&str) -> Result<ArrayD<f32>>,
+    rng: &mut impl Rng,
+) -> Result<String> {
     let (eval_s, infer_s) = sessions;
     let vocab = m.model.vocab_size.max(2) as u32;
     // Two pairs in one row (so the mask must keep them apart), prompts and answers of uneven lengths.
@@ -48,7 +51,7 @@ pub fn packed_matches_model(m: &Manifest, sessions: (&mut Session, &mut Session)
     let eval = m.graph("eval")?;
     let batch_feeds = batch.feeds(&eval.inputs, &HostTensor::F32(ArrayD::zeros(IxDyn(&[sequences]))));
     let mut feeds: Vec<(&str, HostTensor)> = batch_feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-    feeds.extend(parameter_feeds(eval, &|n| stored(theta, n))?);
+    feeds.extend(parameter_feeds(eval, theta)?);
     let outs = run(eval_s, &feeds)?;
     let packed_logps = f32_output(&outs, "policy_logps")?.iter().copied().collect::<Vec<_>>();
     let packed_beta = f32_output(&outs, "beta")?.iter().copied().collect::<Vec<_>>();
@@ -87,7 +90,7 @@ pub fn packed_matches_model(m: &Manifest, sessions: (&mut Session, &mut Session)
 }
 
 /// The model's forward on right-padded `rows`: logits `[rows, T, V]` and one beta per row.
-fn forward(session: &mut Session, spec: &GraphSpec, rows: &[Vec<u32>], theta: &HashMap<String, ArrayD<f32>>) -> Result<(ArrayD<f32>, Vec<f32>)> {
+fn forward(session: &mut Session, spec: &GraphSpec, rows: &[Vec<u32>], theta: &dyn Fn(&str) -> Result<ArrayD<f32>>) -> Result<(ArrayD<f32>, Vec<f32>)> {
     let RightPadded { ids, mask, positions } = RightPadded::of(rows, 0);
     let mut feeds = Vec::new();
     for i in &spec.inputs {
@@ -99,7 +102,7 @@ fn forward(session: &mut Session, spec: &GraphSpec, rows: &[Vec<u32>], theta: &H
         };
         feeds.push((i.name.as_str(), HostTensor::I64(v.clone().into_dyn())));
     }
-    feeds.extend(parameter_feeds(spec, &|n| stored(theta, n))?);
+    feeds.extend(parameter_feeds(spec, theta)?);
     let outs = run(session, &feeds)?;
     let logits_name = &spec.outputs.iter().find(|o| o.role == "logits").ok_or_else(|| Error::Other("infer has no logits output".into()))?.name;
     Ok((f32_output(&outs, logits_name)?.clone(), f32_output(&outs, "beta")?.iter().copied().collect()))
