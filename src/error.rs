@@ -27,6 +27,9 @@ pub enum Error {
     Runtime(String),
     #[error("{0}")]
     Data(String),
+    /// An output path betadpo will not write into, replace or clear (see `output_dir`).
+    #[error("{path}: {detail}")]
+    Refused { path: PathBuf, detail: String },
     #[error("{0}")]
     Other(String),
 }
