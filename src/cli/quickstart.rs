@@ -74,6 +74,9 @@ fn get(r: Option<&Map<String, Value>>, key: &str) -> String {
 
 pub fn run(a: Args) -> Result<()> {
     betadpo::runtime::keep_freed_memory_for_reuse();
+    if a.steps == 0 {
+        anyhow::bail!(betadpo::Error::BadFlag { flag: "--steps".into(), detail: "0 (must be at least 1)".into() });
+    }
     let assets = assets_dir(&a)?;
     let out = a.out.clone();
     // Cleared only when an earlier quickstart wrote it (its marker), so `--out ~/notes` is refused.
