@@ -18,6 +18,12 @@ Options
   --golden                        also write golden.safetensors + golden.json (PyTorch autograd, float64)
   --test-jsonl / --tokenizer      data for the golden batch (default: graphs/quickstart/)
 
+Beside model.onnx it writes hf_export.json: the Hugging Face config and, for every tensor that
+save_pretrained writes (tied weights once), the ONNX initializer holding it (transposed or offset where the
+exporter changed it). build-graph copies it into the artifacts, and `betadpo export --hf DIR` uses it to
+write the trained weights back as a checkpoint that AutoModelForCausalLM.from_pretrained(DIR) loads.
+`--map-only` writes only that file for an existing --out/model.onnx.
+
 After the export the ONNX model is run with onnxruntime and its logits are compared with PyTorch's on a
 padded batch; the script fails when the max abs difference exceeds --tolerance (1e-4 for float32; for
 large logits, tolerance/5 times the largest |logit|, i.e. 2e-5 relative).
@@ -680,6 +686,110 @@ def check_gradients(proto, ids, mask, loss_mask, prompt_last, seq_last, ref, w, 
 
 
 # --------------------------------------------------------------------------------------------------------
+# The Hugging Face name map (hf_export.json): how `betadpo export --hf` writes a checkpoint
+# --------------------------------------------------------------------------------------------------------
+HF_MAP_FILE = "hf_export.json"
+HF_MAP_FORMAT = "betadpo-hf-map"
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def _saved_checkpoint(model, tmp):
+    """What save_pretrained writes: config, generation config, and the tensors under their checkpoint
+    names (tied weights once, legacy names restored by transformers' conversion mapping)."""
+    from safetensors import safe_open
+    model.save_pretrained(tmp)
+    config = json.load(open(os.path.join(tmp, "config.json"), encoding="utf-8"))
+    gen_path = os.path.join(tmp, "generation_config.json")
+    gen = json.load(open(gen_path, encoding="utf-8")) if os.path.exists(gen_path) else None
+    index = os.path.join(tmp, "model.safetensors.index.json")
+    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
+    tensors = {}
+    for f in files:
+        with safe_open(os.path.join(tmp, f), "pt") as st:
+            for key in st.keys():
+                tensors[key] = st.get_tensor(key)
+    return config, gen, tensors
+
+
+def hf_map(model, proto, base_dir):
+    """For every tensor of the model's Hugging Face checkpoint: the ONNX initializer holding it
+    (`transposed` when the exporter stored the transpose; `offset` when it folded `c + weight`, so
+    the checkpoint's tensor is initializer - c) and the initializers of its tied copies. Raises
+    SystemExit naming the tensor when one has no initializer."""
+    mapping, _, missing = map_initializers(proto, model, base_dir)
+    if missing:
+        raise SystemExit(f"parameters without an ONNX initializer: {', '.join(missing)}")
+    group_of = {n: g for g in tied_groups(model) for n in g}
+    params = {n: p.detach() for n, p in model.named_parameters(remove_duplicate=False)}
+    inits_of = {}
+    for iname, m in mapping.items():
+        for use in m.get("tied_uses", [m["parameter"]]):
+            inits_of.setdefault(use, []).append((iname, m))
+    arrays = {t.name: t for t in proto.graph.initializer}
+    with tempfile.TemporaryDirectory() as tmp:
+        config, gen, saved = _saved_checkpoint(model, tmp)
+    entries, claimed = [], set()
+    for key, tensor in saved.items():
+        same = lambda n: tuple(params[n].shape) == tuple(tensor.shape) and torch.equal(params[n].to(tensor.dtype), tensor)
+        if key in params and same(key):
+            pname = key
+        else:  # renamed on save (e.g. GPT-NeoX's embed_out): the one unclaimed parameter with its value
+            found = [n for n in params if n not in claimed and same(n)]
+            if len({id(params[n]) for n in found}) != 1:
+                raise SystemExit(f"checkpoint tensor {key}: {len(found)} parameters hold its value; cannot map it")
+            pname = found[0]
+        claimed.update(group_of.get(pname, [pname]))
+        uses = [pname] + [n for n in group_of.get(pname, []) if n != pname]
+        inits = [im for u in uses for im in inits_of.get(u, [])]
+        if not inits:
+            raise SystemExit(f"checkpoint tensor {key} ({pname}): no ONNX initializer holds it")
+        (iname, m), copies = inits[0], [im for im in inits[1:] if im[0] != inits[0][0]]
+        value = numpy_helper.to_array(arrays[iname], base_dir=base_dir).astype(np.float64)
+        value = (value.T if m["transposed"] else value) - m.get("offset", 0.0)
+        want = tensor.to(torch.float64).numpy()
+        exact = "offset" not in m
+        if value.shape != want.shape or not (np.array_equal(value, want) if exact else np.allclose(value, want, atol=1e-6)):
+            raise SystemExit(f"checkpoint tensor {key}: initializer {iname} does not hold its value")
+        entry = {"name": key, "initializer": iname, "transposed": m["transposed"], "shape": list(tensor.shape),
+                 "dtype": SAFETENSORS_DTYPES[tensor.dtype]}
+        if "offset" in m:
+            entry["offset"] = m["offset"]
+        if copies:
+            entry["tied_copies"] = [{"initializer": i, "transposed": c["transposed"]} for i, c in copies]
+        entries.append(entry)
+    return {
+        "format": HF_MAP_FORMAT,
+        "format_version": 1,
+        "about": "written by scripts/export_hf.py: the model's Hugging Face checkpoint tensors (as save_pretrained "
+                 "names them) and the ONNX initializers holding them, for `betadpo export --hf`",
+        "lm_head_input": _find_hidden_name(proto, mapping),
+        "config": config,
+        "generation_config": gen,
+        "tensors": entries,
+    }
+
+
+def write_hf_map(model, onnx_path):
+    """Writes hf_export.json beside the ONNX model; a model that cannot be mapped gets none (with the
+    reason), since everything but `export --hf` works without it."""
+    out_dir = os.path.dirname(onnx_path)
+    path = os.path.join(out_dir, HF_MAP_FILE)
+    if os.path.exists(path):
+        os.remove(path)
+    proto = onnx.load(onnx_path, load_external_data=True)
+    try:
+        m = hf_map(model, proto, out_dir)
+    except SystemExit as e:
+        log(f"note: no {HF_MAP_FILE} (betadpo export --hf will not work for this model): {e}")
+        return None
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        json.dump(m, f, indent=1)
+        f.write("\n")
+    log(f"wrote {path}: {len(m['tensors'])} checkpoint tensors mapped to ONNX initializers")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
@@ -703,6 +813,8 @@ def main():
     ap.add_argument("--no-check", action="store_true", help="skip the finite-difference check of --golden")
     ap.add_argument("--save-tokenizer", action="store_true",
                     help="also save the --model's tokenizer files into --out")
+    ap.add_argument("--map-only", action="store_true",
+                    help=f"keep --out/model.onnx as it is (checked against the model) and write only {HF_MAP_FILE}")
     args = ap.parse_args()
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
@@ -717,10 +829,17 @@ def main():
     nparams = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     log(f"model: {source}: {type(model).__name__}, {nparams:,} parameters, {args.dtype}; exporter {exporter}")
 
-    path, opset = export(model, args.out, exporter, args.opset, args.external_data)
-    sizes = {f: os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out)
-             if f.startswith("model.onnx")}
-    log(f"exported {path} ({', '.join(f'{k}: {v:,} bytes' for k, v in sorted(sizes.items()))})")
+    if args.map_only:
+        if args.golden:
+            raise SystemExit("--map-only writes no goldens; drop --golden")
+        path = os.path.join(args.out, "model.onnx")
+        if not os.path.exists(path):
+            raise SystemExit(f"--map-only: {path} does not exist")
+    else:
+        path, opset = export(model, args.out, exporter, args.opset, args.external_data)
+        sizes = {f: os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out)
+                 if f.startswith("model.onnx")}
+        log(f"exported {path} ({', '.join(f'{k}: {v:,} bytes' for k, v in sorted(sizes.items()))})")
 
     if args.save_tokenizer and args.model:
         try:
@@ -749,6 +868,7 @@ def main():
         rows = [json.loads(l) for l in open(args.test_jsonl, encoding="utf-8") if l.strip()][: args.pairs]
         batches.insert(0, make_batch(tok, eos_id, pad_id, rows)[:2])
     verify(model, path, batches, tol)
+    write_hf_map(model, path)
 
     if args.golden:
         if args.dtype != "float32":

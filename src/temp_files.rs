@@ -48,6 +48,58 @@ pub fn old_dir_name(name: &str) -> String {
     format!(".{name}.old-{}", std::process::id())
 }
 
+/// Writes the directory `out` whole: `fill` writes every file into `.<out>.partial-<pid>` (leftovers
+/// of killed writers are removed first), which is then swapped into place, so `out` is either the
+/// previous complete directory or the new complete one, never a mix. An existing `out` is replaced
+/// only when `claim` accepts it right before the swap (see `output_dir::claim`).
+pub fn write_dir(out: &Path, claim: impl Fn(&Path) -> Result<()>, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let name = out.file_name().ok_or_else(|| Error::Other(format!("{}: not a directory path", out.display())))?.to_string_lossy();
+    remove_stale(parent, Some(&name));
+    let tmp = parent.join(dir_name(&name));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if out.exists() {
+        if let Err(e) = claim(out) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        swap_into_place(&tmp, out, parent, &name)?;
+    } else {
+        std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+    }
+    Ok(())
+}
+
+/// Replaces the directory `out` by `tmp`. On Linux one `renameat2(RENAME_EXCHANGE)` swaps them, so
+/// `out` is always a complete build; `tmp` then holds the previous build and is removed (a kill
+/// before that leaves it for `temp_files::remove_stale`). Elsewhere, or on a file system without the
+/// exchange, `out` moves aside to `.<out>.old-<pid>` first.
+fn swap_into_place(tmp: &Path, out: &Path, parent: &Path, name: &str) -> Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::Other(format!("{}: path contains a NUL byte", p.display())));
+        let (a, b) = (c(tmp)?, c(out)?);
+        // SAFETY: both paths are valid NUL-terminated strings; renameat2 only reads them.
+        let r = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
+        if r == 0 {
+            let _ = std::fs::remove_dir_all(tmp);
+            return Ok(());
+        }
+    }
+    let old = parent.join(old_dir_name(name));
+    std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
+    std::fs::rename(tmp, out).map_err(|e| Error::io(out, e))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
 /// The writer's process id of one of our temporary files.
 fn file_writer(name: &str) -> Option<u32> {
     name.strip_prefix(FILE_PREFIX)?.split('-').next()?.parse().ok()

@@ -146,6 +146,9 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(why) = &report.not_packed_because {
         println!("layout: padded (cannot pack this model: {why})");
     }
+    if let Some(why) = &report.hf_map_skipped {
+        println!("note: the Hugging Face name map was not copied, so `export --hf` will refuse these artifacts: {why}");
+    }
     println!(
         "wrote {} (train/eval/optimizer/infer graphs, {} layout, {} backward nodes) in {:.2}s",
         report.out_dir.display(),

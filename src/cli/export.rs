@@ -1,21 +1,71 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use betadpo::dpo::artifacts::PARAMS_FILE;
 use betadpo::dpo::export::{export_model, locate_run};
+use betadpo::dpo::hf_export::{export_hf, TokenizerSource};
+use betadpo::dpo::Manifest;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Run directory written by train.
+    /// Run directory written by train (its final parameters, or the newest checkpoint).
+    #[arg(long, required_unless_present = "artifacts", conflicts_with = "artifacts")]
+    run: Option<PathBuf>,
+    /// Artifacts directory instead of a run: export its initial, untrained parameters.
     #[arg(long)]
-    run: PathBuf,
-    /// Output model file (its weights go to <file>.data beside it when large).
+    artifacts: Option<PathBuf>,
+    /// Output ONNX model file (its weights go to <file>.data beside it when large).
+    #[arg(long, required_unless_present = "hf")]
+    out: Option<PathBuf>,
+    /// Output Hugging Face checkpoint directory (model.safetensors, config.json, tokenizer files,
+    /// beta_head.safetensors + beta_head.json); needs the hf_export.json that scripts/export_hf.py writes.
     #[arg(long)]
-    out: PathBuf,
+    hf: Option<PathBuf>,
+    /// Tokenizer to copy into --hf: tokenizer.json or its directory (default: the run's tokenizer,
+    /// else the one beside the original model).
+    #[arg(long, requires = "hf")]
+    tokenizer: Option<PathBuf>,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let found = locate_run(&a.run)?;
-    export_model(&found.artifacts, &found.params, &a.out).with_context(|| format!("exporting {}", a.run.display()))?;
-    println!("wrote {} (inputs input_ids, attention_mask; outputs logits, beta) from {}", a.out.display(), found.params.display());
+    let (artifacts, params, source, run_tokenizer) = match (&a.run, &a.artifacts) {
+        (Some(run), _) => {
+            let found = locate_run(run)?;
+            let tok = TokenizerSource { path: found.tokenizer, config: found.tokenizer_config };
+            (found.artifacts, found.params, run.clone(), Some(tok))
+        }
+        (None, Some(art)) => (art.clone(), art.join(PARAMS_FILE), art.clone(), None),
+        (None, None) => unreachable!("clap requires --run or --artifacts"),
+    };
+    if let Some(out) = &a.out {
+        export_model(&artifacts, &params, out).with_context(|| format!("exporting {}", source.display()))?;
+        println!("wrote {} (inputs input_ids, attention_mask; outputs logits, beta) from {}", out.display(), params.display());
+    }
+    if let Some(dir) = &a.hf {
+        let tokenizer = match a.tokenizer {
+            Some(path) => Some(TokenizerSource { path, config: None }),
+            None => default_tokenizer(run_tokenizer, &artifacts),
+        };
+        let report = export_hf(&artifacts, &params, dir, tokenizer.as_ref()).with_context(|| format!("exporting {} to Hugging Face", source.display()))?;
+        println!("wrote {} ({} checkpoint tensors; {}) from {}", dir.display(), report.tensors, report.files.join(", "), params.display());
+        if !report.tied.is_empty() {
+            println!("tied weights written once: {}", report.tied.join(", "));
+        }
+        match &tokenizer {
+            Some(t) => println!("tokenizer files from {}", t.path.display()),
+            None => println!("note: no tokenizer found to copy; pass --tokenizer tokenizer.json"),
+        }
+        println!("load it: AutoModelForCausalLM.from_pretrained(\"{}\"); the beta head: see beta_head.json", dir.display());
+    }
     Ok(())
+}
+
+/// The tokenizer the run trained with, else one beside the model the artifacts were built from.
+fn default_tokenizer(run: Option<TokenizerSource>, artifacts: &Path) -> Option<TokenizerSource> {
+    if let Some(t) = run.filter(|t| t.path.is_file()) {
+        return Some(t);
+    }
+    let model = Manifest::load(artifacts).ok()?.model.source;
+    let beside = Path::new(&model).with_file_name("tokenizer.json");
+    beside.is_file().then_some(TokenizerSource { path: beside, config: None })
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use ndarray::{ArrayD, IxDyn};
 
+use super::hf_export::map::{beside_model, HF_MAP_FILE};
 use super::manifest::{GraphSpec, Manifest, ModelSpec, ParameterSpec, SpecDim, TensorSpec, FORMAT, FORMAT_VERSION, MANIFEST_FILE};
 use super::model::{recognise, LmSignature};
 use super::objective::{self, ModelTensors, Objective, COMPLETION_MASK, HEAD_BIAS, HEAD_WEIGHT, REF_LOGPS};
@@ -40,6 +41,8 @@ pub struct BuildReport {
     pub parameter_table: String,
     pub backward_nodes: usize,
     pub out_dir: PathBuf,
+    /// Why the Hugging Face name map beside the model was not copied (it belongs to another model).
+    pub hf_map_skipped: Option<String>,
 }
 
 /// The synthetic batches of the two shape probes: 2 pairs x 6 tokens, then 3 pairs x 9 tokens.
@@ -264,13 +267,20 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
         parameters_file: PARAMS_FILE.into(),
     };
     let initial = initial_values(&base, &obj, &params)?;
-    write_all(out_dir, &manifest, [("train", graph), ("eval", eval), ("optimizer", opt_graph), ("infer", infer)], &initial)?;
+    let (hf_map, hf_map_skipped) = match beside_model(model_path, &base) {
+        None => (None, None),
+        Some(Ok(text)) => (Some(text), None),
+        Some(Err(why)) => (None, Some(why)),
+    };
+    let graphs = [("train", graph), ("eval", eval), ("optimizer", opt_graph), ("infer", infer)];
+    write_all(out_dir, &manifest, graphs, &initial, hf_map.as_deref())?;
     Ok(BuildReport {
         manifest,
         not_packed_because,
         parameter_table: super::params::describe(&params),
         backward_nodes: grads.nodes_added,
         out_dir: out_dir.to_path_buf(),
+        hf_map_skipped,
     })
 }
 
@@ -334,41 +344,11 @@ fn initial_values<'a>(base: &'a Graph, obj: &'a Objective, params: &'a [Param]) 
     Ok(out)
 }
 
-/// Replaces the directory `out` by `tmp`. On Linux one `renameat2(RENAME_EXCHANGE)` swaps them, so
-/// `out` is always a complete build; `tmp` then holds the previous build and is removed (a kill
-/// before that leaves it for `temp_files::remove_stale`). Elsewhere, or on a file system without the
-/// exchange, `out` moves aside to `.<out>.old-<pid>` first.
-fn swap_into_place(tmp: &Path, out: &Path, parent: &Path, name: &str) -> Result<()> {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::ffi::OsStrExt;
-        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::Other(format!("{}: path contains a NUL byte", p.display())));
-        let (a, b) = (c(tmp)?, c(out)?);
-        // SAFETY: both paths are valid NUL-terminated strings; renameat2 only reads them.
-        let r = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
-        if r == 0 {
-            let _ = std::fs::remove_dir_all(tmp);
-            return Ok(());
-        }
-    }
-    let old = parent.join(crate::temp_files::old_dir_name(name));
-    std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
-    std::fs::rename(tmp, out).map_err(|e| Error::io(out, e))?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
-}
-
 /// Writes every file into `.<out>.partial-<pid>` (leftovers of killed builds are removed first), then swaps it into place, so `out` is either the
 /// previous complete build or the new complete build, never a mix.
-fn write_all<const N: usize>(out: &Path, manifest: &Manifest, graphs: [(&str, Graph); N], params: &[RawTensor]) -> Result<()> {
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let name = out.file_name().ok_or_else(|| Error::Other(format!("{}: not a directory path", out.display())))?;
-    crate::temp_files::remove_stale(parent, Some(&name.to_string_lossy()));
-    let tmp = parent.join(crate::temp_files::dir_name(&name.to_string_lossy()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = (|| -> Result<()> {
+fn write_all<const N: usize>(out: &Path, manifest: &Manifest, graphs: [(&str, Graph); N], params: &[RawTensor], hf_map: Option<&str>) -> Result<()> {
+    // claimed again before the swap: the directory may have changed during the build
+    crate::temp_files::write_dir(out, Manifest::claim_out_dir, |tmp| {
         for (which, g) in graphs {
             let file = &manifest.graphs[which].file;
             save_model(&g.into_model(), &tmp.join(file), &SaveOptions::default())?;
@@ -376,21 +356,9 @@ fn write_all<const N: usize>(out: &Path, manifest: &Manifest, graphs: [(&str, Gr
         write_safetensors_raw(&tmp.join(PARAMS_FILE), params, None)?;
         let text = serde_json::to_string_pretty(manifest).expect("manifest serialises");
         crate::onnx::write_atomic(&tmp.join(MANIFEST_FILE), |w| w.write_all(text.as_bytes()))?;
-        Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    if out.exists() {
-        // Again: the directory may have changed during the build.
-        if let Err(e) = Manifest::claim_out_dir(out) {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
+        if let Some(text) = hf_map {
+            crate::onnx::write_atomic(&tmp.join(HF_MAP_FILE), |w| w.write_all(text.as_bytes()))?;
         }
-        swap_into_place(&tmp, out, parent, &name.to_string_lossy())?;
-    } else {
-        std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
-    }
-    Ok(())
+        Ok(())
+    })
 }

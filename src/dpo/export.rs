@@ -13,6 +13,9 @@ use crate::{Error, Result};
 pub struct RunParams {
     pub params: PathBuf,
     pub artifacts: PathBuf,
+    /// The tokenizer the run was trained with (and its config when given apart).
+    pub tokenizer: PathBuf,
+    pub tokenizer_config: Option<PathBuf>,
 }
 
 /// Finds `RUN/final/params.safetensors` (or the newest checkpoint when the run did not finish).
@@ -33,7 +36,7 @@ pub fn locate_run(run: &Path) -> Result<RunParams> {
     let cfg_path = run.join(crate::train::trainer::CONFIG_FILE);
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let cfg: crate::train::config::TrainConfig = serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", cfg_path.display())))?;
-    Ok(RunParams { params, artifacts: cfg.artifacts })
+    Ok(RunParams { params, artifacts: cfg.artifacts, tokenizer: cfg.tokenizer, tokenizer_config: cfg.tokenizer_config })
 }
 
 /// Refuses to overwrite a file at `out` (or its `<out>.data`) unless it is a model betadpo wrote.

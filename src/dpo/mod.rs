@@ -9,6 +9,7 @@ pub mod params;
 pub use config::{BetaAggregate, BetaSource, LossKind, ObjectiveConfig};
 pub mod artifacts;
 pub mod export;
+pub mod hf_export;
 pub mod manifest;
 pub mod optimizer;
 pub mod packing;
