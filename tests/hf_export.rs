@@ -200,8 +200,8 @@ fn checkpoint_and_logits_equal_transformers() {
         export_hf(&art, &moved, &hf2, None).unwrap();
         check_checkpoint(family, &hf2, &r, "sha256_perturbed", "perturbed");
         let (logits, beta) = ort_outputs(&onnx2, &r);
-        let d = logits_diff(&logits, &r.f32s["logits_perturbed"], mask);
-        assert!(d <= 1e-4, "{family}: perturbed ORT logits differ from transformers' by {d}");
+        let d2 = logits_diff(&logits, &r.f32s["logits_perturbed"], mask);
+        assert!(d2 <= 1e-4, "{family}: perturbed ORT logits differ from transformers' by {d2}");
         let before = logits_diff(&r.f32s["logits"], &r.f32s["logits_perturbed"], mask);
         assert!(before > 1e-2, "{family}: the perturbation must move the logits ({before})");
         let want = loader_beta(&r.f32s["hidden_perturbed"], mask, &hf2);
@@ -209,6 +209,62 @@ fn checkpoint_and_logits_equal_transformers() {
             assert!((g - w).abs() <= 1e-5, "{family}: ORT beta {g} vs the PyTorch loader's {w}");
         }
         assert!((want[0] - want[1]).abs() > 1e-3, "{family}: the head must tell the rows apart: {want:?}");
+        let db = beta.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0.0f32, f32::max);
+        eprintln!("{family}: max |logit diff| ORT vs transformers {d:.2e}, perturbed {d2:.2e}; beta ORT vs loader {db:.2e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+#[test]
+fn refusals_are_one_line_and_touch_nothing() {
+    let dir = common::fixtures::scratch("hf-refusals");
+    let gpt2 = fixture("gpt2");
+    // a model exported without a name map
+    let bare = dir.join("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    std::fs::copy(gpt2.join("model.onnx"), bare.join("model.onnx")).unwrap();
+    let art = dir.join("art-bare");
+    build_artifacts(&bare.join("model.onnx"), &art, &BuildOptions::default()).unwrap();
+    let hf = dir.join("hf");
+    let (code, _, err) = betadpo(&["export", "--artifacts", s(&art), "--hf", s(&hf)]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no hf_export.json") && err.contains("scripts/export_hf.py") && err.trim().lines().count() == 1, "{err}");
+    assert!(!hf.exists());
+
+    // a map written for another model is not carried into the artifacts
+    std::fs::copy(fixture("llama").join("hf_export.json"), bare.join("hf_export.json")).unwrap();
+    let (code, out, err) = betadpo(&["build-graph", "--quiet", "--model", s(&bare.join("model.onnx")), "--out", s(&art)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("name map was not copied") && out.contains("does not have"), "{out}");
+    assert!(!art.join("hf_export.json").exists());
+
+    // a directory that export --hf did not write is refused and left as it was
+    let good = dir.join("art");
+    build_artifacts(&gpt2.join("model.onnx"), &good, &BuildOptions::default()).unwrap();
+    let mine = dir.join("mine");
+    std::fs::create_dir_all(&mine).unwrap();
+    std::fs::write(mine.join("notes.txt"), "keep").unwrap();
+    let (code, _, err) = betadpo(&["export", "--artifacts", s(&good), "--hf", s(&mine)]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not an earlier `export --hf` output") && err.trim().lines().count() == 1, "{err}");
+    assert_eq!(std::fs::read_to_string(mine.join("notes.txt")).unwrap(), "keep");
+    assert_eq!(std::fs::read_dir(&mine).unwrap().count(), 1);
+
+    // an earlier output is replaced whole; one with a file added by someone else is not
+    let tok = common::fixtures::repo().join("graphs/quickstart/tokenizer.json");
+    let (code, out, err) = betadpo(&["export", "--artifacts", s(&good), "--hf", s(&hf)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("no tokenizer found") && !hf.join("tokenizer.json").exists(), "{out}");
+    let (code, _, err) = betadpo(&["export", "--artifacts", s(&good), "--hf", s(&hf), "--tokenizer", s(&tok)]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read(hf.join("tokenizer.json")).unwrap(), std::fs::read(&tok).unwrap());
+    assert!(hf.join("tokenizer_config.json").exists(), "the config beside tokenizer.json comes along");
+    std::fs::write(hf.join("README.md"), "mine").unwrap();
+    let (code, _, err) = betadpo(&["export", "--artifacts", s(&good), "--hf", s(&hf)]);
+    assert_ne!(code, 0);
+    assert!(err.contains("README.md") && err.trim().lines().count() == 1, "{err}");
+    assert!(hf.join("README.md").exists() && hf.join("model.safetensors").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with('.')).collect();
+    assert!(leftovers.is_empty(), "temporary directories left: {leftovers:?}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
