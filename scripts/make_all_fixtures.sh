@@ -3,8 +3,10 @@
 #   graphs/quickstart/{train,test,test_conversational,test_implicit}.jsonl   scripts/make_prefs.py
 #   graphs/quickstart/{tokenizer.json,tokenizer_config.json}                scripts/make_tokenizer.py
 #   graphs/quickstart/model.onnx(+.data)     tiny random Llama, dynamo       scripts/export_hf.py --tiny llama
-#   tests/fixtures/models/<family>/{model.onnx[,.data],golden.safetensors,golden.json}
+#   tests/fixtures/models/<family>/{model.onnx[,.data],golden.safetensors,golden.json,hf_export.json}
 #                                             8 tiny random families         scripts/export_hf.py --tiny F --golden
+#   tests/fixtures/models/{gpt2,llama,qwen2,gemma}/hf_reference.{json,safetensors}
+#                                             transformers' checkpoint/logits scripts/make_hf_reference.py
 # Usage: bash scripts/make_all_fixtures.sh [family ...]     (default: all families)
 # Env:   PY=path/to/python (default scripts/.venv/bin/python; created with scripts/setup_venv.sh if missing)
 set -euo pipefail
@@ -30,6 +32,15 @@ for fam in "${families[@]}"; do
   "$PY" scripts/export_hf.py --tiny "$fam" --out "tests/fixtures/models/$fam" --golden \
     --test-jsonl graphs/quickstart/test.jsonl --tokenizer graphs/quickstart/tokenizer.json
 done
+
+hf_reference=()
+for fam in "${families[@]}"; do
+  case "$fam" in gpt2|llama|qwen2|gemma) hf_reference+=("$fam") ;; esac
+done
+if [ ${#hf_reference[@]} -gt 0 ]; then
+  echo "=== hf_reference: ${hf_reference[*]}"
+  "$PY" scripts/make_hf_reference.py "${hf_reference[@]}"
+fi
 
 echo "=== graphs/quickstart/model.onnx"
 "$PY" scripts/export_hf.py --tiny llama --seed 7 --exporter dynamo --out graphs/quickstart
