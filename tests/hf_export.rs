@@ -264,6 +264,14 @@ fn refusals_are_one_line_and_touch_nothing() {
     assert_ne!(code, 0);
     assert!(err.contains("README.md") && err.trim().lines().count() == 1, "{err}");
     assert!(hf.join("README.md").exists() && hf.join("model.safetensors").exists());
+    // a head that reads another tensor than the lm_head's input: the PyTorch loader could not follow
+    let other = dir.join("art-hidden");
+    let opts = BuildOptions { hidden_state: Some("/m/transformer/ln_f/LayerNormalization_output_0".into()), ..Default::default() };
+    build_artifacts(&gpt2.join("model.onnx"), &other, &opts).unwrap();
+    let (code, _, err) = betadpo(&["export", "--artifacts", s(&other), "--hf", s(&dir.join("hf-hidden"))]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--hidden-state") && err.trim().lines().count() == 1, "{err}");
+    assert!(!dir.join("hf-hidden").exists());
     let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with('.')).collect();
     assert!(leftovers.is_empty(), "temporary directories left: {leftovers:?}");
     let _ = std::fs::remove_dir_all(&dir);
