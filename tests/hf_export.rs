@@ -18,7 +18,7 @@ use betadpo::dpo::hf_export::export_hf;
 use betadpo::dpo::{build_artifacts, BuildOptions, Manifest};
 use betadpo::runtime::{run, HostTensor, SessionConfig};
 use betadpo::store::{read_safetensors, write_safetensors, NamedTensor};
-use ndarray::{ArrayD, IxDyn};
+use ndarray::ArrayD;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -46,24 +46,8 @@ struct Reference {
 fn reference(family: &str) -> Reference {
     let dir = fixture(family);
     let json: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("hf_reference.json")).unwrap()).unwrap();
-    let bytes = std::fs::read(dir.join("hf_reference.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let (mut f32s, mut i64s) = (HashMap::new(), HashMap::new());
-    for (name, v) in st.tensors() {
-        let shape = IxDyn(v.shape());
-        match v.dtype() {
-            safetensors::Dtype::F32 => {
-                let d = v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-                f32s.insert(name, ArrayD::from_shape_vec(shape, d).unwrap());
-            }
-            safetensors::Dtype::I64 => {
-                let d = v.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
-                i64s.insert(name, ArrayD::from_shape_vec(shape, d).unwrap());
-            }
-            other => panic!("unexpected dtype {other:?}"),
-        }
-    }
-    Reference { json, f32s, i64s }
+    let t = common::fixtures::read_tensors(&dir.join("hf_reference.safetensors"));
+    Reference { json, f32s: t.f32s, i64s: t.i64s }
 }
 
 /// The perturbation scripts/make_hf_reference.py applies, element `k` of a checkpoint tensor.

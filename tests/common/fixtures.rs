@@ -3,7 +3,10 @@
 
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use ndarray::{ArrayD, IxDyn};
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -54,4 +57,31 @@ pub fn scratch(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// The float32 and int64 tensors of a fixture's safetensors file (goldens, references).
+pub struct Tensors {
+    pub f32s: HashMap<String, ArrayD<f32>>,
+    pub i64s: HashMap<String, ArrayD<i64>>,
+}
+
+pub fn read_tensors(path: &Path) -> Tensors {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut t = Tensors { f32s: HashMap::new(), i64s: HashMap::new() };
+    for (name, v) in st.tensors() {
+        let shape = IxDyn(v.shape());
+        match v.dtype() {
+            safetensors::Dtype::F32 => {
+                let d: Vec<f32> = v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+                t.f32s.insert(name, ArrayD::from_shape_vec(shape, d).unwrap());
+            }
+            safetensors::Dtype::I64 => {
+                let d: Vec<i64> = v.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+                t.i64s.insert(name, ArrayD::from_shape_vec(shape, d).unwrap());
+            }
+            other => panic!("{}: unexpected dtype {other:?}", path.display()),
+        }
+    }
+    t
 }
