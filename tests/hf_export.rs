@@ -230,7 +230,7 @@ fn refusals_are_one_line_and_touch_nothing() {
     std::fs::write(mine.join("notes.txt"), "keep").unwrap();
     let (code, _, err) = betadpo(&["export", "--artifacts", s(&good), "--hf", s(&mine)]);
     assert_ne!(code, 0);
-    assert!(err.contains("not an earlier `export --hf` output") && err.trim().lines().count() == 1, "{err}");
+    assert!(err.contains("earlier `export --hf` output") && err.contains("--hf") && err.trim().lines().count() == 1, "{err}");
     assert_eq!(std::fs::read_to_string(mine.join("notes.txt")).unwrap(), "keep");
     assert_eq!(std::fs::read_dir(&mine).unwrap().count(), 1);
 
@@ -246,8 +246,14 @@ fn refusals_are_one_line_and_touch_nothing() {
     std::fs::write(hf.join("README.md"), "mine").unwrap();
     let (code, _, err) = betadpo(&["export", "--artifacts", s(&good), "--hf", s(&hf)]);
     assert_ne!(code, 0);
-    assert!(err.contains("README.md") && err.trim().lines().count() == 1, "{err}");
+    assert!(err.contains("earlier `export --hf` output") && err.trim().lines().count() == 1, "{err}");
     assert!(hf.join("README.md").exists() && hf.join("model.safetensors").exists());
+    // flags: something to export, and somewhere to write it
+    let (code, _, err) = betadpo(&["export", "--artifacts", s(&good)]);
+    assert!(code != 0 && err.contains("--out FILE") && err.contains("--hf DIR"), "{err}");
+    let (code, _, err) = betadpo(&["export", "--hf", s(&dir.join("hf-none"))]);
+    assert!(code != 0 && err.contains("--run RUN") && err.contains("--artifacts ART"), "{err}");
+
     // a head that reads another tensor than the lm_head's input: the PyTorch loader could not follow
     let other = dir.join("art-hidden");
     let opts = BuildOptions { hidden_state: Some("/m/transformer/ln_f/LayerNormalization_output_0".into()), ..Default::default() };

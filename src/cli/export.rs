@@ -9,13 +9,13 @@ use betadpo::dpo::Manifest;
 #[derive(clap::Args)]
 pub struct Args {
     /// Run directory written by train (its final parameters, or the newest checkpoint).
-    #[arg(long, required_unless_present = "artifacts", conflicts_with = "artifacts")]
+    #[arg(long, conflicts_with = "artifacts")]
     run: Option<PathBuf>,
     /// Artifacts directory instead of a run: export its initial, untrained parameters.
     #[arg(long)]
     artifacts: Option<PathBuf>,
     /// Output ONNX model file (its weights go to <file>.data beside it when large).
-    #[arg(long, required_unless_present = "hf")]
+    #[arg(long)]
     out: Option<PathBuf>,
     /// Output Hugging Face checkpoint directory (model.safetensors, config.json, tokenizer files,
     /// beta_head.safetensors + beta_head.json); needs the hf_export.json that scripts/export_hf.py writes.
@@ -28,6 +28,9 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if a.out.is_none() && a.hf.is_none() {
+        anyhow::bail!("export needs --out FILE (one ONNX model), --hf DIR (a Hugging Face checkpoint), or both");
+    }
     let (artifacts, params, source, run_tokenizer) = match (&a.run, &a.artifacts) {
         (Some(run), _) => {
             let found = locate_run(run)?;
@@ -35,7 +38,7 @@ pub fn run(a: Args) -> Result<()> {
             (found.artifacts, found.params, run.clone(), Some(tok))
         }
         (None, Some(art)) => (art.clone(), art.join(PARAMS_FILE), art.clone(), None),
-        (None, None) => unreachable!("clap requires --run or --artifacts"),
+        (None, None) => anyhow::bail!("export needs --run RUN (trained parameters) or --artifacts ART (untrained ones)"),
     };
     if let Some(out) = &a.out {
         export_model(&artifacts, &params, out).with_context(|| format!("exporting {}", source.display()))?;
