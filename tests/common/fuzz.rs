@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Value};
 
 /// Values that break length and offset fields: protobuf varints and little-endian integers of
 /// the largest sizes, and decimal numbers that overflow or are negative.
@@ -105,6 +106,64 @@ impl Mutator {
         }
     }
 
+    /// Mutations that keep JSON (or each line of JSONL) valid, so that they reach the checks
+    /// after parsing: a value replaced by a hostile one (wrong type, huge or negative number,
+    /// path, deep nesting), or an entry removed. Input that is not JSON gets byte mutations.
+    pub fn mutate_json(&mut self, input: &[u8]) -> Vec<u8> {
+        if let Ok(mut v) = serde_json::from_slice::<Value>(input) {
+            for _ in 0..self.rng.random_range(1..=3) {
+                self.mutate_value(&mut v);
+            }
+            return serde_json::to_vec_pretty(&v).unwrap();
+        }
+        let mut lines: Vec<&[u8]> = input.split(|&b| b == b'\n').collect();
+        let k = self.rng.random_range(0..lines.len());
+        let mutated = match serde_json::from_slice::<Value>(lines[k]) {
+            Ok(mut v) => {
+                self.mutate_value(&mut v);
+                serde_json::to_vec(&v).unwrap()
+            }
+            Err(_) => return self.mutate(input),
+        };
+        lines[k] = &mutated;
+        lines.join(&b'\n')
+    }
+
+    fn mutate_value(&mut self, root: &mut Value) {
+        let count = count_values(root);
+        let target = nth_value(root, self.rng.random_range(0..count)).expect("in range");
+        let remove = self.rng.random_bool(0.2);
+        match target {
+            Value::Object(m) if remove && !m.is_empty() => {
+                let key = m.keys().nth(self.rng.random_range(0..m.len())).unwrap().clone();
+                m.remove(&key);
+            }
+            Value::Array(a) if remove && !a.is_empty() => {
+                a.remove(self.rng.random_range(0..a.len()));
+            }
+            t => *t = self.hostile_value(),
+        }
+    }
+
+    fn hostile_value(&mut self) -> Value {
+        match self.rng.random_range(0..14) {
+            0 => Value::Null,
+            1 => json!(true),
+            2 => json!(-1),
+            3 => json!(0),
+            4 => json!(u64::MAX),
+            5 => json!(i64::MIN),
+            6 => json!(1e308),
+            7 => json!(""),
+            8 => json!("/etc/passwd"),
+            9 => json!("../../x"),
+            10 => json!([]),
+            11 => json!({}),
+            12 => (0..200).fold(json!(0), |v, _| json!([v])),
+            _ => json!("\u{0}\u{ffff}{{ x }}{% for %}"),
+        }
+    }
+
     fn chunk(&mut self, v: &[u8]) -> (usize, usize) {
         let a = self.rng.random_range(0..v.len());
         let len = self.rng.random_range(1..=(v.len() - a).min(256));
@@ -117,6 +176,35 @@ impl Mutator {
         let end = (at + h.len()).min(v.len());
         v.splice(at..end, h.iter().copied());
     }
+}
+
+fn count_values(v: &Value) -> usize {
+    1 + match v {
+        Value::Array(a) => a.iter().map(count_values).sum(),
+        Value::Object(m) => m.values().map(count_values).sum(),
+        _ => 0,
+    }
+}
+
+/// The `k`-th value of `v` in pre-order.
+fn nth_value(v: &mut Value, k: usize) -> Option<&mut Value> {
+    if k == 0 {
+        return Some(v);
+    }
+    let mut k = k - 1;
+    let children: Vec<&mut Value> = match v {
+        Value::Array(a) => a.iter_mut().collect(),
+        Value::Object(m) => m.values_mut().collect(),
+        _ => return None,
+    };
+    for c in children {
+        let n = count_values(c);
+        if k < n {
+            return nth_value(c, k);
+        }
+        k -= n;
+    }
+    None
 }
 
 /// `default`, or `BETADPO_FUZZ_CASES` when set (for longer runs by hand).
@@ -162,7 +250,7 @@ where
             Ok(Ok(Err(e))) => {
                 assert!(!e.trim().is_empty() && !e.contains('\n'), "{name}: case {i}: the error is not one line: {e:?}");
                 outcome.refused += 1;
-                let head: String = e.split_whitespace().take(4).collect::<Vec<_>>().join(" ");
+                let head: String = e.split_whitespace().take(6).collect::<Vec<_>>().join(" ");
                 if outcome.samples.len() < 6 && !outcome.samples.iter().any(|s| s.starts_with(&head)) {
                     outcome.samples.push(e.chars().take(200).collect());
                 }
