@@ -27,6 +27,9 @@ pub enum Error {
     Runtime(String),
     #[error("{}", one_line(.0))]
     Data(String),
+    /// An output path betadpo will not write into, replace or clear (see `output_dir`).
+    #[error("{path}: {}", one_line(detail))]
+    Refused { path: PathBuf, detail: String },
     #[error("{}", one_line(.0))]
     Other(String),
 }

@@ -14,6 +14,7 @@ pub mod error;
 pub mod graph;
 pub mod infer;
 pub mod onnx;
+pub mod output_dir;
 pub mod runtime;
 pub mod store;
 pub mod temp_files;

@@ -25,8 +25,7 @@ sys.exit(1 if bad else 0)
 "#;
     let has_onnx = Command::new("python3").args(["-c", "import onnx"]).status().map(|s| s.success()).unwrap_or(false);
     if !has_onnx {
-        assert!(std::env::var_os("CI").is_none(), "CI must install the onnx Python package (.ci/run does)");
-        eprintln!("notice: python3 -c 'import onnx' failed; skipping onnx.checker (pip install onnx)");
+        common::fixtures::skip("python3 -c 'import onnx' failed (pip install onnx)");
         return;
     }
     let out = Command::new("python3").args(["-c", script, dir.to_str().unwrap()]).output().unwrap();

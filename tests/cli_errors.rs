@@ -71,6 +71,11 @@ fn bad_flag_values() {
     assert_one_line_error(&["build-graph", "--model", m, "--out", o, "--beta-max", "0.05"], "--beta-max");
     assert_one_line_error(&["build-graph", "--model", m, "--out", o, "--freeze", "(["], "--freeze");
     assert_one_line_error(&["build-graph", "--model", m, "--out", o, "--label-smoothing", "0.7"], "--label-smoothing");
+    assert_one_line_error(&["build-graph", "--model", m, "--out", o, "--beta-reg", "-1"], "--beta-reg");
+    assert_one_line_error(&["build-graph", "--model", m, "--out", o, "--beta-min", "nan"], "--beta-min");
+    assert_one_line_error(&["build-graph", "--model", m, "--out", o, "--fixed-beta", "0"], "--fixed-beta");
+    assert_one_line_error(&["build-graph", "--model", m, "--out", o, "--fixed-beta", "0.1", "--trainable", "head"], "--trainable head");
+    assert_one_line_error(&["build-graph", "--model", m, "--out", o, "--beta-init", "-1e-3"], "--beta-init");
     assert_absent(&out);
 }
 

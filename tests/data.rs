@@ -1,6 +1,8 @@
 //! Data loading, tokenization, collation and ordering. Exact ids are checked on a word-level
 //! tokenizer in `tests/fixtures/data`, and against PyTorch-side ids from `../shared/fixtures`
-//! (skipped with a notice when that folder is absent).
+//! (skipped with a notice when that folder is absent, a failure under `CI=true`).
+
+mod common;
 
 use std::path::{Path, PathBuf};
 
@@ -11,13 +13,7 @@ fn here(name: &str) -> PathBuf {
 }
 
 fn shared() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
-    if dir.exists() {
-        Some(dir)
-    } else {
-        eprintln!("NOTICE: {} is absent; skipping this test", dir.display());
-        None
-    }
+    common::fixtures::shared("")
 }
 
 fn load(name: &str) -> LoadedData {

@@ -44,8 +44,7 @@ fn trained_export(dir: &Path) -> PathBuf {
 fn python_onnxruntime_agrees_with_infer() {
     let has_ort = Command::new("python3").args(["-c", "import onnxruntime, numpy"]).status().map(|s| s.success()).unwrap_or(false);
     if !has_ort {
-        assert!(std::env::var_os("CI").is_none(), "CI must install the onnxruntime Python package (.ci/run does)");
-        eprintln!("notice: python3 onnxruntime/numpy missing; skipping the cross-binding check");
+        common::fixtures::skip("python3 cannot import onnxruntime and numpy (the cross-binding check)");
         return;
     }
     let dir = common::fixtures::scratch("export-py");

@@ -248,7 +248,7 @@ fn packed_layout_matches_pytorch() {
 #[test]
 fn packed_layout_matches_padded_for_mean_heads() {
     let Some(model) = common::fixtures::all_models().into_iter().find(|m| m.ends_with("tiny-llama-dynamo") || m.ends_with("llama")) else {
-        eprintln!("notice: no Llama fixture; skipping");
+        common::fixtures::skip("no Llama fixture");
         return;
     };
     let golden = load_golden(&model);

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use betadpo::dpo::packing::LayoutChoice;
-use betadpo::dpo::{build_artifacts, BuildOptions, ObjectiveConfig};
+use betadpo::dpo::{build_artifacts, BuildOptions, Layout, ObjectiveConfig};
 use betadpo::store::{read_safetensors, NamedTensor};
 use betadpo::train::checkpoint::{self, TrainerState};
 use betadpo::train::config::TrainConfig;
@@ -73,14 +73,22 @@ fn shared_inputs() -> Option<Inputs> {
 fn inputs() -> Option<Inputs> {
     let i = quickstart().or_else(shared_inputs);
     if i.is_none() {
-        eprintln!("notice: neither graphs/quickstart/model.onnx nor ../shared/fixtures is present; skipping");
+        common::fixtures::skip("neither graphs/quickstart/model.onnx nor ../shared/fixtures is present");
     }
     i
 }
 
 fn artifacts(model: &Path, dir: &Path, objective: ObjectiveConfig) -> PathBuf {
+    artifacts_in(LayoutChoice::Padded, model, dir, objective)
+}
+
+/// Artifacts of the given layout; `Packed` must succeed (the test models can be packed).
+fn artifacts_in(layout: LayoutChoice, model: &Path, dir: &Path, objective: ObjectiveConfig) -> PathBuf {
     let out = dir.join("art");
-    build_artifacts(model, &out, &BuildOptions { objective, ..Default::default() }).unwrap_or_else(|e| panic!("build-graph {}: {e}", model.display()));
+    let report = build_artifacts(model, &out, &BuildOptions { objective, layout, ..Default::default() })
+        .unwrap_or_else(|e| panic!("build-graph {}: {e}", model.display()));
+    let expected = if layout == LayoutChoice::Packed { Layout::Packed } else { Layout::Padded };
+    assert_eq!(report.manifest.layout, expected, "{}", model.display());
     out
 }
 
@@ -264,10 +272,20 @@ impl Rng {
 // 1. Exact resume
 
 #[test]
-fn resume_is_exact() {
+fn resume_is_exact_padded() {
+    resume_is_exact(LayoutChoice::Padded);
+}
+
+/// Packed is the layout `build-graph` picks for these models by default.
+#[test]
+fn resume_is_exact_packed() {
+    resume_is_exact(LayoutChoice::Packed);
+}
+
+fn resume_is_exact(layout: LayoutChoice) {
     let Some(inp) = inputs() else { return };
-    let dir = scratch("resume");
-    let art = artifacts(&inp.model, &dir, ObjectiveConfig::default());
+    let dir = scratch(&format!("resume-{layout:?}"));
+    let art = artifacts_in(layout, &inp.model, &dir, ObjectiveConfig::default());
     // 40 pairs = 10 micro-batches of 4 = 5 steps of 2 per epoch: 8 steps cross an epoch boundary,
     // and the resume point (step 4) is mid-epoch.
     let data = head(&inp.train, 40, &dir, "train.jsonl");
@@ -392,10 +410,25 @@ fn check_after_resume(run: &Path, k: &KillSetup, reference: &[NamedTensor], what
 
 #[cfg(unix)]
 #[test]
-fn sigkill_then_resume() {
+fn sigkill_then_resume_padded() {
+    sigkill_then_resume(LayoutChoice::Padded);
+}
+
+/// Packed is the layout `build-graph` picks for these models by default.
+#[cfg(unix)]
+#[test]
+fn sigkill_then_resume_packed() {
+    sigkill_then_resume(LayoutChoice::Packed);
+}
+
+/// Kills a run in each phase it names (start-up before the first checkpoint, training, writing a
+/// checkpoint, removing an old one, repeatedly), asserts that each phase was really hit, and that
+/// every resume ends bit-identical to the uninterrupted run.
+#[cfg(unix)]
+fn sigkill_then_resume(layout: LayoutChoice) {
     let Some(inp) = inputs() else { return };
-    let dir = scratch("sigkill");
-    let art = artifacts(&inp.model, &dir, ObjectiveConfig::default());
+    let dir = scratch(&format!("sigkill-{layout:?}"));
+    let art = artifacts_in(layout, &inp.model, &dir, ObjectiveConfig::default());
     let k = KillSetup { data: head(&inp.train, 32, &dir, "train.jsonl"), art, tokenizer: inp.tokenizer.clone(), steps: 12 };
 
     // The uninterrupted run, timed: start-up (runtime, tokenization, reference log-probs), then steps.
@@ -417,16 +450,36 @@ fn sigkill_then_resume() {
     eprintln!("uninterrupted run: {:.2}s, first checkpoint after {:.2}s", whole.as_secs_f64(), first_save.as_secs_f64());
     let mut rng = Rng::from_env_or_clock();
 
-    // Killed once at a random moment, then resumed to the end: two kills during start-up, the
-    // rest while training (the first checkpoint on disk, then a random share of the steps).
+    // Killed during start-up (runtime, tokenization, reference log-probs): before any checkpoint
+    // exists. A kill that came too late is retried with a shorter delay, so the phase is hit.
+    let mut startup_kills = 0;
+    for attempt in 0..8 {
+        let run = dir.join(format!("startup-{attempt}"));
+        let delay = first_save.mul_f64((0.1 + 0.8 * rng.unit()) / f64::from(1 << (attempt / 2)));
+        let mut child = k.spawn(&run);
+        std::thread::sleep(delay);
+        let before_first_save = checkpoint::list(&run).is_empty() && child.try_wait().unwrap().is_none();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        check_after_kill(&run, &format!("start-up kill {attempt} after {delay:?}"));
+        startup_kills += usize::from(before_first_save);
+        eprintln!("start-up kill {attempt}: after {:.0} ms, before the first checkpoint: {before_first_save}", delay.as_secs_f64() * 1e3);
+        k.complete(&run);
+        check_after_resume(&run, &k, &reference, &format!("start-up kill {attempt} after {delay:?}"));
+        if startup_kills == 2 {
+            break;
+        }
+    }
+    assert_eq!(startup_kills, 2, "no kill landed before the first checkpoint in 8 attempts");
+
+    // Killed once at a random moment while training (the first checkpoint on disk, then a random
+    // share of the steps), then resumed to the end.
     let mut killed = 0;
-    for i in 0..6 {
+    for i in 2..6 {
         let run = dir.join(format!("random-{i}"));
         let mut child = k.spawn(&run);
         let t = Instant::now();
-        let delay = if i < 2 {
-            first_save.mul_f64(0.1 + 0.8 * rng.unit())
-        } else {
+        let delay = {
             while checkpoint::list(&run).is_empty() && child.try_wait().unwrap().is_none() {
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -444,11 +497,15 @@ fn sigkill_then_resume() {
         check_after_resume(&run, &k, &reference, &format!("random kill {i} after {delay:?}"));
         assert_same_records(&reference_train, &train_records(&run), &format!("metrics after kill {i}"));
     }
-    assert!(killed >= 3, "only {killed} of 6 runs were still running when killed; the delays are too long");
+    assert!(killed >= 2, "only {killed} of 4 runs were still running when killed; the delays are too long");
 
-    // Killed while a checkpoint is being written: watch checkpoints/ for a temporary directory.
+    // Killed while a checkpoint is being written: watch checkpoints/ for a temporary directory,
+    // until two runs were caught there.
     let mut caught = 0;
-    for i in 0..4 {
+    for i in 0..8 {
+        if caught == 2 {
+            break;
+        }
         let run = dir.join(format!("in-save-{i}"));
         let mut child = k.spawn(&run);
         let deadline = Instant::now() + whole * 3;
@@ -461,7 +518,7 @@ fn sigkill_then_resume() {
             // Skip the first few saves so the kill also lands mid-run and during rotation.
             if names.iter().any(|n| n.starts_with(".partial-")) {
                 seen_steps += 1;
-                if seen_steps > 2 * i {
+                if seen_steps > 2 * (i % 3) {
                     let _ = child.kill();
                     caught += 1;
                     break;
@@ -476,12 +533,15 @@ fn sigkill_then_resume() {
         k.complete(&run);
         check_after_resume(&run, &k, &reference, &format!("kill {i} during a save"));
     }
-    eprintln!("caught {caught} of 4 runs while writing a checkpoint");
+    assert_eq!(caught, 2, "fewer than 2 of 8 runs were killed while writing a checkpoint");
 
     // Killed while an old checkpoint is being removed (save_total_limit): watch for a `step-N`
     // directory that has lost some of its files.
     let mut caught = 0;
-    for i in 0..3 {
+    for i in 0..8 {
+        if caught == 1 {
+            break;
+        }
         let run = dir.join(format!("in-rotation-{i}"));
         let mut child = k.spawn(&run);
         let deadline = Instant::now() + whole * 3;
@@ -501,7 +561,7 @@ fn sigkill_then_resume() {
         k.complete(&run);
         check_after_resume(&run, &k, &reference, &format!("kill {i} during checkpoint rotation"));
     }
-    eprintln!("caught {caught} of 3 runs while an old checkpoint was being removed");
+    assert_eq!(caught, 1, "no run of 8 was killed while an old checkpoint was being removed");
 
     // Killed repeatedly: each resume is itself killed, then the last one finishes.
     let run = dir.join("repeated");
@@ -686,7 +746,7 @@ fn bad_input() {
 #[test]
 fn learns_context_dependent_beta() {
     let Some(inp) = shared_inputs().or_else(quickstart) else {
-        eprintln!("notice: neither ../shared/fixtures nor graphs/quickstart/model.onnx is present; skipping");
+        common::fixtures::skip("neither ../shared/fixtures nor graphs/quickstart/model.onnx is present");
         return;
     };
     eprintln!("learning on {}", inp.source);

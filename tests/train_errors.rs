@@ -50,3 +50,56 @@ fn packed_artifacts_refuse_sequences_longer_than_verified() {
     assert!(!out.exists(), "a failed start must not create {}", out.display());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Every flag value that cannot work is refused before any work, in one line naming the flag, and
+/// leaves no run directory.
+#[test]
+fn impossible_flag_values_are_refused_by_name() {
+    let q = common::fixtures::repo().join("graphs/quickstart");
+    let dir = common::fixtures::scratch("train-bad-flags");
+    let out = dir.join("run");
+    let base = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["train", "--artifacts", dir.join("art").to_str().unwrap(), "--data", q.join("train.jsonl").to_str().unwrap()]
+            .iter()
+            .chain(["--tokenizer", q.join("tokenizer.json").to_str().unwrap(), "--out", out.to_str().unwrap(), "--quiet"].iter())
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let cases: &[(&[&str], &str)] = &[
+        (&["--max-prompt-length", "0"], "--max-prompt-length"),
+        (&["--max-length", "1"], "--max-length"),
+        (&["--max-length", "64", "--max-prompt-length", "64"], "--max-prompt-length"),
+        (&["--max-grad-norm", "-1"], "--max-grad-norm"),
+        (&["--max-grad-norm", "nan"], "--max-grad-norm"),
+        (&["--threads", "0"], "--threads"),
+        (&["--group-by", ""], "--group-by"),
+        (&["--eval-every", "10"], "--eval-every"),
+        (&["--batch-size", "0"], "--batch-size"),
+        (&["--grad-accum", "0"], "--grad-accum"),
+        (&["--lr", "-1e-3"], "--lr"),
+        (&["--head-lr", "inf"], "--head-lr"),
+        (&["--weight-decay", "-0.1"], "--weight-decay"),
+        (&["--epochs", "0"], "--epochs"),
+        (&["--epochs", "nan", "--max-steps", "3"], "--epochs"),
+        (&["--max-steps", "0"], "--max-steps"),
+        (&["--pack-tokens", "0"], "--pack-tokens"),
+        (&["--lr-schedule", "sideways"], "--lr-schedule"),
+        (&["--ep", "abacus"], "--ep"),
+        (&["--optimizer", "sgd"], "--optimizer"),
+        (&["--batch-size", "-2"], "--batch-size"),
+    ];
+    for (extra, flag) in cases {
+        let res = Command::new(env!("CARGO_BIN_EXE_betadpo")).args(base(extra)).output().unwrap();
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(!res.status.success(), "{extra:?} was accepted");
+        assert!(err.contains(flag) && err.trim().lines().count() == 1, "{extra:?}: expected one line naming {flag}:\n{err}");
+        assert!(!out.exists(), "{extra:?}: a refused start must not create {}", out.display());
+    }
+    let res = Command::new(env!("CARGO_BIN_EXE_betadpo")).args(["quickstart", "--steps", "0", "--out", out.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success() && err.contains("--steps") && err.trim().lines().count() == 1, "{err}");
+    assert!(!out.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -11,7 +11,8 @@ pub struct Args {
     /// The exported model (ONNX; external data next to it is found automatically).
     #[arg(long)]
     model: PathBuf,
-    /// Output directory for the artifacts (replaced atomically when it exists).
+    /// Output directory for the artifacts: created, or an earlier build there replaced atomically (any
+    /// other non-empty directory is refused).
     #[arg(long)]
     out: PathBuf,
     /// Where beta is read: `prompt` (last prompt token, one beta per pair) or `sequence`.

@@ -44,6 +44,10 @@ pub fn run() -> Result<()> {
         {
             e.exit()
         }
+        Err(e) if negative_value_flag(&e).is_some() => {
+            let (flag, value) = negative_value_flag(&e).unwrap_or_default();
+            anyhow::bail!(betadpo::Error::BadFlag { flag, detail: format!("{value} (a negative number cannot work here)") });
+        }
         Err(e) => {
             // clap's usage block spans several lines; keep its first, which names the problem.
             let text = e.render().to_string();
@@ -59,4 +63,18 @@ pub fn run() -> Result<()> {
         Command::Infer(a) => infer::run(a),
         Command::Quickstart(a) => quickstart::run(a),
     }
+}
+
+/// clap reads a negative number given to a flag that takes none (`--batch-size -2`, or
+/// `--lr -1e-3`, whose exponent clap does not see as a number) as an unknown short option. The
+/// flag before it is the one to name.
+fn negative_value_flag(e: &clap::Error) -> Option<(String, String)> {
+    if e.kind() != clap::error::ErrorKind::UnknownArgument {
+        return None;
+    }
+    let bad = e.get(clap::error::ContextKind::InvalidArg)?.to_string();
+    let args: Vec<String> = std::env::args().collect();
+    let i = args.iter().position(|a| a.starts_with(&bad) && a.parse::<f64>().is_ok_and(|v| v < 0.0))?;
+    let flag = args[..i].last().filter(|f| f.starts_with("--"))?;
+    Some((flag.clone(), args[i].clone()))
 }

@@ -9,6 +9,7 @@ use betadpo::dpo::packing::LayoutChoice;
 use betadpo::dpo::validate::{validate, ValidateOptions};
 use betadpo::dpo::{build_artifacts, BuildOptions, ObjectiveConfig};
 use betadpo::infer::Predictor;
+use betadpo::output_dir;
 use betadpo::runtime::SessionConfig;
 use betadpo::train::config::TrainConfig;
 use betadpo::train::report::eval_groups;
@@ -21,7 +22,8 @@ pub struct Args {
     /// Where the bundled model, tokenizer and data are.
     #[arg(long)]
     assets: Option<PathBuf>,
-    /// Output directory.
+    /// Output directory: created, or an earlier quickstart's output there replaced (any other
+    /// non-empty directory is refused).
     #[arg(long, default_value = "quickstart-run")]
     out: PathBuf,
     /// Optimizer steps of each training run.
@@ -33,6 +35,9 @@ pub struct Args {
     #[arg(long)]
     quiet: bool,
 }
+
+/// The kind written in a quickstart directory's marker.
+const QUICKSTART_MARK: &str = "quickstart";
 
 fn assets_dir(a: &Args) -> Result<PathBuf> {
     let candidates = match &a.assets {
@@ -69,11 +74,19 @@ fn get(r: Option<&Map<String, Value>>, key: &str) -> String {
 
 pub fn run(a: Args) -> Result<()> {
     betadpo::runtime::keep_freed_memory_for_reuse();
+    if a.steps == 0 {
+        anyhow::bail!(betadpo::Error::BadFlag { flag: "--steps".into(), detail: "0 (must be at least 1)".into() });
+    }
     let assets = assets_dir(&a)?;
     let out = a.out.clone();
+    // Cleared only when an earlier quickstart wrote it (its marker), so `--out ~/notes` is refused.
+    let kind = output_dir::Kind { flag: "--out", what: "an earlier quickstart's output (its .betadpo-output marker)", replaced: true };
+    output_dir::claim(&out, &kind, |d| output_dir::marked(d, QUICKSTART_MARK))?;
     if out.exists() {
         std::fs::remove_dir_all(&out).with_context(|| format!("clearing {}", out.display()))?;
     }
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    output_dir::mark(&out, QUICKSTART_MARK)?;
     let step = |s: &str| {
         if !a.quiet {
             eprintln!("\n== {s}");

@@ -128,6 +128,7 @@ fn set_outputs(graph: &mut Graph, specs: &[TensorSpec]) {
 
 pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -> Result<BuildReport> {
     opts.objective.validate()?;
+    Manifest::claim_out_dir(out_dir)?;
     let model = load_model(model_path)?;
     let mut base = Graph::from_model(model)?;
     base.sort_topologically()?;
@@ -385,6 +386,11 @@ fn write_all<const N: usize>(out: &Path, manifest: &Manifest, graphs: [(&str, Gr
         return Err(e);
     }
     if out.exists() {
+        // Again: the directory may have changed during the build.
+        if let Err(e) = Manifest::claim_out_dir(out) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
         swap_into_place(&tmp, out, parent, &name.to_string_lossy())?;
     } else {
         std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;

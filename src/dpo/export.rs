@@ -36,6 +36,28 @@ pub fn locate_run(run: &Path) -> Result<RunParams> {
     Ok(RunParams { params, artifacts: cfg.artifacts })
 }
 
+/// Refuses to overwrite a file at `out` (or its `<out>.data`) unless it is a model betadpo wrote.
+fn claim_model_file(out: &Path) -> Result<()> {
+    let refuse = |path: &Path, what: &str| {
+        Err(Error::Refused {
+            path: path.to_path_buf(),
+            detail: format!("{what}; betadpo overwrites only models it exported (choose another --out, or remove it yourself)"),
+        })
+    };
+    let data = crate::onnx::external_data_path(out)?;
+    if std::fs::symlink_metadata(out).is_ok() {
+        if !out.is_file() {
+            return refuse(out, "exists and is not a file");
+        }
+        if crate::onnx::producer_name(out)?.as_deref() != Some(crate::graph::PRODUCER) {
+            return refuse(out, "exists and is not an ONNX model written by betadpo");
+        }
+    } else if std::fs::symlink_metadata(&data).is_ok() {
+        return refuse(&data, "exists beside a model that does not");
+    }
+    Ok(())
+}
+
 /// Writes the deployable model: inputs `input_ids`, `attention_mask` (and `position_ids` when the
 /// model has it); outputs `logits` and `beta`.
 pub fn export_model(artifacts: &Path, params: &Path, out: &Path) -> Result<()> {
@@ -53,6 +75,7 @@ pub fn export_model(artifacts: &Path, params: &Path, out: &Path) -> Result<()> {
         g.inputs.retain(|i| i.name != p.name);
         g.initializers.push(tensor_f32(&p.name, &dims, &t.data));
     }
+    claim_model_file(out)?;
     g.name = "betadpo_policy_with_beta".into();
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;

@@ -121,6 +121,19 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// Whether `dir` holds artifacts betadpo wrote, of any format version: the only directories
+    /// `build-graph --out` replaces.
+    pub fn written_by_betadpo(dir: &Path) -> bool {
+        let Ok(text) = std::fs::read_to_string(dir.join(MANIFEST_FILE)) else { return false };
+        serde_json::from_str::<serde_json::Value>(&text).ok().and_then(|v| v.get("format")?.as_str().map(|f| f == FORMAT)).unwrap_or(false)
+    }
+
+    /// Refuses an `out` that is neither absent, empty, nor artifacts betadpo wrote.
+    pub fn claim_out_dir(out: &Path) -> Result<()> {
+        let kind = crate::output_dir::Kind { flag: "--out", what: "betadpo artifacts (a manifest.json)", replaced: true };
+        crate::output_dir::claim(out, &kind, Self::written_by_betadpo)
+    }
+
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;

@@ -18,6 +18,9 @@ use crate::onnx::{
 };
 use crate::{Error, Result};
 
+/// The `producer_name` of every model betadpo writes.
+pub const PRODUCER: &str = "betadpo";
+
 /// The ops this crate emits and the models it reads live in the default domain at this opset or above.
 pub const MIN_OPSET: i64 = 13;
 
@@ -65,7 +68,7 @@ impl Graph {
         ModelProto {
             ir_version: self.ir_version.max(8),
             opset_import: self.opsets,
-            producer_name: "betadpo".into(),
+            producer_name: PRODUCER.into(),
             producer_version: env!("CARGO_PKG_VERSION").into(),
             graph: Some(GraphProto {
                 name: self.name,

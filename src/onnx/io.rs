@@ -27,6 +27,13 @@ fn map_file(path: &Path) -> Result<Bytes> {
     Ok(Bytes::from_owner(map))
 }
 
+/// The `producer_name` of the model stored at `path`, without resolving its external data; `None`
+/// when the file is not an ONNX model.
+pub fn producer_name(path: &Path) -> Result<Option<String>> {
+    let bytes = map_file(path)?;
+    Ok(ModelProto::decode(bytes).ok().filter(|m| m.graph.is_some()).map(|m| m.producer_name))
+}
+
 /// Loads a model and resolves its external data, relative to the model's directory. Every
 /// initializer and constant is checked to hold exactly the bytes its dtype and dims call for, so
 /// later stages can index tensor data without re-checking it.
@@ -164,6 +171,12 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::io::
     crate::temp_files::write_atomically(path, 0o644, write)
 }
 
+/// Where [`save_model`] puts the weights of a large model saved at `path`: `<file name>.data` beside it.
+pub fn external_data_path(path: &Path) -> Result<PathBuf> {
+    let name = path.file_name().ok_or_else(|| Error::Other(format!("{}: not a file path", path.display())))?;
+    Ok(path.with_file_name(format!("{}.data", name.to_string_lossy())))
+}
+
 /// Saves a model; large ones get their initializers in `<file name>.data` beside it.
 /// Both files are written atomically, the data file first, so a reader never sees a model
 /// pointing at missing data.
@@ -172,9 +185,8 @@ pub fn save_model(model: &ModelProto, path: &Path, opts: &SaveOptions) -> Result
         let buf = model.encode_to_vec();
         return write_atomic(path, |w| w.write_all(&buf));
     }
-    let file_name =
-        path.file_name().map(|f| format!("{}.data", f.to_string_lossy())).ok_or_else(|| Error::Other(format!("{}: not a file path", path.display())))?;
-    let data_path = path.with_file_name(&file_name);
+    let data_path = external_data_path(path)?;
+    let file_name = data_path.file_name().expect("named by external_data_path").to_string_lossy().into_owned();
     let mut light = model.clone(); // cheap: raw_data are reference-counted slices
     let mut offset = 0usize;
     let mut chunks: Vec<Bytes> = Vec::new();

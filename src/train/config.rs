@@ -166,6 +166,36 @@ impl TrainConfig {
         if self.max_steps == Some(0) {
             return bad("--max-steps", "must be at least 1".into());
         }
+        // A prompt needs a token for the head to read and an answer a token to score.
+        if self.max_length.is_some_and(|l| l < 2) {
+            return bad("--max-length", format!("{} (must be at least 2: one prompt and one answer token)", self.max_length.unwrap_or(0)));
+        }
+        if self.max_prompt_length == Some(0) {
+            return bad("--max-prompt-length", "0 (must be at least 1: the beta head reads the last prompt token)".into());
+        }
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
+            return bad("--max-grad-norm", format!("{} (must be a finite number >= 0; 0 turns clipping off)", self.max_grad_norm));
+        }
+        for (flag, v) in [("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return bad(flag, format!("{v} (must be in [0, 1))"));
+            }
+        }
+        if !(self.adam_epsilon.is_finite() && self.adam_epsilon > 0.0) {
+            return bad("adam_epsilon", format!("{} (must be a positive number)", self.adam_epsilon));
+        }
+        if self.threads == Some(0) {
+            return bad("--threads", "0 (must be at least 1; leave it out to use every core)".into());
+        }
+        if self.group_by.as_deref().is_some_and(|g| g.trim().is_empty()) {
+            return bad("--group-by", "an empty column name".into());
+        }
+        if self.eval_every > 0 && self.eval_data.is_none() {
+            return bad("--eval-every", format!("{} needs --eval-data (there is nothing to evaluate on)", self.eval_every));
+        }
+        if self.epochs.is_nan() || self.epochs < 0.0 {
+            return bad("--epochs", format!("{} (must be > 0)", self.epochs));
+        }
         if let (Some(p), Some(l)) = (self.max_prompt_length, self.max_length) {
             if p >= l {
                 return bad("--max-prompt-length", format!("{p} must be below --max-length {l}"));

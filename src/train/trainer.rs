@@ -194,11 +194,25 @@ fn progress_bar(total: u64, pos: u64, enabled: bool) -> indicatif::ProgressBar {
     pb
 }
 
+/// The kind written in a run directory's marker.
+const RUN_MARK: &str = "run";
+
+/// Refuses a `--out` that is neither absent, empty, nor a betadpo run (its marker, or the
+/// `train_config.json` of runs from before the marker).
+fn claim_run_dir(run: &Path) -> Result<()> {
+    let kind = crate::output_dir::Kind { flag: "--out", what: "a betadpo run (train_config.json)", replaced: false };
+    crate::output_dir::claim(run, &kind, |d| {
+        crate::output_dir::marked(d, RUN_MARK)
+            || std::fs::read_to_string(d.join(CONFIG_FILE)).ok().is_some_and(|t| serde_json::from_str::<TrainConfig>(&t).is_ok())
+    })
+}
+
 /// Trains as `betadpo train` does. A process that trains on the CPU should call
 /// [`crate::runtime::keep_freed_memory_for_reuse`] first, as the command line does: without it every
 /// step faults its activations in afresh (SmolLM2-135M: 2.0 instead of 1.7 s a step).
 pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     cfg.validate()?;
+    claim_run_dir(&cfg.out)?;
     // ONNX Runtime's pool threads get the flag from the session; the caller's thread runs work too.
     let _ftz = cfg.flush_denormals.then(super::denormals::FlushGuard::new);
     crate::runtime::init(&cfg.ep)?;
@@ -272,6 +286,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let initial_feeds = to_feeds(read_safetensors(&cfg.artifacts.join(&manifest.parameters_file))?.0, &manifest, &device)?;
 
     std::fs::create_dir_all(&run).map_err(|e| Error::io(&run, e))?;
+    crate::output_dir::mark(&run, RUN_MARK)?;
     let packing = (manifest.layout == Layout::Packed).then_some(Packing { row_tokens: cfg.pack_tokens, head: HeadReads::of(&manifest.objective) });
     let collate_opts = CollateOptions { pad_id: tok.pad_id(), group_by: cfg.group_by.clone(), pad_to_multiple_of: None, packing };
     let ref_bar = progress_bar((train_pairs.len() + eval_pairs.as_ref().map(Vec::len).unwrap_or(0)) as u64, 0, cfg.progress);

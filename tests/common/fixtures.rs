@@ -1,5 +1,5 @@
-//! Locating test fixtures: the shared PyTorch-generated ones (skipped with a notice when absent)
-//! and the repository's own under tests/fixtures.
+//! Locating test fixtures: the shared PyTorch-generated ones (skipped with a notice when absent on
+//! a developer's machine, a failure under `CI=true`) and the repository's own under tests/fixtures.
 
 #![allow(dead_code)]
 
@@ -9,13 +9,20 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `../shared/fixtures/<sub>` when present; otherwise prints why the caller skips.
+/// Says why the caller skips. CI always has `../shared` and the Python packages `.ci/run`
+/// installs, so under `CI=true` a skip is a failure, never silent.
+pub fn skip(why: &str) {
+    assert!(std::env::var_os("CI").is_none(), "CI=true and {why}: a test may not skip in CI (.ci/run installs what the tests need)");
+    eprintln!("notice: {why}; skipping");
+}
+
+/// `../shared/fixtures/<sub>` when present; otherwise says why the caller skips (see [`skip`]).
 pub fn shared(sub: &str) -> Option<PathBuf> {
     let p = repo().join("../shared/fixtures").join(sub);
     if p.exists() {
         Some(p)
     } else {
-        eprintln!("notice: {} is absent; skipping the checks that need it", p.display());
+        skip(&format!("{} is absent", p.display()));
         None
     }
 }

@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Runs beta methods x seeds with betadpo on one model and data set; writes one table and plots.
+
+Each method is a set of `build-graph` flags plus `train` flags. Every run evaluates on the held-out
+set by group (`--group-by`, default `regime`) every `--eval-every` steps; the table holds, per method
+and group, the mean over seeds (and min-max) of: reward accuracy, beta, drift (mean |policy - reference|
+log-prob of an answer) at the last evaluation, and how much beta changed between the last two
+evaluations. With matplotlib installed it also draws beta per group over steps and drift against
+accuracy. Stdlib only otherwise; not part of CI.
+
+    python3 scripts/compare_beta.py --model ../shared/fixtures/tiny-llama-dynamo/model.onnx \\
+        --data ../shared/fixtures/prefs/train.jsonl --eval-data ../shared/fixtures/prefs/test.jsonl \\
+        --tokenizer ../shared/fixtures/tokenizer/tokenizer.json --steps 600 --seeds 42,1,2,3 \\
+        --methods learned,fixed --out runs/compare
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+
+# name -> (build-graph flags, train flags)
+METHODS = {
+    "learned": ([], []),
+    "fixed": (["--fixed-beta", "0.1"], []),
+}
+
+
+def run(cmd, log):
+    with open(log, "w") as f:
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}; see {log}")
+
+
+def evals(run_dir):
+    recs = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl")) if l.strip()]
+    return [r for r in recs if "eval/loss" in r]
+
+
+def train_records(run_dir):
+    recs = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl")) if l.strip()]
+    return [r for r in recs if "loss" in r and "eval/loss" not in r]
+
+
+def summary(values):
+    if not values:
+        return "-"
+    m = statistics.mean(values)
+    if len(values) == 1:
+        return f"{m:.3f}"
+    return f"{m:.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--betadpo", default=os.path.join(os.path.dirname(__file__), "..", "target", "release", "betadpo"))
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--eval-data", required=True)
+    ap.add_argument("--tokenizer", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--methods", default="learned,fixed", help=f"comma-separated, of {sorted(METHODS)}")
+    ap.add_argument("--seeds", default="42,1,2,3")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--eval-every", type=int, default=150)
+    ap.add_argument("--group-by", default="regime")
+    ap.add_argument("--build-flags", default="", help="extra build-graph flags for every method")
+    ap.add_argument("--train-flags", default="--lr 1e-3", help="extra train flags for every method")
+    ap.add_argument("--method", action="append", default=[], metavar="NAME=BUILD_FLAGS|TRAIN_FLAGS",
+                    help="define a method on the fly, e.g. 'reg1=--beta-reg 1|--head-lr 1e-3'")
+    a = ap.parse_args()
+    for spec in a.method:
+        name, flags = spec.split("=", 1)
+        build, _, train = flags.partition("|")
+        METHODS[name] = (build.split(), train.split())
+    methods = a.methods.split(",")
+    seeds = [int(s) for s in a.seeds.split(",")]
+    os.makedirs(a.out, exist_ok=True)
+    results = {}  # method -> seed -> eval records
+    for m in methods:
+        build, train = METHODS[m]
+        art = os.path.join(a.out, f"art-{m}")
+        if not os.path.exists(os.path.join(art, "manifest.json")):
+            run([a.betadpo, "build-graph", "--model", a.model, "--out", art, "--quiet", *build, *a.build_flags.split()],
+                os.path.join(a.out, f"build-{m}.log"))
+        for seed in seeds:
+            rd = os.path.join(a.out, f"run-{m}-{seed}")
+            if not os.path.exists(os.path.join(rd, "final")):
+                if os.path.exists(rd):
+                    shutil.rmtree(rd)
+                run([a.betadpo, "train", "--artifacts", art, "--data", a.data, "--eval-data", a.eval_data,
+                     "--tokenizer", a.tokenizer, "--out", rd, "--max-steps", str(a.steps), "--eval-every",
+                     str(a.eval_every), "--group-by", a.group_by, "--seed", str(seed), "--quiet",
+                     *a.train_flags.split(), *train], os.path.join(a.out, f"train-{m}-{seed}.log"))
+            results.setdefault(m, {})[seed] = rd
+            print(f"{m} seed {seed}: done", file=sys.stderr)
+
+    groups = sorted({k.split("/")[-1] for m in results for rd in results[m].values()
+                     for k in evals(rd)[-1] if k.startswith("eval/rewards/accuracies/")})
+    lines = [f"{a.steps} steps, seeds {a.seeds}, train flags `{a.train_flags}`", ""]
+    head = "| method | group | accuracy | beta | drift | beta change, last two evals | ratio to first group's beta, worst seed |"
+    lines += [head, "|" + "---|" * 7]
+    for m in methods:
+        for g in groups:
+            acc, beta, drift, change, ratio = [], [], [], [], []
+            for rd in results[m].values():
+                ev = evals(rd)
+                last, prev = ev[-1], ev[-2] if len(ev) > 1 else None
+                acc.append(last[f"eval/rewards/accuracies/{g}"])
+                beta.append(last[f"eval/beta/mean/{g}"])
+                drift.append(last[f"eval/drift/abs_logratio/{g}"])
+                if prev:
+                    change.append(abs(last[f"eval/beta/mean/{g}"] / prev[f"eval/beta/mean/{g}"] - 1))
+                ratio.append(last[f"eval/beta/mean/{groups[0]}"] / last[f"eval/beta/mean/{g}"])
+            lines.append(f"| {m} | {g} | {summary(acc)} | {summary(beta)} | {summary(drift)} | "
+                         f"{max(change):.1%} | {min(ratio):.2f} |")
+    # Stability over training: loss spikes after step 20, mean beta ratio between 20-step windows.
+    lines += ["", "| method | seed | max loss after step 20 (/ ln 2) | max ratio of mean beta, consecutive 20-step windows |", "|---|---|---|---|"]
+    for m in methods:
+        for seed, rd in results[m].items():
+            tr = train_records(rd)
+            late = [r["loss"] for r in tr if r["step"] > 20]
+            betas = [r.get("beta/mean") for r in tr]
+            win = [statistics.mean(betas[i:i + 20]) for i in range(0, len(betas) - 19, 20) if None not in betas[i:i + 20]]
+            ratios = [max(x / y, y / x) for x, y in zip(win, win[1:])]
+            lines.append(f"| {m} | {seed} | {max(late) / 0.6931:.2f} | {max(ratios) if ratios else float('nan'):.2f} |")
+    table = "\n".join(lines)
+    open(os.path.join(a.out, "table.md"), "w").write(table + "\n")
+    print(table)
+
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plots", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 4), squeeze=False)
+    for ax, m in zip(axes[0], methods):
+        for g in groups:
+            for i, rd in enumerate(results[m].values()):
+                ev = evals(rd)
+                ax.plot([r["step"] for r in ev], [r[f"eval/beta/mean/{g}"] for r in ev], color=f"C{groups.index(g)}",
+                        label=g if i == 0 else None, alpha=0.7)
+        ax.set_title(m)
+        ax.set_xlabel("step")
+        ax.set_ylabel("held-out beta")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(a.out, "beta_over_steps.png"))
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for mi, m in enumerate(methods):
+        for g in groups:
+            xs = [evals(rd)[-1][f"eval/drift/abs_logratio/{g}"] for rd in results[m].values()]
+            ys = [evals(rd)[-1][f"eval/rewards/accuracies/{g}"] for rd in results[m].values()]
+            ax.scatter(xs, ys, marker="os^vD"[mi % 5], color=f"C{groups.index(g)}", label=f"{m} {g}")
+    ax.set_xlabel("drift |policy - reference| log-prob")
+    ax.set_ylabel("held-out reward accuracy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(a.out, "drift_vs_accuracy.png"))
+
+
+if __name__ == "__main__":
+    main()
