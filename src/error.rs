@@ -10,28 +10,39 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: not a valid ONNX model ({detail})")]
+    #[error("{path}: not a valid ONNX model ({})", one_line(detail))]
     BadModel { path: PathBuf, detail: String },
-    #[error("{0}")]
+    #[error("{}", one_line(.0))]
     Graph(String),
-    #[error("building node {node} ({op}): {detail}")]
+    #[error("building node {node} ({op}): {}", one_line(detail))]
     Node { node: String, op: String, detail: String },
     #[error("no gradient rule for {count} op(s) on the differentiable path: {list}")]
     UnsupportedOps { count: usize, list: String },
     /// The packed layout cannot reproduce this model's attention (see `dpo::packing`).
-    #[error("cannot pack this model: {0}; build it with --layout padded")]
+    #[error("cannot pack this model: {}; build it with --layout padded", one_line(.0))]
     NotPackable(String),
     #[error("invalid value for {flag}: {detail}")]
     BadFlag { flag: String, detail: String },
-    #[error("ONNX Runtime: {0}")]
+    #[error("ONNX Runtime: {}", one_line(.0))]
     Runtime(String),
-    #[error("{0}")]
+    #[error("{}", one_line(.0))]
     Data(String),
     /// An output path betadpo will not write into, replace or clear (see `output_dir`).
-    #[error("{path}: {detail}")]
+    #[error("{path}: {}", one_line(detail))]
     Refused { path: PathBuf, detail: String },
-    #[error("{0}")]
+    #[error("{}", one_line(.0))]
     Other(String),
+}
+
+/// Messages from other libraries (ONNX Runtime's end in a newline and may span several) shown on
+/// one line, as every error of this crate is.
+fn one_line(s: &str) -> std::borrow::Cow<'_, str> {
+    let s = s.trim();
+    if s.contains(['\n', '\r']) {
+        s.split(['\n', '\r']).map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ").into()
+    } else {
+        s.into()
+    }
 }
 
 impl Error {

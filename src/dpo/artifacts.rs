@@ -72,14 +72,17 @@ fn probe_batch(sig: &LmSignature, vocab: i64) -> ProbeBatch {
 }
 
 fn vocab_size(graph: &Graph, sig: &LmSignature) -> i64 {
+    let plausible = |v: i64| (1..=i32::MAX as i64).contains(&v);
     let out = graph.outputs.iter().find(|o| o.name == sig.logits);
     if let Some((_, Some(shape))) = out.and_then(value_info_type) {
-        if let Some(Dim::Fixed(v)) = shape.last() {
-            return *v;
+        if let Some(&Dim::Fixed(v)) = shape.last() {
+            if plausible(v) {
+                return v;
+            }
         }
     }
     let w = graph.initializer(&sig.lm_head).map(|t| t.dims.clone()).unwrap_or_default();
-    w.iter().copied().find(|&d| d != sig.hidden_size).unwrap_or(2)
+    w.iter().copied().find(|&d| d != sig.hidden_size && plausible(d)).unwrap_or(2)
 }
 
 fn lm_inputs(sig: &LmSignature) -> Vec<TensorSpec> {

@@ -141,7 +141,29 @@ impl Manifest {
         if m.format != FORMAT || m.format_version != FORMAT_VERSION {
             return Err(Error::Other(format!("{}: format {} v{} is not {FORMAT} v{FORMAT_VERSION}", path.display(), m.format, m.format_version)));
         }
+        m.check().map_err(|detail| Error::Other(format!("{}: {detail}", path.display())))?;
         Ok(m)
+    }
+
+    /// What the rest of the crate trusts: the files it names are plain names in the artifacts
+    /// directory (so reading them never leaves it), and shapes and sizes are sane.
+    fn check(&self) -> std::result::Result<(), String> {
+        let files = self.graphs.values().map(|g| g.file.as_str()).chain([self.parameters_file.as_str()]);
+        for f in files {
+            let mut parts = Path::new(f).components();
+            if !matches!((parts.next(), parts.next()), (Some(std::path::Component::Normal(n)), None) if n == f) {
+                return Err(format!("file {f:?} is not a plain file name in the artifacts directory"));
+            }
+        }
+        for p in &self.parameters {
+            crate::onnx::checked_numel(&p.shape).map_err(|e| format!("parameter {}: {e}", p.name))?;
+        }
+        for (what, v) in [("hidden_size", self.model.hidden_size), ("vocab_size", self.model.vocab_size)] {
+            if !(1..=i32::MAX as i64).contains(&v) {
+                return Err(format!("model {what} {v} is out of range"));
+            }
+        }
+        Ok(())
     }
 
     pub fn graph(&self, which: &str) -> Result<&GraphSpec> {

@@ -126,5 +126,5 @@ fn weight_hidden_size(graph: &Graph, node: &crate::onnx::NodeProto, w: &str) -> 
         return None;
     }
     let trans_b = node.op_type == "Gemm" && node.int_or("transB", 0) != 0;
-    Some(if trans_b { dims[1] } else { dims[0] })
+    Some(if trans_b { dims[1] } else { dims[0] }).filter(|&h| h > 0)
 }

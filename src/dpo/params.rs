@@ -107,7 +107,7 @@ fn tied(a: &TensorProto, b: &TensorProto) -> Option<bool> {
     if a.data_type != b.data_type || a.raw_data.len() != b.raw_data.len() || a.raw_data.is_empty() {
         return None;
     }
-    let w = dtype::size_of(a.data_type);
+    let w = dtype::size_of(a.data_type)?;
     let (ra, rb) = (&a.raw_data[..], &b.raw_data[..]);
     fn at(raw: &[u8], w: usize, k: usize) -> &[u8] {
         &raw[k * w..(k + 1) * w]

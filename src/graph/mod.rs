@@ -2,6 +2,7 @@
 //! table so that every tensor this crate adds gets a fresh, readable name.
 
 mod builder;
+mod check;
 mod names;
 mod probe;
 
@@ -38,8 +39,11 @@ pub struct Graph {
 }
 
 impl Graph {
+    /// The graph of a model; its nodes are checked first (see [`check::check_nodes`]), so code
+    /// that walks the graph may index the inputs and outputs the spec gives each op.
     pub fn from_model(model: ModelProto) -> Result<Self> {
         let g = model.graph.ok_or_else(|| Error::graph("the model has no graph"))?;
+        check::check_nodes(&g.node)?;
         let mut graph = Graph {
             name: g.name,
             nodes: g.node,

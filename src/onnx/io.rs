@@ -4,9 +4,10 @@
 //! Loading maps files into memory and hands `raw_data` out as zero-copy slices, so a model's
 //! weights are held once, by the page cache, however many graphs are built from them.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use prost::bytes::Bytes;
 use prost::Message;
@@ -33,7 +34,9 @@ pub fn producer_name(path: &Path) -> Result<Option<String>> {
     Ok(ModelProto::decode(bytes).ok().filter(|m| m.graph.is_some()).map(|m| m.producer_name))
 }
 
-/// Loads a model and resolves its external data, relative to the model's directory.
+/// Loads a model and resolves its external data, relative to the model's directory. Every
+/// initializer and constant is checked to hold exactly the bytes its dtype and dims call for, so
+/// later stages can index tensor data without re-checking it.
 pub fn load_model(path: &Path) -> Result<ModelProto> {
     let bytes = map_file(path)?;
     if bytes.is_empty() {
@@ -41,12 +44,14 @@ pub fn load_model(path: &Path) -> Result<ModelProto> {
     }
     let mut model = ModelProto::decode(bytes)
         .map_err(|e| Error::BadModel { path: path.into(), detail: format!("protobuf decoding failed, the file may be truncated: {e}") })?;
-    if model.graph.is_none() {
+    let Some(graph) = model.graph.as_mut() else {
         return Err(Error::BadModel { path: path.into(), detail: "it has no graph".into() });
-    }
-    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let mut files: std::collections::HashMap<PathBuf, Bytes> = Default::default();
-    let graph = model.graph.as_mut().unwrap();
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut external = ExternalFiles { dir, model_path: path, canonical_dir: None, files: Default::default() };
     let mut tensors: Vec<&mut TensorProto> = graph.initializer.iter_mut().collect();
     for node in graph.node.iter_mut() {
         for a in node.attribute.iter_mut() {
@@ -56,52 +61,95 @@ pub fn load_model(path: &Path) -> Result<ModelProto> {
         }
     }
     for t in tensors {
-        if t.data_location != DataLocation::External as i32 {
-            continue;
+        if t.data_location == DataLocation::External as i32 {
+            external.resolve(t)?;
         }
-        resolve_external(t, &dir, &mut files, path)?;
+        super::tensor::check_stored_size(t).map_err(|detail| Error::BadModel { path: path.into(), detail })?;
     }
     Ok(model)
 }
 
-fn resolve_external(t: &mut TensorProto, dir: &Path, files: &mut std::collections::HashMap<PathBuf, Bytes>, model_path: &Path) -> Result<()> {
-    let mut location = None;
-    let mut offset = 0usize;
-    let mut length = None;
-    for kv in &t.external_data {
-        match kv.key.as_str() {
-            "location" => location = Some(kv.value.clone()),
-            "offset" => offset = kv.value.parse().unwrap_or(0),
-            "length" => length = kv.value.parse().ok(),
-            _ => {}
+/// The external data files of one model, each mapped once however many tensors it holds.
+struct ExternalFiles<'a> {
+    dir: PathBuf,
+    model_path: &'a Path,
+    /// The model directory with symlinks resolved, computed on first use.
+    canonical_dir: Option<PathBuf>,
+    files: HashMap<PathBuf, Bytes>,
+}
+
+impl ExternalFiles<'_> {
+    fn bad(&self, detail: String) -> Error {
+        Error::BadModel { path: self.model_path.into(), detail }
+    }
+
+    /// Points `t.raw_data` at its bytes in the external file.
+    fn resolve(&mut self, t: &mut TensorProto) -> Result<()> {
+        let (mut location, mut offset, mut length) = (None, 0u64, None);
+        for kv in &t.external_data {
+            let number = |what: &str| {
+                kv.value.parse::<u64>().map_err(|_| self.bad(format!("initializer {}: external data {what} {:?} is not a byte count", t.name, kv.value)))
+            };
+            match kv.key.as_str() {
+                "location" => location = Some(kv.value.as_str()),
+                "offset" => offset = number("offset")?,
+                "length" => length = Some(number("length")?),
+                _ => {}
+            }
         }
-    }
-    let bad = |detail: String| Error::BadModel { path: model_path.into(), detail };
-    let location = location.ok_or_else(|| bad(format!("initializer {} has external data without a location", t.name)))?;
-    let file = dir.join(&location);
-    if !files.contains_key(&file) {
-        let data = map_file(&file).map_err(|e| match e {
-            Error::Io { source, .. } => bad(format!("external data file {} of initializer {}: {source}", file.display(), t.name)),
-            e => e,
+        let location = location.ok_or_else(|| self.bad(format!("initializer {} has external data without a location", t.name)))?;
+        let file = self.file_inside_dir(location).map_err(|why| self.bad(format!("initializer {}: external data location {location:?} {why}", t.name)))?;
+        if !self.files.contains_key(&file) {
+            let data = map_file(&file).map_err(|e| match e {
+                Error::Io { source, .. } => self.bad(format!("external data file {} of initializer {}: {source}", file.display(), t.name)),
+                e => e,
+            })?;
+            self.files.insert(file.clone(), data);
+        }
+        let data = &self.files[&file];
+        let length = match length {
+            Some(l) => l,
+            None => super::tensor::stored_bytes(t).map_err(|detail| self.bad(detail))? as u64,
+        };
+        let end = offset.checked_add(length).filter(|&end| end <= data.len() as u64).ok_or_else(|| {
+            self.bad(format!(
+                "external data of initializer {} (offset {offset}, length {length}) runs past the end of {}, which has {} bytes (truncated?)",
+                t.name,
+                file.display(),
+                data.len()
+            ))
         })?;
-        files.insert(file.clone(), data);
+        t.raw_data = data.slice(offset as usize..end as usize);
+        t.data_location = DataLocation::Default as i32;
+        t.external_data.clear();
+        Ok(())
     }
-    let data = &files[&file];
-    let expected = t.dims.iter().product::<i64>().max(0) as usize * super::dtype::size_of(t.data_type);
-    let length = length.unwrap_or(expected);
-    if offset + length > data.len() {
-        return Err(bad(format!(
-            "external data of initializer {} ends at byte {} but {} has {} bytes (truncated?)",
-            t.name,
-            offset + length,
-            file.display(),
-            data.len()
-        )));
+
+    /// The file `location` names, which must be a regular file inside the model's directory:
+    /// a location is a relative path without `..`, and after resolving symlinks it must still lie
+    /// under the directory. This closes the path-traversal hole (CVE-2022-25882 in `onnx`), and a
+    /// FIFO or device would hang or never end, so only regular files are read.
+    fn file_inside_dir(&mut self, location: &str) -> std::result::Result<PathBuf, String> {
+        let relative = Path::new(location);
+        if location.is_empty() || relative.is_absolute() || !relative.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)) {
+            return Err("must be a relative path inside the model's directory, without `..`".into());
+        }
+        if self.canonical_dir.is_none() {
+            let dir = self.dir.canonicalize().map_err(|e| format!("cannot be resolved: {}: {e}", self.dir.display()))?;
+            self.canonical_dir = Some(dir);
+        }
+        let dir = self.canonical_dir.as_ref().expect("set above");
+        let joined = self.dir.join(relative);
+        let file = joined.canonicalize().map_err(|e| format!("cannot be opened: {}: {e}", joined.display()))?;
+        if !file.starts_with(dir) {
+            return Err(format!("resolves to {}, outside the model's directory (a symlink?)", file.display()));
+        }
+        let meta = std::fs::metadata(&file).map_err(|e| format!("cannot be opened: {}: {e}", file.display()))?;
+        if !meta.is_file() {
+            return Err(format!("is not a regular file: {}", file.display()));
+        }
+        Ok(file)
     }
-    t.raw_data = data.slice(offset..offset + length);
-    t.data_location = DataLocation::Default as i32;
-    t.external_data.clear();
-    Ok(())
 }
 
 /// How to save a model.

@@ -13,25 +13,39 @@ pub mod dtype {
     pub const FLOAT: DType = 1;
     pub const UINT8: DType = 2;
     pub const INT8: DType = 3;
+    pub const UINT16: DType = 4;
+    pub const INT16: DType = 5;
     pub const INT32: DType = 6;
     pub const INT64: DType = 7;
     pub const STRING: DType = 8;
     pub const BOOL: DType = 9;
     pub const FLOAT16: DType = 10;
     pub const DOUBLE: DType = 11;
+    pub const UINT32: DType = 12;
+    pub const UINT64: DType = 13;
+    pub const COMPLEX64: DType = 14;
+    pub const COMPLEX128: DType = 15;
     pub const BFLOAT16: DType = 16;
 
     pub fn is_float(t: DType) -> bool {
         matches!(t, FLOAT | FLOAT16 | DOUBLE | BFLOAT16)
     }
-    pub fn size_of(t: DType) -> usize {
+    /// Bits per element of every fixed-size type ONNX defines (1.18: up to FLOAT4E2M1 = 23);
+    /// `None` for strings and codes ONNX does not define.
+    pub fn bits(t: DType) -> Option<u64> {
         match t {
-            UINT8 | INT8 | BOOL => 1,
-            FLOAT16 | BFLOAT16 => 2,
-            FLOAT | INT32 => 4,
-            INT64 | DOUBLE => 8,
-            _ => 4,
+            UINT8 | INT8 | BOOL | 17..=20 => Some(8),
+            UINT16 | INT16 | FLOAT16 | BFLOAT16 => Some(16),
+            FLOAT | INT32 | UINT32 => Some(32),
+            INT64 | DOUBLE | UINT64 | COMPLEX64 => Some(64),
+            COMPLEX128 => Some(128),
+            21..=23 => Some(4),
+            _ => None,
         }
+    }
+    /// Bytes per element of a whole-byte type.
+    pub fn size_of(t: DType) -> Option<usize> {
+        bits(t).filter(|b| b % 8 == 0).map(|b| (b / 8) as usize)
     }
     pub fn name(t: DType) -> &'static str {
         match t {
@@ -48,6 +62,58 @@ pub mod dtype {
             _ => "other",
         }
     }
+}
+
+/// Tensors from a model file are refused beyond this many elements (2^40, 4 TiB of float32):
+/// far beyond any model, and small enough that sizes in bytes cannot overflow.
+pub const MAX_ELEMENTS: u64 = 1 << 40;
+
+/// The element count of `dims`, checked: no negative dimension, and no partial product (in the
+/// order every reader multiplies them) above [`MAX_ELEMENTS`], so later products cannot overflow.
+pub fn checked_numel(dims: &[i64]) -> std::result::Result<u64, String> {
+    let mut n: u64 = 1;
+    for &d in dims {
+        let d = u64::try_from(d).map_err(|_| format!("negative dimension in {dims:?}"))?;
+        n = n.checked_mul(d).filter(|&n| n <= MAX_ELEMENTS).ok_or_else(|| format!("dimensions {dims:?} exceed {MAX_ELEMENTS} elements"))?;
+    }
+    Ok(n)
+}
+
+/// How many bytes `t`'s dtype and dims call for in `raw_data` (or in an external file).
+pub fn stored_bytes(t: &TensorProto) -> std::result::Result<usize, String> {
+    let bits = dtype::bits(t.data_type).ok_or_else(|| format!("tensor {:?} has unknown or non-numeric dtype {}", t.name, t.data_type))?;
+    let numel = checked_numel(&t.dims).map_err(|e| format!("tensor {:?}: {e}", t.name))?;
+    Ok((numel * bits).div_ceil(8) as usize)
+}
+
+/// Checks that a tensor read from a model holds exactly what its dtype and dims describe,
+/// so readers may index its data freely.
+pub fn check_stored_size(t: &TensorProto) -> std::result::Result<(), String> {
+    if t.data_type == dtype::STRING {
+        let numel = checked_numel(&t.dims).map_err(|e| format!("tensor {:?}: {e}", t.name))?;
+        return (t.string_data.len() as u64 == numel)
+            .then_some(())
+            .ok_or_else(|| format!("tensor {:?} holds {} strings for dims {:?}", t.name, t.string_data.len(), t.dims));
+    }
+    let bytes = stored_bytes(t)?;
+    if !t.raw_data.is_empty() {
+        return (t.raw_data.len() == bytes).then_some(()).ok_or_else(|| {
+            format!("tensor {:?} has {} bytes of data where dtype {} and dims {:?} need {bytes}", t.name, t.raw_data.len(), t.data_type, t.dims)
+        });
+    }
+    let numel = checked_numel(&t.dims)? as usize;
+    let held = match t.data_type {
+        dtype::FLOAT => t.float_data.len(),
+        dtype::COMPLEX64 => t.float_data.len() / 2,
+        dtype::DOUBLE => t.double_data.len(),
+        dtype::COMPLEX128 => t.double_data.len() / 2,
+        dtype::INT64 => t.int64_data.len(),
+        dtype::UINT32 | dtype::UINT64 => t.uint64_data.len(),
+        dtype::INT32 | dtype::INT16 | dtype::INT8 | dtype::UINT16 | dtype::UINT8 | dtype::BOOL | dtype::FLOAT16 | dtype::BFLOAT16 => t.int32_data.len(),
+        // packed sub-byte and float8 types: left to ONNX Runtime, which reads them
+        _ => return Ok(()),
+    };
+    (held == numel).then_some(()).ok_or_else(|| format!("tensor {:?} holds {held} values for dims {:?}", t.name, t.dims))
 }
 
 /// A dimension of a declared shape: fixed or symbolic.
@@ -75,7 +141,7 @@ pub fn tensor_i64(name: &str, dims: &[i64], data: &[i64]) -> TensorProto {
 
 /// A one-element zero of type `t`: the `value` of a `ConstantOfShape` that makes zeros.
 pub fn zero_value(t: DType) -> TensorProto {
-    TensorProto { data_type: t, dims: vec![1], raw_data: vec![0u8; dtype::size_of(t)].into(), ..Default::default() }
+    TensorProto { data_type: t, dims: vec![1], raw_data: vec![0u8; dtype::bits(t).unwrap_or(8).div_ceil(8) as usize].into(), ..Default::default() }
 }
 
 fn numel(t: &TensorProto) -> usize {

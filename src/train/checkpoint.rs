@@ -116,7 +116,27 @@ pub struct Loaded {
 pub fn read_state(dir: &Path) -> Result<TrainerState> {
     let path = dir.join(STATE);
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", path.display())))
+    let state: TrainerState = serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+    state.check().map_err(|why| Error::Other(format!("{}: {why}", path.display())))?;
+    Ok(state)
+}
+
+/// Counters beyond this are corrupt, not trained: 2^48 steps is millennia of training, and
+/// arithmetic on smaller values cannot overflow.
+const MAX_COUNTER: u64 = 1 << 48;
+
+impl TrainerState {
+    fn check(&self) -> std::result::Result<(), String> {
+        let p = &self.position;
+        let counters = [("step", self.step), ("tokens", self.tokens), ("position.epoch", p.epoch), ("position.index", p.index as u64)];
+        if let Some((name, v)) = counters.iter().find(|(_, v)| *v > MAX_COUNTER) {
+            return Err(format!("{name} {v} is beyond any real run (the file is corrupt)"));
+        }
+        if self.updates > self.step || self.skipped_nonfinite > self.step {
+            return Err(format!("updates {} and skipped steps {} cannot exceed steps {}", self.updates, self.skipped_nonfinite, self.step));
+        }
+        Ok(())
+    }
 }
 
 pub fn load(dir: &Path) -> Result<Loaded> {

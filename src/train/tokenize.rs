@@ -144,6 +144,19 @@ impl TokenizerConfig {
     }
 }
 
+/// Reads `tokenizer.json`. The `tokenizers` crate panics on some malformed files (an `expect` in
+/// its deserializers, reached by truncated JSON or a bad precompiled charsmap), so the JSON is
+/// checked first, for a clear message, and a panic that remains is turned into an error.
+fn load_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
+    let cannot = |why: String| Error::Data(format!("{}: cannot load tokenizer: {why}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|e| cannot(format!("invalid JSON: {e}")))?;
+    match std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>()) {
+        Ok(loaded) => loaded.map_err(|e| cannot(e.to_string())),
+        Err(_) => Err(cannot("the tokenizers library rejected its contents".into())),
+    }
+}
+
 /// A tokenizer plus the special tokens and chat template needed to tokenize preference pairs.
 pub struct PairTokenizer {
     tokenizer: tokenizers::Tokenizer,
@@ -171,8 +184,7 @@ impl PairTokenizer {
     /// config carries no template.
     pub fn from_files(tokenizer_json: &Path, config: Option<&Path>) -> Result<Self> {
         let dir = tokenizer_json.parent().map(Path::to_path_buf).unwrap_or_default();
-        let tokenizer =
-            tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| Error::Data(format!("{}: cannot load tokenizer: {e}", tokenizer_json.display())))?;
+        let tokenizer = load_tokenizer(tokenizer_json)?;
         let config_path: Option<PathBuf> = match config {
             Some(p) => Some(p.to_path_buf()),
             None => Some(dir.join("tokenizer_config.json")).filter(|p| p.exists()),

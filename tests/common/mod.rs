@@ -1,3 +1,5 @@
+pub mod cli;
 pub mod fixtures;
+pub mod fuzz;
 pub mod gradcheck;
 pub mod tiny_lm;

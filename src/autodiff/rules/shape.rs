@@ -21,9 +21,15 @@ pub fn transpose(ctx: &mut RuleCtx) -> Result<()> {
     let g = ctx.go0()?;
     let rank = ctx.rank(ctx.i(0))?;
     let perm = ctx.attr_ints("perm").unwrap_or_else(|| (0..rank as i64).rev().collect());
-    let mut inverse = vec![0i64; perm.len()];
+    let mut inverse = vec![-1i64; rank];
     for (i, &p) in perm.iter().enumerate() {
-        inverse[p as usize] = i as i64;
+        if let Some(slot) = usize::try_from(p).ok().and_then(|p| inverse.get_mut(p)) {
+            *slot = i as i64;
+        }
+    }
+    // with as many entries as axes, every axis filled means every entry distinct
+    if perm.len() != rank || inverse.contains(&-1) {
+        return Err(ctx.err(format!("perm {perm:?} is not a permutation of the {rank} axes")));
     }
     ctx.op_gi(0, "Transpose", &[&g], vec![attr_ints("perm", &inverse)]);
     Ok(())
@@ -48,7 +54,11 @@ fn norm_axis(axis: i64, rank: usize) -> i64 {
 
 /// Size of `x` along `axis`, as a 1-element int64 tensor (constant when static).
 fn dim_of(ctx: &mut RuleCtx, x: &str, axis: i64) -> Result<String> {
-    if let Some(d) = ctx.info(x)?.static_dims()[axis as usize] {
+    let dims = ctx.info(x)?.static_dims();
+    let Some(&dim) = usize::try_from(axis).ok().and_then(|a| dims.get(a)) else {
+        return Err(ctx.err(format!("axis {axis} is out of range for {x} of rank {}", dims.len())));
+    };
+    if let Some(d) = dim {
         return Ok(ctx.ints(&[d]));
     }
     let shape = ctx.op("Shape", &[x], vec![]);
