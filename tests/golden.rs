@@ -9,7 +9,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use betadpo::dpo::packing::{pack, HeadReads, LayoutChoice, PackedBatch, PairTokens};
-use betadpo::dpo::{build_artifacts, BetaAggregate, BetaSource, BuildOptions, Layout, Manifest, ObjectiveConfig};
+use betadpo::dpo::{build_artifacts, BetaAggregate, BetaSource, BuildOptions, HeadInput, Layout, Manifest, ObjectiveConfig};
 use betadpo::runtime::{run, HostTensor, SessionConfig};
 use betadpo::store::read_safetensors;
 use ndarray::{ArrayD, IxDyn};
@@ -255,6 +255,63 @@ fn packed_layout_matches_padded_for_mean_heads() {
             let (a, b) = (by_role(spec, &padded, "gradient", Some(&p.name)), by_role(spec_p, &packed, "gradient", Some(&p.name)));
             let r = diff(&b, &a) / norm(&a).max(1e-9);
             assert!(r < 1e-3, "{source:?} mean: gradient of {} differs by {r:.2e} (relative)", p.name);
+        }
+    }
+}
+
+/// `--head-input normalized` has no PyTorch golden; its beta, loss and head gradients are computed
+/// here in float64 from the golden's final hidden states and log-probs (closed form:
+/// beta = softplus(w . h/rms(h) / H + b)), and must equal the train graph's, padded and packed, on
+/// every fixture model.
+#[test]
+fn normalized_head_matches_closed_form() {
+    for model in common::fixtures::all_models() {
+        let golden = load_golden(&model);
+        let objective = ObjectiveConfig { head_input: HeadInput::Normalized, beta_max: f64::INFINITY, ..Default::default() };
+        let hidden = &golden.f32s["hidden"];
+        let (w, bias) = (&golden.f32s["beta_head.weight"], golden.f32s["beta_head.bias"][[0]] as f64);
+        let width = w.len();
+        let (pl, rl) = (&golden.f32s["policy_logps"], &golden.f32s["ref_logps"]);
+        let last = &golden.i64s["prompt_last_index"];
+        let pairs = last.len();
+        let (mut loss, mut grad_w, mut grad_b, mut betas) = (0.0, vec![0.0; width], 0.0, vec![]);
+        for i in 0..pairs {
+            let h: Vec<f64> = (0..width).map(|k| hidden[[i, last[[i]] as usize, k]] as f64).collect();
+            let rms = (h.iter().map(|x| x * x).sum::<f64>() / width as f64 + 1e-6).sqrt();
+            let unit: Vec<f64> = h.iter().map(|x| x / rms).collect();
+            let z = unit.iter().zip(w.iter()).map(|(u, &wk)| u * wk as f64).sum::<f64>() / width as f64 + bias;
+            let beta = z.exp().ln_1p();
+            let margin = (pl[[i]] - rl[[i]]) as f64 - (pl[[pairs + i]] - rl[[pairs + i]]) as f64;
+            let u = beta * margin;
+            loss += (-u).exp().ln_1p() / pairs as f64;
+            // d loss / d z = -sigmoid(-u) * margin * sigmoid(z) / pairs
+            let dz = -margin / (1.0 + u.exp()) / (1.0 + (-z).exp()) / pairs as f64;
+            grad_b += dz;
+            for k in 0..width {
+                grad_w[k] += dz * unit[k] / width as f64;
+            }
+            betas.push(beta);
+        }
+        for layout in [Layout::Padded, Layout::Packed] {
+            let (m, outs) = match train_graph_outputs(&model, &golden, objective.clone(), layout, "normalized-head") {
+                Ok(built) => built,
+                Err(e) if layout == Layout::Packed && e.contains("cannot pack this model") => continue,
+                Err(e) => panic!("{} {layout:?}: {e}", model.display()),
+            };
+            let spec = m.graph("train").unwrap();
+            let label = format!("{} {layout:?}", model.display());
+            let got_loss = outs[&spec.output("loss").unwrap().name][[]] as f64;
+            assert!((got_loss - loss).abs() <= 1e-5 * loss.abs().max(1.0), "{label}: loss {got_loss} vs {loss}");
+            let beta = &outs[&spec.output("beta").unwrap().name];
+            for (i, &b) in betas.iter().enumerate() {
+                assert!((beta[[i]] as f64 - b).abs() <= 1e-5 * b, "{label}: beta[{i}] {} vs {b}", beta[[i]]);
+            }
+            let gw = &outs[&spec.output_for("gradient", "beta_head.weight").unwrap().name];
+            let err = gw.iter().zip(&grad_w).map(|(&g, e)| (g as f64 - e).powi(2)).sum::<f64>().sqrt();
+            let scale = grad_w.iter().map(|e| e * e).sum::<f64>().sqrt();
+            assert!(scale > 0.0 && err <= 1e-4 * scale, "{label}: head weight gradient off by {err:.2e} (norm {scale:.2e})");
+            let gb = outs[&spec.output_for("gradient", "beta_head.bias").unwrap().name][[0]] as f64;
+            assert!((gb - grad_b).abs() <= 1e-4 * grad_b.abs().max(1e-6), "{label}: head bias gradient {gb} vs {grad_b}");
         }
     }
 }

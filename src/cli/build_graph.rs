@@ -4,7 +4,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use betadpo::dpo::packing::LayoutChoice;
 use betadpo::dpo::params::Selection;
-use betadpo::dpo::{build_artifacts, BetaAggregate, BetaSource, BuildOptions, LossKind, ObjectiveConfig};
+use betadpo::dpo::{build_artifacts, BetaAggregate, BetaSource, BuildOptions, HeadInput, LossKind, ObjectiveConfig};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -33,6 +33,10 @@ pub struct Args {
     /// Weight of the regulariser mean((log beta - log beta_init)^2).
     #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
     beta_reg: f64,
+    /// What the head reads: the `raw` hidden state, or the state `normalized` to unit RMS with the
+    /// product divided by the width (one head step then moves beta alike at every model width).
+    #[arg(long, value_enum, default_value = "raw")]
+    head_input: HeadInputArg,
     /// Preference loss.
     #[arg(long, value_enum, default_value = "sigmoid")]
     loss: LossArg,
@@ -70,6 +74,12 @@ enum LayoutArg {
     Auto,
     Padded,
     Packed,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum HeadInputArg {
+    Raw,
+    Normalized,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -114,6 +124,10 @@ pub fn options(a: &Args) -> Result<BuildOptions> {
         beta_min: a.beta_min,
         beta_max: a.beta_max,
         beta_reg: a.beta_reg,
+        head_input: match a.head_input {
+            HeadInputArg::Raw => HeadInput::Raw,
+            HeadInputArg::Normalized => HeadInput::Normalized,
+        },
         loss: match a.loss {
             LossArg::Sigmoid => LossKind::Sigmoid,
             LossArg::Ipo => LossKind::Ipo,

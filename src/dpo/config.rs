@@ -19,6 +19,21 @@ pub enum BetaAggregate {
     Mean,
 }
 
+/// What the beta head multiplies by its weight.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadInput {
+    /// The hidden state as it is: `w . h`.
+    #[default]
+    Raw,
+    /// The hidden state scaled to unit root-mean-square, and the product divided by the width:
+    /// `w . (h / rms(h)) / H`. One Adam step then moves the head's logit by about the head learning
+    /// rate whatever the model's width and activation scale; on the raw state it moves it by about
+    /// `head_lr x H x mean |h|`, which is why a head rate tuned on a 64-wide model runs away on a
+    /// 576- or 2048-wide one.
+    Normalized,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LossKind {
@@ -37,6 +52,9 @@ pub struct ObjectiveConfig {
     #[serde(with = "inf_as_null")]
     pub beta_max: f64,
     pub beta_reg: f64,
+    /// What the head reads (artifacts from before this option read the raw state).
+    #[serde(default)]
+    pub head_input: HeadInput,
     pub loss: LossKind,
     pub label_smoothing: f64,
     /// Standard DPO with this constant beta and no head.
@@ -52,6 +70,7 @@ impl Default for ObjectiveConfig {
             beta_min: 0.0,
             beta_max: 2.0,
             beta_reg: 0.0,
+            head_input: HeadInput::Raw,
             loss: LossKind::Sigmoid,
             label_smoothing: 0.0,
             fixed_beta: None,

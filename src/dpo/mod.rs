@@ -6,7 +6,7 @@ pub mod model;
 pub mod objective;
 pub mod params;
 
-pub use config::{BetaAggregate, BetaSource, LossKind, ObjectiveConfig};
+pub use config::{BetaAggregate, BetaSource, HeadInput, LossKind, ObjectiveConfig};
 pub mod artifacts;
 pub mod export;
 pub mod hf_export;

@@ -5,7 +5,7 @@
 //! right-padded; `completion_mask[r, t] = 1` marks answer tokens, whose log-prob is read from
 //! `logits[r, t-1]`.
 
-use super::config::{inverse_softplus, BetaAggregate, BetaSource, LossKind, ObjectiveConfig};
+use super::config::{inverse_softplus, BetaAggregate, BetaSource, HeadInput, LossKind, ObjectiveConfig};
 use super::packing::{objective as packed, Layout};
 use crate::graph::Builder;
 use crate::onnx::{attr_i, dtype, tensor_f32, Dim, TensorProto, ValueInfoProto};
@@ -196,12 +196,29 @@ pub fn beta_head(b: &mut Builder, m: &ModelTensors, mask: &str, cfg: &ObjectiveC
     let weighted = b.op("Mul", &[m.hidden, &w3], vec![], "beta/weighted_hidden");
     let axis1 = b.ints(&[1]);
     let h = b.op("ReduceSum", &[&weighted, &axis1], vec![attr_i("keepdims", 0)], "beta/hidden");
-    head_on_context(b, &h, cfg)
+    head_on_context(b, &h, m.hidden_size, cfg)
 }
 
 /// The head on per-row context vectors `h` [rows, H].
-fn head_on_context(b: &mut Builder, h: &str, cfg: &ObjectiveConfig) -> String {
-    let z = b.op("MatMul", &[h, HEAD_WEIGHT], vec![], "beta/head_matmul");
+fn head_on_context(b: &mut Builder, h: &str, hidden_size: i64, cfg: &ObjectiveConfig) -> String {
+    let z = match cfg.head_input {
+        HeadInput::Raw => b.op("MatMul", &[h, HEAD_WEIGHT], vec![], "beta/head_matmul"),
+        HeadInput::Normalized => {
+            let last = b.ints(&[-1]);
+            let inv_width = b.scalar(1.0 / hidden_size as f64, dtype::FLOAT);
+            let sq = b.op("Mul", &[h, h], vec![], "beta/hidden_sq");
+            // ReduceSum, not ReduceMean: the latter takes its axes as an input only from opset 18.
+            let ss = b.op("ReduceSum", &[&sq, &last], vec![attr_i("keepdims", 1)], "beta/hidden_ss");
+            let ms = b.op("Mul", &[&ss, &inv_width], vec![], "beta/hidden_ms");
+            // Keeps an all-zero context (a padding row) finite.
+            let eps = b.scalar(1e-6, dtype::FLOAT);
+            let ms = b.op("Add", &[&ms, &eps], vec![], "beta/hidden_ms_eps");
+            let rms = b.op("Sqrt", &[&ms], vec![], "beta/hidden_rms");
+            let unit = b.op("Div", &[h, &rms], vec![], "beta/hidden_unit");
+            let z = b.op("MatMul", &[&unit, HEAD_WEIGHT], vec![], "beta/head_matmul");
+            b.op("Mul", &[&z, &inv_width], vec![], "beta/head_mean")
+        }
+    };
     let z = b.op("Add", &[&z, HEAD_BIAS], vec![], "beta/logit");
     let mut beta = b.op("Softplus", &[&z], vec![], "beta/softplus");
     if cfg.beta_max.is_finite() {
@@ -258,7 +275,7 @@ pub fn build(b: &mut Builder, m: &ModelTensors, cfg: &ObjectiveConfig) -> Object
                 Layout::Padded => beta_head(b, m, COMPLETION_MASK, cfg),
                 Layout::Packed => {
                     let h = packed::head_context(b, m);
-                    head_on_context(b, &h, cfg)
+                    head_on_context(b, &h, m.hidden_size, cfg)
                 }
             };
             let head = head_initial_values(m.hidden_size, cfg);
