@@ -142,6 +142,9 @@ pub fn run(a: Args) -> Result<()> {
     if !a.quiet {
         print!("{}", report.parameter_table);
     }
+    if !report.cache_removal.is_empty() {
+        println!("KV cache: {}", report.cache_removal);
+    }
     if let Some(why) = &report.not_packed_because {
         println!("layout: padded (cannot pack this model: {why})");
     }

@@ -1,5 +1,5 @@
 //! `build-graph`: from an exported causal LM to training artifacts. Phases:
-//! recognise the model → append the objective → probe shapes → choose parameters → lift them to
+//! remove a KV cache → recognise the model → append the objective → probe shapes → choose parameters → lift them to
 //! inputs → differentiate → build eval, optimizer and inference graphs → write all files into a
 //! temporary directory that is renamed into place only when complete.
 
@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use ndarray::{ArrayD, IxDyn};
 
+use super::kv_cache::{remove_kv_cache, CacheRemoval};
 use super::manifest::{GraphSpec, Manifest, ModelSpec, ParameterSpec, SpecDim, TensorSpec, FORMAT, FORMAT_VERSION, MANIFEST_FILE};
 use super::model::{recognise, LmSignature};
 use super::objective::{self, ModelTensors, Objective, COMPLETION_MASK, HEAD_BIAS, HEAD_WEIGHT, REF_LOGPS};
@@ -37,6 +38,8 @@ pub struct BuildReport {
     pub manifest: Manifest,
     /// Why `LayoutChoice::Auto` chose the padded layout.
     pub not_packed_because: Option<String>,
+    /// How the model's KV cache was removed (empty for a model exported without one).
+    pub cache_removal: CacheRemoval,
     pub parameter_table: String,
     pub backward_nodes: usize,
     pub out_dir: PathBuf,
@@ -127,6 +130,7 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     opts.objective.validate()?;
     let model = load_model(model_path)?;
     let mut base = Graph::from_model(model)?;
+    let cache_removal = remove_kv_cache(&mut base)?;
     base.sort_topologically()?;
     let sig = recognise(&base, opts.hidden_state.as_deref())?;
     if !base.producers().contains_key(sig.hidden.as_str()) && !base.has_input(&sig.hidden) {
@@ -267,6 +271,7 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     Ok(BuildReport {
         manifest,
         not_packed_because,
+        cache_removal,
         parameter_table: super::params::describe(&params),
         backward_nodes: grads.nodes_added,
         out_dir: out_dir.to_path_buf(),

@@ -9,6 +9,7 @@ pub mod params;
 pub use config::{BetaAggregate, BetaSource, LossKind, ObjectiveConfig};
 pub mod artifacts;
 pub mod export;
+pub mod kv_cache;
 pub mod manifest;
 pub mod optimizer;
 pub mod packing;
