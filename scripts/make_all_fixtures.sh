@@ -5,6 +5,8 @@
 #   graphs/quickstart/model.onnx(+.data)     tiny random Llama, dynamo       scripts/export_hf.py --tiny llama
 #   tests/fixtures/models/<family>/{model.onnx[,.data],golden.safetensors,golden.json}
 #                                             8 tiny random families         scripts/export_hf.py --tiny F --golden
+# Not here: tests/fixtures/models/optimum-* (Hugging Face Optimum exports), made by
+# scripts/make_optimum_fixtures.sh in virtual environments of their own (Optimum pins an older transformers).
 # Usage: bash scripts/make_all_fixtures.sh [family ...]     (default: all families)
 # Env:   PY=path/to/python (default scripts/.venv/bin/python; created with scripts/setup_venv.sh if missing)
 set -euo pipefail

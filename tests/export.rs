@@ -147,3 +147,72 @@ fn exported_model_trained_values_differ_from_initial() {
     assert!((beta_of(&initial) - 0.1).abs() < 1e-6);
     assert!((beta_of(&model) - 0.1).abs() > 1e-4);
 }
+
+/// Golden tensors of a fixture model by name (int64 as i64, float32 as f32).
+fn golden_tensors(dir: &Path) -> (std::collections::HashMap<String, ndarray::ArrayD<i64>>, std::collections::HashMap<String, ndarray::ArrayD<f32>>) {
+    let bytes = std::fs::read(dir.join("golden.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (mut ints, mut floats) = (std::collections::HashMap::new(), std::collections::HashMap::new());
+    for (name, v) in st.tensors() {
+        let shape = ndarray::IxDyn(v.shape());
+        match v.dtype() {
+            safetensors::Dtype::I64 => {
+                let d = v.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+                ints.insert(name, ndarray::ArrayD::from_shape_vec(shape, d).unwrap());
+            }
+            safetensors::Dtype::F32 => {
+                let d = v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+                floats.insert(name, ndarray::ArrayD::from_shape_vec(shape, d).unwrap());
+            }
+            _ => {}
+        }
+    }
+    (ints, floats)
+}
+
+/// Hugging Face Optimum exports (a KV cache, a merged decoder) export without their cache: the
+/// deployable model takes the model's inputs less `past_key_values.*`/`use_cache_branch`, returns
+/// `logits` and `beta` only, gives PyTorch's logits on the golden batch (untrained parameters), and
+/// `betadpo infer` runs it.
+#[test]
+fn optimum_exports_export_and_infer_without_their_cache() {
+    use betadpo::runtime::{run, HostTensor, SessionConfig};
+    let models: Vec<PathBuf> =
+        common::fixtures::own_models().into_iter().filter(|m| m.file_name().unwrap().to_string_lossy().starts_with("optimum-")).collect();
+    assert!(!models.is_empty(), "tests/fixtures/models/optimum-* are committed fixtures");
+    for m in models {
+        let name = m.file_name().unwrap().to_string_lossy().to_string();
+        let dir = common::fixtures::scratch(&format!("export-{name}"));
+        let art = dir.join("art");
+        build_artifacts(&m.join("model.onnx"), &art, &BuildOptions::default()).unwrap();
+        let exported = dir.join("model.onnx");
+        export_model(&art, &art.join("params.safetensors"), &exported).unwrap();
+
+        let mut session = SessionConfig::default().session_from_file(&exported).unwrap();
+        let inputs = betadpo::runtime::input_names(&session);
+        let outputs = betadpo::runtime::output_names(&session);
+        assert_eq!(outputs, ["logits", "beta"], "{name}");
+        let (ints, floats) = golden_tensors(&m);
+        let feeds: Vec<(&str, HostTensor)> = inputs
+            .iter()
+            .map(|i| match i.as_str() {
+                "input_ids" | "attention_mask" | "position_ids" => (i.as_str(), HostTensor::I64(ints[i].clone())),
+                other => panic!("{name}: the exported model takes {other}"),
+            })
+            .collect();
+        let outs = run(&mut session, &feeds).unwrap();
+        let logits = outs.iter().find(|(n, _)| n == "logits").unwrap().1.as_f32().unwrap();
+        let want = &floats["logits"];
+        let err = logits.iter().zip(want.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(err < 1e-4, "{name}: exported logits differ from PyTorch's by {err}");
+        let beta = outs.iter().find(|(n, _)| n == "beta").unwrap().1.as_f32().unwrap();
+        assert!(beta.iter().all(|b| (b - 0.1).abs() < 1e-6), "{name}: an untrained head gives beta_init, got {beta}");
+
+        let tok = quickstart().join("tokenizer.json");
+        let (code, out, err) =
+            betadpo(&["infer", "--json", "--model", exported.to_str().unwrap(), "--tokenizer", tok.to_str().unwrap(), "--prompt", "User: hi\nAssistant:"]);
+        assert_eq!(code, 0, "{name}: {err}");
+        assert!(out.contains("\"beta\""), "{name}: {out}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

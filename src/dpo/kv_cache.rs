@@ -344,16 +344,12 @@ mod tests {
         let cond = value_info(USE_CACHE_BRANCH, dtype::BOOL, &[Dim::Fixed(1)]);
         let mut if_node = node("If", &[USE_CACHE_BRANCH], &["logits", "present.0.key"]);
         if_node.name = "optimum::if".into();
-        if_node.attribute = vec![graph_attr("then_branch", then), graph_attr("else_branch", no_past)];
+        if_node.attribute = vec![crate::onnx::attr_g("then_branch", then), crate::onnx::attr_g("else_branch", no_past)];
         let mut g = cached;
         g.node = vec![if_node, node("Identity", &["w"], &["w_inner"])];
         g.output.push(value_info("w_inner", dtype::FLOAT, &[Dim::Fixed(HEADS * HEAD_DIM)]));
         g.input.push(cond);
         g
-    }
-
-    fn graph_attr(name: &str, g: GraphProto) -> crate::onnx::AttributeProto {
-        crate::onnx::AttributeProto { name: name.into(), r#type: 5, g: Some(g), ..Default::default() }
     }
 
     fn model(g: GraphProto) -> ModelProto {
