@@ -148,28 +148,6 @@ fn exported_model_trained_values_differ_from_initial() {
     assert!((beta_of(&model) - 0.1).abs() > 1e-4);
 }
 
-/// Golden tensors of a fixture model by name (int64 as i64, float32 as f32).
-fn golden_tensors(dir: &Path) -> (std::collections::HashMap<String, ndarray::ArrayD<i64>>, std::collections::HashMap<String, ndarray::ArrayD<f32>>) {
-    let bytes = std::fs::read(dir.join("golden.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let (mut ints, mut floats) = (std::collections::HashMap::new(), std::collections::HashMap::new());
-    for (name, v) in st.tensors() {
-        let shape = ndarray::IxDyn(v.shape());
-        match v.dtype() {
-            safetensors::Dtype::I64 => {
-                let d = v.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
-                ints.insert(name, ndarray::ArrayD::from_shape_vec(shape, d).unwrap());
-            }
-            safetensors::Dtype::F32 => {
-                let d = v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-                floats.insert(name, ndarray::ArrayD::from_shape_vec(shape, d).unwrap());
-            }
-            _ => {}
-        }
-    }
-    (ints, floats)
-}
-
 /// Hugging Face Optimum exports (a KV cache, a merged decoder) export without their cache: the
 /// deployable model takes the model's inputs less `past_key_values.*`/`use_cache_branch`, returns
 /// `logits` and `beta` only, gives PyTorch's logits on the golden batch (untrained parameters), and
@@ -192,17 +170,17 @@ fn optimum_exports_export_and_infer_without_their_cache() {
         let inputs = betadpo::runtime::input_names(&session);
         let outputs = betadpo::runtime::output_names(&session);
         assert_eq!(outputs, ["logits", "beta"], "{name}");
-        let (ints, floats) = golden_tensors(&m);
+        let golden = common::golden::load_golden(&m);
         let feeds: Vec<(&str, HostTensor)> = inputs
             .iter()
             .map(|i| match i.as_str() {
-                "input_ids" | "attention_mask" | "position_ids" => (i.as_str(), HostTensor::I64(ints[i].clone())),
+                "input_ids" | "attention_mask" | "position_ids" => (i.as_str(), HostTensor::I64(golden.i64s[i].clone())),
                 other => panic!("{name}: the exported model takes {other}"),
             })
             .collect();
         let outs = run(&mut session, &feeds).unwrap();
         let logits = outs.iter().find(|(n, _)| n == "logits").unwrap().1.as_f32().unwrap();
-        let want = &floats["logits"];
+        let want = &golden.f32s["logits"];
         let err = logits.iter().zip(want.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         assert!(err < 1e-4, "{name}: exported logits differ from PyTorch's by {err}");
         let beta = outs.iter().find(|(n, _)| n == "beta").unwrap().1.as_f32().unwrap();

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::golden::{load_golden, Golden};
+
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
@@ -13,32 +15,6 @@ use betadpo::dpo::{build_artifacts, BetaAggregate, BetaSource, BuildOptions, Lay
 use betadpo::runtime::{run, HostTensor, SessionConfig};
 use betadpo::store::read_safetensors;
 use ndarray::{ArrayD, IxDyn};
-
-struct Golden {
-    f32s: HashMap<String, ArrayD<f32>>,
-    i64s: HashMap<String, ArrayD<i64>>,
-}
-
-fn load_golden(dir: &Path) -> Golden {
-    let bytes = std::fs::read(dir.join("golden.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut g = Golden { f32s: HashMap::new(), i64s: HashMap::new() };
-    for (name, v) in st.tensors() {
-        let shape = IxDyn(v.shape());
-        match v.dtype() {
-            safetensors::Dtype::F32 => {
-                let d: Vec<f32> = v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-                g.f32s.insert(name, ArrayD::from_shape_vec(shape, d).unwrap());
-            }
-            safetensors::Dtype::I64 => {
-                let d: Vec<i64> = v.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
-                g.i64s.insert(name, ArrayD::from_shape_vec(shape, d).unwrap());
-            }
-            other => panic!("unexpected dtype {other:?}"),
-        }
-    }
-    g
-}
 
 fn norm(a: &ArrayD<f32>) -> f64 {
     a.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt()

@@ -1,3 +1,4 @@
 pub mod fixtures;
+pub mod golden;
 pub mod gradcheck;
 pub mod tiny_lm;
