@@ -44,6 +44,9 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lm_feeds import lm_feeds  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 QUICKSTART = os.path.normpath(os.path.join(HERE, "..", "graphs", "quickstart"))
 TWO_GB = 2 * 1024 ** 3
@@ -246,37 +249,13 @@ def ort_session(model_or_path, extra_outputs=()):
     return ort.InferenceSession(model_or_path, so, providers=["CPUExecutionProvider"])
 
 
-def lm_feeds(sess, ids, mask):
-    """Feeds for every input the graph declares. Besides input_ids and attention_mask, exports made by
-    Hugging Face Optimum may take position_ids (0..T-1, what the model computes itself without them),
-    an empty KV cache (past_key_values.N.key/value: [batch, kv_heads, 0, head_dim]) and, for a merged
-    decoder, use_cache_branch (false: the branch without a cache)."""
-    feeds = {}
-    for i in sess.get_inputs():
-        if i.name == "input_ids":
-            feeds[i.name] = ids.numpy()
-        elif i.name == "attention_mask":
-            feeds[i.name] = mask.numpy()
-        elif i.name == "position_ids":
-            feeds[i.name] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
-        elif i.name.startswith("past_key_values."):
-            _, heads, _, head_dim = i.shape
-            dtype = np.float16 if i.type == "tensor(float16)" else np.float32
-            feeds[i.name] = np.zeros((ids.shape[0], heads, 0, head_dim), dtype=dtype)
-        elif i.name == "use_cache_branch":
-            feeds[i.name] = np.array([False])
-        else:
-            raise SystemExit(f"the exported graph has an input this script cannot feed: {i.name}")
-    return feeds
-
-
 def verify(model, onnx_path, batches, tolerance):
     """Max |logit| difference between onnxruntime and PyTorch (same dtype) on padded batches of
     different shapes (the graph must not have baked in the export's example shape)."""
     sess = ort_session(onnx_path)
     worst = 0.0
     for ids, mask in batches:
-        got = sess.run(["logits"], lm_feeds(sess, ids, mask))[0]
+        got = sess.run(["logits"], lm_feeds(sess, ids.numpy(), mask.numpy()))[0]
         with torch.no_grad():
             want = LogitsOnly(model)(ids, mask).float().numpy()
         got = got.astype(np.float32)
@@ -583,7 +562,7 @@ def golden(model, onnx_path, exporter_desc, test_jsonl, tokenizer_path, pairs, s
 
     # ---- ORT vs PyTorch float32 on this batch ----
     sess = ort_session(onnx_path)
-    ort_logits = sess.run(["logits"], lm_feeds(sess, ids, mask))[0]
+    ort_logits = sess.run(["logits"], lm_feeds(sess, ids.numpy(), mask.numpy()))[0]
     with torch.no_grad():
         pt32 = LogitsOnly(model)(ids, mask).float().numpy()
     ort_err = float(np.abs(ort_logits.astype(np.float32) - pt32).max())
@@ -653,7 +632,7 @@ def check_gradients(proto, ids, mask, loss_mask, prompt_last, seq_last, ref, w, 
     hidden_name = _find_hidden_name(proto, mapping)
     inits = {t.name: t for t in proto.graph.initializer}
     base = {n: numpy_helper.to_array(inits[n]).astype(np.float64) for n in mapping}
-    feeds = lm_feeds(ort_session(proto), ids, mask)
+    feeds = lm_feeds(ort_session(proto), ids.numpy(), mask.numpy())
     lm = loss_mask.double()
     refd = ref.double()
 

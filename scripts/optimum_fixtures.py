@@ -10,7 +10,7 @@
 
 Run it with the Optimum virtual environment's Python (its transformers is older than scripts/.venv's, and
 the model must be read by the transformers that wrote it). Everything else is export_hf.py's code: the
-graph's extra inputs (position_ids, an empty past, use_cache_branch) are fed by export_hf.lm_feeds.
+graph's extra inputs (position_ids, an empty past, use_cache_branch) are fed by lm_feeds.py.
 """
 import argparse
 import json
