@@ -7,6 +7,8 @@
 #                                             8 tiny random families         scripts/export_hf.py --tiny F --golden
 #   tests/fixtures/models/{gpt2,llama,qwen2,gemma}/hf_reference.{json,safetensors}
 #                                             transformers' checkpoint/logits scripts/make_hf_reference.py
+# Not here: tests/fixtures/models/optimum-* (Hugging Face Optimum exports), made by
+# scripts/make_optimum_fixtures.sh in virtual environments of their own (Optimum pins an older transformers).
 # Usage: bash scripts/make_all_fixtures.sh [family ...]     (default: all families)
 # Env:   PY=path/to/python (default scripts/.venv/bin/python; created with scripts/setup_venv.sh if missing)
 set -euo pipefail

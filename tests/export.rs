@@ -146,3 +146,50 @@ fn exported_model_trained_values_differ_from_initial() {
     assert!((beta_of(&initial) - 0.1).abs() < 1e-6);
     assert!((beta_of(&model) - 0.1).abs() > 1e-4);
 }
+
+/// Hugging Face Optimum exports (a KV cache, a merged decoder) export without their cache: the
+/// deployable model takes the model's inputs less `past_key_values.*`/`use_cache_branch`, returns
+/// `logits` and `beta` only, gives PyTorch's logits on the golden batch (untrained parameters), and
+/// `betadpo infer` runs it.
+#[test]
+fn optimum_exports_export_and_infer_without_their_cache() {
+    use betadpo::runtime::{run, HostTensor, SessionConfig};
+    let models: Vec<PathBuf> =
+        common::fixtures::own_models().into_iter().filter(|m| m.file_name().unwrap().to_string_lossy().starts_with("optimum-")).collect();
+    assert!(!models.is_empty(), "tests/fixtures/models/optimum-* are committed fixtures");
+    for m in models {
+        let name = m.file_name().unwrap().to_string_lossy().to_string();
+        let dir = common::fixtures::scratch(&format!("export-{name}"));
+        let art = dir.join("art");
+        build_artifacts(&m.join("model.onnx"), &art, &BuildOptions::default()).unwrap();
+        let exported = dir.join("model.onnx");
+        export_model(&art, &art.join("params.safetensors"), &exported).unwrap();
+
+        let mut session = SessionConfig::default().session_from_file(&exported).unwrap();
+        let inputs = betadpo::runtime::input_names(&session);
+        let outputs = betadpo::runtime::output_names(&session);
+        assert_eq!(outputs, ["logits", "beta"], "{name}");
+        let golden = common::golden::load_golden(&m);
+        let feeds: Vec<(&str, HostTensor)> = inputs
+            .iter()
+            .map(|i| match i.as_str() {
+                "input_ids" | "attention_mask" | "position_ids" => (i.as_str(), HostTensor::I64(golden.i64s[i].clone())),
+                other => panic!("{name}: the exported model takes {other}"),
+            })
+            .collect();
+        let outs = run(&mut session, &feeds).unwrap();
+        let logits = outs.iter().find(|(n, _)| n == "logits").unwrap().1.as_f32().unwrap();
+        let want = &golden.f32s["logits"];
+        let err = logits.iter().zip(want.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(err < 1e-4, "{name}: exported logits differ from PyTorch's by {err}");
+        let beta = outs.iter().find(|(n, _)| n == "beta").unwrap().1.as_f32().unwrap();
+        assert!(beta.iter().all(|b| (b - 0.1).abs() < 1e-6), "{name}: an untrained head gives beta_init, got {beta}");
+
+        let tok = quickstart().join("tokenizer.json");
+        let (code, out, err) =
+            betadpo(&["infer", "--json", "--model", exported.to_str().unwrap(), "--tokenizer", tok.to_str().unwrap(), "--prompt", "User: hi\nAssistant:"]);
+        assert_eq!(code, 0, "{name}: {err}");
+        assert!(out.contains("\"beta\""), "{name}: {out}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

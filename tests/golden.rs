@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::golden::{load_golden, Golden};
+
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
@@ -13,12 +15,6 @@ use betadpo::dpo::{build_artifacts, BetaAggregate, BetaSource, BuildOptions, Hea
 use betadpo::runtime::{run, HostTensor, SessionConfig};
 use betadpo::store::read_safetensors;
 use ndarray::{ArrayD, IxDyn};
-
-type Golden = common::fixtures::Tensors;
-
-fn load_golden(dir: &Path) -> Golden {
-    common::fixtures::read_tensors(&dir.join("golden.safetensors"))
-}
 
 fn norm(a: &ArrayD<f32>) -> f64 {
     a.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt()
@@ -164,6 +160,7 @@ fn check_model_in(model_dir: &Path, mode: Mode, layout: Layout) -> Result<(), St
     assert!(compared > 0, "{label}: no gradient compared");
 
     if matches!(mode, Mode::Prompt) {
+        assert_lm_inputs_without_cache(model_dir, &m, &label);
         // default trainable set == the golden's parameter set
         let ours: BTreeSet<String> =
             m.parameters.iter().filter(|p| p.trainable && !p.beta_head).flat_map(|p| p.initializers.iter().map(|r| r.name.clone())).collect();
@@ -172,6 +169,29 @@ fn check_model_in(model_dir: &Path, mode: Mode, layout: Layout) -> Result<(), St
         assert_eq!(ours, theirs, "{label}: trainable set differs from the golden's parameters");
     }
     Ok(())
+}
+
+/// The train and infer graphs take the model's own inputs less its KV cache (an Optimum export's
+/// `past_key_values.*` and `use_cache_branch`), as `golden.json` lists them.
+fn assert_lm_inputs_without_cache(model_dir: &Path, m: &Manifest, label: &str) {
+    let Ok(text) = std::fs::read_to_string(model_dir.join("golden.json")) else { return };
+    let meta: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let Some(inputs) = meta["inputs"].as_array() else { return };
+    let is_cache = |n: &str| n.starts_with("past_key_values.") || n == "use_cache_branch";
+    let theirs: BTreeSet<&str> = inputs.iter().filter_map(|v| v.as_str()).filter(|n| !is_cache(n)).collect();
+    for graph in ["train", "infer"] {
+        let ours: BTreeSet<&str> = m
+            .graph(graph)
+            .unwrap()
+            .inputs
+            .iter()
+            .filter(|i| ["input_ids", "attention_mask", "position_ids"].contains(&i.role.as_str()))
+            .map(|i| i.name.as_str())
+            .collect();
+        assert_eq!(ours, theirs, "{label}: {graph} graph's model inputs");
+        let cache: Vec<&str> = m.graph(graph).unwrap().inputs.iter().map(|i| i.name.as_str()).filter(|n| is_cache(n)).collect();
+        assert!(cache.is_empty(), "{label}: the {graph} graph still takes {cache:?}");
+    }
 }
 
 #[test]
@@ -195,10 +215,21 @@ fn fixed_beta_matches_pytorch() {
     }
 }
 
+/// Why a fixture cannot be packed: Mistral's sliding window (16 tokens, shorter than the golden
+/// batch), OPT's positions (a cumulative sum of the mask), and Optimum's exports, which attend with
+/// PyTorch's SDPA: each layer slices a shared boolean mask and makes its own additive one.
+fn expected_refusal(name: &str) -> Option<&'static str> {
+    match name {
+        "mistral" => Some("not plain causal"),
+        "opt" => Some("no position computation"),
+        n if n.starts_with("optimum-") => Some("do not share one additive mask"),
+        _ => None,
+    }
+}
+
 /// The packed layout (shared prompts, several pairs per row, positions restarting for the rejected
 /// answer) gives PyTorch's padded-batch loss and gradients.
-/// Models whose mask or positions it cannot replace are refused with the reason: Mistral's sliding
-/// window (16 tokens, shorter than the golden batch) and OPT's positions (a cumulative sum of the mask).
+/// Models whose mask or positions it cannot replace are refused with the reason ([`expected_refusal`]).
 #[test]
 fn packed_layout_matches_pytorch() {
     let mut refused = BTreeSet::new();
@@ -206,7 +237,7 @@ fn packed_layout_matches_pytorch() {
         for mode in [Mode::Prompt, Mode::Sequence, Mode::Fixed] {
             if let Err(e) = check_model_in(&m, mode, Layout::Packed) {
                 let name = m.file_name().unwrap().to_string_lossy().to_string();
-                let why = if name == "mistral" { "not plain causal" } else { "no position computation" };
+                let why = expected_refusal(&name).unwrap_or_else(|| panic!("{name}: unexpected refusal: {e}"));
                 assert!(e.contains("cannot pack this model") && e.contains(why), "{name}: unexpected refusal: {e}");
                 // `auto` falls back to the padded layout and says why
                 let out = common::fixtures::scratch(&format!("golden-auto-{name}"));
@@ -218,9 +249,9 @@ fn packed_layout_matches_pytorch() {
             }
         }
     }
-    if common::fixtures::own_models().len() == 8 {
-        assert_eq!(refused, BTreeSet::from(["mistral".to_string(), "opt".to_string()]));
-    }
+    let expected: BTreeSet<String> =
+        common::fixtures::own_models().iter().map(|m| m.file_name().unwrap().to_string_lossy().to_string()).filter(|n| expected_refusal(n).is_some()).collect();
+    assert_eq!(refused, expected);
 }
 
 /// The mean-over-tokens heads have no PyTorch golden; the packed layout must give what the padded

@@ -157,6 +157,12 @@ pub fn run(a: Args) -> Result<()> {
     if !a.quiet {
         print!("{}", report.parameter_table);
     }
+    if let Some(old) = report.opset_raised_from {
+        println!("opset: the model's {old} read as {} (embedding gradients need ScatterND's reduction)", betadpo::graph::SCATTER_ADD_OPSET);
+    }
+    if !report.cache_removal.is_empty() {
+        println!("KV cache: {}", report.cache_removal);
+    }
     if let Some(why) = &report.not_packed_because {
         println!("layout: padded (cannot pack this model: {why})");
     }

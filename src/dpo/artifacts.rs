@@ -1,5 +1,5 @@
 //! `build-graph`: from an exported causal LM to training artifacts. Phases:
-//! recognise the model → append the objective → probe shapes → choose parameters → lift them to
+//! raise an old opset → remove a KV cache → recognise the model → append the objective → probe shapes → choose parameters → lift them to
 //! inputs → differentiate → build eval, optimizer and inference graphs → write all files into a
 //! temporary directory that is renamed into place only when complete.
 
@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use ndarray::{ArrayD, IxDyn};
 
 use super::hf_export::map::{beside_model, HF_MAP_FILE};
+use super::kv_cache::{remove_kv_cache, CacheRemoval};
 use super::manifest::{GraphSpec, Manifest, ModelSpec, ParameterSpec, SpecDim, TensorSpec, FORMAT, FORMAT_VERSION, MANIFEST_FILE};
 use super::model::{recognise, LmSignature};
 use super::objective::{self, ModelTensors, Objective, COMPLETION_MASK, HEAD_BIAS, HEAD_WEIGHT, REF_LOGPS};
@@ -16,7 +17,7 @@ use super::packing::{self, Layout, LayoutChoice};
 use super::params::{find_parameters, lift_parameters, InitializerRef, Param, Selection};
 use super::{optimizer, BetaSource, ObjectiveConfig};
 use crate::autodiff::differentiate;
-use crate::graph::{probe_shapes, Builder, Graph, ProbeBatch};
+use crate::graph::{probe_shapes, raise_to_scatter_add_opset, Builder, Graph, ProbeBatch};
 use crate::onnx::{dtype, load_model, save_model, tensor_to_f32, value_info, value_info_type, Dim, SaveOptions};
 use crate::runtime::HostTensor;
 use crate::store::{write_safetensors_raw, RawTensor};
@@ -38,6 +39,10 @@ pub struct BuildReport {
     pub manifest: Manifest,
     /// Why `LayoutChoice::Auto` chose the padded layout.
     pub not_packed_because: Option<String>,
+    /// How the model's KV cache was removed (empty for a model exported without one).
+    pub cache_removal: CacheRemoval,
+    /// The model's opset when it was older than the graphs' (see `graph::raise_to_scatter_add_opset`).
+    pub opset_raised_from: Option<i64>,
     pub parameter_table: String,
     pub backward_nodes: usize,
     pub out_dir: PathBuf,
@@ -134,6 +139,8 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     Manifest::claim_out_dir(out_dir)?;
     let model = load_model(model_path)?;
     let mut base = Graph::from_model(model)?;
+    let opset_raised_from = raise_to_scatter_add_opset(&mut base);
+    let cache_removal = remove_kv_cache(&mut base)?;
     base.sort_topologically()?;
     let sig = recognise(&base, opts.hidden_state.as_deref())?;
     if !base.producers().contains_key(sig.hidden.as_str()) && !base.has_input(&sig.hidden) {
@@ -280,6 +287,8 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     Ok(BuildReport {
         manifest,
         not_packed_because,
+        cache_removal,
+        opset_raised_from,
         parameter_table: super::params::describe(&params),
         backward_nodes: grads.nodes_added,
         out_dir: out_dir.to_path_buf(),

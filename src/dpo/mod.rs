@@ -10,6 +10,7 @@ pub use config::{BetaAggregate, BetaSource, HeadInput, LossKind, ObjectiveConfig
 pub mod artifacts;
 pub mod export;
 pub mod hf_export;
+pub mod kv_cache;
 pub mod manifest;
 pub mod optimizer;
 pub mod packing;

@@ -56,7 +56,7 @@ pub fn recognise(graph: &Graph, hidden_override: Option<&str>) -> Result<LmSigna
         .collect();
     if !extra.is_empty() {
         return Err(Error::graph(format!(
-            "the model has inputs besides input_ids/attention_mask/position_ids: {} (export it without a KV cache, use_cache=False)",
+            "the model has inputs besides input_ids/attention_mask/position_ids (and a KV cache: past_key_values.*, use_cache_branch): {}",
             extra.join(", ")
         )));
     }

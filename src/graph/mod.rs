@@ -4,10 +4,12 @@
 mod builder;
 mod check;
 mod names;
+mod opset;
 mod probe;
 
 pub use builder::Builder;
 pub use names::Names;
+pub use opset::{raise_to_scatter_add_opset, SCATTER_ADD_OPSET};
 pub use probe::{probe_shapes, ProbeBatch, TensorInfo, TensorInfos};
 
 use std::collections::HashMap;

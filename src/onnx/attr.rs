@@ -1,6 +1,6 @@
 //! Reading and writing node attributes.
 
-use super::proto::{attribute_proto::AttributeType, AttributeProto, NodeProto, TensorProto};
+use super::proto::{attribute_proto::AttributeType, AttributeProto, GraphProto, NodeProto, TensorProto};
 
 /// A value to put into an attribute (short-lived, so the large `Tensor` variant is not boxed).
 #[derive(Clone, Debug)]
@@ -54,6 +54,10 @@ pub fn attr_s(name: &str, v: &str) -> AttributeProto {
 }
 pub fn attr_t(name: &str, v: TensorProto) -> AttributeProto {
     attr(name, AttrValue::Tensor(v))
+}
+/// A subgraph attribute (an If's branches, a Loop's body).
+pub fn attr_g(name: &str, g: GraphProto) -> AttributeProto {
+    AttributeProto { name: name.to_string(), r#type: AttributeType::Graph as i32, g: Some(g), ..Default::default() }
 }
 
 /// Typed attribute lookup on a node.

@@ -1,5 +1,6 @@
 pub mod cli;
 pub mod fixtures;
 pub mod fuzz;
+pub mod golden;
 pub mod gradcheck;
 pub mod tiny_lm;
