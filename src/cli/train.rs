@@ -4,6 +4,7 @@ use anyhow::{Context, Result};
 use betadpo::runtime::ExecutionProvider;
 use betadpo::train::config::TrainConfig;
 use betadpo::train::schedule::Schedule;
+use betadpo::train::truncation::TruncationMode;
 use betadpo::train::trainer::train;
 
 #[derive(clap::Args)]
@@ -52,10 +53,13 @@ pub struct Args {
     /// Global gradient-norm clipping (0 disables it).
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     max_grad_norm: f64,
-    #[arg(long, default_value_t = 512)]
+    /// Tokens a row (prompt + answer) keeps; longer rows are cut as --truncation-mode says (TRL's max_length).
+    #[arg(long, default_value_t = 1024)]
     max_length: usize,
-    #[arg(long, default_value_t = 256)]
-    max_prompt_length: usize,
+    /// keep_start: a long row loses the end of its answer, and a pair whose prompt alone fills
+    /// --max-length is dropped; keep_end: it loses the start of its prompt (TRL's truncation_mode).
+    #[arg(long, default_value = "keep_start")]
+    truncation_mode: TruncationMode,
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Evaluate every N steps (and always at the end).
@@ -130,7 +134,7 @@ pub fn config(a: Args) -> TrainConfig {
         weight_decay: a.weight_decay,
         max_grad_norm: a.max_grad_norm,
         max_length: Some(a.max_length),
-        max_prompt_length: Some(a.max_prompt_length),
+        truncation_mode: a.truncation_mode,
         seed: a.seed,
         eval_every: a.eval_every,
         save_every: a.save_every,

@@ -28,14 +28,6 @@ impl std::fmt::Debug for ChatTemplate {
     }
 }
 
-/// The three texts of a conversational pair after rendering (the answers without EOS).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RenderedPair {
-    pub prompt: String,
-    pub chosen: String,
-    pub rejected: String,
-}
-
 impl ChatTemplate {
     /// Compiles `source`; a syntax error is reported with the template's line.
     pub fn new(source: &str, bos_token: Option<String>, eos_token: Option<String>, pad_token: Option<String>) -> Result<Self> {
@@ -62,9 +54,10 @@ impl ChatTemplate {
         tmpl.render(ctx).map_err(|e| Error::Data(format!("chat template failed: {e:#}")))
     }
 
-    /// Renders a prompt the way TRL's `maybe_apply_chat_template` does: with the generation prompt
-    /// when it ends with a user (or system/tool) turn, and as an open assistant turn
-    /// (`continue_final_message`) when it ends with an assistant message.
+    /// Renders a prompt to generate from (`infer --chat`): with the generation prompt when it ends
+    /// with a user (or system/tool) turn, and as an open assistant turn (`continue_final_message`)
+    /// when it ends with an assistant message. Training renders every prompt with the generation
+    /// prompt, as TRL 1.x does (see `tokenize`).
     pub fn render_prompt(&self, prompt: &[Message]) -> Result<String> {
         match prompt.last() {
             Some(last) if last.role == "assistant" => {
@@ -73,22 +66,6 @@ impl ChatTemplate {
             }
             _ => self.render(prompt, true),
         }
-    }
-
-    /// Renders a pair; each answer is what the template appends to the prompt, i.e. the rendering of
-    /// prompt + answer minus the rendering of the prompt (TRL's way). The prompt is the common prefix
-    /// of all three renderings, which absorbs templates whose generation prompt differs from the start
-    /// of a finished assistant turn (e.g. an added `<think>`).
-    pub fn render_pair(&self, prompt: &[Message], chosen: &[Message], rejected: &[Message]) -> Result<RenderedPair> {
-        let p = self.render_prompt(prompt)?;
-        let full = |answer: &[Message]| {
-            let mut all = prompt.to_vec();
-            all.extend_from_slice(answer);
-            self.render(&all, false)
-        };
-        let (pc, pr) = (full(chosen)?, full(rejected)?);
-        let n = common_prefix_len(common_prefix(&p, &pc), &pr);
-        Ok(RenderedPair { prompt: p[..n].to_string(), chosen: pc[n..].to_string(), rejected: pr[n..].to_string() })
     }
 }
 
@@ -101,15 +78,6 @@ fn continue_final_message(text: String, content: &str) -> Result<String> {
         None if content.trim().is_empty() => Ok(text),
         None => Err(Error::Data("the final assistant message of the prompt does not appear in the rendered chat".into())),
     }
-}
-
-/// The longest common prefix of two strings, cut at a character boundary.
-pub fn common_prefix<'a>(a: &'a str, b: &str) -> &'a str {
-    &a[..common_prefix_len(a, b)]
-}
-
-fn common_prefix_len(a: &str, b: &str) -> usize {
-    a.char_indices().zip(b.chars()).take_while(|((_, x), y)| x == y).last().map_or(0, |((i, x), _)| i + x.len_utf8())
 }
 
 /// HF's `raise_exception(message)`: templates call it to reject conversations they cannot render.
