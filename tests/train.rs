@@ -103,7 +103,6 @@ fn config(art: &Path, data: &Path, inp: &Inputs, out: &Path, steps: u64) -> Trai
         max_steps: Some(steps),
         batch_size: 4,
         max_length: Some(128),
-        max_prompt_length: Some(64),
         threads: Some(1),
         progress: false,
         ..Default::default()
@@ -854,7 +853,7 @@ fn reference_cache() {
     assert_ne!(o[1].0, first[1].0, "other training data must not reuse the cache key");
     // Other tokenization of the same data is other data too.
     let shorter = dir.join("shorter");
-    run_train(&TrainConfig { max_length: Some(24), max_prompt_length: Some(8), ..cfg(&d1, &shorter, 1) });
+    run_train(&TrainConfig { max_length: Some(24), ..cfg(&d1, &shorter, 1) });
     assert_ne!(reference_files(&shorter)[1].0, first[1].0, "truncation must change the cache key");
     // Other initial weights (other artifacts) change it too.
     std::fs::create_dir_all(dir.join("fixed")).unwrap();

@@ -35,17 +35,18 @@ fn shared_conversational_rows_tokenize() {
     let t = PairTokenizer::from_dir(&dir.join("tokenizer")).unwrap();
     let rows = load_preferences(&dir.join("prefs/test_conversational.jsonl"), &LoadOptions::default()).unwrap().rows;
     assert_eq!(rows.len(), 60);
-    let gen = t.encode("<|im_start|>assistant\n").unwrap();
+    let (gen, end) = (t.encode("<|im_start|>assistant\n").unwrap(), t.encode("<|im_end|>\n").unwrap());
     for row in &rows {
-        let (prompt, chosen, _) = t.texts(row).unwrap();
-        assert!(prompt.ends_with("<|im_start|>assistant\n"), "{prompt:?}");
+        let texts = t.texts(row).unwrap();
+        assert!(texts.prompt.ends_with("<|im_start|>assistant\n"), "{:?}", texts.prompt);
         let Text::Messages(c) = &row.chosen else { panic!("messages expected") };
-        assert_eq!(chosen, format!("{}<|im_end|>\n", c[0].content));
+        assert_eq!(texts.prompt_chosen, format!("{}{}<|im_end|>\n", texts.prompt, c[0].content));
     }
     let (pairs, stats) = t.tokenize_all(&rows, &TruncationConfig::default()).unwrap();
-    assert_eq!((pairs.len(), stats.dropped), (60, 0));
+    assert_eq!((pairs.len(), stats.dropped, stats.prompt_not_prefix), (60, 0, 0));
     for p in &pairs {
         assert!(p.prompt.ends_with(&gen));
-        assert_eq!((p.chosen.last(), p.rejected.last()), (Some(&t.eos_id()), Some(&t.eos_id())));
+        // An answer ends as the template closes a turn; TRL adds no EOS to conversations.
+        assert!(p.chosen.ends_with(&end) && p.rejected.ends_with(&end));
     }
 }
