@@ -341,7 +341,7 @@ struct KillSetup {
 
 impl KillSetup {
     fn args(&self, out: &Path) -> Vec<String> {
-        let flags = format!("--max-steps {} --batch-size 4 --save-every 1 --threads 1 --max-length 128 --max-prompt-length 64 --quiet --resume", self.steps);
+        let flags = format!("--max-steps {} --batch-size 4 --save-every 1 --threads 1 --max-length 128 --quiet --resume", self.steps);
         train_args(&self.art, &self.data, &self.tokenizer, out, &flags)
     }
     fn spawn(&self, out: &Path) -> Child {
@@ -642,8 +642,8 @@ fn bad_input() {
     for (flags, needle) in [
         (&["--batch-size", "0"][..], "--batch-size"),
         (&["--grad-accum", "0"], "--grad-accum"),
-        (&["--max-length", "64", "--max-prompt-length", "64"], "--max-prompt-length"),
-        (&["--max-length", "64", "--max-prompt-length", "100"], "--max-prompt-length"),
+        (&["--max-length", "0"], "--max-length"),
+        (&["--truncation-mode", "keep_middle"], "keep_start or keep_end"),
         (&["--lr", "nan"], "--lr"),
         (&["--head-lr", "-1"], "--head-lr"),
         (&["--max-steps", "0"], "--max-steps"),
