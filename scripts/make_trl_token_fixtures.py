@@ -46,6 +46,14 @@ NONPREFIX_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n\n</think>\n\n{% endif %}"
 )
 
+# Reads a row's `tools` and a `chat_template_kwargs` entry, which TRL passes to the template.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
 
 def rel(path: Path) -> str:
     """Paths as the Rust test resolves them: relative to the repository root (`../shared/...` included)."""
@@ -154,6 +162,17 @@ def main():
         ("Tea or coffee? Tea.", "Tea or coffee? Coffee."),
     ]
     write_jsonl(a.out / "implicit_edge.jsonl", [{"chosen": c, "rejected": r} for c, r in edge])
+    # Conversations with tools (JSON text, as a dataset column often holds them; none on odd rows) and
+    # chat_template_kwargs (thinking off on every third row).
+    tool = [{"type": "function", "function": {"name": "get_time", "description": "The time <now> & here", "parameters": {"type": "object"}}}]
+    with_tools = [
+        {**r, "tools": json.dumps(tool) if i % 2 == 0 else None, "chat_template_kwargs": {"enable_thinking": i % 3 != 0}}
+        for i, r in enumerate(conv)
+    ]
+    write_jsonl(a.out / "tools.jsonl", with_tools)
+    tools_config = json.loads((QUICK / "tokenizer_config.json").read_text())
+    tools_config["chat_template"] = TOOLS_TEMPLATE
+    (a.out / "tools_tokenizer_config.json").write_text(json.dumps(tools_config, indent=1) + "\n")
     nonprefix_config = json.loads((QUICK / "tokenizer_config.json").read_text())
     nonprefix_config["chat_template"] = NONPREFIX_TEMPLATE
     (a.out / "nonprefix_tokenizer_config.json").write_text(json.dumps(nonprefix_config, indent=1) + "\n")
@@ -161,6 +180,7 @@ def main():
     quick_tok = (QUICK / "tokenizer.json", None)
     shared_tok = (SHARED / "tokenizer" / "tokenizer.json", None)
     nonprefix_tok = (QUICK / "tokenizer.json", a.out / "nonprefix_tokenizer_config.json")
+    tools_tok = (QUICK / "tokenizer.json", a.out / "tools_tokenizer_config.json")
     # name, tokenizer (json, config), data, max_length, truncation_mode
     cases = [
         ("shared_standard", shared_tok, SHARED / "prefs" / "test.jsonl", 1024, "keep_start"),
@@ -172,6 +192,7 @@ def main():
         ("implicit_conversational", quick_tok, a.out / "implicit_conversational.jsonl", 1024, "keep_start"),
         ("trailing_space", quick_tok, a.out / "trailing_space.jsonl", 1024, "keep_start"),
         ("nonprefix_template", nonprefix_tok, QUICK / "test_conversational.jsonl", 1024, "keep_start"),
+        ("tools_and_template_kwargs", tools_tok, a.out / "tools.jsonl", 1024, "keep_start"),
         ("standard_keep_start_16", quick_tok, QUICK / "test.jsonl", 16, "keep_start"),
         ("standard_keep_end_16", quick_tok, QUICK / "test.jsonl", 16, "keep_end"),
         ("conversational_keep_start_20", quick_tok, QUICK / "test_conversational.jsonl", 20, "keep_start"),

@@ -129,6 +129,12 @@ fn prompts_that_are_not_a_prefix() {
 }
 
 #[test]
+fn tools_and_template_kwargs_reach_the_template() {
+    // `tools` (JSON text, absent on odd rows) and `chat_template_kwargs` (thinking off on every third row).
+    check("tools_and_template_kwargs");
+}
+
+#[test]
 fn truncation_modes() {
     for name in ["standard_keep_start_16", "standard_keep_end_16", "conversational_keep_start_20", "conversational_keep_end_24", "nonprefix_keep_end_24"] {
         check(name);

@@ -6,6 +6,8 @@
 //! `minijinja`, with `minijinja-contrib`'s `pycompat` for the string methods, so that a template
 //! written for `transformers` renders the same text here.
 
+use std::collections::BTreeMap;
+
 use minijinja::value::{Kwargs, Value};
 use minijinja::{Environment, ErrorKind};
 
@@ -43,14 +45,20 @@ impl ChatTemplate {
 
     /// Renders `messages` with the variables HF's `apply_chat_template` provides.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_with(messages, add_generation_prompt, &TemplateVars::default())
+    }
+
+    /// [`Self::render`] with more template variables. As in HF, they may override the special
+    /// tokens but not the messages.
+    pub fn render_with(&self, messages: &[Message], add_generation_prompt: bool, vars: &TemplateVars) -> Result<String> {
         let tmpl = self.env.get_template(NAME).map_err(|e| Error::Data(e.to_string()))?;
-        let ctx = minijinja::context! {
-            messages => Value::from_serialize(messages),
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token.clone(),
-            eos_token => self.eos_token.clone(),
-            pad_token => self.pad_token.clone(),
-        };
+        let mut ctx: BTreeMap<String, Value> = [("bos_token", &self.bos_token), ("eos_token", &self.eos_token), ("pad_token", &self.pad_token)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), Value::from(v.clone())))
+            .collect();
+        ctx.extend(vars.0.iter().map(|(k, v)| (k.clone(), v.clone())));
+        ctx.insert("messages".into(), Value::from_serialize(messages));
+        ctx.insert("add_generation_prompt".into(), Value::from(add_generation_prompt));
         tmpl.render(ctx).map_err(|e| Error::Data(format!("chat template failed: {e:#}")))
     }
 
@@ -66,6 +74,35 @@ impl ChatTemplate {
             }
             _ => self.render(prompt, true),
         }
+    }
+}
+
+/// Template variables that TRL takes from a row's columns: `tools` (a list, or JSON text of one)
+/// and the entries of `chat_template_kwargs` (e.g. `enable_thinking`).
+#[derive(Debug, Clone, Default)]
+pub struct TemplateVars(BTreeMap<String, Value>);
+
+impl TemplateVars {
+    /// Reads them from a row's extra columns (JSON text: see `data::PreferenceRow::extras`).
+    /// Objects keep their key order, which `tojson` shows.
+    pub fn from_columns(extras: &BTreeMap<String, String>) -> Result<Self> {
+        let json = |key: &str, text: &str| serde_json::from_str::<Value>(text).map_err(|e| Error::Data(format!("column {key:?} is not JSON: {e}")));
+        let mut vars = BTreeMap::new();
+        if let Some(tools) = extras.get("tools") {
+            vars.insert("tools".to_string(), json("tools", tools)?);
+        }
+        if let Some(kwargs) = extras.get("chat_template_kwargs") {
+            let kwargs = json("chat_template_kwargs", kwargs)?;
+            let not_object = || Error::Data("column \"chat_template_kwargs\" must be an object".into());
+            if kwargs.kind() != minijinja::value::ValueKind::Map {
+                return Err(not_object());
+            }
+            for key in kwargs.try_iter().map_err(|_| not_object())? {
+                let value = kwargs.get_item(&key).map_err(|_| not_object())?;
+                vars.insert(key.to_string(), value);
+            }
+        }
+        Ok(TemplateVars(vars))
     }
 }
 

@@ -23,7 +23,7 @@ use serde_json::Value;
 use tokenizers::processors::template::TemplateProcessing;
 
 use crate::error::{Error, Result};
-use crate::train::chat_template::ChatTemplate;
+use crate::train::chat_template::{ChatTemplate, TemplateVars};
 use crate::train::data::{Message, PreferenceRow, Text};
 pub use crate::train::truncation::{TokenizeStats, TruncationConfig, TruncationMode};
 
@@ -234,8 +234,9 @@ impl PairTokenizer {
             (Text::Messages(p), Text::Messages(c), Text::Messages(r)) => {
                 let t =
                     self.template.as_ref().ok_or_else(|| Error::Data("conversational data needs a chat template (tokenizer_config.json has none)".into()))?;
-                let finished = |answer: &[Message]| t.render(&[p.as_slice(), answer].concat(), false);
-                Ok(JointTexts { prompt: t.render(p, true)?, prompt_chosen: finished(c)?, prompt_rejected: finished(r)?, special_tokens: false })
+                let vars = TemplateVars::from_columns(&row.extras)?;
+                let finished = |answer: &[Message]| t.render_with(&[p.as_slice(), answer].concat(), false, &vars);
+                Ok(JointTexts { prompt: t.render_with(p, true, &vars)?, prompt_chosen: finished(c)?, prompt_rejected: finished(r)?, special_tokens: false })
             }
             _ => Err(Error::Data("prompt and answers mix plain text and messages".into())),
         }
