@@ -70,6 +70,10 @@ def run_trl(a, rows: list[dict], tokenizer_dir: Path, work: Path) -> dict:
     else:
         path, name = gguf_checkpoint()
         model = AutoModelForCausalLM.from_pretrained(path, gguf_file=name, dtype=torch.float32)
+        # Loading a GGUF file dequantizes it to plain float32 weights, but the model stays marked as
+        # quantized, which the Trainer refuses to fine-tune; drop the mark with transformers' own call.
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     args = DPOConfig(
         output_dir=str(work / "trl"),
@@ -157,8 +161,10 @@ def main():
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="write every number here")
-    ap.add_argument("formats", nargs="*", default=["conversational", "standard"], choices=sorted(DATA))
+    ap.add_argument("formats", nargs="*", default=["conversational", "standard"], help="conversational, standard or both")
     a = ap.parse_args()
+    if unknown := set(a.formats) - set(DATA):
+        raise SystemExit(f"unknown format(s) {sorted(unknown)}: choose from {sorted(DATA)}")
     if not Path(a.betadpo).exists():
         raise SystemExit(f"{a.betadpo} is missing: cargo build --release")
     work = a.work or Path(tempfile.mkdtemp(prefix="trl-side-by-side-"))
