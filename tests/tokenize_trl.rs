@@ -87,8 +87,13 @@ fn check(name: &str) {
     // pair that keep_end leaves without a prompt token in a row (its beta head reads one there).
     let (pairs, stats) = tok.tokenize_all(&rows, &config(&c)).unwrap();
     let has_prompt = |mask: &[u8]| mask.first() == Some(&0);
-    let expected: Vec<(usize, &Example)> =
-        c.source_index.iter().copied().zip(&c.examples).filter(|(_, ex)| has_prompt(&ex.chosen_completion_mask) && has_prompt(&ex.rejected_completion_mask)).collect();
+    let expected: Vec<(usize, &Example)> = c
+        .source_index
+        .iter()
+        .copied()
+        .zip(&c.examples)
+        .filter(|(_, ex)| has_prompt(&ex.chosen_completion_mask) && has_prompt(&ex.rejected_completion_mask))
+        .collect();
     assert_eq!(pairs.iter().map(|p| p.source_index).collect::<Vec<_>>(), expected.iter().map(|(i, _)| *i).collect::<Vec<_>>(), "{name}: pairs kept");
     assert_eq!((stats.pairs, stats.kept, stats.dropped), (rows.len(), pairs.len(), rows.len() - pairs.len()), "{name}");
     for (pair, (i, ex)) in pairs.iter().zip(expected) {

@@ -4,8 +4,8 @@ use anyhow::{Context, Result};
 use betadpo::runtime::ExecutionProvider;
 use betadpo::train::config::TrainConfig;
 use betadpo::train::schedule::Schedule;
-use betadpo::train::truncation::TruncationMode;
 use betadpo::train::trainer::train;
+use betadpo::train::truncation::TruncationMode;
 
 #[derive(clap::Args)]
 pub struct Args {

@@ -253,7 +253,8 @@ impl PairTokenizer {
         if shared < prompt.len() {
             stats.prompt_not_prefix += 1;
             if stats.prompt_not_prefix_example.is_none() {
-                stats.prompt_not_prefix_example = Some(self.tokenizer.decode(&prompt[shared..], false).map_err(|e| with_row(Error::Data(format!("decoding: {e}"))))?);
+                stats.prompt_not_prefix_example =
+                    Some(self.tokenizer.decode(&prompt[shared..], false).map_err(|e| with_row(Error::Data(format!("decoding: {e}"))))?);
             }
             prompt.truncate(shared);
         }
