@@ -120,13 +120,15 @@ pub fn collate(pairs: &[&TokenizedPair], opts: &CollateOptions) -> Result<Batch>
 fn packable<'a>(pairs: &[&'a TokenizedPair]) -> Result<Vec<PairTokens<'a>>> {
     pairs
         .iter()
-        .map(|p| match p.shares_prompt() {
-            true => Ok(PairTokens { prompt: p.row_prompt(0), chosen: &p.chosen, rejected: &p.rejected }),
-            false => Err(Error::Data(format!(
-                "pair {} of the data (from 0): keep_end truncation cut the prompt differently before its two answers, and packed artifacts write a prompt \
-                 once for both (use --truncation-mode keep_start, a larger --max-length, or artifacts built with --layout padded)",
-                p.source_index
-            ))),
+        .map(|p| {
+            if !p.shares_prompt() {
+                return Err(Error::Data(format!(
+                    "pair {} of the data (from 0): keep_end truncation cut the prompt differently before its two answers, and packed artifacts write \
+                     a prompt once for both (use --truncation-mode keep_start, a larger --max-length, or artifacts built with --layout padded)",
+                    p.source_index
+                )));
+            }
+            Ok(PairTokens { prompt: p.row_prompt(0), chosen: &p.chosen, rejected: &p.rejected })
         })
         .collect()
 }
