@@ -71,9 +71,12 @@ fn implicit_prompt() {
     assert_eq!(d.rows[1].prompt, msgs(&[("user", "Hi")]));
     assert_eq!(d.rows[1].chosen, msgs(&[("assistant", "Hello")]));
     assert_eq!(d.rows[1].rejected, msgs(&[("assistant", "Bye")]));
-    // A difference inside a word moves the cut back to the last whitespace.
+    // TRL's extract_prompt cuts at the first difference, even inside a word...
     let (p, c, r) = split_implicit_prompt(plain("I like cats"), plain("I like cows"));
-    assert_eq!((p, c, r), (plain("I like"), plain(" cats"), plain(" cows")));
+    assert_eq!((p, c, r), (plain("I like c"), plain("ats"), plain("ows")));
+    // ...and one character before the shorter answer ends when one continues the other.
+    let (p, c, r) = split_implicit_prompt(plain("Yes"), plain("Yes!"));
+    assert_eq!((p, c, r), (plain("Ye"), plain("s"), plain("s!")));
     // Without whitespace the cut is at the first differing character (multi-byte safe).
     let (p, c, _) = split_implicit_prompt(plain("ééa"), plain("ééb"));
     assert_eq!((p, c), (plain("éé"), plain("a")));
@@ -137,28 +140,26 @@ fn tokenize_and_collate_exact_ids() {
 fn truncation() {
     let t = word_tokenizer();
     let rows = load("standard.jsonl").rows;
-    // Prompt keeps its end; answers keep their start within max_length.
-    let cfg = TruncationConfig { max_prompt_length: Some(1), max_length: Some(3), ..Default::default() };
-    let (pairs, stats) = t.tokenize_all(&rows, &cfg).unwrap();
-    assert_eq!(pairs[0].prompt, vec![5]);
-    assert_eq!((pairs[0].chosen.clone(), pairs[0].rejected.clone()), (vec![6, 7], vec![8, 0]));
-    assert_eq!(pairs[1].chosen, vec![7, 8]);
-    assert_eq!((stats.truncated_prompts, stats.truncated_answers, stats.dropped, stats.kept), (1, 2, 0, 2));
+    let run = |max_length, mode| t.tokenize_all(&rows, &TruncationConfig { max_length: Some(max_length), mode }).unwrap();
+    // keep_start: rows keep their first max_length tokens, so answers lose their end.
+    let (pairs, stats) = run(3, TruncationMode::KeepStart);
+    assert_eq!((pairs[0].prompt.clone(), pairs[0].chosen.clone(), pairs[0].rejected.clone()), (vec![4, 5], vec![6], vec![8]));
+    assert_eq!((pairs[1].chosen.clone(), pairs[1].rejected.clone()), (vec![7, 8], vec![10, 0]));
+    assert_eq!((stats.truncated_prompts, stats.truncated_answers, stats.dropped, stats.kept), (0, 3, 0, 2));
     // A prompt that fills max_length leaves no answer: the pair is dropped.
-    let cfg = TruncationConfig { max_length: Some(2), ..Default::default() };
-    let (pairs, stats) = t.tokenize_all(&rows, &cfg).unwrap();
+    let (pairs, stats) = run(2, TruncationMode::KeepStart);
     assert_eq!((pairs.len(), pairs[0].source_index, stats.dropped), (1, 1, 1));
     assert_eq!(pairs[0].chosen, vec![7]);
-    // max_completion_length cuts answers independently of the prompt.
-    let cfg = TruncationConfig { max_completion_length: Some(1), ..Default::default() };
-    let (pairs, _) = t.tokenize_all(&rows, &cfg).unwrap();
-    assert_eq!((pairs[1].chosen.clone(), pairs[1].rejected.clone()), (vec![7], vec![10]));
-    // BOS (add_bos_token) stays first when the prompt is cut from the left.
-    let mut stats = TokenizeStats::default();
-    let (mut p, mut c, mut r) = (vec![3, 4, 5, 6], vec![7, 0], vec![8, 0]);
-    let cfg = TruncationConfig { max_prompt_length: Some(2), ..Default::default() };
-    assert!(cfg.apply(&mut p, [&mut c, &mut r], Some(3), &mut stats));
-    assert_eq!(p, vec![3, 6]);
+    // keep_end: rows keep their last max_length tokens, so prompts lose their start, each row by
+    // its own amount; a row left without prompt drops the pair.
+    let (pairs, stats) = run(4, TruncationMode::KeepEnd);
+    assert_eq!((pairs.len(), stats.truncated_prompts, stats.dropped), (1, 1, 1));
+    assert_eq!((pairs[0].prompt_cut, pairs[0].row_prompt(0), pairs[0].row_prompt(1)), ([1, 0], &[5][..], &[4, 5][..]));
+    let b = collate(&[&pairs[0]], &CollateOptions { pad_id: t.pad_id(), ..Default::default() }).unwrap();
+    assert_eq!(b.input_ids.row(0).to_vec(), vec![5, 6, 7, 0]);
+    assert_eq!(b.input_ids.row(1).to_vec(), vec![4, 5, 8, 0]);
+    assert_eq!((b.prompt_last_index[0], b.completion_mask.row(0).to_vec()), (0, vec![0., 1., 1., 1.]));
+    assert!("keep_middle".parse::<TruncationMode>().unwrap_err().to_string().contains("--truncation-mode"));
 }
 
 #[test]
@@ -171,7 +172,20 @@ fn add_bos_token_from_config() {
     assert_eq!((t.bos_id(), t.pad_id()), (Some(3), 0));
     let rows = load("standard.jsonl").rows;
     let (pairs, _) = t.tokenize_all(&rows, &TruncationConfig::default()).unwrap();
-    assert_eq!(pairs[0].prompt, vec![3, 4, 5]);
+    assert_eq!((pairs[0].prompt.as_slice(), pairs[0].chosen.as_slice()), (&[3, 4, 5][..], &[6, 7, 0][..]));
+    // "c" + "d" reads as the unknown word "cd": the prompt's "c" is not a prefix of the joint
+    // tokens, so only the BOS they share stays prompt (TRL's common prefix, counted for the warning).
+    let merged = parse_preferences(r#"{"prompt": "c", "chosen": "d", "rejected": "e"}"#, "m.jsonl", &LoadOptions::default()).unwrap().rows;
+    let (pairs, stats) = t.tokenize_all(&merged, &TruncationConfig::default()).unwrap();
+    assert_eq!((pairs[0].prompt.as_slice(), pairs[0].chosen.as_slice()), (&[3][..], &[2, 0][..]));
+    assert_eq!((stats.prompt_not_prefix, stats.prompt_not_prefix_example.as_deref()), (1, Some("c")));
+    // Without BOS nothing is left of that prompt and the pair is dropped (the beta head reads a
+    // prompt token); with a BOS that the tokenizer does not add, the BOS stands in for it.
+    let (pairs, stats) = word_tokenizer().tokenize_all(&merged, &TruncationConfig::default()).unwrap();
+    assert_eq!((pairs.len(), stats.dropped_empty_prompt), (0, 1));
+    std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"bos_token": "<s>", "eos_token": "</s>"}"#).unwrap();
+    let (pairs, _) = PairTokenizer::from_dir(dir.path()).unwrap().tokenize_all(&merged, &TruncationConfig::default()).unwrap();
+    assert_eq!((pairs[0].prompt.as_slice(), pairs[0].chosen.as_slice()), (&[3][..], &[2, 0][..]));
 }
 
 #[path = "data_cases/loader.rs"]

@@ -111,7 +111,6 @@ fn config(art: &Path, data: &Path, inp: &Inputs, out: &Path, steps: u64) -> Trai
         max_steps: Some(steps),
         batch_size: 4,
         max_length: Some(128),
-        max_prompt_length: Some(64),
         threads: Some(1),
         progress: false,
         ..Default::default()
@@ -360,7 +359,7 @@ struct KillSetup {
 
 impl KillSetup {
     fn args(&self, out: &Path) -> Vec<String> {
-        let flags = format!("--max-steps {} --batch-size 4 --save-every 1 --threads 1 --max-length 128 --max-prompt-length 64 --quiet --resume", self.steps);
+        let flags = format!("--max-steps {} --batch-size 4 --save-every 1 --threads 1 --max-length 128 --quiet --resume", self.steps);
         train_args(&self.art, &self.data, &self.tokenizer, out, &flags)
     }
     fn spawn(&self, out: &Path) -> Child {
@@ -703,8 +702,8 @@ fn bad_input() {
     for (flags, needle) in [
         (&["--batch-size", "0"][..], "--batch-size"),
         (&["--grad-accum", "0"], "--grad-accum"),
-        (&["--max-length", "64", "--max-prompt-length", "64"], "--max-prompt-length"),
-        (&["--max-length", "64", "--max-prompt-length", "100"], "--max-prompt-length"),
+        (&["--max-length", "0"], "--max-length"),
+        (&["--truncation-mode", "keep_middle"], "keep_start or keep_end"),
         (&["--lr", "nan"], "--lr"),
         (&["--head-lr", "-1"], "--head-lr"),
         (&["--max-steps", "0"], "--max-steps"),
@@ -914,7 +913,7 @@ fn reference_cache() {
     assert_ne!(o[1].0, first[1].0, "other training data must not reuse the cache key");
     // Other tokenization of the same data is other data too.
     let shorter = dir.join("shorter");
-    run_train(&TrainConfig { max_length: Some(24), max_prompt_length: Some(8), ..cfg(&d1, &shorter, 1) });
+    run_train(&TrainConfig { max_length: Some(24), ..cfg(&d1, &shorter, 1) });
     assert_ne!(reference_files(&shorter)[1].0, first[1].0, "truncation must change the cache key");
     // Other initial weights (other artifacts) change it too.
     std::fs::create_dir_all(dir.join("fixed")).unwrap();

@@ -70,7 +70,8 @@ fn impossible_flag_values_are_refused_by_name() {
     let cases: &[(&[&str], &str)] = &[
         (&["--max-prompt-length", "0"], "--max-prompt-length"),
         (&["--max-length", "1"], "--max-length"),
-        (&["--max-length", "64", "--max-prompt-length", "64"], "--max-prompt-length"),
+        (&["--max-prompt-length", "64"], "no longer a flag"),
+        (&["--truncation-mode", "keep_middle"], "--truncation-mode"),
         (&["--max-grad-norm", "-1"], "--max-grad-norm"),
         (&["--max-grad-norm", "nan"], "--max-grad-norm"),
         (&["--threads", "0"], "--threads"),

@@ -5,6 +5,7 @@ use betadpo::runtime::ExecutionProvider;
 use betadpo::train::config::TrainConfig;
 use betadpo::train::schedule::Schedule;
 use betadpo::train::trainer::train;
+use betadpo::train::truncation::TruncationMode;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -52,10 +53,16 @@ pub struct Args {
     /// Global gradient-norm clipping (0 disables it).
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     max_grad_norm: f64,
-    #[arg(long, default_value_t = 512)]
+    /// Tokens a row (prompt + answer) keeps; longer rows are cut as --truncation-mode says (TRL's max_length).
+    #[arg(long, default_value_t = 1024)]
     max_length: usize,
-    #[arg(long, default_value_t = 256)]
-    max_prompt_length: usize,
+    /// keep_start: a long row loses the end of its answer, and a pair whose prompt alone fills
+    /// --max-length is dropped; keep_end: it loses the start of its prompt (TRL's truncation_mode).
+    #[arg(long, default_value = "keep_start")]
+    truncation_mode: TruncationMode,
+    /// Accepted only to say why it is gone: TRL 1.x has no separate prompt limit.
+    #[arg(long, hide = true, allow_negative_numbers = true)]
+    max_prompt_length: Option<String>,
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Evaluate every N steps (and always at the end).
@@ -130,7 +137,7 @@ pub fn config(a: Args) -> TrainConfig {
         weight_decay: a.weight_decay,
         max_grad_norm: a.max_grad_norm,
         max_length: Some(a.max_length),
-        max_prompt_length: Some(a.max_prompt_length),
+        truncation_mode: a.truncation_mode,
         seed: a.seed,
         eval_every: a.eval_every,
         save_every: a.save_every,
@@ -152,6 +159,14 @@ pub fn config(a: Args) -> TrainConfig {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if let Some(v) = &a.max_prompt_length {
+        anyhow::bail!(betadpo::Error::BadFlag {
+            flag: "--max-prompt-length".into(),
+            detail: format!(
+                "{v}: no longer a flag; as in TRL 1.x, whole rows are cut to --max-length as --truncation-mode says (keep_end cuts prompts from the left)"
+            ),
+        });
+    }
     let cfg = config(a);
     betadpo::runtime::keep_freed_memory_for_reuse();
     let s = train(&cfg).with_context(|| format!("training into {}", cfg.out.display()))?;

@@ -23,8 +23,9 @@ pub struct Batch {
     pub completion_mask: Array2<f32>,
     /// `[2B, T]` `0..T` on every row (right padding needs no offsets).
     pub position_ids: Array2<i64>,
-    /// `[B]` index of the last prompt token of pair `i`, the same in its chosen and rejected row:
-    /// the position whose hidden state the beta head reads.
+    /// `[B]` index of the last prompt token of pair `i` in its chosen row: the position whose hidden
+    /// state the beta head reads. The same in the rejected row, unless `keep_end` truncation cut
+    /// the two rows' prompts differently (the graphs find each row's prompt from its masks).
     pub prompt_last_index: Array1<i64>,
     /// `[2B]` index of the last real token of each row.
     pub sequence_last_index: Array1<i64>,
@@ -88,10 +89,11 @@ pub fn collate(pairs: &[&TokenizedPair], opts: &CollateOptions) -> Result<Batch>
     let mut sequence_last_index = Array1::zeros(2 * b);
     let mut num_tokens = 0;
     for (i, pair) in pairs.iter().enumerate() {
-        let p = pair.prompt.len();
-        prompt_last_index[i] = p as i64 - 1;
-        for (row, answer) in [(i, &pair.chosen), (i + b, &pair.rejected)] {
-            let ids = pair.prompt.iter().chain(answer.iter());
+        prompt_last_index[i] = pair.row_prompt(0).len() as i64 - 1;
+        for (k, (row, answer)) in [(i, &pair.chosen), (i + b, &pair.rejected)].into_iter().enumerate() {
+            let prompt = pair.row_prompt(k);
+            let p = prompt.len();
+            let ids = prompt.iter().chain(answer.iter());
             for (col, &id) in ids.enumerate() {
                 input_ids[[row, col]] = id as i64;
                 attention_mask[[row, col]] = 1;
@@ -107,11 +109,28 @@ pub fn collate(pairs: &[&TokenizedPair], opts: &CollateOptions) -> Result<Batch>
     let position_ids = Array2::from_shape_fn((2 * b, t), |(_, c)| c as i64);
     let groups = pairs.iter().map(|p| opts.group_by.as_ref().and_then(|k| p.extras.get(k).cloned())).collect();
     let source_indices = pairs.iter().map(|p| p.source_index).collect();
-    let packed = opts.packing.map(|pk| {
-        let views: Vec<PairTokens> = pairs.iter().map(|p| PairTokens { prompt: &p.prompt, chosen: &p.chosen, rejected: &p.rejected }).collect();
-        pack(&views, pk.row_tokens, opts.pad_id as i64, pk.head)
-    });
+    let packed = match opts.packing {
+        Some(pk) => Some(pack(&packable(pairs)?, pk.row_tokens, opts.pad_id as i64, pk.head)),
+        None => None,
+    };
     Ok(Batch { input_ids, attention_mask, completion_mask, position_ids, prompt_last_index, sequence_last_index, groups, source_indices, num_tokens, packed })
+}
+
+/// The pairs as the packed layout takes them: one prompt that both answers follow.
+fn packable<'a>(pairs: &[&'a TokenizedPair]) -> Result<Vec<PairTokens<'a>>> {
+    pairs
+        .iter()
+        .map(|p| {
+            if !p.shares_prompt() {
+                return Err(Error::Data(format!(
+                    "pair {} of the data (from 0): keep_end truncation cut the prompt differently before its two answers, and packed artifacts write \
+                     a prompt once for both (use --truncation-mode keep_start, a larger --max-length, or artifacts built with --layout padded)",
+                    p.source_index
+                )));
+            }
+            Ok(PairTokens { prompt: p.row_prompt(0), chosen: &p.chosen, rejected: &p.rejected })
+        })
+        .collect()
 }
 
 /// Order of pairs per epoch.

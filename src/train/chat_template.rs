@@ -6,6 +6,8 @@
 //! `minijinja`, with `minijinja-contrib`'s `pycompat` for the string methods, so that a template
 //! written for `transformers` renders the same text here.
 
+use std::collections::BTreeMap;
+
 use minijinja::value::{Kwargs, Value};
 use minijinja::{Environment, ErrorKind};
 
@@ -28,14 +30,6 @@ impl std::fmt::Debug for ChatTemplate {
     }
 }
 
-/// The three texts of a conversational pair after rendering (the answers without EOS).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RenderedPair {
-    pub prompt: String,
-    pub chosen: String,
-    pub rejected: String,
-}
-
 impl ChatTemplate {
     /// Compiles `source`; a syntax error is reported with the template's line.
     pub fn new(source: &str, bos_token: Option<String>, eos_token: Option<String>, pad_token: Option<String>) -> Result<Self> {
@@ -51,20 +45,27 @@ impl ChatTemplate {
 
     /// Renders `messages` with the variables HF's `apply_chat_template` provides.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_with(messages, add_generation_prompt, &TemplateVars::default())
+    }
+
+    /// [`Self::render`] with more template variables. As in HF, they may override the special
+    /// tokens but not the messages.
+    pub fn render_with(&self, messages: &[Message], add_generation_prompt: bool, vars: &TemplateVars) -> Result<String> {
         let tmpl = self.env.get_template(NAME).map_err(|e| Error::Data(e.to_string()))?;
-        let ctx = minijinja::context! {
-            messages => Value::from_serialize(messages),
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token.clone(),
-            eos_token => self.eos_token.clone(),
-            pad_token => self.pad_token.clone(),
-        };
+        let mut ctx: BTreeMap<String, Value> = [("bos_token", &self.bos_token), ("eos_token", &self.eos_token), ("pad_token", &self.pad_token)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), Value::from(v.clone())))
+            .collect();
+        ctx.extend(vars.0.iter().map(|(k, v)| (k.clone(), v.clone())));
+        ctx.insert("messages".into(), Value::from_serialize(messages));
+        ctx.insert("add_generation_prompt".into(), Value::from(add_generation_prompt));
         tmpl.render(ctx).map_err(|e| Error::Data(format!("chat template failed: {e:#}")))
     }
 
-    /// Renders a prompt the way TRL's `maybe_apply_chat_template` does: with the generation prompt
-    /// when it ends with a user (or system/tool) turn, and as an open assistant turn
-    /// (`continue_final_message`) when it ends with an assistant message.
+    /// Renders a prompt to generate from (`infer --chat`): with the generation prompt when it ends
+    /// with a user (or system/tool) turn, and as an open assistant turn (`continue_final_message`)
+    /// when it ends with an assistant message. Training renders every prompt with the generation
+    /// prompt, as TRL 1.x does (see `tokenize`).
     pub fn render_prompt(&self, prompt: &[Message]) -> Result<String> {
         match prompt.last() {
             Some(last) if last.role == "assistant" => {
@@ -74,21 +75,34 @@ impl ChatTemplate {
             _ => self.render(prompt, true),
         }
     }
+}
 
-    /// Renders a pair; each answer is what the template appends to the prompt, i.e. the rendering of
-    /// prompt + answer minus the rendering of the prompt (TRL's way). The prompt is the common prefix
-    /// of all three renderings, which absorbs templates whose generation prompt differs from the start
-    /// of a finished assistant turn (e.g. an added `<think>`).
-    pub fn render_pair(&self, prompt: &[Message], chosen: &[Message], rejected: &[Message]) -> Result<RenderedPair> {
-        let p = self.render_prompt(prompt)?;
-        let full = |answer: &[Message]| {
-            let mut all = prompt.to_vec();
-            all.extend_from_slice(answer);
-            self.render(&all, false)
-        };
-        let (pc, pr) = (full(chosen)?, full(rejected)?);
-        let n = common_prefix_len(common_prefix(&p, &pc), &pr);
-        Ok(RenderedPair { prompt: p[..n].to_string(), chosen: pc[n..].to_string(), rejected: pr[n..].to_string() })
+/// Template variables that TRL takes from a row's columns: `tools` (a list, or JSON text of one)
+/// and the entries of `chat_template_kwargs` (e.g. `enable_thinking`).
+#[derive(Debug, Clone, Default)]
+pub struct TemplateVars(BTreeMap<String, Value>);
+
+impl TemplateVars {
+    /// Reads them from a row's extra columns (JSON text: see `data::PreferenceRow::extras`).
+    /// Objects keep their key order, which `tojson` shows.
+    pub fn from_columns(extras: &BTreeMap<String, String>) -> Result<Self> {
+        let json = |key: &str, text: &str| serde_json::from_str::<Value>(text).map_err(|e| Error::Data(format!("column {key:?} is not JSON: {e}")));
+        let mut vars = BTreeMap::new();
+        if let Some(tools) = extras.get("tools") {
+            vars.insert("tools".to_string(), json("tools", tools)?);
+        }
+        if let Some(kwargs) = extras.get("chat_template_kwargs") {
+            let kwargs = json("chat_template_kwargs", kwargs)?;
+            let not_object = || Error::Data("column \"chat_template_kwargs\" must be an object".into());
+            if kwargs.kind() != minijinja::value::ValueKind::Map {
+                return Err(not_object());
+            }
+            for key in kwargs.try_iter().map_err(|_| not_object())? {
+                let value = kwargs.get_item(&key).map_err(|_| not_object())?;
+                vars.insert(key.to_string(), value);
+            }
+        }
+        Ok(TemplateVars(vars))
     }
 }
 
@@ -101,15 +115,6 @@ fn continue_final_message(text: String, content: &str) -> Result<String> {
         None if content.trim().is_empty() => Ok(text),
         None => Err(Error::Data("the final assistant message of the prompt does not appear in the rendered chat".into())),
     }
-}
-
-/// The longest common prefix of two strings, cut at a character boundary.
-pub fn common_prefix<'a>(a: &'a str, b: &str) -> &'a str {
-    &a[..common_prefix_len(a, b)]
-}
-
-fn common_prefix_len(a: &str, b: &str) -> usize {
-    a.char_indices().zip(b.chars()).take_while(|((_, x), y)| x == y).last().map_or(0, |((i, x), _)| i + x.len_utf8())
 }
 
 /// HF's `raise_exception(message)`: templates call it to reject conversations they cannot render.

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::schedule::Schedule;
+use super::truncation::TruncationMode;
 use crate::runtime::ExecutionProvider;
 use crate::{Error, Result};
 
@@ -30,8 +31,11 @@ pub struct TrainConfig {
     pub adam_beta1: f64,
     pub adam_beta2: f64,
     pub adam_epsilon: f64,
+    /// Tokens a row (prompt + answer) keeps, TRL's `max_length`.
     pub max_length: Option<usize>,
-    pub max_prompt_length: Option<usize>,
+    /// Which end of a longer row is kept, TRL's `truncation_mode`.
+    #[serde(default)]
+    pub truncation_mode: TruncationMode,
     pub seed: u64,
     pub eval_every: u64,
     pub save_every: u64,
@@ -115,8 +119,8 @@ impl Default for TrainConfig {
             adam_beta1: 0.9,
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,
-            max_length: Some(512),
-            max_prompt_length: Some(256),
+            max_length: Some(1024),
+            truncation_mode: TruncationMode::KeepStart,
             seed: 42,
             eval_every: 0,
             save_every: 0,
@@ -170,9 +174,6 @@ impl TrainConfig {
         if self.max_length.is_some_and(|l| l < 2) {
             return bad("--max-length", format!("{} (must be at least 2: one prompt and one answer token)", self.max_length.unwrap_or(0)));
         }
-        if self.max_prompt_length == Some(0) {
-            return bad("--max-prompt-length", "0 (must be at least 1: the beta head reads the last prompt token)".into());
-        }
         if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
             return bad("--max-grad-norm", format!("{} (must be a finite number >= 0; 0 turns clipping off)", self.max_grad_norm));
         }
@@ -195,11 +196,6 @@ impl TrainConfig {
         }
         if self.epochs.is_nan() || self.epochs < 0.0 {
             return bad("--epochs", format!("{} (must be > 0)", self.epochs));
-        }
-        if let (Some(p), Some(l)) = (self.max_prompt_length, self.max_length) {
-            if p >= l {
-                return bad("--max-prompt-length", format!("{p} must be below --max-length {l}"));
-            }
         }
         Ok(())
     }

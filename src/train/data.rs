@@ -205,22 +205,24 @@ fn parse_message(value: &Value) -> std::result::Result<Message, String> {
     Ok(Message { role, content })
 }
 
-/// Splits an implicit-prompt pair into (prompt, chosen, rejected).
+/// Splits an implicit-prompt pair into (prompt, chosen, rejected) as TRL's `extract_prompt` does.
 ///
-/// For strings the prompt is the longest common prefix cut back to the last whitespace inside it,
-/// so the answers start with that whitespace (TRL's `extract_prompt` moves one space the same way;
-/// cutting mid-word would make the answers start with word fragments). Without any whitespace in the
-/// common prefix the cut falls at the first differing character. For message lists the prompt is the
-/// common leading messages, keeping at least one message in each answer.
+/// The cut falls at the first differing character (or message); one character earlier when the
+/// character before it is a space, so that the answers start with the space. When one answer
+/// continues the other, nothing differs and the cut falls one character (message) before the
+/// shorter one ends, leaving each answer at least one. TRL reads the character before a difference
+/// at the very start as the last one (Python's index -1); here such a prompt is simply empty.
 pub fn split_implicit_prompt(chosen: Text, rejected: Text) -> (Text, Text, Text) {
     match (chosen, rejected) {
         (Text::Plain(c), Text::Plain(r)) => {
-            let cut = string_split_point(&c, &r);
-            (Text::Plain(c[..cut].to_string()), Text::Plain(c[cut..].to_string()), Text::Plain(r[cut..].to_string()))
+            let chars: Vec<(usize, char)> = c.char_indices().collect();
+            let cut = trl_cut(&chars.iter().map(|&(_, ch)| ch).collect::<Vec<_>>(), &r.chars().collect::<Vec<_>>(), |ch| *ch == ' ');
+            let byte = chars.get(cut).map_or(c.len(), |&(i, _)| i);
+            let rbyte = r.char_indices().nth(cut).map_or(r.len(), |(i, _)| i);
+            (Text::Plain(c[..byte].to_string()), Text::Plain(c[byte..].to_string()), Text::Plain(r[rbyte..].to_string()))
         }
         (Text::Messages(c), Text::Messages(r)) => {
-            let max = c.len().min(r.len()).saturating_sub(1);
-            let n = c.iter().zip(&r).take(max).take_while(|(a, b)| a == b).count();
+            let n = trl_cut(&c, &r, |_| false);
             (Text::Messages(c[..n].to_vec()), Text::Messages(c[n..].to_vec()), Text::Messages(r[n..].to_vec()))
         }
         // Mixed kinds are rejected by `parse_row`; keep the rows whole with an empty prompt.
@@ -228,17 +230,13 @@ pub fn split_implicit_prompt(chosen: Text, rejected: Text) -> (Text, Text, Text)
     }
 }
 
-/// Byte index where an implicit string prompt ends (always a character boundary of both strings).
-fn string_split_point(a: &str, b: &str) -> usize {
-    let mut common = 0;
-    for ((i, ca), cb) in a.char_indices().zip(b.chars()) {
-        if ca != cb {
-            break;
-        }
-        common = i + ca.len_utf8();
-    }
-    match a[..common].char_indices().rev().find(|(_, ch)| ch.is_whitespace()) {
-        Some((i, _)) if i > 0 => i,
-        _ => common,
+/// Where `extract_prompt` cuts two sequences: the first difference (moved back over one `space`),
+/// or, without one, one before the shorter sequence ends.
+fn trl_cut<T: PartialEq>(a: &[T], b: &[T], space: impl Fn(&T) -> bool) -> usize {
+    let n = a.len().min(b.len());
+    match (0..n).find(|&i| a[i] != b[i]) {
+        Some(i) if i > 0 && space(&a[i - 1]) => i - 1,
+        Some(i) => i,
+        None => n.saturating_sub(1),
     }
 }

@@ -1,7 +1,8 @@
 //! Training: data, tokenization, batches, reference log-probs, the loop, checkpoints, metrics.
 //!
 //! Data flows: [`data`] reads TRL-format preference rows, [`tokenize`] turns them into token ids
-//! (rendering conversational rows with [`chat_template`]), [`batch`] collates pairs into model
+//! as TRL does (rendering conversational rows with [`chat_template`], cutting rows to length with
+//! [`truncation`]), [`batch`] collates pairs into model
 //! inputs and orders them per epoch; [`trainer`] runs the graphs on ONNX Runtime.
 
 pub mod batch;
@@ -15,11 +16,13 @@ pub mod reference;
 pub mod schedule;
 pub mod session_io;
 pub mod tokenize;
+pub mod truncation;
 
 pub use batch::{collate, Batch, CollateOptions, DataLoader, LoaderConfig, LoaderPosition};
-pub use chat_template::{ChatTemplate, RenderedPair};
+pub use chat_template::ChatTemplate;
 pub use data::{load_preferences, parse_preferences, parse_row, split_implicit_prompt, LoadOptions, LoadedData, Message, PreferenceRow, Text};
-pub use tokenize::{PairTokenizer, TokenizeStats, TokenizedPair, TokenizerConfig, TruncationConfig};
+pub use tokenize::{JointTexts, PairTokenizer, TokenizedPair, TokenizerConfig};
+pub use truncation::{TokenizeStats, TruncationConfig, TruncationMode};
 pub mod config;
 pub mod fused_adamw;
 pub mod optimizer_step;

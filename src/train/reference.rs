@@ -29,6 +29,9 @@ pub fn cache_key(pairs: &[TokenizedPair], artifacts: &Path, m: &Manifest) -> Res
     let mut h = Sha256::new();
     for p in pairs {
         h.update((p.source_index as u64).to_le_bytes());
+        for cut in p.prompt_cut {
+            h.update((cut as u64).to_le_bytes());
+        }
         for part in [&p.prompt, &p.chosen, &p.rejected] {
             h.update((part.len() as u64).to_le_bytes());
             for t in part.iter() {

@@ -1,103 +1,64 @@
-//! Turning preference rows into token ids exactly as TRL's `DPOTrainer.tokenize_row` does.
+//! Turning preference rows into token ids exactly as TRL 1.x's `DPOTrainer` does.
 //!
-//! The prompt and each answer are encoded separately with no special tokens added, and EOS is
-//! appended to each answer. Encoding separately (rather than encoding prompt+answer) keeps the
-//! prompt/answer boundary exact, so the prompt tokens are identical in the chosen and rejected row and
-//! the beta head reads the same context for both. Conversational rows are first rendered to text with
-//! the tokenizer's chat template ([`ChatTemplate`]).
+//! The prompt and prompt + answer are tokenized as wholes, and the answer is what prompt + answer has
+//! beyond the tokens the two share (TRL's `common_prefix_length`). Tokenizing them jointly keeps the
+//! tokens at the boundary what the model sees at inference (a space that merges into the answer's
+//! first word, a template that closes the answer with `<|im_end|>\n`), and the prompt is the same
+//! tokens in the chosen and the rejected row, so the beta head reads the same context for both.
+//! - Standard rows: EOS is appended to each answer's text unless it ends with it already, and the
+//!   texts are encoded with the tokenizer's special tokens (its post-processor, e.g. a BOS).
+//! - Conversational rows: the prompt is rendered with the generation prompt, prompt + answer as a
+//!   finished conversation, both by the tokenizer's chat template ([`ChatTemplate`]), and encoded
+//!   as rendered; the answer ends with whatever the template closes a turn with, no EOS is added.
+//!
+//! When the prompt's tokens are not all a prefix of prompt + answer (a template that renders the
+//! generation prompt differently from the start of a finished turn, or tokens merging across the
+//! boundary), the answer starts where they diverge and the rest of the prompt is left out, as in TRL;
+//! [`TokenizeStats::prompt_not_prefix`] counts it and keeps the first left-out text for a warning.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
+use tokenizers::processors::template::TemplateProcessing;
 
 use crate::error::{Error, Result};
-use crate::train::chat_template::ChatTemplate;
-use crate::train::data::{PreferenceRow, Text};
+use crate::train::chat_template::{ChatTemplate, TemplateVars};
+use crate::train::data::{Message, PreferenceRow, Text};
+pub use crate::train::truncation::{TokenizeStats, TruncationConfig, TruncationMode};
 
 /// Tokens tried, in order, when `tokenizer_config.json` names no EOS token.
 const EOS_FALLBACKS: &[&str] = &["<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eos|>"];
 
-/// Length limits in tokens; `None` means unlimited.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct TruncationConfig {
-    /// Prompts longer than this keep their last tokens (the end of a prompt is what the answer follows).
-    pub max_prompt_length: Option<usize>,
-    /// Answers (including EOS) longer than this keep their first tokens.
-    pub max_completion_length: Option<usize>,
-    /// Prompt + answer longer than this lose the end of the answer.
-    pub max_length: Option<usize>,
-}
-
-/// What truncation did to a dataset.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct TokenizeStats {
-    /// Pairs seen.
-    pub pairs: usize,
-    /// Pairs kept.
-    pub kept: usize,
-    /// Prompts cut from the left.
-    pub truncated_prompts: usize,
-    /// Answers cut from the right; chosen and rejected are counted separately.
-    pub truncated_answers: usize,
-    /// Pairs dropped because an answer had no token left (the prompt filled `max_length`).
-    pub dropped: usize,
-    /// Pairs dropped because the prompt was empty and the tokenizer has no BOS to stand in for it
-    /// (the beta head needs a last prompt token to read).
-    pub dropped_empty_prompt: usize,
-}
-
-/// One tokenized pair. `chosen` and `rejected` end with EOS unless truncation cut it off.
+/// One tokenized pair. The chosen row is `prompt[prompt_cut[0]..] + chosen`, the rejected row
+/// `prompt[prompt_cut[1]..] + rejected`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenizedPair {
     pub prompt: Vec<u32>,
     pub chosen: Vec<u32>,
     pub rejected: Vec<u32>,
+    /// Leading prompt tokens that `keep_end` truncation removed from the chosen and the rejected row
+    /// (zero otherwise).
+    pub prompt_cut: [usize; 2],
     pub extras: BTreeMap<String, String>,
     /// Index of the row in the loaded data, to trace a pair back to its source.
     pub source_index: usize,
 }
 
 impl TokenizedPair {
+    /// The prompt as the chosen (`0`) or the rejected (`1`) row holds it.
+    pub fn row_prompt(&self, row: usize) -> &[u32] {
+        &self.prompt[self.prompt_cut[row]..]
+    }
+
+    /// Whether both rows hold the same prompt tokens (always, unless `keep_end` cut them unequally).
+    pub fn shares_prompt(&self) -> bool {
+        self.prompt_cut[0] == self.prompt_cut[1]
+    }
+
     /// Length of the longer of the two rows: what this pair contributes to a batch's padded width.
     pub fn max_len(&self) -> usize {
-        self.prompt.len() + self.chosen.len().max(self.rejected.len())
-    }
-}
-
-impl TruncationConfig {
-    /// Truncates one pair in place and records it in `stats`; returns false if the pair must be
-    /// dropped. `keep_first` is a token (BOS) that stays at the start of a left-truncated prompt.
-    pub fn apply(&self, prompt: &mut Vec<u32>, answers: [&mut Vec<u32>; 2], keep_first: Option<u32>, stats: &mut TokenizeStats) -> bool {
-        if let Some(max) = self.max_prompt_length {
-            if prompt.len() > max {
-                stats.truncated_prompts += 1;
-                let keep = keep_first.filter(|&t| prompt.first() == Some(&t) && max > 0);
-                prompt.drain(..prompt.len() - max);
-                if let Some(t) = keep {
-                    prompt[0] = t;
-                }
-            }
-        }
-        let budget = self.max_length.map(|m| m.saturating_sub(prompt.len()));
-        let limit = match (self.max_completion_length, budget) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let mut keep = true;
-        for answer in answers {
-            if let Some(limit) = limit {
-                if answer.len() > limit {
-                    stats.truncated_answers += 1;
-                    answer.truncate(limit);
-                }
-            }
-            keep &= !answer.is_empty();
-        }
-        if !keep {
-            stats.dropped += 1;
-        }
-        keep
+        (self.row_prompt(0).len() + self.chosen.len()).max(self.row_prompt(1).len() + self.rejected.len())
     }
 }
 
@@ -108,7 +69,9 @@ pub struct TokenizerConfig {
     pub eos_token: Option<String>,
     pub pad_token: Option<String>,
     pub bos_token: Option<String>,
-    pub add_bos_token: bool,
+    /// `None` when the config does not say (then `tokenizer.json`'s post-processor decides).
+    pub add_bos_token: Option<bool>,
+    pub add_eos_token: Option<bool>,
 }
 
 impl TokenizerConfig {
@@ -139,7 +102,8 @@ impl TokenizerConfig {
             eos_token: token("eos_token"),
             pad_token: token("pad_token"),
             bos_token: token("bos_token"),
-            add_bos_token: v.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false),
+            add_bos_token: v.get("add_bos_token").and_then(Value::as_bool),
+            add_eos_token: v.get("add_eos_token").and_then(Value::as_bool),
         })
     }
 }
@@ -157,14 +121,24 @@ fn load_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
     }
 }
 
+/// What TRL tokenizes for one row: the prompt alone and the prompt followed by each answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JointTexts {
+    pub prompt: String,
+    pub prompt_chosen: String,
+    pub prompt_rejected: String,
+    /// Plain text is encoded with the tokenizer's special tokens; a rendered chat already holds its own.
+    pub special_tokens: bool,
+}
+
 /// A tokenizer plus the special tokens and chat template needed to tokenize preference pairs.
 pub struct PairTokenizer {
     tokenizer: tokenizers::Tokenizer,
     template: Option<ChatTemplate>,
+    eos_token: String,
     eos_id: u32,
     pad_id: u32,
     bos_id: Option<u32>,
-    add_bos: bool,
 }
 
 impl std::fmt::Debug for PairTokenizer {
@@ -208,8 +182,10 @@ impl PairTokenizer {
     /// Resolves the special tokens: EOS from the config or else the first of the usual names the
     /// vocabulary has; PAD from the config, else `<pad>`, else EOS (pad positions are masked, so
     /// reusing EOS is harmless).
-    pub fn new(tokenizer: tokenizers::Tokenizer, cfg: TokenizerConfig) -> Result<Self> {
-        let id_of = |tok: &str, what: &str| tokenizer.token_to_id(tok).ok_or_else(|| Error::Data(format!("{what} token {tok:?} is not in the vocabulary")));
+    pub fn new(mut tokenizer: tokenizers::Tokenizer, cfg: TokenizerConfig) -> Result<Self> {
+        let id_of = |tokenizer: &tokenizers::Tokenizer, tok: &str, what: &str| {
+            tokenizer.token_to_id(tok).ok_or_else(|| Error::Data(format!("{what} token {tok:?} is not in the vocabulary")))
+        };
         let eos_token = match &cfg.eos_token {
             Some(t) => t.clone(),
             None => EOS_FALLBACKS
@@ -218,18 +194,19 @@ impl PairTokenizer {
                 .map(|t| t.to_string())
                 .ok_or_else(|| Error::Data("no end-of-sequence token: set eos_token in tokenizer_config.json".into()))?,
         };
-        let eos_id = id_of(&eos_token, "eos")?;
+        let eos_id = id_of(&tokenizer, &eos_token, "eos")?;
         let pad_token = cfg.pad_token.clone().or_else(|| Some("<pad>".to_string()).filter(|p| tokenizer.token_to_id(p).is_some()));
         let pad_id = match &pad_token {
-            Some(t) => id_of(t, "pad")?,
+            Some(t) => id_of(&tokenizer, t, "pad")?,
             None => eos_id,
         };
-        let bos_id = cfg.bos_token.as_deref().map(|t| id_of(t, "bos")).transpose()?;
+        let bos_id = cfg.bos_token.as_deref().map(|t| id_of(&tokenizer, t, "bos")).transpose()?;
+        set_special_tokens_like_transformers(&mut tokenizer, &cfg, bos_id, (&eos_token, eos_id))?;
         let template = match &cfg.chat_template {
-            Some(src) => Some(ChatTemplate::new(src, cfg.bos_token.clone(), Some(eos_token), pad_token)?),
+            Some(src) => Some(ChatTemplate::new(src, cfg.bos_token.clone(), Some(eos_token.clone()), pad_token)?),
             None => None,
         };
-        Ok(PairTokenizer { tokenizer, template, eos_id, pad_id, bos_id, add_bos: cfg.add_bos_token })
+        Ok(PairTokenizer { tokenizer, template, eos_token, eos_id, pad_id, bos_id })
     }
 
     pub fn eos_id(&self) -> u32 {
@@ -251,19 +228,27 @@ impl PairTokenizer {
     /// Encodes `text` without adding special tokens (special tokens written in the text, such as a
     /// chat template's `<|im_start|>`, are still recognised).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        self.tokenizer.encode(text, false).map(|e| e.get_ids().to_vec()).map_err(|e| Error::Data(format!("tokenizer failed: {e}")))
+        self.encode_with(text, false)
     }
 
-    /// The prompt, chosen and rejected texts that get encoded; conversational rows are rendered with
-    /// the chat template.
-    pub fn texts(&self, row: &PreferenceRow) -> Result<(String, String, String)> {
+    fn encode_with(&self, text: &str, special_tokens: bool) -> Result<Vec<u32>> {
+        self.tokenizer.encode(text, special_tokens).map(|e| e.get_ids().to_vec()).map_err(|e| Error::Data(format!("tokenizer failed: {e}")))
+    }
+
+    /// The texts TRL tokenizes for `row`: standard answers get EOS unless they end with it,
+    /// conversations are rendered by the chat template (the prompt with the generation prompt).
+    pub fn texts(&self, row: &PreferenceRow) -> Result<JointTexts> {
         match (&row.prompt, &row.chosen, &row.rejected) {
-            (Text::Plain(p), Text::Plain(c), Text::Plain(r)) => Ok((p.clone(), c.clone(), r.clone())),
+            (Text::Plain(p), Text::Plain(c), Text::Plain(r)) => {
+                let with_eos = |a: &str| if a.ends_with(&self.eos_token) { format!("{p}{a}") } else { format!("{p}{a}{}", self.eos_token) };
+                Ok(JointTexts { prompt: p.clone(), prompt_chosen: with_eos(c), prompt_rejected: with_eos(r), special_tokens: true })
+            }
             (Text::Messages(p), Text::Messages(c), Text::Messages(r)) => {
                 let t =
                     self.template.as_ref().ok_or_else(|| Error::Data("conversational data needs a chat template (tokenizer_config.json has none)".into()))?;
-                let r = t.render_pair(p, c, r)?;
-                Ok((r.prompt, r.chosen, r.rejected))
+                let vars = TemplateVars::from_columns(&row.extras)?;
+                let finished = |answer: &[Message]| t.render_with(&[p.as_slice(), answer].concat(), false, &vars);
+                Ok(JointTexts { prompt: t.render_with(p, true, &vars)?, prompt_chosen: finished(c)?, prompt_rejected: finished(r)?, special_tokens: false })
             }
             _ => Err(Error::Data("prompt and answers mix plain text and messages".into())),
         }
@@ -272,27 +257,43 @@ impl PairTokenizer {
     /// Tokenizes and truncates one row; `Ok(None)` when the pair is dropped (counted in `stats`).
     pub fn tokenize_pair(&self, index: usize, row: &PreferenceRow, cfg: &TruncationConfig, stats: &mut TokenizeStats) -> Result<Option<TokenizedPair>> {
         let with_row = |e: Error| Error::Data(format!("row {index}: {e}"));
-        let (p, c, r) = self.texts(row).map_err(with_row)?;
-        let mut prompt = self.encode(&p).map_err(with_row)?;
-        let mut chosen = self.encode(&c).map_err(with_row)?;
-        let mut rejected = self.encode(&r).map_err(with_row)?;
-        chosen.push(self.eos_id);
-        rejected.push(self.eos_id);
+        let texts = self.texts(row).map_err(with_row)?;
+        let encode = |text: &str| self.encode_with(text, texts.special_tokens).map_err(with_row);
+        let (mut prompt, chosen, rejected) = (encode(&texts.prompt)?, encode(&texts.prompt_chosen)?, encode(&texts.prompt_rejected)?);
         stats.pairs += 1;
-        if let Some(bos) = self.bos_id {
-            if (self.add_bos || prompt.is_empty()) && prompt.first() != Some(&bos) {
-                prompt.insert(0, bos);
+        let shared = common_prefix_len(&prompt, &chosen).min(common_prefix_len(&prompt, &rejected));
+        if shared < prompt.len() {
+            stats.prompt_not_prefix += 1;
+            if stats.prompt_not_prefix_example.is_none() {
+                stats.prompt_not_prefix_example =
+                    Some(self.tokenizer.decode(&prompt[shared..], false).map_err(|e| with_row(Error::Data(format!("decoding: {e}"))))?);
+            }
+            prompt.truncate(shared);
+        }
+        let mut pair = TokenizedPair {
+            chosen: chosen[shared..].to_vec(),
+            rejected: rejected[shared..].to_vec(),
+            prompt,
+            prompt_cut: [0, 0],
+            extras: row.extras.clone(),
+            source_index: index,
+        };
+        if pair.prompt.is_empty() {
+            // The beta head reads the last prompt token: a BOS stands in for an empty prompt.
+            match self.bos_id {
+                Some(bos) => pair.prompt.push(bos),
+                None => {
+                    stats.dropped_empty_prompt += 1;
+                    return Ok(None);
+                }
             }
         }
-        if prompt.is_empty() {
-            stats.dropped_empty_prompt += 1;
-            return Ok(None);
-        }
-        if !cfg.apply(&mut prompt, [&mut chosen, &mut rejected], self.bos_id.filter(|_| self.add_bos), stats) {
+        if pair.chosen.is_empty() || pair.rejected.is_empty() || !cfg.apply(&mut pair, stats) {
+            stats.dropped += 1;
             return Ok(None);
         }
         stats.kept += 1;
-        Ok(Some(TokenizedPair { prompt, chosen, rejected, extras: row.extras.clone(), source_index: index }))
+        Ok(Some(pair))
     }
 
     /// Tokenizes all rows, dropping those truncation empties.
@@ -306,4 +307,30 @@ impl PairTokenizer {
         }
         Ok((out, stats))
     }
+}
+
+/// TRL's `common_prefix_length`: how many leading tokens `a` and `b` share.
+fn common_prefix_len(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// The special tokens `transformers` 5 adds to plain text: when `tokenizer_config.json` sets
+/// `add_bos_token` or `add_eos_token`, or `tokenizer.json` has no post-processor, it replaces the
+/// post-processor with one that adds BOS and EOS as those flags say; otherwise `tokenizer.json`'s
+/// own post-processor decides.
+fn set_special_tokens_like_transformers(tokenizer: &mut tokenizers::Tokenizer, cfg: &TokenizerConfig, bos_id: Option<u32>, eos: (&str, u32)) -> Result<()> {
+    if cfg.add_bos_token.is_none() && cfg.add_eos_token.is_none() && tokenizer.get_post_processor().is_some() {
+        return Ok(());
+    }
+    let bos = cfg.bos_token.as_deref().zip(bos_id).filter(|_| cfg.add_bos_token == Some(true));
+    let eos = Some(eos).filter(|_| cfg.add_eos_token == Some(true));
+    let single = [bos.map(|(t, _)| format!("{t}:0")), Some("$A:0".into()), eos.map(|(t, _)| format!("{t}:0"))];
+    let single: Vec<String> = single.into_iter().flatten().collect();
+    let special: Vec<(String, u32)> = [bos, eos].into_iter().flatten().map(|(t, id)| (t.to_string(), id)).collect();
+    let processor = TemplateProcessing::builder()
+        .try_single(single.join(" "))
+        .and_then(|b| b.special_tokens(special).build().map_err(|e| e.to_string()))
+        .map_err(|e| Error::Data(format!("cannot add the special tokens of tokenizer_config.json: {e}")))?;
+    tokenizer.with_post_processor(Some(processor));
+    Ok(())
 }

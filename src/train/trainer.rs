@@ -55,6 +55,17 @@ fn load_pairs(path: &Path, tok: &PairTokenizer, trunc: &TruncationConfig, skip_b
         stats.dropped + stats.dropped_empty_prompt,
         data.skipped
     ));
+    if let Some(left_out) = &stats.prompt_not_prefix_example {
+        // TRL's warning: shown whatever the progress setting, the trained context is not the inference one.
+        eprintln!(
+            "warning: {}: in {} pairs the tokenized prompt is not a prefix of the tokenized prompt + answer (the chat template renders \
+             the prompt alone differently, or tokens merge across the boundary); as in TRL, the answer starts where they diverge and \
+             the end of the prompt is left out of the training sequence, e.g. {left_out:?}. To avoid it, use a chat template that \
+             renders the prompt the same way in both cases, or end prompts on a token boundary.",
+            path.display(),
+            stats.prompt_not_prefix
+        );
+    }
     if pairs.is_empty() {
         return Err(Error::Data(format!("{}: no usable pairs", path.display())));
     }
@@ -230,7 +241,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
 
     let mut stats = String::new();
     let tok = PairTokenizer::from_files(&cfg.tokenizer, cfg.tokenizer_config.as_deref())?;
-    let trunc = TruncationConfig { max_prompt_length: cfg.max_prompt_length, max_completion_length: None, max_length: cfg.max_length };
+    let trunc = TruncationConfig { max_length: cfg.max_length, mode: cfg.truncation_mode };
     let train_pairs = load_pairs(&cfg.data, &tok, &trunc, cfg.skip_bad_rows, &mut stats)?;
     let eval_pairs = match &cfg.eval_data {
         Some(p) => Some(load_pairs(p, &tok, &trunc, cfg.skip_bad_rows, &mut stats)?),

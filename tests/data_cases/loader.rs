@@ -3,7 +3,14 @@
 use super::*;
 
 fn tokens_of(n: usize, len: usize) -> TokenizedPair {
-    TokenizedPair { prompt: vec![1; 1 + len % 3], chosen: vec![2; len], rejected: vec![3; 1 + len / 2], extras: Default::default(), source_index: n }
+    TokenizedPair {
+        prompt: vec![1; 1 + len % 3],
+        chosen: vec![2; len],
+        rejected: vec![3; 1 + len / 2],
+        prompt_cut: [0, 0],
+        extras: Default::default(),
+        source_index: n,
+    }
 }
 
 fn loader(n: usize, cfg: LoaderConfig) -> DataLoader {

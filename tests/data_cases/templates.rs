@@ -30,16 +30,17 @@ fn template(src: &str) -> ChatTemplate {
 #[test]
 fn chat_templates_render_the_trl_way() {
     let row = &load("conversational.jsonl").rows[0];
-    let (Text::Messages(p), Text::Messages(c), Text::Messages(r)) = (&row.prompt, &row.chosen, &row.rejected) else { panic!("conversational row expected") };
-    let chatml = template(CHATML).render_pair(p, c, r).unwrap();
-    assert_eq!(chatml.prompt, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n");
-    assert_eq!(chatml.chosen, "Hello.<|im_end|>\n");
-    assert_eq!(chatml.rejected, "Go away.<|im_end|>\n");
-    // The generation prompt "[BOT]" is shorter than a finished turn's "[BOT] ": the common prefix
-    // decides where the answer starts.
-    let fancy = template(FANCY).render_pair(p, c, r).unwrap();
-    assert_eq!(fancy.prompt, "<s>[USER] (Be brief.) Hi?[BOT]");
-    assert_eq!((fancy.chosen.as_str(), fancy.rejected.as_str()), (" Hello.</s>", " Go away.</s>"));
+    let (Text::Messages(p), Text::Messages(c)) = (&row.prompt, &row.chosen) else { panic!("conversational row expected") };
+    // TRL renders the prompt with the generation prompt and prompt + answer as a finished chat.
+    let full = [p.as_slice(), c.as_slice()].concat();
+    let chatml = template(CHATML);
+    let prompt = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n";
+    assert_eq!(chatml.render(p, true).unwrap(), prompt);
+    assert_eq!(chatml.render(&full, false).unwrap(), format!("{prompt}Hello.<|im_end|>\n"));
+    // The generation prompt "[BOT]" is shorter than a finished turn's "[BOT] ".
+    let fancy = template(FANCY);
+    assert_eq!(fancy.render(p, true).unwrap(), "<s>[USER] (Be brief.) Hi?[BOT]");
+    assert_eq!(fancy.render(&full, false).unwrap(), "<s>[USER] (Be brief.) Hi?[BOT] Hello.</s>");
     let bad = [Message::new("user", "x"), Message::new("system", "y")];
     let err = template(FANCY).render(&bad, true).unwrap_err().to_string();
     assert!(err.contains("system message must come first"), "{err}");

