@@ -48,7 +48,10 @@ def logits_and_beta(model, head, cfg, input_ids, attention_mask):
         weights = F.one_hot(attention_mask.sum(1) - 1, mask.shape[1]).to(mask.dtype)
     else:
         weights = mask / mask.sum(1, keepdim=True)
-    s = F.softplus((seen["h"] * weights[..., None]).sum(1) @ head["weight"] + head["bias"])
+    x = (seen["h"] * weights[..., None]).sum(1)
+    if cfg.get("head_input") == "normalized":
+        x = x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * cfg["reference_width"] / x.shape[-1]
+    s = F.softplus(x @ head["weight"] + head["bias"])
     if cfg["beta_max"] is not None:
         r = cfg["beta_max"] - cfg["beta_min"]
         s = r * torch.tanh(s / r)

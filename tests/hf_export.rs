@@ -135,8 +135,8 @@ fn perturbed_params(art: &Path, family: &str) -> Vec<NamedTensor> {
     params
 }
 
-/// The loader documented in the README, on transformers' lm_head input: softplus(h . w + b) at the
-/// last attended token, bounded by beta_max.
+/// The loader documented in the README, on transformers' lm_head input: softplus(x . w + b) at the
+/// last attended token (x: h, or h at unit RMS scaled by reference_width / H), bounded by beta_max.
 fn loader_beta(hidden: &ArrayD<f32>, mask: &ArrayD<i64>, dir: &Path) -> Vec<f32> {
     let cfg: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("beta_head.json")).unwrap()).unwrap();
     assert_eq!(cfg["aggregate"], "last");
@@ -147,7 +147,18 @@ fn loader_beta(hidden: &ArrayD<f32>, mask: &ArrayD<i64>, dir: &Path) -> Vec<f32>
     (0..hidden.shape()[0])
         .map(|row| {
             let last = (0..mask.shape()[1]).filter(|&t| mask[[row, t]] == 1).count() - 1;
-            let z: f64 = w.iter().enumerate().map(|(j, &wj)| wj as f64 * hidden[[row, last, j]] as f64).sum::<f64>() + b;
+            let h: Vec<f64> = (0..w.len()).map(|j| hidden[[row, last, j]] as f64).collect();
+            let scale = match cfg["head_input"].as_str() {
+                Some("normalized") => {
+                    let rms = (h.iter().map(|x| x * x).sum::<f64>() / h.len() as f64 + 1e-6).sqrt();
+                    cfg["reference_width"].as_f64().unwrap() / h.len() as f64 / rms
+                }
+                other => {
+                    assert_eq!(other, Some("raw"));
+                    1.0
+                }
+            };
+            let z: f64 = w.iter().zip(&h).map(|(&wj, hj)| wj as f64 * hj).sum::<f64>() * scale + b;
             let sp = z.max(0.0) + (-z.abs()).exp().ln_1p();
             (min + max.map_or(sp, |m| (m - min) * (sp / (m - min)).tanh())) as f32
         })

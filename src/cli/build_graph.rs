@@ -33,9 +33,9 @@ pub struct Args {
     /// Weight of the regulariser mean((log beta - log beta_init)^2).
     #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
     beta_reg: f64,
-    /// What the head reads: the `raw` hidden state, or the state `normalized` to unit RMS with the
-    /// product divided by the width (one head step then moves beta alike at every model width).
-    #[arg(long, value_enum, default_value = "raw")]
+    /// What the head reads: the state `normalized` to unit RMS, its product scaled by 64 / width (one
+    /// head step then moves beta alike at every model width), or the `raw` hidden state.
+    #[arg(long, value_enum, default_value = "normalized")]
     head_input: HeadInputArg,
     /// Preference loss.
     #[arg(long, value_enum, default_value = "sigmoid")]

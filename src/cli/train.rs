@@ -45,8 +45,8 @@ pub struct Args {
     head_lr: f64,
     #[arg(long, default_value_t = 0)]
     warmup_steps: u64,
-    /// constant, linear or cosine (after warmup).
-    #[arg(long, default_value = "constant")]
+    /// linear (decay to 0 at the last step, TRL's default), cosine or constant (after warmup).
+    #[arg(long, default_value = "linear")]
     lr_schedule: Schedule,
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     weight_decay: f64,

@@ -26,11 +26,11 @@ pub enum HeadInput {
     /// The hidden state as it is: `w . h`.
     #[default]
     Raw,
-    /// The hidden state scaled to unit root-mean-square, and the product divided by the width:
-    /// `w . (h / rms(h)) / H`. One Adam step then moves the head's logit by about the head learning
-    /// rate whatever the model's width and activation scale; on the raw state it moves it by about
-    /// `head_lr x H x mean |h|`, which is why a head rate tuned on a 64-wide model runs away on a
-    /// 576- or 2048-wide one.
+    /// The hidden state scaled to unit root-mean-square, and the product scaled by `64 / H`:
+    /// `w . (h / rms(h)) x 64 / H`. One Adam step then moves the head's logit as far at every width
+    /// and activation scale as the raw head moves it on a 64-wide model with unit-RMS states (where
+    /// the default head learning rate was tuned); the raw head moves it by about
+    /// `head_lr x H x mean |h|`, which is why it runs away on 576- or 2048-wide models.
     Normalized,
 }
 
@@ -52,7 +52,8 @@ pub struct ObjectiveConfig {
     #[serde(with = "inf_as_null")]
     pub beta_max: f64,
     pub beta_reg: f64,
-    /// What the head reads (artifacts from before this option read the raw state).
+    /// What the head reads (artifacts from before this option read the raw state, hence the serde
+    /// default; new builds default to `Normalized`).
     #[serde(default)]
     pub head_input: HeadInput,
     pub loss: LossKind,
@@ -70,7 +71,7 @@ impl Default for ObjectiveConfig {
             beta_min: 0.0,
             beta_max: 2.0,
             beta_reg: 0.0,
-            head_input: HeadInput::Raw,
+            head_input: HeadInput::Normalized,
             loss: LossKind::Sigmoid,
             label_smoothing: 0.0,
             fixed_beta: None,

@@ -199,6 +199,10 @@ pub fn beta_head(b: &mut Builder, m: &ModelTensors, mask: &str, cfg: &ObjectiveC
     head_on_context(b, &h, m.hidden_size, cfg)
 }
 
+/// The width at which the normalized head steps like the raw one on unit-RMS states: the head
+/// learning rate's default was tuned on 64-wide models.
+pub const HEAD_REFERENCE_WIDTH: f64 = 64.0;
+
 /// The head on per-row context vectors `h` [rows, H].
 fn head_on_context(b: &mut Builder, h: &str, hidden_size: i64, cfg: &ObjectiveConfig) -> String {
     let z = match cfg.head_input {
@@ -216,7 +220,8 @@ fn head_on_context(b: &mut Builder, h: &str, hidden_size: i64, cfg: &ObjectiveCo
             let rms = b.op("Sqrt", &[&ms], vec![], "beta/hidden_rms");
             let unit = b.op("Div", &[h, &rms], vec![], "beta/hidden_unit");
             let z = b.op("MatMul", &[&unit, HEAD_WEIGHT], vec![], "beta/head_matmul");
-            b.op("Mul", &[&z, &inv_width], vec![], "beta/head_mean")
+            let scale = b.scalar(HEAD_REFERENCE_WIDTH / hidden_size as f64, dtype::FLOAT);
+            b.op("Mul", &[&z, &scale], vec![], "beta/head_scaled")
         }
     };
     let z = b.op("Add", &[&z, HEAD_BIAS], vec![], "beta/logit");

@@ -113,7 +113,7 @@ impl Default for TrainConfig {
             lr: 1e-3,
             head_lr: 3e-3,
             warmup_steps: 0,
-            lr_schedule: Schedule::Constant,
+            lr_schedule: Schedule::Linear,
             weight_decay: 0.0,
             max_grad_norm: 1.0,
             adam_beta1: 0.9,

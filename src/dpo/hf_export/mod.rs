@@ -14,8 +14,8 @@ use serde_json::json;
 
 use self::map::{transpose, HfMap, HfTensor, InitializerValues};
 use super::manifest::Manifest;
-use super::objective::{HEAD_BIAS, HEAD_WEIGHT};
-use super::BetaAggregate;
+use super::objective::{HEAD_BIAS, HEAD_REFERENCE_WIDTH, HEAD_WEIGHT};
+use super::{BetaAggregate, HeadInput};
 use crate::store::{read_safetensors, write_safetensors, NamedTensor};
 use crate::{Error, Result};
 
@@ -187,10 +187,13 @@ fn head_config(manifest: &Manifest) -> serde_json::Value {
         "hidden_size": manifest.model.hidden_size,
         "fixed_beta": o.fixed_beta,
         "aggregate": match o.beta_aggregate { BetaAggregate::Last => "last", BetaAggregate::Mean => "mean" },
+        "head_input": match o.head_input { HeadInput::Raw => "raw", HeadInput::Normalized => "normalized" },
+        "reference_width": HEAD_REFERENCE_WIDTH,
         "beta_min": o.beta_min,
         "beta_max": o.beta_max.is_finite().then_some(o.beta_max),
         "formula": "h = input of model.get_output_embeddings() at each row's last attended token (aggregate last) or its mean over \
-                    attended tokens (mean); s = softplus(h . weight + bias); beta = beta_min + R * tanh(s / R) with R = beta_max - beta_min, \
+                    attended tokens (mean); head_input normalized: x = h / sqrt(mean(h^2) + 1e-6) * reference_width / hidden_size, \
+                    raw: x = h; s = softplus(x . weight + bias); beta = beta_min + R * tanh(s / R) with R = beta_max - beta_min, \
                     or beta_min + s when beta_max is null; fixed_beta, when set, replaces all of it",
     })
 }
