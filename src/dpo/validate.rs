@@ -158,9 +158,28 @@ fn parameters_file(tensors: &[NamedTensor], m: &Manifest) -> Result<usize> {
 /// A random batch in the manifest's layout: `pairs` pairs of `seq_len` tokens, the answer in the
 /// second half, the last row right-padded.
 pub fn random_batch(m: &Manifest, spec: &GraphSpec, rng: &mut impl Rng, pairs: usize, t: usize) -> Vec<(String, HostTensor)> {
-    if m.layout == super::Layout::Packed {
-        return random_packed_batch(m, spec, rng, pairs, t);
+    let mut v = if m.layout == super::Layout::Packed { random_packed_batch(m, spec, rng, pairs, t) } else { random_padded_batch(m, spec, rng, pairs, t) };
+    v.extend(random_beta_dpo_inputs(spec, rng, pairs));
+    v
+}
+
+/// beta-DPO's running statistics (a spread near the margins' scale) and Gumbel noise.
+fn random_beta_dpo_inputs(spec: &GraphSpec, rng: &mut impl Rng, pairs: usize) -> Vec<(String, HostTensor)> {
+    let mut v = Vec::new();
+    for i in &spec.inputs {
+        let tensor = match i.role.as_str() {
+            "margin_stats" => HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[2]), vec![rng.random_range(-1.0..1.0), rng.random_range(0.5..2.0)]).unwrap()),
+            "selection_noise" => {
+                HostTensor::F32(ArrayD::from_shape_fn(IxDyn(&[pairs]), |_| -(-rng.random_range(f32::MIN_POSITIVE..1.0f32).ln()).ln()))
+            }
+            _ => continue,
+        };
+        v.push((i.name.clone(), tensor));
     }
+    v
+}
+
+fn random_padded_batch(m: &Manifest, spec: &GraphSpec, rng: &mut impl Rng, pairs: usize, t: usize) -> Vec<(String, HostTensor)> {
     let rows = 2 * pairs;
     let vocab = m.model.vocab_size.max(2);
     let pad = |r: usize, c: usize| r == rows - 1 && c >= t - 2;
