@@ -14,7 +14,7 @@
 //!   (the Gumbel-top-k trick draws exactly that distribution).
 //! - `beta = max(beta_0 (1 + alpha (mean of kept M - M_0)), 1e-3)`; the loss is the mean over kept pairs.
 
-use super::config::BetaDpoConfig;
+use super::config::{BetaDpoConfig, LossKind, ObjectiveConfig};
 use crate::autodiff::STOP_GRADIENT;
 use crate::graph::Builder;
 use crate::onnx::{attr_i, dtype, Dim, ValueInfoProto};
@@ -145,4 +145,19 @@ fn filter(b: &mut Builder, margin: &str, m0: &str, s0: &str, rho: f64) -> (Strin
     let kept = b.op("Cast", &[&hit], vec![attr_i("to", dtype::FLOAT as i64)], KEPT);
     let count = b.op("ReduceSum", &[&kept], vec![attr_i("keepdims", 0)], "beta_dpo/kept_count");
     (kept, count)
+}
+
+/// The mean loss over the `kept` pairs at the batch beta `beta`, from the pairs' margins `u`
+/// (policy minus reference log-ratio, chosen minus rejected), in float64. With beta and the kept set
+/// held at the values of some parameters, this is the function whose gradient the train graph
+/// returns there (the paper detaches both), so `validate` differentiates it numerically.
+pub fn detached_loss(cfg: &ObjectiveConfig, beta: f64, kept: &[f32], u: &[f64]) -> f64 {
+    let softplus = |x: f64| x.max(0.0) + (-x.abs()).exp().ln_1p();
+    let per_pair = |u: f64| match cfg.loss {
+        LossKind::Sigmoid => (1.0 - cfg.label_smoothing) * softplus(-beta * u) + cfg.label_smoothing * softplus(beta * u),
+        LossKind::Ipo => (u - 1.0 / (2.0 * beta)).powi(2),
+        LossKind::Hinge => (1.0 - beta * u).max(0.0),
+    };
+    let (sum, count) = kept.iter().zip(u).filter(|(k, _)| **k > 0.5).fold((0.0, 0.0), |(s, n), (_, &u)| (s + per_pair(u), n + 1.0));
+    sum / count
 }
