@@ -185,9 +185,8 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
         batch_inputs.push(
             TensorSpec::float(beta_dpo::MARGIN_STATS, "margin_stats", &[2]).described("beta-DPO's running mean and std of the margin, before this batch"),
         );
-        batch_inputs.push(
-            TensorSpec::float_named(beta_dpo::SELECTION_NOISE, "selection_noise", &["pairs"]).described("standard Gumbel noise for beta-DPO's filter"),
-        );
+        batch_inputs
+            .push(TensorSpec::float_named(beta_dpo::SELECTION_NOISE, "selection_noise", &["pairs"]).described("standard Gumbel noise for beta-DPO's filter"));
     }
     let mut names = graph.names.clone();
     let mut b = Builder::new(&mut names, "dpo/");

@@ -169,9 +169,7 @@ fn random_beta_dpo_inputs(spec: &GraphSpec, rng: &mut impl Rng, pairs: usize) ->
     for i in &spec.inputs {
         let tensor = match i.role.as_str() {
             "margin_stats" => HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[2]), vec![rng.random_range(-1.0..1.0), rng.random_range(0.5..2.0)]).unwrap()),
-            "selection_noise" => {
-                HostTensor::F32(ArrayD::from_shape_fn(IxDyn(&[pairs]), |_| -(-rng.random_range(f32::MIN_POSITIVE..1.0f32).ln()).ln()))
-            }
+            "selection_noise" => HostTensor::F32(ArrayD::from_shape_fn(IxDyn(&[pairs]), |_| -(-rng.random_range(f32::MIN_POSITIVE..1.0f32).ln()).ln())),
             _ => continue,
         };
         v.push((i.name.clone(), tensor));

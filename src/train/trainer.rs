@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::batch::{collate, CollateOptions, DataLoader, LoaderConfig, LoaderPosition, Packing};
+use super::batch_beta::MarginStats;
 use super::checkpoint::{self, TrainerState};
 use super::config::{OptimizerKind, TrainConfig};
 use super::data::{load_preferences, LoadOptions};
@@ -18,7 +19,6 @@ use super::metrics::{num, summarise, summarise_groups, MetricsLog, PairValues};
 use super::optimizer_step::{apply, Accumulator, Hyper, State};
 use super::reference::{batch_refs, cache_key, reference_logps, RefTable};
 use super::schedule::factor;
-use super::batch_beta::MarginStats;
 use super::session_io::{run_graph, BatchBetaInputs, Feeds};
 use super::tokenize::{PairTokenizer, TokenizedPair, TruncationConfig};
 use crate::dpo::packing::HeadReads;
@@ -172,7 +172,15 @@ struct Evaluator<'a> {
 
 impl Evaluator<'_> {
     /// `stats`: beta-DPO's running margin statistics, read and left unchanged.
-    fn run(&self, session: &mut ort::session::Session, m: &Manifest, params: &Feeds, stats: MarginStats, prefix: &str, device: &Device) -> Result<Map<String, Value>> {
+    fn run(
+        &self,
+        session: &mut ort::session::Session,
+        m: &Manifest,
+        params: &Feeds,
+        stats: MarginStats,
+        prefix: &str,
+        device: &Device,
+    ) -> Result<Map<String, Value>> {
         let spec = m.graph("eval")?;
         let mut all = PairValues::default();
         let mut loss_sum = 0.0f64;
@@ -346,7 +354,11 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             let m = shapes.iter().map(zeros).collect::<Result<Vec<_>>>()?;
             let v = shapes.iter().map(zeros).collect::<Result<Vec<_>>>()?;
             let params = initial_feeds;
-            let ts = TrainerState { step: 0, position: LoaderPosition::default(), tokens: 0, skipped_nonfinite: 0,
+            let ts = TrainerState {
+                step: 0,
+                position: LoaderPosition::default(),
+                tokens: 0,
+                skipped_nonfinite: 0,
                 updates: 0,
                 run_key: key.clone(),
                 margin_stats: MarginStats::default(),
