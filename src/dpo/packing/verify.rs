@@ -92,7 +92,8 @@ pub fn packed_matches_model(
              {padded_logps:?} (the model on padded rows), betas {packed_beta:?} against {padded_beta:?}; rebuild with --layout padded"
         )));
     }
-    Ok(format!("{pairs} pairs in one packed row: log-probs within {dl:.1e}, betas within {db:.1e} of the model on padded rows"))
+    let betas = if m.objective.beta_dpo.is_some() { "beta-DPO's batch beta not compared".to_string() } else { format!("betas within {db:.1e}") };
+    Ok(format!("{pairs} pairs in one packed row: log-probs within {dl:.1e}, {betas} of the model on padded rows"))
 }
 
 /// The model's forward on right-padded `rows`: logits `[rows, T, V]` and one beta per row.
