@@ -14,6 +14,7 @@ use std::time::Duration;
 use betadpo::dpo::Manifest;
 use betadpo::store::{read_safetensors, RawTensor};
 use betadpo::train::checkpoint::{self, TrainerState};
+use betadpo::train::truncation::TruncationMode;
 use betadpo::train::{load_preferences, LoadOptions, PairTokenizer, TruncationConfig};
 use common::fuzz::{case_count, run, snapshot, Mutator};
 
@@ -141,7 +142,7 @@ fn tokenize_sample(dir: &Path) -> betadpo::Result<()> {
     let tok = PairTokenizer::from_files(&dir.join("tokenizer.json"), Some(&dir.join("tokenizer_config.json")))?;
     for file in ["test_conversational.jsonl", "test_implicit.jsonl"] {
         let data = load_preferences(&dir.join(file), &LoadOptions::default())?;
-        tok.tokenize_all(&data.rows[..3], &TruncationConfig { max_length: Some(64), max_prompt_length: Some(32), ..Default::default() })?;
+        tok.tokenize_all(&data.rows[..3], &TruncationConfig { max_length: Some(64), mode: TruncationMode::KeepEnd })?;
     }
     Ok(())
 }
