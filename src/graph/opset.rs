@@ -44,11 +44,13 @@ mod tests {
     fn graph_at(opset: i64, ops_in_branch: &[&str]) -> Graph {
         let node = |op: &str| NodeProto { op_type: op.into(), ..Default::default() };
         let branch = GraphProto { node: ops_in_branch.iter().map(|op| node(op)).collect(), ..Default::default() };
-        let mut if_node = node("If");
+        // Well-formed where the model is checked (the main graph's nodes have their inputs and outputs).
+        let gather = NodeProto { op_type: "Gather".into(), input: vec!["data".into(), "index".into()], output: vec!["picked".into()], ..Default::default() };
+        let mut if_node = NodeProto { op_type: "If".into(), input: vec!["use_cache".into()], output: vec!["branch_out".into()], ..Default::default() };
         if_node.attribute.push(attr_g("else_branch", branch));
         let model = ModelProto {
             opset_import: vec![OperatorSetIdProto { domain: String::new(), version: opset }, OperatorSetIdProto { domain: "com.microsoft".into(), version: 1 }],
-            graph: Some(GraphProto { node: vec![node("Gather"), if_node], ..Default::default() }),
+            graph: Some(GraphProto { node: vec![gather, if_node], ..Default::default() }),
             ..Default::default()
         };
         Graph::from_model(model).unwrap()
