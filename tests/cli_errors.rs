@@ -76,6 +76,11 @@ fn bad_flag_values() {
     assert_one_line_error(&["build-graph", "--model", m, "--out", o, "--fixed-beta", "0"], "--fixed-beta");
     assert_one_line_error(&["build-graph", "--model", m, "--out", o, "--fixed-beta", "0.1", "--trainable", "head"], "--trainable head");
     assert_one_line_error(&["build-graph", "--model", m, "--out", o, "--beta-init", "-1e-3"], "--beta-init");
+    assert_one_line_error(&["build-graph", "--model", m, "--out", o, "--beta-dpo-alpha", "0.5"], "--beta-dpo-alpha");
+    assert_one_line_error(&["build-graph", "--model", m, "--out", o, "--beta-method", "beta-dpo", "--fixed-beta", "0.1"], "--fixed-beta");
+    assert_one_line_error(&["build-graph", "--model", m, "--out", o, "--beta-method", "beta-dpo", "--beta-dpo-rho", "1"], "--beta-dpo-rho");
+    assert_one_line_error(&["build-graph", "--model", m, "--out", o, "--beta-method", "beta-dpo", "--beta-dpo-beta0", "0"], "--beta-dpo-beta0");
+    assert_one_line_error(&["build-graph", "--model", m, "--out", o, "--beta-method", "beta-dpo", "--trainable", "head"], "--trainable head");
     assert_absent(&out);
 }
 

@@ -106,7 +106,15 @@ fn checkpoint_dir() -> PathBuf {
     let (params, _) = read_safetensors(&artifacts().join("params.safetensors")).unwrap();
     let raw: Vec<RawTensor> = params.iter().map(|t| RawTensor::of_f32(&t.name, t.shape.clone(), &t.data)).collect();
     let moments: Vec<RawTensor> = params.iter().map(|t| RawTensor::of_f32(&t.name, t.shape.clone(), &t.data)).collect();
-    let state = TrainerState { step: 3, position: Default::default(), tokens: 300, skipped_nonfinite: 0, updates: 3, run_key: "k".into() };
+    let state = TrainerState {
+        step: 3,
+        position: Default::default(),
+        tokens: 300,
+        skipped_nonfinite: 0,
+        updates: 3,
+        run_key: "k".into(),
+        margin_stats: Default::default(),
+    };
     checkpoint::save(&run, &state, &raw, &moments, 2).unwrap()
 }
 

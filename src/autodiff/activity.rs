@@ -47,11 +47,20 @@ pub const NOT_DIFFERENTIABLE: &[&str] = &[
     "TopK_indices",
 ];
 
+/// ONNX has no stop-gradient op: an `Identity` whose output name starts with this prefix is one.
+/// Its output equals its input, but no gradient flows through it (e.g. beta-DPO's batch beta,
+/// which the paper computes from detached margins).
+pub const STOP_GRADIENT: &str = "stop_gradient/";
+
+fn stops_gradient(n: &crate::onnx::NodeProto) -> bool {
+    NOT_DIFFERENTIABLE.contains(&n.op_type.as_str()) || (n.op_type == "Identity" && n.output.iter().any(|o| o.starts_with(STOP_GRADIENT)))
+}
+
 pub fn analyze(graph: &Graph, params: &[String], loss: &str, infos: &TensorInfos) -> Activity {
     let is_float = |name: &str| infos.get(name).map(|i| dtype::is_float(i.dtype)).unwrap_or(false);
     let mut forward: HashSet<String> = params.iter().cloned().collect();
     for n in &graph.nodes {
-        if NOT_DIFFERENTIABLE.contains(&n.op_type.as_str()) {
+        if stops_gradient(n) {
             continue;
         }
         if n.input.iter().any(|x| forward.contains(x)) {

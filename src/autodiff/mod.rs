@@ -14,6 +14,6 @@ mod context;
 mod fold;
 pub mod rules;
 
-pub use activity::{analyze, Activity};
+pub use activity::{analyze, Activity, STOP_GRADIENT};
 pub use backward::{differentiate, Gradients};
 pub use context::RuleCtx;

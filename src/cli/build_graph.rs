@@ -4,7 +4,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use betadpo::dpo::packing::LayoutChoice;
 use betadpo::dpo::params::Selection;
-use betadpo::dpo::{build_artifacts, BetaAggregate, BetaSource, BuildOptions, HeadInput, LossKind, ObjectiveConfig};
+use betadpo::dpo::{build_artifacts, BetaAggregate, BetaDpoConfig, BetaSource, BuildOptions, HeadInput, LossKind, ObjectiveConfig};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -43,9 +43,26 @@ pub struct Args {
     /// Label smoothing (conservative DPO), in [0, 0.5).
     #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
     label_smoothing: f64,
-    /// Standard DPO with this constant beta and no head.
+    /// Where beta comes from: the `learned` head (default), a `fixed` constant (--fixed-beta, 0.1
+    /// unless given), or `beta-dpo` (Wu et al. 2024: one beta per batch from its reward margins,
+    /// with the margin filter).
+    #[arg(long, value_enum)]
+    beta_method: Option<MethodArg>,
+    /// Standard DPO with this constant beta and no head (implies --beta-method fixed).
     #[arg(long, allow_negative_numbers = true)]
     fixed_beta: Option<f64>,
+    /// beta-DPO's beta_0: the batch beta is beta_0 (1 + alpha (mean kept margin - M_0)).
+    #[arg(long, allow_negative_numbers = true)]
+    beta_dpo_beta0: Option<f64>,
+    /// beta-DPO's alpha (the paper's example: 0.6).
+    #[arg(long, allow_negative_numbers = true)]
+    beta_dpo_alpha: Option<f64>,
+    /// beta-DPO's rho: the fraction of each batch its margin filter leaves out (0.2).
+    #[arg(long, allow_negative_numbers = true)]
+    beta_dpo_rho: Option<f64>,
+    /// Momentum of beta-DPO's moving averages of the margin's mean M_0 and spread (0.9).
+    #[arg(long, allow_negative_numbers = true)]
+    beta_dpo_momentum: Option<f64>,
     /// Name of the final hidden state, when it cannot be found automatically.
     #[arg(long)]
     hidden_state: Option<String>,
@@ -67,6 +84,13 @@ pub struct Args {
     /// Print less.
     #[arg(long, short)]
     quiet: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq)]
+enum MethodArg {
+    Learned,
+    Fixed,
+    BetaDpo,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -110,7 +134,41 @@ fn regex(flag: &str, v: &Option<String>) -> Result<Option<regex::Regex>> {
         .transpose()
 }
 
+/// `--beta-method` with the flags it reads: (fixed beta, beta-DPO's settings).
+fn beta_method(a: &Args) -> Result<(Option<f64>, Option<BetaDpoConfig>)> {
+    let method = a.beta_method.unwrap_or(if a.fixed_beta.is_some() { MethodArg::Fixed } else { MethodArg::Learned });
+    let dpo_flags = [
+        ("--beta-dpo-beta0", a.beta_dpo_beta0),
+        ("--beta-dpo-alpha", a.beta_dpo_alpha),
+        ("--beta-dpo-rho", a.beta_dpo_rho),
+        ("--beta-dpo-momentum", a.beta_dpo_momentum),
+    ];
+    if method != MethodArg::BetaDpo {
+        if let Some((flag, _)) = dpo_flags.iter().find(|(_, v)| v.is_some()) {
+            anyhow::bail!(betadpo::Error::BadFlag { flag: (*flag).into(), detail: "needs --beta-method beta-dpo".into() });
+        }
+    }
+    if method != MethodArg::Fixed && a.fixed_beta.is_some() {
+        anyhow::bail!(betadpo::Error::BadFlag { flag: "--fixed-beta".into(), detail: "needs --beta-method fixed (or no --beta-method)".into() });
+    }
+    Ok(match method {
+        MethodArg::Learned => (None, None),
+        MethodArg::Fixed => (Some(a.fixed_beta.unwrap_or(0.1)), None),
+        MethodArg::BetaDpo => {
+            let d = BetaDpoConfig::default();
+            let cfg = BetaDpoConfig {
+                beta0: a.beta_dpo_beta0.unwrap_or(d.beta0),
+                alpha: a.beta_dpo_alpha.unwrap_or(d.alpha),
+                rho: a.beta_dpo_rho.unwrap_or(d.rho),
+                momentum: a.beta_dpo_momentum.unwrap_or(d.momentum),
+            };
+            (None, Some(cfg))
+        }
+    })
+}
+
 pub fn options(a: &Args) -> Result<BuildOptions> {
+    let (fixed_beta, beta_dpo) = beta_method(a)?;
     let objective = ObjectiveConfig {
         beta_source: match a.beta_source {
             SourceArg::Prompt => BetaSource::Prompt,
@@ -134,13 +192,14 @@ pub fn options(a: &Args) -> Result<BuildOptions> {
             LossArg::Hinge => LossKind::Hinge,
         },
         label_smoothing: a.label_smoothing,
-        fixed_beta: a.fixed_beta,
+        fixed_beta,
+        beta_dpo,
     };
     objective.validate()?;
     let selection =
         Selection { freeze: regex("--freeze", &a.freeze)?, train: regex("--train", &a.train)?, head_only: matches!(a.trainable, TrainableArg::Head) };
-    if selection.head_only && objective.fixed_beta.is_some() {
-        anyhow::bail!(betadpo::Error::BadFlag { flag: "--trainable head".into(), detail: "with --fixed-beta there is no head to train".into() });
+    if selection.head_only && !objective.has_head() {
+        anyhow::bail!(betadpo::Error::BadFlag { flag: "--trainable head".into(), detail: "with --fixed-beta or beta-dpo there is no head to train".into() });
     }
     let layout = match a.layout {
         LayoutArg::Auto => LayoutChoice::Auto,

@@ -15,7 +15,7 @@ use super::model::{recognise, LmSignature};
 use super::objective::{self, ModelTensors, Objective, COMPLETION_MASK, HEAD_BIAS, HEAD_WEIGHT, REF_LOGPS};
 use super::packing::{self, Layout, LayoutChoice};
 use super::params::{find_parameters, lift_parameters, InitializerRef, Param, Selection};
-use super::{optimizer, BetaSource, ObjectiveConfig};
+use super::{beta_dpo, optimizer, BetaSource, ObjectiveConfig};
 use crate::autodiff::differentiate;
 use crate::graph::{probe_shapes, raise_to_scatter_add_opset, Builder, Graph, ProbeBatch};
 use crate::onnx::{dtype, load_model, save_model, tensor_to_f32, value_info, value_info_type, Dim, SaveOptions};
@@ -104,16 +104,21 @@ fn param_inputs(params: &[Param]) -> Vec<TensorSpec> {
 }
 
 fn metric_outputs(obj: &Objective, cfg: &ObjectiveConfig) -> Vec<TensorSpec> {
-    let beta_shape = if cfg.beta_source == BetaSource::Sequence && cfg.fixed_beta.is_none() { "rows" } else { "pairs" };
+    let beta_shape = if cfg.beta_source == BetaSource::Sequence && cfg.has_head() { "rows" } else { "pairs" };
     let per = if beta_shape == "rows" { "sequence" } else { "pair" };
-    vec![
+    let mut v = vec![
         TensorSpec::float(&obj.loss, "loss", &[]).described("mean preference loss (plus the beta regulariser)"),
         TensorSpec::float_named(&obj.chosen_rewards, "metric", &["pairs"])
             .described("rewards/chosen: beta x (policy - reference) log-prob of the chosen answer"),
         TensorSpec::float_named(&obj.rejected_rewards, "metric", &["pairs"]).described("rewards/rejected"),
         TensorSpec::float_named(&obj.policy_logps, "metric", &["rows"]).described("logps: policy log-prob of each row's answer"),
-        TensorSpec::float_named(&obj.beta, "beta", &[beta_shape]).described(&format!("learned beta per {per}")),
-    ]
+        TensorSpec::float_named(&obj.beta, "beta", &[beta_shape]).described(&format!("beta per {per}")),
+    ];
+    if let Some(bb) = &obj.beta_dpo {
+        v.push(TensorSpec::float(&bb.stats_next, "margin_stats", &[2]).described("beta-DPO's running mean and std of the margin, after this batch"));
+        v.push(TensorSpec::float_named(&bb.kept, "kept", &["pairs"]).described("1 for the pairs beta-DPO's filter keeps"));
+    }
+    v
 }
 
 fn set_outputs(graph: &mut Graph, specs: &[TensorSpec]) {
@@ -176,6 +181,13 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
         Some(own_positions) => packing::inputs::specs(&sig, own_positions),
     };
     batch_inputs.push(TensorSpec::float_named(REF_LOGPS, "ref_logps", &["rows"]));
+    if cfg.beta_dpo.is_some() {
+        batch_inputs.push(
+            TensorSpec::float(beta_dpo::MARGIN_STATS, "margin_stats", &[2]).described("beta-DPO's running mean and std of the margin, before this batch"),
+        );
+        batch_inputs
+            .push(TensorSpec::float_named(beta_dpo::SELECTION_NOISE, "selection_noise", &["pairs"]).described("standard Gumbel noise for beta-DPO's filter"));
+    }
     let mut names = graph.names.clone();
     let mut b = Builder::new(&mut names, "dpo/");
     let obj = objective::build(&mut b, &tensors, cfg);
@@ -187,10 +199,15 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     set_outputs(&mut graph, &outputs);
     graph.prune();
 
-    let probes = match layout {
+    let mut probes = match layout {
         Layout::Padded => probe_batch(&sig, vocab),
         Layout::Packed => packing::inputs::probe_batch(&batch_inputs, vocab, cfg),
     };
+    if cfg.beta_dpo.is_some() {
+        for (run, pairs) in probes.runs.iter_mut().zip([2, 3]) {
+            run.extend(beta_dpo::probe_inputs(pairs));
+        }
+    }
     let infos = probe_shapes(&graph, &probes)?;
     let mut params = find_parameters(&graph, &obj.loss, &infos, &opts.selection)?;
     params.retain(|p| p.name != HEAD_WEIGHT && p.name != HEAD_BIAS);
@@ -308,7 +325,8 @@ pub fn inference_graph(base: &Graph, sig: &LmSignature, cfg: &ObjectiveConfig, p
     let mut names = g.names.clone();
     let mut b = Builder::new(&mut names, "beta/");
     let tensors = ModelTensors::of(sig, false);
-    let beta = match cfg.fixed_beta {
+    let constant = cfg.fixed_beta.or(cfg.beta_dpo.map(|d| d.beta0));
+    let beta = match constant {
         Some(f) => {
             let k = b.scalar(f, dtype::FLOAT);
             let rows = b.dim(&sig.input_ids, 0, "beta/rows");
@@ -327,7 +345,7 @@ pub fn inference_graph(base: &Graph, sig: &LmSignature, cfg: &ObjectiveConfig, p
     b.op_into("Identity", &[&beta], &["beta"], vec![]);
     g.nodes.extend(b.take());
     g.names = names;
-    if cfg.fixed_beta.is_none() {
+    if cfg.has_head() {
         g.initializers.extend(objective::head_initial_values(sig.hidden_size, cfg));
     }
     let logits_vi = g.outputs.iter().find(|o| o.name == sig.logits).cloned().unwrap();

@@ -60,6 +60,30 @@ pub struct ObjectiveConfig {
     pub label_smoothing: f64,
     /// Standard DPO with this constant beta and no head.
     pub fixed_beta: Option<f64>,
+    /// beta-DPO (Wu et al. 2024): a batch-level beta from the batch's margins, and the margin filter.
+    #[serde(default)]
+    pub beta_dpo: Option<BetaDpoConfig>,
+}
+
+/// beta-DPO's hyperparameters, named and defaulted as in the paper's reference code
+/// (junkangwu/beta-DPO: `loss.beta`, `loss.a`, `loss.mode_weight`, and the 0.9 momentum of
+/// `update_and_sync_tensor_mean`).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BetaDpoConfig {
+    /// beta_0, the base beta the batch beta scales (the deployed model's beta).
+    pub beta0: f64,
+    /// alpha: beta_batch = beta_0 (1 + alpha (mean kept margin - M_0)).
+    pub alpha: f64,
+    /// rho: the fraction of each batch the margin filter leaves out.
+    pub rho: f64,
+    /// Momentum of the moving averages of the margin's mean (M_0) and standard deviation.
+    pub momentum: f64,
+}
+
+impl Default for BetaDpoConfig {
+    fn default() -> Self {
+        BetaDpoConfig { beta0: 0.1, alpha: 0.6, rho: 0.2, momentum: 0.9 }
+    }
 }
 
 impl Default for ObjectiveConfig {
@@ -75,11 +99,17 @@ impl Default for ObjectiveConfig {
             loss: LossKind::Sigmoid,
             label_smoothing: 0.0,
             fixed_beta: None,
+            beta_dpo: None,
         }
     }
 }
 
 impl ObjectiveConfig {
+    /// Whether beta comes from the learned head (not a constant, not beta-DPO's batch statistic).
+    pub fn has_head(&self) -> bool {
+        self.fixed_beta.is_none() && self.beta_dpo.is_none()
+    }
+
     // `!(a > b)` on purpose: a NaN flag value must fail these checks too.
     #[allow(clippy::neg_cmp_op_on_partial_ord)]
     pub fn validate(&self) -> Result<()> {
@@ -105,6 +135,23 @@ impl ObjectiveConfig {
         if let Some(b) = self.fixed_beta {
             if !(b.is_finite() && b > 0.0) {
                 return bad("--fixed-beta", format!("{b} (must be a positive number)"));
+            }
+        }
+        if let Some(d) = &self.beta_dpo {
+            if self.fixed_beta.is_some() {
+                return bad("--beta-method", "beta-dpo and --fixed-beta exclude each other".into());
+            }
+            if !(d.beta0.is_finite() && d.beta0 > 0.0) {
+                return bad("--beta-dpo-beta0", format!("{} (must be a positive number)", d.beta0));
+            }
+            if !d.alpha.is_finite() {
+                return bad("--beta-dpo-alpha", format!("{} (must be finite)", d.alpha));
+            }
+            if !(0.0..1.0).contains(&d.rho) {
+                return bad("--beta-dpo-rho", format!("{} (must be in [0, 1))", d.rho));
+            }
+            if !(0.0..1.0).contains(&d.momentum) {
+                return bad("--beta-dpo-momentum", format!("{} (must be in [0, 1))", d.momentum));
             }
         }
         Ok(())

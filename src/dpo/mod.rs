@@ -6,8 +6,9 @@ pub mod model;
 pub mod objective;
 pub mod params;
 
-pub use config::{BetaAggregate, BetaSource, HeadInput, LossKind, ObjectiveConfig};
+pub use config::{BetaAggregate, BetaDpoConfig, BetaSource, HeadInput, LossKind, ObjectiveConfig};
 pub mod artifacts;
+pub mod beta_dpo;
 pub mod export;
 pub mod hf_export;
 pub mod kv_cache;

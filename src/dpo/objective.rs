@@ -5,6 +5,7 @@
 //! right-padded; `completion_mask[r, t] = 1` marks answer tokens, whose log-prob is read from
 //! `logits[r, t-1]`.
 
+use super::beta_dpo::{self, BatchBeta};
 use super::config::{inverse_softplus, BetaAggregate, BetaSource, HeadInput, LossKind, ObjectiveConfig};
 use super::packing::{objective as packed, Layout};
 use crate::graph::Builder;
@@ -23,8 +24,10 @@ pub struct Objective {
     pub beta: String,
     pub chosen_rewards: String,
     pub rejected_rewards: String,
-    /// New graph inputs (completion mask, reference log-probs).
+    /// New graph inputs (completion mask, reference log-probs, beta-DPO's running statistics).
     pub inputs: Vec<ValueInfoProto>,
+    /// beta-DPO's kept-pair mask and updated running statistics.
+    pub beta_dpo: Option<BatchBeta>,
     /// Initial values of the head (empty with a fixed beta).
     pub head: Vec<TensorProto>,
 }
@@ -268,14 +271,19 @@ pub fn build(b: &mut Builder, m: &ModelTensors, cfg: &ObjectiveConfig) -> Object
     let delta = b.op("Sub", &[&policy, REF_LOGPS], vec![], "dpo/log_ratio");
     let (dc, dr) = halves(b, &delta, "dpo/log_ratio");
 
-    let (beta_c, beta_r, beta_out, head) = match cfg.fixed_beta {
-        Some(fixed) => {
+    let batch_beta = cfg.beta_dpo.as_ref().map(|d| {
+        inputs.extend(beta_dpo::inputs());
+        beta_dpo::batch_beta(b, &dc, &dr, d)
+    });
+    let (beta_c, beta_r, beta_out, head) = match (cfg.fixed_beta, &batch_beta) {
+        (_, Some(bb)) => (bb.beta.clone(), bb.beta.clone(), bb.beta.clone(), vec![]),
+        (Some(fixed), None) => {
             let k = b.scalar(fixed, dtype::FLOAT);
             let shape = b.op("Shape", &[&dc], vec![], "beta/pair_shape");
             let beta = b.op("Expand", &[&k, &shape], vec![], "beta");
             (beta.clone(), beta.clone(), beta, vec![])
         }
-        None => {
+        (None, None) => {
             let rows = match m.layout {
                 Layout::Padded => beta_head(b, m, COMPLETION_MASK, cfg),
                 Layout::Packed => {
@@ -320,7 +328,7 @@ pub fn build(b: &mut Builder, m: &ModelTensors, cfg: &ObjectiveConfig) -> Object
         LossKind::Ipo => {
             // (h - 1/(2 beta))^2 with h the difference of log-ratios (TRL's IPO)
             let h = b.op("Sub", &[&dc, &dr], vec![], "dpo/h");
-            let beta = if cfg.beta_source == BetaSource::Sequence && cfg.fixed_beta.is_none() {
+            let beta = if cfg.beta_source == BetaSource::Sequence && cfg.has_head() {
                 let s = b.op("Add", &[&beta_c, &beta_r], vec![], "dpo/beta_sum");
                 let half = b.scalar(0.5, dtype::FLOAT);
                 b.op("Mul", &[&s, &half], vec![], "dpo/beta_mean")
@@ -339,8 +347,16 @@ pub fn build(b: &mut Builder, m: &ModelTensors, cfg: &ObjectiveConfig) -> Object
             b.op("Relu", &[&d], vec![], "dpo/hinge_loss")
         }
     };
-    let mut loss = b.op("ReduceMean", &[&per_pair], vec![attr_i("keepdims", 0)], "dpo/loss");
-    if cfg.beta_reg > 0.0 && cfg.fixed_beta.is_none() {
+    let mut loss = match &batch_beta {
+        // the mean over the pairs beta-DPO's filter keeps
+        Some(bb) => {
+            let kept = b.op("Mul", &[&per_pair, &bb.kept], vec![], "beta_dpo/kept_loss");
+            let sum = b.op("ReduceSum", &[&kept], vec![attr_i("keepdims", 0)], "beta_dpo/kept_loss_sum");
+            b.op("Div", &[&sum, &bb.kept_count], vec![], "dpo/loss")
+        }
+        None => b.op("ReduceMean", &[&per_pair], vec![attr_i("keepdims", 0)], "dpo/loss"),
+    };
+    if cfg.beta_reg > 0.0 && cfg.has_head() {
         let lb = b.op("Log", &[&beta_out], vec![], "beta/log");
         let l0 = b.scalar(cfg.beta_init.ln(), dtype::FLOAT);
         let d = b.op("Sub", &[&lb, &l0], vec![], "beta/log_drift");
@@ -351,5 +367,5 @@ pub fn build(b: &mut Builder, m: &ModelTensors, cfg: &ObjectiveConfig) -> Object
         loss = b.op("Add", &[&loss, &reg], vec![], "dpo/regularised_loss");
     }
     let loss = b.op("Identity", &[&loss], vec![], "loss");
-    Objective { loss, policy_logps: policy, beta: beta_out, chosen_rewards, rejected_rewards, inputs, head }
+    Objective { loss, policy_logps: policy, beta: beta_out, chosen_rewards, rejected_rewards, inputs, head, beta_dpo: batch_beta }
 }

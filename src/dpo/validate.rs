@@ -158,9 +158,26 @@ fn parameters_file(tensors: &[NamedTensor], m: &Manifest) -> Result<usize> {
 /// A random batch in the manifest's layout: `pairs` pairs of `seq_len` tokens, the answer in the
 /// second half, the last row right-padded.
 pub fn random_batch(m: &Manifest, spec: &GraphSpec, rng: &mut impl Rng, pairs: usize, t: usize) -> Vec<(String, HostTensor)> {
-    if m.layout == super::Layout::Packed {
-        return random_packed_batch(m, spec, rng, pairs, t);
+    let mut v = if m.layout == super::Layout::Packed { random_packed_batch(m, spec, rng, pairs, t) } else { random_padded_batch(m, spec, rng, pairs, t) };
+    v.extend(random_beta_dpo_inputs(spec, rng, pairs));
+    v
+}
+
+/// beta-DPO's running statistics (a spread near the margins' scale) and Gumbel noise.
+fn random_beta_dpo_inputs(spec: &GraphSpec, rng: &mut impl Rng, pairs: usize) -> Vec<(String, HostTensor)> {
+    let mut v = Vec::new();
+    for i in &spec.inputs {
+        let tensor = match i.role.as_str() {
+            "margin_stats" => HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[2]), vec![rng.random_range(-1.0..1.0), rng.random_range(0.5..2.0)]).unwrap()),
+            "selection_noise" => HostTensor::F32(ArrayD::from_shape_fn(IxDyn(&[pairs]), |_| -(-rng.random_range(f32::MIN_POSITIVE..1.0f32).ln()).ln())),
+            _ => continue,
+        };
+        v.push((i.name.clone(), tensor));
     }
+    v
+}
+
+fn random_padded_batch(m: &Manifest, spec: &GraphSpec, rng: &mut impl Rng, pairs: usize, t: usize) -> Vec<(String, HostTensor)> {
     let rows = 2 * pairs;
     let vocab = m.model.vocab_size.max(2);
     let pad = |r: usize, c: usize| r == rows - 1 && c >= t - 2;
@@ -237,6 +254,36 @@ fn packed_vs_model(tensors: &[NamedTensor], m: &Manifest, opts: &ValidateOptions
     super::packing::packed_matches_model(m, (eval, infer), &|n| theta.value(n), &mut rng)
 }
 
+type HeldLoss<'a> = Box<dyn Fn(&[(String, HostTensor)]) -> Result<f64> + 'a>;
+
+/// beta-DPO: the loss with the batch beta and the kept set held at their values in `at` (the
+/// graph's outputs at the unperturbed parameters), which is what its gradient differentiates; it
+/// is checked against the graph's own loss there. `None` for the other methods.
+fn held_beta_loss<'a>(m: &'a Manifest, spec: &'a GraphSpec, batch: &'a [(String, HostTensor)], at: &[(String, HostTensor)]) -> Result<Option<HeldLoss<'a>>> {
+    if m.objective.beta_dpo.is_none() {
+        return Ok(None);
+    }
+    let name = |role: &str, k: usize| spec.outputs.iter().filter(|o| o.role == role).nth(k).map(|o| o.name.clone());
+    let missing = || Error::Other("the beta-DPO train graph lacks its beta, kept or log-prob outputs".into());
+    let (beta, kept, logps) = (name("beta", 0).ok_or_else(missing)?, name("kept", 0).ok_or_else(missing)?, name("metric", 2).ok_or_else(missing)?);
+    let refs_name = spec.input("ref_logps").map(|i| i.name.clone()).ok_or_else(missing)?;
+    let refs: Vec<f64> = batch.iter().find(|(n, _)| *n == refs_name).and_then(|(_, t)| t.as_f32()).ok_or_else(missing)?.iter().map(|&x| x as f64).collect();
+    let beta_at = f32_output(at, &beta)?.iter().next().copied().unwrap_or(f32::NAN) as f64;
+    let kept_at: Vec<f32> = f32_output(at, &kept)?.iter().copied().collect();
+    let held: HeldLoss<'a> = Box::new(move |outs: &[(String, HostTensor)]| {
+        let p: Vec<f64> = f32_output(outs, &logps)?.iter().map(|&x| x as f64).collect();
+        let b = p.len() / 2;
+        let u: Vec<f64> = (0..b).map(|i| (p[i] - refs[i]) - (p[b + i] - refs[b + i])).collect();
+        Ok(super::beta_dpo::detached_loss(&m.objective, beta_at, &kept_at, &u))
+    });
+    let graph_loss = f32_output(at, &spec.output("loss").ok_or_else(missing)?.name)?.iter().next().copied().unwrap_or(f32::NAN) as f64;
+    let ours = held(at)?;
+    if !((ours - graph_loss).abs() <= 1e-4 * graph_loss.abs().max(1.0)) {
+        return Err(Error::Other(format!("beta-DPO's loss {graph_loss} differs from the paper's formula at its own beta and kept set ({ours})")));
+    }
+    Ok(Some(held))
+}
+
 // `!(err < tol)` on purpose: a NaN error must fail.
 #[allow(clippy::neg_cmp_op_on_partial_ord)]
 fn directional(tensors: &[NamedTensor], m: &Manifest, opts: &ValidateOptions, session: &mut Session) -> Result<String> {
@@ -251,6 +298,7 @@ fn directional(tensors: &[NamedTensor], m: &Manifest, opts: &ValidateOptions, se
         Ok(f)
     };
     let outs = run(session, &feeds(&|n| theta.value(n))?)?;
+    let loss_of = held_beta_loss(m, spec, &batch, &outs)?;
     let grads: Vec<(String, ArrayD<f32>)> = spec
         .outputs
         .iter()
@@ -286,7 +334,10 @@ fn directional(tensors: &[NamedTensor], m: &Manifest, opts: &ValidateOptions, se
                 None => theta.value(n),
             };
             let o = run(session, &feeds(&shifted)?)?;
-            lv[s] = f32_output(&o, loss_name)?.iter().next().copied().unwrap_or(f32::NAN) as f64;
+            lv[s] = match &loss_of {
+                Some(held) => held(&o)?,
+                None => f32_output(&o, loss_name)?.iter().next().copied().unwrap_or(f32::NAN) as f64,
+            };
         }
         let numeric = (lv[0] - lv[1]) / (2.0 * eps);
         let err = (numeric - analytic).abs() / (gnorm * vnorm);

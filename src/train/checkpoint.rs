@@ -29,6 +29,9 @@ pub struct TrainerState {
     pub updates: u64,
     /// Fingerprint of everything that must not change across a resume (data, artifacts, flags).
     pub run_key: String,
+    /// beta-DPO's running margin statistics (zero for the other methods).
+    #[serde(default)]
+    pub margin_stats: super::batch_beta::MarginStats,
 }
 
 pub fn checkpoints_dir(run: &Path) -> PathBuf {

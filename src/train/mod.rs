@@ -6,6 +6,7 @@
 //! inputs and orders them per epoch; [`trainer`] runs the graphs on ONNX Runtime.
 
 pub mod batch;
+pub mod batch_beta;
 pub mod chat_template;
 pub mod checkpoint;
 pub mod data;

@@ -32,9 +32,20 @@ pub struct ForwardOut {
     pub rejected_rewards: Vec<f32>,
     pub policy_logps: Vec<f32>,
     pub beta: Vec<f32>,
+    /// beta-DPO: the running margin statistics after this batch, and the pairs its filter kept.
+    pub margin_stats: Option<[f32; 2]>,
+    pub kept: Vec<f32>,
 }
 
-fn batch_inputs<'v>(spec: &GraphSpec, batch: &Batch, refs: &[f32]) -> Result<Vec<(Cow<'static, str>, SessionInputValue<'v>)>> {
+/// beta-DPO's per-batch inputs; graphs without them ignore these. Empty noise feeds zeros
+/// (evaluation: the filter then keeps the pairs nearest the running mean).
+#[derive(Clone, Debug, Default)]
+pub struct BatchBetaInputs {
+    pub margin_stats: [f32; 2],
+    pub selection_noise: Vec<f32>,
+}
+
+fn batch_inputs<'v>(spec: &GraphSpec, batch: &Batch, refs: &[f32], extra: &BatchBetaInputs) -> Result<Vec<(Cow<'static, str>, SessionInputValue<'v>)>> {
     let rows = batch.input_ids.nrows();
     let mut v: Vec<(Cow<'static, str>, SessionInputValue<'v>)> = Vec::new();
     for i in &spec.inputs {
@@ -50,6 +61,12 @@ fn batch_inputs<'v>(spec: &GraphSpec, batch: &Batch, refs: &[f32]) -> Result<Vec
             "position_ids" => Tensor::from_array(batch.position_ids.clone())?.into_dyn(),
             "completion_mask" => Tensor::from_array(batch.completion_mask.clone())?.into_dyn(),
             "ref_logps" => Tensor::from_array((vec![rows], refs.to_vec()))?.into_dyn(),
+            "margin_stats" => Tensor::from_array((vec![2], extra.margin_stats.to_vec()))?.into_dyn(),
+            "selection_noise" => {
+                let pairs = refs.len() / 2;
+                let noise = if extra.selection_noise.is_empty() { vec![0.0; pairs] } else { extra.selection_noise.clone() };
+                Tensor::from_array((vec![pairs], noise))?.into_dyn()
+            }
             "parameter" => continue,
             other => return Err(Error::Other(format!("the graph wants an input with role {other}, which train does not know"))),
         };
@@ -70,11 +87,12 @@ pub fn run_graph(
     spec: &GraphSpec,
     batch: &Batch,
     refs: &[f32],
+    extra: &BatchBetaInputs,
     params: &Feeds,
     grad_outputs: &[String],
     device: &Device,
 ) -> Result<(ForwardOut, Vec<Tensor<f32>>)> {
-    let mut inputs = batch_inputs(spec, batch, refs)?;
+    let mut inputs = batch_inputs(spec, batch, refs, extra)?;
     for i in spec.inputs.iter().filter(|i| i.role == "parameter") {
         let v = params.get(&i.name).ok_or_else(|| Error::Other(format!("no value for parameter {}", i.name)))?;
         inputs.push((Cow::Owned(i.name.clone()), SessionInputValue::from(v)));
@@ -87,6 +105,11 @@ pub fn run_graph(
         match o.role.as_str() {
             "loss" => out.loss = floats(v, &o.name)?.first().copied().unwrap_or(f32::NAN),
             "beta" => out.beta = floats(v, &o.name)?,
+            "margin_stats" => {
+                let s = floats(v, &o.name)?;
+                out.margin_stats = (s.len() == 2).then(|| [s[0], s[1]]);
+            }
+            "kept" => out.kept = floats(v, &o.name)?,
             "metric" => {
                 let vals = floats(v, &o.name)?;
                 match metrics.iter().position(|m| *m == o.name) {
@@ -109,5 +132,5 @@ pub fn run_graph(
 
 /// A forward pass without gradients (eval graph).
 pub fn forward_values(session: &mut Session, spec: &GraphSpec, batch: &Batch, refs: &[f32], params: &Feeds, device: &Device) -> Result<ForwardOut> {
-    Ok(run_graph(session, spec, batch, refs, params, &[], device)?.0)
+    Ok(run_graph(session, spec, batch, refs, &BatchBetaInputs::default(), params, &[], device)?.0)
 }

@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::batch::{collate, CollateOptions, DataLoader, LoaderConfig, LoaderPosition, Packing};
+use super::batch_beta::MarginStats;
 use super::checkpoint::{self, TrainerState};
 use super::config::{OptimizerKind, TrainConfig};
 use super::data::{load_preferences, LoadOptions};
@@ -18,7 +19,7 @@ use super::metrics::{num, summarise, summarise_groups, MetricsLog, PairValues};
 use super::optimizer_step::{apply, Accumulator, Hyper, State};
 use super::reference::{batch_refs, cache_key, reference_logps, RefTable};
 use super::schedule::factor;
-use super::session_io::{run_graph, Feeds};
+use super::session_io::{run_graph, BatchBetaInputs, Feeds};
 use super::tokenize::{PairTokenizer, TokenizedPair, TruncationConfig};
 use crate::dpo::packing::HeadReads;
 use crate::dpo::{Layout, Manifest};
@@ -170,7 +171,16 @@ struct Evaluator<'a> {
 }
 
 impl Evaluator<'_> {
-    fn run(&self, session: &mut ort::session::Session, m: &Manifest, params: &Feeds, prefix: &str, device: &Device) -> Result<Map<String, Value>> {
+    /// `stats`: beta-DPO's running margin statistics, read and left unchanged.
+    fn run(
+        &self,
+        session: &mut ort::session::Session,
+        m: &Manifest,
+        params: &Feeds,
+        stats: MarginStats,
+        prefix: &str,
+        device: &Device,
+    ) -> Result<Map<String, Value>> {
         let spec = m.graph("eval")?;
         let mut all = PairValues::default();
         let mut loss_sum = 0.0f64;
@@ -178,7 +188,8 @@ impl Evaluator<'_> {
             let refs: Vec<&TokenizedPair> = chunk.iter().collect();
             let batch = collate(&refs, &self.collate)?;
             let r = batch_refs(&self.refs, &batch.source_indices)?;
-            let (out, _) = run_graph(session, spec, &batch, &r, params, &[], device)?;
+            let extra = BatchBetaInputs { margin_stats: [stats.mean as f32, stats.std as f32], selection_noise: Vec::new() };
+            let (out, _) = run_graph(session, spec, &batch, &r, &extra, params, &[], device)?;
             loss_sum += out.loss as f64 * chunk.len() as f64;
             all.extend(PairValues::from_outputs(&out.chosen_rewards, &out.rejected_rewards, &out.policy_logps, &r, &out.beta, batch.groups.clone()));
         }
@@ -343,7 +354,15 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             let m = shapes.iter().map(zeros).collect::<Result<Vec<_>>>()?;
             let v = shapes.iter().map(zeros).collect::<Result<Vec<_>>>()?;
             let params = initial_feeds;
-            let ts = TrainerState { step: 0, position: LoaderPosition::default(), tokens: 0, skipped_nonfinite: 0, updates: 0, run_key: key.clone() };
+            let ts = TrainerState {
+                step: 0,
+                position: LoaderPosition::default(),
+                tokens: 0,
+                skipped_nonfinite: 0,
+                updates: 0,
+                run_key: key.clone(),
+                margin_stats: MarginStats::default(),
+            };
             (ts, State { params, m, v }, None)
         }
     };
@@ -381,7 +400,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         .collect();
     let mut initial_eval = None;
     if let (Some(ev), None) = (&evaluator, resumed_from) {
-        let mut rec = ev.run(&mut eval_s, &manifest, &state.params, "eval/", &device)?;
+        let mut rec = ev.run(&mut eval_s, &manifest, &state.params, tstate.margin_stats, "eval/", &device)?;
         rec.insert("step".into(), Value::from(0u64));
         rec.insert("epoch".into(), num(0.0));
         log.write(&rec)?;
@@ -399,11 +418,18 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         let mut tokens = 0usize;
         let mut acc: Option<Vec<ort::value::Tensor<f32>>> = None;
         let mut graph_time = 0.0f64;
-        for _ in 0..cfg.grad_accum {
+        let mut kept = 0usize;
+        for micro in 0..cfg.grad_accum {
             let batch = loader.next_batch()?;
             let refs = batch_refs(&train_refs, &batch.source_indices)?;
+            let micro_batch = tstate.step * cfg.grad_accum as u64 + micro as u64;
+            let extra = tstate.margin_stats.inputs(cfg.seed, micro_batch, batch.pairs());
             let graph_started = Instant::now();
-            let (out, grads) = run_graph(&mut train_s, &train_spec, &batch, &refs, &state.params, &grad_names, &device)?;
+            let (out, grads) = run_graph(&mut train_s, &train_spec, &batch, &refs, &extra, &state.params, &grad_names, &device)?;
+            if let Some(s) = out.margin_stats {
+                tstate.margin_stats = MarginStats::of(s);
+            }
+            kept += out.kept.iter().filter(|&&k| k > 0.5).count();
             graph_time += graph_started.elapsed().as_secs_f64();
             loss_sum += out.loss as f64 * batch.pairs() as f64;
             n_pairs += batch.pairs();
@@ -470,6 +496,11 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         rec.insert("step_time_s".into(), num(started.elapsed().as_secs_f64()));
         rec.insert("train_graph_time_s".into(), num(graph_time));
         rec.insert("optimizer_time_s".into(), num(optimizer_time));
+        if manifest.objective.beta_dpo.is_some() {
+            rec.insert("beta_dpo/kept_fraction".into(), num(kept as f64 / n_pairs as f64));
+            rec.insert("beta_dpo/margin_mean".into(), num(tstate.margin_stats.mean));
+            rec.insert("beta_dpo/margin_std".into(), num(tstate.margin_stats.std));
+        }
         if tstate.skipped_nonfinite > 0 {
             rec.insert("skipped_nonfinite".into(), Value::from(tstate.skipped_nonfinite));
         }
@@ -486,7 +517,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         let is_last = step == total;
         if let Some(ev) = &evaluator {
             if is_last || (cfg.eval_every > 0 && step % cfg.eval_every == 0) {
-                let mut rec = ev.run(&mut eval_s, &manifest, &state.params, "eval/", &device)?;
+                let mut rec = ev.run(&mut eval_s, &manifest, &state.params, tstate.margin_stats, "eval/", &device)?;
                 rec.insert("step".into(), Value::from(step));
                 rec.insert("epoch".into(), num(epoch));
                 log.write(&rec)?;

@@ -60,7 +60,7 @@ pub fn export_hf(artifacts: &Path, params: &Path, out: &Path, tokenizer: Option<
     let manifest = Manifest::load(artifacts)?;
     let map_path = HfMap::find(artifacts, &manifest)?;
     let map = HfMap::load(&map_path)?;
-    if manifest.objective.fixed_beta.is_none() {
+    if manifest.objective.has_head() {
         check_head_input(&manifest, &map, &map_path)?;
     }
     claim(out)?;
@@ -165,7 +165,7 @@ fn check_head_input(manifest: &Manifest, map: &HfMap, map_path: &Path) -> Result
 }
 
 fn beta_head(manifest: &Manifest, trained: &[NamedTensor], params: &Path) -> Result<Option<Vec<NamedTensor>>> {
-    if manifest.objective.fixed_beta.is_some() {
+    if !manifest.objective.has_head() {
         return Ok(None);
     }
     let get = |name: &str, short: &str| {
@@ -185,7 +185,8 @@ fn head_config(manifest: &Manifest) -> serde_json::Value {
         "format": "betadpo-beta-head",
         "format_version": 1,
         "hidden_size": manifest.model.hidden_size,
-        "fixed_beta": o.fixed_beta,
+        // beta-DPO's batch beta exists only in training; a deployed model has beta_0
+        "fixed_beta": o.fixed_beta.or(o.beta_dpo.map(|d| d.beta0)),
         "aggregate": match o.beta_aggregate { BetaAggregate::Last => "last", BetaAggregate::Mean => "mean" },
         "head_input": match o.head_input { HeadInput::Raw => "raw", HeadInput::Normalized => "normalized" },
         "reference_width": HEAD_REFERENCE_WIDTH,
