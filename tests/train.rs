@@ -857,7 +857,7 @@ fn beta_dpo_resume_is_exact() {
     let dir = scratch("beta-dpo-resume");
     let art = artifacts(&inp.model, &dir, ObjectiveConfig { beta_dpo: Some(BetaDpoConfig::default()), ..Default::default() });
     let data = head(&inp.train, 40, &dir, "train.jsonl");
-    let base = |out: &Path, steps: u64| TrainConfig { grad_accum: 2, save_every: 2, ..config(&art, &data, &inp, out, steps) };
+    let base = |out: &Path, steps: u64| TrainConfig { grad_accum: 2, save_every: 2, lr_schedule: Schedule::Constant, ..config(&art, &data, &inp, out, steps) };
     let straight = dir.join("straight");
     run_train(&base(&straight, 8));
     let split = dir.join("split");
