@@ -51,8 +51,11 @@ pub fn claim(dir: &Path, kind: &Kind, is_ours: impl FnOnce(&Path) -> bool) -> Re
     if !dir.is_dir() {
         return refuse("exists and is not a directory".into());
     }
+    // A process killed while writing its first file (the marker) leaves only a temporary file of
+    // ours: the directory still counts as empty, or that run could never be resumed.
     let mut entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-    if entries.next().is_none() || is_ours(dir) {
+    let empty = entries.all(|e| e.is_ok_and(|e| crate::temp_files::is_temporary_file(&e.file_name().to_string_lossy())));
+    if empty || is_ours(dir) {
         return Ok(());
     }
     refuse(format!("is not empty and does not hold {}; betadpo never deletes or overwrites what it did not write", kind.what))
@@ -72,6 +75,8 @@ mod tests {
     fn absent_empty_and_own_directories_are_claimed() {
         let tmp = tempfile::tempdir().unwrap();
         claim(&tmp.path().join("absent"), &KIND, ours).unwrap();
+        claim(tmp.path(), &KIND, ours).unwrap();
+        std::fs::write(tmp.path().join(format!("{}abc", crate::temp_files::file_prefix())), "half a marker").unwrap();
         claim(tmp.path(), &KIND, ours).unwrap();
         std::fs::write(tmp.path().join("ours.txt"), "").unwrap();
         claim(tmp.path(), &KIND, ours).unwrap();

@@ -9,6 +9,11 @@ use crate::{Error, Result};
 
 const FILE_PREFIX: &str = ".betadpo-tmp-";
 
+/// Whether `name` is one of betadpo's temporary files (of any process).
+pub fn is_temporary_file(name: &str) -> bool {
+    name.starts_with(FILE_PREFIX)
+}
+
 /// Prefix for this process's temporary files (`tempfile` appends a random suffix).
 pub fn file_prefix() -> String {
     format!("{FILE_PREFIX}{}-", std::process::id())
