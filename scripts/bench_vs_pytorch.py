@@ -26,9 +26,11 @@ incl. per-step times and RSS timelines sampled every 0.1 s), --rss-limit-gb (a r
 to spare a shared machine; default 75% of RAM; the steps it completed still count).
 
 What is compared
-  The batch: the first P pairs of --data (TRL standard format), tokenized as betadpo does (prompt and
-  answers encoded separately without special tokens, EOS appended to each answer, BOS only when the
-  tokenizer config asks for it), rows [chosen; rejected], right-padded with the pad id. Every step uses
+  The batch: the first P pairs of --data (TRL standard format): prompt and answers encoded separately
+  without special tokens, EOS appended to each answer, BOS only when the tokenizer config asks for it.
+  betadpo tokenizes prompt and prompt + answer jointly, as TRL 1.x does; on these rows (answers start
+  with a space and end without EOS) the ids are the same (tests/data.rs checks it on ../shared's rows).
+  Rows [chosen; rejected], right-padded with the pad id. Every step uses
   this same batch: betadpo trains on a data file holding exactly these P pairs with --batch-size P (its
   shuffling only reorders them).
   (a) PyTorch: torch.set_num_threads(--threads); one step = zero_grad, forward of the policy on the
@@ -176,7 +178,8 @@ def read_safetensors_f32(path):
 # PyTorch worker (runs in its own process: --worker torch)
 # ------------------------------------------------------------------------------------------------------
 def tokenize_like_betadpo(tokenizer_json, rows):
-    """Token ids as betadpo's PairTokenizer makes them (TRL tokenize_row); returns (pairs, pad_id)."""
+    """Token ids of the pairs, pieces encoded separately (the same ids as betadpo's joint encoding on
+    rows whose answers start with a space); returns (pairs, pad_id)."""
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(tokenizer_json)
     cfg_path = os.path.join(os.path.dirname(tokenizer_json), "tokenizer_config.json")
