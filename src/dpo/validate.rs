@@ -278,7 +278,8 @@ fn held_beta_loss<'a>(m: &'a Manifest, spec: &'a GraphSpec, batch: &'a [(String,
     });
     let graph_loss = f32_output(at, &spec.output("loss").ok_or_else(missing)?.name)?.iter().next().copied().unwrap_or(f32::NAN) as f64;
     let ours = held(at)?;
-    if !((ours - graph_loss).abs() <= 1e-4 * graph_loss.abs().max(1.0)) {
+    let gap = (ours - graph_loss).abs();
+    if gap.is_nan() || gap > 1e-4 * graph_loss.abs().max(1.0) {
         return Err(Error::Other(format!("beta-DPO's loss {graph_loss} differs from the paper's formula at its own beta and kept set ({ours})")));
     }
     Ok(Some(held))

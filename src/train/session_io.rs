@@ -45,7 +45,15 @@ pub struct BatchBetaInputs {
     pub selection_noise: Vec<f32>,
 }
 
-fn batch_inputs<'v>(spec: &GraphSpec, batch: &Batch, refs: &[f32], extra: &BatchBetaInputs) -> Result<Vec<(Cow<'static, str>, SessionInputValue<'v>)>> {
+/// Everything a train or eval graph is fed for one batch, parameters aside.
+pub struct GraphBatch<'a> {
+    pub batch: &'a Batch,
+    /// Reference log-probs, one per row.
+    pub refs: &'a [f32],
+    pub batch_beta: &'a BatchBetaInputs,
+}
+
+fn batch_inputs<'v>(spec: &GraphSpec, GraphBatch { batch, refs, batch_beta: extra }: &GraphBatch) -> Result<Vec<(Cow<'static, str>, SessionInputValue<'v>)>> {
     let rows = batch.input_ids.nrows();
     let mut v: Vec<(Cow<'static, str>, SessionInputValue<'v>)> = Vec::new();
     for i in &spec.inputs {
@@ -85,14 +93,12 @@ fn floats(v: &DynValue, name: &str) -> Result<Vec<f32>> {
 pub fn run_graph(
     session: &mut Session,
     spec: &GraphSpec,
-    batch: &Batch,
-    refs: &[f32],
-    extra: &BatchBetaInputs,
+    fed: &GraphBatch,
     params: &Feeds,
     grad_outputs: &[String],
     device: &Device,
 ) -> Result<(ForwardOut, Vec<Tensor<f32>>)> {
-    let mut inputs = batch_inputs(spec, batch, refs, extra)?;
+    let mut inputs = batch_inputs(spec, fed)?;
     for i in spec.inputs.iter().filter(|i| i.role == "parameter") {
         let v = params.get(&i.name).ok_or_else(|| Error::Other(format!("no value for parameter {}", i.name)))?;
         inputs.push((Cow::Owned(i.name.clone()), SessionInputValue::from(v)));
@@ -132,5 +138,5 @@ pub fn run_graph(
 
 /// A forward pass without gradients (eval graph).
 pub fn forward_values(session: &mut Session, spec: &GraphSpec, batch: &Batch, refs: &[f32], params: &Feeds, device: &Device) -> Result<ForwardOut> {
-    Ok(run_graph(session, spec, batch, refs, &BatchBetaInputs::default(), params, &[], device)?.0)
+    Ok(run_graph(session, spec, &GraphBatch { batch, refs, batch_beta: &BatchBetaInputs::default() }, params, &[], device)?.0)
 }

@@ -19,7 +19,7 @@ use super::metrics::{num, summarise, summarise_groups, MetricsLog, PairValues};
 use super::optimizer_step::{apply, Accumulator, Hyper, State};
 use super::reference::{batch_refs, cache_key, reference_logps, RefTable};
 use super::schedule::factor;
-use super::session_io::{run_graph, BatchBetaInputs, Feeds};
+use super::session_io::{run_graph, BatchBetaInputs, Feeds, GraphBatch};
 use super::tokenize::{PairTokenizer, TokenizedPair, TruncationConfig};
 use crate::dpo::packing::HeadReads;
 use crate::dpo::{Layout, Manifest};
@@ -189,7 +189,7 @@ impl Evaluator<'_> {
             let batch = collate(&refs, &self.collate)?;
             let r = batch_refs(&self.refs, &batch.source_indices)?;
             let extra = BatchBetaInputs { margin_stats: [stats.mean as f32, stats.std as f32], selection_noise: Vec::new() };
-            let (out, _) = run_graph(session, spec, &batch, &r, &extra, params, &[], device)?;
+            let (out, _) = run_graph(session, spec, &GraphBatch { batch: &batch, refs: &r, batch_beta: &extra }, params, &[], device)?;
             loss_sum += out.loss as f64 * chunk.len() as f64;
             all.extend(PairValues::from_outputs(&out.chosen_rewards, &out.rejected_rewards, &out.policy_logps, &r, &out.beta, batch.groups.clone()));
         }
@@ -425,7 +425,8 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             let micro_batch = tstate.step * cfg.grad_accum as u64 + micro as u64;
             let extra = tstate.margin_stats.inputs(cfg.seed, micro_batch, batch.pairs());
             let graph_started = Instant::now();
-            let (out, grads) = run_graph(&mut train_s, &train_spec, &batch, &refs, &extra, &state.params, &grad_names, &device)?;
+            let fed = GraphBatch { batch: &batch, refs: &refs, batch_beta: &extra };
+            let (out, grads) = run_graph(&mut train_s, &train_spec, &fed, &state.params, &grad_names, &device)?;
             if let Some(s) = out.margin_stats {
                 tstate.margin_stats = MarginStats::of(s);
             }
