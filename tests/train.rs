@@ -270,6 +270,26 @@ impl Rng {
 // ---------------------------------------------------------------------------------------------
 // 1. Exact resume
 
+/// 8 straight steps and 4 steps + `--resume` to 8 (two micro-batches a step, a checkpoint every
+/// 2 steps, a constant schedule: with a decaying one a 4-step run's rates are not those of an 8-step
+/// run's first 4 steps) must agree bit for bit: parameters, loop state, metrics. Returns both runs.
+fn straight_and_resumed(art: &Path, data: &Path, inp: &Inputs, dir: &Path) -> (PathBuf, PathBuf) {
+    let base = |out: &Path, steps: u64| TrainConfig { grad_accum: 2, save_every: 2, lr_schedule: Schedule::Constant, ..config(art, data, inp, out, steps) };
+    let straight = dir.join("straight");
+    let s = run_train(&base(&straight, 8));
+    assert_eq!((s.steps, s.resumed_from), (8, None));
+    let split = dir.join("split");
+    assert_eq!(run_train(&base(&split, 4)).steps, 4);
+    assert_eq!(state_of(&checkpoint::checkpoints_dir(&split).join("step-4")).step, 4);
+    let s = run_train(&TrainConfig { resume: true, ..base(&split, 8) });
+    assert_eq!((s.steps, s.resumed_from), (8, Some(4)));
+    assert_bit_identical(&final_params(&straight), &final_params(&split), "final params, 8 steps vs 4 + resume to 8");
+    let state = |run: &Path| state_of(&checkpoint::checkpoints_dir(run).join("step-8"));
+    assert_eq!(state(&straight), state(&split));
+    assert_same_records(&train_records(&straight), &train_records(&split), "metrics, straight vs resumed");
+    (straight, split)
+}
+
 #[test]
 fn resume_is_exact_padded() {
     resume_is_exact(LayoutChoice::Padded);
@@ -289,24 +309,13 @@ fn resume_is_exact(layout: LayoutChoice) {
     // and the resume point (step 4) is mid-epoch.
     let data = head(&inp.train, 40, &dir, "train.jsonl");
     let eval = head(&inp.test, 12, &dir, "eval.jsonl");
-    // A constant schedule: with a decaying one, a 4-step run's rates are not those of an 8-step run's first 4 steps.
-    let base = |out: &Path, steps: u64| TrainConfig { grad_accum: 2, save_every: 2, lr_schedule: Schedule::Constant, ..config(&art, &data, &inp, out, steps) };
+    let base = |out: &Path, steps: u64| TrainConfig { grad_accum: 2, save_every: 2, ..config(&art, &data, &inp, out, steps) };
 
     // (a) constant schedule: 8 straight steps == 4 steps, then --resume to 8.
-    let straight = dir.join("straight");
-    let s = run_train(&base(&straight, 8));
-    assert_eq!((s.steps, s.resumed_from), (8, None));
-    let split = dir.join("split");
-    assert_eq!(run_train(&base(&split, 4)).steps, 4);
-    assert_eq!(state_of(&checkpoint::checkpoints_dir(&split).join("step-4")).step, 4);
-    let s = run_train(&TrainConfig { resume: true, ..base(&split, 8) });
-    assert_eq!((s.steps, s.resumed_from), (8, Some(4)));
-    assert_bit_identical(&final_params(&straight), &final_params(&split), "final params, 8 steps vs 4 + resume to 8");
+    let (straight, split) = straight_and_resumed(&art, &data, &inp, &dir);
     let ck = |run: &Path, f: &str| params(&checkpoint::checkpoints_dir(run).join("step-8").join(f));
     assert_bit_identical(&ck(&straight, checkpoint::OPTIMIZER), &ck(&split, checkpoint::OPTIMIZER), "Adam moments at step 8");
-    assert_eq!(state_of(&checkpoint::checkpoints_dir(&straight).join("step-8")), state_of(&checkpoint::checkpoints_dir(&split).join("step-8")));
     assert_eq!(steps_of(&train_records(&split)), (1..=8).collect::<Vec<_>>(), "one metrics line per step after resume");
-    assert_same_records(&train_records(&straight), &train_records(&split), "metrics, straight vs resumed");
 
     // (b) linear schedule with warmup and evaluation: a run of 8 steps loses its last checkpoints
     // (as if killed after step 4) and is resumed; the schedule and the log come out the same.
@@ -867,18 +876,9 @@ fn beta_dpo_resume_is_exact() {
     let dir = scratch("beta-dpo-resume");
     let art = artifacts(&inp.model, &dir, ObjectiveConfig { beta_dpo: Some(BetaDpoConfig::default()), ..Default::default() });
     let data = head(&inp.train, 40, &dir, "train.jsonl");
-    let base = |out: &Path, steps: u64| TrainConfig { grad_accum: 2, save_every: 2, lr_schedule: Schedule::Constant, ..config(&art, &data, &inp, out, steps) };
-    let straight = dir.join("straight");
-    run_train(&base(&straight, 8));
-    let split = dir.join("split");
-    run_train(&base(&split, 4));
-    let s = run_train(&TrainConfig { resume: true, ..base(&split, 8) });
-    assert_eq!((s.steps, s.resumed_from), (8, Some(4)));
-    assert_bit_identical(&final_params(&straight), &final_params(&split), "final params, 8 steps vs 4 + resume to 8");
-    let state = |run: &Path| state_of(&checkpoint::checkpoints_dir(run).join("step-8"));
-    assert_eq!(state(&straight), state(&split));
-    assert!(state(&split).margin_stats.std > 0.0, "the statistic is carried: {:?}", state(&split).margin_stats);
-    assert_same_records(&train_records(&straight), &train_records(&split), "metrics, straight vs resumed");
+    let (_, split) = straight_and_resumed(&art, &data, &inp, &dir);
+    let state = state_of(&checkpoint::checkpoints_dir(&split).join("step-8"));
+    assert!(state.margin_stats.std > 0.0, "the statistic is carried: {:?}", state.margin_stats);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
