@@ -5,20 +5,8 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-fn betadpo(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_betadpo")).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
-}
-
-fn refused(args: &[&str], needle: &str) {
-    let (code, _, err) = betadpo(args);
-    assert_ne!(code, 0, "{args:?} should be refused");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{args:?}: expected one error line, got:\n{err}");
-    assert!(lines[0].starts_with("error") && err.contains(needle), "{args:?}: expected {needle:?} in {err}");
-}
+use common::cli::{assert_one_line_error, betadpo};
 
 /// A user's directory: a note and a sub-directory, checked unchanged after every refusal.
 fn notes(dir: &Path) -> PathBuf {
@@ -60,11 +48,11 @@ fn build_graph_replaces_only_its_own_artifacts() {
     let model = tiny_model(&dir);
     let m = model.to_str().unwrap();
     let notes = notes(&dir);
-    refused(&["build-graph", "--model", m, "--out", notes.to_str().unwrap()], "does not hold betadpo artifacts");
+    assert_one_line_error(&["build-graph", "--model", m, "--out", notes.to_str().unwrap()], "does not hold betadpo artifacts");
     assert_untouched(&notes);
     let file = dir.join("file.txt");
     std::fs::write(&file, "x").unwrap();
-    refused(&["build-graph", "--model", m, "--out", file.to_str().unwrap()], "is not a directory");
+    assert_one_line_error(&["build-graph", "--model", m, "--out", file.to_str().unwrap()], "is not a directory");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "x");
     // A symbolic link to artifacts is not replaced either (the link would be lost).
     let art = dir.join("art");
@@ -72,7 +60,7 @@ fn build_graph_replaces_only_its_own_artifacts() {
     assert_eq!(code, 0, "{err}");
     let link = dir.join("link");
     std::os::unix::fs::symlink(&art, &link).unwrap();
-    refused(&["build-graph", "--model", m, "--out", link.to_str().unwrap()], "symbolic link");
+    assert_one_line_error(&["build-graph", "--model", m, "--out", link.to_str().unwrap()], "symbolic link");
     // Its own artifacts are rebuilt in place; an empty directory is taken.
     let (code, _, err) = betadpo(&["build-graph", "--model", m, "--out", art.to_str().unwrap(), "--quiet", "--fixed-beta", "0.2"]);
     assert_eq!(code, 0, "{err}");
@@ -87,14 +75,14 @@ fn build_graph_replaces_only_its_own_artifacts() {
 fn quickstart_clears_only_an_earlier_quickstart() {
     let dir = common::fixtures::scratch("own-quickstart");
     let notes = notes(&dir);
-    refused(&["quickstart", "--out", notes.to_str().unwrap(), "--quiet"], "does not hold an earlier quickstart's output");
+    assert_one_line_error(&["quickstart", "--out", notes.to_str().unwrap(), "--quiet"], "does not hold an earlier quickstart's output");
     assert_untouched(&notes);
     // Artifacts are betadpo's, but not a quickstart's: clearing them would be a surprise too.
     let art = dir.join("art");
     let model = tiny_model(&dir);
     let (code, _, err) = betadpo(&["build-graph", "--model", model.to_str().unwrap(), "--out", art.to_str().unwrap(), "--quiet"]);
     assert_eq!(code, 0, "{err}");
-    refused(&["quickstart", "--out", art.to_str().unwrap(), "--quiet"], "quickstart");
+    assert_one_line_error(&["quickstart", "--out", art.to_str().unwrap(), "--quiet"], "quickstart");
     assert!(art.join("manifest.json").exists());
 }
 
@@ -109,7 +97,7 @@ fn train_writes_only_into_its_own_runs() {
             .collect()
     };
     let a = args(&notes);
-    refused(&a.iter().map(String::as_str).collect::<Vec<_>>(), "does not hold a betadpo run");
+    assert_one_line_error(&a.iter().map(String::as_str).collect::<Vec<_>>(), "does not hold a betadpo run");
     assert_untouched(&notes);
     // A run directory of an earlier run (its marker) is not refused: the error is about the next thing.
     let run = dir.join("run");
@@ -140,15 +128,15 @@ fn export_overwrites_only_models_it_wrote() {
     let theirs = dir.join("theirs.onnx");
     std::fs::copy(&model, &theirs).unwrap();
     let before = std::fs::read(&theirs).unwrap();
-    refused(&["export", "--run", r, "--out", theirs.to_str().unwrap()], "is not an ONNX model written by betadpo");
+    assert_one_line_error(&["export", "--run", r, "--out", theirs.to_str().unwrap()], "is not an ONNX model written by betadpo");
     assert_eq!(std::fs::read(&theirs).unwrap(), before);
     let text = dir.join("notes.txt");
     std::fs::write(&text, "keep me").unwrap();
-    refused(&["export", "--run", r, "--out", text.to_str().unwrap()], "is not an ONNX model written by betadpo");
+    assert_one_line_error(&["export", "--run", r, "--out", text.to_str().unwrap()], "is not an ONNX model written by betadpo");
     assert_eq!(std::fs::read_to_string(&text).unwrap(), "keep me");
     let orphan = dir.join("orphan.onnx");
     std::fs::write(dir.join("orphan.onnx.data"), "weights of something else").unwrap();
-    refused(&["export", "--run", r, "--out", orphan.to_str().unwrap()], "exists beside a model that does not");
+    assert_one_line_error(&["export", "--run", r, "--out", orphan.to_str().unwrap()], "exists beside a model that does not");
     // Its own export is overwritten.
     let ours = dir.join("ours.onnx");
     for _ in 0..2 {

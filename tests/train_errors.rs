@@ -92,15 +92,11 @@ fn impossible_flag_values_are_refused_by_name() {
         (&["--batch-size", "-2"], "--batch-size"),
     ];
     for (extra, flag) in cases {
-        let res = Command::new(env!("CARGO_BIN_EXE_betadpo")).args(base(extra)).output().unwrap();
-        let err = String::from_utf8_lossy(&res.stderr);
-        assert!(!res.status.success(), "{extra:?} was accepted");
-        assert!(err.contains(flag) && err.trim().lines().count() == 1, "{extra:?}: expected one line naming {flag}:\n{err}");
+        let args = base(extra);
+        common::cli::assert_one_line_error(&args.iter().map(String::as_str).collect::<Vec<_>>(), flag);
         assert!(!out.exists(), "{extra:?}: a refused start must not create {}", out.display());
     }
-    let res = Command::new(env!("CARGO_BIN_EXE_betadpo")).args(["quickstart", "--steps", "0", "--out", out.to_str().unwrap()]).output().unwrap();
-    let err = String::from_utf8_lossy(&res.stderr);
-    assert!(!res.status.success() && err.contains("--steps") && err.trim().lines().count() == 1, "{err}");
+    common::cli::assert_one_line_error(&["quickstart", "--steps", "0", "--out", out.to_str().unwrap()], "--steps");
     assert!(!out.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
