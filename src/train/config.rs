@@ -171,8 +171,8 @@ impl TrainConfig {
             return bad("--max-steps", "must be at least 1".into());
         }
         // A prompt needs a token for the head to read and an answer a token to score.
-        if self.max_length.is_some_and(|l| l < 2) {
-            return bad("--max-length", format!("{} (must be at least 2: one prompt and one answer token)", self.max_length.unwrap_or(0)));
+        if let Some(l) = self.max_length.filter(|&l| l < 2) {
+            return bad("--max-length", format!("{l} (must be at least 2: one prompt and one answer token)"));
         }
         if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
             return bad("--max-grad-norm", format!("{} (must be a finite number >= 0; 0 turns clipping off)", self.max_grad_norm));
