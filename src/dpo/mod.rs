@@ -12,6 +12,7 @@ pub mod beta_dpo;
 pub mod export;
 pub mod hf_export;
 pub mod kv_cache;
+pub mod lora;
 pub mod manifest;
 pub mod optimizer;
 pub mod packing;

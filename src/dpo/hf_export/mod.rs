@@ -58,6 +58,10 @@ pub struct HfReport {
 /// parameters `params` (a run's trained ones, or the artifacts' initial ones).
 pub fn export_hf(artifacts: &Path, params: &Path, out: &Path, tokenizer: Option<&TokenizerSource>) -> Result<HfReport> {
     let manifest = Manifest::load(artifacts)?;
+    if manifest.lora.is_some() {
+        // the checkpoint would hold the base weights without the trained adapters
+        return Err(Error::Other(format!("{}: LoRA artifacts cannot be exported with --hf yet (the adapters are not merged or written)", artifacts.display())));
+    }
     let map_path = HfMap::find(artifacts, &manifest)?;
     let map = HfMap::load(&map_path)?;
     if manifest.objective.has_head() {
