@@ -4,10 +4,12 @@
 #[allow(clippy::all, missing_docs)]
 pub mod proto;
 
+mod adapter_file;
 mod attr;
 mod io;
 mod tensor;
 
+pub use adapter_file::{encode_adapter, AdapterParameter, ADAPTER_FORMAT_VERSION};
 pub use attr::{attr, attr_f, attr_g, attr_i, attr_ints, attr_s, attr_t, AttrValue, NodeAttrs};
 pub use io::{external_data_path, load_model, producer_name, save_model, write_atomic, SaveOptions};
 pub use proto::{AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto};
