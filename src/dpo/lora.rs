@@ -273,7 +273,10 @@ mod tests {
     fn output(g: &Graph, feeds: &[(&str, HostTensor)], name: &str) -> ArrayD<f32> {
         let mut g = g.clone();
         g.outputs = vec![value_info(name, dtype::FLOAT, &[])];
-        let path = std::env::temp_dir().join(format!("betadpo-lora-unit-{}.onnx", std::process::id()));
+        // one file per call: the tests run in parallel in one process
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("betadpo-lora-unit-{}-{call}.onnx", std::process::id()));
         crate::onnx::save_model(&g.into_model(), &path, &Default::default()).unwrap();
         let mut s = SessionConfig::default().session_from_file(&path).unwrap();
         let _ = std::fs::remove_file(&path);
@@ -312,6 +315,42 @@ mod tests {
             let err = (&got - &want).iter().map(|d| d.abs()).fold(0.0f32, f32::max);
             assert!(err < 1e-5, "{y}: {got} vs {want}");
         }
+    }
+
+    /// A half-precision base: the adapter computes in float32 (its parameters' type) and adds its
+    /// product cast back to the base's type.
+    #[test]
+    fn half_precision_bases_get_float32_adapters() {
+        let w = values(IN * OUT, 0.7);
+        let w16 = TensorProto {
+            name: "W".into(),
+            dims: vec![IN as i64, OUT as i64],
+            data_type: dtype::FLOAT16,
+            raw_data: w.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect::<Vec<u8>>().into(),
+            ..Default::default()
+        };
+        let (mut g, sig) = model();
+        g.nodes = vec![
+            node("Cast", &["x"], &["x16"], vec![attr_i("to", dtype::FLOAT16 as i64)]),
+            node("MatMul", &["x16", "W"], &["y16"], vec![]),
+            node("Cast", &["y16"], &["y1"], vec![attr_i("to", dtype::FLOAT as i64)]),
+            node("MatMul", &["y1", "H"], &["logits"], vec![]),
+        ];
+        g.initializers.retain(|t| t.name == "H");
+        g.initializers.push(w16);
+        let spec = add_adapters(&mut g, &sig, &LoraOptions { rank: 2, alpha: None, dropout: 0.0, targets: None }, &HashMap::new()).unwrap();
+        let a = &spec.adapters[0];
+        assert_eq!((spec.adapters.len(), g.initializer(&a.a).unwrap().data_type), (1, dtype::FLOAT));
+        let x = Array2::from_shape_vec((2, IN), values(2 * IN, 0.3)).unwrap();
+        let av = array(g.initializer(&a.a).unwrap());
+        let bv = Array2::from_shape_vec((2, OUT), values(2 * OUT, 0.5)).unwrap();
+        g.initializers.retain(|t| t.name != a.b);
+        g.inputs.push(value_info(&a.b, dtype::FLOAT, &[Dim::Fixed(2), Dim::Fixed(OUT as i64)]));
+        let feeds = [("x", HostTensor::F32(x.clone().into_dyn())), (a.b.as_str(), HostTensor::F32(bv.clone().into_dyn()))];
+        let want = x.dot(&Array2::from_shape_vec((IN, OUT), w).unwrap()) + x.dot(&av).dot(&bv) * 2.0;
+        let got = output(&g, &feeds, "y1");
+        let err = (&got - &want.into_dyn()).iter().map(|d| d.abs()).fold(0.0f32, f32::max);
+        assert!(err < 2e-2, "half-precision product with the adapter off by {err}");
     }
 
     #[test]
