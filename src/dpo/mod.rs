@@ -13,6 +13,7 @@ pub mod export;
 pub mod hf_export;
 pub mod kv_cache;
 pub mod lora;
+pub mod lora_export;
 pub mod manifest;
 pub mod optimizer;
 pub mod packing;

@@ -6,6 +6,7 @@
 //! written once (a map naming copies that training changed differently is refused).
 
 pub mod map;
+pub mod peft;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -58,14 +59,14 @@ pub struct HfReport {
 /// parameters `params` (a run's trained ones, or the artifacts' initial ones).
 pub fn export_hf(artifacts: &Path, params: &Path, out: &Path, tokenizer: Option<&TokenizerSource>) -> Result<HfReport> {
     let manifest = Manifest::load(artifacts)?;
-    if manifest.lora.is_some() {
-        // the checkpoint would hold the base weights without the trained adapters
-        return Err(Error::Other(format!("{}: LoRA artifacts cannot be exported with --hf yet (the adapters are not merged or written)", artifacts.display())));
-    }
     let map_path = HfMap::find(artifacts, &manifest)?;
     let map = HfMap::load(&map_path)?;
     if manifest.objective.has_head() {
         check_head_input(&manifest, &map, &map_path)?;
+    }
+    if let Some(lora) = &manifest.lora {
+        // the ecosystem's form of a LoRA fine-tune: the adapters for PEFT, the base left as it is
+        return peft::export_peft(artifacts, &manifest, lora, &map, params, out, tokenizer);
     }
     claim(out)?;
     let tokenizer_files = match tokenizer {
