@@ -310,3 +310,58 @@ fn merge_and_adapter_are_refused_without_lora() {
     assert!(!dir.join("m.onnx").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `infer --adapter FILE` makes the adapter file active: the betas equal the merged model's, and
+/// differ from the same model without the adapter. A file that is not an adapter is one line.
+#[test]
+fn infer_with_the_adapter_file_equals_the_merged_model() {
+    let q = repo().join("graphs/quickstart");
+    let dir = scratch("lora-export-infer");
+    let art = dir.join("art");
+    let (code, _, err) = betadpo(&["build-graph", "--model", q.join("model.onnx").to_str().unwrap(), "--out", art.to_str().unwrap(), "--lora-rank", "4", "-q"]);
+    assert_eq!(code, 0, "{err}");
+    // "trained" parameters: every factor and the head moved away from their init
+    let (mut tensors, _) = read_safetensors(&art.join("params.safetensors")).unwrap();
+    for (k, t) in tensors.iter_mut().enumerate() {
+        for (i, v) in t.data.iter_mut().enumerate() {
+            *v += 0.05 * (((i * 7 + k * 13) % 17) as f32 / 8.0 - 1.0);
+        }
+    }
+    let params = dir.join("trained.safetensors");
+    write_safetensors(&params, &tensors, None).unwrap();
+    let (merged, inputs, file) = (dir.join("merged.onnx"), dir.join("inputs.onnx"), dir.join("a.onnx_adapter"));
+    export_model(&art, &params, &merged, &AdapterForm::Merged).unwrap();
+    export_model(&art, &params, &inputs, &AdapterForm::OrtAdapter(file.clone())).unwrap();
+    let tok = q.join("tokenizer.json");
+    let infer = |model: &Path, extra: &[&str]| -> Vec<f64> {
+        let mut args = vec!["infer", "--json", "--model", model.to_str().unwrap(), "--tokenizer", tok.to_str().unwrap()];
+        args.extend(["--prompt", "User: Describe the lamp in one sentence.\nAssistant:", "--prompt", "User: hi"]);
+        args.extend_from_slice(extra);
+        let (code, out, err) = betadpo(&args);
+        assert_eq!(code, 0, "{err}");
+        out.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["beta"].as_f64().unwrap()).collect()
+    };
+    let want = infer(&merged, &[]);
+    let with = infer(&inputs, &["--adapter", file.to_str().unwrap()]);
+    let without = infer(&inputs, &[]);
+    for (w, g) in want.iter().zip(&with) {
+        assert!((w - g).abs() < 1e-5, "merged {want:?} vs with the adapter file {with:?}");
+    }
+    assert!(want.iter().zip(&without).any(|(w, g)| (w - g).abs() > 1e-4), "the adapter changes nothing: {want:?} vs {without:?}");
+    let not_adapter = dir.join("not.onnx_adapter");
+    std::fs::write(&not_adapter, b"TORTnot a flatbuffer").unwrap();
+    let (code, _, err) = betadpo(&[
+        "infer",
+        "--model",
+        inputs.to_str().unwrap(),
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--adapter",
+        not_adapter.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not an ONNX Runtime adapter file") && err.trim().lines().count() == 1, "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
