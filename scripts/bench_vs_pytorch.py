@@ -18,12 +18,17 @@ Usage
   # anything else
   scripts/.venv/bin/python scripts/bench_vs_pytorch.py --onnx M.onnx --tokenizer tokenizer.json \
       --torch-model HF_DIR [--gguf-file F.gguf] --data prefs.jsonl
+  # LoRA rank 16 on a random model of a real shape (exported by export_hf.py --shape llama-3.2-1b, seed 0;
+  # PyTorch rebuilds the same weights from the same seed); any tokenizer whose ids fit the vocabulary
+  scripts/.venv/bin/python scripts/bench_vs_pytorch.py --lora 16 --onnx /tmp/llama1b/model.onnx \
+      --torch-model shape:llama-3.2-1b --tokenizer /tmp/smollm2/tokenizer.json \
+      --data graphs/quickstart/train.jsonl --rounds 1 --rss-limit-gb 16
 Main options: --pairs 2,8,32 (pairs per batch, one benchmark each), --steps 4 (timed steps per run),
 --warmup 2 (untimed first steps per run: PyTorch's second and third steps ran up to 30% slower than its later
 ones in this harness), --rounds 2 (torch/betadpo alternations per batch size),
 --threads 2, --artifacts DIR (built with `betadpo build-graph` when missing), --json OUT (everything,
 incl. per-step times and RSS timelines sampled every 0.1 s), --rss-limit-gb (a run above it is killed,
-to spare a shared machine; default 75% of RAM; the steps it completed still count).
+to spare a shared machine; default 75% of RAM; the steps it completed still count), --lora R (below).
 
 What is compared
   The batch: the first P pairs of --data (TRL standard format): prompt and answers encoded separately
@@ -53,6 +58,17 @@ What is compared
   Sanity check: the reference log-probs betadpo caches (RUN/reference/*.safetensors) are compared with
   PyTorch's, and the losses of the first steps are printed side by side.
 
+LoRA (--lora R): betadpo's artifacts are built with `--lora-rank R --lora-alpha 2R` (default targets: every
+projection inside the blocks); PyTorch wraps the same model with PEFT, LoraConfig(r=R, lora_alpha=2R,
+lora_dropout=0, target_modules="all-linear": every Linear but the lm_head, i.e. q/k/v/o/gate/up/down of a
+Llama), and AdamW trains only the adapters (at --lr) and the beta head; the loss is the same as above, the
+reference log-probs are the base model's (B = 0 at the start). The adapter counts of both sides are
+printed. Both initialise A Kaiming-uniform and B at zero, from different random streams, so losses agree at
+step 0 only. The GFLOP/s estimate uses 4 x P_matmul (no weight gradients for the frozen base). Printed
+beside the speed: the artifacts' bytes on disk (files hard-linked to the model's own data file are listed
+apart: they take no new disk space), the model file's bytes (model.onnx + its external data) and the frozen
+weights' bytes (the train graph's initializers as stored), and each side's peak RSS over the frozen bytes.
+
 Learning rate: the default here is --lr 1e-6 --head-lr 1e-5, not betadpo's 1e-3 / 1e-2. Every step
 trains on the same batch, and with 1e-3 SmolLM2 fits it within two steps (loss 0.693, 0.028, then 4e-24
 in both implementations); from then on the gradients are ~1e-22 with many float32 denormals, which x86
@@ -68,7 +84,7 @@ Layout: by default betadpo's artifacts are built with --layout packed (each pair
 padding between sequences; the same log-probs and gradients) while PyTorch runs TRL's padded rows;
 --layout padded compares the same padded rows on both sides.
 
-Throughput estimate: GFLOP/s = 6 x P_matmul x tokens / step time, where tokens is what the side computes
+Throughput estimate: GFLOP/s = 6 x P_matmul x tokens / step time (4 x with --lora), where tokens is what the side computes
 on: the padded batch 2P x T, or for betadpo's packed layout the tokens its rows hold (each prompt once,
 each answer without its last token, which is only a label);
 P_matmul the parameters used in matrix products: every
@@ -82,6 +98,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import statistics
 import struct
 import subprocess
@@ -212,7 +229,12 @@ def tokenize_like_betadpo(tokenizer_json, rows):
 def load_torch_model(spec, gguf_file, weights_map, onnx_path, attn):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-    if spec.startswith("tiny:"):
+    if spec.startswith("shape:"):  # shape:NAME[:SEED], the random model export_hf.py --shape exported
+        sys.path.insert(0, HERE)
+        from export_hf import build_random, shape_config
+        name, _, seed = spec.split(":", 1)[1].partition(":")
+        model = build_random(shape_config(name), int(seed or 0), "float32", attn=attn)
+    elif spec.startswith("tiny:"):
         sys.path.insert(0, HERE)
         from export_hf import TINY_FAMILIES
         fam = spec.split(":", 1)[1]
@@ -290,9 +312,16 @@ def torch_worker(a):
     tied = out_emb is not None and out_emb.weight is emb.weight
     n_params = sum(p.numel() for p in model.parameters())
     p_matmul = n_params - (0 if tied else emb.weight.numel())
+    n_adapters = None
+    if a.lora:
+        from peft import LoraConfig, get_peft_model
+        cfg = LoraConfig(r=a.lora, lora_alpha=2 * a.lora, lora_dropout=0.0, target_modules="all-linear",
+                         bias="none")
+        model = get_peft_model(model, cfg).get_base_model()  # the same modules, with LoRA layers inside
+        n_adapters = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A.default"))
 
     base = model.base_model  # the decoder without lm_head
-    head = out_emb
+    head = model.get_output_embeddings()
     labels = ids[:, 1:]
     lmask = comp[:, 1:]
 
@@ -305,7 +334,7 @@ def torch_worker(a):
 
     with torch.no_grad():
         ref, _ = seq_logps_and_hidden()
-    params = [p for p in model.parameters()]
+    params = [p for p in model.parameters() if p.requires_grad]  # all, or the adapters with --lora
     opt = torch.optim.AdamW([{"params": params, "lr": a.lr}, {"params": [w, b], "lr": a.head_lr}],
                             betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     # peak RSS from here on = training only (loading, e.g. GGUF dequantization, excluded)
@@ -342,6 +371,7 @@ def torch_worker(a):
                           optimizer_s=t3 - t2, loss=loss.item(), grad_norm=gn.item()))
     print(json.dumps(dict(steps=steps, ref_logps=ref.tolist(), pairs=B, width=T, real_tokens=real_tokens,
                           padded_tokens=2 * B * T, n_params=n_params, p_matmul=p_matmul, tied=tied,
+                          n_adapters=n_adapters, n_trainable=sum(p.numel() for p in params + [w, b]),
                           rss_after_load=rss_after_load, device=str(dev),
                           gpu_peak_bytes=torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
                           train_peak_rss=_proc_status("VmHWM") if hwm_reset else None,
@@ -364,7 +394,7 @@ def run_torch(a, data_file):
            "--threads", str(a.threads), "--steps", str(a.steps), "--warmup", str(a.warmup),
            "--attn", a.attn, "--lr", str(a.lr), "--head-lr", str(a.head_lr),
            "--beta-init", str(a.beta_init), "--beta-max", str(a.beta_max), "--max-grad-norm", str(a.max_grad_norm),
-           "--device", a.device]
+           "--device", a.device, "--lora", str(a.lora)]
     if a.gguf_file:
         cmd += ["--gguf-file", a.gguf_file]
     if a.weights_map:
@@ -425,13 +455,62 @@ def ensure_artifacts(a):
             raise SystemExit(f"{a.artifacts} was built from {man['model']['source']}, not {a.onnx}; pass --rebuild")
         if man.get("layout", "padded") != a.layout:
             raise SystemExit(f"{a.artifacts} has the {man.get('layout', 'padded')} layout, not {a.layout}; pass --rebuild")
+        rank = (man.get("lora") or {}).get("rank", 0)
+        if rank != a.lora:
+            raise SystemExit(f"{a.artifacts} has LoRA rank {rank}, not --lora {a.lora}; pass --rebuild")
         return
     cmd = [a.betadpo, "build-graph", "--model", a.onnx, "--out", a.artifacts, "--layout", a.layout, "--quiet"]
+    if a.lora:
+        cmd += ["--lora-rank", str(a.lora), "--lora-alpha", str(2 * a.lora)]
     log("building artifacts:", " ".join(cmd))
-    rc, wall, rss, out, err, _ = run_measured(cmd)
+    rc, wall, rss, out, err, _ = run_measured(cmd, rss_limit=a.rss_limit)
     if rc != 0:
         raise SystemExit(f"build-graph failed (exit {rc}):\n{err}{out}")
     log(f"  {wall:.2f} s, peak RSS {rss / 2**20:.0f} MiB")
+    a.build = dict(wall_s=wall, peak_rss=rss, command=cmd)
+
+
+def onnx_bytes(path):
+    """(the model file and its external data files, bytes of each initializer as stored)."""
+    import onnx
+    proto = onnx.load(path, load_external_data=False)
+    files, stored = {path}, {}
+    for t in proto.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        if "location" in ext:
+            files.add(os.path.join(os.path.dirname(path), ext["location"]))
+            stored[t.name] = int(ext.get("length", 0))
+        else:
+            stored[t.name] = len(t.raw_data)
+    return files, stored
+
+
+def disk_report(a):
+    """Bytes on disk of the artifacts next to the model file's and the frozen weights' bytes."""
+    model_files, _ = onnx_bytes(a.onnx)
+    model_bytes = sum(os.path.getsize(f) for f in model_files)
+    model_inodes = {(st.st_dev, st.st_ino) for st in map(os.stat, model_files)}
+    total = linked = 0
+    for f in os.listdir(a.artifacts):
+        st = os.lstat(os.path.join(a.artifacts, f))
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        total += st.st_size
+        if (st.st_dev, st.st_ino) in model_inodes:
+            linked += st.st_size
+    man = json.load(open(os.path.join(a.artifacts, "manifest.json")))
+    trainable = {i["name"] for p in man["parameters"] if p.get("trainable", True) for i in p.get("initializers", [])}
+    _, stored = onnx_bytes(os.path.join(a.artifacts, man["graphs"]["train"]["file"]))
+    frozen = sum(n for name, n in stored.items() if name not in trainable)
+    d = dict(artifacts_bytes=total, hard_linked_to_model_bytes=linked, new_disk_bytes=total - linked,
+             model_file_bytes=model_bytes, frozen_bytes=frozen, lora_adapters=len((man.get("lora") or {}).get("adapters", [])),
+             trainable_elements=sum(math.prod(p["shape"]) for p in man["parameters"] if p.get("trainable", True)))
+    log(f"disk: artifacts {total / 1e9:.3f} GB ({linked / 1e9:.3f} GB of it hard links to the model's own files, so "
+        f"{d['new_disk_bytes'] / 1e9:.3f} GB new on disk) = {total / model_bytes:.3f}x the model file "
+        f"({model_bytes / 1e9:.3f} GB: model.onnx + external data); frozen weights {frozen / 1e9:.3f} GB "
+        f"(train graph initializers as stored); {d['trainable_elements']:,} trainable elements"
+        + (f", {d['lora_adapters']} LoRA adapters" if a.lora else ""))
+    return d
 
 
 def med(xs):
@@ -475,6 +554,8 @@ def main():
     ap.add_argument("--keep-denormals", action="store_true",
                     help="compute with subnormal floats on both sides; by default both treat them as zero "
                          "(torch.set_flush_denormal(True), and betadpo's default)")
+    ap.add_argument("--lora", type=int, default=0, metavar="R",
+                    help="LoRA rank R (alpha 2R) on every projection, on both sides (see 'LoRA' above); 0: full training")
     ap.add_argument("--layout", default="packed", choices=["packed", "padded"],
                     help="betadpo's batch layout (build-graph --layout); PyTorch always runs TRL's padded rows")
     ap.add_argument("--worker", choices=["torch"], help=argparse.SUPPRESS)
@@ -507,8 +588,11 @@ def main():
         f"{os.getloadavg()[0]:.2f}; betadpo {a.betadpo}; python {sys.executable}")
     log(f"model {a.onnx}; torch model {a.torch_model}; data {a.data}; threads {a.threads}; "
         f"{a.warmup} warm-up + {a.steps} timed steps per run, {a.rounds} rounds; betadpo layout {a.layout}")
+    a.build = None
+    disk = None
     if a.only != "torch":
         ensure_artifacts(a)
+        disk = disk_report(a)
 
     results = []
     for P in pair_counts:
@@ -534,10 +618,10 @@ def main():
                 log(f"pairs {P:3d} round {rnd + 1} {side:8s}: step median {med(timed):7.3f} s  "
                     f"(all: {' '.join('%.3f' % s['time_s'] for s in r['steps'])})  peak RSS "
                     f"{r['peak_rss'] / 2**20:7.0f} MiB  process {r['wall_s']:.1f} s  load {load:.2f}")
-        results.append(summarise(a, P, runs, batch_shape(a, P, rows)))
+        results.append(summarise(a, P, runs, batch_shape(a, P, rows), disk))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(dict(args=vars(a), results=results), f, indent=1)
+            json.dump(dict(args=vars(a), disk=disk, results=results), f, indent=1)
     if not a.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -552,7 +636,7 @@ def batch_shape(a, P, rows):
     return dict(width=width, padded_tokens=2 * P * width, real_tokens=real, packed_tokens=packed)
 
 
-def summarise(a, P, runs, shape):
+def summarise(a, P, runs, shape, disk):
     # a run counts when it timed steps, even if its process failed later (e.g. at the final checkpoint)
     ok = {side: [r for r in rs if len(r.get("steps", [])) > a.warmup] for side, rs in runs.items()}
     tr = ok["torch"][0] if ok["torch"] else None
@@ -565,7 +649,11 @@ def summarise(a, P, runs, shape):
     out = dict(pairs=P, shape=dict(shape), sides={}, runs=runs)
     log(f"\n=== {P} pairs: {2 * P} rows x {shape['width']} tokens padded ({shape['padded_tokens']}), "
         f"{shape['real_tokens']} real tokens, {shape['packed_tokens']} packed; {shape['n_params'] / 1e6:.2f}M parameters, "
-        f"{shape['p_matmul'] / 1e6:.2f}M in matmuls")
+        f"{shape['p_matmul'] / 1e6:.2f}M in matmuls" + (f"; LoRA rank {a.lora}, alpha {2 * a.lora}" if a.lora else ""))
+    if a.lora and tr:
+        log(f"LoRA adapters: PyTorch + PEFT {tr['n_adapters']} ({tr['n_trainable']:,} trainable elements incl. the "
+            f"head)" + (f", betadpo {disk['lora_adapters']} ({disk['trainable_elements']:,})" if disk else ""))
+    flops_per_param_token = 4 if a.lora else 6  # no weight gradients for a frozen base
     for side, rs in runs.items():
         for r in rs:
             if "failed" in r:
@@ -580,7 +668,7 @@ def summarise(a, P, runs, shape):
                    peak_rss=max(r["peak_rss"] for r in ok[side]))
         rec["tokens_per_s"] = shape["real_tokens"] / m
         computed = shape["packed_tokens"] if side == "betadpo" and a.layout == "packed" else shape["padded_tokens"]
-        rec["gflops"] = 6 * shape["p_matmul"] * computed / m / 1e9
+        rec["gflops"] = flops_per_param_token * shape["p_matmul"] * computed / m / 1e9
         line = (f"{side:8s}: median step {m:7.3f} s over {len(timed)} steps (min {min(timed):.3f}, "
                 f"max {max(timed):.3f}), {rec['tokens_per_s']:7.1f} tokens/s, ~{rec['gflops']:6.1f} GFLOP/s, "
                 f"peak RSS {rec['peak_rss'] / 2**20:.0f} MiB")
@@ -599,6 +687,9 @@ def summarise(a, P, runs, shape):
                 rec["train_graph_s"] = med([s["train_graph_s"] for s in split])
                 rec["optimizer_s"] = med([s["optimizer_s"] for s in split])
                 line += f"; train graph {rec['train_graph_s']:.3f} / optimizer {rec['optimizer_s']:.3f} s"
+        if disk:
+            rec["peak_rss_over_frozen"] = rec["peak_rss"] / disk["frozen_bytes"]
+            line += f"; peak RSS / frozen weights {rec['peak_rss_over_frozen']:.2f}x"
         log(line)
     if ok["torch"] and ok["betadpo"]:
         t, b = out["sides"]["torch"], out["sides"]["betadpo"]
@@ -613,7 +704,32 @@ def summarise(a, P, runs, shape):
             d = max(abs(x - y) for x, y in zip(br, ok["torch"][0]["ref_logps"]))
             out["ref_logps_max_abs_diff"] = d
             log(f"reference log-probs, max |betadpo - torch| = {d:.2e} (over {len(br)} rows)")
+    side_by_side(a, P, out["sides"], disk)
     return out
+
+
+def side_by_side(a, P, sides, disk):
+    """One Markdown table: both sides' speed, memory and (betadpo) bytes on disk."""
+    name = {"torch": "PyTorch + PEFT" if a.lora else "PyTorch", "betadpo": "betadpo"}
+    log(f"\n| {P} pairs, {a.threads} threads{f', LoRA r={a.lora}' if a.lora else ''} | step (median) | tokens/s "
+        f"| peak RSS | peak RSS / frozen weights | on disk |")
+    log("| --- | --- | --- | --- | --- | --- |")
+    for side in ("torch", "betadpo"):
+        r = sides.get(side)
+        if not r or "median_step_s" not in r:
+            continue
+        frozen = f"{r['peak_rss_over_frozen']:.2f}x" if "peak_rss_over_frozen" in r else "-"
+        if side == "betadpo" and disk:
+            on_disk = (f"artifacts {disk['artifacts_bytes'] / 1e9:.3f} GB = "
+                       f"{disk['artifacts_bytes'] / disk['model_file_bytes']:.2f}x the model file")
+            if disk["hard_linked_to_model_bytes"]:
+                on_disk += f" ({disk['new_disk_bytes'] / 1e9:.3f} GB new, the rest hard links to it)"
+        else:
+            on_disk = "-"
+        log(f"| {name[side]} | {r['median_step_s']:.3f} s | {r['tokens_per_s']:.1f} | "
+            f"{r['peak_rss'] / 2**30:.2f} GiB | {frozen} | {on_disk} |")
+    if disk:
+        log(f"model file {disk['model_file_bytes'] / 1e9:.3f} GB, frozen weights {disk['frozen_bytes'] / 1e9:.3f} GB\n")
 
 
 if __name__ == "__main__":

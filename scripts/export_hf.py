@@ -153,11 +153,11 @@ def build_tiny(family, seed, dtype):
     return build_random(config, seed, "float32").to(DTYPES[dtype])
 
 
-def build_random(config, seed, dtype):
+def build_random(config, seed, dtype, attn="eager"):
     """A seeded random model of `config`, built in `dtype`: the same weights in every process."""
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=DTYPES[dtype])
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=DTYPES[dtype])
     # A pretrained model has no constant tensors: norm weights are not exactly 1 (or 0 for Gemma's
     # 1 + w RMSNorm), biases not exactly 0. Perturb every constant parameter with a seeded N(0, 0.1), so
     # that norms and biases matter and every parameter has a distinct value (needed to match ONNX
