@@ -18,7 +18,7 @@ use super::params::{find_parameters, lift_parameters, InitializerRef, Param, Sel
 use super::{beta_dpo, optimizer, BetaSource, ObjectiveConfig};
 use crate::autodiff::differentiate;
 use crate::graph::{probe_shapes, raise_to_scatter_add_opset, Builder, Graph, ProbeBatch};
-use crate::onnx::{dtype, load_model, save_model, tensor_to_f32, value_info, value_info_type, Dim, SaveOptions};
+use crate::onnx::{dtype, load_model_mapped, save_models_sharing_data, tensor_to_f32, value_info, value_info_type, Dim, MappedData};
 use crate::runtime::HostTensor;
 use crate::store::{write_safetensors_raw, RawTensor};
 use crate::{Error, Result};
@@ -142,7 +142,7 @@ fn set_outputs(graph: &mut Graph, specs: &[TensorSpec]) {
 pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -> Result<BuildReport> {
     opts.objective.validate()?;
     Manifest::claim_out_dir(out_dir)?;
-    let model = load_model(model_path)?;
+    let (model, model_data) = load_model_mapped(model_path)?;
     let mut base = Graph::from_model(model)?;
     let opset_raised_from = raise_to_scatter_add_opset(&mut base);
     let cache_removal = remove_kv_cache(&mut base)?;
@@ -300,7 +300,7 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
         Some(Err(why)) => (None, Some(why)),
     };
     let graphs = [("train", graph), ("eval", eval), ("optimizer", opt_graph), ("infer", infer)];
-    write_all(out_dir, &manifest, graphs, &initial, hf_map.as_deref())?;
+    write_all(out_dir, &manifest, graphs, &model_data, &initial, hf_map.as_deref())?;
     Ok(BuildReport {
         manifest,
         not_packed_because,
@@ -375,14 +375,20 @@ fn initial_values<'a>(base: &'a Graph, obj: &'a Objective, params: &'a [Param]) 
 }
 
 /// Writes every file into `.<out>.partial-<pid>` (leftovers of killed builds are removed first), then swaps it into place, so `out` is either the
-/// previous complete build or the new complete build, never a mix.
-fn write_all<const N: usize>(out: &Path, manifest: &Manifest, graphs: [(&str, Graph); N], params: &[RawTensor], hf_map: Option<&str>) -> Result<()> {
+/// previous complete build or the new complete build, never a mix. The graphs share one copy of the frozen
+/// weights (see `onnx::save_models_sharing_data`): the model's own data file, linked, when they are unchanged.
+fn write_all<const N: usize>(
+    out: &Path,
+    manifest: &Manifest,
+    graphs: [(&str, Graph); N],
+    model_data: &[MappedData],
+    params: &[RawTensor],
+    hf_map: Option<&str>,
+) -> Result<()> {
     // claimed again before the swap: the directory may have changed during the build
     crate::temp_files::write_dir(out, Manifest::claim_out_dir, |tmp| {
-        for (which, g) in graphs {
-            let file = &manifest.graphs[which].file;
-            save_model(&g.into_model(), &tmp.join(file), &SaveOptions::default())?;
-        }
+        let models = graphs.into_iter().map(|(which, g)| (manifest.graphs[which].file.clone(), g.into_model())).collect();
+        save_models_sharing_data(tmp, models, model_data)?;
         write_safetensors_raw(&tmp.join(PARAMS_FILE), params, None)?;
         let text = serde_json::to_string_pretty(manifest).expect("manifest serialises");
         crate::onnx::write_atomic(&tmp.join(MANIFEST_FILE), |w| w.write_all(text.as_bytes()))?;

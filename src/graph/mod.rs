@@ -5,6 +5,7 @@ mod builder;
 mod check;
 mod names;
 mod opset;
+
 mod probe;
 
 pub use builder::Builder;

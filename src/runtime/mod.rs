@@ -16,6 +16,7 @@ mod ep;
 mod host_memory;
 pub mod provision;
 mod session;
+mod shared_weights;
 mod tensor;
 mod version;
 
@@ -28,6 +29,7 @@ pub use ep::{ExecutionProvider, EP_CHOICES};
 pub use host_memory::keep_freed_memory_for_reuse;
 pub use provision::{default_cache_dir, Flavor, Locator, LIB_NAME, ORT_VERSION};
 pub use session::{OptLevel, SessionConfig};
+pub use shared_weights::SharedWeights;
 pub use tensor::{f32_output, input_names, output_names, run, run_meta, HostTensor};
 pub use version::library_version;
 

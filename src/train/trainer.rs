@@ -23,7 +23,7 @@ use super::session_io::{run_graph, BatchBetaInputs, Feeds, GraphBatch};
 use super::tokenize::{PairTokenizer, TokenizedPair, TruncationConfig};
 use crate::dpo::packing::HeadReads;
 use crate::dpo::{Layout, Manifest};
-use crate::runtime::SessionConfig;
+use crate::runtime::{SessionConfig, SharedWeights};
 use crate::store::{read_safetensors, write_safetensors_raw, NamedTensor, RawTensor};
 use crate::{Error, Result};
 
@@ -300,8 +300,10 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         ..Default::default()
     };
     let graph_path = |which: &str| -> Result<PathBuf> { Ok(cfg.artifacts.join(&manifest.graph(which)?.file)) };
-    let mut train_s = scfg.session_from_file(&graph_path("train")?)?;
-    let mut eval_s = scfg.session_from_file(&graph_path("eval")?)?;
+    let (train_path, eval_path) = (graph_path("train")?, graph_path("eval")?);
+    let shared = SharedWeights::load(&scfg, &[&train_path, &eval_path])?;
+    let mut train_s = scfg.session_sharing(&train_path, &shared)?;
+    let mut eval_s = scfg.session_sharing(&eval_path, &shared)?;
     // The fused host kernel replaces the optimizer graph on the CPU: no session (and no arena) for it.
     let mut opt_s = if uses_fused(cfg) { None } else { Some(scfg.session_from_file(&graph_path("optimizer")?)?) };
     let device = Device::for_ep(&cfg.ep);
