@@ -68,35 +68,45 @@ fn placements(dir: &Path, m: &Manifest) -> BTreeMap<String, (String, u64, u64)> 
     all
 }
 
+/// The one data file of a build: the model's own, cloned (a file system that shares blocks), or frozen.data.
+fn data_file(places: &BTreeMap<String, (String, u64, u64)>) -> String {
+    let files: BTreeSet<&str> = places.values().map(|(f, _, _)| f.as_str()).collect();
+    assert_eq!(files.len(), 1, "one data file for every frozen weight: {files:?}");
+    files.into_iter().next().unwrap().to_string()
+}
+
 #[test]
-fn head_only_build_references_the_models_own_data_once() {
+fn head_only_build_stores_the_models_weights_once() {
     let dir = build(Selection { head_only: true, ..Default::default() }, "frozen-head");
     let m = Manifest::load(&dir).unwrap();
     let places = placements(&dir, &m);
     assert!(places.len() > 10, "a head-only build keeps the model's weights frozen: {places:?}");
-    let files: BTreeSet<&str> = places.values().map(|(f, _, _)| f.as_str()).collect();
-    let source = quickstart_model().with_extension("onnx.data");
-    let linked = dir.join("model-weights.data");
-    assert!(files.contains("model-weights.data"), "the model's unchanged weights are referenced, not copied: {files:?}");
-    let (a, b) = (std::fs::metadata(&source).unwrap(), std::fs::metadata(&linked).unwrap());
-    if a.dev() == b.dev() {
-        assert_eq!(a.ino(), b.ino(), "same file system: a hard link, no copy");
-    }
-    // the frozen tensors lie at the offsets the model's own graph gives them
+    let file = data_file(&places);
+    let stored = std::fs::metadata(dir.join(&file)).unwrap();
+    assert_eq!(stored.nlink(), 1, "not a hard link: Python's onnx.load refuses those");
     let model = raw_model(&quickstart_model());
-    let mut matched = 0;
-    for t in &model.graph.unwrap().initializer {
-        if let (Some((_, at, len)), Some((file, at2, len2))) = (external(t), places.get(&t.name)) {
-            if file == "model-weights.data" {
-                assert_eq!((at, len), (*at2, *len2), "{}", t.name);
-                matched += 1;
+    let in_model: BTreeMap<String, (u64, u64)> =
+        model.graph.unwrap().initializer.iter().filter_map(|t| external(t).map(|(_, a, l)| (t.name.clone(), (a, l)))).collect();
+    match file.as_str() {
+        // cloned: the frozen tensors lie at the offsets the model's own graph gives them
+        "model-weights.data" => {
+            assert_eq!(stored.len(), std::fs::metadata(quickstart_model().with_extension("onnx.data")).unwrap().len());
+            for (name, (_, at, len)) in &places {
+                assert_eq!(in_model.get(name), Some(&(*at, *len)), "{name}");
             }
         }
+        // written: each frozen tensor once, 64-byte aligned
+        "frozen.data" => {
+            let bytes: u64 = places.values().map(|(_, _, len)| len).sum();
+            assert!(stored.len() >= bytes && stored.len() < bytes + 64 * places.len() as u64, "{} bytes for {bytes}", stored.len());
+            assert!(places.values().all(|(_, at, _)| at % 64 == 0));
+        }
+        other => panic!("unexpected data file {other}"),
     }
-    assert!(matched > 10);
-    // nothing else holds a copy of them
-    let total: u64 = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
-    assert!(total < 2 * b.len() + 200_000, "artifacts hold {total} bytes for {} bytes of weights", b.len());
+    // no other data file holds a copy of them (and `placements` found none inside the graphs)
+    let data: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with(".data")).collect();
+    assert_eq!(data, [file]);
 }
 
 #[test]
@@ -106,8 +116,7 @@ fn changed_weights_are_written_once_into_frozen_data() {
     let dir = common::fixtures::scratch("frozen-embedded");
     build_artifacts(&embedded, &dir, &BuildOptions { selection: Selection { head_only: true, ..Default::default() }, ..Default::default() }).unwrap();
     let places = placements(&dir, &Manifest::load(&dir).unwrap());
-    let files: BTreeSet<&str> = places.values().map(|(f, _, _)| f.as_str()).collect();
-    assert_eq!(files, BTreeSet::from(["frozen.data"]), "{}", embedded.display());
+    assert_eq!(data_file(&places), "frozen.data", "{}", embedded.display());
     let stored: u64 = places.values().map(|(_, _, len)| len).sum();
     let size = std::fs::metadata(dir.join("frozen.data")).unwrap().len();
     assert!(size >= stored && size < stored + 64 * places.len() as u64, "frozen.data has {size} bytes for {stored} bytes of tensors");
@@ -134,8 +143,8 @@ fn sessions_sharing_weights_compute_what_the_file_says() {
     let shared = SharedWeights::load(&cfg, &[&infer, &eval]).unwrap();
     let (count, bytes) = shared.size();
     assert!(count > 10 && bytes > 400_000, "shared {count} initializers, {bytes} bytes");
-    // a link to the repository's model: moved aside (never written), and a file of zeros put in its place
-    let data = dir.join("model-weights.data");
+    // the data file (possibly a clone of the repository's model) moved aside, and zeros put in its place
+    let data = dir.join(data_file(&placements(&dir, &m)));
     let len = std::fs::metadata(&data).unwrap().len();
     std::fs::rename(&data, dir.join("moved-away")).unwrap();
     std::fs::File::create(&data).unwrap().set_len(len).unwrap();
@@ -143,4 +152,113 @@ fn sessions_sharing_weights_compute_what_the_file_says() {
     assert_eq!(run(&mut with, &feeds).unwrap(), expected);
     let zeros = run(&mut cfg.session_from_file(&infer).unwrap(), &feeds).unwrap();
     assert_ne!(zeros, expected, "a session reading the file computes with zeros");
+}
+
+/// Rounds the float32 build's frozen weights to the half dtype with numpy (independently of betadpo's
+/// conversion) and runs both inference graphs in Python's onnxruntime: the half build must compute what the
+/// rounded float32 graph computes, and differ from the unrounded one by a half-precision error.
+const HALF_REFERENCE: &str = r#"
+import sys, json, struct, numpy as np, onnx, onnxruntime as ort
+from onnx import numpy_helper
+f32_dir, half_dir, suffix = sys.argv[1:4]
+def params(d):
+    raw = open(d + "/params.safetensors", "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]; head = json.loads(raw[8:8 + n]); out = {}
+    for k, v in head.items():
+        if k != "__metadata__":
+            a, b = v["data_offsets"]; out[k] = np.frombuffer(raw[8 + n + a:8 + n + b], np.float32).reshape(v["shape"])
+    return out
+def rounded(x):
+    if suffix == "float16":
+        return x.astype(np.float16).astype(np.float32)
+    u = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16          # round to nearest even, as bfloat16
+    return u.astype(np.uint32).view(np.float32)
+half = onnx.load(half_dir + "/infer.onnx")
+stored = {t.name[: -len(suffix) - 1] for t in half.graph.initializer if t.name.endswith("." + suffix)}
+ref = onnx.load(f32_dir + "/infer.onnx")
+for t in ref.graph.initializer:
+    if t.name in stored:
+        t.CopyFrom(numpy_helper.from_array(rounded(numpy_helper.to_array(t)), t.name))
+ids = np.array([[1, 5, 9, 13, 17, 21], [2, 4, 6, 8, 10, 0]], np.int64); mask = (ids != 0).astype(np.int64); mask[0, :] = 1
+feeds = {"input_ids": ids, "attention_mask": mask}
+so = ort.SessionOptions(); so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+def logits(model_or_path, p):
+    s = ort.InferenceSession(model_or_path if isinstance(model_or_path, str) else model_or_path.SerializeToString(), so)
+    names = {i.name for i in s.get_inputs()}
+    return s.run(None, {**feeds, **{k: v for k, v in p.items() if k in names}})[0]
+h = logits(half_dir + "/infer.onnx", params(half_dir))
+r = logits(ref, params(f32_dir))
+f = logits(f32_dir + "/infer.onnx", params(f32_dir))
+print(json.dumps({"stored": len(stored), "vs_rounded": float(np.abs(h - r).max()), "vs_float32": float(np.abs(h - f).max()), "scale": float(np.abs(f).max())}))
+"#;
+
+#[test]
+fn half_precision_frozen_weights_compute_like_rounded_float32() {
+    let has_ort = std::process::Command::new("python3").args(["-c", "import onnx, onnxruntime, numpy"]).status().map(|s| s.success()).unwrap_or(false);
+    if !has_ort {
+        common::fixtures::skip("python3 cannot import onnx, onnxruntime and numpy (the half-precision reference)");
+        return;
+    }
+    let head = Selection { head_only: true, ..Default::default() };
+    let f32_dir = build(head.clone(), "frozen-f32");
+    let f32_places = placements(&f32_dir, &Manifest::load(&f32_dir).unwrap());
+    for (dtype, suffix) in [(betadpo::onnx::dtype::BFLOAT16, "bfloat16"), (betadpo::onnx::dtype::FLOAT16, "float16")] {
+        let dir = common::fixtures::scratch(&format!("frozen-{suffix}"));
+        let opts = BuildOptions { selection: head.clone(), frozen_dtype: Some(dtype), ..Default::default() };
+        build_artifacts(&quickstart_model(), &dir, &opts).unwrap();
+        // on disk: every frozen float32 weight of the float32 build is here at half its bytes
+        let places = placements(&dir, &Manifest::load(&dir).unwrap());
+        let mut halved = 0;
+        for (name, (_, _, len)) in &f32_places {
+            if let Some((_, _, half_len)) = places.get(&format!("{name}.{suffix}")) {
+                assert_eq!(2 * half_len, *len, "{name}");
+                halved += 1;
+            }
+        }
+        assert!(halved > 10, "{suffix}: {halved} weights stored at half precision");
+        let out =
+            std::process::Command::new("python3").args(["-c", HALF_REFERENCE, f32_dir.to_str().unwrap(), dir.to_str().unwrap(), suffix]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        eprintln!("{suffix}: {r}");
+        let (vs_rounded, vs_f32, scale) = (r["vs_rounded"].as_f64().unwrap(), r["vs_float32"].as_f64().unwrap(), r["scale"].as_f64().unwrap());
+        let infer = raw_model(&dir.join("infer.onnx")).graph.unwrap();
+        let half_count = infer.initializer.iter().filter(|t| t.name.ends_with(&format!(".{suffix}")) && t.data_type == dtype).count();
+        assert_eq!(r["stored"].as_u64().unwrap(), half_count as u64);
+        // float32 compute on the same rounded weights: only summation order may differ
+        assert!(vs_rounded <= 1e-5 * scale.max(1.0), "{suffix}: {r}");
+        // the weights really are half precision: off the float32 logits by a half-precision error
+        let eps = if suffix == "float16" { 2f64.powi(-11) } else { 2f64.powi(-8) };
+        assert!(vs_f32 > 0.0 && vs_f32 < 64.0 * eps * scale, "{suffix}: {r}");
+    }
+}
+
+/// The first step's metrics of `train --max-steps 1` on a quickstart head-only build.
+fn first_step(tag: &str, frozen_dtype: Option<betadpo::onnx::DType>) -> serde_json::Value {
+    let dir = common::fixtures::scratch(tag);
+    let art = dir.join("art");
+    let opts = BuildOptions { selection: Selection { head_only: true, ..Default::default() }, frozen_dtype, ..Default::default() };
+    build_artifacts(&quickstart_model(), &art, &opts).unwrap();
+    let qs = common::fixtures::repo().join("graphs/quickstart");
+    let run = dir.join("run");
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let args = ["train", "--artifacts", &path(&art), "--data", &path(&qs.join("train.jsonl")), "--tokenizer", &path(&qs.join("tokenizer.json"))];
+    let more = ["--out", &path(&run), "--max-steps", "1", "--batch-size", "4", "--quiet"];
+    let (code, _, err) = common::cli::betadpo(&[&args[..], &more[..]].concat());
+    assert_eq!(code, 0, "{tag}: {err}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    serde_json::from_str(metrics.lines().find(|l| l.contains("\"loss\"")).unwrap()).unwrap()
+}
+
+/// A half-precision build trains through the shared half weights, computing in float32: the policy's
+/// log-probs of the first batch are the float32 build's up to the weights' rounding.
+#[test]
+fn half_precision_build_trains() {
+    let (f32, bf16) = (first_step("frozen-train-f32", None), first_step("frozen-train-bf16", Some(betadpo::onnx::dtype::BFLOAT16)));
+    for key in ["logps/chosen", "logps/rejected"] {
+        let (a, b) = (f32[key].as_f64().unwrap(), bf16[key].as_f64().unwrap());
+        assert!(a != b && (a - b).abs() < 0.02 * a.abs(), "{key}: float32 {a}, bfloat16 {b}");
+    }
+    assert!((bf16["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6, "policy = reference at the first step: {bf16}");
 }

@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use betadpo::dpo::packing::LayoutChoice;
 use betadpo::dpo::params::Selection;
 use betadpo::dpo::{build_artifacts, BetaAggregate, BetaDpoConfig, BetaSource, BuildOptions, HeadInput, LossKind, ObjectiveConfig};
+use betadpo::onnx::dtype;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -75,6 +76,10 @@ pub struct Args {
     /// `all` model parameters (default) or only the beta `head`.
     #[arg(long, value_enum, default_value = "all")]
     trainable: TrainableArg,
+    /// The dtype frozen weights are stored in, cast to float32 where they are read (compute, trainable
+    /// parameters, gradients and AdamW moments stay float32). Default: the model's own dtype.
+    #[arg(long, value_enum)]
+    frozen_dtype: Option<FrozenDtypeArg>,
     /// How a batch enters the train graph: `packed` rows, where each pair's prompt is computed once
     /// and no padding sits between sequences (same results, fewer tokens; needs a model whose
     /// attention mask can be replaced), `padded` rows (TRL's layout), or `auto`: packed when the
@@ -91,6 +96,13 @@ enum MethodArg {
     Learned,
     Fixed,
     BetaDpo,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum FrozenDtypeArg {
+    Bfloat16,
+    Float16,
+    Float32,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -206,7 +218,12 @@ pub fn options(a: &Args) -> Result<BuildOptions> {
         LayoutArg::Padded => LayoutChoice::Padded,
         LayoutArg::Packed => LayoutChoice::Packed,
     };
-    Ok(BuildOptions { objective, layout, selection, hidden_state: a.hidden_state.clone() })
+    let frozen_dtype = a.frozen_dtype.map(|d| match d {
+        FrozenDtypeArg::Bfloat16 => dtype::BFLOAT16,
+        FrozenDtypeArg::Float16 => dtype::FLOAT16,
+        FrozenDtypeArg::Float32 => dtype::FLOAT,
+    });
+    Ok(BuildOptions { objective, layout, selection, hidden_state: a.hidden_state.clone(), frozen_dtype })
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -224,6 +241,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     if let Some(why) = &report.not_packed_because {
         println!("layout: padded (cannot pack this model: {why})");
+    }
+    if report.half_frozen > 0 {
+        println!("frozen weights: {} stored in half precision, computed with in float32", report.half_frozen);
     }
     if let Some(why) = &report.hf_map_skipped {
         println!("note: the Hugging Face name map was not copied, so `export --hf` will refuse these artifacts: {why}");

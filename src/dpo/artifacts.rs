@@ -1,9 +1,10 @@
 //! `build-graph`: from an exported causal LM to training artifacts. Phases:
 //! raise an old opset → remove a KV cache → recognise the model → append the objective → probe shapes → choose parameters → lift them to
-//! inputs → differentiate → build eval, optimizer and inference graphs → write all files into a
+//! inputs → differentiate → build eval, optimizer and inference graphs → store frozen weights in their dtype
+//! (a half-precision model computes in float32 from the start: `graph::compute_in_float32`) → write all files into a
 //! temporary directory that is renamed into place only when complete.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use ndarray::{ArrayD, IxDyn};
@@ -17,7 +18,7 @@ use super::packing::{self, Layout, LayoutChoice};
 use super::params::{find_parameters, lift_parameters, InitializerRef, Param, Selection};
 use super::{beta_dpo, optimizer, BetaSource, ObjectiveConfig};
 use crate::autodiff::differentiate;
-use crate::graph::{probe_shapes, raise_to_scatter_add_opset, Builder, Graph, ProbeBatch};
+use crate::graph::{compute_in_float32, probe_shapes, raise_to_scatter_add_opset, store_frozen, Builder, Graph, ProbeBatch, StoredWeights};
 use crate::onnx::{dtype, load_model_mapped, save_models_sharing_data, tensor_to_f32, value_info, value_info_type, Dim, MappedData};
 use crate::runtime::HostTensor;
 use crate::store::{write_safetensors_raw, RawTensor};
@@ -32,6 +33,8 @@ pub struct BuildOptions {
     pub layout: LayoutChoice,
     pub selection: Selection,
     pub hidden_state: Option<String>,
+    /// The dtype frozen weights are stored in (`--frozen-dtype`); `None`: the model's own.
+    pub frozen_dtype: Option<crate::onnx::DType>,
 }
 
 /// What a build produced, for the command line's summary.
@@ -48,6 +51,8 @@ pub struct BuildReport {
     pub out_dir: PathBuf,
     /// Why the Hugging Face name map beside the model was not copied (it belongs to another model).
     pub hf_map_skipped: Option<String>,
+    /// How many frozen weights are stored in half precision, cast to float32 where they are read.
+    pub half_frozen: usize,
 }
 
 /// The synthetic batches of the two shape probes: 2 pairs x 6 tokens, then 3 pairs x 9 tokens.
@@ -144,6 +149,7 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     Manifest::claim_out_dir(out_dir)?;
     let (model, model_data) = load_model_mapped(model_path)?;
     let mut base = Graph::from_model(model)?;
+    let half_origin = compute_in_float32(&mut base)?;
     let opset_raised_from = raise_to_scatter_add_opset(&mut base);
     let cache_removal = remove_kv_cache(&mut base)?;
     base.sort_topologically()?;
@@ -243,7 +249,7 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     order_inputs(&mut graph, &train_inputs);
     order_inputs(&mut eval, &train_inputs);
 
-    let infer = inference_graph(&base, &sig, cfg, &params)?;
+    let mut infer = inference_graph(&base, &sig, cfg, &params)?;
     let param_specs: Vec<ParameterSpec> = params
         .iter()
         .map(|p| ParameterSpec {
@@ -299,6 +305,12 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
         Some(Ok(text)) => (Some(text), None),
         Some(Err(why)) => (None, Some(why)),
     };
+    let frozen: HashSet<String> = params.iter().filter(|p| !p.trainable).flat_map(|p| p.initializers.iter().map(|r| r.name.clone())).collect();
+    let mut stored = StoredWeights::default();
+    let mut half_frozen = 0;
+    for g in [&mut graph, &mut eval, &mut infer] {
+        half_frozen = half_frozen.max(store_frozen(g, &frozen, opts.frozen_dtype, &half_origin, &mut stored)?);
+    }
     let graphs = [("train", graph), ("eval", eval), ("optimizer", opt_graph), ("infer", infer)];
     write_all(out_dir, &manifest, graphs, &model_data, &initial, hf_map.as_deref())?;
     Ok(BuildReport {
@@ -310,6 +322,7 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
         backward_nodes: grads.nodes_added,
         out_dir: out_dir.to_path_buf(),
         hf_map_skipped,
+        half_frozen,
     })
 }
 
@@ -376,7 +389,7 @@ fn initial_values<'a>(base: &'a Graph, obj: &'a Objective, params: &'a [Param]) 
 
 /// Writes every file into `.<out>.partial-<pid>` (leftovers of killed builds are removed first), then swaps it into place, so `out` is either the
 /// previous complete build or the new complete build, never a mix. The graphs share one copy of the frozen
-/// weights (see `onnx::save_models_sharing_data`): the model's own data file, linked, when they are unchanged.
+/// weights (see `onnx::save_models_sharing_data`): the model's own data file, cloned, when they are unchanged and the file system shares blocks.
 fn write_all<const N: usize>(
     out: &Path,
     manifest: &Manifest,
