@@ -262,3 +262,63 @@ fn half_precision_build_trains() {
     }
     assert!((bf16["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6, "policy = reference at the first step: {bf16}");
 }
+
+/// `graph::compute_in_float32` on a hand-built bfloat16 graph (a half export's pattern: half input,
+/// weight, constant and casts) computes in float32 what the half graph means, checked against plain loops
+/// over the decoded weights; then `store_frozen` gives the weight its own bfloat16 bytes back.
+#[test]
+fn a_bfloat16_graph_computes_in_float32() {
+    use betadpo::graph::{compute_in_float32, store_frozen, stored_name, Graph, StoredWeights};
+    use betadpo::onnx::{attr_i, attr_t, dtype, proto, value_info, Dim, NodeProto, OperatorSetIdProto};
+    let bf16 = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes()).collect() };
+    let w: Vec<f32> = (0..12).map(|i| (i as f32 - 5.5) * 0.3).collect();
+    let half_w = TensorProto { name: "w".into(), dims: vec![3, 4], data_type: dtype::BFLOAT16, raw_data: bf16(&w).into(), ..Default::default() };
+    let half_c = TensorProto { dims: vec![1], data_type: dtype::BFLOAT16, raw_data: bf16(&[0.5]).into(), ..Default::default() };
+    let node = |op: &str, i: &[&str], o: &str, attribute| NodeProto {
+        op_type: op.into(),
+        name: o.into(),
+        input: i.iter().map(|s| s.to_string()).collect(),
+        output: vec![o.into()],
+        attribute,
+        ..Default::default()
+    };
+    let nodes = vec![
+        node("MatMul", &["x", "w"], "y", vec![]),
+        node("Constant", &[], "c", vec![attr_t("value", half_c)]),
+        node("Mul", &["y", "c"], "z", vec![]),
+        node("Cast", &["z"], "out", vec![attr_i("to", dtype::BFLOAT16 as i64)]),
+    ];
+    let model = proto::ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 17 }],
+        graph: Some(proto::GraphProto {
+            name: "half".into(),
+            node: nodes,
+            initializer: vec![half_w],
+            input: vec![value_info("x", dtype::BFLOAT16, &[Dim::Fixed(2), Dim::Fixed(3)])],
+            output: vec![value_info("out", dtype::BFLOAT16, &[Dim::Fixed(2), Dim::Fixed(4)])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut g = Graph::from_model(model).unwrap();
+    let original = g.initializers[0].raw_data.clone();
+    let origin = compute_in_float32(&mut g).unwrap();
+    assert!(g.initializers.iter().all(|t| t.data_type == dtype::FLOAT));
+    let bytes = prost::Message::encode_to_vec(&g.clone().into_model());
+    let mut s = SessionConfig::default().session_from_bytes(&bytes).unwrap();
+    let x: Vec<f32> = vec![1.0, -0.5, 0.25, 2.0, 0.75, -1.5]; // exact in bfloat16
+    let out = run(&mut s, &[("x", HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[2, 3]), x.clone()).unwrap()))]).unwrap();
+    let decoded: Vec<f32> = w.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+    let expected: Vec<f32> = (0..8).map(|k| (0..3).map(|j| x[k / 4 * 3 + j] * decoded[j * 4 + k % 4]).sum::<f32>() * 0.5).collect();
+    let HostTensor::F32(got) = &out[0].1 else { panic!("{out:?}") };
+    for (a, b) in got.iter().zip(&expected) {
+        assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{got:?} vs {expected:?}");
+    }
+    // stored back in the model's dtype: the model's own bytes, read through a Cast named like the weight
+    let n = store_frozen(&mut g, &["w".to_string()].into(), None, &origin, &mut StoredWeights::default()).unwrap();
+    assert_eq!(n, 1);
+    let t = g.initializer(&stored_name("w", dtype::BFLOAT16)).unwrap();
+    assert_eq!((t.data_type, t.raw_data.as_ptr()), (dtype::BFLOAT16, original.as_ptr()));
+    assert!(g.nodes.iter().any(|n| n.op_type == "Cast" && n.output == ["w"]));
+}
