@@ -17,6 +17,8 @@ pub struct TrainSummary {
     pub final_eval: Option<Map<String, Value>>,
     pub last_train: Option<Map<String, Value>>,
     pub resumed_from: Option<u64>,
+    /// Pairs whose reference log-probs this run computed (the others came from the run's cache).
+    pub reference_pairs_computed: usize,
     pub stats: String,
     pub report: PathBuf,
 }

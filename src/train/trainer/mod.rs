@@ -84,5 +84,15 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     pb.finish_and_clear();
     save::final_params(&p.run, &cfg.artifacts, tstate.step, &state, &p.device)?;
     let report = crate::train::report::write_report(&p.run)?;
-    Ok(TrainSummary { run: p.run, steps: tstate.step, initial_eval, final_eval, last_train, resumed_from, stats: p.stats, report })
+    Ok(TrainSummary {
+        run: p.run,
+        steps: tstate.step,
+        initial_eval,
+        final_eval,
+        last_train,
+        resumed_from,
+        reference_pairs_computed: refs.computed,
+        stats: p.stats,
+        report,
+    })
 }

@@ -1,32 +1,51 @@
-//! The reference phase: the reference log-probs of the training and eval pairs, from the run's
-//! cache or computed with the initial parameters.
+//! The reference phase: the reference log-probs of the pairs this run will use, from the run's
+//! cache, computing the missing ones ahead of the first step (with a progress bar).
+//!
+//! The pairs used are those of the batches the remaining steps draw (the loader's order for the
+//! seed, from where the run continues) and, when an evaluation will run, all eval pairs; a
+//! `--max-steps` run that sees 40 pairs of 3000 computes 40.
 
 use super::prepare::Prepared;
 use super::progress;
 use crate::train::config::TrainConfig;
-use crate::train::reference::{cache_key, reference_logps, RefTable};
+use crate::train::reference::{cache_key, RefCache, RefModel, RefTable};
 use crate::Result;
 
 /// Reference log-probs by source index.
 pub struct References {
     pub train: RefTable,
-    /// Present with eval data.
+    /// With eval data: every eval pair, when an evaluation will run.
     pub eval: Option<RefTable>,
+    /// Pairs computed by this run (the others came from the cache).
+    pub computed: usize,
 }
 
 pub fn reference(cfg: &TrainConfig, p: &mut Prepared) -> Result<References> {
-    let eval_len = p.eval_pairs.as_ref().map(Vec::len).unwrap_or(0);
-    let bar = progress::bar("reference log-probs", (p.loader.pairs().len() + eval_len) as u64, 0, cfg.progress);
-    let s = &mut p.sessions.eval;
-    let (m, run, params, collate, device) = (&p.manifest, &p.run, &p.initial, &p.collate, &p.device);
-    let train = reference_logps(run, "train", &p.train_key, p.loader.pairs(), m, s, params, collate, cfg.batch_size, device, |n| bar.inc(n as u64))?;
-    let eval = match &p.eval_pairs {
-        Some(pairs) => {
-            let key = cache_key(pairs, &cfg.artifacts, m)?;
-            Some(reference_logps(run, "eval", &key, pairs, m, s, params, collate, cfg.batch_size, device, |n| bar.inc(n as u64))?)
-        }
+    let done = p.resume.as_ref().map_or(0, |r| r.state.step);
+    let total = p.total_steps(cfg);
+    let batches = total.saturating_sub(done) * cfg.grad_accum as u64;
+    // A fresh run evaluates at step 0; any run that steps evaluates at its last step.
+    let evaluates = p.resume.is_none() || done < total;
+
+    let mut train = RefCache::open(&p.run, "train", &p.train_key);
+    let train_missing = train.missing(p.loader.upcoming(batches));
+    let mut eval = match &p.eval_pairs {
+        Some(pairs) => Some((RefCache::open(&p.run, "eval", &cache_key(pairs, &cfg.artifacts, &p.manifest)?), pairs)),
         None => None,
     };
+    let eval_missing = match &eval {
+        Some((cache, pairs)) if evaluates => cache.missing(pairs.iter()),
+        _ => Vec::new(),
+    };
+
+    let computed = train_missing.len() + eval_missing.len();
+    let bar = progress::bar("reference log-probs", computed as u64, 0, cfg.progress && computed > 0);
+    let spec = p.manifest.graph("eval")?;
+    let mut model = RefModel { session: &mut p.sessions.eval, spec, params: &p.initial, collate: &p.collate, device: &p.device };
+    train.compute(&train_missing, &mut model, || bar.inc(1))?;
+    if let Some((cache, _)) = &mut eval {
+        cache.compute(&eval_missing, &mut model, || bar.inc(1))?;
+    }
     bar.finish_and_clear();
-    Ok(References { train, eval })
+    Ok(References { train: train.into_table(), eval: eval.map(|(cache, _)| cache.into_table()), computed })
 }
