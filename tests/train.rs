@@ -1004,6 +1004,12 @@ fn reference_cache() {
     let fixed = dir.join("fixed-run");
     run_train(&TrainConfig { artifacts: art2, ..cfg(&d1, &fixed, 1) });
     assert_ne!(reference_files(&fixed)[1].0, first[1].0, "other artifacts must change the cache key");
+    // So do frozen weights that a large eval graph keeps in `<file>.data` beside it.
+    let eval_graph = art.join(&Manifest::load(&art).unwrap().graph("eval").unwrap().file);
+    std::fs::write(format!("{}.data", eval_graph.display()), b"other frozen weights").unwrap();
+    let frozen = dir.join("frozen-run");
+    run_train(&cfg(&d1, &frozen, 1));
+    assert_ne!(reference_files(&frozen)[1].0, first[1].0, "the eval graph's external data must change the cache key");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -36,7 +36,9 @@ pub fn file_digest(h: &mut Sha256, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Cache key: hash of the tokenized pairs and of the artifacts' eval graph and initial parameters.
+/// Cache key: hash of the tokenized pairs and of the artifacts' eval graph (with the weights a
+/// large one keeps in `<file>.data` beside it: frozen weights, which the parameters file lacks)
+/// and initial parameters.
 pub fn cache_key(pairs: &[TokenizedPair], artifacts: &Path, m: &Manifest) -> Result<String> {
     let mut h = Sha256::new();
     for p in pairs {
@@ -51,7 +53,13 @@ pub fn cache_key(pairs: &[TokenizedPair], artifacts: &Path, m: &Manifest) -> Res
             }
         }
     }
-    file_digest(&mut h, &artifacts.join(&m.graph("eval")?.file))?;
+    let eval = artifacts.join(&m.graph("eval")?.file);
+    file_digest(&mut h, &eval)?;
+    // Only when present, so the keys of models without one stay those of earlier runs.
+    let external = crate::onnx::external_data_path(&eval)?;
+    if external.is_file() {
+        file_digest(&mut h, &external)?;
+    }
     file_digest(&mut h, &artifacts.join(&m.parameters_file))?;
     Ok(format!("{:x}", h.finalize())[..16].to_string())
 }
