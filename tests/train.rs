@@ -1053,6 +1053,9 @@ fn reference_rows_are_the_rows_used() {
     let run = dir.join("run");
     let s = run_train(&cfg(&run, 2));
     assert_eq!(s.reference_pairs_computed, 8 + 8, "2 steps of 4 training pairs, and the 8 eval pairs");
+    // Eval pairs are computed in the evaluator's batches: at step 0 the policy is the reference, bit for bit.
+    let step0 = s.initial_eval.as_ref().unwrap();
+    assert_eq!((f(step0, "eval/rewards/margins"), f(step0, "eval/rewards/accuracies")), (0.0, 0.0), "step-0 rewards are exactly zero");
     let table = reference_table(&run, "train");
     assert_eq!(table.keys().copied().collect::<BTreeSet<_>>(), drawn(2), "the cache holds exactly the pairs the 2 steps drew, of {}", pairs.len());
     let used: Vec<&TokenizedPair> = table.keys().map(|&s| pairs.iter().find(|p| p.source_index == s).unwrap()).collect();

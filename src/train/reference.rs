@@ -1,12 +1,16 @@
 //! Reference log-probs: the log-probs of each pair's two answers under the original weights (TRL's
 //! `precompute_ref_log_probs`), computed for the pairs a run uses and cached in the run directory.
 //!
-//! Each pair is computed alone (a batch of one, so no padding), which makes its value a function
-//! of the pair and the model only, not of the pairs that shared its batch: a table filled over
-//! several runs (a run, its resume, an extension with more steps) holds the values one run filling
-//! it at once would, and resume stays exact. A cache file is keyed by the tokenized data set, the
-//! eval graph and the initial parameters, so every row in it is valid for any run with that key
-//! and a changed input never reuses it; a partial table is a valid table.
+//! Training pairs are computed alone (a batch of one, so no padding), which makes each value a
+//! function of the pair and the model only, not of the pairs that shared its batch: a table filled
+//! over several runs (a run, its resume, an extension with more steps) holds the values one run
+//! filling it at once would, and resume stays exact. Eval pairs are all used by every evaluation,
+//! so they are computed in the evaluator's own batches: at step 0 the policy then equals the
+//! reference bit for bit, and the first evaluation reads rewards of exactly zero.
+//!
+//! A cache file is keyed by the tokenized data set, the eval graph and the initial parameters, so
+//! every row in it is valid for any run with that key and a changed input never reuses it; a
+//! partial table is a valid table.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -74,14 +78,15 @@ pub struct RefModel<'a> {
 }
 
 impl RefModel<'_> {
-    /// `(chosen, rejected)` log-probs of `pair`, alone in its batch.
-    fn logps(&mut self, pair: &TokenizedPair) -> Result<(f32, f32)> {
-        let batch = collate(&[pair], self.collate)?;
-        let out = forward_values(self.session, self.spec, &batch, &[0.0; 2], self.params, self.device)?;
-        match out.policy_logps[..] {
-            [chosen, rejected] => Ok((chosen, rejected)),
-            _ => Err(Error::Runtime(format!("the eval graph returned {} policy log-probs for one pair, not 2", out.policy_logps.len()))),
+    /// `(chosen, rejected)` log-probs of each of `pairs`, run as one batch.
+    fn logps(&mut self, pairs: &[&TokenizedPair]) -> Result<Vec<(f32, f32)>> {
+        let batch = collate(pairs, self.collate)?;
+        let out = forward_values(self.session, self.spec, &batch, &vec![0.0; 2 * pairs.len()], self.params, self.device)?;
+        let (chosen, rejected) = out.policy_logps.split_at(out.policy_logps.len() / 2);
+        if chosen.len() != pairs.len() || rejected.len() != pairs.len() {
+            return Err(Error::Runtime(format!("the eval graph returned {} policy log-probs for {} pairs", out.policy_logps.len(), pairs.len())));
         }
+        Ok(chosen.iter().copied().zip(rejected.iter().copied()).collect())
     }
 }
 
@@ -99,31 +104,38 @@ impl RefCache {
         RefCache { path, table }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     pub fn into_table(self) -> RefTable {
         self.table
     }
 
-    /// The pairs among `wanted` without a cached value, each once, in the order of `wanted`.
-    pub fn missing<'a>(&self, wanted: impl IntoIterator<Item = &'a TokenizedPair>) -> Vec<&'a TokenizedPair> {
-        let mut seen = std::collections::HashSet::new();
-        wanted.into_iter().filter(|p| !self.table.contains_key(&p.source_index) && seen.insert(p.source_index)).collect()
+    fn has(&self, pair: &TokenizedPair) -> bool {
+        self.table.contains_key(&pair.source_index)
     }
 
-    /// Computes `pairs` with `model` and adds them to the cache file, saving every [`SAVE_EVERY`]
-    /// on the way; `progress` hears of each pair done.
-    pub fn compute(&mut self, pairs: &[&TokenizedPair], model: &mut RefModel, mut progress: impl FnMut()) -> Result<()> {
-        if pairs.is_empty() {
+    /// The pairs among `wanted` without a cached value, each once, in the order of `wanted`, each
+    /// a batch of its own.
+    pub fn missing_alone<'a>(&self, wanted: impl IntoIterator<Item = &'a TokenizedPair>) -> Vec<Vec<&'a TokenizedPair>> {
+        let mut seen = std::collections::HashSet::new();
+        wanted.into_iter().filter(|p| !self.has(p) && seen.insert(p.source_index)).map(|p| vec![p]).collect()
+    }
+
+    /// The batches of `batch_size` consecutive `pairs` that hold a pair without a cached value.
+    pub fn missing_batches<'a>(&self, pairs: &'a [TokenizedPair], batch_size: usize) -> Vec<Vec<&'a TokenizedPair>> {
+        pairs.chunks(batch_size.max(1)).filter(|c| c.iter().any(|p| !self.has(p))).map(|c| c.iter().collect()).collect()
+    }
+
+    /// Computes each of `batches` with `model` and adds its pairs to the cache file, saving every
+    /// [`SAVE_EVERY`] on the way; `progress` hears how many pairs each batch had.
+    pub fn compute(&mut self, batches: &[Vec<&TokenizedPair>], model: &mut RefModel, mut progress: impl FnMut(usize)) -> Result<()> {
+        if batches.is_empty() {
             return Ok(());
         }
         let mut saved = Instant::now();
-        for pair in pairs {
-            let logps = model.logps(pair)?;
-            self.table.insert(pair.source_index, logps);
-            progress();
+        for batch in batches {
+            for (pair, logps) in batch.iter().zip(model.logps(batch)?) {
+                self.table.insert(pair.source_index, logps);
+            }
+            progress(batch.len());
             if saved.elapsed() >= SAVE_EVERY {
                 self.save()?;
                 saved = Instant::now();

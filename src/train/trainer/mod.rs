@@ -51,12 +51,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     while tstate.step < total {
         let rec = stepper.step(&mut p.sessions, &mut p.loader, &refs.train, &mut state, &mut tstate, &p.device, &p.run).inspect_err(|_| pb.abandon())?;
         log.write(&rec)?;
-        pb.set_message(format!(
-            "loss {:.4} acc {:.2} beta {:.3}",
-            rec["loss"].as_f64().unwrap_or(f64::NAN),
-            rec["rewards/accuracies"].as_f64().unwrap_or(f64::NAN),
-            rec["beta/mean"].as_f64().unwrap_or(f64::NAN)
-        ));
+        pb.set_message(progress::step_message(&rec));
         let step = tstate.step;
         pb.set_position(step);
         last_train = Some(rec);
@@ -66,12 +61,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             if is_last || (cfg.eval_every > 0 && step % cfg.eval_every == 0) {
                 let rec = ev.run(&mut p.sessions.eval, &p.manifest, &state.params, tstate.margin_stats, &p.device, step, stepper.epoch(&tstate))?;
                 log.write(&rec)?;
-                pb.println(format!(
-                    "step {step}: eval loss {:.4}, accuracy {:.3}, beta {:.3}",
-                    rec["eval/loss"].as_f64().unwrap_or(f64::NAN),
-                    rec["eval/rewards/accuracies"].as_f64().unwrap_or(f64::NAN),
-                    rec["eval/beta/mean"].as_f64().unwrap_or(f64::NAN)
-                ));
+                pb.println(progress::eval_line(step, &rec));
                 if is_last {
                     final_eval = Some(rec);
                 }

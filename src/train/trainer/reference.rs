@@ -2,8 +2,8 @@
 //! cache, computing the missing ones ahead of the first step (with a progress bar).
 //!
 //! The pairs used are those of the batches the remaining steps draw (the loader's order for the
-//! seed, from where the run continues) and, when an evaluation will run, all eval pairs; a
-//! `--max-steps` run that sees 40 pairs of 3000 computes 40.
+//! seed, from where the run continues), each computed alone, and, when an evaluation will run, all
+//! eval pairs, in the evaluator's batches; a `--max-steps` run that sees 40 pairs of 3000 computes 40.
 
 use super::prepare::Prepared;
 use super::progress;
@@ -28,23 +28,23 @@ pub fn reference(cfg: &TrainConfig, p: &mut Prepared) -> Result<References> {
     let evaluates = p.resume.is_none() || done < total;
 
     let mut train = RefCache::open(&p.run, "train", &p.train_key);
-    let train_missing = train.missing(p.loader.upcoming(batches));
+    let train_missing = train.missing_alone(p.loader.upcoming(batches));
     let mut eval = match &p.eval_pairs {
         Some(pairs) => Some((RefCache::open(&p.run, "eval", &cache_key(pairs, &cfg.artifacts, &p.manifest)?), pairs)),
         None => None,
     };
     let eval_missing = match &eval {
-        Some((cache, pairs)) if evaluates => cache.missing(pairs.iter()),
+        Some((cache, pairs)) if evaluates => cache.missing_batches(pairs, cfg.batch_size),
         _ => Vec::new(),
     };
 
-    let computed = train_missing.len() + eval_missing.len();
+    let computed = train_missing.iter().chain(&eval_missing).map(Vec::len).sum::<usize>();
     let bar = progress::bar("reference log-probs", computed as u64, 0, cfg.progress && computed > 0);
     let spec = p.manifest.graph("eval")?;
     let mut model = RefModel { session: &mut p.sessions.eval, spec, params: &p.initial, collate: &p.collate, device: &p.device };
-    train.compute(&train_missing, &mut model, || bar.inc(1))?;
+    train.compute(&train_missing, &mut model, |n| bar.inc(n as u64))?;
     if let Some((cache, _)) = &mut eval {
-        cache.compute(&eval_missing, &mut model, || bar.inc(1))?;
+        cache.compute(&eval_missing, &mut model, |n| bar.inc(n as u64))?;
     }
     bar.finish_and_clear();
     Ok(References { train: train.into_table(), eval: eval.map(|(cache, _)| cache.into_table()), computed })
