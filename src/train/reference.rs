@@ -1,12 +1,15 @@
 //! Reference log-probs: the log-probs of each pair's two answers under the original weights (TRL's
 //! `precompute_ref_log_probs`), computed for the pairs a run uses and cached in the run directory.
 //!
-//! Training pairs are computed alone (a batch of one, so no padding), which makes each value a
-//! function of the pair and the model only, not of the pairs that shared its batch: a table filled
-//! over several runs (a run, its resume, an extension with more steps) holds the values one run
-//! filling it at once would, and resume stays exact. Eval pairs are all used by every evaluation,
-//! so they are computed in the evaluator's own batches: at step 0 the policy then equals the
-//! reference bit for bit, and the first evaluation reads rewards of exactly zero.
+//! Training pairs are computed in the batches of the first epoch (the loader's order for the run's
+//! seed and batch size). Every pair is in exactly one of them, and a batch is always computed whole,
+//! so a pair's value depends on the pair, the model and that batch, never on which run computed it:
+//! a table filled over several runs (a run, its resume, an extension with more steps) holds the
+//! values one run filling it at once would, resume stays exact, and a run that ends within the
+//! first epoch computes exactly the pairs it trains on, in the batches it trains them in. Eval
+//! pairs are all used by every evaluation, so they are computed in the evaluator's own batches: at
+//! step 0 the policy then equals the reference bit for bit, and the first evaluation reads rewards
+//! of exactly zero.
 //!
 //! A cache file is keyed by the tokenized data set, the eval graph and the initial parameters, so
 //! every row in it is valid for any run with that key and a changed input never reuses it; a
@@ -112,16 +115,9 @@ impl RefCache {
         self.table.contains_key(&pair.source_index)
     }
 
-    /// The pairs among `wanted` without a cached value, each once, in the order of `wanted`, each
-    /// a batch of its own.
-    pub fn missing_alone<'a>(&self, wanted: impl IntoIterator<Item = &'a TokenizedPair>) -> Vec<Vec<&'a TokenizedPair>> {
-        let mut seen = std::collections::HashSet::new();
-        wanted.into_iter().filter(|p| !self.has(p) && seen.insert(p.source_index)).map(|p| vec![p]).collect()
-    }
-
-    /// The batches of `batch_size` consecutive `pairs` that hold a pair without a cached value.
-    pub fn missing_batches<'a>(&self, pairs: &'a [TokenizedPair], batch_size: usize) -> Vec<Vec<&'a TokenizedPair>> {
-        pairs.chunks(batch_size.max(1)).filter(|c| c.iter().any(|p| !self.has(p))).map(|c| c.iter().collect()).collect()
+    /// The batches among `batches` holding a pair that the run uses (`used`) and the cache lacks.
+    pub fn missing<'a>(&self, batches: impl IntoIterator<Item = Vec<&'a TokenizedPair>>, used: impl Fn(&TokenizedPair) -> bool) -> Vec<Vec<&'a TokenizedPair>> {
+        batches.into_iter().filter(|b| b.iter().any(|p| used(p) && !self.has(p))).collect()
     }
 
     /// Computes each of `batches` with `model` and adds its pairs to the cache file, saving every

@@ -2,8 +2,11 @@
 //! cache, computing the missing ones ahead of the first step (with a progress bar).
 //!
 //! The pairs used are those of the batches the remaining steps draw (the loader's order for the
-//! seed, from where the run continues), each computed alone, and, when an evaluation will run, all
-//! eval pairs, in the evaluator's batches; a `--max-steps` run that sees 40 pairs of 3000 computes 40.
+//! seed, from where the run continues) and, when an evaluation will run, all eval pairs; each is
+//! computed in its batch of the first epoch or of the evaluator (see [`crate::train::reference`]).
+//! A `--max-steps` run that trains on 40 pairs of 3000 computes 40.
+
+use std::collections::HashSet;
 
 use super::prepare::Prepared;
 use super::progress;
@@ -28,13 +31,16 @@ pub fn reference(cfg: &TrainConfig, p: &mut Prepared) -> Result<References> {
     let evaluates = p.resume.is_none() || done < total;
 
     let mut train = RefCache::open(&p.run, "train", &p.train_key);
-    let train_missing = train.missing_alone(p.loader.upcoming(batches));
+    let used: HashSet<usize> = p.loader.upcoming(batches).iter().map(|pair| pair.source_index).collect();
+    let pairs = p.loader.pairs();
+    let first_epoch = p.loader.epoch_batches(0).into_iter().map(|b| b.iter().map(|&i| &pairs[i]).collect());
+    let train_missing = train.missing(first_epoch, |pair| used.contains(&pair.source_index));
     let mut eval = match &p.eval_pairs {
         Some(pairs) => Some((RefCache::open(&p.run, "eval", &cache_key(pairs, &cfg.artifacts, &p.manifest)?), pairs)),
         None => None,
     };
     let eval_missing = match &eval {
-        Some((cache, pairs)) if evaluates => cache.missing_batches(pairs, cfg.batch_size),
+        Some((cache, pairs)) if evaluates => cache.missing(pairs.chunks(cfg.batch_size).map(|c| c.iter().collect()), |_| true),
         _ => Vec::new(),
     };
 
