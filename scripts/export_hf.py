@@ -124,6 +124,13 @@ def load_pretrained(path, dtype, gguf_file=None, trust_remote_code=False):
     if gguf_file:
         kw["gguf_file"] = gguf_file
     model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    if gguf_file:
+        # GGUF weights are dequantized on load: the model is a plain float model, and save_pretrained
+        # (the name map, `export --hf` round trips) must not refuse it as a quantized one
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     return model.eval()
 
 

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use ndarray::Array2;
-use ort::session::{Session, SessionInputValue};
+use ort::session::{Adapter, RunOptions, Session, SessionInputValue};
 use ort::value::Tensor;
 
 use crate::runtime::SessionConfig;
@@ -45,6 +45,8 @@ impl RightPadded {
 
 pub struct Predictor {
     session: Session,
+    /// Run options with an ONNX Runtime LoRA adapter file active (`infer --adapter`).
+    adapter: Option<RunOptions>,
     tokenizer: PairTokenizer,
     has_position_ids: bool,
 }
@@ -64,7 +66,21 @@ impl Predictor {
             return Err(Error::Other(format!("{}: the model needs `logits` and `beta` outputs (export it with `betadpo export`)", model.display())));
         }
         let tokenizer = PairTokenizer::from_files(tokenizer, tokenizer_config)?;
-        Ok(Predictor { session, tokenizer, has_position_ids: names.iter().any(|n| n == "position_ids") })
+        Ok(Predictor { session, adapter: None, tokenizer, has_position_ids: names.iter().any(|n| n == "position_ids") })
+    }
+
+    /// Makes the adapters of an ONNX Runtime adapter file (`export --adapter`) active in every run:
+    /// each of its tensors must name an input of the model.
+    pub fn with_adapter(mut self, file: &Path) -> Result<Self> {
+        let meta = std::fs::metadata(file).map_err(|e| Error::io(file, e))?;
+        if !meta.is_file() {
+            return Err(Error::Other(format!("{}: not a file", file.display())));
+        }
+        let adapter = Adapter::from_file(file, None).map_err(|e| Error::Other(format!("{}: not an ONNX Runtime adapter file ({e})", file.display())))?;
+        let mut options = RunOptions::new()?;
+        options.add_adapter(&adapter)?;
+        self.adapter = Some(options);
+        Ok(self)
     }
 
     /// The text the model sees: plain prompts as they are (or through the chat template with
@@ -90,7 +106,11 @@ impl Predictor {
         if self.has_position_ids {
             inputs.push(("position_ids", Tensor::from_array(pos)?.into_dyn().into()));
         }
-        let outputs = self.session.run(inputs)?;
+        let outputs = match &self.adapter {
+            Some(options) => self.session.run_with_options(inputs, options),
+            None => self.session.run(inputs),
+        }
+        .map_err(|e| Error::Runtime(e.to_string()))?;
         let beta = outputs["beta"].try_extract_tensor::<f32>()?.1.to_vec();
         let (shape, logits) = outputs["logits"].try_extract_tensor::<f32>()?;
         let v = shape[2] as usize;

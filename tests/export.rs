@@ -126,7 +126,7 @@ fn exported_model_trained_values_differ_from_initial() {
     let model = trained_export(&dir);
     let art = dir.join("art");
     let initial = dir.join("initial.onnx");
-    export_model(&art, &art.join("params.safetensors"), &initial).unwrap();
+    export_model(&art, &art.join("params.safetensors"), &initial, &Default::default()).unwrap();
     let tok = quickstart().join("tokenizer.json");
     let beta_of = |m: &Path| -> f64 {
         let (code, out, err) = betadpo(&[
@@ -163,7 +163,7 @@ fn optimum_exports_export_and_infer_without_their_cache() {
         let art = dir.join("art");
         build_artifacts(&m.join("model.onnx"), &art, &BuildOptions::default()).unwrap();
         let exported = dir.join("model.onnx");
-        export_model(&art, &art.join("params.safetensors"), &exported).unwrap();
+        export_model(&art, &art.join("params.safetensors"), &exported, &Default::default()).unwrap();
 
         let mut session = SessionConfig::default().session_from_file(&exported).unwrap();
         let inputs = betadpo::runtime::input_names(&session);

@@ -76,12 +76,11 @@ fn train_graph_outputs(
             feeds.push((i.name.as_str(), t));
             continue;
         }
+        if let Some(t) = common::golden::batch_feed(golden, &i.role) {
+            feeds.push((i.name.as_str(), t));
+            continue;
+        }
         let t = match i.role.as_str() {
-            "input_ids" => HostTensor::I64(golden.i64s["input_ids"].clone()),
-            "attention_mask" => HostTensor::I64(golden.i64s["attention_mask"].clone()),
-            "position_ids" => HostTensor::I64(golden.i64s["position_ids"].clone()),
-            "completion_mask" => HostTensor::F32(golden.f32s["loss_mask"].clone()),
-            "ref_logps" => HostTensor::F32(golden.f32s["ref_logps"].clone()),
             "parameter" => {
                 // the golden's beta head is not the build's zero init
                 let v = match golden.f32s.get(&i.name) {

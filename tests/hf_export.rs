@@ -191,7 +191,7 @@ fn checkpoint_and_logits_equal_transformers() {
         let moved = dir.join("moved.safetensors");
         write_safetensors(&moved, &params, None).unwrap();
         let (hf2, onnx2) = (dir.join("hf-moved"), dir.join("moved.onnx"));
-        export_model(&art, &moved, &onnx2).unwrap();
+        export_model(&art, &moved, &onnx2, &Default::default()).unwrap();
         export_hf(&art, &moved, &hf2, None).unwrap();
         check_checkpoint(family, &hf2, &r, "sha256_perturbed", "perturbed");
         let (logits, beta) = ort_outputs(&onnx2, &r);

@@ -2,6 +2,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use betadpo::dpo::lora::LoraOptions;
 use betadpo::dpo::packing::LayoutChoice;
 use betadpo::dpo::params::Selection;
 use betadpo::dpo::{build_artifacts, BetaAggregate, BetaDpoConfig, BetaSource, BuildOptions, HeadInput, LossKind, ObjectiveConfig};
@@ -80,6 +81,20 @@ pub struct Args {
     /// parameters, gradients and AdamW moments stay float32). Default: the model's own dtype.
     #[arg(long, value_enum)]
     frozen_dtype: Option<FrozenDtypeArg>,
+    /// Train LoRA adapters of this rank (and the beta head) instead of the model's weights, which
+    /// stay frozen.
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// LoRA's alpha: the adapters' product is scaled by alpha / rank (default 2 x rank).
+    #[arg(long, allow_negative_numbers = true)]
+    lora_alpha: Option<f64>,
+    /// Dropout on the adapters' input (only 0 is supported yet).
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
+    lora_dropout: f64,
+    /// Adapt the weights whose initializer or module name matches this regex (default: every
+    /// MatMul/Gemm weight inside the transformer blocks, not the embedding or lm_head).
+    #[arg(long)]
+    lora_targets: Option<String>,
     /// How a batch enters the train graph: `packed` rows, where each pair's prompt is computed once
     /// and no padding sits between sequences (same results, fewer tokens; needs a model whose
     /// attention mask can be replaced), `padded` rows (TRL's layout), or `auto`: packed when the
@@ -223,7 +238,20 @@ pub fn options(a: &Args) -> Result<BuildOptions> {
         FrozenDtypeArg::Float16 => dtype::FLOAT16,
         FrozenDtypeArg::Float32 => dtype::FLOAT,
     });
-    Ok(BuildOptions { objective, layout, selection, hidden_state: a.hidden_state.clone(), frozen_dtype })
+    Ok(BuildOptions { objective, layout, selection, hidden_state: a.hidden_state.clone(), lora: lora(a)?, frozen_dtype })
+}
+
+fn lora(a: &Args) -> Result<Option<LoraOptions>> {
+    let Some(rank) = a.lora_rank else {
+        let set = [("--lora-alpha", a.lora_alpha.is_some()), ("--lora-dropout", a.lora_dropout != 0.0), ("--lora-targets", a.lora_targets.is_some())];
+        if let Some((flag, _)) = set.iter().find(|(_, s)| *s) {
+            anyhow::bail!(betadpo::Error::BadFlag { flag: (*flag).into(), detail: "needs --lora-rank".into() });
+        }
+        return Ok(None);
+    };
+    let opts = LoraOptions { rank, alpha: a.lora_alpha, dropout: a.lora_dropout, targets: regex("--lora-targets", &a.lora_targets)? };
+    opts.validate()?;
+    Ok(Some(opts))
 }
 
 pub fn run(a: Args) -> Result<()> {

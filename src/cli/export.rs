@@ -2,7 +2,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use betadpo::dpo::artifacts::PARAMS_FILE;
-use betadpo::dpo::export::{export_model, locate_run};
+use betadpo::dpo::export::{export_model, locate_run, AdapterForm};
 use betadpo::dpo::hf_export::{export_hf, TokenizerSource};
 use betadpo::dpo::Manifest;
 
@@ -25,6 +25,13 @@ pub struct Args {
     /// else the one beside the original model).
     #[arg(long, requires = "hf")]
     tokenizer: Option<PathBuf>,
+    /// LoRA artifacts: fold the trained adapters into the base weights of --out (one plain model).
+    #[arg(long, requires = "out", conflicts_with = "adapter")]
+    merge: bool,
+    /// LoRA artifacts: write the trained adapters to this ONNX Runtime adapter file
+    /// (`.onnx_adapter`) and leave them inputs of --out, whose defaults give the base model.
+    #[arg(long, requires = "out")]
+    adapter: Option<PathBuf>,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -41,8 +48,21 @@ pub fn run(a: Args) -> Result<()> {
         (None, None) => anyhow::bail!("export needs --run RUN (trained parameters) or --artifacts ART (untrained ones)"),
     };
     if let Some(out) = &a.out {
-        export_model(&artifacts, &params, out).with_context(|| format!("exporting {}", source.display()))?;
+        let form = match (&a.adapter, a.merge) {
+            (Some(file), _) => AdapterForm::OrtAdapter(file.clone()),
+            (None, true) => AdapterForm::Merged,
+            (None, false) => AdapterForm::Baked,
+        };
+        export_model(&artifacts, &params, out, &form).with_context(|| format!("exporting {}", source.display()))?;
         println!("wrote {} (inputs input_ids, attention_mask; outputs logits, beta) from {}", out.display(), params.display());
+        match &form {
+            AdapterForm::Merged => println!("the LoRA adapters are folded into its weights"),
+            AdapterForm::OrtAdapter(file) => println!(
+                "wrote {}: make it active per run (RunOptions.add_active_adapter; `betadpo infer --adapter`); without it the model is the base",
+                file.display()
+            ),
+            AdapterForm::Baked => {}
+        }
     }
     if let Some(dir) = &a.hf {
         let tokenizer = match a.tokenizer {

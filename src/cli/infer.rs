@@ -32,6 +32,9 @@ pub struct Args {
     json: bool,
     #[arg(long, default_value = "cpu")]
     ep: ExecutionProvider,
+    /// An ONNX Runtime LoRA adapter file (`export --adapter`) to make active on the model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
 }
 
 fn read_prompts(path: &PathBuf) -> Result<Vec<Text>> {
@@ -65,6 +68,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     let cfg = SessionConfig { ep: a.ep, ..Default::default() };
     let mut p = Predictor::new(&a.model, &a.tokenizer, a.tokenizer_config.as_deref(), &cfg)?;
+    if let Some(file) = &a.adapter {
+        p = p.with_adapter(file)?;
+    }
     let preds = p.predict(&prompts, a.chat, a.generate)?;
     for pr in &preds {
         if a.json {

@@ -121,7 +121,7 @@ pub fn run(a: Args) -> Result<()> {
     };
     step("4/5 export: trained weights + beta head in one ONNX model");
     let model = out.join("model.onnx");
-    export_model(&art, &learned.run.join("final/params.safetensors"), &model)?;
+    export_model(&art, &learned.run.join("final/params.safetensors"), &model, &Default::default())?;
     step("5/5 infer: the learned beta for a few held-out prompts");
     let test = load_preferences(&assets.join("test.jsonl"), &LoadOptions::default())?;
     let mut examples = Vec::new();

@@ -1,5 +1,5 @@
 //! `build-graph`: from an exported causal LM to training artifacts. Phases:
-//! raise an old opset → remove a KV cache → recognise the model → append the objective → probe shapes → choose parameters → lift them to
+//! raise an old opset → remove a KV cache → recognise the model → add LoRA adapters (`--lora-rank`) → append the objective → probe shapes → choose parameters → lift them to
 //! inputs → differentiate → build eval, optimizer and inference graphs → store frozen weights in their dtype
 //! (a half-precision model computes in float32 from the start: `graph::compute_in_float32`) → write all files into a
 //! temporary directory that is renamed into place only when complete.
@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 
 use ndarray::{ArrayD, IxDyn};
 
-use super::hf_export::map::{beside_model, HF_MAP_FILE};
+use super::hf_export::map::{beside_model, HfMap, HF_MAP_FILE};
 use super::kv_cache::{remove_kv_cache, CacheRemoval};
+use super::lora::{self, LoraOptions};
 use super::manifest::{GraphSpec, Manifest, ModelSpec, ParameterSpec, SpecDim, TensorSpec, FORMAT, FORMAT_VERSION, MANIFEST_FILE};
 use super::model::{recognise, LmSignature};
 use super::objective::{self, ModelTensors, Objective, COMPLETION_MASK, HEAD_BIAS, HEAD_WEIGHT, REF_LOGPS};
@@ -35,6 +36,8 @@ pub struct BuildOptions {
     pub hidden_state: Option<String>,
     /// The dtype frozen weights are stored in (`--frozen-dtype`); `None`: the model's own.
     pub frozen_dtype: Option<crate::onnx::DType>,
+    /// Train LoRA adapters (and the beta head) instead of the model's weights.
+    pub lora: Option<LoraOptions>,
 }
 
 /// What a build produced, for the command line's summary.
@@ -146,6 +149,7 @@ fn set_outputs(graph: &mut Graph, specs: &[TensorSpec]) {
 
 pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -> Result<BuildReport> {
     opts.objective.validate()?;
+    check_lora_selection(opts)?;
     Manifest::claim_out_dir(out_dir)?;
     let (model, model_data) = load_model_mapped(model_path)?;
     let mut base = Graph::from_model(model)?;
@@ -158,6 +162,15 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
         return Err(Error::graph(format!("--hidden-state {}: no such tensor in the model", sig.hidden)));
     }
     let vocab = vocab_size(&base, &sig);
+    let (hf_map, hf_map_skipped) = match beside_model(model_path, &base) {
+        None => (None, None),
+        Some(Ok(text)) => (Some(text), None),
+        Some(Err(why)) => (None, Some(why)),
+    };
+    let lora = match &opts.lora {
+        Some(l) => Some(lora::add_adapters(&mut base, &sig, l, &module_names(hf_map.as_deref()))?),
+        None => None,
+    };
     let cfg = &opts.objective;
     // Objective on top of the LM.
     let mut graph = base.clone();
@@ -217,6 +230,9 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     let infos = probe_shapes(&graph, &probes)?;
     let mut params = find_parameters(&graph, &obj.loss, &infos, &opts.selection)?;
     params.retain(|p| p.name != HEAD_WEIGHT && p.name != HEAD_BIAS);
+    if let Some(l) = &lora {
+        train_adapters_only(&mut params, l)?;
+    }
     for t in &obj.head {
         params.push(Param {
             name: t.name.clone(),
@@ -298,13 +314,9 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
         graphs,
         parameters: param_specs,
         parameters_file: PARAMS_FILE.into(),
+        lora,
     };
     let initial = initial_values(&base, &obj, &params)?;
-    let (hf_map, hf_map_skipped) = match beside_model(model_path, &base) {
-        None => (None, None),
-        Some(Ok(text)) => (Some(text), None),
-        Some(Err(why)) => (None, Some(why)),
-    };
     let frozen: HashSet<String> = params.iter().filter(|p| !p.trainable).flat_map(|p| p.initializers.iter().map(|r| r.name.clone())).collect();
     let mut stored = StoredWeights::default();
     let mut half_frozen = 0;
@@ -324,6 +336,46 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
         hf_map_skipped,
         half_frozen,
     })
+}
+
+/// `--train`, `--freeze` and `--trainable head` choose among the model's weights, which LoRA freezes.
+fn check_lora_selection(opts: &BuildOptions) -> Result<()> {
+    let Some(l) = &opts.lora else { return Ok(()) };
+    l.validate()?;
+    let sel = &opts.selection;
+    let flag = [(sel.train.is_some(), "--train"), (sel.freeze.is_some(), "--freeze"), (sel.head_only, "--trainable head")].into_iter().find(|(set, _)| *set);
+    match flag {
+        Some((_, flag)) => {
+            Err(Error::BadFlag { flag: flag.into(), detail: "cannot be combined with --lora-rank (choose the adapted weights with --lora-targets)".into() })
+        }
+        None => Ok(()),
+    }
+}
+
+/// PyTorch module names of the model's weights, from its Hugging Face name map (`x.weight` -> `x`).
+fn module_names(hf_map: Option<&str>) -> std::collections::HashMap<String, String> {
+    let Some(map) = hf_map.and_then(|text| HfMap::parse(text, Path::new(HF_MAP_FILE)).ok()) else { return Default::default() };
+    let mut out = std::collections::HashMap::new();
+    for t in &map.tensors {
+        let Some(module) = t.name.strip_suffix(".weight") else { continue };
+        for init in std::iter::once(&t.initializer).chain(t.tied_copies.iter().map(|c| &c.initializer)) {
+            out.insert(init.clone(), module.to_string());
+        }
+    }
+    out
+}
+
+/// With LoRA only the adapters and the beta head train: every model weight is frozen.
+fn train_adapters_only(params: &mut [Param], spec: &lora::LoraSpec) -> Result<()> {
+    for p in params.iter_mut().filter(|p| !p.beta_head) {
+        p.trainable = spec.is_adapter(&p.name);
+    }
+    for name in spec.adapters.iter().flat_map(|a| [&a.a, &a.b]) {
+        if !params.iter().any(|p| &p.name == name && p.trainable) {
+            return Err(Error::graph(format!("LoRA parameter {name} does not reach the loss")));
+        }
+    }
+    Ok(())
 }
 
 /// Graph inputs in the manifest's order (people read graphs in viewers too).

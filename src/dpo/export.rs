@@ -3,9 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
+use super::lora_export::{merge_adapters, trained_adapters, TrainedAdapter};
 use super::manifest::Manifest;
 use crate::graph::Graph;
-use crate::onnx::{load_model, save_model, tensor_f32, SaveOptions};
+use crate::onnx::{encode_adapter, load_model, save_model, tensor_f32, AdapterParameter, SaveOptions};
 use crate::store::read_safetensors;
 use crate::{Error, Result};
 
@@ -61,11 +62,34 @@ fn claim_model_file(out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// How LoRA adapters appear in an exported model.
+#[derive(Clone, Debug, Default)]
+pub enum AdapterForm {
+    /// `A` and `B` baked in as initializers beside the base weights (the graph as trained).
+    #[default]
+    Baked,
+    /// Folded into the base weights: a plain model (`export --merge`).
+    Merged,
+    /// `A` and `B` left as inputs whose defaults give the base model, and their trained values in
+    /// ONNX Runtime's adapter file at this path (`export --adapter`).
+    OrtAdapter(PathBuf),
+}
+
 /// Writes the deployable model: inputs `input_ids`, `attention_mask` (and `position_ids` when the
 /// model has it); outputs `logits` and `beta`.
-pub fn export_model(artifacts: &Path, params: &Path, out: &Path) -> Result<()> {
+pub fn export_model(artifacts: &Path, params: &Path, out: &Path, form: &AdapterForm) -> Result<()> {
     let m = Manifest::load(artifacts)?;
     let spec = m.graph("infer")?;
+    let lora = match (&m.lora, form) {
+        (None, AdapterForm::Baked) => None,
+        (None, _) => {
+            return Err(Error::Other(format!(
+                "{}: the artifacts train no LoRA adapters (--merge and --adapter are for --lora-rank builds)",
+                artifacts.display()
+            )))
+        }
+        (Some(l), _) => Some(l),
+    };
     let model = load_model(&artifacts.join(&spec.file))?;
     let mut g = Graph::from_model(model)?;
     let (tensors, _) = read_safetensors(params)?;
@@ -75,8 +99,25 @@ pub fn export_model(artifacts: &Path, params: &Path, out: &Path) -> Result<()> {
         if dims != p.shape {
             return Err(Error::Other(format!("{}: parameter {} has shape {dims:?}, the artifacts expect {:?}", params.display(), p.name, p.shape)));
         }
+        let adapter_factor = lora.is_some_and(|l| l.is_adapter(&p.name));
+        if adapter_factor && matches!(form, AdapterForm::OrtAdapter(_)) {
+            // stays an input; its default (B = 0) leaves the base model unchanged
+            let zeros = vec![0.0; t.data.len()];
+            let is_b = lora.is_some_and(|l| l.adapters.iter().any(|a| a.b == p.name));
+            let default = if is_b { &zeros } else { &t.data };
+            g.initializers.push(tensor_f32(&p.name, &dims, default));
+            continue;
+        }
         g.inputs.retain(|i| i.name != p.name);
         g.initializers.push(tensor_f32(&p.name, &dims, &t.data));
+    }
+    if let Some(l) = lora {
+        let trained = trained_adapters(l, &tensors)?;
+        match form {
+            AdapterForm::Merged => merge_adapters(&mut g, l, &trained)?,
+            AdapterForm::OrtAdapter(file) => write_adapter_file(file, &trained)?,
+            AdapterForm::Baked => {}
+        }
     }
     claim_model_file(out)?;
     g.name = "betadpo_policy_with_beta".into();
@@ -85,4 +126,37 @@ pub fn export_model(artifacts: &Path, params: &Path, out: &Path) -> Result<()> {
         crate::temp_files::remove_stale(parent, None);
     }
     save_model(&g.into_model(), out, &SaveOptions::default())
+}
+
+/// ONNX Runtime's adapter file with every trained `A` and `B` (float32).
+fn write_adapter_file(file: &Path, trained: &[TrainedAdapter]) -> Result<()> {
+    if file.extension().is_none_or(|e| e != "onnx_adapter") {
+        return Err(Error::BadFlag { flag: "--adapter".into(), detail: format!("{}: the file name must end in .onnx_adapter", file.display()) });
+    }
+    if std::fs::symlink_metadata(file).is_ok() && !is_our_adapter_file(file) {
+        return Err(Error::Refused {
+            path: file.to_path_buf(),
+            detail: "exists and is not an adapter file betadpo wrote; choose another --adapter, or remove it yourself".into(),
+        });
+    }
+    let bytes: Vec<(String, Vec<i64>, Vec<u8>)> = trained
+        .iter()
+        .flat_map(|t| [(&t.spec.a, &t.a), (&t.spec.b, &t.b)])
+        .map(|(name, m)| (name.clone(), m.shape().iter().map(|&d| d as i64).collect(), m.iter().flat_map(|v| v.to_le_bytes()).collect()))
+        .collect();
+    let params: Vec<AdapterParameter> =
+        bytes.iter().map(|(name, dims, raw)| AdapterParameter { name, dims, data_type: crate::onnx::dtype::FLOAT, raw }).collect();
+    let encoded = encode_adapter(&params, ADAPTER_VERSION, 0);
+    crate::onnx::write_atomic(file, |w| w.write_all(&encoded))
+}
+
+/// The `adapter_version` betadpo writes: a file with it (and the `TORT` identifier) is one of ours.
+const ADAPTER_VERSION: i32 = 0x0BE7_AD90;
+
+fn is_our_adapter_file(file: &Path) -> bool {
+    // Adapter table: root offset at 0, identifier at 4; adapter_version is the table's second field
+    let Ok(b) = std::fs::read(file) else { return false };
+    let u32_at = |at: usize| b.get(at..at + 4).map(|s| u32::from_le_bytes(s.try_into().unwrap()) as usize);
+    let Some(table) = u32_at(0) else { return false };
+    b.get(4..8) == Some(b"TORT") && u32_at(table + 8) == Some(ADAPTER_VERSION as usize)
 }

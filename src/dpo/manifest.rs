@@ -118,6 +118,9 @@ pub struct Manifest {
     pub parameters: Vec<ParameterSpec>,
     /// Initial values of every parameter, beta head included (safetensors).
     pub parameters_file: String,
+    /// The LoRA adapters, when the artifacts train adapters instead of the model's weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<super::lora::LoraSpec>,
 }
 
 impl Manifest {

@@ -1,6 +1,7 @@
 //! DPO with a learned beta: the objective appended to a causal LM, the trainable set, the
 //! optimizer graph, and the artifacts (graphs, initial parameters, manifest) `train` drives.
 
+pub mod answer_logps;
 pub mod config;
 pub mod model;
 pub mod objective;
@@ -12,6 +13,8 @@ pub mod beta_dpo;
 pub mod export;
 pub mod hf_export;
 pub mod kv_cache;
+pub mod lora;
+pub mod lora_export;
 pub mod manifest;
 pub mod optimizer;
 pub mod packing;

@@ -91,6 +91,11 @@ pub fn stored_name(name: &str, to: DType) -> String {
     format!("{name}.{}", dtype::name(to))
 }
 
+/// The names a frozen weight `name` may be stored under: its own, or a half-precision one.
+pub fn stored_names(name: &str) -> [String; 3] {
+    [name.to_string(), stored_name(name, dtype::BFLOAT16), stored_name(name, dtype::FLOAT16)]
+}
+
 /// Stores the frozen weights named in `frozen` (float32 initializers by now) in `to`, or, when `to` is
 /// `None`, in the dtype the model had them in, each read through a `Cast` to float32 under its own name.
 /// A weight stored in the dtype it came in gets its original bytes back (`origin`). Returns how many.

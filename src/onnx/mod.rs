@@ -4,11 +4,13 @@
 #[allow(clippy::all, missing_docs)]
 pub mod proto;
 
+mod adapter_file;
 mod attr;
 mod io;
 mod shared_data;
 mod tensor;
 
+pub use adapter_file::{encode_adapter, AdapterParameter, ADAPTER_FORMAT_VERSION};
 pub use attr::{attr, attr_f, attr_g, attr_i, attr_ints, attr_s, attr_t, AttrValue, NodeAttrs};
 pub use io::{external_data_path, load_model, load_model_mapped, producer_name, save_model, write_atomic, MappedData, SaveOptions, EXTERNAL_MIN_BYTES};
 pub use proto::{AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto};

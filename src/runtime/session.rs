@@ -111,8 +111,9 @@ impl SessionConfig {
         builder.commit_from_file(path).map_err(|e| self.commit_error(&what, e))
     }
 
-    /// [`Self::session_from_file`], with the initializers of `shared` taken from it instead of the file, and its
-    /// weights packed once for every session built with it.
+    /// [`Self::session_from_file`], with the initializers of `shared` taken from it instead of the file (see
+    /// [`SharedWeights`]). The session holds the shared tensors (`ort` keeps each initializer it was given
+    /// alive as long as the session), so `shared` may be dropped.
     pub fn session_sharing(&self, path: &Path, shared: &SharedWeights) -> Result<Session> {
         let what = path.display().to_string();
         let mut builder = shared.apply(self.builder(&what)?).map_err(|e| Error::Runtime(format!("{what}: {e}")))?;

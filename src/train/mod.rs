@@ -28,4 +28,5 @@ pub mod config;
 pub mod fused_adamw;
 pub mod optimizer_step;
 pub mod report;
+pub mod summary;
 pub mod trainer;

@@ -8,7 +8,7 @@ use plotters::prelude::*;
 use serde_json::{Map, Value};
 
 use super::metrics::read_log;
-use super::trainer::{TrainSummary, METRICS_FILE};
+use super::summary::{TrainSummary, METRICS_FILE};
 use crate::{Error, Result};
 
 pub const REPORT_FILE: &str = "report.svg";

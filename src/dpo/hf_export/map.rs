@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use crate::dpo::manifest::Manifest;
 use crate::graph::Graph;
-use crate::onnx::{dtype, load_model, tensor_to_f32, TensorProto};
+use crate::onnx::{load_model, tensor_to_f32, TensorProto};
 use crate::store::NamedTensor;
 use crate::{Error, Result};
 
@@ -141,10 +141,8 @@ impl<'a> InitializerValues<'a> {
             self.frozen = Some(g.initializer.into_iter().map(|t| (t.name.clone(), t)).collect());
         }
         // a frozen weight stored in half precision keeps its name for the float32 cast that reads it
-        fn stored<'f>(f: &'f HashMap<String, TensorProto>, name: &str) -> Option<&'f TensorProto> {
-            f.get(name).or_else(|| [dtype::BFLOAT16, dtype::FLOAT16].iter().find_map(|&d| f.get(&crate::graph::stored_name(name, d))))
-        }
-        let t = self.frozen.as_ref().and_then(|f| stored(f, name)).ok_or_else(|| {
+        let stored = crate::graph::stored_names(name);
+        let t = self.frozen.as_ref().and_then(|f| stored.iter().find_map(|n| f.get(n))).ok_or_else(|| {
             Error::Other(format!(
                 "initializer {name} is neither a trained parameter nor in {} (was the map written for another model?)",
                 self.infer_path.display()

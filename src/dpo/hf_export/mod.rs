@@ -6,6 +6,7 @@
 //! written once (a map naming copies that training changed differently is refused).
 
 pub mod map;
+pub mod peft;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -62,6 +63,10 @@ pub fn export_hf(artifacts: &Path, params: &Path, out: &Path, tokenizer: Option<
     let map = HfMap::load(&map_path)?;
     if manifest.objective.has_head() {
         check_head_input(&manifest, &map, &map_path)?;
+    }
+    if let Some(lora) = &manifest.lora {
+        // the ecosystem's form of a LoRA fine-tune: the adapters for PEFT, the base left as it is
+        return peft::export_peft(artifacts, &manifest, lora, &map, params, out, tokenizer);
     }
     claim(out)?;
     let tokenizer_files = match tokenizer {

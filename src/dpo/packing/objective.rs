@@ -1,7 +1,7 @@
 //! The objective's reads of the packed layout: answer-token log-probs at explicit positions, and
 //! the beta head's context vector as a weighted sum of explicit hidden states.
 
-use crate::dpo::objective::{tokens_to_sequences, ModelTensors, REF_LOGPS};
+use crate::dpo::answer_logps::{one_hot, tokens_to_sequences, ModelTensors, REF_LOGPS};
 use crate::graph::Builder;
 use crate::onnx::{attr_ints, dtype, value_info, Dim, ValueInfoProto};
 
@@ -38,7 +38,7 @@ pub fn head_context(b: &mut Builder, m: &ModelTensors) -> String {
     let w = b.op("Unsqueeze", &[HEAD_WEIGHT, &last], vec![], "beta/read_weight");
     let weighted = b.op("Mul", &[&read, &w], vec![], "beta/weighted_reads");
     let count = b.dim_scalar(REF_LOGPS, 0, "beta/sequence_count");
-    let onehot = crate::dpo::objective::one_hot(b, HEAD_SEQUENCE, &count, "beta/read_sequence");
+    let onehot = one_hot(b, HEAD_SEQUENCE, &count, "beta/read_sequence");
     let by_sequence = b.op("Transpose", &[&onehot], vec![attr_ints("perm", &[1, 0])], "beta/sequence_reads");
     b.op("MatMul", &[&by_sequence, &weighted], vec![], "beta/hidden")
 }
