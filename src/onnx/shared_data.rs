@@ -56,9 +56,9 @@ pub fn save_models_sharing_data(dir: &Path, models: Vec<(String, ModelProto)>, s
         for t in graph.initializer.iter_mut().filter(|t| t.raw_data.len() >= EXTERNAL_MIN_BYTES) {
             let len = t.raw_data.len();
             let key = (t.raw_data.as_ptr() as usize, len);
-            if !placed.contains_key(&key) {
+            let (file, at) = placed.entry(key).or_insert_with(|| {
                 let in_source = sources.iter().enumerate().find_map(|(i, s)| s.offset_of(&t.raw_data).map(|at| (i, at)));
-                let location = match in_source {
+                match in_source {
                     Some((i, at)) if *cloned[i].get_or_insert_with(|| clone_file(&sources[i].path, &dir.join(clone_name(i)), &mut report)) => {
                         (clone_name(i), at)
                     }
@@ -73,10 +73,8 @@ pub fn save_models_sharing_data(dir: &Path, models: Vec<(String, ModelProto)>, s
                         offset += len;
                         (SHARED_DATA_FILE.to_string(), offset - len)
                     }
-                };
-                placed.insert(key, location);
-            }
-            let (file, at) = &placed[&key];
+                }
+            });
             t.raw_data = Bytes::new();
             t.data_location = DataLocation::External as i32;
             t.external_data = vec![kv("location", file), kv("offset", &at.to_string()), kv("length", &len.to_string())];
