@@ -14,6 +14,7 @@ use super::checkpoint::{self, TrainerState};
 use super::config::{OptimizerKind, TrainConfig};
 use super::data::{load_preferences, LoadOptions};
 use super::device::Device;
+use super::epsilon_beta::{self, StepTally};
 use super::fused_adamw::{self, ParamKind};
 use super::metrics::{num, summarise, summarise_groups, MetricsLog, PairValues};
 use super::optimizer_step::{apply, Accumulator, Hyper, State};
@@ -171,13 +172,13 @@ struct Evaluator<'a> {
 }
 
 impl Evaluator<'_> {
-    /// `stats`: beta-DPO's running margin statistics, read and left unchanged.
+    /// `tstate`: beta-DPO's running margin statistics and epsilon-DPO's beta, read and left unchanged.
     fn run(
         &self,
         session: &mut ort::session::Session,
         m: &Manifest,
         params: &Feeds,
-        stats: MarginStats,
+        tstate: &TrainerState,
         prefix: &str,
         device: &Device,
     ) -> Result<Map<String, Value>> {
@@ -188,7 +189,9 @@ impl Evaluator<'_> {
             let refs: Vec<&TokenizedPair> = chunk.iter().collect();
             let batch = collate(&refs, &self.collate)?;
             let r = batch_refs(&self.refs, &batch.source_indices)?;
-            let extra = BatchBetaInputs { margin_stats: [stats.mean as f32, stats.std as f32], selection_noise: Vec::new() };
+            let stats = tstate.margin_stats;
+            let epsilon_beta = tstate.epsilon_beta.unwrap_or_default() as f32;
+            let extra = BatchBetaInputs { margin_stats: [stats.mean as f32, stats.std as f32], selection_noise: Vec::new(), epsilon_beta };
             let (out, _) = run_graph(session, spec, &GraphBatch { batch: &batch, refs: &r, batch_beta: &extra }, params, &[], device)?;
             loss_sum += out.loss as f64 * chunk.len() as f64;
             all.extend(PairValues::from_outputs(&out.chosen_rewards, &out.rejected_rewards, &out.policy_logps, &r, &out.beta, batch.groups.clone()));
@@ -362,6 +365,8 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
                 updates: 0,
                 run_key: key.clone(),
                 margin_stats: MarginStats::default(),
+                // as the graph reads it (float32), so resumed and straight runs agree bit for bit
+                epsilon_beta: manifest.objective.epsilon_dpo.map(|e| e.beta0 as f32 as f64),
             };
             (ts, State { params, m, v }, None)
         }
@@ -400,7 +405,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         .collect();
     let mut initial_eval = None;
     if let (Some(ev), None) = (&evaluator, resumed_from) {
-        let mut rec = ev.run(&mut eval_s, &manifest, &state.params, tstate.margin_stats, "eval/", &device)?;
+        let mut rec = ev.run(&mut eval_s, &manifest, &state.params, &tstate, "eval/", &device)?;
         rec.insert("step".into(), Value::from(0u64));
         rec.insert("epoch".into(), num(0.0));
         log.write(&rec)?;
@@ -419,11 +424,13 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         let mut acc: Option<Vec<ort::value::Tensor<f32>>> = None;
         let mut graph_time = 0.0f64;
         let mut kept = 0usize;
+        let mut epsilon_steps = StepTally::default();
         for micro in 0..cfg.grad_accum {
             let batch = loader.next_batch()?;
             let refs = batch_refs(&train_refs, &batch.source_indices)?;
             let micro_batch = tstate.step * cfg.grad_accum as u64 + micro as u64;
-            let extra = tstate.margin_stats.inputs(cfg.seed, micro_batch, batch.pairs());
+            let mut extra = tstate.margin_stats.inputs(cfg.seed, micro_batch, batch.pairs());
+            extra.epsilon_beta = tstate.epsilon_beta.unwrap_or_default() as f32;
             let graph_started = Instant::now();
             let fed = GraphBatch { batch: &batch, refs: &refs, batch_beta: &extra };
             let (out, grads) = run_graph(&mut train_s, &train_spec, &fed, &state.params, &grad_names, &device)?;
@@ -431,6 +438,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
                 tstate.margin_stats = MarginStats::of(s);
             }
             kept += out.kept.iter().filter(|&&k| k > 0.5).count();
+            epsilon_steps.add(&out.epsilon_steps);
             graph_time += graph_started.elapsed().as_secs_f64();
             loss_sum += out.loss as f64 * batch.pairs() as f64;
             n_pairs += batch.pairs();
@@ -502,6 +510,10 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             rec.insert("beta_dpo/margin_mean".into(), num(tstate.margin_stats.mean));
             rec.insert("beta_dpo/margin_std".into(), num(tstate.margin_stats.std));
         }
+        if let (Some(beta), Some(e)) = (tstate.epsilon_beta, manifest.objective.epsilon_dpo) {
+            epsilon_beta::record(&mut rec, beta, &epsilon_steps);
+            tstate.epsilon_beta = Some(epsilon_beta::next_beta(beta, e.epsilon, &epsilon_steps));
+        }
         if tstate.skipped_nonfinite > 0 {
             rec.insert("skipped_nonfinite".into(), Value::from(tstate.skipped_nonfinite));
         }
@@ -518,7 +530,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         let is_last = step == total;
         if let Some(ev) = &evaluator {
             if is_last || (cfg.eval_every > 0 && step % cfg.eval_every == 0) {
-                let mut rec = ev.run(&mut eval_s, &manifest, &state.params, tstate.margin_stats, "eval/", &device)?;
+                let mut rec = ev.run(&mut eval_s, &manifest, &state.params, &tstate, "eval/", &device)?;
                 rec.insert("step".into(), Value::from(step));
                 rec.insert("epoch".into(), num(epoch));
                 log.write(&rec)?;
