@@ -5,12 +5,12 @@
 
 mod common;
 
-use common::golden::{load_golden, Golden};
+use common::golden::{load_golden, packed_golden, Golden};
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
-use betadpo::dpo::packing::{pack, HeadReads, LayoutChoice, PackedBatch, PairTokens};
+use betadpo::dpo::packing::LayoutChoice;
 use betadpo::dpo::{build_artifacts, BetaAggregate, BetaSource, BuildOptions, HeadInput, Layout, Manifest, ObjectiveConfig};
 use betadpo::runtime::{run, HostTensor, SessionConfig};
 use betadpo::store::read_safetensors;
@@ -33,25 +33,6 @@ enum Mode {
     Prompt,
     Sequence,
     Fixed,
-}
-
-/// The golden batch in the packed layout: its pairs read back from the padded rows.
-fn packed_golden(golden: &Golden, objective: &ObjectiveConfig) -> PackedBatch {
-    let ids = &golden.i64s["input_ids"];
-    let prompt_last = &golden.i64s["prompt_last_index"];
-    let seq_last = &golden.i64s["sequence_last_index"];
-    let b = prompt_last.len();
-    let tokens = |row: usize, from: usize, to_incl: i64| -> Vec<u32> { (from..=to_incl as usize).map(|c| ids[[row, c]] as u32).collect() };
-    let triples: Vec<[Vec<u32>; 3]> = (0..b)
-        .map(|i| {
-            let p = prompt_last[[i]] as usize + 1;
-            [tokens(i, 0, p as i64 - 1), tokens(i, p, seq_last[[i]]), tokens(b + i, p, seq_last[[b + i]])]
-        })
-        .collect();
-    let views: Vec<PairTokens> = triples.iter().map(PairTokens::of).collect();
-    // rows of ~2 pairs, so the batch spans several rows with padding at the end of one
-    let row_tokens = views.iter().map(|v| v.prompt.len() + v.chosen.len() + v.rejected.len()).max().unwrap() + 4;
-    pack(&views, row_tokens, 0, HeadReads::of(objective))
 }
 
 /// Builds `objective` in `layout` and runs its train graph on the golden batch with the golden's

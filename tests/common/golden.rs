@@ -4,8 +4,30 @@
 
 use std::path::Path;
 
+use betadpo::dpo::packing::{pack, HeadReads, PackedBatch, PairTokens};
+use betadpo::dpo::ObjectiveConfig;
+
 pub type Golden = super::fixtures::Tensors;
 
 pub fn load_golden(dir: &Path) -> Golden {
     super::fixtures::read_tensors(&dir.join("golden.safetensors"))
+}
+
+/// The golden batch in the packed layout: its pairs read back from the padded rows.
+pub fn packed_golden(golden: &Golden, objective: &ObjectiveConfig) -> PackedBatch {
+    let ids = &golden.i64s["input_ids"];
+    let prompt_last = &golden.i64s["prompt_last_index"];
+    let seq_last = &golden.i64s["sequence_last_index"];
+    let b = prompt_last.len();
+    let tokens = |row: usize, from: usize, to_incl: i64| -> Vec<u32> { (from..=to_incl as usize).map(|c| ids[[row, c]] as u32).collect() };
+    let triples: Vec<[Vec<u32>; 3]> = (0..b)
+        .map(|i| {
+            let p = prompt_last[[i]] as usize + 1;
+            [tokens(i, 0, p as i64 - 1), tokens(i, p, seq_last[[i]]), tokens(b + i, p, seq_last[[b + i]])]
+        })
+        .collect();
+    let views: Vec<PairTokens> = triples.iter().map(PairTokens::of).collect();
+    // rows of ~2 pairs, so the batch spans several rows with padding at the end of one
+    let row_tokens = views.iter().map(|v| v.prompt.len() + v.chosen.len() + v.rejected.len()).max().unwrap() + 4;
+    pack(&views, row_tokens, 0, HeadReads::of(objective))
 }
