@@ -11,13 +11,14 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use betadpo::dpo::packing::LayoutChoice;
-use betadpo::dpo::{build_artifacts, BuildOptions, EpsilonDpoConfig, Manifest, ObjectiveConfig};
+use betadpo::dpo::validate::{validate, ValidateOptions};
+use betadpo::dpo::{build_artifacts, BuildOptions, EpsilonDpoConfig, LossKind, Manifest, ObjectiveConfig};
 use betadpo::runtime::{run, HostTensor, SessionConfig};
 use betadpo::store::read_safetensors;
 use ndarray::{ArrayD, IxDyn};
 
 use common::fixtures::{read_tensors, repo, scratch, shared, Tensors};
-use common::golden::{load_golden, packed_golden, Golden};
+use common::golden::{batch_input, load_golden, packed_golden, Golden};
 
 fn golden_eps() -> Tensors {
     read_tensors(&repo().join("tests/fixtures/epsilon_dpo/golden.safetensors"))
@@ -65,15 +66,11 @@ fn train_outputs(
     let beta0 = objective.epsilon_dpo.unwrap().beta0 as f32;
     let mut feeds: Vec<(&str, HostTensor)> = Vec::new();
     for i in &spec.inputs {
-        if let Some(t) = packed.as_ref().and_then(|p| p.by_role(&i.role)) {
+        if let Some(t) = batch_input(shared_golden, packed.as_ref(), &i.role) {
             feeds.push((i.name.as_str(), t));
             continue;
         }
         let t = match i.role.as_str() {
-            "input_ids" => HostTensor::I64(shared_golden.i64s["input_ids"].clone()),
-            "attention_mask" => HostTensor::I64(shared_golden.i64s["attention_mask"].clone()),
-            "position_ids" => HostTensor::I64(shared_golden.i64s["position_ids"].clone()),
-            "completion_mask" => HostTensor::F32(shared_golden.f32s["loss_mask"].clone()),
             "ref_logps" => HostTensor::F32(ref_logps.clone()),
             "epsilon_beta" => HostTensor::F32(ArrayD::from_elem(IxDyn(&[1]), beta0)),
             "parameter" => {
@@ -148,6 +145,25 @@ fn steps_betas_loss_and_gradient_match_pytorch() {
             }
         }
         assert!(full >= 4, "{label}: {full} gradients compared in full");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `validate`'s checks on epsilon-DPO artifacts of the repository's quickstart model: central
+/// differences of the loss at the pairs' betas held fixed (the reference code computes them under
+/// `no_grad`), for every loss, and on the packed layout the model's own forward.
+#[test]
+fn validate_passes_on_both_layouts() {
+    let dir = scratch("epsilon-dpo-validate");
+    for (layout, loss) in [(LayoutChoice::Padded, LossKind::Sigmoid), (LayoutChoice::Packed, LossKind::Ipo), (LayoutChoice::Packed, LossKind::Hinge)] {
+        let art = dir.join(format!("{layout:?}-{loss:?}"));
+        let objective = ObjectiveConfig { loss, epsilon_dpo: Some(EpsilonDpoConfig { beta0: 0.1, epsilon: 0.1 }), ..Default::default() };
+        build_artifacts(&repo().join("graphs/quickstart/model.onnx"), &art, &BuildOptions { objective, layout, ..Default::default() }).unwrap();
+        let checks = validate(&art, &ValidateOptions { pairs: 4, ..Default::default() }).unwrap();
+        for c in &checks {
+            assert!(c.ok, "{layout:?}, {loss:?}: {}: {}", c.name, c.detail);
+        }
+        assert!(checks.iter().any(|c| c.name == "train: directional derivatives"));
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::golden::{load_golden, packed_golden, Golden};
+use common::golden::{batch_input, load_golden, packed_golden, Golden};
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -53,15 +53,11 @@ fn train_graph_outputs(
     let (params, _) = read_safetensors(&out.join(&m.parameters_file)).unwrap();
     let mut feeds: Vec<(&str, HostTensor)> = Vec::new();
     for i in &spec.inputs {
-        if let Some(t) = packed.as_ref().and_then(|p| p.by_role(&i.role)) {
+        if let Some(t) = batch_input(golden, packed.as_ref(), &i.role) {
             feeds.push((i.name.as_str(), t));
             continue;
         }
         let t = match i.role.as_str() {
-            "input_ids" => HostTensor::I64(golden.i64s["input_ids"].clone()),
-            "attention_mask" => HostTensor::I64(golden.i64s["attention_mask"].clone()),
-            "position_ids" => HostTensor::I64(golden.i64s["position_ids"].clone()),
-            "completion_mask" => HostTensor::F32(golden.f32s["loss_mask"].clone()),
             "ref_logps" => HostTensor::F32(golden.f32s["ref_logps"].clone()),
             "parameter" => {
                 // the golden's beta head is not the build's zero init

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use betadpo::dpo::packing::{pack, HeadReads, PackedBatch, PairTokens};
 use betadpo::dpo::ObjectiveConfig;
+use betadpo::runtime::HostTensor;
 
 pub type Golden = super::fixtures::Tensors;
 
@@ -30,4 +31,19 @@ pub fn packed_golden(golden: &Golden, objective: &ObjectiveConfig) -> PackedBatc
     // rows of ~2 pairs, so the batch spans several rows with padding at the end of one
     let row_tokens = views.iter().map(|v| v.prompt.len() + v.chosen.len() + v.rejected.len()).max().unwrap() + 4;
     pack(&views, row_tokens, 0, HeadReads::of(objective))
+}
+
+/// The golden batch's value for a train graph input of `role` (padded, or `packed`); `None` for
+/// the inputs that are not the batch's (reference log-probs, parameters, method state).
+pub fn batch_input(golden: &Golden, packed: Option<&PackedBatch>, role: &str) -> Option<HostTensor> {
+    if let Some(t) = packed.and_then(|p| p.by_role(role)) {
+        return Some(t);
+    }
+    Some(match role {
+        "input_ids" => HostTensor::I64(golden.i64s["input_ids"].clone()),
+        "attention_mask" => HostTensor::I64(golden.i64s["attention_mask"].clone()),
+        "position_ids" => HostTensor::I64(golden.i64s["position_ids"].clone()),
+        "completion_mask" => HostTensor::F32(golden.f32s["loss_mask"].clone()),
+        _ => return None,
+    })
 }
