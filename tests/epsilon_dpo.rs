@@ -167,3 +167,63 @@ fn validate_passes_on_both_layouts() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The `reference_copy` transform against the model itself on ONNX Runtime: with every float weight
+/// made trainable, lifted to an input and fed perturbed, the copy's logits stay the model's own
+/// (run from its file, the independent reference) while the policy's move; at the stored weights
+/// the two are the same.
+#[test]
+fn reference_copy_is_the_model_frozen_at_its_weights() {
+    use betadpo::dpo::model::recognise;
+    use betadpo::dpo::params::{lift_parameters, InitializerRef, Param};
+    use betadpo::dpo::reference_copy::{add_reference_copy, freeze_reference};
+    use betadpo::onnx::{dtype, load_model, save_model, value_info, Dim, SaveOptions};
+
+    let path = repo().join("graphs/quickstart/model.onnx");
+    let mut g = betadpo::graph::Graph::from_model(load_model(&path).unwrap()).unwrap();
+    let sig = recognise(&g, None).unwrap();
+    let copy = add_reference_copy(&mut g, &sig).unwrap();
+    let params: Vec<Param> = g
+        .initializers
+        .iter()
+        .filter(|t| t.data_type == dtype::FLOAT && t.dims.iter().product::<i64>() > 1)
+        .map(|t| Param {
+            name: t.name.clone(),
+            dims: t.dims.clone(),
+            trainable: true,
+            beta_head: false,
+            initializers: vec![InitializerRef { name: t.name.clone(), transposed: false }],
+        })
+        .collect();
+    let stored: HashMap<String, Vec<f32>> =
+        params.iter().map(|p| (p.name.clone(), betadpo::onnx::tensor_to_f32(g.initializer(&p.name).unwrap()).unwrap())).collect();
+    assert_eq!(freeze_reference(&mut g, &copy, &params), params.len(), "every weight the copy reads is frozen");
+    lift_parameters(&mut g, &params, true);
+    let logits_shape = [Dim::Sym("rows".into()), Dim::Sym("sequence".into()), Dim::Fixed(512)];
+    g.outputs = vec![value_info(&sig.logits, dtype::FLOAT, &logits_shape), value_info(&copy.logits, dtype::FLOAT, &logits_shape)];
+    g.prune();
+    let dir = scratch("reference-copy");
+    save_model(&g.into_model(), &dir.join("copy.onnx"), &SaveOptions::default()).unwrap();
+
+    let ids = ArrayD::from_shape_fn(IxDyn(&[2, 7]), |ix| ((ix[0] * 31 + ix[1] * 7 + 3) % 512) as i64);
+    let mask = ArrayD::from_shape_fn(IxDyn(&[2, 7]), |ix| i64::from(ix[0] == 0 || ix[1] < 5));
+    let batch = [("input_ids", HostTensor::I64(ids)), ("attention_mask", HostTensor::I64(mask))];
+    let mut model = SessionConfig::default().session_from_file(&path).unwrap();
+    let own: Vec<f32> = betadpo::runtime::f32_output(&run(&mut model, &batch).unwrap(), &sig.logits).unwrap().iter().copied().collect();
+    let mut with_copy = SessionConfig::default().session_from_file(&dir.join("copy.onnx")).unwrap();
+    for scale in [0.0f32, 1.0] {
+        let mut feeds: Vec<(&str, HostTensor)> = batch.iter().map(|(n, t)| (*n, t.clone())).collect();
+        for p in &params {
+            let dims: Vec<usize> = p.dims.iter().map(|&d| d as usize).collect();
+            feeds.push((p.name.as_str(), HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&dims), perturbed(&stored[&p.name], scale)).unwrap())));
+        }
+        let outs = run(&mut with_copy, &feeds).unwrap();
+        let get = |n: &str| -> Vec<f32> { betadpo::runtime::f32_output(&outs, n).unwrap().iter().copied().collect() };
+        let (policy, reference) = (get(&sig.logits), get(&copy.logits));
+        let gap = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(gap(&reference, &own) <= 1e-5, "scale {scale}: the copy's logits are not the model's (max gap {})", gap(&reference, &own));
+        let moved = gap(&policy, &own);
+        assert!(if scale == 0.0 { moved <= 1e-5 } else { moved > 1e-2 }, "scale {scale}: the policy's logits moved by {moved}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
