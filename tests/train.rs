@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use betadpo::dpo::packing::LayoutChoice;
-use betadpo::dpo::{build_artifacts, BetaDpoConfig, BuildOptions, Layout, Manifest, ObjectiveConfig};
+use betadpo::dpo::{build_artifacts, BetaDpoConfig, BuildOptions, EpsilonDpoConfig, Layout, Manifest, ObjectiveConfig};
 use betadpo::runtime::{ExecutionProvider, SessionConfig};
 use betadpo::store::{read_safetensors, write_safetensors, NamedTensor};
 use betadpo::train::checkpoint::{self, TrainerState};
@@ -884,6 +884,30 @@ fn beta_dpo_resume_is_exact() {
     let (_, split) = straight_and_resumed(&art, &data, &inp, &dir);
     let state = state_of(&checkpoint::checkpoints_dir(&split).join("step-8"));
     assert!(state.margin_stats.std > 0.0, "the statistic is carried: {:?}", state.margin_stats);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// epsilon-DPO's global beta survives a resume (8 straight steps equal 4 + --resume to 8, bit for
+/// bit, two micro-batches a step, on the packed layout), and each step's beta is the previous one
+/// divided by 1 + eps x that step's mean step over both micro-batches, as the reference code updates it.
+#[test]
+fn epsilon_dpo_resume_is_exact() {
+    let Some(inp) = inputs() else { return };
+    let dir = scratch("epsilon-dpo-resume");
+    let e = EpsilonDpoConfig { beta0: 0.1, epsilon: 0.1 };
+    let art = artifacts_in(LayoutChoice::Packed, &inp.model, &dir, ObjectiveConfig { epsilon_dpo: Some(e), ..Default::default() });
+    let data = head(&inp.train, 40, &dir, "train.jsonl");
+    let (_, split) = straight_and_resumed(&art, &data, &inp, &dir);
+    let records = train_records(&split);
+    assert_eq!(f(&records[0], "kl/beta"), 0.1f32 as f64, "the first step uses --beta-init");
+    let next = |r: &Map<String, Value>| (f(r, "kl/beta") / (1.0 + e.epsilon * f(r, "kl/avg_steps"))) as f32 as f64;
+    for w in records.windows(2) {
+        assert_eq!(f(&w[0], "kl/avg_steps"), f(&w[0], "kl/p_epsilon_steps") - f(&w[0], "kl/n_epsilon_steps"), "step {}", w[0]["step"]);
+        assert_eq!(f(&w[1], "kl/beta"), next(&w[0]), "beta at step {}", w[1]["step"]);
+    }
+    assert!(records.iter().any(|r| f(r, "kl/avg_steps") != 0.0), "some pairs step once the policy moves");
+    let state = state_of(&checkpoint::checkpoints_dir(&split).join("step-8"));
+    assert_eq!(state.epsilon_beta, Some(next(records.last().unwrap())), "the checkpoint holds the beta of step 9");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

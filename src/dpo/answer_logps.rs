@@ -1,6 +1,7 @@
 //! Answer-token log-probs summed per sequence, read from the model's tensors: the part of the
 //! objective both layouts share (the padded one in [`super::objective`], the packed one in
-//! [`super::packing::objective`]), kept below both so neither imports the other.
+//! [`super::packing::objective`]) and epsilon-DPO's perturbed policies reuse, kept below all of
+//! them so none imports another.
 
 use super::packing::Layout;
 use crate::graph::Builder;
@@ -19,6 +20,8 @@ pub struct ModelTensors<'a> {
     /// When set, answer log-probs apply this lm_head to the answer positions only.
     pub projection: Option<&'a super::model::Projection>,
     pub layout: Layout,
+    /// The frozen reference copy's tensors, for epsilon-DPO (see `reference_copy`).
+    pub reference: Option<&'a ModelTensors<'a>>,
 }
 
 impl<'a> ModelTensors<'a> {
@@ -33,15 +36,25 @@ impl<'a> ModelTensors<'a> {
             hidden_size: sig.hidden_size,
             projection: if answer_positions { sig.projection.as_ref() } else { None },
             layout: Layout::Padded,
+            reference: None,
         }
     }
 }
 
-/// Sums of answer-token log-probs per sequence: the tokens at positions `at` [N, 2] (the positions
-/// that predict them) with labels [N], belonging to sequences `seq` of `count`. With a plain
-/// lm_head it is applied at those positions only; otherwise the model's logits are gathered.
-pub fn tokens_to_sequences(b: &mut Builder, m: &ModelTensors, at: &str, labels: &str, seq: &str, count: &str) -> String {
-    let z = match m.projection {
+/// The answer tokens of a batch: the N positions `at` [N, 2] that predict them, their labels [N],
+/// and which of `count` sequences each belongs to (`seq` [N]).
+#[derive(Clone, Debug)]
+pub struct AnswerTokens {
+    pub at: String,
+    pub labels: String,
+    pub seq: String,
+    pub count: String,
+}
+
+/// The logits [N, V] at the positions `at` [N, 2]: with a plain lm_head it is applied there only;
+/// otherwise the model's logits are gathered.
+pub fn answer_logits(b: &mut Builder, m: &ModelTensors, at: &str) -> String {
+    match m.projection {
         Some(p) => {
             let h = b.op("GatherND", &[m.hidden, at], vec![], "dpo/answer_hidden");
             let z = if p.trans_b {
@@ -55,14 +68,24 @@ pub fn tokens_to_sequences(b: &mut Builder, m: &ModelTensors, at: &str, labels: 
             }
         }
         None => b.op("GatherND", &[m.logits, at], vec![], "dpo/answer_logits"),
-    };
-    let logp = b.op("LogSoftmax", &[&z], vec![attr_i("axis", -1)], "dpo/logp");
+    }
+}
+
+/// Per-sequence sums [count] of the label log-probs under answer-position logits `z` [N, V].
+pub fn logits_to_sequences(b: &mut Builder, z: &str, tokens: &AnswerTokens, name: &str) -> String {
+    let logp = b.op("LogSoftmax", &[z], vec![attr_i("axis", -1)], "dpo/logp");
     let last = b.ints(&[-1]);
-    let lab2 = b.op("Unsqueeze", &[labels, &last], vec![], "dpo/answer_labels2");
+    let lab2 = b.op("Unsqueeze", &[&tokens.labels, &last], vec![], "dpo/answer_labels2");
     let picked = b.op("GatherElements", &[&logp, &lab2], vec![attr_i("axis", 1)], "dpo/token_logp2");
     let tok = b.op("Squeeze", &[&picked, &last], vec![], "dpo/token_logp");
-    let onehot = one_hot(b, seq, count, "dpo/row");
-    b.op("MatMul", &[&tok, &onehot], vec![], "policy_logps")
+    let onehot = one_hot(b, &tokens.seq, &tokens.count, "dpo/row");
+    b.op("MatMul", &[&tok, &onehot], vec![], name)
+}
+
+/// Sums of answer-token log-probs per sequence (the policy's `policy_logps`).
+pub fn tokens_to_sequences(b: &mut Builder, m: &ModelTensors, tokens: &AnswerTokens) -> String {
+    let z = answer_logits(b, m, &tokens.at);
+    logits_to_sequences(b, &z, tokens, "policy_logps")
 }
 
 /// `[N, count]` float: row `i` is 1 at column `ids[i]` (`ids` is [N] int64).

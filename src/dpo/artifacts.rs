@@ -17,7 +17,7 @@ use super::model::{recognise, LmSignature};
 use super::objective::{self, ModelTensors, Objective, COMPLETION_MASK, HEAD_BIAS, HEAD_WEIGHT, REF_LOGPS};
 use super::packing::{self, Layout, LayoutChoice};
 use super::params::{find_parameters, lift_parameters, InitializerRef, Param, Selection};
-use super::{beta_dpo, optimizer, BetaSource, ObjectiveConfig};
+use super::{beta_dpo, epsilon_dpo, optimizer, reference_copy, BetaSource, ObjectiveConfig};
 use crate::autodiff::differentiate;
 use crate::graph::{compute_in_float32, probe_shapes, raise_to_scatter_add_opset, store_frozen, Builder, Graph, ProbeBatch, StoredWeights};
 use crate::onnx::{dtype, load_model_mapped, save_models_sharing_data, tensor_to_f32, value_info, value_info_type, Dim, MappedData};
@@ -126,6 +126,9 @@ fn metric_outputs(obj: &Objective, cfg: &ObjectiveConfig) -> Vec<TensorSpec> {
         v.push(TensorSpec::float(&bb.stats_next, "margin_stats", &[2]).described("beta-DPO's running mean and std of the margin, after this batch"));
         v.push(TensorSpec::float_named(&bb.kept, "kept", &["pairs"]).described("1 for the pairs beta-DPO's filter keeps"));
     }
+    if let Some(pb) = &obj.epsilon_dpo {
+        v.extend(epsilon_dpo::outputs(pb));
+    }
     v
 }
 
@@ -189,8 +192,15 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
         },
     };
     let layout = if packed.is_some() { Layout::Packed } else { Layout::Padded };
+    // epsilon-DPO reads the reference model's logits: a frozen copy of the model inside the graph
+    let reference = match cfg.epsilon_dpo {
+        Some(_) => Some(reference_copy::add_reference_copy(&mut graph, &sig)?),
+        None => None,
+    };
+    let reference_tensors = reference.as_ref().map(|r| epsilon_dpo::reference_tensors(r, &sig, layout));
     let mut tensors = ModelTensors::of(&sig, true);
     tensors.layout = layout;
+    tensors.reference = reference_tensors.as_ref();
     let mut batch_inputs = match packed {
         None => {
             let mut v = lm_inputs(&sig);
@@ -206,6 +216,9 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
         );
         batch_inputs
             .push(TensorSpec::float_named(beta_dpo::SELECTION_NOISE, "selection_noise", &["pairs"]).described("standard Gumbel noise for beta-DPO's filter"));
+    }
+    if cfg.epsilon_dpo.is_some() {
+        batch_inputs.push(epsilon_dpo::input_spec());
     }
     let mut names = graph.names.clone();
     let mut b = Builder::new(&mut names, "dpo/");
@@ -227,6 +240,11 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
             run.extend(beta_dpo::probe_inputs(pairs));
         }
     }
+    if let Some(e) = cfg.epsilon_dpo {
+        for run in probes.runs.iter_mut() {
+            run.extend(epsilon_dpo::probe_inputs(e.beta0));
+        }
+    }
     let infos = probe_shapes(&graph, &probes)?;
     let mut params = find_parameters(&graph, &obj.loss, &infos, &opts.selection)?;
     params.retain(|p| p.name != HEAD_WEIGHT && p.name != HEAD_BIAS);
@@ -244,6 +262,9 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     }
     if !params.iter().any(|p| p.trainable) {
         return Err(Error::BadFlag { flag: "--train/--freeze".into(), detail: "no parameter is left trainable".into() });
+    }
+    if let Some(r) = &reference {
+        reference_copy::freeze_reference(&mut graph, r, &params);
     }
     lift_parameters(&mut graph, &params, true);
 
@@ -390,7 +411,7 @@ pub fn inference_graph(base: &Graph, sig: &LmSignature, cfg: &ObjectiveConfig, p
     let mut names = g.names.clone();
     let mut b = Builder::new(&mut names, "beta/");
     let tensors = ModelTensors::of(sig, false);
-    let constant = cfg.fixed_beta.or(cfg.beta_dpo.map(|d| d.beta0));
+    let constant = cfg.fixed_beta.or(cfg.beta_dpo.map(|d| d.beta0)).or(cfg.epsilon_dpo.map(|e| e.beta0));
     let beta = match constant {
         Some(f) => {
             let k = b.scalar(f, dtype::FLOAT);

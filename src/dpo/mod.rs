@@ -7,9 +7,10 @@ pub mod model;
 pub mod objective;
 pub mod params;
 
-pub use config::{BetaAggregate, BetaDpoConfig, BetaSource, HeadInput, LossKind, ObjectiveConfig};
+pub use config::{BetaAggregate, BetaDpoConfig, BetaSource, EpsilonDpoConfig, HeadInput, LossKind, ObjectiveConfig};
 pub mod artifacts;
 pub mod beta_dpo;
+pub mod epsilon_dpo;
 pub mod export;
 pub mod hf_export;
 pub mod kv_cache;
@@ -18,6 +19,7 @@ pub mod lora_export;
 pub mod manifest;
 pub mod optimizer;
 pub mod packing;
+pub mod reference_copy;
 pub mod validate;
 
 pub use artifacts::{build_artifacts, BuildOptions, BuildReport};

@@ -5,9 +5,10 @@
 //! right-padded; `completion_mask[r, t] = 1` marks answer tokens, whose log-prob is read from
 //! `logits[r, t-1]`.
 
-use super::answer_logps::tokens_to_sequences;
+use super::answer_logps::{tokens_to_sequences, AnswerTokens};
 use super::beta_dpo::{self, BatchBeta};
 use super::config::{inverse_softplus, BetaAggregate, BetaSource, HeadInput, LossKind, ObjectiveConfig};
+use super::epsilon_dpo::{self, PairBeta};
 use super::packing::{objective as packed, Layout};
 use crate::graph::Builder;
 use crate::onnx::{attr_i, dtype, tensor_f32, Dim, TensorProto, ValueInfoProto};
@@ -30,6 +31,8 @@ pub struct Objective {
     pub inputs: Vec<ValueInfoProto>,
     /// beta-DPO's kept-pair mask and updated running statistics.
     pub beta_dpo: Option<BatchBeta>,
+    /// epsilon-DPO's steps and next global beta.
+    pub epsilon_dpo: Option<PairBeta>,
     /// Initial values of the head (empty with a fixed beta).
     pub head: Vec<TensorProto>,
 }
@@ -49,11 +52,9 @@ fn halves(b: &mut Builder, x: &str, name: &str) -> (String, String) {
     (c, r)
 }
 
-/// Sum over answer tokens of log softmax(logits[t-1])[token t], per row. Labels and mask are
-/// shifted left (and padded) instead of slicing the [rows, T, vocab] tensor, so no vocab-sized
-/// copy is made. When the lm_head is a plain product, it is applied to the positions that predict an
-/// answer token only: the vocabulary-sized work then scales with the answer tokens, not the batch.
-pub fn sequence_logps(b: &mut Builder, m: &ModelTensors, mask: &str) -> String {
+/// Labels and their mask shifted left by one (and padded), so position `t` holds the token that
+/// `logits[t]` predicts: no [rows, T, vocab] slice is ever made.
+fn shifted_labels(b: &mut Builder, m: &ModelTensors, mask: &str) -> (String, String) {
     let one = b.ints(&[1]);
     let big = b.ints(&[i64::MAX]);
     let next_ids = b.op("Slice", &[m.input_ids, &one, &big, &one], vec![], "dpo/next_ids");
@@ -68,11 +69,20 @@ pub fn sequence_logps(b: &mut Builder, m: &ModelTensors, mask: &str) -> String {
     let pad_mask = b.op("ConstantOfShape", &[&col_shape], vec![crate::onnx::attr_t("value", zero_f)], "dpo/pad_mask");
     let labels = b.op("Concat", &[&next_ids, &pad_ids], vec![attr_i("axis", 1)], "dpo/labels");
     let label_mask = b.op("Concat", &[&next_mask, &pad_mask], vec![attr_i("axis", 1)], "dpo/label_mask");
+    (labels, label_mask)
+}
+
+/// Sum over answer tokens of log softmax(logits[t-1])[token t], per row. When the lm_head is a
+/// plain product, it is applied to the positions that predict an answer token only: the
+/// vocabulary-sized work then scales with the answer tokens, not the batch.
+pub fn sequence_logps(b: &mut Builder, m: &ModelTensors, mask: &str) -> String {
+    if m.projection.is_some() {
+        let tokens = padded_answer_tokens(b, m, mask);
+        return tokens_to_sequences(b, m, &tokens);
+    }
+    let (labels, label_mask) = shifted_labels(b, m, mask);
     let last = b.ints(&[-1]);
     let axis1 = b.ints(&[1]);
-    if m.projection.is_some() {
-        return answer_positions_logps(b, m, &labels, &label_mask);
-    }
     let logp = b.op("LogSoftmax", &[m.logits], vec![attr_i("axis", -1)], "dpo/logp");
     let labels3 = b.op("Unsqueeze", &[&labels, &last], vec![], "dpo/labels3");
     let picked = b.op("GatherElements", &[&logp, &labels3], vec![attr_i("axis", 2)], "dpo/token_logp3");
@@ -81,17 +91,17 @@ pub fn sequence_logps(b: &mut Builder, m: &ModelTensors, mask: &str) -> String {
     b.op("ReduceSum", &[&masked, &axis1], vec![attr_i("keepdims", 0)], "policy_logps")
 }
 
-/// The lm_head on the N positions whose next token is an answer token: hidden [N, H] → logits
-/// [N, V] → log-prob of the label; per-row sums through an [N, rows] selection matrix.
-fn answer_positions_logps(b: &mut Builder, m: &ModelTensors, labels: &str, label_mask: &str) -> String {
-    let on = b.op("Cast", &[label_mask], vec![attr_i("to", dtype::BOOL as i64)], "dpo/answer_positions_mask");
+/// The answer tokens of a right-padded batch whose answers `mask` marks.
+pub(crate) fn padded_answer_tokens(b: &mut Builder, m: &ModelTensors, mask: &str) -> AnswerTokens {
+    let (labels, label_mask) = shifted_labels(b, m, mask);
+    let on = b.op("Cast", &[&label_mask], vec![attr_i("to", dtype::BOOL as i64)], "dpo/answer_positions_mask");
     let nz = b.op("NonZero", &[&on], vec![], "dpo/answer_positions_nz");
     let at = b.op("Transpose", &[&nz], vec![crate::onnx::attr_ints("perm", &[1, 0])], "dpo/answer_positions");
-    let lab = b.op("GatherND", &[labels, &at], vec![], "dpo/answer_labels");
+    let lab = b.op("GatherND", &[&labels, &at], vec![], "dpo/answer_labels");
     let zero = b.int(0);
     let row = b.op("Gather", &[&at, &zero], vec![attr_i("axis", 1)], "dpo/answer_row");
     let rows = b.dim_scalar(m.input_ids, 0, "dpo/rows_count");
-    tokens_to_sequences(b, m, &at, &lab, &row, &rows)
+    AnswerTokens { at, labels: lab, seq: row, count: rows }
 }
 
 /// Per-row token weights [rows, T] selecting where the head reads the hidden state.
@@ -210,8 +220,20 @@ pub fn build(b: &mut Builder, m: &ModelTensors, cfg: &ObjectiveConfig) -> Object
         inputs.extend(beta_dpo::inputs());
         beta_dpo::batch_beta(b, &dc, &dr, d)
     });
-    let (beta_c, beta_r, beta_out, head) = match (cfg.fixed_beta, &batch_beta) {
-        (_, Some(bb)) => (bb.beta.clone(), bb.beta.clone(), bb.beta.clone(), vec![]),
+    let pair_beta = match cfg.epsilon_dpo {
+        Some(e) => {
+            let reference = m.reference.expect("build_artifacts adds the reference copy for epsilon-DPO");
+            inputs.extend(epsilon_dpo::inputs());
+            let tokens = match m.layout {
+                Layout::Padded => padded_answer_tokens(b, m, COMPLETION_MASK),
+                Layout::Packed => packed::answer_tokens(b),
+            };
+            Some(epsilon_dpo::pair_beta(b, m, reference, &tokens, e.epsilon))
+        }
+        None => None,
+    };
+    let (beta_c, beta_r, beta_out, head) = match (cfg.fixed_beta, batch_beta.as_ref().map(|bb| &bb.beta).or(pair_beta.as_ref().map(|pb| &pb.beta))) {
+        (_, Some(beta)) => (beta.clone(), beta.clone(), beta.clone(), vec![]),
         (Some(fixed), None) => {
             let k = b.scalar(fixed, dtype::FLOAT);
             let shape = b.op("Shape", &[&dc], vec![], "beta/pair_shape");
@@ -302,5 +324,5 @@ pub fn build(b: &mut Builder, m: &ModelTensors, cfg: &ObjectiveConfig) -> Object
         loss = b.op("Add", &[&loss, &reg], vec![], "dpo/regularised_loss");
     }
     let loss = b.op("Identity", &[&loss], vec![], "loss");
-    Objective { loss, policy_logps: policy, beta: beta_out, chosen_rewards, rejected_rewards, inputs, head, beta_dpo: batch_beta }
+    Objective { loss, policy_logps: policy, beta: beta_out, chosen_rewards, rejected_rewards, inputs, head, beta_dpo: batch_beta, epsilon_dpo: pair_beta }
 }

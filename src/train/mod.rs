@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod denormals;
 pub mod device;
+pub mod epsilon_beta;
 pub mod metrics;
 pub mod reference;
 pub mod schedule;

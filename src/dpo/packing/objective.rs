@@ -1,7 +1,7 @@
 //! The objective's reads of the packed layout: answer-token log-probs at explicit positions, and
 //! the beta head's context vector as a weighted sum of explicit hidden states.
 
-use crate::dpo::answer_logps::{one_hot, tokens_to_sequences, ModelTensors, REF_LOGPS};
+use crate::dpo::answer_logps::{one_hot, tokens_to_sequences, AnswerTokens, ModelTensors, REF_LOGPS};
 use crate::graph::Builder;
 use crate::onnx::{attr_ints, dtype, value_info, Dim, ValueInfoProto};
 
@@ -27,8 +27,14 @@ pub fn inputs() -> Vec<ValueInfoProto> {
 
 /// Per-sequence log-probs `[2B]` of the answer tokens at [`ANSWER_INDEX`].
 pub fn sequence_logps(b: &mut Builder, m: &ModelTensors) -> String {
+    let tokens = answer_tokens(b);
+    tokens_to_sequences(b, m, &tokens)
+}
+
+/// The answer tokens the packed batch lists explicitly.
+pub fn answer_tokens(b: &mut Builder) -> AnswerTokens {
     let count = b.dim_scalar(REF_LOGPS, 0, "dpo/sequence_count");
-    tokens_to_sequences(b, m, ANSWER_INDEX, ANSWER_LABELS, ANSWER_SEQUENCE, &count)
+    AnswerTokens { at: ANSWER_INDEX.into(), labels: ANSWER_LABELS.into(), seq: ANSWER_SEQUENCE.into(), count }
 }
 
 /// `[2B, H]`: per sequence, the weighted sum of the hidden states the head reads.

@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 
 use crate::dpo::Manifest;
 use crate::train::batch::{collate, CollateOptions};
-use crate::train::batch_beta::MarginStats;
+use crate::train::checkpoint::TrainerState;
 use crate::train::device::Device;
 use crate::train::metrics::{num, summarise, summarise_groups, PairValues};
 use crate::train::reference::{batch_refs, RefTable};
@@ -22,15 +22,15 @@ pub struct Evaluator<'a> {
 }
 
 impl Evaluator<'_> {
-    /// The `eval/` record at `step` (`epoch`). `stats`: beta-DPO's running margin statistics,
-    /// read and left unchanged.
+    /// The `eval/` record at `step` (`epoch`). `tstate`: beta-DPO's running margin statistics and
+    /// epsilon-DPO's beta, read and left unchanged.
     #[allow(clippy::too_many_arguments)]
     pub fn run(
         &self,
         session: &mut Session,
         m: &Manifest,
         params: &Feeds,
-        stats: MarginStats,
+        tstate: &TrainerState,
         device: &Device,
         step: u64,
         epoch: f64,
@@ -43,7 +43,9 @@ impl Evaluator<'_> {
             let refs: Vec<&TokenizedPair> = chunk.iter().collect();
             let batch = collate(&refs, &self.collate)?;
             let r = batch_refs(&self.refs, &batch.source_indices)?;
-            let extra = BatchBetaInputs { margin_stats: [stats.mean as f32, stats.std as f32], selection_noise: Vec::new() };
+            let stats = tstate.margin_stats;
+            let epsilon_beta = tstate.epsilon_beta.unwrap_or_default() as f32;
+            let extra = BatchBetaInputs { margin_stats: [stats.mean as f32, stats.std as f32], selection_noise: Vec::new(), epsilon_beta };
             let (out, _) = run_graph(session, spec, &GraphBatch { batch: &batch, refs: &r, batch_beta: &extra }, params, &[], device)?;
             loss_sum += out.loss as f64 * chunk.len() as f64;
             all.extend(PairValues::from_outputs(&out.chosen_rewards, &out.rejected_rewards, &out.policy_logps, &r, &out.beta, batch.groups.clone()));

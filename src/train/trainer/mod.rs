@@ -40,7 +40,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
 
     let mut initial_eval = None;
     if let (Some(ev), None) = (&evaluator, resumed_from) {
-        let rec = ev.run(&mut p.sessions.eval, &p.manifest, &state.params, tstate.margin_stats, &p.device, 0, 0.0)?;
+        let rec = ev.run(&mut p.sessions.eval, &p.manifest, &state.params, &tstate, &p.device, 0, 0.0)?;
         log.write(&rec)?;
         initial_eval = Some(rec);
     }
@@ -59,7 +59,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         let is_last = step == total;
         if let Some(ev) = &evaluator {
             if is_last || (cfg.eval_every > 0 && step % cfg.eval_every == 0) {
-                let rec = ev.run(&mut p.sessions.eval, &p.manifest, &state.params, tstate.margin_stats, &p.device, step, stepper.epoch(&tstate))?;
+                let rec = ev.run(&mut p.sessions.eval, &p.manifest, &state.params, &tstate, &p.device, step, stepper.epoch(&tstate))?;
                 log.write(&rec)?;
                 pb.println(progress::eval_line(step, &rec));
                 if is_last {

@@ -178,6 +178,8 @@ pub fn start_state(p: &mut Prepared) -> Result<(TrainerState, State)> {
         updates: 0,
         run_key: p.run_key.clone(),
         margin_stats: MarginStats::default(),
+        // as the graph reads it (float32), so resumed and straight runs agree bit for bit
+        epsilon_beta: p.manifest.objective.epsilon_dpo.map(|e| e.beta0 as f32 as f64),
     };
     Ok((ts, State { params, m, v }))
 }

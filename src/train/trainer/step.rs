@@ -9,11 +9,13 @@ use serde_json::{Map, Value};
 
 use super::prepare::{uses_fused, Prepared, Sessions};
 use crate::dpo::manifest::GraphSpec;
+use crate::dpo::EpsilonDpoConfig;
 use crate::train::batch::DataLoader;
 use crate::train::batch_beta::MarginStats;
 use crate::train::checkpoint::{self, TrainerState};
 use crate::train::config::TrainConfig;
 use crate::train::device::Device;
+use crate::train::epsilon_beta::{self, StepTally};
 use crate::train::fused_adamw::{self, ParamKind};
 use crate::train::metrics::{num, summarise, PairValues};
 use crate::train::optimizer_step::{apply, Accumulator, Hyper, State};
@@ -34,6 +36,7 @@ pub struct Stepper<'a> {
     /// Sums micro-batch gradients (only with `grad_accum > 1`).
     accumulator: Option<Accumulator>,
     beta_dpo: bool,
+    epsilon_dpo: Option<EpsilonDpoConfig>,
     /// Optimizer steps the run ends at.
     pub total: u64,
     pub per_epoch: f64,
@@ -70,6 +73,7 @@ impl<'a> Stepper<'a> {
             fused: uses_fused(cfg),
             accumulator,
             beta_dpo: manifest.objective.beta_dpo.is_some(),
+            epsilon_dpo: manifest.objective.epsilon_dpo,
             total: p.total_steps(cfg),
             per_epoch: p.loader.batches_per_epoch() as f64,
         })
@@ -98,11 +102,13 @@ impl<'a> Stepper<'a> {
         let mut acc: Option<Vec<Tensor<f32>>> = None;
         let mut graph_time = 0.0f64;
         let mut kept = 0usize;
+        let mut epsilon_steps = StepTally::default();
         for micro in 0..cfg.grad_accum {
             let batch = loader.next_batch()?;
             let refs = batch_refs(train_refs, &batch.source_indices)?;
             let micro_batch = tstate.step * cfg.grad_accum as u64 + micro as u64;
-            let extra = tstate.margin_stats.inputs(cfg.seed, micro_batch, batch.pairs());
+            let mut extra = tstate.margin_stats.inputs(cfg.seed, micro_batch, batch.pairs());
+            extra.epsilon_beta = tstate.epsilon_beta.unwrap_or_default() as f32;
             let graph_started = Instant::now();
             let fed = GraphBatch { batch: &batch, refs: &refs, batch_beta: &extra };
             let (out, grads) = run_graph(&mut sessions.train, &self.train_spec, &fed, &state.params, &self.grad_names, device)?;
@@ -110,6 +116,7 @@ impl<'a> Stepper<'a> {
                 tstate.margin_stats = MarginStats::of(s);
             }
             kept += out.kept.iter().filter(|&&k| k > 0.5).count();
+            epsilon_steps.add(&out.epsilon_steps);
             graph_time += graph_started.elapsed().as_secs_f64();
             loss_sum += out.loss as f64 * batch.pairs() as f64;
             n_pairs += batch.pairs();
@@ -165,6 +172,10 @@ impl<'a> Stepper<'a> {
             rec.insert("beta_dpo/kept_fraction".into(), num(kept as f64 / n_pairs as f64));
             rec.insert("beta_dpo/margin_mean".into(), num(tstate.margin_stats.mean));
             rec.insert("beta_dpo/margin_std".into(), num(tstate.margin_stats.std));
+        }
+        if let (Some(beta), Some(e)) = (tstate.epsilon_beta, self.epsilon_dpo) {
+            epsilon_beta::record(&mut rec, beta, &epsilon_steps);
+            tstate.epsilon_beta = Some(epsilon_beta::next_beta(beta, e.epsilon, &epsilon_steps));
         }
         if tstate.skipped_nonfinite > 0 {
             rec.insert("skipped_nonfinite".into(), Value::from(tstate.skipped_nonfinite));
