@@ -42,20 +42,29 @@ def configs(d, name):
     raise KeyError(name)
 
 
-def check_one(shared, name):
-    from safetensors.numpy import load_file
+def torch_model(d, name, inits=None):
+    """The shared fixture `name` (directory d) as a transformers model holding its ONNX weights, or the
+    initializer values `inits` (name -> array) in their place."""
     from transformers import AutoModelForCausalLM
-    d = os.path.join(shared, name)
     ref_json = json.load(open(os.path.join(d, "golden.json")))
-    ref = load_file(os.path.join(d, "golden.safetensors"))
     model = AutoModelForCausalLM.from_config(configs(d, name), attn_implementation="eager").eval()
-    proto = onnx.load(os.path.join(d, "model.onnx"))
-    inits = {t.name: numpy_helper.to_array(t, base_dir=d) for t in proto.graph.initializer}
+    if inits is None:
+        proto = onnx.load(os.path.join(d, "model.onnx"))
+        inits = {t.name: numpy_helper.to_array(t, base_dir=d) for t in proto.graph.initializer}
     params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for iname, m in ref_json["initializer_to_parameter"].items():
             a = torch.from_numpy(inits[iname].copy())
             params[m["parameter"]].copy_(a.t() if m["transposed"] else a)
+    return model
+
+
+def check_one(shared, name):
+    from safetensors.numpy import load_file
+    d = os.path.join(shared, name)
+    ref_json = json.load(open(os.path.join(d, "golden.json")))
+    ref = load_file(os.path.join(d, "golden.safetensors"))
+    model = torch_model(d, name)
     w = torch.from_numpy(ref["beta_head.weight"].astype(np.float64))
     b = torch.from_numpy(ref["beta_head.bias"].astype(np.float64))
     saved = E.beta_head

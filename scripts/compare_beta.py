@@ -11,7 +11,7 @@ accuracy. Stdlib only otherwise; not part of CI.
     python3 scripts/compare_beta.py --model ../shared/fixtures/tiny-llama-dynamo/model.onnx \\
         --data ../shared/fixtures/prefs/train.jsonl --eval-data ../shared/fixtures/prefs/test.jsonl \\
         --tokenizer ../shared/fixtures/tokenizer/tokenizer.json --steps 600 --seeds 42,1,2,3 \\
-        --methods learned,fixed,beta-dpo --out runs/compare
+        --methods learned,fixed,beta-dpo,epsilon-dpo --out runs/compare
 """
 
 import argparse
@@ -28,6 +28,9 @@ METHODS = {
     "fixed": (["--fixed-beta", "0.1"], []),
     # Wu et al. 2024, with the reference code's example settings (beta_0 0.1, alpha 0.6, rho 0.2)
     "beta-dpo": (["--beta-method", "beta-dpo"], []),
+    # Lee et al. 2025, with the reference code's default epsilon 0.01, from beta 0.1 (--beta-init);
+    # the train graph holds a frozen copy of the model as the reference (twice the weights' memory)
+    "epsilon-dpo": (["--beta-method", "epsilon-dpo", "--epsilon", "0.01", "--beta-init", "0.1"], []),
 }
 
 

@@ -7,8 +7,8 @@ Usage
   # or only summarise existing ONNX Runtime profiles, e.g. those of `betadpo train --profile PREFIX`
   python3 scripts/profile_artifacts.py --summarize PREFIX*.json [--skip-runs 1]
 
-Needs numpy and onnxruntime only (no torch). Use the onnxruntime version betadpo loads (1.31.1, the
-version `betadpo train` provisions) so the kernels are the same:  pip install onnxruntime==1.31.1 numpy
+Needs numpy and onnxruntime only (no torch). Use the onnxruntime version betadpo loads (1.32.0, the
+version `betadpo train` provisions) so the kernels are the same:  pip install onnxruntime==1.32.0 numpy
 
 What it does
   1. Reads ART/manifest.json and ART/params.safetensors (the initial parameters).

@@ -81,6 +81,11 @@ fn bad_flag_values() {
     assert_one_line_error(&["build-graph", "--model", m, "--out", o, "--beta-method", "beta-dpo", "--beta-dpo-rho", "1"], "--beta-dpo-rho");
     assert_one_line_error(&["build-graph", "--model", m, "--out", o, "--beta-method", "beta-dpo", "--beta-dpo-beta0", "0"], "--beta-dpo-beta0");
     assert_one_line_error(&["build-graph", "--model", m, "--out", o, "--beta-method", "beta-dpo", "--trainable", "head"], "--trainable head");
+    assert_one_line_error(&["build-graph", "--model", m, "--out", o, "--epsilon", "0.01"], "--epsilon");
+    assert_one_line_error(&["build-graph", "--model", m, "--out", o, "--beta-method", "epsilon-dpo", "--epsilon", "1"], "--epsilon");
+    assert_one_line_error(&["build-graph", "--model", m, "--out", o, "--beta-method", "epsilon-dpo", "--epsilon", "nan"], "--epsilon");
+    assert_one_line_error(&["build-graph", "--model", m, "--out", o, "--beta-method", "epsilon-dpo", "--fixed-beta", "0.1"], "--fixed-beta");
+    assert_one_line_error(&["build-graph", "--model", m, "--out", o, "--beta-method", "epsilon-dpo", "--trainable", "head"], "--trainable head");
     assert_absent(&out);
 }
 

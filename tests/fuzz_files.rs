@@ -114,6 +114,7 @@ fn checkpoint_dir() -> PathBuf {
         updates: 3,
         run_key: "k".into(),
         margin_stats: Default::default(),
+        epsilon_beta: None,
     };
     checkpoint::save(&run, &state, &raw, &moments, 2).unwrap()
 }

@@ -5,12 +5,12 @@
 
 mod common;
 
-use common::golden::{load_golden, Golden};
+use common::golden::{batch_input, load_golden, packed_golden, Golden};
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
-use betadpo::dpo::packing::{pack, HeadReads, LayoutChoice, PackedBatch, PairTokens};
+use betadpo::dpo::packing::LayoutChoice;
 use betadpo::dpo::{build_artifacts, BetaAggregate, BetaSource, BuildOptions, HeadInput, Layout, Manifest, ObjectiveConfig};
 use betadpo::runtime::{run, HostTensor, SessionConfig};
 use betadpo::store::read_safetensors;
@@ -35,25 +35,6 @@ enum Mode {
     Fixed,
 }
 
-/// The golden batch in the packed layout: its pairs read back from the padded rows.
-fn packed_golden(golden: &Golden, objective: &ObjectiveConfig) -> PackedBatch {
-    let ids = &golden.i64s["input_ids"];
-    let prompt_last = &golden.i64s["prompt_last_index"];
-    let seq_last = &golden.i64s["sequence_last_index"];
-    let b = prompt_last.len();
-    let tokens = |row: usize, from: usize, to_incl: i64| -> Vec<u32> { (from..=to_incl as usize).map(|c| ids[[row, c]] as u32).collect() };
-    let triples: Vec<[Vec<u32>; 3]> = (0..b)
-        .map(|i| {
-            let p = prompt_last[[i]] as usize + 1;
-            [tokens(i, 0, p as i64 - 1), tokens(i, p, seq_last[[i]]), tokens(b + i, p, seq_last[[b + i]])]
-        })
-        .collect();
-    let views: Vec<PairTokens> = triples.iter().map(PairTokens::of).collect();
-    // rows of ~2 pairs, so the batch spans several rows with padding at the end of one
-    let row_tokens = views.iter().map(|v| v.prompt.len() + v.chosen.len() + v.rejected.len()).max().unwrap() + 4;
-    pack(&views, row_tokens, 0, HeadReads::of(objective))
-}
-
 /// Builds `objective` in `layout` and runs its train graph on the golden batch with the golden's
 /// beta head; returns the manifest and every float output by name.
 fn train_graph_outputs(
@@ -72,15 +53,12 @@ fn train_graph_outputs(
     let (params, _) = read_safetensors(&out.join(&m.parameters_file)).unwrap();
     let mut feeds: Vec<(&str, HostTensor)> = Vec::new();
     for i in &spec.inputs {
-        if let Some(t) = packed.as_ref().and_then(|p| p.by_role(&i.role)) {
-            feeds.push((i.name.as_str(), t));
-            continue;
-        }
-        if let Some(t) = common::golden::batch_feed(golden, &i.role) {
+        if let Some(t) = batch_input(golden, packed.as_ref(), &i.role) {
             feeds.push((i.name.as_str(), t));
             continue;
         }
         let t = match i.role.as_str() {
+            "ref_logps" => HostTensor::F32(golden.f32s["ref_logps"].clone()),
             "parameter" => {
                 // the golden's beta head is not the build's zero init
                 let v = match golden.f32s.get(&i.name) {

@@ -239,7 +239,8 @@ fn train_runs_on_a_lora_build() {
     let tok = q.join("tokenizer.json");
     let (run, full_run) = (dir.join("run"), dir.join("full-run"));
     train(&art, &data, &tok, &run, "12", "1e-2");
-    train(&full, &data, &tok, &full_run, "1", "1e-3");
+    // One epoch (24 pairs, batches of 4), so the full build computes every pair's reference log-probs too.
+    train(&full, &data, &tok, &full_run, "6", "1e-3");
 
     let (lora_ref, base_ref) = (reference_logps(&run), reference_logps(&full_run));
     assert_eq!(lora_ref.len(), base_ref.len());

@@ -132,10 +132,10 @@ fn session_from_file_works_and_errors_name_the_path() {
 }
 
 #[test]
-fn loaded_library_is_1_31() {
+fn loaded_library_is_1_32() {
     runtime::environment().expect("environment");
     let lib = runtime::loaded_library().expect("loaded");
-    assert!(lib.version.starts_with("1.31."), "{lib:?}");
+    assert!(lib.version.starts_with("1.32."), "{lib:?}");
 }
 
 // ---------------------------------------------------------------------------------------------- execution providers

@@ -5,7 +5,8 @@ use anyhow::{Context, Result};
 use betadpo::dpo::lora::LoraOptions;
 use betadpo::dpo::packing::LayoutChoice;
 use betadpo::dpo::params::Selection;
-use betadpo::dpo::{build_artifacts, BetaAggregate, BetaDpoConfig, BetaSource, BuildOptions, HeadInput, LossKind, ObjectiveConfig};
+use betadpo::dpo::{build_artifacts, BetaAggregate, BetaDpoConfig, BetaSource, BuildOptions, EpsilonDpoConfig, HeadInput, LossKind, ObjectiveConfig};
+use betadpo::onnx::dtype;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -45,8 +46,10 @@ pub struct Args {
     #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
     label_smoothing: f64,
     /// Where beta comes from: the `learned` head (default), a `fixed` constant (--fixed-beta, 0.1
-    /// unless given), or `beta-dpo` (Wu et al. 2024: one beta per batch from its reward margins,
-    /// with the margin filter).
+    /// unless given), `beta-dpo` (Wu et al. 2024: one beta per batch from its reward margins,
+    /// with the margin filter), or `epsilon-dpo` (Lee et al. 2025: a per-pair beta from the policy's
+    /// perturbation towards and away from the reference, starting at --beta-init; the train graph
+    /// holds a frozen copy of the model as the reference).
     #[arg(long, value_enum)]
     beta_method: Option<MethodArg>,
     /// Standard DPO with this constant beta and no head (implies --beta-method fixed).
@@ -64,6 +67,9 @@ pub struct Args {
     /// Momentum of beta-DPO's moving averages of the margin's mean M_0 and spread (0.9).
     #[arg(long, allow_negative_numbers = true)]
     beta_dpo_momentum: Option<f64>,
+    /// epsilon-DPO's epsilon: the perturbation size and the relative step of beta (0.01).
+    #[arg(long, allow_negative_numbers = true)]
+    epsilon: Option<f64>,
     /// Name of the final hidden state, when it cannot be found automatically.
     #[arg(long)]
     hidden_state: Option<String>,
@@ -76,6 +82,10 @@ pub struct Args {
     /// `all` model parameters (default) or only the beta `head`.
     #[arg(long, value_enum, default_value = "all")]
     trainable: TrainableArg,
+    /// The dtype frozen weights are stored in, cast to float32 where they are read (compute, trainable
+    /// parameters, gradients and AdamW moments stay float32). Default: the model's own dtype.
+    #[arg(long, value_enum)]
+    frozen_dtype: Option<FrozenDtypeArg>,
     /// Train LoRA adapters of this rank (and the beta head) instead of the model's weights, which
     /// stay frozen.
     #[arg(long)]
@@ -106,6 +116,14 @@ enum MethodArg {
     Learned,
     Fixed,
     BetaDpo,
+    EpsilonDpo,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum FrozenDtypeArg {
+    Bfloat16,
+    Float16,
+    Float32,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -149,8 +167,14 @@ fn regex(flag: &str, v: &Option<String>) -> Result<Option<regex::Regex>> {
         .transpose()
 }
 
-/// `--beta-method` with the flags it reads: (fixed beta, beta-DPO's settings).
-fn beta_method(a: &Args) -> Result<(Option<f64>, Option<BetaDpoConfig>)> {
+/// What `--beta-method` chose, with the flags it reads.
+struct Method {
+    fixed_beta: Option<f64>,
+    beta_dpo: Option<BetaDpoConfig>,
+    epsilon_dpo: Option<EpsilonDpoConfig>,
+}
+
+fn beta_method(a: &Args) -> Result<Method> {
     let method = a.beta_method.unwrap_or(if a.fixed_beta.is_some() { MethodArg::Fixed } else { MethodArg::Learned });
     let dpo_flags = [
         ("--beta-dpo-beta0", a.beta_dpo_beta0),
@@ -163,12 +187,20 @@ fn beta_method(a: &Args) -> Result<(Option<f64>, Option<BetaDpoConfig>)> {
             anyhow::bail!(betadpo::Error::BadFlag { flag: (*flag).into(), detail: "needs --beta-method beta-dpo".into() });
         }
     }
+    if method != MethodArg::EpsilonDpo && a.epsilon.is_some() {
+        anyhow::bail!(betadpo::Error::BadFlag { flag: "--epsilon".into(), detail: "needs --beta-method epsilon-dpo".into() });
+    }
     if method != MethodArg::Fixed && a.fixed_beta.is_some() {
         anyhow::bail!(betadpo::Error::BadFlag { flag: "--fixed-beta".into(), detail: "needs --beta-method fixed (or no --beta-method)".into() });
     }
+    let none = Method { fixed_beta: None, beta_dpo: None, epsilon_dpo: None };
     Ok(match method {
-        MethodArg::Learned => (None, None),
-        MethodArg::Fixed => (Some(a.fixed_beta.unwrap_or(0.1)), None),
+        MethodArg::Learned => none,
+        MethodArg::Fixed => Method { fixed_beta: Some(a.fixed_beta.unwrap_or(0.1)), ..none },
+        MethodArg::EpsilonDpo => {
+            let epsilon_dpo = EpsilonDpoConfig { beta0: a.beta_init, epsilon: a.epsilon.unwrap_or(EpsilonDpoConfig::default().epsilon) };
+            Method { epsilon_dpo: Some(epsilon_dpo), ..none }
+        }
         MethodArg::BetaDpo => {
             let d = BetaDpoConfig::default();
             let cfg = BetaDpoConfig {
@@ -177,13 +209,13 @@ fn beta_method(a: &Args) -> Result<(Option<f64>, Option<BetaDpoConfig>)> {
                 rho: a.beta_dpo_rho.unwrap_or(d.rho),
                 momentum: a.beta_dpo_momentum.unwrap_or(d.momentum),
             };
-            (None, Some(cfg))
+            Method { beta_dpo: Some(cfg), ..none }
         }
     })
 }
 
 pub fn options(a: &Args) -> Result<BuildOptions> {
-    let (fixed_beta, beta_dpo) = beta_method(a)?;
+    let Method { fixed_beta, beta_dpo, epsilon_dpo } = beta_method(a)?;
     let objective = ObjectiveConfig {
         beta_source: match a.beta_source {
             SourceArg::Prompt => BetaSource::Prompt,
@@ -209,19 +241,28 @@ pub fn options(a: &Args) -> Result<BuildOptions> {
         label_smoothing: a.label_smoothing,
         fixed_beta,
         beta_dpo,
+        epsilon_dpo,
     };
     objective.validate()?;
     let selection =
         Selection { freeze: regex("--freeze", &a.freeze)?, train: regex("--train", &a.train)?, head_only: matches!(a.trainable, TrainableArg::Head) };
     if selection.head_only && !objective.has_head() {
-        anyhow::bail!(betadpo::Error::BadFlag { flag: "--trainable head".into(), detail: "with --fixed-beta or beta-dpo there is no head to train".into() });
+        anyhow::bail!(betadpo::Error::BadFlag {
+            flag: "--trainable head".into(),
+            detail: "with --fixed-beta, beta-dpo or epsilon-dpo there is no head to train".into()
+        });
     }
     let layout = match a.layout {
         LayoutArg::Auto => LayoutChoice::Auto,
         LayoutArg::Padded => LayoutChoice::Padded,
         LayoutArg::Packed => LayoutChoice::Packed,
     };
-    Ok(BuildOptions { objective, layout, selection, hidden_state: a.hidden_state.clone(), lora: lora(a)? })
+    let frozen_dtype = a.frozen_dtype.map(|d| match d {
+        FrozenDtypeArg::Bfloat16 => dtype::BFLOAT16,
+        FrozenDtypeArg::Float16 => dtype::FLOAT16,
+        FrozenDtypeArg::Float32 => dtype::FLOAT,
+    });
+    Ok(BuildOptions { objective, layout, selection, hidden_state: a.hidden_state.clone(), lora: lora(a)?, frozen_dtype })
 }
 
 fn lora(a: &Args) -> Result<Option<LoraOptions>> {
@@ -252,6 +293,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     if let Some(why) = &report.not_packed_because {
         println!("layout: padded (cannot pack this model: {why})");
+    }
+    if report.half_frozen > 0 {
+        println!("frozen weights: {} stored in half precision, computed with in float32", report.half_frozen);
     }
     if let Some(why) = &report.hf_map_skipped {
         println!("note: the Hugging Face name map was not copied, so `export --hf` will refuse these artifacts: {why}");

@@ -1,9 +1,10 @@
 //! `build-graph`: from an exported causal LM to training artifacts. Phases:
 //! raise an old opset → remove a KV cache → recognise the model → add LoRA adapters (`--lora-rank`) → append the objective → probe shapes → choose parameters → lift them to
-//! inputs → differentiate → build eval, optimizer and inference graphs → write all files into a
+//! inputs → differentiate → build eval, optimizer and inference graphs → store frozen weights in their dtype
+//! (a half-precision model computes in float32 from the start: `graph::compute_in_float32`) → write all files into a
 //! temporary directory that is renamed into place only when complete.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use ndarray::{ArrayD, IxDyn};
@@ -16,10 +17,10 @@ use super::model::{recognise, LmSignature};
 use super::objective::{self, ModelTensors, Objective, COMPLETION_MASK, HEAD_BIAS, HEAD_WEIGHT, REF_LOGPS};
 use super::packing::{self, Layout, LayoutChoice};
 use super::params::{find_parameters, lift_parameters, InitializerRef, Param, Selection};
-use super::{beta_dpo, optimizer, BetaSource, ObjectiveConfig};
+use super::{beta_dpo, epsilon_dpo, optimizer, reference_copy, BetaSource, ObjectiveConfig};
 use crate::autodiff::differentiate;
-use crate::graph::{probe_shapes, raise_to_scatter_add_opset, Builder, Graph, ProbeBatch};
-use crate::onnx::{dtype, load_model, save_model, tensor_to_f32, value_info, value_info_type, Dim, SaveOptions};
+use crate::graph::{compute_in_float32, probe_shapes, raise_to_scatter_add_opset, store_frozen, Builder, Graph, ProbeBatch, StoredWeights};
+use crate::onnx::{dtype, load_model_mapped, save_models_sharing_data, tensor_to_f32, value_info, value_info_type, Dim, MappedData};
 use crate::runtime::HostTensor;
 use crate::store::{write_safetensors_raw, RawTensor};
 use crate::{Error, Result};
@@ -33,6 +34,8 @@ pub struct BuildOptions {
     pub layout: LayoutChoice,
     pub selection: Selection,
     pub hidden_state: Option<String>,
+    /// The dtype frozen weights are stored in (`--frozen-dtype`); `None`: the model's own.
+    pub frozen_dtype: Option<crate::onnx::DType>,
     /// Train LoRA adapters (and the beta head) instead of the model's weights.
     pub lora: Option<LoraOptions>,
 }
@@ -51,6 +54,8 @@ pub struct BuildReport {
     pub out_dir: PathBuf,
     /// Why the Hugging Face name map beside the model was not copied (it belongs to another model).
     pub hf_map_skipped: Option<String>,
+    /// How many frozen weights are stored in half precision, cast to float32 where they are read.
+    pub half_frozen: usize,
 }
 
 /// The synthetic batches of the two shape probes: 2 pairs x 6 tokens, then 3 pairs x 9 tokens.
@@ -121,6 +126,9 @@ fn metric_outputs(obj: &Objective, cfg: &ObjectiveConfig) -> Vec<TensorSpec> {
         v.push(TensorSpec::float(&bb.stats_next, "margin_stats", &[2]).described("beta-DPO's running mean and std of the margin, after this batch"));
         v.push(TensorSpec::float_named(&bb.kept, "kept", &["pairs"]).described("1 for the pairs beta-DPO's filter keeps"));
     }
+    if let Some(pb) = &obj.epsilon_dpo {
+        v.extend(epsilon_dpo::outputs(pb));
+    }
     v
 }
 
@@ -146,8 +154,9 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     opts.objective.validate()?;
     check_lora_selection(opts)?;
     Manifest::claim_out_dir(out_dir)?;
-    let model = load_model(model_path)?;
+    let (model, model_data) = load_model_mapped(model_path)?;
     let mut base = Graph::from_model(model)?;
+    let half_origin = compute_in_float32(&mut base)?;
     let opset_raised_from = raise_to_scatter_add_opset(&mut base);
     let cache_removal = remove_kv_cache(&mut base)?;
     base.sort_topologically()?;
@@ -183,8 +192,15 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
         },
     };
     let layout = if packed.is_some() { Layout::Packed } else { Layout::Padded };
+    // epsilon-DPO reads the reference model's logits: a frozen copy of the model inside the graph
+    let reference = match cfg.epsilon_dpo {
+        Some(_) => Some(reference_copy::add_reference_copy(&mut graph, &sig)?),
+        None => None,
+    };
+    let reference_tensors = reference.as_ref().map(|r| epsilon_dpo::reference_tensors(r, &sig, layout));
     let mut tensors = ModelTensors::of(&sig, true);
     tensors.layout = layout;
+    tensors.reference = reference_tensors.as_ref();
     let mut batch_inputs = match packed {
         None => {
             let mut v = lm_inputs(&sig);
@@ -200,6 +216,9 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
         );
         batch_inputs
             .push(TensorSpec::float_named(beta_dpo::SELECTION_NOISE, "selection_noise", &["pairs"]).described("standard Gumbel noise for beta-DPO's filter"));
+    }
+    if cfg.epsilon_dpo.is_some() {
+        batch_inputs.push(epsilon_dpo::input_spec());
     }
     let mut names = graph.names.clone();
     let mut b = Builder::new(&mut names, "dpo/");
@@ -221,6 +240,11 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
             run.extend(beta_dpo::probe_inputs(pairs));
         }
     }
+    if let Some(e) = cfg.epsilon_dpo {
+        for run in probes.runs.iter_mut() {
+            run.extend(epsilon_dpo::probe_inputs(e.beta0));
+        }
+    }
     let infos = probe_shapes(&graph, &probes)?;
     let mut params = find_parameters(&graph, &obj.loss, &infos, &opts.selection)?;
     params.retain(|p| p.name != HEAD_WEIGHT && p.name != HEAD_BIAS);
@@ -238,6 +262,9 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     }
     if !params.iter().any(|p| p.trainable) {
         return Err(Error::BadFlag { flag: "--train/--freeze".into(), detail: "no parameter is left trainable".into() });
+    }
+    if let Some(r) = &reference {
+        reference_copy::freeze_reference(&mut graph, r, &params);
     }
     lift_parameters(&mut graph, &params, true);
 
@@ -259,7 +286,7 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     order_inputs(&mut graph, &train_inputs);
     order_inputs(&mut eval, &train_inputs);
 
-    let infer = inference_graph(&base, &sig, cfg, &params)?;
+    let mut infer = inference_graph(&base, &sig, cfg, &params)?;
     let param_specs: Vec<ParameterSpec> = params
         .iter()
         .map(|p| ParameterSpec {
@@ -311,8 +338,14 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
         lora,
     };
     let initial = initial_values(&base, &obj, &params)?;
+    let frozen: HashSet<String> = params.iter().filter(|p| !p.trainable).flat_map(|p| p.initializers.iter().map(|r| r.name.clone())).collect();
+    let mut stored = StoredWeights::default();
+    let mut half_frozen = 0;
+    for g in [&mut graph, &mut eval, &mut infer] {
+        half_frozen = half_frozen.max(store_frozen(g, &frozen, opts.frozen_dtype, &half_origin, &mut stored)?);
+    }
     let graphs = [("train", graph), ("eval", eval), ("optimizer", opt_graph), ("infer", infer)];
-    write_all(out_dir, &manifest, graphs, &initial, hf_map.as_deref())?;
+    write_all(out_dir, &manifest, graphs, &model_data, &initial, hf_map.as_deref())?;
     Ok(BuildReport {
         manifest,
         not_packed_because,
@@ -322,6 +355,7 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
         backward_nodes: grads.nodes_added,
         out_dir: out_dir.to_path_buf(),
         hf_map_skipped,
+        half_frozen,
     })
 }
 
@@ -377,7 +411,7 @@ pub fn inference_graph(base: &Graph, sig: &LmSignature, cfg: &ObjectiveConfig, p
     let mut names = g.names.clone();
     let mut b = Builder::new(&mut names, "beta/");
     let tensors = ModelTensors::of(sig, false);
-    let constant = cfg.fixed_beta.or(cfg.beta_dpo.map(|d| d.beta0));
+    let constant = cfg.fixed_beta.or(cfg.beta_dpo.map(|d| d.beta0)).or(cfg.epsilon_dpo.map(|e| e.beta0));
     let beta = match constant {
         Some(f) => {
             let k = b.scalar(f, dtype::FLOAT);
@@ -427,14 +461,20 @@ fn initial_values<'a>(base: &'a Graph, obj: &'a Objective, params: &'a [Param]) 
 }
 
 /// Writes every file into `.<out>.partial-<pid>` (leftovers of killed builds are removed first), then swaps it into place, so `out` is either the
-/// previous complete build or the new complete build, never a mix.
-fn write_all<const N: usize>(out: &Path, manifest: &Manifest, graphs: [(&str, Graph); N], params: &[RawTensor], hf_map: Option<&str>) -> Result<()> {
+/// previous complete build or the new complete build, never a mix. The graphs share one copy of the frozen
+/// weights (see `onnx::save_models_sharing_data`): the model's own data file, cloned, when they are unchanged and the file system shares blocks.
+fn write_all<const N: usize>(
+    out: &Path,
+    manifest: &Manifest,
+    graphs: [(&str, Graph); N],
+    model_data: &[MappedData],
+    params: &[RawTensor],
+    hf_map: Option<&str>,
+) -> Result<()> {
     // claimed again before the swap: the directory may have changed during the build
     crate::temp_files::write_dir(out, Manifest::claim_out_dir, |tmp| {
-        for (which, g) in graphs {
-            let file = &manifest.graphs[which].file;
-            save_model(&g.into_model(), &tmp.join(file), &SaveOptions::default())?;
-        }
+        let models = graphs.into_iter().map(|(which, g)| (manifest.graphs[which].file.clone(), g.into_model())).collect();
+        save_models_sharing_data(tmp, models, model_data)?;
         write_safetensors_raw(&tmp.join(PARAMS_FILE), params, None)?;
         let text = serde_json::to_string_pretty(manifest).expect("manifest serialises");
         crate::onnx::write_atomic(&tmp.join(MANIFEST_FILE), |w| w.write_all(text.as_bytes()))?;

@@ -147,17 +147,19 @@ fn filter(b: &mut Builder, margin: &str, m0: &str, s0: &str, rho: f64) -> (Strin
     (kept, count)
 }
 
-/// The mean loss over the `kept` pairs at the batch beta `beta`, from the pairs' margins `u`
-/// (policy minus reference log-ratio, chosen minus rejected), in float64. With beta and the kept set
-/// held at the values of some parameters, this is the function whose gradient the train graph
-/// returns there (the paper detaches both), so `validate` differentiates it numerically.
-pub fn detached_loss(cfg: &ObjectiveConfig, beta: f64, kept: &[f32], u: &[f64]) -> f64 {
+/// The mean loss over the `kept` pairs at the betas `betas` (one per pair), from the pairs' margins `u`
+/// (policy minus reference log-ratio, chosen minus rejected), in float64. With the betas and the kept
+/// set held at the values of some parameters, this is the function whose gradient the train graph
+/// returns there (beta-DPO detaches its batch beta and filter, epsilon-DPO its per-pair betas), so
+/// `validate` differentiates it numerically.
+pub fn detached_loss(cfg: &ObjectiveConfig, betas: &[f64], kept: &[f32], u: &[f64]) -> f64 {
     let softplus = |x: f64| x.max(0.0) + (-x.abs()).exp().ln_1p();
-    let per_pair = |u: f64| match cfg.loss {
+    let per_pair = |beta: f64, u: f64| match cfg.loss {
         LossKind::Sigmoid => (1.0 - cfg.label_smoothing) * softplus(-beta * u) + cfg.label_smoothing * softplus(beta * u),
         LossKind::Ipo => (u - 1.0 / (2.0 * beta)).powi(2),
         LossKind::Hinge => (1.0 - beta * u).max(0.0),
     };
-    let (sum, count) = kept.iter().zip(u).filter(|(k, _)| **k > 0.5).fold((0.0, 0.0), |(s, n), (_, &u)| (s + per_pair(u), n + 1.0));
+    let kept_pairs = kept.iter().zip(betas).zip(u).filter(|((k, _), _)| **k > 0.5);
+    let (sum, count) = kept_pairs.fold((0.0, 0.0), |(s, n), ((_, &beta), &u)| (s + per_pair(beta, u), n + 1.0));
     sum / count
 }

@@ -63,6 +63,25 @@ pub struct ObjectiveConfig {
     /// beta-DPO (Wu et al. 2024): a batch-level beta from the batch's margins, and the margin filter.
     #[serde(default)]
     pub beta_dpo: Option<BetaDpoConfig>,
+    /// epsilon-DPO (Lee et al. 2025): a per-pair beta from the policy's own perturbation, and a
+    /// global beta carried from step to step.
+    #[serde(default)]
+    pub epsilon_dpo: Option<EpsilonDpoConfig>,
+}
+
+/// epsilon-DPO's hyperparameters (oddqueue/e-dpo: `epsilon`, default 0.01, and TRL's `beta`).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EpsilonDpoConfig {
+    /// The global beta before the first step (`--beta-init`).
+    pub beta0: f64,
+    /// The perturbation size and the step of the KL penalty: a pair's beta is `beta / (1 + eps step)`.
+    pub epsilon: f64,
+}
+
+impl Default for EpsilonDpoConfig {
+    fn default() -> Self {
+        EpsilonDpoConfig { beta0: 0.1, epsilon: 0.01 }
+    }
 }
 
 /// beta-DPO's hyperparameters, named and defaulted as in the paper's reference code
@@ -100,14 +119,16 @@ impl Default for ObjectiveConfig {
             label_smoothing: 0.0,
             fixed_beta: None,
             beta_dpo: None,
+            epsilon_dpo: None,
         }
     }
 }
 
 impl ObjectiveConfig {
-    /// Whether beta comes from the learned head (not a constant, not beta-DPO's batch statistic).
+    /// Whether beta comes from the learned head (not a constant, not beta-DPO's batch statistic,
+    /// not epsilon-DPO's perturbation).
     pub fn has_head(&self) -> bool {
-        self.fixed_beta.is_none() && self.beta_dpo.is_none()
+        self.fixed_beta.is_none() && self.beta_dpo.is_none() && self.epsilon_dpo.is_none()
     }
 
     // `!(a > b)` on purpose: a NaN flag value must fail these checks too.
@@ -152,6 +173,18 @@ impl ObjectiveConfig {
             }
             if !(0.0..1.0).contains(&d.momentum) {
                 return bad("--beta-dpo-momentum", format!("{} (must be in [0, 1))", d.momentum));
+            }
+        }
+        if let Some(e) = &self.epsilon_dpo {
+            if self.fixed_beta.is_some() || self.beta_dpo.is_some() {
+                return bad("--beta-method", "epsilon-dpo excludes --fixed-beta and beta-dpo".into());
+            }
+            if !(e.beta0.is_finite() && e.beta0 > 0.0) {
+                return bad("--beta-init", format!("{} (epsilon-DPO's initial beta must be a positive number)", e.beta0));
+            }
+            // below 1, so that 1 + eps step stays positive for step -1
+            if !(e.epsilon > 0.0 && e.epsilon < 1.0) {
+                return bad("--epsilon", format!("{} (must be in (0, 1))", e.epsilon));
             }
         }
         Ok(())

@@ -56,7 +56,9 @@ pub fn scale(spec: &LoraSpec) -> f32 {
 /// graph computes what it computed with the adapters, as a plain model.
 pub fn merge_adapters(g: &mut Graph, spec: &LoraSpec, adapters: &[TrainedAdapter]) -> Result<()> {
     for ad in adapters {
-        let idx = g.initializers.iter().position(|t| t.name == ad.spec.base_weight);
+        // stored under a half-precision name when its dtype was kept or chosen (`graph::store_frozen`)
+        let names = crate::graph::stored_names(&ad.spec.base_weight);
+        let idx = g.initializers.iter().position(|t| names.contains(&t.name));
         let w = idx.map(|i| &mut g.initializers[i]).ok_or_else(|| Error::graph(format!("LoRA base weight {} is not in the graph", ad.spec.base_weight)))?;
         let delta = ad.delta(scale(spec));
         let delta = if ad.spec.weight_out_in { delta.reversed_axes().as_standard_layout().into_owned() } else { delta };

@@ -5,16 +5,19 @@
 //! right-padded; `completion_mask[r, t] = 1` marks answer tokens, whose log-prob is read from
 //! `logits[r, t-1]`.
 
+use super::answer_logps::{tokens_to_sequences, AnswerTokens};
 use super::beta_dpo::{self, BatchBeta};
 use super::config::{inverse_softplus, BetaAggregate, BetaSource, HeadInput, LossKind, ObjectiveConfig};
+use super::epsilon_dpo::{self, PairBeta};
 use super::packing::{objective as packed, Layout};
 use crate::graph::Builder;
 use crate::onnx::{attr_i, dtype, tensor_f32, Dim, TensorProto, ValueInfoProto};
 
+pub use super::answer_logps::{ModelTensors, REF_LOGPS};
+
 pub const HEAD_WEIGHT: &str = "beta_head.weight";
 pub const HEAD_BIAS: &str = "beta_head.bias";
 pub const COMPLETION_MASK: &str = "completion_mask";
-pub const REF_LOGPS: &str = "ref_logps";
 
 /// Names of the objective's tensors.
 #[derive(Clone, Debug)]
@@ -28,36 +31,10 @@ pub struct Objective {
     pub inputs: Vec<ValueInfoProto>,
     /// beta-DPO's kept-pair mask and updated running statistics.
     pub beta_dpo: Option<BatchBeta>,
+    /// epsilon-DPO's steps and next global beta.
+    pub epsilon_dpo: Option<PairBeta>,
     /// Initial values of the head (empty with a fixed beta).
     pub head: Vec<TensorProto>,
-}
-
-/// Where the model's tensors are.
-pub struct ModelTensors<'a> {
-    pub input_ids: &'a str,
-    pub attention_mask: &'a str,
-    pub logits: &'a str,
-    pub hidden: &'a str,
-    pub hidden_size: i64,
-    /// When set, answer log-probs apply this lm_head to the answer positions only.
-    pub projection: Option<&'a super::model::Projection>,
-    pub layout: Layout,
-}
-
-impl<'a> ModelTensors<'a> {
-    /// The tensors of a recognised model; `answer_positions` lets the objective apply the lm_head
-    /// to answer positions only (training), where the deployable graph keeps the full `logits`.
-    pub fn of(sig: &'a super::model::LmSignature, answer_positions: bool) -> Self {
-        ModelTensors {
-            input_ids: &sig.input_ids,
-            attention_mask: &sig.attention_mask,
-            logits: &sig.logits,
-            hidden: &sig.hidden,
-            hidden_size: sig.hidden_size,
-            projection: if answer_positions { sig.projection.as_ref() } else { None },
-            layout: Layout::Padded,
-        }
-    }
 }
 
 fn rows_dims() -> Vec<Dim> {
@@ -75,11 +52,9 @@ fn halves(b: &mut Builder, x: &str, name: &str) -> (String, String) {
     (c, r)
 }
 
-/// Sum over answer tokens of log softmax(logits[t-1])[token t], per row. Labels and mask are
-/// shifted left (and padded) instead of slicing the [rows, T, vocab] tensor, so no vocab-sized
-/// copy is made. When the lm_head is a plain product, it is applied to the positions that predict an
-/// answer token only: the vocabulary-sized work then scales with the answer tokens, not the batch.
-pub fn sequence_logps(b: &mut Builder, m: &ModelTensors, mask: &str) -> String {
+/// Labels and their mask shifted left by one (and padded), so position `t` holds the token that
+/// `logits[t]` predicts: no [rows, T, vocab] slice is ever made.
+fn shifted_labels(b: &mut Builder, m: &ModelTensors, mask: &str) -> (String, String) {
     let one = b.ints(&[1]);
     let big = b.ints(&[i64::MAX]);
     let next_ids = b.op("Slice", &[m.input_ids, &one, &big, &one], vec![], "dpo/next_ids");
@@ -94,11 +69,20 @@ pub fn sequence_logps(b: &mut Builder, m: &ModelTensors, mask: &str) -> String {
     let pad_mask = b.op("ConstantOfShape", &[&col_shape], vec![crate::onnx::attr_t("value", zero_f)], "dpo/pad_mask");
     let labels = b.op("Concat", &[&next_ids, &pad_ids], vec![attr_i("axis", 1)], "dpo/labels");
     let label_mask = b.op("Concat", &[&next_mask, &pad_mask], vec![attr_i("axis", 1)], "dpo/label_mask");
+    (labels, label_mask)
+}
+
+/// Sum over answer tokens of log softmax(logits[t-1])[token t], per row. When the lm_head is a
+/// plain product, it is applied to the positions that predict an answer token only: the
+/// vocabulary-sized work then scales with the answer tokens, not the batch.
+pub fn sequence_logps(b: &mut Builder, m: &ModelTensors, mask: &str) -> String {
+    if m.projection.is_some() {
+        let tokens = padded_answer_tokens(b, m, mask);
+        return tokens_to_sequences(b, m, &tokens);
+    }
+    let (labels, label_mask) = shifted_labels(b, m, mask);
     let last = b.ints(&[-1]);
     let axis1 = b.ints(&[1]);
-    if m.projection.is_some() {
-        return answer_positions_logps(b, m, &labels, &label_mask);
-    }
     let logp = b.op("LogSoftmax", &[m.logits], vec![attr_i("axis", -1)], "dpo/logp");
     let labels3 = b.op("Unsqueeze", &[&labels, &last], vec![], "dpo/labels3");
     let picked = b.op("GatherElements", &[&logp, &labels3], vec![attr_i("axis", 2)], "dpo/token_logp3");
@@ -107,56 +91,17 @@ pub fn sequence_logps(b: &mut Builder, m: &ModelTensors, mask: &str) -> String {
     b.op("ReduceSum", &[&masked, &axis1], vec![attr_i("keepdims", 0)], "policy_logps")
 }
 
-/// The lm_head on the N positions whose next token is an answer token: hidden [N, H] → logits
-/// [N, V] → log-prob of the label; per-row sums through an [N, rows] selection matrix.
-fn answer_positions_logps(b: &mut Builder, m: &ModelTensors, labels: &str, label_mask: &str) -> String {
-    let on = b.op("Cast", &[label_mask], vec![attr_i("to", dtype::BOOL as i64)], "dpo/answer_positions_mask");
+/// The answer tokens of a right-padded batch whose answers `mask` marks.
+pub(crate) fn padded_answer_tokens(b: &mut Builder, m: &ModelTensors, mask: &str) -> AnswerTokens {
+    let (labels, label_mask) = shifted_labels(b, m, mask);
+    let on = b.op("Cast", &[&label_mask], vec![attr_i("to", dtype::BOOL as i64)], "dpo/answer_positions_mask");
     let nz = b.op("NonZero", &[&on], vec![], "dpo/answer_positions_nz");
     let at = b.op("Transpose", &[&nz], vec![crate::onnx::attr_ints("perm", &[1, 0])], "dpo/answer_positions");
-    let lab = b.op("GatherND", &[labels, &at], vec![], "dpo/answer_labels");
+    let lab = b.op("GatherND", &[&labels, &at], vec![], "dpo/answer_labels");
     let zero = b.int(0);
     let row = b.op("Gather", &[&at, &zero], vec![attr_i("axis", 1)], "dpo/answer_row");
     let rows = b.dim_scalar(m.input_ids, 0, "dpo/rows_count");
-    tokens_to_sequences(b, m, &at, &lab, &row, &rows)
-}
-
-/// Sums of answer-token log-probs per sequence: the tokens at positions `at` [N, 2] (the positions
-/// that predict them) with labels [N], belonging to sequences `seq` of `count`. With a plain
-/// lm_head it is applied at those positions only; otherwise the model's logits are gathered.
-pub(crate) fn tokens_to_sequences(b: &mut Builder, m: &ModelTensors, at: &str, labels: &str, seq: &str, count: &str) -> String {
-    let z = match m.projection {
-        Some(p) => {
-            let h = b.op("GatherND", &[m.hidden, at], vec![], "dpo/answer_hidden");
-            let z = if p.trans_b {
-                b.op("Gemm", &[&h, &p.weight], vec![attr_i("transB", 1)], "dpo/answer_logits")
-            } else {
-                b.op("MatMul", &[&h, &p.weight], vec![], "dpo/answer_logits")
-            };
-            match &p.bias {
-                Some(bias) => b.op("Add", &[&z, bias], vec![], "dpo/answer_logits_biased"),
-                None => z,
-            }
-        }
-        None => b.op("GatherND", &[m.logits, at], vec![], "dpo/answer_logits"),
-    };
-    let logp = b.op("LogSoftmax", &[&z], vec![attr_i("axis", -1)], "dpo/logp");
-    let last = b.ints(&[-1]);
-    let lab2 = b.op("Unsqueeze", &[labels, &last], vec![], "dpo/answer_labels2");
-    let picked = b.op("GatherElements", &[&logp, &lab2], vec![attr_i("axis", 1)], "dpo/token_logp2");
-    let tok = b.op("Squeeze", &[&picked, &last], vec![], "dpo/token_logp");
-    let onehot = one_hot(b, seq, count, "dpo/row");
-    b.op("MatMul", &[&tok, &onehot], vec![], "policy_logps")
-}
-
-/// `[N, count]` float: row `i` is 1 at column `ids[i]` (`ids` is [N] int64).
-pub(crate) fn one_hot(b: &mut Builder, ids: &str, count: &str, hint: &str) -> String {
-    let start = b.int(0);
-    let step = b.int(1);
-    let all = b.op("Range", &[&start, count, &step], vec![], &format!("{hint}_ids"));
-    let last = b.ints(&[-1]);
-    let col = b.op("Unsqueeze", &[ids, &last], vec![], &format!("{hint}_column"));
-    let hit = b.op("Equal", &[&col, &all], vec![], &format!("{hint}_hit"));
-    b.op("Cast", &[&hit], vec![attr_i("to", dtype::FLOAT as i64)], &format!("{hint}_onehot"))
+    AnswerTokens { at, labels: lab, seq: row, count: rows }
 }
 
 /// Per-row token weights [rows, T] selecting where the head reads the hidden state.
@@ -275,8 +220,20 @@ pub fn build(b: &mut Builder, m: &ModelTensors, cfg: &ObjectiveConfig) -> Object
         inputs.extend(beta_dpo::inputs());
         beta_dpo::batch_beta(b, &dc, &dr, d)
     });
-    let (beta_c, beta_r, beta_out, head) = match (cfg.fixed_beta, &batch_beta) {
-        (_, Some(bb)) => (bb.beta.clone(), bb.beta.clone(), bb.beta.clone(), vec![]),
+    let pair_beta = match cfg.epsilon_dpo {
+        Some(e) => {
+            let reference = m.reference.expect("build_artifacts adds the reference copy for epsilon-DPO");
+            inputs.extend(epsilon_dpo::inputs());
+            let tokens = match m.layout {
+                Layout::Padded => padded_answer_tokens(b, m, COMPLETION_MASK),
+                Layout::Packed => packed::answer_tokens(b),
+            };
+            Some(epsilon_dpo::pair_beta(b, m, reference, &tokens, e.epsilon))
+        }
+        None => None,
+    };
+    let (beta_c, beta_r, beta_out, head) = match (cfg.fixed_beta, batch_beta.as_ref().map(|bb| &bb.beta).or(pair_beta.as_ref().map(|pb| &pb.beta))) {
+        (_, Some(beta)) => (beta.clone(), beta.clone(), beta.clone(), vec![]),
         (Some(fixed), None) => {
             let k = b.scalar(fixed, dtype::FLOAT);
             let shape = b.op("Shape", &[&dc], vec![], "beta/pair_shape");
@@ -367,5 +324,5 @@ pub fn build(b: &mut Builder, m: &ModelTensors, cfg: &ObjectiveConfig) -> Object
         loss = b.op("Add", &[&loss, &reg], vec![], "dpo/regularised_loss");
     }
     let loss = b.op("Identity", &[&loss], vec![], "loss");
-    Objective { loss, policy_logps: policy, beta: beta_out, chosen_rewards, rejected_rewards, inputs, head, beta_dpo: batch_beta }
+    Objective { loss, policy_logps: policy, beta: beta_out, chosen_rewards, rejected_rewards, inputs, head, beta_dpo: batch_beta, epsilon_dpo: pair_beta }
 }

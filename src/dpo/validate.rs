@@ -159,17 +159,19 @@ fn parameters_file(tensors: &[NamedTensor], m: &Manifest) -> Result<usize> {
 /// second half, the last row right-padded.
 pub fn random_batch(m: &Manifest, spec: &GraphSpec, rng: &mut impl Rng, pairs: usize, t: usize) -> Vec<(String, HostTensor)> {
     let mut v = if m.layout == super::Layout::Packed { random_packed_batch(m, spec, rng, pairs, t) } else { random_padded_batch(m, spec, rng, pairs, t) };
-    v.extend(random_beta_dpo_inputs(spec, rng, pairs));
+    v.extend(random_beta_dpo_inputs(m, spec, rng, pairs));
     v
 }
 
-/// beta-DPO's running statistics (a spread near the margins' scale) and Gumbel noise.
-fn random_beta_dpo_inputs(spec: &GraphSpec, rng: &mut impl Rng, pairs: usize) -> Vec<(String, HostTensor)> {
+/// beta-DPO's running statistics (a spread near the margins' scale) and Gumbel noise; epsilon-DPO's
+/// global beta at its initial value.
+fn random_beta_dpo_inputs(m: &Manifest, spec: &GraphSpec, rng: &mut impl Rng, pairs: usize) -> Vec<(String, HostTensor)> {
     let mut v = Vec::new();
     for i in &spec.inputs {
         let tensor = match i.role.as_str() {
             "margin_stats" => HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[2]), vec![rng.random_range(-1.0..1.0), rng.random_range(0.5..2.0)]).unwrap()),
             "selection_noise" => HostTensor::F32(ArrayD::from_shape_fn(IxDyn(&[pairs]), |_| -(-rng.random_range(f32::MIN_POSITIVE..1.0f32).ln()).ln())),
+            "epsilon_beta" => HostTensor::F32(ArrayD::from_elem(IxDyn(&[1]), m.objective.epsilon_dpo.map_or(0.1, |e| e.beta0) as f32)),
             _ => continue,
         };
         v.push((i.name.clone(), tensor));
@@ -256,31 +258,38 @@ fn packed_vs_model(tensors: &[NamedTensor], m: &Manifest, opts: &ValidateOptions
 
 type HeldLoss<'a> = Box<dyn Fn(&[(String, HostTensor)]) -> Result<f64> + 'a>;
 
-/// beta-DPO: the loss with the batch beta and the kept set held at their values in `at` (the
-/// graph's outputs at the unperturbed parameters), which is what its gradient differentiates; it
-/// is checked against the graph's own loss there. `None` for the other methods.
+/// beta-DPO and epsilon-DPO: the loss with the betas (and beta-DPO's kept set) held at their values
+/// in `at` (the graph's outputs at the unperturbed parameters), which is what their gradient
+/// differentiates; it is checked against the graph's own loss there. `None` for the other methods.
 fn held_beta_loss<'a>(m: &'a Manifest, spec: &'a GraphSpec, batch: &'a [(String, HostTensor)], at: &[(String, HostTensor)]) -> Result<Option<HeldLoss<'a>>> {
-    if m.objective.beta_dpo.is_none() {
-        return Ok(None);
-    }
+    let method = match (&m.objective.beta_dpo, &m.objective.epsilon_dpo) {
+        (Some(_), _) => "beta-DPO",
+        (None, Some(_)) => "epsilon-DPO",
+        (None, None) => return Ok(None),
+    };
     let name = |role: &str, k: usize| spec.outputs.iter().filter(|o| o.role == role).nth(k).map(|o| o.name.clone());
-    let missing = || Error::Other("the beta-DPO train graph lacks its beta, kept or log-prob outputs".into());
-    let (beta, kept, logps) = (name("beta", 0).ok_or_else(missing)?, name("kept", 0).ok_or_else(missing)?, name("metric", 2).ok_or_else(missing)?);
+    let missing = || Error::Other(format!("the {method} train graph lacks its beta, kept or log-prob outputs"));
+    let (beta, logps) = (name("beta", 0).ok_or_else(missing)?, name("metric", 2).ok_or_else(missing)?);
     let refs_name = spec.input("ref_logps").map(|i| i.name.clone()).ok_or_else(missing)?;
     let refs: Vec<f64> = batch.iter().find(|(n, _)| *n == refs_name).and_then(|(_, t)| t.as_f32()).ok_or_else(missing)?.iter().map(|&x| x as f64).collect();
-    let beta_at = f32_output(at, &beta)?.iter().next().copied().unwrap_or(f32::NAN) as f64;
-    let kept_at: Vec<f32> = f32_output(at, &kept)?.iter().copied().collect();
+    let pairs = refs.len() / 2;
+    let betas_out: Vec<f64> = f32_output(at, &beta)?.iter().map(|&x| x as f64).collect();
+    let betas_at: Vec<f64> = (0..pairs).map(|i| betas_out.get(i).or(betas_out.first()).copied().unwrap_or(f64::NAN)).collect();
+    let kept_at: Vec<f32> = match name("kept", 0) {
+        Some(kept) => f32_output(at, &kept)?.iter().copied().collect(),
+        None => vec![1.0; pairs],
+    };
     let held: HeldLoss<'a> = Box::new(move |outs: &[(String, HostTensor)]| {
         let p: Vec<f64> = f32_output(outs, &logps)?.iter().map(|&x| x as f64).collect();
         let b = p.len() / 2;
         let u: Vec<f64> = (0..b).map(|i| (p[i] - refs[i]) - (p[b + i] - refs[b + i])).collect();
-        Ok(super::beta_dpo::detached_loss(&m.objective, beta_at, &kept_at, &u))
+        Ok(super::beta_dpo::detached_loss(&m.objective, &betas_at, &kept_at, &u))
     });
     let graph_loss = f32_output(at, &spec.output("loss").ok_or_else(missing)?.name)?.iter().next().copied().unwrap_or(f32::NAN) as f64;
     let ours = held(at)?;
     let gap = (ours - graph_loss).abs();
     if gap.is_nan() || gap > 1e-4 * graph_loss.abs().max(1.0) {
-        return Err(Error::Other(format!("beta-DPO's loss {graph_loss} differs from the paper's formula at its own beta and kept set ({ours})")));
+        return Err(Error::Other(format!("{method}'s loss {graph_loss} differs from the paper's formula at its own betas ({ours})")));
     }
     Ok(Some(held))
 }

@@ -5,11 +5,13 @@ mod builder;
 mod check;
 mod names;
 mod opset;
+mod precision;
 mod probe;
 
 pub use builder::Builder;
 pub use names::Names;
 pub use opset::{raise_to_scatter_add_opset, SCATTER_ADD_OPSET};
+pub use precision::{compute_in_float32, store_frozen, stored_name, stored_names, HalfOrigin, StoredWeights};
 pub use probe::{probe_shapes, ProbeBatch, TensorInfo, TensorInfos};
 
 use std::collections::HashMap;

@@ -38,6 +38,28 @@ pub fn producer_name(path: &Path) -> Result<Option<String>> {
 /// initializer and constant is checked to hold exactly the bytes its dtype and dims call for, so
 /// later stages can index tensor data without re-checking it.
 pub fn load_model(path: &Path) -> Result<ModelProto> {
+    load_model_mapped(path).map(|(model, _)| model)
+}
+
+/// An external data file of a loaded model, as mapped: its tensors' `raw_data` are slices of `bytes`, so a
+/// tensor that still points into `bytes` is unchanged and lies at the same offset in the file.
+#[derive(Clone, Debug)]
+pub struct MappedData {
+    pub path: PathBuf,
+    pub bytes: Bytes,
+}
+
+impl MappedData {
+    /// Where `data` starts in this file, when it is a slice of the mapping.
+    pub fn offset_of(&self, data: &[u8]) -> Option<usize> {
+        let start = self.bytes.as_ptr() as usize;
+        let at = data.as_ptr() as usize;
+        (at >= start && at + data.len() <= start + self.bytes.len()).then(|| at - start)
+    }
+}
+
+/// [`load_model`], also returning the external data files it mapped.
+pub fn load_model_mapped(path: &Path) -> Result<(ModelProto, Vec<MappedData>)> {
     let bytes = map_file(path)?;
     if bytes.is_empty() {
         return Err(Error::BadModel { path: path.into(), detail: "the file is empty".into() });
@@ -66,7 +88,8 @@ pub fn load_model(path: &Path) -> Result<ModelProto> {
         }
         super::tensor::check_stored_size(t).map_err(|detail| Error::BadModel { path: path.into(), detail })?;
     }
-    Ok(model)
+    let mapped = external.files.into_iter().map(|(path, bytes)| MappedData { path, bytes }).collect();
+    Ok((model, mapped))
 }
 
 /// The external data files of one model, each mapped once however many tensors it holds.
@@ -152,6 +175,9 @@ impl ExternalFiles<'_> {
     }
 }
 
+/// Initializers smaller than this stay inside the model when its weights move to an external file.
+pub const EXTERNAL_MIN_BYTES: usize = 1024;
+
 /// How to save a model.
 #[derive(Clone, Debug)]
 pub struct SaveOptions {
@@ -191,7 +217,7 @@ pub fn save_model(model: &ModelProto, path: &Path, opts: &SaveOptions) -> Result
     let mut offset = 0usize;
     let mut chunks: Vec<Bytes> = Vec::new();
     for t in light.graph.as_mut().unwrap().initializer.iter_mut() {
-        if t.raw_data.len() < 1024 {
+        if t.raw_data.len() < EXTERNAL_MIN_BYTES {
             continue;
         }
         // 64-byte alignment lets runtimes map the data directly.
@@ -211,6 +237,6 @@ pub fn save_model(model: &ModelProto, path: &Path, opts: &SaveOptions) -> Result
     write_atomic(path, |w| w.write_all(&buf))
 }
 
-fn kv(key: &str, value: &str) -> StringStringEntryProto {
+pub(super) fn kv(key: &str, value: &str) -> StringStringEntryProto {
     StringStringEntryProto { key: key.into(), value: value.into() }
 }

@@ -1,6 +1,6 @@
 //! ONNX Runtime provisioning and sessions.
 //!
-//! betadpo loads ONNX Runtime 1.31.x dynamically and provisions it itself on first use (see [`provision`]), so
+//! betadpo loads ONNX Runtime 1.32.x dynamically and provisions it itself on first use (see [`provision`]), so
 //! `cargo test` and the binary work without a manual install step.
 //!
 //! **One build per process.** A process loads either the CPU build (`onnxruntime` wheel) or the GPU build
@@ -16,6 +16,7 @@ mod ep;
 mod host_memory;
 pub mod provision;
 mod session;
+mod shared_weights;
 mod tensor;
 mod version;
 
@@ -28,6 +29,7 @@ pub use ep::{ExecutionProvider, EP_CHOICES};
 pub use host_memory::keep_freed_memory_for_reuse;
 pub use provision::{default_cache_dir, Flavor, Locator, LIB_NAME, ORT_VERSION};
 pub use session::{OptLevel, SessionConfig};
+pub use shared_weights::SharedWeights;
 pub use tensor::{f32_output, input_names, output_names, run, run_meta, HostTensor};
 pub use version::library_version;
 
@@ -39,7 +41,7 @@ use crate::{Error, Result};
 #[derive(Debug)]
 pub struct LoadedLibrary {
     pub path: PathBuf,
-    /// As reported by the library itself, e.g. `1.31.1`.
+    /// As reported by the library itself, e.g. `1.32.0`.
     pub version: String,
     /// The build that was asked for; with `ORT_DYLIB_PATH` the file may be either.
     pub flavor: Flavor,
@@ -87,7 +89,7 @@ fn load(flavor: Flavor) -> Result<Runtime> {
     Ok(Runtime { env, library: LoadedLibrary { path, version, flavor } })
 }
 
-/// Checks a library file without loading it into `ort`: returns its version if it is a usable 1.31.x build.
+/// Checks a library file without loading it into `ort`: returns its version if it is a usable 1.32.x build.
 pub fn check_library(path: &Path) -> Result<String> {
     let version = version::library_version(path)?;
     version::check_version(path, &version)?;

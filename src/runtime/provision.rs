@@ -21,11 +21,11 @@ use fs2::FileExt;
 use crate::{Error, Result};
 
 /// The ONNX Runtime release betadpo is built and tested against.
-pub const ORT_VERSION: &str = "1.31.1";
+pub const ORT_VERSION: &str = "1.32.0";
 /// The release series accepted when the user points `ORT_DYLIB_PATH` at their own build.
-pub const ORT_SERIES: &str = "1.31.";
+pub const ORT_SERIES: &str = "1.32.";
 /// File name of the main library inside the wheel and inside the cache.
-pub const LIB_NAME: &str = "libonnxruntime.so.1.31.1";
+pub const LIB_NAME: &str = "libonnxruntime.so.1.32.0";
 
 /// Which build of ONNX Runtime a process loads. A process loads exactly one; the GPU build also runs CPU sessions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -116,7 +116,7 @@ pub fn default_cache_dir() -> Result<PathBuf> {
     Err(Error::Runtime("cannot choose a cache directory for ONNX Runtime: none of BETADPO_CACHE_DIR, XDG_CACHE_HOME, HOME is set".into()))
 }
 
-/// Puts the `flavor` libraries into `cache_dir/<package>-1.31.1/` and returns the main library's path.
+/// Puts the `flavor` libraries into `cache_dir/<package>-1.32.0/` and returns the main library's path.
 ///
 /// Safe to call from many threads and processes at once: all but one wait on the lock and then find the files.
 pub fn provision(cache_dir: &Path, flavor: Flavor) -> Result<PathBuf> {

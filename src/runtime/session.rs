@@ -8,7 +8,7 @@ use std::str::FromStr;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::Session;
 
-use super::{init, loaded_library, ExecutionProvider};
+use super::{init, loaded_library, ExecutionProvider, SharedWeights};
 use crate::{Error, Result};
 
 /// ONNX Runtime graph optimization level.
@@ -108,6 +108,15 @@ impl SessionConfig {
     pub fn session_from_file(&self, path: &Path) -> Result<Session> {
         let what = path.display().to_string();
         let mut builder = self.builder(&what)?;
+        builder.commit_from_file(path).map_err(|e| self.commit_error(&what, e))
+    }
+
+    /// [`Self::session_from_file`], with the initializers of `shared` taken from it instead of the file (see
+    /// [`SharedWeights`]). The session holds the shared tensors (`ort` keeps each initializer it was given
+    /// alive as long as the session), so `shared` may be dropped.
+    pub fn session_sharing(&self, path: &Path, shared: &SharedWeights) -> Result<Session> {
+        let what = path.display().to_string();
+        let mut builder = shared.apply(self.builder(&what)?).map_err(|e| Error::Runtime(format!("{what}: {e}")))?;
         builder.commit_from_file(path).map_err(|e| self.commit_error(&what, e))
     }
 

@@ -1,7 +1,7 @@
 //! Reading a library's ONNX Runtime version before `ort` loads it.
 //!
 //! `ort` only rejects libraries *older* than its API level and merely logs newer ones, but betadpo's graphs and
-//! tests are pinned to 1.31.x, so we check the version ourselves and fail with a message that says what to do.
+//! tests are pinned to 1.32.x, so we check the version ourselves and fail with a message that says what to do.
 //! The check opens the library with `dlopen` (the handle is kept open on purpose: `ort` opens the same file right
 //! after, which then reuses the already mapped library) and calls `OrtGetApiBase()->GetVersionString()`.
 
@@ -29,7 +29,7 @@ fn last_dl_error() -> String {
     }
 }
 
-/// Returns the version string (e.g. `"1.31.1"`) reported by the ONNX Runtime library at `path`.
+/// Returns the version string (e.g. `"1.32.0"`) reported by the ONNX Runtime library at `path`.
 pub fn library_version(path: &Path) -> Result<String> {
     let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| Error::Runtime(format!("{}: path contains a NUL byte", path.display())))?;
     // SAFETY: plain dlopen/dlsym calls with valid C strings; the returned pointers are checked before use.
@@ -52,7 +52,7 @@ pub fn library_version(path: &Path) -> Result<String> {
     Ok(version.to_string_lossy().into_owned())
 }
 
-/// Fails unless `version` belongs to the supported 1.31 series.
+/// Fails unless `version` belongs to the supported 1.32 series.
 pub fn check_version(path: &Path, version: &str) -> Result<()> {
     if version.starts_with(ORT_SERIES) {
         return Ok(());

@@ -214,6 +214,32 @@ impl DataLoader {
         epoch_plan(&self.pairs, &self.config, epoch)
     }
 
+    /// The pairs of the next `batches` batches, each once, in the order they are first drawn: the
+    /// pairs that many more batches will use. The loader does not move.
+    pub fn upcoming(&self, batches: u64) -> Vec<&TokenizedPair> {
+        let mut drawn = vec![false; self.pairs.len()];
+        let mut out = Vec::new();
+        let LoaderPosition { mut epoch, mut index } = self.position;
+        let mut plan = std::borrow::Cow::Borrowed(&self.plan);
+        for _ in 0..batches {
+            if out.len() == self.pairs.len() {
+                break;
+            }
+            if index == plan.len() {
+                epoch += 1;
+                index = 0;
+                plan = std::borrow::Cow::Owned(epoch_plan(&self.pairs, &self.config, epoch));
+            }
+            for &i in &plan[index] {
+                if !std::mem::replace(&mut drawn[i], true) {
+                    out.push(&self.pairs[i]);
+                }
+            }
+            index += 1;
+        }
+        out
+    }
+
     /// Produces the batch at the current position and advances.
     pub fn next_batch(&mut self) -> Result<Batch> {
         let members: Vec<&TokenizedPair> = self.plan[self.position.index].iter().map(|&i| &self.pairs[i]).collect();

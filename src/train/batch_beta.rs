@@ -22,7 +22,7 @@ impl MarginStats {
     /// The graph inputs for one micro-batch of `pairs` pairs; `micro_batch` counts micro-batches
     /// from the start of the run, so a resumed run draws the same noise as an uninterrupted one.
     pub fn inputs(&self, seed: u64, micro_batch: u64, pairs: usize) -> BatchBetaInputs {
-        BatchBetaInputs { margin_stats: [self.mean as f32, self.std as f32], selection_noise: gumbel_noise(seed, micro_batch, pairs) }
+        BatchBetaInputs { margin_stats: [self.mean as f32, self.std as f32], selection_noise: gumbel_noise(seed, micro_batch, pairs), ..Default::default() }
     }
 }
 

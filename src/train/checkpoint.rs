@@ -32,6 +32,9 @@ pub struct TrainerState {
     /// beta-DPO's running margin statistics (zero for the other methods).
     #[serde(default)]
     pub margin_stats: super::batch_beta::MarginStats,
+    /// epsilon-DPO's global beta before the next step (absent for the other methods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon_beta: Option<f64>,
 }
 
 pub fn checkpoints_dir(run: &Path) -> PathBuf {

@@ -1,16 +1,32 @@
-//! Reference log-probs, computed once with the original weights before training (TRL's
-//! `precompute_ref_log_probs`) and cached in the run directory under a key made of the data, the
-//! tokenization and the model, so a resumed run reuses them and a changed input never does.
+//! Reference log-probs: the log-probs of each pair's two answers under the original weights (TRL's
+//! `precompute_ref_log_probs`), computed for the pairs a run uses and cached in the run directory.
+//!
+//! Training pairs are computed in the batches of the first epoch (the loader's order for the run's
+//! seed and batch size). Every pair is in exactly one of them, and a batch is always computed whole,
+//! so a pair's value depends on the pair, the model and that batch, never on which run computed it:
+//! a table filled over several runs (a run, its resume, an extension with more steps) holds the
+//! values one run filling it at once would, resume stays exact, and a run that ends within the
+//! first epoch computes exactly the pairs it trains on, in the batches it trains them in. Eval
+//! pairs are all used by every evaluation, so they are computed in the evaluator's own batches: at
+//! step 0 the policy then equals the reference bit for bit, and the first evaluation reads rewards
+//! of exactly zero.
+//!
+//! A cache file is keyed by the tokenized data set, the eval graph and the initial parameters, so
+//! every row in it is valid for any run with that key and a changed input never reuses it; a
+//! partial table is a valid table.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use ort::session::Session;
 use sha2::{Digest, Sha256};
 
 use super::batch::{collate, CollateOptions};
+use super::device::Device;
 use super::session_io::{forward_values, Feeds};
 use super::tokenize::TokenizedPair;
+use crate::dpo::manifest::GraphSpec;
 use crate::dpo::Manifest;
 use crate::store::{read_safetensors, write_safetensors, NamedTensor};
 use crate::{Error, Result};
@@ -18,13 +34,18 @@ use crate::{Error, Result};
 /// `(chosen, rejected)` reference log-prob per pair, indexed by the pair's source index.
 pub type RefTable = HashMap<usize, (f32, f32)>;
 
+/// How often a long computation saves what it has, so a killed run loses at most this much work.
+const SAVE_EVERY: Duration = Duration::from_secs(30);
+
 pub fn file_digest(h: &mut Sha256, path: &Path) -> Result<()> {
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     std::io::copy(&mut f, h).map_err(|e| Error::io(path, e))?;
     Ok(())
 }
 
-/// Cache key: hash of the tokenized pairs and of the artifacts' eval graph and initial parameters.
+/// Cache key: hash of the tokenized pairs and of the artifacts' eval graph (with the weights a
+/// large one keeps in `<file>.data` beside it: frozen weights, which the parameters file lacks)
+/// and initial parameters.
 pub fn cache_key(pairs: &[TokenizedPair], artifacts: &Path, m: &Manifest) -> Result<String> {
     let mut h = Sha256::new();
     for p in pairs {
@@ -39,69 +60,115 @@ pub fn cache_key(pairs: &[TokenizedPair], artifacts: &Path, m: &Manifest) -> Res
             }
         }
     }
-    file_digest(&mut h, &artifacts.join(&m.graph("eval")?.file))?;
+    let eval = artifacts.join(&m.graph("eval")?.file);
+    file_digest(&mut h, &eval)?;
+    // Only when present, so the keys of models without one stay those of earlier runs.
+    let external = crate::onnx::external_data_path(&eval)?;
+    if external.is_file() {
+        file_digest(&mut h, &external)?;
+    }
     file_digest(&mut h, &artifacts.join(&m.parameters_file))?;
     Ok(format!("{:x}", h.finalize())[..16].to_string())
 }
 
-fn cache_path(run: &Path, name: &str, key: &str) -> PathBuf {
-    run.join("reference").join(format!("{name}-{key}.safetensors"))
+/// The reference model: the eval graph fed the original weights.
+pub struct RefModel<'a> {
+    pub session: &'a mut Session,
+    pub spec: &'a GraphSpec,
+    pub params: &'a Feeds,
+    pub collate: &'a CollateOptions,
+    pub device: &'a Device,
 }
 
-/// Loads the cached table or computes it with `session` (the eval graph) and `params` (the
-/// original weights), in batches of `batch_size` pairs.
-#[allow(clippy::too_many_arguments)]
-pub fn reference_logps(
-    run: &Path,
-    name: &str,
-    key: &str,
-    pairs: &[TokenizedPair],
-    m: &Manifest,
-    session: &mut Session,
-    params: &Feeds,
-    collate_opts: &CollateOptions,
-    batch_size: usize,
-    device: &super::device::Device,
-    mut progress: impl FnMut(usize),
-) -> Result<RefTable> {
-    let path = cache_path(run, name, key);
-    if path.exists() {
-        if let Ok((tensors, _)) = read_safetensors(&path) {
-            if let (Some(idx), Some(vals)) = (tensors.iter().find(|t| t.name == "source_index"), tensors.iter().find(|t| t.name == "ref_logps")) {
-                if idx.data.len() == pairs.len() {
-                    return Ok(idx.data.iter().enumerate().map(|(i, &s)| (s as usize, (vals.data[2 * i], vals.data[2 * i + 1]))).collect());
-                }
+impl RefModel<'_> {
+    /// `(chosen, rejected)` log-probs of each of `pairs`, run as one batch.
+    fn logps(&mut self, pairs: &[&TokenizedPair]) -> Result<Vec<(f32, f32)>> {
+        let batch = collate(pairs, self.collate)?;
+        let out = forward_values(self.session, self.spec, &batch, &vec![0.0; 2 * pairs.len()], self.params, self.device)?;
+        let (chosen, rejected) = out.policy_logps.split_at(out.policy_logps.len() / 2);
+        if chosen.len() != pairs.len() || rejected.len() != pairs.len() {
+            return Err(Error::Runtime(format!("the eval graph returned {} policy log-probs for {} pairs", out.policy_logps.len(), pairs.len())));
+        }
+        Ok(chosen.iter().copied().zip(rejected.iter().copied()).collect())
+    }
+}
+
+/// The reference log-probs of one data set cached in a run directory: the rows computed so far.
+pub struct RefCache {
+    path: PathBuf,
+    table: RefTable,
+}
+
+impl RefCache {
+    /// The rows cached in `run` for data set `name` under `key`; none when there is no readable file.
+    pub fn open(run: &Path, name: &str, key: &str) -> RefCache {
+        let path = run.join("reference").join(format!("{name}-{key}.safetensors"));
+        let table = read_table(&path).unwrap_or_default();
+        RefCache { path, table }
+    }
+
+    pub fn into_table(self) -> RefTable {
+        self.table
+    }
+
+    fn has(&self, pair: &TokenizedPair) -> bool {
+        self.table.contains_key(&pair.source_index)
+    }
+
+    /// The batches among `batches` holding a pair that the run uses (`used`) and the cache lacks.
+    pub fn missing<'a>(&self, batches: impl IntoIterator<Item = Vec<&'a TokenizedPair>>, used: impl Fn(&TokenizedPair) -> bool) -> Vec<Vec<&'a TokenizedPair>> {
+        batches.into_iter().filter(|b| b.iter().any(|p| used(p) && !self.has(p))).collect()
+    }
+
+    /// Computes each of `batches` with `model` and adds its pairs to the cache file, saving every
+    /// [`SAVE_EVERY`] on the way; `progress` hears how many pairs each batch had.
+    pub fn compute(&mut self, batches: &[Vec<&TokenizedPair>], model: &mut RefModel, mut progress: impl FnMut(usize)) -> Result<()> {
+        if batches.is_empty() {
+            return Ok(());
+        }
+        let mut saved = Instant::now();
+        for batch in batches {
+            for (pair, logps) in batch.iter().zip(model.logps(batch)?) {
+                self.table.insert(pair.source_index, logps);
+            }
+            progress(batch.len());
+            if saved.elapsed() >= SAVE_EVERY {
+                self.save()?;
+                saved = Instant::now();
             }
         }
+        self.save()
     }
-    let spec = m.graph("eval")?;
-    let mut table = RefTable::new();
-    let mut order = Vec::new();
-    for chunk in pairs.chunks(batch_size.max(1)) {
-        let refs: Vec<&TokenizedPair> = chunk.iter().collect();
-        let batch = collate(&refs, collate_opts)?;
-        let zeros = vec![0.0f32; 2 * chunk.len()];
-        let out = forward_values(session, spec, &batch, &zeros, params, device)?;
-        let b = chunk.len();
-        for (i, p) in chunk.iter().enumerate() {
-            table.insert(p.source_index, (out.policy_logps[i], out.policy_logps[b + i]));
-            order.push(p.source_index);
-        }
-        progress(chunk.len());
+
+    /// Writes the table, rows by source index (the same rows give the same file).
+    fn save(&self) -> Result<()> {
+        let mut order: Vec<usize> = self.table.keys().copied().collect();
+        order.sort_unstable();
+        // Source indices as float32, as in files from before partial tables: exact below 2^24.
+        let idx: Vec<f32> = order.iter().map(|&s| s as f32).collect();
+        let vals: Vec<f32> = order.iter().flat_map(|s| [self.table[s].0, self.table[s].1]).collect();
+        let dir = self.path.parent().expect("the cache file is in RUN/reference");
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        write_safetensors(
+            &self.path,
+            &[
+                NamedTensor { name: "source_index".into(), shape: vec![idx.len()], data: idx },
+                NamedTensor { name: "ref_logps".into(), shape: vec![order.len(), 2], data: vals },
+            ],
+            None,
+        )
     }
-    let idx: Vec<f32> = order.iter().map(|&s| s as f32).collect();
-    let vals: Vec<f32> = order.iter().flat_map(|s| [table[s].0, table[s].1]).collect();
-    let dir = path.parent().unwrap();
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    write_safetensors(
-        &path,
-        &[
-            NamedTensor { name: "source_index".into(), shape: vec![idx.len()], data: idx },
-            NamedTensor { name: "ref_logps".into(), shape: vec![order.len(), 2], data: vals },
-        ],
-        None,
-    )?;
-    Ok(table)
+}
+
+/// The table in a cache file; `None` when it is missing or not one (then it is computed afresh).
+fn read_table(path: &Path) -> Option<RefTable> {
+    let (tensors, _) = read_safetensors(path).ok()?;
+    let idx = tensors.iter().find(|t| t.name == "source_index")?;
+    let vals = tensors.iter().find(|t| t.name == "ref_logps")?;
+    if vals.data.len() != 2 * idx.data.len() || idx.data.iter().any(|&s| s < 0.0 || s.fract() != 0.0) {
+        return None;
+    }
+    Some(idx.data.iter().enumerate().map(|(i, &s)| (s as usize, (vals.data[2 * i], vals.data[2 * i + 1]))).collect())
 }
 
 /// `[chosen refs; rejected refs]` for a batch, in its row order.

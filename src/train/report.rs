@@ -8,7 +8,7 @@ use plotters::prelude::*;
 use serde_json::{Map, Value};
 
 use super::metrics::read_log;
-use super::trainer::{TrainSummary, METRICS_FILE};
+use super::summary::{TrainSummary, METRICS_FILE};
 use crate::{Error, Result};
 
 pub const REPORT_FILE: &str = "report.svg";
@@ -95,6 +95,11 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
         panel(&areas[1], "reward accuracy", &acc)?;
         panel(&areas[2], "reward margin", &[("train".into(), series(&train, "rewards/margins")), ("eval".into(), series(&eval, "eval/rewards/margins"))])?;
         let mut beta = vec![("train mean".to_string(), series(&train, "beta/mean"))];
+        // epsilon-DPO's global beta, which the pairs' betas scatter around
+        let global = series(&train, "kl/beta");
+        if !global.is_empty() {
+            beta.push(("epsilon-DPO global (kl/beta)".to_string(), global));
+        }
         for g in &groups {
             beta.push((format!("eval {g}"), series(&eval, &format!("eval/beta/mean/{g}"))));
         }
@@ -135,6 +140,14 @@ pub fn summary_table(s: &TrainSummary) -> String {
             f(Some(t), "step_time_s"),
             f(Some(t), "train_graph_time_s"),
             f(Some(t), "optimizer_time_s")
+        ));
+    }
+    if let Some(t) = s.last_train.as_ref().filter(|t| t.contains_key("kl/beta")) {
+        out.push_str(&format!(
+            "epsilon-DPO: global beta {} at the last step; pairs stepping up {}, down {} (kl/p_epsilon_steps, kl/n_epsilon_steps)\n",
+            f(Some(t), "kl/beta"),
+            f(Some(t), "kl/p_epsilon_steps"),
+            f(Some(t), "kl/n_epsilon_steps")
         ));
     }
     let Some(after) = &s.final_eval else { return out };

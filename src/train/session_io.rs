@@ -35,6 +35,8 @@ pub struct ForwardOut {
     /// beta-DPO: the running margin statistics after this batch, and the pairs its filter kept.
     pub margin_stats: Option<[f32; 2]>,
     pub kept: Vec<f32>,
+    /// epsilon-DPO: each pair's step (+1, -1 or 0).
+    pub epsilon_steps: Vec<f32>,
 }
 
 /// beta-DPO's per-batch inputs; graphs without them ignore these. Empty noise feeds zeros
@@ -43,6 +45,8 @@ pub struct ForwardOut {
 pub struct BatchBetaInputs {
     pub margin_stats: [f32; 2],
     pub selection_noise: Vec<f32>,
+    /// epsilon-DPO's global beta.
+    pub epsilon_beta: f32,
 }
 
 /// Everything a train or eval graph is fed for one batch, parameters aside.
@@ -75,6 +79,7 @@ fn batch_inputs<'v>(spec: &GraphSpec, GraphBatch { batch, refs, batch_beta: extr
                 let noise = if extra.selection_noise.is_empty() { vec![0.0; pairs] } else { extra.selection_noise.clone() };
                 Tensor::from_array((vec![pairs], noise))?.into_dyn()
             }
+            "epsilon_beta" => Tensor::from_array((vec![1], vec![extra.epsilon_beta]))?.into_dyn(),
             "parameter" => continue,
             other => return Err(Error::Other(format!("the graph wants an input with role {other}, which train does not know"))),
         };
@@ -116,6 +121,7 @@ pub fn run_graph(
                 out.margin_stats = (s.len() == 2).then(|| [s[0], s[1]]);
             }
             "kept" => out.kept = floats(v, &o.name)?,
+            "epsilon_steps" => out.epsilon_steps = floats(v, &o.name)?,
             "metric" => {
                 let vals = floats(v, &o.name)?;
                 match metrics.iter().position(|m| *m == o.name) {

@@ -108,7 +108,7 @@ fn concurrent_provisioning_from_processes_yields_one_valid_file() {
     }
     assert_eq!(provision_logs, 1, "exactly one process provisions");
     assert!(reports.windows(2).all(|w| w[0] == w[1]), "{reports:?}");
-    assert!(reports[0].ends_with(" 1.31.1"), "{}", reports[0]);
+    assert!(reports[0].ends_with(" 1.32.0"), "{}", reports[0]);
     assert_clean_cache(cache.path());
 }
 
@@ -125,7 +125,7 @@ fn provisioning_failure_is_one_clear_message() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout.lines().find_map(|l| l.find("PROVISION_FAILED ").map(|i| &l[i..]));
     let line = line.unwrap_or_else(|| panic!("child did not fail as expected:\n{stdout}"));
-    for needle in ["pip install onnxruntime==1.31.1", "ORT_DYLIB_PATH=/path/to/libonnxruntime.so.1.31.1"] {
+    for needle in ["pip install onnxruntime==1.32.0", "ORT_DYLIB_PATH=/path/to/libonnxruntime.so.1.32.0"] {
         assert!(line.contains(needle), "{line}");
     }
     assert!(!cache.path().join(Flavor::Cpu.dir_name()).join(LIB_NAME).exists());
@@ -138,7 +138,7 @@ fn gpu_build_provisions_with_its_provider_libraries() {
     let cache = tempfile::tempdir().unwrap();
     let lib = private_locator(cache.path()).resolve(Flavor::Gpu).expect("provisioning the GPU build");
     let dir = lib.parent().unwrap();
-    assert!(dir.ends_with("onnxruntime-gpu-1.31.1"), "{}", dir.display());
+    assert!(dir.ends_with("onnxruntime-gpu-1.32.0"), "{}", dir.display());
     for name in ["libonnxruntime_providers_shared.so", "libonnxruntime_providers_cuda.so", "libonnxruntime_providers_tensorrt.so"] {
         assert!(dir.join(name).is_file(), "{name} missing");
     }

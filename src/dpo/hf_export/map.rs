@@ -140,7 +140,9 @@ impl<'a> InitializerValues<'a> {
             let g = load_model(&self.infer_path)?.graph.unwrap_or_default();
             self.frozen = Some(g.initializer.into_iter().map(|t| (t.name.clone(), t)).collect());
         }
-        let t = self.frozen.as_ref().and_then(|f| f.get(name)).ok_or_else(|| {
+        // a frozen weight stored in half precision keeps its name for the float32 cast that reads it
+        let stored = crate::graph::stored_names(name);
+        let t = self.frozen.as_ref().and_then(|f| stored.iter().find_map(|n| f.get(n))).ok_or_else(|| {
             Error::Other(format!(
                 "initializer {name} is neither a trained parameter nor in {} (was the map written for another model?)",
                 self.infer_path.display()

@@ -191,7 +191,7 @@ fn head_config(manifest: &Manifest) -> serde_json::Value {
         "format_version": 1,
         "hidden_size": manifest.model.hidden_size,
         // beta-DPO's batch beta exists only in training; a deployed model has beta_0
-        "fixed_beta": o.fixed_beta.or(o.beta_dpo.map(|d| d.beta0)),
+        "fixed_beta": o.fixed_beta.or(o.beta_dpo.map(|d| d.beta0)).or(o.epsilon_dpo.map(|e| e.beta0)),
         "aggregate": match o.beta_aggregate { BetaAggregate::Last => "last", BetaAggregate::Mean => "mean" },
         "head_input": match o.head_input { HeadInput::Raw => "raw", HeadInput::Normalized => "normalized" },
         "reference_width": HEAD_REFERENCE_WIDTH,

@@ -1,7 +1,7 @@
 //! The objective's reads of the packed layout: answer-token log-probs at explicit positions, and
 //! the beta head's context vector as a weighted sum of explicit hidden states.
 
-use crate::dpo::objective::{tokens_to_sequences, ModelTensors, REF_LOGPS};
+use crate::dpo::answer_logps::{one_hot, tokens_to_sequences, AnswerTokens, ModelTensors, REF_LOGPS};
 use crate::graph::Builder;
 use crate::onnx::{attr_ints, dtype, value_info, Dim, ValueInfoProto};
 
@@ -27,8 +27,14 @@ pub fn inputs() -> Vec<ValueInfoProto> {
 
 /// Per-sequence log-probs `[2B]` of the answer tokens at [`ANSWER_INDEX`].
 pub fn sequence_logps(b: &mut Builder, m: &ModelTensors) -> String {
+    let tokens = answer_tokens(b);
+    tokens_to_sequences(b, m, &tokens)
+}
+
+/// The answer tokens the packed batch lists explicitly.
+pub fn answer_tokens(b: &mut Builder) -> AnswerTokens {
     let count = b.dim_scalar(REF_LOGPS, 0, "dpo/sequence_count");
-    tokens_to_sequences(b, m, ANSWER_INDEX, ANSWER_LABELS, ANSWER_SEQUENCE, &count)
+    AnswerTokens { at: ANSWER_INDEX.into(), labels: ANSWER_LABELS.into(), seq: ANSWER_SEQUENCE.into(), count }
 }
 
 /// `[2B, H]`: per sequence, the weighted sum of the hidden states the head reads.
@@ -38,7 +44,7 @@ pub fn head_context(b: &mut Builder, m: &ModelTensors) -> String {
     let w = b.op("Unsqueeze", &[HEAD_WEIGHT, &last], vec![], "beta/read_weight");
     let weighted = b.op("Mul", &[&read, &w], vec![], "beta/weighted_reads");
     let count = b.dim_scalar(REF_LOGPS, 0, "beta/sequence_count");
-    let onehot = crate::dpo::objective::one_hot(b, HEAD_SEQUENCE, &count, "beta/read_sequence");
+    let onehot = one_hot(b, HEAD_SEQUENCE, &count, "beta/read_sequence");
     let by_sequence = b.op("Transpose", &[&onehot], vec![attr_ints("perm", &[1, 0])], "beta/sequence_reads");
     b.op("MatMul", &[&by_sequence, &weighted], vec![], "beta/hidden")
 }

@@ -54,6 +54,11 @@ pub fn packed_matches_model(
     if m.objective.beta_dpo.is_some() {
         batch_feeds.extend(crate::dpo::beta_dpo::probe_inputs(tokens.len()));
     }
+    if let Some(e) = m.objective.epsilon_dpo {
+        batch_feeds.extend(crate::dpo::epsilon_dpo::probe_inputs(e.beta0));
+    }
+    // beta-DPO's and epsilon-DPO's betas are training quantities; the deployed model has beta_0.
+    let training_beta = m.objective.beta_dpo.is_some() || m.objective.epsilon_dpo.is_some();
     let mut feeds: Vec<(&str, HostTensor)> = batch_feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
     feeds.extend(parameter_feeds(eval, theta)?);
     let outs = run(eval_s, &feeds)?;
@@ -83,8 +88,7 @@ pub fn packed_matches_model(
     }
     let padded_beta = &padded_beta[..packed_beta.len()];
     let worst = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).abs() / (y as f64).abs().max(1.0)).fold(0.0, f64::max);
-    // beta-DPO's batch beta is a training quantity; the deployed model has beta_0.
-    let db = if m.objective.beta_dpo.is_some() { 0.0 } else { worst(&packed_beta, padded_beta) };
+    let db = if training_beta { 0.0 } else { worst(&packed_beta, padded_beta) };
     let dl = worst(&packed_logps, &padded_logps);
     if !(dl < TOLERANCE && db < TOLERANCE) {
         return Err(Error::Other(format!(
@@ -92,7 +96,7 @@ pub fn packed_matches_model(
              {padded_logps:?} (the model on padded rows), betas {packed_beta:?} against {padded_beta:?}; rebuild with --layout padded"
         )));
     }
-    let betas = if m.objective.beta_dpo.is_some() { "beta-DPO's batch beta not compared".to_string() } else { format!("betas within {db:.1e}") };
+    let betas = if training_beta { "the training beta not compared".to_string() } else { format!("betas within {db:.1e}") };
     Ok(format!("{pairs} pairs in one packed row: log-probs within {dl:.1e}, {betas} of the model on padded rows"))
 }
 

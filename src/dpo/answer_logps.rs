@@ -1,0 +1,100 @@
+//! Answer-token log-probs summed per sequence, read from the model's tensors: the part of the
+//! objective both layouts share (the padded one in [`super::objective`], the packed one in
+//! [`super::packing::objective`]) and epsilon-DPO's perturbed policies reuse, kept below all of
+//! them so none imports another.
+
+use super::packing::Layout;
+use crate::graph::Builder;
+use crate::onnx::{attr_i, dtype};
+
+/// The objective's input of reference log-probs, one per sequence.
+pub const REF_LOGPS: &str = "ref_logps";
+
+/// Where the model's tensors are.
+pub struct ModelTensors<'a> {
+    pub input_ids: &'a str,
+    pub attention_mask: &'a str,
+    pub logits: &'a str,
+    pub hidden: &'a str,
+    pub hidden_size: i64,
+    /// When set, answer log-probs apply this lm_head to the answer positions only.
+    pub projection: Option<&'a super::model::Projection>,
+    pub layout: Layout,
+    /// The frozen reference copy's tensors, for epsilon-DPO (see `reference_copy`).
+    pub reference: Option<&'a ModelTensors<'a>>,
+}
+
+impl<'a> ModelTensors<'a> {
+    /// The tensors of a recognised model; `answer_positions` lets the objective apply the lm_head
+    /// to answer positions only (training), where the deployable graph keeps the full `logits`.
+    pub fn of(sig: &'a super::model::LmSignature, answer_positions: bool) -> Self {
+        ModelTensors {
+            input_ids: &sig.input_ids,
+            attention_mask: &sig.attention_mask,
+            logits: &sig.logits,
+            hidden: &sig.hidden,
+            hidden_size: sig.hidden_size,
+            projection: if answer_positions { sig.projection.as_ref() } else { None },
+            layout: Layout::Padded,
+            reference: None,
+        }
+    }
+}
+
+/// The answer tokens of a batch: the N positions `at` [N, 2] that predict them, their labels [N],
+/// and which of `count` sequences each belongs to (`seq` [N]).
+#[derive(Clone, Debug)]
+pub struct AnswerTokens {
+    pub at: String,
+    pub labels: String,
+    pub seq: String,
+    pub count: String,
+}
+
+/// The logits [N, V] at the positions `at` [N, 2]: with a plain lm_head it is applied there only;
+/// otherwise the model's logits are gathered.
+pub fn answer_logits(b: &mut Builder, m: &ModelTensors, at: &str) -> String {
+    match m.projection {
+        Some(p) => {
+            let h = b.op("GatherND", &[m.hidden, at], vec![], "dpo/answer_hidden");
+            let z = if p.trans_b {
+                b.op("Gemm", &[&h, &p.weight], vec![attr_i("transB", 1)], "dpo/answer_logits")
+            } else {
+                b.op("MatMul", &[&h, &p.weight], vec![], "dpo/answer_logits")
+            };
+            match &p.bias {
+                Some(bias) => b.op("Add", &[&z, bias], vec![], "dpo/answer_logits_biased"),
+                None => z,
+            }
+        }
+        None => b.op("GatherND", &[m.logits, at], vec![], "dpo/answer_logits"),
+    }
+}
+
+/// Per-sequence sums [count] of the label log-probs under answer-position logits `z` [N, V].
+pub fn logits_to_sequences(b: &mut Builder, z: &str, tokens: &AnswerTokens, name: &str) -> String {
+    let logp = b.op("LogSoftmax", &[z], vec![attr_i("axis", -1)], "dpo/logp");
+    let last = b.ints(&[-1]);
+    let lab2 = b.op("Unsqueeze", &[&tokens.labels, &last], vec![], "dpo/answer_labels2");
+    let picked = b.op("GatherElements", &[&logp, &lab2], vec![attr_i("axis", 1)], "dpo/token_logp2");
+    let tok = b.op("Squeeze", &[&picked, &last], vec![], "dpo/token_logp");
+    let onehot = one_hot(b, &tokens.seq, &tokens.count, "dpo/row");
+    b.op("MatMul", &[&tok, &onehot], vec![], name)
+}
+
+/// Sums of answer-token log-probs per sequence (the policy's `policy_logps`).
+pub fn tokens_to_sequences(b: &mut Builder, m: &ModelTensors, tokens: &AnswerTokens) -> String {
+    let z = answer_logits(b, m, &tokens.at);
+    logits_to_sequences(b, &z, tokens, "policy_logps")
+}
+
+/// `[N, count]` float: row `i` is 1 at column `ids[i]` (`ids` is [N] int64).
+pub fn one_hot(b: &mut Builder, ids: &str, count: &str, hint: &str) -> String {
+    let start = b.int(0);
+    let step = b.int(1);
+    let all = b.op("Range", &[&start, count, &step], vec![], &format!("{hint}_ids"));
+    let last = b.ints(&[-1]);
+    let col = b.op("Unsqueeze", &[ids, &last], vec![], &format!("{hint}_column"));
+    let hit = b.op("Equal", &[&col, &all], vec![], &format!("{hint}_hit"));
+    b.op("Cast", &[&hit], vec![attr_i("to", dtype::FLOAT as i64)], &format!("{hint}_onehot"))
+}

@@ -1,0 +1,24 @@
+//! What a finished run reports, and the names of the files a run directory holds: shared by the
+//! trainer that writes them and the report that reads them.
+
+use std::path::PathBuf;
+
+use serde_json::{Map, Value};
+
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const CONFIG_FILE: &str = "train_config.json";
+pub const FINAL_DIR: &str = "final";
+
+/// What a finished run reports.
+pub struct TrainSummary {
+    pub run: PathBuf,
+    pub steps: u64,
+    pub initial_eval: Option<Map<String, Value>>,
+    pub final_eval: Option<Map<String, Value>>,
+    pub last_train: Option<Map<String, Value>>,
+    pub resumed_from: Option<u64>,
+    /// Pairs whose reference log-probs this run computed (the others came from the run's cache).
+    pub reference_pairs_computed: usize,
+    pub stats: String,
+    pub report: PathBuf,
+}

@@ -1,0 +1,61 @@
+//! The evaluate phase: the eval data through the eval graph with the current parameters, summed
+//! up as one metrics record.
+
+use ort::session::Session;
+use serde_json::{Map, Value};
+
+use crate::dpo::Manifest;
+use crate::train::batch::{collate, CollateOptions};
+use crate::train::checkpoint::TrainerState;
+use crate::train::device::Device;
+use crate::train::metrics::{num, summarise, summarise_groups, PairValues};
+use crate::train::reference::{batch_refs, RefTable};
+use crate::train::session_io::{run_graph, BatchBetaInputs, Feeds, GraphBatch};
+use crate::train::tokenize::TokenizedPair;
+use crate::Result;
+
+pub struct Evaluator<'a> {
+    pub pairs: &'a [TokenizedPair],
+    pub refs: RefTable,
+    pub collate: CollateOptions,
+    pub batch_size: usize,
+}
+
+impl Evaluator<'_> {
+    /// The `eval/` record at `step` (`epoch`). `tstate`: beta-DPO's running margin statistics and
+    /// epsilon-DPO's beta, read and left unchanged.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &self,
+        session: &mut Session,
+        m: &Manifest,
+        params: &Feeds,
+        tstate: &TrainerState,
+        device: &Device,
+        step: u64,
+        epoch: f64,
+    ) -> Result<Map<String, Value>> {
+        let prefix = "eval/";
+        let spec = m.graph("eval")?;
+        let mut all = PairValues::default();
+        let mut loss_sum = 0.0f64;
+        for chunk in self.pairs.chunks(self.batch_size) {
+            let refs: Vec<&TokenizedPair> = chunk.iter().collect();
+            let batch = collate(&refs, &self.collate)?;
+            let r = batch_refs(&self.refs, &batch.source_indices)?;
+            let stats = tstate.margin_stats;
+            let epsilon_beta = tstate.epsilon_beta.unwrap_or_default() as f32;
+            let extra = BatchBetaInputs { margin_stats: [stats.mean as f32, stats.std as f32], selection_noise: Vec::new(), epsilon_beta };
+            let (out, _) = run_graph(session, spec, &GraphBatch { batch: &batch, refs: &r, batch_beta: &extra }, params, &[], device)?;
+            loss_sum += out.loss as f64 * chunk.len() as f64;
+            all.extend(PairValues::from_outputs(&out.chosen_rewards, &out.rejected_rewards, &out.policy_logps, &r, &out.beta, batch.groups.clone()));
+        }
+        let mut rec = Map::new();
+        rec.insert(format!("{prefix}loss"), num(loss_sum / self.pairs.len() as f64));
+        summarise(&all, prefix, &mut rec);
+        summarise_groups(&all, prefix, &mut rec);
+        rec.insert("step".into(), Value::from(step));
+        rec.insert("epoch".into(), num(epoch));
+        Ok(rec)
+    }
+}

@@ -1,0 +1,285 @@
+//! The prepare phase: the run directory claimed, the data loaded and tokenized, the sessions
+//! created, and, for a resumed run, the checkpoint it continues found and checked against this run.
+
+use std::path::{Path, PathBuf};
+
+use ort::session::Session;
+use sha2::{Digest, Sha256};
+
+use super::host::{by_name, take_uploaded, to_feeds};
+use crate::dpo::packing::HeadReads;
+use crate::dpo::{Layout, Manifest};
+use crate::runtime::{SessionConfig, SharedWeights};
+use crate::store::read_safetensors;
+use crate::train::batch::{CollateOptions, DataLoader, LoaderConfig, LoaderPosition, Packing};
+use crate::train::batch_beta::MarginStats;
+use crate::train::checkpoint::{self, TrainerState};
+use crate::train::config::{OptimizerKind, TrainConfig};
+use crate::train::data::{load_preferences, LoadOptions};
+use crate::train::device::Device;
+use crate::train::optimizer_step::State;
+use crate::train::reference::cache_key;
+use crate::train::session_io::Feeds;
+use crate::train::summary::{CONFIG_FILE, FINAL_DIR};
+use crate::train::tokenize::{PairTokenizer, TokenizedPair, TruncationConfig};
+use crate::{Error, Result};
+
+/// The kind written in a run directory's marker.
+const RUN_MARK: &str = "run";
+
+/// The train, eval and optimizer graphs' sessions. The fused host kernel replaces the optimizer
+/// graph on the CPU: no session (and no arena) for it then.
+pub struct Sessions {
+    pub train: Session,
+    pub eval: Session,
+    pub optimizer: Option<Session>,
+}
+
+/// The checkpoint a resumed run continues.
+pub struct ResumePoint {
+    pub step: u64,
+    pub dir: PathBuf,
+    pub state: TrainerState,
+}
+
+/// Everything the later phases start from.
+pub struct Prepared {
+    pub manifest: Manifest,
+    pub run: PathBuf,
+    /// What tokenization kept and dropped, one line per data file.
+    pub stats: String,
+    /// The training pairs, in the order the steps draw them, at the position the run continues from.
+    pub loader: DataLoader,
+    pub eval_pairs: Option<Vec<TokenizedPair>>,
+    pub collate: CollateOptions,
+    /// The reference cache key of the training pairs.
+    pub train_key: String,
+    /// Fingerprint of everything a resumed run must share with the original.
+    pub run_key: String,
+    pub resume: Option<ResumePoint>,
+    pub session_config: SessionConfig,
+    pub sessions: Sessions,
+    pub device: Device,
+    /// The artifacts' initial parameters: the reference model, and a new run's starting point.
+    pub initial: Feeds,
+}
+
+impl Prepared {
+    /// Optimizer steps the run ends at.
+    pub fn total_steps(&self, cfg: &TrainConfig) -> u64 {
+        let per_epoch = self.loader.batches_per_epoch() as f64;
+        cfg.max_steps.unwrap_or_else(|| ((cfg.epochs * per_epoch) / cfg.grad_accum as f64).ceil().max(1.0) as u64)
+    }
+}
+
+pub fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
+    claim_run_dir(&cfg.out)?;
+    crate::runtime::init(&cfg.ep)?;
+    let manifest = Manifest::load(&cfg.artifacts)?;
+    let manifest_text = std::fs::read_to_string(cfg.artifacts.join(crate::dpo::manifest::MANIFEST_FILE)).map_err(|e| Error::io(&cfg.artifacts, e))?;
+    let run = cfg.out.clone();
+    checkpoint::clean_partial(&run);
+    for dir in [run.clone(), run.join(FINAL_DIR), run.join("reference")] {
+        crate::temp_files::remove_stale(&dir, None);
+    }
+    let previous = checkpoint::list(&run);
+    if !cfg.resume && !previous.is_empty() {
+        return Err(Error::Other(format!("{} already holds checkpoints; pass --resume to continue it, or choose a new --out", run.display())));
+    }
+
+    let mut stats = String::new();
+    let tok = PairTokenizer::from_files(&cfg.tokenizer, cfg.tokenizer_config.as_deref())?;
+    let trunc = TruncationConfig { max_length: cfg.max_length, mode: cfg.truncation_mode };
+    let train_pairs = load_pairs(&cfg.data, &tok, &trunc, cfg.skip_bad_rows, &mut stats)?;
+    let eval_pairs = match &cfg.eval_data {
+        Some(p) => Some(load_pairs(p, &tok, &trunc, cfg.skip_bad_rows, &mut stats)?),
+        None => None,
+    };
+    if cfg.progress {
+        eprint!("{stats}");
+    }
+    if let Some(limit) = manifest.max_sequence_tokens {
+        let longest = train_pairs.iter().chain(eval_pairs.iter().flatten()).map(TokenizedPair::max_len).max().unwrap_or(0);
+        if longest > limit {
+            return Err(Error::BadFlag {
+                flag: "--max-length".into(),
+                detail: format!("a sequence has {longest} tokens; these packed artifacts were verified for up to {limit} (lower --max-length, or build with --layout padded)"),
+            });
+        }
+    }
+    // Refuse a mismatched resume before any expensive work (reference log-probs).
+    let train_key = cache_key(&train_pairs, &cfg.artifacts, &manifest)?;
+    let run_key = run_key(cfg, &manifest, &manifest_text, &train_key);
+    let resume = match (cfg.resume, previous.last()) {
+        (true, Some((step, dir))) => {
+            let state = checkpoint::read_state(dir)?;
+            if state.run_key != run_key {
+                return Err(Error::Other(format!(
+                    "{} was trained with other artifacts, data or optimizer flags; resume needs the same ones (or choose a new --out; \
+                     runs started before subnormals were flushed by default resume with --keep-denormals)",
+                    run.display()
+                )));
+            }
+            Some(ResumePoint { step: *step, dir: dir.clone(), state })
+        }
+        _ => None,
+    };
+
+    let session_config = session_config(cfg);
+    let sessions = sessions(cfg, &manifest, &session_config)?;
+    let device = Device::for_ep(&cfg.ep);
+    let initial = to_feeds(read_safetensors(&cfg.artifacts.join(&manifest.parameters_file))?.0, &manifest, &device)?;
+
+    std::fs::create_dir_all(&run).map_err(|e| Error::io(&run, e))?;
+    crate::output_dir::mark(&run, RUN_MARK)?;
+    let packing = (manifest.layout == Layout::Packed).then_some(Packing { row_tokens: cfg.pack_tokens, head: HeadReads::of(&manifest.objective) });
+    let collate = CollateOptions { pad_id: tok.pad_id(), group_by: cfg.group_by.clone(), pad_to_multiple_of: None, packing };
+    let mut loader = DataLoader::new(
+        train_pairs,
+        LoaderConfig { batch_size: cfg.batch_size, seed: cfg.seed, shuffle: true, bucket_batches: cfg.bucket_batches, drop_last: false },
+        collate.clone(),
+    )?;
+    loader.seek(resume.as_ref().map(|r| r.state.position).unwrap_or_default());
+    Ok(Prepared { manifest, run, stats, loader, eval_pairs, collate, train_key, run_key, resume, session_config, sessions, device, initial })
+}
+
+/// The parameters, Adam moments and loop state the first step starts from: the checkpoint's for a
+/// resumed run, else the initial parameters (taken out of `p`) with zero moments.
+pub fn start_state(p: &mut Prepared) -> Result<(TrainerState, State)> {
+    let device = p.device;
+    if let Some(r) = &p.resume {
+        let l = checkpoint::load(&r.dir)?;
+        let params = to_feeds(l.params, &p.manifest, &device)?;
+        let mut moments = by_name(l.moments);
+        let mut take = |suffix: &str| {
+            let names: Vec<String> = params.names.iter().map(|n| format!("{n}{suffix}")).collect();
+            take_uploaded(&mut moments, &names, &device, |n| format!("checkpoint lacks {n}"))
+        };
+        let (m, v) = (take(".adam_m")?, take(".adam_v")?);
+        return Ok((l.state, State { params, m, v }));
+    }
+    let zeros = |s: &Vec<i64>| {
+        // Written now, not `vec![0.0; n]`: calloc's lazily mapped zero pages would be faulted
+        // in during the first optimizer step instead (SmolLM2-135M: ~3.5 s).
+        let n = s.iter().product::<i64>() as usize;
+        let mut z = Vec::with_capacity(n);
+        z.extend(std::iter::repeat_n(0.0f32, n));
+        device.upload(&s.iter().map(|&d| d as usize).collect::<Vec<_>>(), z)
+    };
+    let shapes: Vec<Vec<i64>> = p.manifest.trainable().map(|t| t.shape.clone()).collect();
+    let m = shapes.iter().map(zeros).collect::<Result<Vec<_>>>()?;
+    let v = shapes.iter().map(zeros).collect::<Result<Vec<_>>>()?;
+    let params = std::mem::take(&mut p.initial);
+    let ts = TrainerState {
+        step: 0,
+        position: LoaderPosition::default(),
+        tokens: 0,
+        skipped_nonfinite: 0,
+        updates: 0,
+        run_key: p.run_key.clone(),
+        margin_stats: MarginStats::default(),
+        // as the graph reads it (float32), so resumed and straight runs agree bit for bit
+        epsilon_beta: p.manifest.objective.epsilon_dpo.map(|e| e.beta0 as f32 as f64),
+    };
+    Ok((ts, State { params, m, v }))
+}
+
+fn load_pairs(path: &Path, tok: &PairTokenizer, trunc: &TruncationConfig, skip_bad: bool, log: &mut String) -> Result<Vec<TokenizedPair>> {
+    let data = load_preferences(path, &LoadOptions { skip_bad_rows: skip_bad })?;
+    let (pairs, stats) = tok.tokenize_all(&data.rows, trunc)?;
+    log.push_str(&format!(
+        "{}: {} pairs kept of {} ({} prompts truncated, {} answers truncated, {} dropped, {} malformed rows skipped)\n",
+        path.display(),
+        stats.kept,
+        stats.pairs,
+        stats.truncated_prompts,
+        stats.truncated_answers,
+        stats.dropped + stats.dropped_empty_prompt,
+        data.skipped
+    ));
+    if let Some(left_out) = &stats.prompt_not_prefix_example {
+        // TRL's warning: shown whatever the progress setting, the trained context is not the inference one.
+        eprintln!(
+            "warning: {}: in {} pairs the tokenized prompt is not a prefix of the tokenized prompt + answer (the chat template renders \
+             the prompt alone differently, or tokens merge across the boundary); as in TRL, the answer starts where they diverge and \
+             the end of the prompt is left out of the training sequence, e.g. {left_out:?}. To avoid it, use a chat template that \
+             renders the prompt the same way in both cases, or end prompts on a token boundary.",
+            path.display(),
+            stats.prompt_not_prefix
+        );
+    }
+    if pairs.is_empty() {
+        return Err(Error::Data(format!("{}: no usable pairs", path.display())));
+    }
+    Ok(pairs)
+}
+
+/// Whether the AdamW step runs as the fused host kernel rather than the optimizer graph.
+pub fn uses_fused(cfg: &TrainConfig) -> bool {
+    match cfg.optimizer {
+        OptimizerKind::Fused => true,
+        OptimizerKind::Graph => false,
+        OptimizerKind::Auto => cfg.ep == crate::runtime::ExecutionProvider::Cpu,
+    }
+}
+
+/// Everything a resumed run must share with the original, hashed.
+fn run_key(cfg: &TrainConfig, manifest: &Manifest, manifest_text: &str, train_key: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(manifest_text.as_bytes());
+    h.update(train_key.as_bytes());
+    let mut essentials = serde_json::json!({
+        "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "lr": cfg.lr, "head_lr": cfg.head_lr,
+        "warmup": cfg.warmup_steps, "schedule": cfg.lr_schedule, "wd": cfg.weight_decay, "clip": cfg.max_grad_norm,
+        "betas": [cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon], "seed": cfg.seed, "bucket": cfg.bucket_batches,
+        "fused": uses_fused(cfg),
+    });
+    if cfg.flush_denormals {
+        // only when set, so runs from before the flag existed keep their key
+        essentials["ftz"] = serde_json::json!(true);
+    }
+    if manifest.layout == Layout::Packed {
+        essentials["pack_tokens"] = serde_json::json!(cfg.pack_tokens);
+    }
+    h.update(essentials.to_string().as_bytes());
+    format!("{:x}", h.finalize())[..16].to_string()
+}
+
+fn session_config(cfg: &TrainConfig) -> SessionConfig {
+    SessionConfig {
+        ep: cfg.ep,
+        intra_threads: cfg.threads,
+        profile_prefix: cfg.profile.clone(),
+        flush_denormals: cfg.flush_denormals,
+        // ONNX Runtime's arena rounds blocks up and never shrinks (SmolLM2-135M, 8 pairs: peak RSS
+        // 5.3 GB with it, 3.1 GB without). Its memory pattern puts all intermediates in one block
+        // allocated per run, which glibc maps fresh every step; tensor by tensor, they come from a
+        // heap that keeps freed pages (`runtime::keep_freed_memory_for_reuse`): 2.0 -> 1.7 s a step.
+        cpu_arena: false,
+        memory_pattern: cfg.ep != crate::runtime::ExecutionProvider::Cpu,
+        // Spinning pool threads would hold a core the fused optimizer needs right after each run
+        // (SmolLM2: optimizer 0.14 s with them spinning, 0.11 s without).
+        stop_spinning_after_run: uses_fused(cfg),
+        ..Default::default()
+    }
+}
+
+fn sessions(cfg: &TrainConfig, manifest: &Manifest, scfg: &SessionConfig) -> Result<Sessions> {
+    let graph_path = |which: &str| -> Result<PathBuf> { Ok(cfg.artifacts.join(&manifest.graph(which)?.file)) };
+    let (train_path, eval_path) = (graph_path("train")?, graph_path("eval")?);
+    let shared = SharedWeights::load(scfg, &[&train_path, &eval_path])?;
+    let train = scfg.session_sharing(&train_path, &shared)?;
+    let eval = scfg.session_sharing(&eval_path, &shared)?;
+    let optimizer = if uses_fused(cfg) { None } else { Some(scfg.session_from_file(&graph_path("optimizer")?)?) };
+    Ok(Sessions { train, eval, optimizer })
+}
+
+/// Refuses a `--out` that is neither absent, empty, nor a betadpo run (its marker, or the
+/// `train_config.json` of runs from before the marker).
+fn claim_run_dir(run: &Path) -> Result<()> {
+    let kind = crate::output_dir::Kind { flag: "--out", what: "a betadpo run (train_config.json)", replaced: false };
+    crate::output_dir::claim(run, &kind, |d| {
+        crate::output_dir::marked(d, RUN_MARK)
+            || std::fs::read_to_string(d.join(CONFIG_FILE)).ok().is_some_and(|t| serde_json::from_str::<TrainConfig>(&t).is_ok())
+    })
+}

@@ -1,0 +1,208 @@
+//! The step phase: one optimizer step, that is `grad_accum` micro-batches through the train graph,
+//! their gradients summed, the AdamW update, and the step's metrics record.
+
+use std::path::Path;
+use std::time::Instant;
+
+use ort::value::Tensor;
+use serde_json::{Map, Value};
+
+use super::prepare::{uses_fused, Prepared, Sessions};
+use crate::dpo::manifest::GraphSpec;
+use crate::dpo::EpsilonDpoConfig;
+use crate::train::batch::DataLoader;
+use crate::train::batch_beta::MarginStats;
+use crate::train::checkpoint::{self, TrainerState};
+use crate::train::config::TrainConfig;
+use crate::train::device::Device;
+use crate::train::epsilon_beta::{self, StepTally};
+use crate::train::fused_adamw::{self, ParamKind};
+use crate::train::metrics::{num, summarise, PairValues};
+use crate::train::optimizer_step::{apply, Accumulator, Hyper, State};
+use crate::train::reference::{batch_refs, RefTable};
+use crate::train::schedule::factor;
+use crate::train::session_io::{run_graph, GraphBatch};
+use crate::{Error, Result};
+
+/// What stays the same from step to step.
+pub struct Stepper<'a> {
+    cfg: &'a TrainConfig,
+    train_spec: GraphSpec,
+    opt_spec: GraphSpec,
+    /// The train graph's gradient output of each parameter, in the parameters' order.
+    grad_names: Vec<String>,
+    kinds: Vec<ParamKind>,
+    fused: bool,
+    /// Sums micro-batch gradients (only with `grad_accum > 1`).
+    accumulator: Option<Accumulator>,
+    beta_dpo: bool,
+    epsilon_dpo: Option<EpsilonDpoConfig>,
+    /// Optimizer steps the run ends at.
+    pub total: u64,
+    pub per_epoch: f64,
+}
+
+impl<'a> Stepper<'a> {
+    pub fn new(cfg: &'a TrainConfig, p: &Prepared, state: &State) -> Result<Self> {
+        let manifest = &p.manifest;
+        let shapes: Vec<Vec<i64>> = manifest.trainable().map(|t| t.shape.clone()).collect();
+        let accumulator = if cfg.grad_accum > 1 { Some(Accumulator::new(&shapes, &p.session_config, p.device)?) } else { None };
+        let train_spec = manifest.graph("train")?.clone();
+        let opt_spec = manifest.graph("optimizer")?.clone();
+        let grad_names: Vec<String> = state
+            .params
+            .names
+            .iter()
+            .map(|p| train_spec.output_for("gradient", p).map(|o| o.name.clone()).ok_or_else(|| Error::Other(format!("no gradient output for {p}"))))
+            .collect::<Result<_>>()?;
+        let kinds: Vec<ParamKind> = state
+            .params
+            .names
+            .iter()
+            .map(|n| {
+                let p = manifest.parameters.iter().find(|p| &p.name == n).expect("trainable parameter in the manifest");
+                ParamKind { beta_head: p.beta_head, weight_decay: p.weight_decay }
+            })
+            .collect();
+        Ok(Stepper {
+            cfg,
+            train_spec,
+            opt_spec,
+            grad_names,
+            kinds,
+            fused: uses_fused(cfg),
+            accumulator,
+            beta_dpo: manifest.objective.beta_dpo.is_some(),
+            epsilon_dpo: manifest.objective.epsilon_dpo,
+            total: p.total_steps(cfg),
+            per_epoch: p.loader.batches_per_epoch() as f64,
+        })
+    }
+
+    /// Runs step `tstate.step + 1`, updating `state` and `tstate`, and returns its metrics record.
+    /// A non-finite loss or gradient is an error naming the last intact checkpoint in `run`,
+    /// unless `--skip-nonfinite` skips the update.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step(
+        &mut self,
+        sessions: &mut Sessions,
+        loader: &mut DataLoader,
+        train_refs: &RefTable,
+        state: &mut State,
+        tstate: &mut TrainerState,
+        device: &Device,
+        run: &Path,
+    ) -> Result<Map<String, Value>> {
+        let cfg = self.cfg;
+        let started = Instant::now();
+        let mut pairs = PairValues::default();
+        let mut loss_sum = 0.0f64;
+        let mut n_pairs = 0usize;
+        let mut tokens = 0usize;
+        let mut acc: Option<Vec<Tensor<f32>>> = None;
+        let mut graph_time = 0.0f64;
+        let mut kept = 0usize;
+        let mut epsilon_steps = StepTally::default();
+        for micro in 0..cfg.grad_accum {
+            let batch = loader.next_batch()?;
+            let refs = batch_refs(train_refs, &batch.source_indices)?;
+            let micro_batch = tstate.step * cfg.grad_accum as u64 + micro as u64;
+            let mut extra = tstate.margin_stats.inputs(cfg.seed, micro_batch, batch.pairs());
+            extra.epsilon_beta = tstate.epsilon_beta.unwrap_or_default() as f32;
+            let graph_started = Instant::now();
+            let fed = GraphBatch { batch: &batch, refs: &refs, batch_beta: &extra };
+            let (out, grads) = run_graph(&mut sessions.train, &self.train_spec, &fed, &state.params, &self.grad_names, device)?;
+            if let Some(s) = out.margin_stats {
+                tstate.margin_stats = MarginStats::of(s);
+            }
+            kept += out.kept.iter().filter(|&&k| k > 0.5).count();
+            epsilon_steps.add(&out.epsilon_steps);
+            graph_time += graph_started.elapsed().as_secs_f64();
+            loss_sum += out.loss as f64 * batch.pairs() as f64;
+            n_pairs += batch.pairs();
+            tokens += batch.num_tokens;
+            pairs.extend(PairValues::from_outputs(&out.chosen_rewards, &out.rejected_rewards, &out.policy_logps, &refs, &out.beta, batch.groups.clone()));
+            acc = Some(match (acc, self.accumulator.as_mut()) {
+                (None, _) => grads,
+                (Some(a), Some(accum)) => accum.add(a, &grads)?,
+                (Some(_), None) => unreachable!("accumulating needs grad_accum > 1"),
+            });
+        }
+        let grads = acc.expect("at least one micro-batch");
+        let loss = loss_sum / n_pairs as f64;
+        let step = tstate.step + 1;
+        let hyper = self.hyper(step, tstate.updates);
+        let optimizer_started = Instant::now();
+        let norm = match (loss.is_finite(), self.fused) {
+            (false, _) => None,
+            (true, true) => fused_adamw::step(state, &grads, &self.kinds, &hyper, cfg.threads, cfg.flush_denormals)?,
+            (true, false) => apply(sessions.optimizer.as_mut().expect("optimizer session"), &self.opt_spec, state, &grads, &hyper, device)?,
+        };
+        let optimizer_time = optimizer_started.elapsed().as_secs_f64();
+        let norm = match norm {
+            Some(n) => n,
+            None if cfg.skip_nonfinite => {
+                tstate.skipped_nonfinite += 1;
+                f32::NAN
+            }
+            None => {
+                let last = checkpoint::list(run).last().map(|(s, p)| format!("; the last checkpoint {} (step {s}) is intact", p.display())).unwrap_or_default();
+                return Err(Error::Other(format!("non-finite loss or gradient at step {step} (loss {loss}){last}; --skip-nonfinite skips such steps")));
+            }
+        };
+        if norm.is_finite() {
+            tstate.updates += 1;
+        }
+        tstate.step = step;
+        tstate.tokens += tokens as u64;
+        tstate.position = loader.position();
+        let mut rec = Map::new();
+        rec.insert("loss".into(), num(loss));
+        summarise(&pairs, "", &mut rec);
+        rec.insert("grad_norm".into(), num(norm as f64));
+        rec.insert("learning_rate".into(), num(hyper.learning_rate as f64));
+        rec.insert("head_learning_rate".into(), num(hyper.head_learning_rate as f64));
+        rec.insert("step".into(), Value::from(step));
+        rec.insert("epoch".into(), num(self.epoch(tstate)));
+        rec.insert("tokens".into(), Value::from(tstate.tokens));
+        rec.insert("step_time_s".into(), num(started.elapsed().as_secs_f64()));
+        rec.insert("train_graph_time_s".into(), num(graph_time));
+        rec.insert("optimizer_time_s".into(), num(optimizer_time));
+        if self.beta_dpo {
+            rec.insert("beta_dpo/kept_fraction".into(), num(kept as f64 / n_pairs as f64));
+            rec.insert("beta_dpo/margin_mean".into(), num(tstate.margin_stats.mean));
+            rec.insert("beta_dpo/margin_std".into(), num(tstate.margin_stats.std));
+        }
+        if let (Some(beta), Some(e)) = (tstate.epsilon_beta, self.epsilon_dpo) {
+            epsilon_beta::record(&mut rec, beta, &epsilon_steps);
+            tstate.epsilon_beta = Some(epsilon_beta::next_beta(beta, e.epsilon, &epsilon_steps));
+        }
+        if tstate.skipped_nonfinite > 0 {
+            rec.insert("skipped_nonfinite".into(), Value::from(tstate.skipped_nonfinite));
+        }
+        Ok(rec)
+    }
+
+    /// Epochs completed at the loader's position, fractional.
+    pub fn epoch(&self, tstate: &TrainerState) -> f64 {
+        (tstate.position.epoch as f64) + tstate.position.index as f64 / self.per_epoch
+    }
+
+    /// Step `step`'s hyper-parameters after `updates` applied updates.
+    fn hyper(&self, step: u64, updates: u64) -> Hyper {
+        let cfg = self.cfg;
+        let f = factor(cfg.lr_schedule, step, cfg.warmup_steps, self.total);
+        Hyper {
+            learning_rate: (cfg.lr * f) as f32,
+            head_learning_rate: (cfg.head_lr * f) as f32,
+            // Adam's bias correction counts the updates applied, not the skipped steps.
+            step: (updates + 1) as f32,
+            adam_beta1: cfg.adam_beta1 as f32,
+            adam_beta2: cfg.adam_beta2 as f32,
+            adam_epsilon: cfg.adam_epsilon as f32,
+            weight_decay: cfg.weight_decay as f32,
+            max_grad_norm: cfg.max_grad_norm as f32,
+            gradient_scale: 1.0 / cfg.grad_accum as f32,
+        }
+    }
+}
