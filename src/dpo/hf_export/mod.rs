@@ -81,36 +81,66 @@ pub fn export_hf(artifacts: &Path, params: &Path, out: &Path, tokenizer: Option<
     }
     let head = beta_head(&manifest, &trained, params)?;
 
+    let files = write_export_dir(out, &manifest, ExportSource { artifacts, params, tokenizer }, &tokenizer_files, head.as_deref(), |dir, files| {
+        write_json(dir, "config.json", &float32_config(&map), files)?;
+        if let Some(g) = &map.generation_config {
+            write_json(dir, "generation_config.json", g, files)?;
+        }
+        write_checkpoint(dir, CHECKPOINT_FILE, &checkpoint, files)
+    })?;
+    let tied = map.tensors.iter().filter(|t| !t.tied_copies.is_empty()).map(|t| t.name.clone()).collect();
+    Ok(HfReport { files, tensors: checkpoint.len(), tied })
+}
+
+/// Where an export's values come from, for its marker file.
+struct ExportSource<'a> {
+    artifacts: &'a Path,
+    params: &'a Path,
+    tokenizer: Option<&'a TokenizerSource>,
+}
+
+/// Writes an `export --hf` directory (a full checkpoint or a PEFT adapter): the model's own files
+/// (`model_files`), then the beta head, the tokenizer files and the marker listing all of them,
+/// into a temporary directory swapped into place when complete. Returns the files written.
+fn write_export_dir(
+    out: &Path,
+    manifest: &Manifest,
+    source: ExportSource,
+    tokenizer_files: &[(String, PathBuf)],
+    head: Option<&[NamedTensor]>,
+    model_files: impl FnOnce(&Path, &mut Vec<String>) -> Result<()>,
+) -> Result<Vec<String>> {
     let mut files: Vec<String> = Vec::new();
     crate::temp_files::write_dir(out, claim, |dir| {
-        write_json(dir, "config.json", &float32_config(&map), &mut files)?;
-        if let Some(g) = &map.generation_config {
-            write_json(dir, "generation_config.json", g, &mut files)?;
-        }
-        write_json(dir, BETA_HEAD_CONFIG, &head_config(&manifest), &mut files)?;
-        let pt = Some(BTreeMap::from([("format".to_string(), "pt".to_string())]));
-        write_safetensors(&dir.join(CHECKPOINT_FILE), &checkpoint, pt)?;
-        files.push(CHECKPOINT_FILE.into());
-        if let Some(h) = &head {
+        model_files(dir, &mut files)?;
+        write_json(dir, BETA_HEAD_CONFIG, &head_config(manifest), &mut files)?;
+        if let Some(h) = head {
             write_safetensors(&dir.join(BETA_HEAD_FILE), h, None)?;
             files.push(BETA_HEAD_FILE.into());
         }
-        for (name, src) in &tokenizer_files {
+        for (name, src) in tokenizer_files {
             std::fs::copy(src, dir.join(name)).map_err(|e| Error::io(src, e))?;
             files.push(name.clone());
         }
         let marker = json!({
             "format": MARKER_FORMAT,
             "format_version": 1,
-            "artifacts": artifacts.display().to_string(),
-            "parameters": params.display().to_string(),
-            "tokenizer": tokenizer.map(|t| t.path.display().to_string()),
+            "artifacts": source.artifacts.display().to_string(),
+            "parameters": source.params.display().to_string(),
+            "tokenizer": source.tokenizer.map(|t| t.path.display().to_string()),
             "files": files,
         });
         write_json(dir, MARKER_FILE, &marker, &mut files)
     })?;
-    let tied = map.tensors.iter().filter(|t| !t.tied_copies.is_empty()).map(|t| t.name.clone()).collect();
-    Ok(HfReport { files, tensors: checkpoint.len(), tied })
+    Ok(files)
+}
+
+/// A safetensors checkpoint as `save_pretrained` writes it (metadata `format: pt`).
+fn write_checkpoint(dir: &Path, name: &str, tensors: &[NamedTensor], written: &mut Vec<String>) -> Result<()> {
+    let pt = Some(BTreeMap::from([("format".to_string(), "pt".to_string())]));
+    write_safetensors(&dir.join(name), tensors, pt)?;
+    written.push(name.into());
+    Ok(())
 }
 
 fn write_json(dir: &Path, name: &str, v: &serde_json::Value, written: &mut Vec<String>) -> Result<()> {

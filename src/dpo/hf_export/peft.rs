@@ -6,19 +6,16 @@
 //! `lora_A.weight` is `[r, in]` and `lora_B.weight` is `[out, r]`, their transposes, under
 //! `base_model.model.<module>.lora_{A,B}.weight`.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde_json::json;
 
 use super::map::HfMap;
-use super::{
-    beta_head, claim, head_config, tokenizer_files, write_json, HfReport, TokenizerSource, BETA_HEAD_CONFIG, BETA_HEAD_FILE, MARKER_FILE, MARKER_FORMAT,
-};
+use super::{beta_head, claim, tokenizer_files, write_checkpoint, write_export_dir, write_json, ExportSource, HfReport, TokenizerSource};
 use crate::dpo::lora::LoraSpec;
 use crate::dpo::lora_export::{trained_adapters, TrainedAdapter};
 use crate::dpo::manifest::Manifest;
-use crate::store::{read_safetensors, write_safetensors, NamedTensor};
+use crate::store::{read_safetensors, NamedTensor};
 use crate::{Error, Result};
 
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
@@ -43,30 +40,10 @@ pub(super) fn export_peft(
     let tensors = peft_tensors(&adapters)?;
     let config = peft_config(lora, &adapters, fan_in_fan_out(&adapters, map)?, map.config.get("_name_or_path").and_then(|v| v.as_str()));
     let head = beta_head(manifest, &trained, params)?;
-    let mut files: Vec<String> = Vec::new();
-    crate::temp_files::write_dir(out, claim, |dir| {
-        write_json(dir, ADAPTER_CONFIG, &config, &mut files)?;
-        let pt = Some(BTreeMap::from([("format".to_string(), "pt".to_string())]));
-        write_safetensors(&dir.join(ADAPTER_WEIGHTS), &tensors, pt)?;
-        files.push(ADAPTER_WEIGHTS.into());
-        write_json(dir, BETA_HEAD_CONFIG, &head_config(manifest), &mut files)?;
-        if let Some(h) = &head {
-            write_safetensors(&dir.join(BETA_HEAD_FILE), h, None)?;
-            files.push(BETA_HEAD_FILE.into());
-        }
-        for (name, src) in &tokenizer_files {
-            std::fs::copy(src, dir.join(name)).map_err(|e| Error::io(src, e))?;
-            files.push(name.clone());
-        }
-        let marker = json!({
-            "format": MARKER_FORMAT,
-            "format_version": 1,
-            "artifacts": artifacts.display().to_string(),
-            "parameters": params.display().to_string(),
-            "tokenizer": tokenizer.map(|t| t.path.display().to_string()),
-            "files": files,
-        });
-        write_json(dir, MARKER_FILE, &marker, &mut files)
+    let source = ExportSource { artifacts, params, tokenizer };
+    let files = write_export_dir(out, manifest, source, &tokenizer_files, head.as_deref(), |dir, files| {
+        write_json(dir, ADAPTER_CONFIG, &config, files)?;
+        write_checkpoint(dir, ADAPTER_WEIGHTS, &tensors, files)
     })?;
     Ok(HfReport { files, tensors: tensors.len(), tied: Vec::new() })
 }
