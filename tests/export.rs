@@ -42,9 +42,7 @@ fn trained_export(dir: &Path) -> PathBuf {
 
 #[test]
 fn python_onnxruntime_agrees_with_infer() {
-    let has_ort = Command::new("python3").args(["-c", "import onnxruntime, numpy"]).status().map(|s| s.success()).unwrap_or(false);
-    if !has_ort {
-        common::fixtures::skip("python3 cannot import onnxruntime and numpy (the cross-binding check)");
+    if !common::fixtures::python_imports("onnxruntime, numpy", "the cross-binding check") {
         return;
     }
     let dir = common::fixtures::scratch("export-py");

@@ -141,14 +141,6 @@ fn max_abs(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
     a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
-fn has_python_ort() -> bool {
-    let ok = Command::new("python3").args(["-c", "import onnxruntime, numpy"]).status().map(|s| s.success()).unwrap_or(false);
-    if !ok {
-        common::fixtures::skip("python3 cannot import onnxruntime and numpy (the adapter-file check)");
-    }
-    ok
-}
-
 fn check_family(family: &str) {
     let Some(b) = build(family, "forms") else { return };
     let out = |f: &str| b.dir.join(f);
@@ -182,7 +174,7 @@ fn check_family(family: &str) {
     let plain = logits(&out("with-inputs.onnx"), &b.golden);
     let d = max_abs(&plain, base);
     assert!(d < 1e-4, "{family}: the adapter-input model without an adapter is {d} from the base");
-    if has_python_ort() {
+    if common::fixtures::python_imports("onnxruntime, numpy", "the adapter-file check") {
         let py = python_with_adapter(&out("with-inputs.onnx"), &adapter_file, &b);
         let d = max_abs(&py, &unmerged);
         assert!(d < 1e-5, "{family}: python onnxruntime with the adapter file vs the unmerged model: {d}");

@@ -8,17 +8,9 @@ use std::process::Command;
 
 use betadpo::onnx::{encode_adapter, AdapterParameter};
 
-fn has_python_ort() -> bool {
-    let ok = Command::new("python3").args(["-c", "import onnxruntime, onnx, numpy"]).status().map(|s| s.success()).unwrap_or(false);
-    if !ok {
-        common::fixtures::skip("python3 cannot import onnxruntime, onnx and numpy (the adapter-file check)");
-    }
-    ok
-}
-
 #[test]
 fn onnxruntime_reads_and_applies_the_adapter_file() {
-    if !has_python_ort() {
+    if !common::fixtures::python_imports("onnxruntime, onnx, numpy", "the adapter-file check") {
         return;
     }
     let dir = common::fixtures::scratch("onnx-adapter");
@@ -80,7 +72,7 @@ print(json.dumps(out))
 
 #[test]
 fn an_empty_adapter_is_still_a_valid_file() {
-    if !has_python_ort() {
+    if !common::fixtures::python_imports("onnxruntime, onnx, numpy", "the adapter-file check") {
         return;
     }
     let dir = common::fixtures::scratch("onnx-adapter-empty");

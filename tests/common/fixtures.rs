@@ -19,6 +19,16 @@ pub fn skip(why: &str) {
     eprintln!("notice: {why}; skipping");
 }
 
+/// Whether `python3` can import `modules` (e.g. "onnxruntime, numpy"); otherwise says why the caller
+/// skips `purpose` (see [`skip`]).
+pub fn python_imports(modules: &str, purpose: &str) -> bool {
+    let ok = std::process::Command::new("python3").args(["-c", &format!("import {modules}")]).status().map(|s| s.success()).unwrap_or(false);
+    if !ok {
+        skip(&format!("python3 cannot import {modules} ({purpose})"));
+    }
+    ok
+}
+
 /// `../shared/fixtures/<sub>` when present; otherwise says why the caller skips (see [`skip`]).
 pub fn shared(sub: &str) -> Option<PathBuf> {
     let p = repo().join("../shared/fixtures").join(sub);
