@@ -295,7 +295,7 @@ pub fn run(a: Args) -> Result<()> {
         println!("layout: padded (cannot pack this model: {why})");
     }
     if report.half_frozen > 0 {
-        println!("frozen weights: {} stored in half precision, computed with in float32", report.half_frozen);
+        println!("frozen weights: {} stored in half precision, cast to float32 where they are used", report.half_frozen);
     }
     if let Some(why) = &report.hf_map_skipped {
         println!("note: the Hugging Face name map was not copied, so `export --hf` will refuse these artifacts: {why}");

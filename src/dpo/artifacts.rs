@@ -19,8 +19,11 @@ use super::packing::{self, Layout, LayoutChoice};
 use super::params::{find_parameters, lift_parameters, InitializerRef, Param, Selection};
 use super::{beta_dpo, epsilon_dpo, optimizer, reference_copy, BetaSource, ObjectiveConfig};
 use crate::autodiff::differentiate;
-use crate::graph::{compute_in_float32, probe_shapes, raise_to_scatter_add_opset, store_frozen, Builder, Graph, ProbeBatch, StoredWeights};
-use crate::onnx::{dtype, load_model_mapped, save_models_sharing_data, tensor_to_f32, value_info, value_info_type, Dim, MappedData};
+use crate::graph::{
+    cast_per_use, compute_in_float32, materialize_deferred, probe_shapes, raise_to_scatter_add_opset, store_frozen, Builder, Graph, HalfOrigin, ProbeBatch,
+    StoredWeights,
+};
+use crate::onnx::{dtype, load_model_mapped, save_models_sharing_data, value_info, value_info_type, Dim, MappedData};
 use crate::runtime::HostTensor;
 use crate::store::{write_safetensors_raw, RawTensor};
 use crate::{Error, Result};
@@ -337,12 +340,14 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
         parameters_file: PARAMS_FILE.into(),
         lora,
     };
-    let initial = initial_values(&base, &obj, &params)?;
+    let initial = initial_values(&base, &obj, &params, &half_origin)?;
     let frozen: HashSet<String> = params.iter().filter(|p| !p.trainable).flat_map(|p| p.initializers.iter().map(|r| r.name.clone())).collect();
     let mut stored = StoredWeights::default();
     let mut half_frozen = 0;
     for g in [&mut graph, &mut eval, &mut infer] {
         half_frozen = half_frozen.max(store_frozen(g, &frozen, opts.frozen_dtype, &half_origin, &mut stored)?);
+        materialize_deferred(g, &half_origin, &mut stored)?;
+        cast_per_use(g);
     }
     let graphs = [("train", graph), ("eval", eval), ("optimizer", opt_graph), ("infer", infer)];
     write_all(out_dir, &manifest, graphs, &model_data, &initial, hf_map.as_deref())?;
@@ -443,18 +448,14 @@ pub fn inference_graph(base: &Graph, sig: &LmSignature, cfg: &ObjectiveConfig, p
 
 /// Initial values of every trainable parameter, read from the model (or the head's init): the
 /// model's float32 bytes are passed through without a copy.
-fn initial_values<'a>(base: &'a Graph, obj: &'a Objective, params: &'a [Param]) -> Result<Vec<RawTensor<'a>>> {
+fn initial_values<'a>(base: &'a Graph, obj: &'a Objective, params: &'a [Param], half_origin: &HalfOrigin) -> Result<Vec<RawTensor<'a>>> {
     let mut out = Vec::new();
     for p in params.iter().filter(|p| p.trainable) {
         let t = base
             .initializer(&p.name)
             .or_else(|| obj.head.iter().find(|h| h.name == p.name))
             .ok_or_else(|| Error::graph(format!("no initial value for parameter {}", p.name)))?;
-        let bytes: std::borrow::Cow<[u8]> = if t.data_type == dtype::FLOAT && !t.raw_data.is_empty() {
-            std::borrow::Cow::Borrowed(&t.raw_data[..])
-        } else {
-            std::borrow::Cow::Owned(tensor_to_f32(t)?.iter().flat_map(|v| v.to_le_bytes()).collect())
-        };
+        let bytes = half_origin.float32_bytes(t)?;
         out.push(RawTensor { name: &p.name, shape: p.dims.iter().map(|&d| d as usize).collect(), bytes });
     }
     Ok(out)

@@ -2,6 +2,7 @@
 //! table so that every tensor this crate adds gets a fresh, readable name.
 
 mod builder;
+mod cast_per_use;
 mod check;
 mod names;
 mod opset;
@@ -9,9 +10,10 @@ mod precision;
 mod probe;
 
 pub use builder::Builder;
+pub use cast_per_use::cast_per_use;
 pub use names::Names;
 pub use opset::{raise_to_scatter_add_opset, SCATTER_ADD_OPSET};
-pub use precision::{compute_in_float32, store_frozen, stored_name, stored_names, HalfOrigin, StoredWeights};
+pub use precision::{compute_in_float32, is_deferred, materialize_deferred, store_frozen, stored_name, stored_names, HalfOrigin, StoredWeights};
 pub use probe::{probe_shapes, ProbeBatch, TensorInfo, TensorInfos};
 
 use std::collections::HashMap;

@@ -6,8 +6,9 @@
 //! runs is static; one that differs depends on the batch. Gradient rules use this to decide, for
 //! example, which axes a broadcast gradient must be summed over.
 //!
-//! Large float initializers are replaced by zeros made at run time (`ConstantOfShape`), so the probe
-//! never holds a second copy of the weights; values do not affect shapes on the float path.
+//! Large float initializers (and deferred half ones, which have no values yet) are replaced by zeros made at
+//! run time (`ConstantOfShape`), so the probe never holds a second copy of the weights; values do not affect
+//! shapes on the float path.
 
 use std::collections::{HashMap, HashSet};
 
@@ -85,17 +86,26 @@ pub fn probe_shapes(graph: &Graph, batch: &ProbeBatch) -> Result<TensorInfos> {
 fn probe_model(graph: &Graph) -> Result<crate::onnx::ModelProto> {
     let mut g = graph.clone();
     let graph_inputs: HashSet<String> = g.inputs.iter().map(|i| i.name.clone()).collect();
-    let mut fills: Vec<NodeProto> = Vec::new();
+    let mut fills: HashMap<String, [NodeProto; 2]> = HashMap::new();
     g.initializers.retain(|t| {
         let numel: i64 = t.dims.iter().product();
-        if !dtype::is_float(t.data_type) || numel < ZERO_FILL_MIN_ELEMENTS || graph_inputs.contains(&t.name) {
+        let small = !dtype::is_float(t.data_type) || numel < ZERO_FILL_MIN_ELEMENTS || graph_inputs.contains(&t.name);
+        if small && !super::precision::is_deferred(t) {
             return true;
         }
-        fills.extend(zero_fill(t));
+        fills.insert(t.name.clone(), zero_fill(t));
         false
     });
-    fills.append(&mut g.nodes);
-    g.nodes = fills;
+    // each fill just before its first reader, so that ONNX Runtime never holds all the zeroed weights at once
+    let mut nodes = Vec::with_capacity(g.nodes.len() + 2 * fills.len());
+    for n in std::mem::take(&mut g.nodes) {
+        for input in &n.input {
+            nodes.extend(fills.remove(input).into_iter().flatten());
+        }
+        nodes.push(n);
+    }
+    let unread = fills.into_values().flatten();
+    g.nodes = unread.chain(nodes).collect();
     let declared: HashSet<String> = g.outputs.iter().map(|o| o.name.clone()).collect();
     let mut extra: Vec<ValueInfoProto> = Vec::new();
     let mut added = HashSet::new();
