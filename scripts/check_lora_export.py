@@ -102,6 +102,9 @@ def main():
         base_logits = base(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
         peft_model = PeftModel.from_pretrained(base, w("peft")).eval()
         peft_logits = peft_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+        # PEFT's own merge (W + B·A·scale folded in float32), the like-for-like peer of export --merge
+        peft_merged = peft_model.merge_and_unload()
+        peft_merged_logits = peft_merged(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
     m = mask.astype(bool)
     d = lambda x, y: float(np.abs(x[m] - y[m]).max())
     scale = max(1.0, float(np.abs(peft_logits[m]).max()))
@@ -112,6 +115,8 @@ def main():
         "adapter-input model without adapter vs transformers base": d(plain, base_logits),
         "transformers+PEFT vs merged": d(peft_logits, merged),
         "transformers+PEFT vs unmerged": d(peft_logits, unmerged),
+        "PEFT merge_and_unload vs merged": d(peft_merged_logits, merged),
+        "PEFT merge_and_unload vs PEFT unmerged": d(peft_merged_logits, peft_logits),
         "adapters move the logits by (PEFT vs base)": d(peft_logits, base_logits),
         "onnx_adapter bytes": os.path.getsize(w("policy.onnx_adapter")),
         "adapter_model.safetensors bytes": os.path.getsize(w("peft", "adapter_model.safetensors")),
