@@ -62,11 +62,26 @@ pub fn all_models() -> Vec<PathBuf> {
     v
 }
 
+/// A fresh directory for one test's files. Each test process first removes the scratch directories of test
+/// processes that have ended, so a run keeps its own files for inspection until the next run, and no more.
 pub fn scratch(name: &str) -> PathBuf {
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(remove_scratch_of_ended_processes);
     let d = std::env::temp_dir().join(format!("betadpo-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+fn remove_scratch_of_ended_processes() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("betadpo-test-").and_then(|rest| rest.split('-').next()).and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// The float32 and int64 tensors of a fixture's safetensors file (goldens, references).
