@@ -8,6 +8,7 @@ use std::str::FromStr;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::Session;
 
+use super::tensorrt::TensorRtOptions;
 use super::{init, loaded_library, ExecutionProvider, SharedWeights};
 use crate::{Error, Result};
 
@@ -81,6 +82,8 @@ pub struct SessionConfig {
     /// Park the intra-op threads as soon as a run returns instead of letting them spin for more
     /// work: for a caller that does CPU work of its own between runs (the fused optimizer).
     pub stop_spinning_after_run: bool,
+    /// Engine/timing caches and the optimisation profile, for the TensorRT provider.
+    pub tensorrt: TensorRtOptions,
 }
 
 impl Default for SessionConfig {
@@ -94,6 +97,7 @@ impl Default for SessionConfig {
             memory_pattern: true,
             cpu_arena: true,
             stop_spinning_after_run: false,
+            tensorrt: TensorRtOptions::default(),
         }
     }
 }
@@ -156,7 +160,7 @@ impl SessionConfig {
                 .with_execution_providers([ort::ep::CPU::default().with_arena_allocator(false).build()])
                 .map_err(|e| Error::Runtime(format!("{what}: configuring the CPU provider: {e}")))?;
         }
-        let dispatches = self.ep.dispatches();
+        let dispatches = self.ep.dispatches(&self.tensorrt)?;
         if !dispatches.is_empty() {
             builder = builder.with_execution_providers(dispatches).map_err(|e| {
                 let msg = e.to_string();
