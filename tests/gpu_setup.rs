@@ -245,6 +245,15 @@ fn provisions_the_gpu_build_and_its_libraries_from_a_wheel_index() {
     drop(index);
     let again = provision_gpu_libraries(&locator, &locator.resolve(Flavor::Gpu).unwrap(), GpuStack::TensorRt).expect("from the cache");
     assert_eq!(again, sets);
+
+    // `doctor` lists what is provisioned, with the wheels' versions (and fails: no driver here, or, with one,
+    // fake libraries that cannot load).
+    let (code, out, _) = doctor("tensorrt", &[("BETADPO_CACHE_DIR", cache.path())]);
+    assert_ne!(code, 0);
+    for (file, from) in [("libcudnn.so.9", "nvidia-cudnn-cu12 9.10.2.21"), ("libcublasLt.so.12", "nvidia-cublas-cu12 12.8.4.1"), ("libnvonnxparser.so.10", "tensorrt-cu12-libs 10.13.3.9")] {
+        assert!(out.lines().any(|l| l.starts_with(file) && l.contains(from)), "{file} from {from} not listed:\n{out}");
+    }
+    assert!(out.contains("onnxruntime-gpu") && out.contains("built with CUDA 12.8"), "{out}");
 }
 
 #[test]
@@ -532,4 +541,47 @@ mod tensorrt_profiles {
         let err = profile(&[input("x", &["rows", "mystery"])], &ranges).unwrap_err().to_string();
         assert!(err.contains("'x'") && err.contains("'mystery'"), "{err}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------- betadpo doctor
+
+fn doctor(ep: &str, env: &[(&str, &Path)]) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_betadpo"));
+    cmd.args(["doctor", "--ep", ep]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn doctor_on_the_cpu_reports_the_runtime_and_succeeds() {
+    let (code, out, err) = doctor("cpu", &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let line = |label: &str| out.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("no {label} line:\n{out}")).to_string();
+    assert!(line("ONNX Runtime").contains("1.32.0"), "{out}");
+    assert!(line("providers").split_whitespace().any(|w| w.trim_end_matches(',') == "CPU"), "{out}");
+    assert!(line("NVIDIA driver").len() > "NVIDIA driver".len());
+    assert!(out.lines().any(|l| l.starts_with("GPU")), "no GPU line:\n{out}");
+    assert!(out.trim_end().ends_with("the CPU execution provider can run here"), "{out}");
+}
+
+/// Without a driver, `doctor --ep cuda` says so in one line and downloads nothing.
+#[test]
+fn doctor_without_a_driver_names_it_and_downloads_nothing() {
+    if driver::cuda_driver_version().is_ok() {
+        return eprintln!("notice: this machine has an NVIDIA driver; the no-driver path is not exercised here");
+    }
+    let cache = tempfile::tempdir().unwrap();
+    for (ep, name) in [("cuda", "CUDA"), ("tensorrt:0", "TensorRT")] {
+        let (code, out, err) = doctor(ep, &[("BETADPO_CACHE_DIR", cache.path())]);
+        assert_ne!(code, 0, "{out}");
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{err}");
+        assert!(lines[0].starts_with(&format!("error: the {name} execution provider cannot work here: no NVIDIA driver found (libcuda.so.1")), "{err}");
+        assert!(out.contains("no GPU found"), "{out}");
+        assert!(out.contains("onnxruntime-gpu") && out.contains("not provisioned yet"), "{out}");
+    }
+    assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 0, "doctor downloaded into the cache without a driver");
 }
