@@ -250,7 +250,11 @@ fn provisions_the_gpu_build_and_its_libraries_from_a_wheel_index() {
     // fake libraries that cannot load).
     let (code, out, _) = doctor("tensorrt", &[("BETADPO_CACHE_DIR", cache.path())]);
     assert_ne!(code, 0);
-    for (file, from) in [("libcudnn.so.9", "nvidia-cudnn-cu12 9.10.2.21"), ("libcublasLt.so.12", "nvidia-cublas-cu12 12.8.4.1"), ("libnvonnxparser.so.10", "tensorrt-cu12-libs 10.13.3.9")] {
+    for (file, from) in [
+        ("libcudnn.so.9", "nvidia-cudnn-cu12 9.10.2.21"),
+        ("libcublasLt.so.12", "nvidia-cublas-cu12 12.8.4.1"),
+        ("libnvonnxparser.so.10", "tensorrt-cu12-libs 10.13.3.9"),
+    ] {
         assert!(out.lines().any(|l| l.starts_with(file) && l.contains(from)), "{file} from {from} not listed:\n{out}");
     }
     assert!(out.contains("onnxruntime-gpu") && out.contains("built with CUDA 12.8"), "{out}");
