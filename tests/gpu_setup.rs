@@ -351,7 +351,8 @@ fn cc_shared(dir: &Path, soname: &str, source: &str, needs: &[&str]) -> Option<P
     std::fs::write(&c, source).unwrap();
     let out = dir.join(soname);
     let mut cc = Command::new("cc");
-    cc.args(["-shared", "-fPIC", "-o"]).arg(&out).arg(&c).arg(format!("-Wl,-soname,{soname}"));
+    let base = Path::new(soname).file_name().unwrap().to_str().unwrap();
+    cc.args(["-shared", "-fPIC", "-o"]).arg(&out).arg(&c).arg(format!("-Wl,-soname,{base}"));
     for n in needs {
         cc.arg(dir.join(n)); // a NEEDED entry by soname, resolved by the loader at run time
     }
@@ -372,7 +373,10 @@ fn build_real_libraries(dir: &Path) -> Option<PathBuf> {
     cc_shared(dir, "libcublas.so.12", "int fake_cublaslt(void);\nint fake_cublas(void) { return 10 * fake_cublaslt(); }\n", &["libcublasLt.so.12"])?;
     plain("libnvrtc.so.12", "fake_nvrtc")?;
     plain("libcurand.so.10", "fake_curand")?;
-    plain("libcufft.so.11", "fake_cufft")?;
+    // cuFFT needs a library no wheel here carries: as an optional library, its failure must not stop the preload.
+    std::fs::create_dir_all(dir.join("elsewhere")).unwrap();
+    plain("elsewhere/libnvJitLink.so.12", "fake_jitlink")?;
+    cc_shared(dir, "libcufft.so.11", "int fake_jitlink(void);\nint fake_cufft(void) { return fake_jitlink(); }\n", &["elsewhere/libnvJitLink.so.12"])?;
     plain("libcudart.so.12", "fake_cudart")?;
     cc_shared(dir, "libcudnn.so.9", "int fake_cudart(void);\nint fake_cudnn(void) { return 100 * fake_cudart(); }\n", &["libcudart.so.12"])?;
     let provider_dir = dir.join("provider");
@@ -452,7 +456,8 @@ fn preloading_in_order_lets_the_provider_load() {
     // Without the preload the provider cannot load: its libraries are on no loader path.
     let without = run_child("plain", cache.path(), index.path(), &provider);
     assert!(without.starts_with("PRELOAD_FAILED") && without.contains("libcublas.so.12"), "{without}");
-    // Preloaded in order, globally: the provider loads, and its call through every library returns
+    // Preloaded in order, globally (cuFFT, optional, failing on its missing dependency and skipped): the
+    // provider loads, and its call through every library returns
     // cublas 10*1 + cudnn 100*1 + curand 1 + 1000 * nvrtc (found only in the global scope) = 1111.
     assert_eq!(run_child("preload", cache.path(), index.path(), &provider), "PRELOAD_OK 1111");
     // In the wrong order the first library whose dependency is not loaded yet fails, named with its wheel.
@@ -472,6 +477,13 @@ fn driver_version_parsing() {
     assert_eq!(driver::parse_proc_version("garbage"), None);
     assert_eq!(driver::format_cuda_version(12040), "12.4");
     assert_eq!(driver::format_cuda_version(13000), "13.0");
+    // A driver for CUDA 12.4 runs CUDA 12 builds (minor version compatibility), not CUDA 13 ones.
+    assert_eq!(driver::supports(12040, Some("550.54.15"), 12), Ok(()));
+    assert_eq!(driver::supports(13000, None, 12), Ok(()));
+    assert_eq!(
+        driver::supports(12040, Some("550.54.15"), 13).unwrap_err(),
+        "the NVIDIA driver 550.54.15 supports CUDA up to 12.4, but the ONNX Runtime GPU build needs CUDA 13; update the driver"
+    );
 }
 
 /// On a machine without an NVIDIA driver the checks say so in one line; with one, they report a CUDA version.
@@ -588,4 +600,18 @@ fn doctor_without_a_driver_names_it_and_downloads_nothing() {
         assert!(out.contains("onnxruntime-gpu") && out.contains("not provisioned yet"), "{out}");
     }
     assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 0, "doctor downloaded into the cache without a driver");
+}
+
+#[test]
+fn fallback_summary_counts_what_tensorrt_left() {
+    use betadpo::runtime::placement::{fallback_summary, Assigned};
+    let nodes = |ops: &[&str]| ops.iter().enumerate().map(|(i, op)| (op.to_string(), format!("n{i}"))).collect::<Vec<_>>();
+    let trt = Assigned { provider: "TensorrtExecutionProvider".into(), nodes: nodes(&["MatMul", "Add", "Softmax"]) };
+    let cuda = Assigned { provider: "CUDAExecutionProvider".into(), nodes: nodes(&["ScatterND", "Gather", "Gather"]) };
+    let cpu = Assigned { provider: "CPUExecutionProvider".into(), nodes: nodes(&["Shape"]) };
+    assert_eq!(
+        fallback_summary(&[trt.clone(), cuda, cpu], "TensorrtExecutionProvider").as_deref(),
+        Some("TensorrtExecutionProvider runs 3 of 7 nodes; CUDAExecutionProvider runs 3: 2 Gather, 1 ScatterND; CPUExecutionProvider runs 1: 1 Shape")
+    );
+    assert_eq!(fallback_summary(&[trt], "TensorrtExecutionProvider"), None);
 }

@@ -65,10 +65,16 @@ fn last_error() -> String {
 }
 
 /// Opens `paths` in order, each `RTLD_GLOBAL`, so a later library (and the GPU provider ONNX Runtime loads after
-/// them) finds the earlier ones already loaded by soname. `describe` names a library in the error.
-pub fn preload(paths: &[std::path::PathBuf], describe: impl Fn(usize) -> String) -> Result<()> {
+/// them) finds the earlier ones already loaded by soname. `describe(i)` names a library in the error and
+/// says whether it is required; an optional one that fails is skipped.
+pub fn preload(paths: &[std::path::PathBuf], describe: impl Fn(usize) -> (String, bool)) -> Result<()> {
     for (i, path) in paths.iter().enumerate() {
-        Library::open(path, Scope::Global).map_err(|e| Error::Runtime(format!("cannot load {}: {e}", describe(i))))?;
+        if let Err(e) = Library::open(path, Scope::Global) {
+            let (name, required) = describe(i);
+            if required {
+                return Err(Error::Runtime(format!("cannot load {name}: {e}")));
+            }
+        }
     }
     Ok(())
 }

@@ -45,12 +45,18 @@ pub fn format_cuda_version(v: i32) -> String {
 /// Fails with a one-line reason unless a driver is installed that runs CUDA `needed_major`.
 pub fn check_supports(needed_major: u32) -> Result<i32, String> {
     let v = cuda_driver_version()?;
-    if (v / 1000) < needed_major as i32 {
-        let module = kernel_module_version().map(|m| format!(" {m}")).unwrap_or_default();
-        return Err(format!(
-            "the NVIDIA driver{module} supports CUDA up to {}, but the ONNX Runtime GPU build needs CUDA {needed_major}; update the driver",
-            format_cuda_version(v)
-        ));
+    supports(v, kernel_module_version().as_deref(), needed_major).map(|()| v)
+}
+
+/// Whether a driver reporting CUDA `driver_cuda` (`cuDriverGetVersion`'s number) runs CUDA `needed_major`;
+/// `module` is its version for the message.
+pub fn supports(driver_cuda: i32, module: Option<&str>, needed_major: u32) -> Result<(), String> {
+    if driver_cuda / 1000 >= needed_major as i32 {
+        return Ok(());
     }
-    Ok(v)
+    let module = module.map(|m| format!(" {m}")).unwrap_or_default();
+    Err(format!(
+        "the NVIDIA driver{module} supports CUDA up to {}, but the ONNX Runtime GPU build needs CUDA {needed_major}; update the driver",
+        format_cuda_version(driver_cuda)
+    ))
 }

@@ -138,6 +138,13 @@ pub struct ProvisionedLibrary {
     pub package: String,
     pub version: String,
     pub file: String,
+    /// An optional library that fails to load is skipped, as `preload_dlls` skips it.
+    #[serde(default = "required_by_default")]
+    pub required: bool,
+}
+
+fn required_by_default() -> bool {
+    true
 }
 
 /// A complete provisioned directory.
@@ -210,7 +217,7 @@ fn fill(cache_dir: &Path, dir: &Path, set: &LibrarySet, source: &WheelSource) ->
         .filter(|w| dir.join(&w.file).is_file())
         .map(|w| {
             let version = versions.iter().find(|(p, _)| *p == w.package).map(|(_, v)| v.clone()).unwrap_or_default();
-            ProvisionedLibrary { package: w.package.clone(), version, file: w.file.clone() }
+            ProvisionedLibrary { package: w.package.clone(), version, file: w.file.clone(), required: w.required }
         })
         .collect();
     let json = serde_json::to_vec_pretty(&Manifest { libraries }).map_err(|e| Error::Other(e.to_string()))?;

@@ -18,6 +18,7 @@ pub mod driver;
 mod ep;
 pub mod gpu_libs;
 mod host_memory;
+pub mod placement;
 pub mod provision;
 mod session;
 mod shared_weights;
@@ -122,7 +123,7 @@ pub fn provision_gpu_libraries(locator: &Locator, ort_library: &Path, stack: Gpu
 pub fn preload_gpu_libraries(set: &Provisioned) -> Result<()> {
     dl::preload(&set.paths(), |i| {
         let l = &set.libraries[i];
-        format!("{} (from {} {}, {})", l.file, l.package, l.version, set.dir.display())
+        (format!("{} (from {} {}, {})", l.file, l.package, l.version, set.dir.display()), l.required)
     })
 }
 

@@ -84,6 +84,8 @@ pub struct SessionConfig {
     pub stop_spinning_after_run: bool,
     /// Engine/timing caches and the optimisation profile, for the TensorRT provider.
     pub tensorrt: TensorRtOptions,
+    /// Have ONNX Runtime record which provider runs each node (see `runtime::placement`).
+    pub record_placement: bool,
 }
 
 impl Default for SessionConfig {
@@ -98,6 +100,7 @@ impl Default for SessionConfig {
             cpu_arena: true,
             stop_spinning_after_run: false,
             tensorrt: TensorRtOptions::default(),
+            record_placement: false,
         }
     }
 }
@@ -151,6 +154,9 @@ impl SessionConfig {
         }
         if self.stop_spinning_after_run {
             builder = builder.with_config_entry("session.force_spinning_stop", "1").map_err(fail)?;
+        }
+        if self.record_placement {
+            builder = builder.with_config_entry(super::placement::RECORD_KEY, "1").map_err(fail)?;
         }
         if let Some(prefix) = &self.profile_prefix {
             builder = builder.with_profiling(prefix).map_err(fail)?;

@@ -6,9 +6,8 @@
 //! ONNX Runtime's syntax `input:d0xd1x...,input2:...`. The ranges of the varying dimensions follow from the
 //! batch settings ([`batch_dim_ranges`]); [`profile`] is a pure function of them and the inputs' shapes.
 //!
-//! Which nodes TensorRT leaves to CUDA is not exposed by ONNX Runtime's API (neither the C API nor `ort` can
-//! ask a session for its node placement); the provider logs its partition at the verbose level only. betadpo
-//! therefore does not report it; `ORT_TENSORRT_DUMP_SUBGRAPHS` / a verbose log show it when needed.
+//! Which nodes TensorRT leaves to the CUDA provider behind it is read from the session afterwards
+//! (`runtime::placement`), and training reports it once for the train graph.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -270,6 +270,13 @@ fn sessions(cfg: &TrainConfig, manifest: &Manifest, scfg: &SessionConfig) -> Res
     let shared = SharedWeights::load(scfg, &[&train_path, &eval_path])?;
     let train = tensorrt_config(scfg, cfg, manifest, "train")?.session_sharing(&train_path, &shared)?;
     let eval = tensorrt_config(scfg, cfg, manifest, "eval")?.session_sharing(&eval_path, &shared)?;
+    if matches!(cfg.ep, crate::runtime::ExecutionProvider::TensorRt { .. }) {
+        // Once per run, for the train graph: which operators TensorRT left to CUDA (or the CPU).
+        let placement = crate::runtime::placement::node_placement(&train)?;
+        if let Some(line) = crate::runtime::placement::fallback_summary(&placement, "TensorrtExecutionProvider") {
+            eprintln!("train graph: {line}");
+        }
+    }
     let optimizer = if uses_fused(cfg) { None } else { Some(scfg.session_from_file(&graph_path("optimizer")?)?) };
     Ok(Sessions { train, eval, optimizer })
 }
@@ -284,6 +291,7 @@ fn tensorrt_config(scfg: &SessionConfig, cfg: &TrainConfig, manifest: &Manifest,
         return Ok(out);
     }
     out.tensorrt.cache_dir = Some(cfg.out.join("tensorrt"));
+    out.record_placement = true;
     if let Some(max_length) = cfg.max_length {
         let pack_tokens = (manifest.layout == Layout::Packed).then_some(cfg.pack_tokens);
         let ranges = batch_dim_ranges(&BatchShape { pairs: cfg.batch_size, max_length, pack_tokens });
