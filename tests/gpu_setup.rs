@@ -4,7 +4,6 @@
 //! driver checks' messages on a machine without a driver.
 
 #[path = "common/fixtures.rs"]
-#[allow(dead_code)]
 mod fixtures;
 
 use std::io::Write;
