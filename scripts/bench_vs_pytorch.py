@@ -321,13 +321,18 @@ def torch_worker(a):
         n_adapters = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A.default"))
 
     base = model.base_model  # the decoder without lm_head
+    if a.torch_compile:
+        base = torch.compile(base)
     head = model.get_output_embeddings()
     labels = ids[:, 1:]
     lmask = comp[:, 1:]
 
     def seq_logps_and_hidden():
-        h = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        logits = head(h)
+        amp = a.torch_amp == "bf16"
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
+            h = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            logits = head(h)
+        logits, h = logits.float(), h.float()  # the loss and the beta head in float32
         V = logits.shape[-1]
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels.reshape(-1), reduction="none")
         return -(nll.view(2 * B, T - 1) * lmask).sum(-1), h
@@ -394,7 +399,9 @@ def run_torch(a, data_file):
            "--threads", str(a.threads), "--steps", str(a.steps), "--warmup", str(a.warmup),
            "--attn", a.attn, "--lr", str(a.lr), "--head-lr", str(a.head_lr),
            "--beta-init", str(a.beta_init), "--beta-max", str(a.beta_max), "--max-grad-norm", str(a.max_grad_norm),
-           "--device", a.device, "--lora", str(a.lora)]
+           "--device", a.device, "--lora", str(a.lora), "--torch-amp", a.torch_amp]
+    if a.torch_compile:
+        cmd += ["--torch-compile"]
     if a.gguf_file:
         cmd += ["--gguf-file", a.gguf_file]
     if a.weights_map:
@@ -534,6 +541,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where PyTorch trains")
     ap.add_argument("--ep", default="cpu", help="betadpo's execution provider: cpu, cuda[:N], tensorrt[:N]")
+    ap.add_argument("--torch-amp", default="none", choices=["none", "bf16"],
+                    help="PyTorch: autocast the forward to bfloat16 (float32 master weights, as TRL's bf16=True)")
+    ap.add_argument("--torch-compile", action="store_true", help="PyTorch: torch.compile the decoder")
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="PyTorch attention implementation")
     ap.add_argument("--betadpo", default=os.path.join(ROOT, "target", "release", "betadpo"))
     ap.add_argument("--betadpo-arg", action="append", default=[],
@@ -667,6 +677,9 @@ def summarise(a, P, runs, shape, disk):
         rec.update(median_step_s=m, min_step_s=min(timed), steps=timed,
                    peak_rss=max(r["peak_rss"] for r in ok[side]))
         rec["tokens_per_s"] = shape["real_tokens"] / m
+        gpu_peaks = [r["gpu_peak_bytes"] for r in ok[side] if r.get("gpu_peak_bytes")]
+        if gpu_peaks:
+            rec["gpu_peak_bytes"] = max(gpu_peaks)
         computed = shape["packed_tokens"] if side == "betadpo" and a.layout == "packed" else shape["padded_tokens"]
         rec["gflops"] = flops_per_param_token * shape["p_matmul"] * computed / m / 1e9
         line = (f"{side:8s}: median step {m:7.3f} s over {len(timed)} steps (min {min(timed):.3f}, "

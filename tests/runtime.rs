@@ -174,3 +174,27 @@ fn execution_provider_parsing() {
     assert_eq!("extended".parse::<OptLevel>().unwrap(), OptLevel::Extended);
     assert!("fast".parse::<OptLevel>().unwrap_err().to_string().contains("disable, basic, extended, all"));
 }
+
+// ---------------------------------------------------------------------------------------------- node placement
+
+#[test]
+fn node_placement_is_recorded_on_request() {
+    use betadpo::runtime::placement::{node_placement, Assigned};
+    // Without graph optimizations: they would fold the Shape node (its input's shape is fixed) away.
+    let config = SessionConfig { record_placement: true, optimization: OptLevel::Disable, ..Default::default() };
+    let session = config.session_from_bytes(&mixed_model()).expect("session");
+    let mut placement = node_placement(&session).expect("placement");
+    assert_eq!(placement.len(), 1, "{placement:?}");
+    placement[0].nodes.sort();
+    let expected: Vec<(String, String)> = [("Add", "Add_sum"), ("Greater", "Greater_gt"), ("Identity", "Identity_n_out"), ("Shape", "Shape_shape")]
+        .iter()
+        .map(|(o, n)| (o.to_string(), n.to_string()))
+        .collect();
+    assert_eq!(placement[0], Assigned { provider: "CPUExecutionProvider".into(), nodes: expected });
+    // Without the request nothing is recorded.
+    let plain = SessionConfig::default().session_from_bytes(&mixed_model()).expect("session");
+    match node_placement(&plain) {
+        Ok(p) => assert!(p.iter().all(|a| a.nodes.is_empty()), "{p:?}"),
+        Err(e) => assert!(e.to_string().contains("node placement"), "{e}"),
+    }
+}

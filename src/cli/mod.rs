@@ -1,6 +1,7 @@
 //! Subcommands. Each lives in its own file and turns flags into library calls.
 
 mod build_graph;
+mod doctor;
 mod export;
 mod infer;
 mod quickstart;
@@ -29,6 +30,8 @@ enum Command {
     Infer(infer::Args),
     /// The whole pipeline on the bundled tiny model and data, in a few minutes on a CPU.
     Quickstart(quickstart::Args),
+    /// Check what an execution provider needs on this machine: ONNX Runtime, driver, GPUs, CUDA/cuDNN/TensorRT libraries.
+    Doctor(doctor::Args),
     /// Check artifacts: structure, standard ops only, ONNX Runtime loads them, gradients agree with the loss.
     Validate(validate::Args),
 }
@@ -62,6 +65,7 @@ pub fn run() -> Result<()> {
         Command::Export(a) => export::run(a),
         Command::Infer(a) => infer::run(a),
         Command::Quickstart(a) => quickstart::run(a),
+        Command::Doctor(a) => doctor::run(a),
     }
 }
 

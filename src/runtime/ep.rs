@@ -9,7 +9,9 @@ use std::str::FromStr;
 
 use ort::ep::{ExecutionProvider as _, ExecutionProviderDispatch, TensorRT, CUDA};
 
+use super::gpu_libs::GpuStack;
 use super::provision::Flavor;
+use super::tensorrt::TensorRtOptions;
 use crate::{Error, Result};
 
 /// Where a session's nodes run. Parse with `"cpu" | "cuda" | "cuda:<device>" | "tensorrt" | "tensorrt:<device>"`.
@@ -45,6 +47,15 @@ impl ExecutionProvider {
         }
     }
 
+    /// The NVIDIA libraries this provider needs besides the GPU build of ONNX Runtime.
+    pub fn gpu_stack(&self) -> Option<GpuStack> {
+        match self {
+            ExecutionProvider::Cpu => None,
+            ExecutionProvider::Cuda { .. } => Some(GpuStack::Cuda),
+            ExecutionProvider::TensorRt { .. } => Some(GpuStack::TensorRt),
+        }
+    }
+
     /// The error every GPU-provider failure is reported with.
     pub(crate) fn unavailable(&self, why: impl fmt::Display) -> Error {
         Error::Runtime(format!("{} execution provider requested but not available: {why}", self.display_name()))
@@ -70,16 +81,17 @@ impl ExecutionProvider {
 
     /// The providers to register on a session builder, each failing loudly. Empty for the CPU, which ONNX
     /// Runtime always appends itself.
-    pub(crate) fn dispatches(&self) -> Vec<ExecutionProviderDispatch> {
-        match *self {
+    pub(crate) fn dispatches(&self, tensorrt: &TensorRtOptions) -> Result<Vec<ExecutionProviderDispatch>> {
+        Ok(match *self {
             ExecutionProvider::Cpu => Vec::new(),
             ExecutionProvider::Cuda { device } => {
                 vec![CUDA::default().with_device_id(device).build().error_on_failure()]
             }
             ExecutionProvider::TensorRt { device } => {
-                vec![TensorRT::default().with_device_id(device).build().error_on_failure(), CUDA::default().with_device_id(device).build().error_on_failure()]
+                let trt = tensorrt.apply(TensorRT::default().with_device_id(device))?;
+                vec![trt.build().error_on_failure(), CUDA::default().with_device_id(device).build().error_on_failure()]
             }
-        }
+        })
     }
 }
 

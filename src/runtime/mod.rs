@@ -12,13 +12,20 @@
 //!
 //! Call [`init`] or [`environment`] before any other `ort` API: `ort` otherwise tries to load a library on its own.
 
+mod dl;
+pub mod doctor;
+pub mod driver;
 mod ep;
+pub mod gpu_libs;
 mod host_memory;
+pub mod placement;
 pub mod provision;
 mod session;
 mod shared_weights;
 mod tensor;
+pub mod tensorrt;
 mod version;
+pub mod wheel;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -26,6 +33,7 @@ use std::sync::OnceLock;
 use ort::environment::Environment;
 
 pub use ep::{ExecutionProvider, EP_CHOICES};
+pub use gpu_libs::{GpuStack, Provisioned};
 pub use host_memory::keep_freed_memory_for_reuse;
 pub use provision::{default_cache_dir, Flavor, Locator, LIB_NAME, ORT_VERSION};
 pub use session::{OptLevel, SessionConfig};
@@ -64,7 +72,7 @@ pub fn environment() -> Result<&'static Environment> {
 /// Loads ONNX Runtime for `ep` (first call only; see the module docs) and returns the process-wide environment.
 /// Thread-safe: concurrent first callers block until one of them has finished.
 pub fn init(ep: &ExecutionProvider) -> Result<&'static Environment> {
-    let outcome = RUNTIME.get_or_init(|| load(ep.flavor()).map_err(|e| e.to_string()));
+    let outcome = RUNTIME.get_or_init(|| load(ep).map_err(|e| e.to_string()));
     match outcome {
         Ok(rt) => Ok(&rt.env),
         Err(msg) => Err(Error::Runtime(format!("could not be loaded: {msg}"))),
@@ -76,8 +84,22 @@ pub fn loaded_library() -> Option<&'static LoadedLibrary> {
     RUNTIME.get().and_then(|r| r.as_ref().ok()).map(|rt| &rt.library)
 }
 
-fn load(flavor: Flavor) -> Result<Runtime> {
-    let path = Locator::from_env()?.resolve(flavor)?;
+fn load(ep: &ExecutionProvider) -> Result<Runtime> {
+    let flavor = ep.flavor();
+    let locator = Locator::from_env()?;
+    // With ORT_DYLIB_PATH the user brings the GPU build and its libraries (on the loader path) themselves.
+    let provisioned_gpu = ep.gpu_stack().filter(|_| locator.dylib_override.is_none());
+    if provisioned_gpu.is_some() {
+        // Before downloading anything: without a driver nothing below could work.
+        driver::cuda_driver_version().map_err(|why| ep.unavailable(why))?;
+    }
+    let path = locator.resolve(flavor)?;
+    if let Some(stack) = provisioned_gpu {
+        let cuda_major = gpu_libs::cuda_major(&provision::cuda_version_of(&path)?)?;
+        driver::check_supports(cuda_major).map_err(|why| ep.unavailable(why))?;
+        let libraries = provision_gpu_libraries(&locator, &path, stack).map_err(|e| ep.unavailable(e))?;
+        libraries.iter().try_for_each(preload_gpu_libraries).map_err(|e| ep.unavailable(e))?;
+    }
     let version = version::library_version(&path)?;
     version::check_version(&path, &version)?;
     let env = ort::init_from(&path)
@@ -87,6 +109,22 @@ fn load(flavor: Flavor) -> Result<Runtime> {
         .build()
         .map_err(|e| Error::Runtime(format!("creating the environment from {}: {e}", path.display())))?;
     Ok(Runtime { env, library: LoadedLibrary { path, version, flavor } })
+}
+
+/// Provisions (if not yet in the cache) the NVIDIA libraries `stack` needs next to the GPU build at
+/// `ort_library`, in preload order: the CUDA set first, then TensorRT's.
+pub fn provision_gpu_libraries(locator: &Locator, ort_library: &Path, stack: GpuStack) -> Result<Vec<Provisioned>> {
+    let cuda_version = provision::cuda_version_of(ort_library)?;
+    gpu_libs::library_sets(&cuda_version, stack)?.iter().map(|set| gpu_libs::provision(&locator.cache_dir, set, &locator.wheels)).collect()
+}
+
+/// Loads a provisioned set globally, in its dependency order, so that ONNX Runtime's GPU provider library,
+/// loaded later, finds each by its soname.
+pub fn preload_gpu_libraries(set: &Provisioned) -> Result<()> {
+    dl::preload(&set.paths(), |i| {
+        let l = &set.libraries[i];
+        (format!("{} (from {} {}, {})", l.file, l.package, l.version, set.dir.display()), l.required)
+    })
 }
 
 /// Checks a library file without loading it into `ort`: returns its version if it is a usable 1.32.x build.

@@ -18,6 +18,7 @@ use std::process::{Command, Stdio};
 
 use fs2::FileExt;
 
+use super::wheel::{self, Wheel, WheelSource};
 use crate::{Error, Result};
 
 /// The ONNX Runtime release betadpo is built and tested against.
@@ -26,6 +27,10 @@ pub const ORT_VERSION: &str = "1.32.0";
 pub const ORT_SERIES: &str = "1.32.";
 /// File name of the main library inside the wheel and inside the cache.
 pub const LIB_NAME: &str = "libonnxruntime.so.1.32.0";
+/// Next to the GPU build's libraries: the CUDA version it was built against (`13.0`), read from the wheel's
+/// `onnxruntime/capi/build_and_package_info.py`; it decides which NVIDIA runtime wheels to provision.
+pub const CUDA_VERSION_FILE: &str = "cuda_version";
+const BUILD_INFO: &str = "build_and_package_info.py";
 
 /// Which build of ONNX Runtime a process loads. A process loads exactly one; the GPU build also runs CPU sessions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -67,13 +72,20 @@ pub struct Locator {
     pub dylib_override: Option<PathBuf>,
     /// The betadpo cache directory.
     pub cache_dir: PathBuf,
+    /// Where pip gets wheels (PyPI unless a test says otherwise).
+    pub wheels: WheelSource,
 }
 
 impl Locator {
     /// Reads `ORT_DYLIB_PATH` and the cache directory variables.
     pub fn from_env() -> Result<Self> {
         let dylib_override = std::env::var_os("ORT_DYLIB_PATH").filter(|v| !v.is_empty()).map(PathBuf::from);
-        Ok(Locator { dylib_override, cache_dir: default_cache_dir()? })
+        Ok(Locator { dylib_override, cache_dir: default_cache_dir()?, wheels: WheelSource::default() })
+    }
+
+    /// A locator for `cache_dir` only, ignoring `ORT_DYLIB_PATH` (tests and tools with a private cache).
+    pub fn in_cache(cache_dir: &Path, wheels: WheelSource) -> Self {
+        Locator { dylib_override: None, cache_dir: cache_dir.to_path_buf(), wheels }
     }
 
     /// Where the cache keeps the main library of `flavor`.
@@ -94,11 +106,33 @@ impl Locator {
             return Ok(path.clone());
         }
         let cached = self.cached_library(flavor);
-        if cached.is_file() {
+        if is_complete(&cached, flavor) {
             return Ok(cached);
         }
-        provision(&self.cache_dir, flavor)
+        provision(&self.cache_dir, flavor, &self.wheels)
     }
+}
+
+/// The main library is written last, so its presence means the directory is complete; the GPU build also
+/// needs its CUDA version (caches written before that file existed are provisioned again).
+fn is_complete(main_lib: &Path, flavor: Flavor) -> bool {
+    main_lib.is_file() && (flavor == Flavor::Cpu || main_lib.with_file_name(CUDA_VERSION_FILE).is_file())
+}
+
+/// The CUDA version (e.g. `13.0`) the provisioned GPU build next to `main_lib` was built against.
+pub fn cuda_version_of(main_lib: &Path) -> Result<String> {
+    let path = main_lib.with_file_name(CUDA_VERSION_FILE);
+    let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    Ok(text.trim().to_string())
+}
+
+/// Reads `cuda_version = '13.0'` from the GPU package's `build_and_package_info.py`.
+fn parse_cuda_version(build_info: &str, source: &str) -> Result<String> {
+    build_info
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("cuda_version")?.trim_start().strip_prefix('=').map(|v| v.trim().trim_matches(['\'', '"']).to_string()))
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| Error::Other(format!("{source}: {BUILD_INFO} names no cuda_version; is this really the onnxruntime-gpu build?")))
 }
 
 /// `$BETADPO_CACHE_DIR`, else `$XDG_CACHE_HOME/betadpo`, else `~/.cache/betadpo`.
@@ -119,7 +153,7 @@ pub fn default_cache_dir() -> Result<PathBuf> {
 /// Puts the `flavor` libraries into `cache_dir/<package>-1.32.0/` and returns the main library's path.
 ///
 /// Safe to call from many threads and processes at once: all but one wait on the lock and then find the files.
-pub fn provision(cache_dir: &Path, flavor: Flavor) -> Result<PathBuf> {
+pub fn provision(cache_dir: &Path, flavor: Flavor, wheels: &WheelSource) -> Result<PathBuf> {
     let target_dir = cache_dir.join(flavor.dir_name());
     let main_lib = target_dir.join(LIB_NAME);
     fs::create_dir_all(&target_dir).map_err(|e| Error::io(&target_dir, e))?;
@@ -129,14 +163,15 @@ pub fn provision(cache_dir: &Path, flavor: Flavor) -> Result<PathBuf> {
     lock.lock_exclusive().map_err(|e| Error::io(&lock_path, e))?;
     // The lock is released when `lock` is dropped, on every return path.
 
-    if main_lib.is_file() {
+    if is_complete(&main_lib, flavor) {
         return Ok(main_lib);
     }
     eprintln!("provisioning ONNX Runtime {ORT_VERSION} ({}) into {} ...", flavor.package(), target_dir.display());
-    let from_wheel = match download_wheel(cache_dir, flavor) {
-        Ok((_tmp, wheel)) => extract_from_wheel(&wheel, &target_dir, flavor),
-        Err(e) => Err(e),
-    };
+    let spec = format!("{}=={ORT_VERSION}", flavor.package());
+    let from_wheel = wheel::download(wheels, cache_dir, &[spec]).and_then(|got| {
+        let path = got.wheel_of(flavor.package()).ok_or_else(|| Error::Other(format!("pip did not download {}", flavor.package())))?;
+        extract_from_wheel(path, &target_dir, flavor)
+    });
     let first_error = match from_wheel {
         Ok(()) => return Ok(main_lib),
         Err(e) => e,
@@ -155,48 +190,31 @@ pub fn provision(cache_dir: &Path, flavor: Flavor) -> Result<PathBuf> {
     }
 }
 
-/// Runs `pip download` into a temporary directory inside the cache (same filesystem, removed on drop).
-fn download_wheel(cache_dir: &Path, flavor: Flavor) -> Result<(tempfile::TempDir, PathBuf)> {
-    let tmp = tempfile::Builder::new().prefix(".wheel-").tempdir_in(cache_dir).map_err(|e| Error::io(cache_dir, e))?;
-    let spec = format!("{}=={ORT_VERSION}", flavor.package());
-    let output = Command::new("python3")
-        .args(["-m", "pip", "download", &spec, "--no-deps", "--only-binary=:all:", "--quiet"])
-        .args(["--disable-pip-version-check", "--retries", "2", "--timeout", "60", "-d"])
-        .arg(tmp.path())
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| Error::Other(format!("cannot run `python3 -m pip`: {e}")))?;
-    if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
-        return Err(Error::Other(format!("`pip download {spec}` exited with {}: {}", output.status, last.trim())));
-    }
-    let wheel = fs::read_dir(tmp.path())
-        .map_err(|e| Error::io(tmp.path(), e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or_else(|| Error::Other(format!("`pip download {spec}` produced no wheel")))?;
-    Ok((tmp, wheel))
-}
-
 /// Extracts every `onnxruntime/capi/libonnxruntime*.so*` member of the wheel, the main library last.
-fn extract_from_wheel(wheel: &Path, target_dir: &Path, flavor: Flavor) -> Result<()> {
-    let file = File::open(wheel).map_err(|e| Error::io(wheel, e))?;
-    let mut archive = zip::ZipArchive::new(file).map_err(|e| Error::Other(format!("{}: not a valid wheel: {e}", wheel.display())))?;
-    let mut members: Vec<(String, String)> = archive
-        .file_names()
+fn extract_from_wheel(path: &Path, target_dir: &Path, flavor: Flavor) -> Result<()> {
+    let mut wheel = Wheel::open(path)?;
+    let mut members: Vec<(String, String)> = wheel
+        .members()
+        .into_iter()
         .filter_map(|name| {
             let base = name.strip_prefix("onnxruntime/capi/")?;
             (base.starts_with("libonnxruntime") && base.contains(".so") && !base.contains('/')).then(|| (name.to_string(), base.to_string()))
         })
         .collect();
-    check_required(flavor, members.iter().map(|(_, b)| b.as_str()), &wheel.display().to_string())?;
+    check_required(flavor, members.iter().map(|(_, b)| b.as_str()), &path.display().to_string())?;
+    if flavor == Flavor::Gpu {
+        let info = wheel.read_text(&format!("onnxruntime/capi/{BUILD_INFO}"))?;
+        write_cuda_version(target_dir, &parse_cuda_version(&info, &path.display().to_string())?)?;
+    }
     members.sort_by_key(|(_, base)| base == LIB_NAME); // the main library last
     for (name, base) in members {
-        let mut entry = archive.by_name(&name).map_err(|e| Error::Other(format!("{}: cannot read {name}: {e}", wheel.display())))?;
-        crate::temp_files::write_atomically(&target_dir.join(&base), 0o755, |out| io::copy(&mut entry, out).map(|_| ()))?;
+        wheel.extract(&name, &target_dir.join(&base))?;
     }
     Ok(())
+}
+
+fn write_cuda_version(target_dir: &Path, version: &str) -> Result<()> {
+    crate::temp_files::write_atomically(&target_dir.join(CUDA_VERSION_FILE), 0o644, |out| writeln!(out, "{version}"))
 }
 
 /// Fallback for machines where pip cannot download: copy the libraries of an installed package of the same
@@ -225,6 +243,11 @@ fn copy_from_installed_package(target_dir: &Path, flavor: Flavor) -> Result<()> 
         .filter(|n| n.starts_with("libonnxruntime") && n.contains(".so"))
         .collect();
     check_required(flavor, names.iter().map(String::as_str), &capi.display().to_string())?;
+    if flavor == Flavor::Gpu {
+        let info_path = capi.join(BUILD_INFO);
+        let info = fs::read_to_string(&info_path).map_err(|e| Error::io(&info_path, e))?;
+        write_cuda_version(target_dir, &parse_cuda_version(&info, &capi.display().to_string())?)?;
+    }
     names.sort_by_key(|n| n == LIB_NAME);
     for name in names {
         let src = capi.join(&name);

@@ -8,6 +8,7 @@ use std::str::FromStr;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::Session;
 
+use super::tensorrt::TensorRtOptions;
 use super::{init, loaded_library, ExecutionProvider, SharedWeights};
 use crate::{Error, Result};
 
@@ -81,6 +82,10 @@ pub struct SessionConfig {
     /// Park the intra-op threads as soon as a run returns instead of letting them spin for more
     /// work: for a caller that does CPU work of its own between runs (the fused optimizer).
     pub stop_spinning_after_run: bool,
+    /// Engine/timing caches and the optimisation profile, for the TensorRT provider.
+    pub tensorrt: TensorRtOptions,
+    /// Have ONNX Runtime record which provider runs each node (see `runtime::placement`).
+    pub record_placement: bool,
 }
 
 impl Default for SessionConfig {
@@ -94,6 +99,8 @@ impl Default for SessionConfig {
             memory_pattern: true,
             cpu_arena: true,
             stop_spinning_after_run: false,
+            tensorrt: TensorRtOptions::default(),
+            record_placement: false,
         }
     }
 }
@@ -148,6 +155,9 @@ impl SessionConfig {
         if self.stop_spinning_after_run {
             builder = builder.with_config_entry("session.force_spinning_stop", "1").map_err(fail)?;
         }
+        if self.record_placement {
+            builder = builder.with_config_entry(super::placement::RECORD_KEY, "1").map_err(fail)?;
+        }
         if let Some(prefix) = &self.profile_prefix {
             builder = builder.with_profiling(prefix).map_err(fail)?;
         }
@@ -156,7 +166,7 @@ impl SessionConfig {
                 .with_execution_providers([ort::ep::CPU::default().with_arena_allocator(false).build()])
                 .map_err(|e| Error::Runtime(format!("{what}: configuring the CPU provider: {e}")))?;
         }
-        let dispatches = self.ep.dispatches();
+        let dispatches = self.ep.dispatches(&self.tensorrt)?;
         if !dispatches.is_empty() {
             builder = builder.with_execution_providers(dispatches).map_err(|e| {
                 let msg = e.to_string();

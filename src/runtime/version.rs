@@ -5,42 +5,19 @@
 //! The check opens the library with `dlopen` (the handle is kept open on purpose: `ort` opens the same file right
 //! after, which then reuses the already mapped library) and calls `OrtGetApiBase()->GetVersionString()`.
 
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::ffi::CStr;
 use std::path::Path;
 
+use super::dl::{Library, Scope};
 use super::provision::{LIB_NAME, ORT_SERIES, ORT_VERSION};
 use crate::{Error, Result};
 
-extern "C" {
-    fn dlopen(filename: *const c_char, flags: c_int) -> *mut c_void;
-    fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
-    fn dlerror() -> *mut c_char;
-}
-
-const RTLD_NOW: c_int = 2;
-
-fn last_dl_error() -> String {
-    // SAFETY: dlerror returns null or a NUL-terminated string owned by the C library.
-    let msg = unsafe { dlerror() };
-    if msg.is_null() {
-        "unknown dlopen error".into()
-    } else {
-        unsafe { CStr::from_ptr(msg) }.to_string_lossy().into_owned()
-    }
-}
-
 /// Returns the version string (e.g. `"1.32.0"`) reported by the ONNX Runtime library at `path`.
 pub fn library_version(path: &Path) -> Result<String> {
-    let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| Error::Runtime(format!("{}: path contains a NUL byte", path.display())))?;
-    // SAFETY: plain dlopen/dlsym calls with valid C strings; the returned pointers are checked before use.
-    let handle = unsafe { dlopen(c_path.as_ptr(), RTLD_NOW) };
-    if handle.is_null() {
-        return Err(Error::Runtime(format!("cannot load {}: {}", path.display(), last_dl_error())));
-    }
-    let symbol = unsafe { dlsym(handle, c"OrtGetApiBase".as_ptr()) };
-    if symbol.is_null() {
-        return Err(Error::Runtime(format!("{} is not an ONNX Runtime library (it does not export OrtGetApiBase)", path.display())));
-    }
+    let library = Library::open(path, Scope::Local).map_err(|e| Error::Runtime(format!("cannot load {}: {e}", path.display())))?;
+    let symbol = library
+        .symbol(c"OrtGetApiBase")
+        .ok_or_else(|| Error::Runtime(format!("{} is not an ONNX Runtime library (it does not export OrtGetApiBase)", path.display())))?;
     // SAFETY: OrtGetApiBase has this signature in every ONNX Runtime release; it returns a static struct whose
     // GetVersionString returns a static NUL-terminated string.
     let get_base: unsafe extern "C" fn() -> *const ort::sys::OrtApiBase = unsafe { std::mem::transmute(symbol) };

@@ -8,7 +8,7 @@ use std::process::Command;
 use betadpo::runtime::{check_library, Flavor, Locator, LIB_NAME};
 
 fn private_locator(cache: &Path) -> Locator {
-    Locator { dylib_override: None, cache_dir: cache.to_path_buf() }
+    Locator::in_cache(cache, Default::default())
 }
 
 /// Checks the provisioned cache holds exactly one complete main library and no leftovers of the atomic writes.
@@ -43,7 +43,7 @@ fn provisions_into_an_empty_cache_without_ort_dylib_path() {
 #[test]
 fn ort_dylib_path_to_a_missing_file_is_an_error() {
     let cache = tempfile::tempdir().unwrap();
-    let locator = Locator { dylib_override: Some("/nonexistent/libonnxruntime.so".into()), cache_dir: cache.path().into() };
+    let locator = Locator { dylib_override: Some("/nonexistent/libonnxruntime.so".into()), ..Locator::in_cache(cache.path(), Default::default()) };
     let err = locator.resolve(Flavor::Cpu).unwrap_err().to_string();
     assert!(err.contains("ORT_DYLIB_PATH") && err.contains("/nonexistent/libonnxruntime.so"), "{err}");
     assert!(!locator.cached_library(Flavor::Cpu).exists(), "must not provision when the override is set");

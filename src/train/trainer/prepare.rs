@@ -268,10 +268,45 @@ fn sessions(cfg: &TrainConfig, manifest: &Manifest, scfg: &SessionConfig) -> Res
     let graph_path = |which: &str| -> Result<PathBuf> { Ok(cfg.artifacts.join(&manifest.graph(which)?.file)) };
     let (train_path, eval_path) = (graph_path("train")?, graph_path("eval")?);
     let shared = SharedWeights::load(scfg, &[&train_path, &eval_path])?;
-    let train = scfg.session_sharing(&train_path, &shared)?;
-    let eval = scfg.session_sharing(&eval_path, &shared)?;
+    let train = tensorrt_config(scfg, cfg, manifest, "train")?.session_sharing(&train_path, &shared)?;
+    let eval = tensorrt_config(scfg, cfg, manifest, "eval")?.session_sharing(&eval_path, &shared)?;
+    if matches!(cfg.ep, crate::runtime::ExecutionProvider::TensorRt { .. }) {
+        // Once per run, for the train graph: which operators TensorRT left to CUDA (or the CPU).
+        let placement = crate::runtime::placement::node_placement(&train)?;
+        if let Some(line) = crate::runtime::placement::fallback_summary(&placement, "TensorrtExecutionProvider") {
+            eprintln!("train graph: {line}");
+        }
+    }
     let optimizer = if uses_fused(cfg) { None } else { Some(scfg.session_from_file(&graph_path("optimizer")?)?) };
     Ok(Sessions { train, eval, optimizer })
+}
+
+/// On TensorRT: engine and timing caches in the run directory, and an optimisation profile for the graph's
+/// batch-dependent inputs (without `max_length` the longest sequence is unknown, and TensorRT builds for the
+/// shapes it meets). Other providers get `scfg` unchanged.
+fn tensorrt_config(scfg: &SessionConfig, cfg: &TrainConfig, manifest: &Manifest, which: &str) -> Result<SessionConfig> {
+    use crate::runtime::tensorrt::{batch_dim_ranges, profile, BatchShape, InputDim};
+    let mut out = scfg.clone();
+    if !matches!(cfg.ep, crate::runtime::ExecutionProvider::TensorRt { .. }) {
+        return Ok(out);
+    }
+    out.tensorrt.cache_dir = Some(cfg.out.join("tensorrt"));
+    out.record_placement = true;
+    if let Some(max_length) = cfg.max_length {
+        let pack_tokens = (manifest.layout == Layout::Packed).then_some(cfg.pack_tokens);
+        let ranges = batch_dim_ranges(&BatchShape { pairs: cfg.batch_size, max_length, pack_tokens });
+        let inputs: Vec<(String, Vec<InputDim>)> = manifest
+            .graph(which)?
+            .inputs
+            .iter()
+            .map(|i| {
+                let dims = i.shape.iter().map(|d| d.as_i64().map(InputDim::Fixed).unwrap_or_else(|| InputDim::Named(d.as_str().unwrap_or("?").to_string())));
+                (i.name.clone(), dims.collect())
+            })
+            .collect();
+        out.tensorrt.profile = Some(profile(&inputs, &ranges)?);
+    }
+    Ok(out)
 }
 
 /// Refuses a `--out` that is neither absent, empty, nor a betadpo run (its marker, or the

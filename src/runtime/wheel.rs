@@ -1,0 +1,120 @@
+//! Getting wheels from PyPI with pip (which reuses its own download cache) and reading files out of them.
+//!
+//! Where pip looks is a [`WheelSource`], so tests can point it at a directory of small fake wheels instead of
+//! the real index (the NVIDIA wheels are gigabytes).
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::{Error, Result};
+
+/// Where pip finds wheels.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WheelSource {
+    /// `None`: pip's configured index (PyPI). `Some(dir)`: only the wheels in `dir` (`--no-index --find-links`).
+    pub find_links: Option<PathBuf>,
+}
+
+/// Wheels `pip download` put into a temporary directory inside the cache (same filesystem; removed on drop).
+pub struct Downloaded {
+    _dir: tempfile::TempDir,
+    wheels: Vec<PathBuf>,
+}
+
+impl Downloaded {
+    /// The wheel of distribution `name` (PEP 503 normalized comparison), if pip fetched it.
+    pub fn wheel_of(&self, name: &str) -> Option<&Path> {
+        self.wheels.iter().find(|w| wheel_name_and_version(w).is_some_and(|(n, _)| normalize(&n) == normalize(name))).map(PathBuf::as_path)
+    }
+}
+
+/// Runs one `pip download --no-deps` for all `specs` (e.g. `nvidia-cublas-cu12>=12,<13`).
+pub fn download(source: &WheelSource, cache_dir: &Path, specs: &[String]) -> Result<Downloaded> {
+    let dir = tempfile::Builder::new().prefix(".wheel-").tempdir_in(cache_dir).map_err(|e| Error::io(cache_dir, e))?;
+    let mut pip = Command::new("python3");
+    pip.args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet"]).args([
+        "--disable-pip-version-check",
+        "--retries",
+        "2",
+        "--timeout",
+        "60",
+    ]);
+    if let Some(links) = &source.find_links {
+        pip.arg("--no-index").arg("--find-links").arg(links);
+    }
+    let output =
+        pip.arg("-d").arg(dir.path()).args(specs).stdin(Stdio::null()).output().map_err(|e| Error::Other(format!("cannot run `python3 -m pip`: {e}")))?;
+    let what = format!("pip download {}", specs.join(" "));
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
+        return Err(Error::Other(format!("`{what}` exited with {}: {}", output.status, last.trim())));
+    }
+    let wheels: Vec<PathBuf> = std::fs::read_dir(dir.path())
+        .map_err(|e| Error::io(dir.path(), e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "whl"))
+        .collect();
+    if wheels.is_empty() {
+        return Err(Error::Other(format!("`{what}` produced no wheel")));
+    }
+    Ok(Downloaded { _dir: dir, wheels })
+}
+
+/// Distribution name and version from a wheel's file name (`name-version-...-tag.whl`).
+pub fn wheel_name_and_version(wheel: &Path) -> Option<(String, String)> {
+    let stem = wheel.file_name()?.to_str()?.strip_suffix(".whl")?;
+    let mut parts = stem.split('-');
+    Some((parts.next()?.to_string(), parts.next()?.to_string()))
+}
+
+/// PEP 503 name normalization: case and the separators `-`, `_`, `.` do not matter.
+pub fn normalize(name: &str) -> String {
+    name.to_ascii_lowercase().replace(['-', '.'], "_")
+}
+
+/// An opened wheel.
+pub struct Wheel {
+    path: PathBuf,
+    archive: zip::ZipArchive<File>,
+}
+
+impl Wheel {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let archive = zip::ZipArchive::new(file).map_err(|e| Error::Other(format!("{}: not a valid wheel: {e}", path.display())))?;
+        Ok(Wheel { path: path.to_path_buf(), archive })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Member paths, in archive order.
+    pub fn members(&self) -> Vec<String> {
+        self.archive.file_names().map(str::to_string).collect()
+    }
+
+    /// Copies member `name` into `to` atomically, executable (shared libraries are mapped with exec rights).
+    pub fn extract(&mut self, name: &str, to: &Path) -> Result<()> {
+        let display = self.path.display().to_string();
+        let mut entry = self.archive.by_name(name).map_err(|e| Error::Other(format!("{display}: cannot read {name}: {e}")))?;
+        crate::temp_files::write_atomically(to, 0o755, |out| std::io::copy(&mut entry, out).map(|_| ()))
+    }
+
+    /// A small text member (e.g. `onnxruntime/capi/build_and_package_info.py`).
+    pub fn read_text(&mut self, name: &str) -> Result<String> {
+        let display = self.path.display().to_string();
+        let mut entry = self.archive.by_name(name).map_err(|e| Error::Other(format!("{display}: cannot read {name}: {e}")))?;
+        let mut text = String::new();
+        entry.read_to_string(&mut text).map_err(|e| Error::Other(format!("{display}: {name}: {e}")))?;
+        Ok(text)
+    }
+}
+
+/// Whether a file name is a shared library (`libx.so`, `libx.so.12`, `libx.so.12.4.1`).
+pub fn is_shared_library(base: &str) -> bool {
+    base.ends_with(".so") || base.contains(".so.")
+}
