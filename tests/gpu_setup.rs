@@ -12,7 +12,7 @@ use std::process::Command;
 
 use betadpo::runtime::gpu_libs::{self, GpuStack, LibrarySet, MANIFEST};
 use betadpo::runtime::wheel::WheelSource;
-use betadpo::runtime::{driver, provision, provision_gpu_libraries, Flavor, Locator, LIB_NAME};
+use betadpo::runtime::{driver, provision, provision_gpu_libraries, Flavor, Locator};
 
 // ---------------------------------------------------------------------------------------------- fake wheels
 
@@ -42,16 +42,16 @@ fn body(name: &str) -> Vec<u8> {
 /// The onnxruntime-gpu wheel: the four libraries and the build info that names its CUDA version.
 fn fake_ort_gpu(index: &Path, cuda_version: &str) {
     let mut files: Vec<(&str, Vec<u8>)> =
-        ["libonnxruntime_providers_shared.so", "libonnxruntime_providers_cuda.so", "libonnxruntime_providers_tensorrt.so", LIB_NAME]
+        ["libonnxruntime_providers_shared.so", "libonnxruntime_providers_cuda.so", "libonnxruntime_providers_tensorrt.so", Flavor::Gpu.lib_name()]
             .iter()
             .map(|n| (Box::leak(format!("onnxruntime/capi/{n}").into_boxed_str()) as &str, body(n)))
             .collect();
     files.push((
         "onnxruntime/capi/build_and_package_info.py",
-        format!("package_name = 'onnxruntime-gpu'\n__version__ = '1.32.0'\ncuda_version = '{cuda_version}'\n").into_bytes(),
+        format!("package_name = 'onnxruntime-gpu'\n__version__ = '1.31.1'\ncuda_version = '{cuda_version}'\n").into_bytes(),
     ));
     files.push(("onnxruntime/__init__.py", b"".to_vec()));
-    fake_wheel(index, "onnxruntime-gpu", "1.32.0", &files);
+    fake_wheel(index, "onnxruntime-gpu", provision::GPU_ORT_VERSION, &files);
 }
 
 /// CUDA 12 per-component wheels (`nvidia/<component>/lib/`), with the extra files real wheels carry: a header
@@ -189,8 +189,8 @@ fn provisions_the_gpu_build_and_its_libraries_from_a_wheel_index() {
     let locator = Locator::in_cache(cache.path(), index_source(index.path()));
 
     let ort = locator.resolve(Flavor::Gpu).expect("GPU build");
-    assert_eq!(ort, cache.path().join("onnxruntime-gpu-1.32.0").join(LIB_NAME));
-    assert_eq!(std::fs::read(&ort).unwrap(), body(LIB_NAME));
+    assert_eq!(ort, cache.path().join("onnxruntime-gpu-1.31.1").join("libonnxruntime.so.1.31.1"));
+    assert_eq!(std::fs::read(&ort).unwrap(), body(Flavor::Gpu.lib_name()));
     assert_eq!(provision::cuda_version_of(&ort).unwrap(), "12.8");
 
     let sets = provision_gpu_libraries(&locator, &ort, GpuStack::TensorRt).expect("NVIDIA libraries");

@@ -123,7 +123,7 @@ fn report_cached_libraries(report: &mut Report, ep: &ExecutionProvider) {
         report.add("onnxruntime-gpu", format!("not provisioned yet (would go to {})", ort.parent().unwrap_or(&ort).display()));
         return;
     };
-    report.add("onnxruntime-gpu", format!("{} built with CUDA {cuda_version} ({})", provision::ORT_VERSION, ort.display()));
+    report.add("onnxruntime-gpu", format!("{} built with CUDA {cuda_version} ({})", provision::GPU_ORT_VERSION, ort.display()));
     let sets = match gpu_libs::library_sets(&cuda_version, stack) {
         Ok(sets) => sets,
         Err(e) => return report.add("NVIDIA libraries", e.to_string()),

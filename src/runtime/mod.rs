@@ -1,6 +1,6 @@
 //! ONNX Runtime provisioning and sessions.
 //!
-//! betadpo loads ONNX Runtime 1.32.x dynamically and provisions it itself on first use (see [`provision`]), so
+//! betadpo loads ONNX Runtime 1.32.x (the GPU build: 1.31.x) dynamically and provisions it itself on first use (see [`provision`]), so
 //! `cargo test` and the binary work without a manual install step.
 //!
 //! **One build per process.** A process loads either the CPU build (`onnxruntime` wheel) or the GPU build
@@ -35,7 +35,7 @@ use ort::environment::Environment;
 pub use ep::{ExecutionProvider, EP_CHOICES};
 pub use gpu_libs::{GpuStack, Provisioned};
 pub use host_memory::keep_freed_memory_for_reuse;
-pub use provision::{default_cache_dir, Flavor, Locator, LIB_NAME, ORT_VERSION};
+pub use provision::{default_cache_dir, Flavor, Locator, GPU_ORT_VERSION, LIB_NAME, ORT_VERSION};
 pub use session::{OptLevel, SessionConfig};
 pub use shared_weights::SharedWeights;
 pub use tensor::{f32_output, input_names, output_names, run, run_meta, HostTensor};

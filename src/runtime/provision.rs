@@ -21,12 +21,16 @@ use fs2::FileExt;
 use super::wheel::{self, Wheel, WheelSource};
 use crate::{Error, Result};
 
-/// The ONNX Runtime release betadpo is built and tested against.
+/// The ONNX Runtime release betadpo is built and tested against (the CPU build).
 pub const ORT_VERSION: &str = "1.32.0";
-/// The release series accepted when the user points `ORT_DYLIB_PATH` at their own build.
-pub const ORT_SERIES: &str = "1.32.";
-/// File name of the main library inside the wheel and inside the cache.
+/// File name of the CPU build's main library inside the wheel and inside the cache.
 pub const LIB_NAME: &str = "libonnxruntime.so.1.32.0";
+/// The GPU build's release: `onnxruntime-gpu` 1.32.0 is not on PyPI (its newest is 1.31.1, built with
+/// CUDA 13), and the graphs use standard ops that 1.31 runs as well.
+pub const GPU_ORT_VERSION: &str = "1.31.1";
+const GPU_LIB_NAME: &str = "libonnxruntime.so.1.31.1";
+/// The release series accepted, also when the user points `ORT_DYLIB_PATH` at their own build.
+pub const ORT_SERIES: &[&str] = &["1.32.", "1.31."];
 /// Next to the GPU build's libraries: the CUDA version it was built against (`13.0`), read from the wheel's
 /// `onnxruntime/capi/build_and_package_info.py`; it decides which NVIDIA runtime wheels to provision.
 pub const CUDA_VERSION_FILE: &str = "cuda_version";
@@ -52,14 +56,30 @@ impl Flavor {
 
     /// The cache subdirectory; CPU and GPU builds live apart because their main libraries share a file name.
     pub fn dir_name(self) -> String {
-        format!("{}-{ORT_VERSION}", self.package())
+        format!("{}-{}", self.package(), self.version())
+    }
+
+    /// The release of this build betadpo provisions.
+    pub fn version(self) -> &'static str {
+        match self {
+            Flavor::Cpu => ORT_VERSION,
+            Flavor::Gpu => GPU_ORT_VERSION,
+        }
+    }
+
+    /// The main library's file name in the wheel and in the cache.
+    pub fn lib_name(self) -> &'static str {
+        match self {
+            Flavor::Cpu => LIB_NAME,
+            Flavor::Gpu => GPU_LIB_NAME,
+        }
     }
 
     /// Libraries that must sit next to the main one for this flavor to be usable; the main library comes last.
     fn required_files(self) -> &'static [&'static str] {
         match self {
             Flavor::Cpu => &[LIB_NAME],
-            Flavor::Gpu => &["libonnxruntime_providers_shared.so", "libonnxruntime_providers_cuda.so", "libonnxruntime_providers_tensorrt.so", LIB_NAME],
+            Flavor::Gpu => &["libonnxruntime_providers_shared.so", "libonnxruntime_providers_cuda.so", "libonnxruntime_providers_tensorrt.so", GPU_LIB_NAME],
         }
     }
 }
@@ -90,7 +110,7 @@ impl Locator {
 
     /// Where the cache keeps the main library of `flavor`.
     pub fn cached_library(&self, flavor: Flavor) -> PathBuf {
-        self.cache_dir.join(flavor.dir_name()).join(LIB_NAME)
+        self.cache_dir.join(flavor.dir_name()).join(flavor.lib_name())
     }
 
     /// Returns the library to load for `flavor`, provisioning it into the cache if needed.
@@ -150,12 +170,13 @@ pub fn default_cache_dir() -> Result<PathBuf> {
     Err(Error::Runtime("cannot choose a cache directory for ONNX Runtime: none of BETADPO_CACHE_DIR, XDG_CACHE_HOME, HOME is set".into()))
 }
 
-/// Puts the `flavor` libraries into `cache_dir/<package>-1.32.0/` and returns the main library's path.
+/// Puts the `flavor` libraries into `cache_dir/<package>-<version>/` and returns the main library's path.
 ///
 /// Safe to call from many threads and processes at once: all but one wait on the lock and then find the files.
 pub fn provision(cache_dir: &Path, flavor: Flavor, wheels: &WheelSource) -> Result<PathBuf> {
     let target_dir = cache_dir.join(flavor.dir_name());
-    let main_lib = target_dir.join(LIB_NAME);
+    let main_lib = target_dir.join(flavor.lib_name());
+    let version = flavor.version();
     fs::create_dir_all(&target_dir).map_err(|e| Error::io(&target_dir, e))?;
 
     let lock_path = cache_dir.join(format!("{}.lock", flavor.dir_name()));
@@ -166,8 +187,8 @@ pub fn provision(cache_dir: &Path, flavor: Flavor, wheels: &WheelSource) -> Resu
     if is_complete(&main_lib, flavor) {
         return Ok(main_lib);
     }
-    eprintln!("provisioning ONNX Runtime {ORT_VERSION} ({}) into {} ...", flavor.package(), target_dir.display());
-    let spec = format!("{}=={ORT_VERSION}", flavor.package());
+    eprintln!("provisioning ONNX Runtime {version} ({}) into {} ...", flavor.package(), target_dir.display());
+    let spec = format!("{}=={version}", flavor.package());
     let from_wheel = wheel::download(wheels, cache_dir, &[spec]).and_then(|got| {
         let path = got.wheel_of(flavor.package()).ok_or_else(|| Error::Other(format!("pip did not download {}", flavor.package())))?;
         extract_from_wheel(path, &target_dir, flavor)
@@ -182,10 +203,11 @@ pub fn provision(cache_dir: &Path, flavor: Flavor, wheels: &WheelSource) -> Resu
             Ok(main_lib)
         }
         Err(second_error) => Err(Error::Runtime(format!(
-            "could not provision ONNX Runtime {ORT_VERSION}: downloading the `{pkg}` wheel failed ({first_error}), \
+            "could not provision ONNX Runtime {version}: downloading the `{pkg}` wheel failed ({first_error}), \
              and no usable installed `{pkg}` Python package was found ({second_error}). \
-             Fix: run `pip install {pkg}=={ORT_VERSION}`, or set ORT_DYLIB_PATH=/path/to/{LIB_NAME}",
-            pkg = flavor.package()
+             Fix: run `pip install {pkg}=={version}`, or set ORT_DYLIB_PATH=/path/to/{lib}",
+            pkg = flavor.package(),
+            lib = flavor.lib_name()
         ))),
     }
 }
@@ -206,7 +228,7 @@ fn extract_from_wheel(path: &Path, target_dir: &Path, flavor: Flavor) -> Result<
         let info = wheel.read_text(&format!("onnxruntime/capi/{BUILD_INFO}"))?;
         write_cuda_version(target_dir, &parse_cuda_version(&info, &path.display().to_string())?)?;
     }
-    members.sort_by_key(|(_, base)| base == LIB_NAME); // the main library last
+    members.sort_by_key(|(_, base)| base == flavor.lib_name()); // the main library last
     for (name, base) in members {
         wheel.extract(&name, &target_dir.join(&base))?;
     }
@@ -233,8 +255,8 @@ fn copy_from_installed_package(target_dir: &Path, flavor: Flavor) -> Result<()> 
     let stdout = String::from_utf8_lossy(&output.stdout);
     let mut lines = stdout.lines();
     let (version, location) = (lines.next().unwrap_or("").trim(), lines.next().unwrap_or("").trim());
-    if version != ORT_VERSION {
-        return Err(Error::Other(format!("installed `{}` is version {version}, not {ORT_VERSION}", flavor.package())));
+    if version != flavor.version() {
+        return Err(Error::Other(format!("installed `{}` is version {version}, not {}", flavor.package(), flavor.version())));
     }
     let capi = Path::new(location).join("capi");
     let mut names: Vec<String> = fs::read_dir(&capi)
@@ -248,7 +270,7 @@ fn copy_from_installed_package(target_dir: &Path, flavor: Flavor) -> Result<()> 
         let info = fs::read_to_string(&info_path).map_err(|e| Error::io(&info_path, e))?;
         write_cuda_version(target_dir, &parse_cuda_version(&info, &capi.display().to_string())?)?;
     }
-    names.sort_by_key(|n| n == LIB_NAME);
+    names.sort_by_key(|n| n == flavor.lib_name());
     for name in names {
         let src = capi.join(&name);
         let mut input = File::open(&src).map_err(|e| Error::io(&src, e))?;

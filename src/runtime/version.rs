@@ -1,7 +1,7 @@
 //! Reading a library's ONNX Runtime version before `ort` loads it.
 //!
 //! `ort` only rejects libraries *older* than its API level and merely logs newer ones, but betadpo's graphs and
-//! tests are pinned to 1.32.x, so we check the version ourselves and fail with a message that says what to do.
+//! tests are pinned to 1.32.x (1.31.x for the GPU build), so we check the version ourselves and fail with a message that says what to do.
 //! The check opens the library with `dlopen` (the handle is kept open on purpose: `ort` opens the same file right
 //! after, which then reuses the already mapped library) and calls `OrtGetApiBase()->GetVersionString()`.
 
@@ -29,14 +29,15 @@ pub fn library_version(path: &Path) -> Result<String> {
     Ok(version.to_string_lossy().into_owned())
 }
 
-/// Fails unless `version` belongs to the supported 1.32 series.
+/// Fails unless `version` belongs to a supported series (1.32; 1.31, the newest GPU build on PyPI).
 pub fn check_version(path: &Path, version: &str) -> Result<()> {
-    if version.starts_with(ORT_SERIES) {
+    if ORT_SERIES.iter().any(|s| version.starts_with(s)) {
         return Ok(());
     }
     Err(Error::Runtime(format!(
-        "{} is ONNX Runtime {version}, but betadpo needs {ORT_SERIES}x; unset ORT_DYLIB_PATH to let betadpo \
+        "{} is ONNX Runtime {version}, but betadpo needs {}x; unset ORT_DYLIB_PATH to let betadpo \
          provision {ORT_VERSION} itself, or point ORT_DYLIB_PATH at {LIB_NAME} (`pip install onnxruntime=={ORT_VERSION}`)",
-        path.display()
+        path.display(),
+        ORT_SERIES.join("x or ")
     )))
 }
