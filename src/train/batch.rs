@@ -7,7 +7,8 @@ use ndarray::{Array1, Array2};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::dpo::packing::{pack, HeadReads, PackedBatch, PairTokens};
+use crate::distributed::share;
+use crate::dpo::packing::{lay_out, plan_rows, HeadReads, PackedBatch, PairTokens, RowPlan};
 use crate::error::{Error, Result};
 use crate::train::tokenize::TokenizedPair;
 
@@ -74,14 +75,53 @@ pub struct Packing {
 
 /// Builds the `[chosen rows; rejected rows]` batch from `pairs` (at least one).
 pub fn collate(pairs: &[&TokenizedPair], opts: &CollateOptions) -> Result<Batch> {
+    let plan = match opts.packing {
+        Some(pk) => Some(plan_rows(&packable(pairs)?, pk.row_tokens, pk.head)),
+        None => None,
+    };
+    collate_as(pairs, opts, padded_width(pairs, opts), plan.as_ref())
+}
+
+/// The padded width `T` of a batch of `pairs`.
+fn padded_width(pairs: &[&TokenizedPair], opts: &CollateOptions) -> usize {
+    let t = pairs.iter().map(|p| p.max_len()).max().unwrap_or(0);
+    match opts.pad_to_multiple_of.filter(|&m| m > 1) {
+        Some(m) => t.div_ceil(m) * m,
+        None => t,
+    }
+}
+
+/// Rank `rank` of `size`'s share of the batch of `pairs`, laid out so that every sequence is
+/// computed as in the whole batch: padded rows as wide as the batch's, and with packing whole rows
+/// of the batch's packing (a contiguous share of them, with the pairs they hold), so each pair's
+/// log-probs are those one process gets (and the reference cache holds). Without packing the share
+/// is a contiguous run of pairs. `None` when the share is empty (fewer pairs or rows than ranks).
+pub fn collate_share(pairs: &[&TokenizedPair], rank: usize, size: usize, opts: &CollateOptions) -> Result<Option<Batch>> {
+    let width = padded_width(pairs, opts);
+    let Some(pk) = opts.packing else {
+        let mine = &pairs[share(pairs.len(), rank, size)];
+        return if mine.is_empty() { Ok(None) } else { collate_as(mine, opts, width, None).map(Some) };
+    };
+    let plan = plan_rows(&packable(pairs)?, pk.row_tokens, pk.head);
+    let rows = &plan.rows[share(plan.rows.len(), rank, size)];
+    let mut mine: Vec<usize> = rows.iter().flatten().copied().collect();
+    if mine.is_empty() {
+        return Ok(None);
+    }
+    mine.sort_unstable();
+    // the plan's rows hold ascending pair indices; renumbered within the share they still do
+    let local = |i: &usize| mine.binary_search(i).expect("a pair of these rows");
+    let shard_plan = RowPlan { rows: rows.iter().map(|r| r.iter().map(local).collect()).collect(), width: plan.width };
+    let members: Vec<&TokenizedPair> = mine.iter().map(|&i| pairs[i]).collect();
+    collate_as(&members, opts, width, Some(&shard_plan)).map(Some)
+}
+
+/// [`collate`] at padded width `t` (at least the longest pair), packed as `plan` says.
+fn collate_as(pairs: &[&TokenizedPair], opts: &CollateOptions, t: usize, plan: Option<&RowPlan>) -> Result<Batch> {
     if pairs.is_empty() {
         return Err(Error::Data("cannot collate an empty batch".into()));
     }
     let b = pairs.len();
-    let mut t = pairs.iter().map(|p| p.max_len()).max().unwrap_or(0);
-    if let Some(m) = opts.pad_to_multiple_of.filter(|&m| m > 1) {
-        t = t.div_ceil(m) * m;
-    }
     let mut input_ids = Array2::from_elem((2 * b, t), opts.pad_id as i64);
     let mut attention_mask = Array2::zeros((2 * b, t));
     let mut completion_mask = Array2::zeros((2 * b, t));
@@ -109,9 +149,9 @@ pub fn collate(pairs: &[&TokenizedPair], opts: &CollateOptions) -> Result<Batch>
     let position_ids = Array2::from_shape_fn((2 * b, t), |(_, c)| c as i64);
     let groups = pairs.iter().map(|p| opts.group_by.as_ref().and_then(|k| p.extras.get(k).cloned())).collect();
     let source_indices = pairs.iter().map(|p| p.source_index).collect();
-    let packed = match opts.packing {
-        Some(pk) => Some(pack(&packable(pairs)?, pk.row_tokens, opts.pad_id as i64, pk.head)),
-        None => None,
+    let packed = match (opts.packing, plan) {
+        (Some(pk), Some(plan)) => Some(lay_out(&packable(pairs)?, plan, opts.pad_id as i64, pk.head)),
+        _ => None,
     };
     Ok(Batch { input_ids, attention_mask, completion_mask, position_ids, prompt_last_index, sequence_last_index, groups, source_indices, num_tokens, packed })
 }
@@ -131,6 +171,16 @@ fn packable<'a>(pairs: &[&'a TokenizedPair]) -> Result<Vec<PairTokens<'a>>> {
             Ok(PairTokens { prompt: p.row_prompt(0), chosen: &p.chosen, rejected: &p.rejected })
         })
         .collect()
+}
+
+/// One rank's part of a batch in data-parallel training (see [`collate_share`]): the ranks' parts
+/// together are the batch.
+#[derive(Debug)]
+pub struct Shard {
+    /// `None` when the batch has fewer pairs than there are ranks and this one gets none.
+    pub batch: Option<Batch>,
+    /// Pairs in the whole batch: a rank's gradient counts `pairs / batch_pairs` of the batch's.
+    pub batch_pairs: usize,
 }
 
 /// Order of pairs per epoch.
@@ -242,10 +292,17 @@ impl DataLoader {
 
     /// Produces the batch at the current position and advances.
     pub fn next_batch(&mut self) -> Result<Batch> {
+        Ok(self.next_shard(0, 1)?.batch.expect("a batch has at least one pair"))
+    }
+
+    /// Rank `rank` of `size`'s share of the batch at the current position (see [`Shard`]), for every
+    /// rank the same advance.
+    pub fn next_shard(&mut self, rank: usize, size: usize) -> Result<Shard> {
         let members: Vec<&TokenizedPair> = self.plan[self.position.index].iter().map(|&i| &self.pairs[i]).collect();
-        let batch = collate(&members, &self.collate)?;
+        let batch = if size == 1 { Some(collate(&members, &self.collate)?) } else { collate_share(&members, rank, size, &self.collate)? };
+        let shard = Shard { batch, batch_pairs: members.len() };
         self.seek(LoaderPosition { epoch: self.position.epoch, index: self.position.index + 1 });
-        Ok(batch)
+        Ok(shard)
     }
 }
 
