@@ -23,12 +23,15 @@ use serde_json::{Map, Value};
 
 use common::fixtures::{repo, scratch, shared, skip};
 
-/// Float32 tolerance between N ranks and one process: the ranks' gradients are means over shares of
-/// the batch, weighted and summed, where one process takes the mean over the whole batch, so the
-/// sums round in another order (relative 1e-7 per step); Adam divides by the root of the second
-/// moment, which amplifies differences where a gradient is near zero. After 6 steps at lr 1e-3 the
-/// largest difference measured on these models is recorded in `max_param_diff` (printed).
-const PARAM_TOL: f32 = 2e-5;
+/// Float32 tolerance on parameters between N ranks and one process. The ranks' gradients are
+/// means over shares of the batch, weighted and summed, where one process sums the whole batch at
+/// once: the same values rounded in another order (a pair's own log-probs are the same bits, see
+/// `dpo::answer_logps`). AdamW divides each gradient by its running RMS, so an element whose
+/// gradient is a near-cancelling sum (|g| near Adam's epsilon) turns a rounding difference into
+/// a step difference of up to about `lr |dg| / epsilon`. Measured max |diff| (lr 1e-3): 2 ranks,
+/// 6 steps: 4.8e-6 padded, 1.6e-6 packed; 3 ranks with unequal shares and 2 micro-batches, 3
+/// steps: 1.7e-5. The tolerance is 5% of one step's largest move (lr).
+const PARAM_TOL: f32 = 5e-5;
 /// Metrics (float64 sums of float32 values, over the same pairs in the same order).
 const METRIC_TOL: f64 = 1e-4;
 
@@ -124,7 +127,7 @@ impl Setup {
         .map(|x| x.to_string())
         .collect();
         a.extend(
-            "--batch-size 8 --lr 1e-3 --head-lr 1e-3 --threads 1 --max-length 128 --eval-every 3 --save-every 3 --save-total-limit 0 --quiet"
+            "--batch-size 8 --lr 1e-3 --head-lr 1e-3 --lr-schedule constant --threads 1 --max-length 128 --pack-tokens 96 --save-total-limit 0 --quiet"
                 .split(' ')
                 .map(String::from),
         );
@@ -209,8 +212,8 @@ fn two_ranks_train_as_one(layout: LayoutChoice) {
     let one = dir.join("one");
     let two = dir.join("two");
     let split = dir.join("split");
-    setup.single(&one, "--max-steps 6");
-    let out = setup.ranks(2, &two, "--max-steps 6");
+    setup.single(&one, "--max-steps 6 --eval-every 3 --save-every 3");
+    let out = setup.ranks(2, &two, "--max-steps 6 --eval-every 3 --save-every 3");
     assert!(String::from_utf8_lossy(&out.stdout).matches("steps").count() <= 1, "rank 0 alone prints the summary:\n{}", String::from_utf8_lossy(&out.stdout));
 
     let initial = read_safetensors(&setup.art.join("parameters.safetensors")).map(|t| t.0).ok();
@@ -220,7 +223,7 @@ fn two_ranks_train_as_one(layout: LayoutChoice) {
     assert!(diff <= PARAM_TOL, "{layout:?}: 2 ranks differ from one process by {diff} (tolerance {PARAM_TOL})");
     if let Some(initial) = initial {
         let moved = max_diff(&p1, &initial);
-        assert!(moved > 100.0 * PARAM_TOL, "{layout:?}: training moved parameters by only {moved}: the comparison says nothing");
+        assert!(moved > 20.0 * PARAM_TOL, "{layout:?}: training moved parameters by only {moved}: the comparison says nothing");
     }
     assert_close_records(&metrics(&one), &metrics(&two), &format!("{layout:?} metrics, one process vs 2 ranks"));
     assert_eq!(reference_files(&one), reference_files(&two), "{layout:?}: reference caches differ");
@@ -228,8 +231,8 @@ fn two_ranks_train_as_one(layout: LayoutChoice) {
         assert_eq!(checkpoint::list(run).iter().map(|c| c.0).collect::<Vec<_>>(), vec![3, 6], "{}", run.display());
     }
 
-    setup.ranks(2, &split, "--max-steps 3");
-    setup.ranks(2, &split, "--max-steps 6 --resume");
+    setup.ranks(2, &split, "--max-steps 3 --eval-every 3 --save-every 3");
+    setup.ranks(2, &split, "--max-steps 6 --eval-every 3 --save-every 3 --resume");
     assert_eq!(max_diff(&final_params(&two), &final_params(&split)), 0.0, "{layout:?}: 2 ranks, resumed at step 3, differ from straight");
     let strip = |v: Vec<Map<String, Value>>| {
         v.into_iter()
@@ -287,10 +290,14 @@ fn rank_pid(mpirun: &Child, rank: usize) -> Option<u32> {
 fn killed_rank_stops_the_job() {
     let Some((setup, dir)) = Setup::new(LayoutChoice::Padded, "mpi-kill") else { return };
     let run = dir.join("run");
-    let mut job = setup.mpirun(2).args(setup.args(&run, "--max-steps 100000 --save-every 2")).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut job = setup.mpirun(2).args(setup.args(&run, "--max-steps 100000 --save-every 2 --eval-every 0")).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let started = Instant::now();
     while checkpoint::list(&run).len() < 2 {
-        assert!(job.try_wait().unwrap().is_none(), "the job ended before it was killed");
+        if job.try_wait().unwrap().is_some() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(job.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("the job ended before it was killed:\n{err}");
+        }
         assert!(started.elapsed() < Duration::from_secs(120), "no second checkpoint after 120 s");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -321,7 +328,7 @@ fn killed_rank_stops_the_job() {
         assert_eq!(l.state.step, *step, "{}", d.display());
     }
     let last = saved.last().unwrap().0;
-    let out = setup.ranks(2, &run, &format!("--max-steps {} --save-every 2 --resume", last + 2));
+    let out = setup.ranks(2, &run, &format!("--max-steps {} --save-every 2 --eval-every 0 --resume", last + 2));
     assert!(out.status.success());
     assert_eq!(checkpoint::list(&run).last().unwrap().0, last + 2, "resumed to its end");
     let _ = std::fs::remove_dir_all(&dir);
