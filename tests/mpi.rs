@@ -290,7 +290,13 @@ fn rank_pid(mpirun: &Child, rank: usize) -> Option<u32> {
 fn killed_rank_stops_the_job() {
     let Some((setup, dir)) = Setup::new(LayoutChoice::Padded, "mpi-kill") else { return };
     let run = dir.join("run");
-    let mut job = setup.mpirun(2).args(setup.args(&run, "--max-steps 100000 --save-every 2 --eval-every 0")).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut job = setup
+        .mpirun(2)
+        .args(setup.args(&run, "--max-steps 100000 --save-every 2 --eval-every 0"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let started = Instant::now();
     while checkpoint::list(&run).len() < 2 {
         if job.try_wait().unwrap().is_some() {
