@@ -339,3 +339,54 @@ fn killed_rank_stops_the_job() {
     assert_eq!(checkpoint::list(&run).last().unwrap().0, last + 2, "resumed to its end");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Ranks started with different flags would train different runs: they refuse with one clear
+/// message instead of averaging unrelated gradients.
+#[test]
+fn ranks_with_different_flags_refuse() {
+    let Some((setup, dir)) = Setup::new(LayoutChoice::Padded, "mpi-mismatch") else { return };
+    let run = dir.join("run");
+    let mut c = Command::new(&setup.mpirun);
+    c.args(["--allow-run-as-root", "--oversubscribe", "-np", "1"]).arg(&setup.mpi_bin).args(setup.args(&run, "--max-steps 2"));
+    c.args([":", "-np", "1"]).arg(&setup.mpi_bin).args(setup.args(&run, "--max-steps 2 --weight-decay 0.5"));
+    let o = c.env("OMPI_MCA_btl_vader_single_copy_mechanism", "none").output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "mismatched ranks trained:\n{err}");
+    assert!(err.contains("would train different runs") && err.contains("same flags and data"), "{err}");
+    assert!(checkpoint::list(&run).is_empty(), "a checkpoint was written");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A betadpo built without the `mpi` feature, started as several ranks, refuses (each rank would
+/// otherwise train alone into the same run directory).
+#[test]
+fn build_without_mpi_refuses_several_ranks() {
+    if cfg!(feature = "mpi") {
+        return;
+    }
+    let Some((mpirun, _)) = mpi() else { return };
+    let dir = scratch("mpi-plain");
+    let o = Command::new(mpirun)
+        .args([
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            "2",
+            env!("CARGO_BIN_EXE_betadpo"),
+            "train",
+            "--artifacts",
+            "a",
+            "--data",
+            "d",
+            "--tokenizer",
+            "t",
+        ])
+        .args(["--out", &s(&dir.join("run"))])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("error: distributed training: started by an MPI launcher as one of 2 ranks, but this betadpo was built without MPI"), "{err}");
+    assert!(!dir.join("run").exists(), "a run directory was created");
+    let _ = std::fs::remove_dir_all(&dir);
+}
