@@ -1,5 +1,7 @@
 //! The step phase: one optimizer step, that is `grad_accum` micro-batches through the train graph,
-//! their gradients summed, the AdamW update, and the step's metrics record.
+//! their gradients summed, the AdamW update, and the step's metrics record. With several ranks each
+//! runs its share of every micro-batch and one allreduce averages the gradients before the update
+//! (see [`super::ranks`]).
 
 use std::path::Path;
 use std::time::Instant;
@@ -160,12 +162,11 @@ impl<'a> Stepper<'a> {
             ),
             Some(sum) => {
                 allreduce_time = Some(sum.allreduce(self.coll)?);
-                let mut tallies = [loss_sum, n_pairs as f64, tokens as f64, kept as f64];
-                self.coll.sum_f64(&mut tallies)?;
-                let mut eps = epsilon_steps.counts();
-                self.coll.sum_f64(&mut eps)?;
-                (loss_sum, n_pairs, tokens, kept) = (tallies[0], tallies[1] as usize, tallies[2] as usize, tallies[3] as usize);
-                epsilon_steps = StepTally::from_counts(eps);
+                let [up, down, stepped] = epsilon_steps.counts();
+                let mut t = [loss_sum, n_pairs as f64, tokens as f64, kept as f64, up, down, stepped];
+                self.coll.sum_f64(&mut t)?;
+                (loss_sum, n_pairs, tokens, kept) = (t[0], t[1] as usize, t[2] as usize, t[3] as usize);
+                epsilon_steps = StepTally::from_counts([t[4], t[5], t[6]]);
                 (sum.into_tensors(acc, device)?, gather_pairs(self.coll, &micro_pairs)?)
             }
         };
