@@ -344,3 +344,60 @@ fn shuffle<T>(items: &mut [T], rng: &mut ChaCha8Rng) {
         items.swap(i, j);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dpo::{BetaAggregate, BetaSource};
+
+    fn pairs(n: usize) -> Vec<TokenizedPair> {
+        (0..n)
+            .map(|i| {
+                let len = |k: usize| 1 + (i * 7 + k * 3) % 9;
+                let tokens = |k: usize, base: u32| (0..len(k)).map(|t| base + t as u32).collect::<Vec<u32>>();
+                TokenizedPair {
+                    prompt: tokens(0, 10),
+                    chosen: tokens(1, 30),
+                    rejected: tokens(2, 50),
+                    prompt_cut: [0, 0],
+                    extras: Default::default(),
+                    source_index: 100 + i,
+                }
+            })
+            .collect()
+    }
+
+    /// Each rank's rows are rows of the whole batch, bit for bit, and the shares hold every pair once.
+    #[test]
+    fn shares_are_parts_of_the_whole_batch() {
+        let data = pairs(11);
+        let all: Vec<&TokenizedPair> = data.iter().collect();
+        let head = HeadReads { source: BetaSource::Prompt, aggregate: BetaAggregate::Last };
+        for packing in [None, Some(Packing { row_tokens: 24, head })] {
+            let opts = CollateOptions { pad_id: 0, packing, ..Default::default() };
+            let whole = collate(&all, &opts).unwrap();
+            for size in [1, 2, 3, 5] {
+                let shares: Vec<Batch> = (0..size).filter_map(|r| collate_share(&all, r, size, &opts).unwrap()).collect();
+                let mut sources: Vec<usize> = shares.iter().flat_map(|s| s.source_indices.clone()).collect();
+                sources.sort_unstable();
+                assert_eq!(sources, (100..111).collect::<Vec<_>>(), "size {size}: every pair once");
+                let row_of = |b: &Batch, source: usize| b.source_indices.iter().position(|&s| s == source).unwrap();
+                for s in &shares {
+                    assert_eq!(s.width(), whole.width(), "padded rows as wide as the batch's");
+                    for &src in &s.source_indices {
+                        let (i, j) = (row_of(s, src), row_of(&whole, src));
+                        assert_eq!(s.input_ids.row(i), whole.input_ids.row(j));
+                        assert_eq!(s.input_ids.row(s.pairs() + i), whole.input_ids.row(whole.pairs() + j));
+                    }
+                }
+                if let Some(w) = &whole.packed {
+                    // the shares' packed rows, in rank order, are the batch's packed rows
+                    let rows: Vec<Vec<i64>> =
+                        shares.iter().flat_map(|s| s.packed.as_ref().unwrap().input_ids.outer_iter().map(|r| r.to_vec()).collect::<Vec<_>>()).collect();
+                    assert_eq!(rows, w.input_ids.outer_iter().map(|r| r.to_vec()).collect::<Vec<_>>(), "size {size}");
+                    assert!(w.input_ids.nrows() > 2, "the test packs into several rows");
+                }
+            }
+        }
+    }
+}
