@@ -13,7 +13,6 @@ model_dir=$1 data=$2 steps=${3:-6} batch=${4:-8} max_length=${5:-256}
 bin=${BETADPO_BIN:-$(cd "$(dirname "$0")/.." && pwd)/target/mpi/betadpo}
 work=${WORK:-$(mktemp -d)}
 [ -n "${WORK:-}" ] || trap 'rm -rf "$work"' EXIT
-export OMPI_MCA_btl_vader_single_copy_mechanism=none
 
 "$bin" build-graph --model "$model_dir/model.onnx" --out "$work/art" >/dev/null
 common=(train --artifacts "$work/art" --data "$data" --tokenizer "$model_dir/tokenizer.json"
