@@ -110,7 +110,7 @@ pub fn gather_nd(ctx: &mut RuleCtx) -> Result<()> {
 pub fn scatter_elements(ctx: &mut RuleCtx) -> Result<()> {
     let reduction = ctx.node.str_attr("reduction").unwrap_or_else(|| "none".into());
     if reduction != "add" {
-        return Err(ctx.err(&format!("ScatterElements with reduction '{reduction}' has no gradient rule (only 'add')")));
+        return Err(ctx.err(format!("ScatterElements with reduction '{reduction}' has no gradient rule (only 'add')")));
     }
     let g = ctx.go0()?;
     if ctx.needs(2) {

@@ -68,7 +68,7 @@ impl GradientSum {
 
     /// The summed gradients as runtime values: written into `reuse` (a micro-batch's gradient
     /// tensors, on the CPU) when given, else uploaded afresh.
-    pub fn into_tensors(&self, reuse: Option<Vec<Tensor<f32>>>, device: &Device) -> Result<Vec<Tensor<f32>>> {
+    pub fn to_tensors(&self, reuse: Option<Vec<Tensor<f32>>>, device: &Device) -> Result<Vec<Tensor<f32>>> {
         match reuse {
             Some(mut grads) if !device.is_gpu() => {
                 for (k, g) in grads.iter_mut().enumerate() {

@@ -167,7 +167,7 @@ impl<'a> Stepper<'a> {
                 self.coll.sum_f64(&mut t)?;
                 (loss_sum, n_pairs, tokens, kept) = (t[0], t[1] as usize, t[2] as usize, t[3] as usize);
                 epsilon_steps = StepTally::from_counts([t[4], t[5], t[6]]);
-                (sum.into_tensors(acc, device)?, gather_pairs(self.coll, &micro_pairs)?)
+                (sum.to_tensors(acc, device)?, gather_pairs(self.coll, &micro_pairs)?)
             }
         };
         let loss = loss_sum / n_pairs as f64;
