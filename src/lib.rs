@@ -7,8 +7,10 @@
 //! - [`dpo`]: the beta head, DPO losses, the optimizer graph, artifacts and their manifest.
 //! - [`train`]: data, tokenization, the training loop, checkpoints, metrics.
 //! - [`runtime`]: provisioning ONNX Runtime and building sessions.
+//! - [`distributed`]: the collectives of data-parallel training (MPI under the `mpi` feature).
 
 pub mod autodiff;
+pub mod distributed;
 pub mod dpo;
 pub mod error;
 pub mod graph;

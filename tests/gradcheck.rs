@@ -187,4 +187,8 @@ fn gathers() {
     check(&Case::new("Gather", vec![f(&[2, 5, 3]), In::Ints(vec![], vec![-1])]).attrs(vec![attr_i("axis", 1)]));
     check(&Case::new("GatherElements", vec![f(&[2, 4]), In::Ints(vec![2, 3], vec![0, 3, 3, 1, 1, 2])]).attrs(vec![attr_i("axis", 1)]));
     check(&Case::new("GatherND", vec![f(&[3, 4, 2]), In::Ints(vec![3, 2], vec![0, 1, 2, 3, 0, 1])]));
+    // a segment sum (per-sequence log-probs): repeated targets add up, in the data and the updates
+    let add = || vec![attr_i("axis", 0), attr_s("reduction", "add")];
+    check(&Case::new("ScatterElements", vec![f(&[4]), In::Ints(vec![6], vec![0, 0, 3, 1, 3, 3]), f(&[6])]).attrs(add()));
+    check(&Case::new("ScatterElements", vec![f(&[3, 2]), In::Ints(vec![2, 2], vec![2, 0, 2, 1]), f(&[2, 2])]).attrs(add()));
 }

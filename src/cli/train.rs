@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use betadpo::runtime::ExecutionProvider;
 use betadpo::train::config::TrainConfig;
 use betadpo::train::schedule::Schedule;
-use betadpo::train::trainer::train;
+use betadpo::train::trainer::train_with;
 use betadpo::train::truncation::TruncationMode;
 
 #[derive(clap::Args)]
@@ -169,7 +169,18 @@ pub fn run(a: Args) -> Result<()> {
     }
     let cfg = config(a);
     betadpo::runtime::keep_freed_memory_for_reuse();
-    let s = train(&cfg).with_context(|| format!("training into {}", cfg.out.display()))?;
-    println!("{}", betadpo::train::report::summary_table(&s));
+    let coll = betadpo::distributed::from_environment()?;
+    let s = match train_with(&cfg, coll.as_ref()).with_context(|| format!("training into {}", cfg.out.display())) {
+        Ok(s) => s,
+        Err(e) if coll.size() > 1 => {
+            // The other ranks may be waiting in a collective for this one: end them all.
+            eprintln!("error: rank {} of {}: {e:#}", coll.rank(), coll.size());
+            coll.abort(1)
+        }
+        Err(e) => return Err(e),
+    };
+    if coll.is_root() {
+        println!("{}", betadpo::train::report::summary_table(&s));
+    }
     Ok(())
 }

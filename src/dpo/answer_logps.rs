@@ -5,7 +5,7 @@
 
 use super::packing::Layout;
 use crate::graph::Builder;
-use crate::onnx::{attr_i, dtype};
+use crate::onnx::{attr_i, attr_s, attr_t, dtype, zero_value};
 
 /// The objective's input of reference log-probs, one per sequence.
 pub const REF_LOGPS: &str = "ref_logps";
@@ -78,8 +78,15 @@ pub fn logits_to_sequences(b: &mut Builder, z: &str, tokens: &AnswerTokens, name
     let lab2 = b.op("Unsqueeze", &[&tokens.labels, &last], vec![], "dpo/answer_labels2");
     let picked = b.op("GatherElements", &[&logp, &lab2], vec![attr_i("axis", 1)], "dpo/token_logp2");
     let tok = b.op("Squeeze", &[&picked, &last], vec![], "dpo/token_logp");
-    let onehot = one_hot(b, &tokens.seq, &tokens.count, "dpo/row");
-    b.op("MatMul", &[&tok, &onehot], vec![], name)
+    // A segment sum that adds each sequence's tokens in order, from zero: its value depends on the
+    // sequence alone, not on what else is in the batch. (A product with a one-hot matrix sums over
+    // all the batch's tokens, and where a sequence's tokens fall in the kernel's blocks and lanes
+    // changes its last bits: a pair then scores differently in a data-parallel shard than in the
+    // whole batch its reference log-probs were computed in.)
+    let first = b.ints(&[0]);
+    let shape = b.op("Unsqueeze", &[&tokens.count, &first], vec![], "dpo/sequence_count");
+    let zeros = b.op("ConstantOfShape", &[&shape], vec![attr_t("value", zero_value(dtype::FLOAT))], "dpo/sequence_zeros");
+    b.op("ScatterElements", &[&zeros, &tokens.seq, &tok], vec![attr_i("axis", 0), attr_s("reduction", "add")], name)
 }
 
 /// Sums of answer-token log-probs per sequence (the policy's `policy_logps`).

@@ -7,7 +7,8 @@ use ndarray::{Array1, Array2};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::dpo::packing::{pack, HeadReads, PackedBatch, PairTokens};
+use crate::distributed::share;
+use crate::dpo::packing::{lay_out, plan_rows, HeadReads, PackedBatch, PairTokens, RowPlan};
 use crate::error::{Error, Result};
 use crate::train::tokenize::TokenizedPair;
 
@@ -74,14 +75,53 @@ pub struct Packing {
 
 /// Builds the `[chosen rows; rejected rows]` batch from `pairs` (at least one).
 pub fn collate(pairs: &[&TokenizedPair], opts: &CollateOptions) -> Result<Batch> {
+    let plan = match opts.packing {
+        Some(pk) => Some(plan_rows(&packable(pairs)?, pk.row_tokens, pk.head)),
+        None => None,
+    };
+    collate_as(pairs, opts, padded_width(pairs, opts), plan.as_ref())
+}
+
+/// The padded width `T` of a batch of `pairs`.
+fn padded_width(pairs: &[&TokenizedPair], opts: &CollateOptions) -> usize {
+    let t = pairs.iter().map(|p| p.max_len()).max().unwrap_or(0);
+    match opts.pad_to_multiple_of.filter(|&m| m > 1) {
+        Some(m) => t.div_ceil(m) * m,
+        None => t,
+    }
+}
+
+/// Rank `rank` of `size`'s share of the batch of `pairs`, laid out so that every sequence is
+/// computed as in the whole batch: padded rows as wide as the batch's, and with packing whole rows
+/// of the batch's packing (a contiguous share of them, with the pairs they hold), so each pair's
+/// log-probs are those one process gets (and the reference cache holds). Without packing the share
+/// is a contiguous run of pairs. `None` when the share is empty (fewer pairs or rows than ranks).
+pub fn collate_share(pairs: &[&TokenizedPair], rank: usize, size: usize, opts: &CollateOptions) -> Result<Option<Batch>> {
+    let width = padded_width(pairs, opts);
+    let Some(pk) = opts.packing else {
+        let mine = &pairs[share(pairs.len(), rank, size)];
+        return if mine.is_empty() { Ok(None) } else { collate_as(mine, opts, width, None).map(Some) };
+    };
+    let plan = plan_rows(&packable(pairs)?, pk.row_tokens, pk.head);
+    let rows = &plan.rows[share(plan.rows.len(), rank, size)];
+    let mut mine: Vec<usize> = rows.iter().flatten().copied().collect();
+    if mine.is_empty() {
+        return Ok(None);
+    }
+    mine.sort_unstable();
+    // the plan's rows hold ascending pair indices; renumbered within the share they still do
+    let local = |i: &usize| mine.binary_search(i).expect("a pair of these rows");
+    let shard_plan = RowPlan { rows: rows.iter().map(|r| r.iter().map(local).collect()).collect(), width: plan.width };
+    let members: Vec<&TokenizedPair> = mine.iter().map(|&i| pairs[i]).collect();
+    collate_as(&members, opts, width, Some(&shard_plan)).map(Some)
+}
+
+/// [`collate`] at padded width `t` (at least the longest pair), packed as `plan` says.
+fn collate_as(pairs: &[&TokenizedPair], opts: &CollateOptions, t: usize, plan: Option<&RowPlan>) -> Result<Batch> {
     if pairs.is_empty() {
         return Err(Error::Data("cannot collate an empty batch".into()));
     }
     let b = pairs.len();
-    let mut t = pairs.iter().map(|p| p.max_len()).max().unwrap_or(0);
-    if let Some(m) = opts.pad_to_multiple_of.filter(|&m| m > 1) {
-        t = t.div_ceil(m) * m;
-    }
     let mut input_ids = Array2::from_elem((2 * b, t), opts.pad_id as i64);
     let mut attention_mask = Array2::zeros((2 * b, t));
     let mut completion_mask = Array2::zeros((2 * b, t));
@@ -109,9 +149,9 @@ pub fn collate(pairs: &[&TokenizedPair], opts: &CollateOptions) -> Result<Batch>
     let position_ids = Array2::from_shape_fn((2 * b, t), |(_, c)| c as i64);
     let groups = pairs.iter().map(|p| opts.group_by.as_ref().and_then(|k| p.extras.get(k).cloned())).collect();
     let source_indices = pairs.iter().map(|p| p.source_index).collect();
-    let packed = match opts.packing {
-        Some(pk) => Some(pack(&packable(pairs)?, pk.row_tokens, opts.pad_id as i64, pk.head)),
-        None => None,
+    let packed = match (opts.packing, plan) {
+        (Some(pk), Some(plan)) => Some(lay_out(&packable(pairs)?, plan, opts.pad_id as i64, pk.head)),
+        _ => None,
     };
     Ok(Batch { input_ids, attention_mask, completion_mask, position_ids, prompt_last_index, sequence_last_index, groups, source_indices, num_tokens, packed })
 }
@@ -131,6 +171,16 @@ fn packable<'a>(pairs: &[&'a TokenizedPair]) -> Result<Vec<PairTokens<'a>>> {
             Ok(PairTokens { prompt: p.row_prompt(0), chosen: &p.chosen, rejected: &p.rejected })
         })
         .collect()
+}
+
+/// One rank's part of a batch in data-parallel training (see [`collate_share`]): the ranks' parts
+/// together are the batch.
+#[derive(Debug)]
+pub struct Shard {
+    /// `None` when the batch has fewer pairs than there are ranks and this one gets none.
+    pub batch: Option<Batch>,
+    /// Pairs in the whole batch: a rank's gradient counts `pairs / batch_pairs` of the batch's.
+    pub batch_pairs: usize,
 }
 
 /// Order of pairs per epoch.
@@ -242,10 +292,17 @@ impl DataLoader {
 
     /// Produces the batch at the current position and advances.
     pub fn next_batch(&mut self) -> Result<Batch> {
+        Ok(self.next_shard(0, 1)?.batch.expect("a batch has at least one pair"))
+    }
+
+    /// Rank `rank` of `size`'s share of the batch at the current position (see [`Shard`]), for every
+    /// rank the same advance.
+    pub fn next_shard(&mut self, rank: usize, size: usize) -> Result<Shard> {
         let members: Vec<&TokenizedPair> = self.plan[self.position.index].iter().map(|&i| &self.pairs[i]).collect();
-        let batch = collate(&members, &self.collate)?;
+        let batch = if size == 1 { Some(collate(&members, &self.collate)?) } else { collate_share(&members, rank, size, &self.collate)? };
+        let shard = Shard { batch, batch_pairs: members.len() };
         self.seek(LoaderPosition { epoch: self.position.epoch, index: self.position.index + 1 });
-        Ok(batch)
+        Ok(shard)
     }
 }
 
@@ -285,5 +342,62 @@ fn shuffle<T>(items: &mut [T], rng: &mut ChaCha8Rng) {
     for i in (1..items.len()).rev() {
         let j = ((rng.next_u64() as u128 * (i as u128 + 1)) >> 64) as usize;
         items.swap(i, j);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dpo::{BetaAggregate, BetaSource};
+
+    fn pairs(n: usize) -> Vec<TokenizedPair> {
+        (0..n)
+            .map(|i| {
+                let len = |k: usize| 1 + (i * 7 + k * 3) % 9;
+                let tokens = |k: usize, base: u32| (0..len(k)).map(|t| base + t as u32).collect::<Vec<u32>>();
+                TokenizedPair {
+                    prompt: tokens(0, 10),
+                    chosen: tokens(1, 30),
+                    rejected: tokens(2, 50),
+                    prompt_cut: [0, 0],
+                    extras: Default::default(),
+                    source_index: 100 + i,
+                }
+            })
+            .collect()
+    }
+
+    /// Each rank's rows are rows of the whole batch, bit for bit, and the shares hold every pair once.
+    #[test]
+    fn shares_are_parts_of_the_whole_batch() {
+        let data = pairs(11);
+        let all: Vec<&TokenizedPair> = data.iter().collect();
+        let head = HeadReads { source: BetaSource::Prompt, aggregate: BetaAggregate::Last };
+        for packing in [None, Some(Packing { row_tokens: 24, head })] {
+            let opts = CollateOptions { pad_id: 0, packing, ..Default::default() };
+            let whole = collate(&all, &opts).unwrap();
+            for size in [1, 2, 3, 5] {
+                let shares: Vec<Batch> = (0..size).filter_map(|r| collate_share(&all, r, size, &opts).unwrap()).collect();
+                let mut sources: Vec<usize> = shares.iter().flat_map(|s| s.source_indices.clone()).collect();
+                sources.sort_unstable();
+                assert_eq!(sources, (100..111).collect::<Vec<_>>(), "size {size}: every pair once");
+                let row_of = |b: &Batch, source: usize| b.source_indices.iter().position(|&s| s == source).unwrap();
+                for s in &shares {
+                    assert_eq!(s.width(), whole.width(), "padded rows as wide as the batch's");
+                    for &src in &s.source_indices {
+                        let (i, j) = (row_of(s, src), row_of(&whole, src));
+                        assert_eq!(s.input_ids.row(i), whole.input_ids.row(j));
+                        assert_eq!(s.input_ids.row(s.pairs() + i), whole.input_ids.row(whole.pairs() + j));
+                    }
+                }
+                if let Some(w) = &whole.packed {
+                    // the shares' packed rows, in rank order, are the batch's packed rows
+                    let rows: Vec<Vec<i64>> =
+                        shares.iter().flat_map(|s| s.packed.as_ref().unwrap().input_ids.outer_iter().map(|r| r.to_vec()).collect::<Vec<_>>()).collect();
+                    assert_eq!(rows, w.input_ids.outer_iter().map(|r| r.to_vec()).collect::<Vec<_>>(), "size {size}");
+                    assert!(w.input_ids.nrows() > 2, "the test packs into several rows");
+                }
+            }
+        }
     }
 }

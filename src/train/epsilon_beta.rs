@@ -20,6 +20,15 @@ impl StepTally {
         self.pairs += steps.len();
     }
 
+    /// The counts `[up, down, pairs]`, for summing over ranks ([`StepTally::from_counts`]).
+    pub fn counts(&self) -> [f64; 3] {
+        [self.up as f64, self.down as f64, self.pairs as f64]
+    }
+
+    pub fn from_counts(c: [f64; 3]) -> Self {
+        StepTally { up: c[0] as usize, down: c[1] as usize, pairs: c[2] as usize }
+    }
+
     /// The mean step over the pairs of the whole optimizer step (the reference code averages the
     /// micro-batches' means, the same for equal micro-batches).
     pub fn mean(&self) -> f64 {

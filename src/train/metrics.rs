@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
+use crate::distributed::wire::{Reader, Writer};
 use crate::{Error, Result};
 
 /// Per-pair values of one batch, as the train/eval graphs return them.
@@ -47,6 +48,26 @@ impl PairValues {
         self.drift.extend(o.drift);
         self.beta.extend(o.beta);
         self.groups.extend(o.groups);
+    }
+
+    /// Encodes the values for another rank (see [`PairValues::read`]).
+    pub fn write(&self, w: &mut Writer) {
+        for v in [&self.chosen_rewards, &self.rejected_rewards, &self.chosen_logps, &self.rejected_logps, &self.drift, &self.beta] {
+            w.f32s(v);
+        }
+        w.opt_strings(&self.groups);
+    }
+
+    pub fn read(r: &mut Reader) -> Result<Self> {
+        Ok(PairValues {
+            chosen_rewards: r.f32s()?,
+            rejected_rewards: r.f32s()?,
+            chosen_logps: r.f32s()?,
+            rejected_logps: r.f32s()?,
+            drift: r.f32s()?,
+            beta: r.f32s()?,
+            groups: r.opt_strings()?,
+        })
     }
 
     pub fn len(&self) -> usize {

@@ -97,6 +97,8 @@ impl RefModel<'_> {
 pub struct RefCache {
     path: PathBuf,
     table: RefTable,
+    /// Whether this process writes the file (in data-parallel training only rank 0 does).
+    writes: bool,
 }
 
 impl RefCache {
@@ -104,7 +106,23 @@ impl RefCache {
     pub fn open(run: &Path, name: &str, key: &str) -> RefCache {
         let path = run.join("reference").join(format!("{name}-{key}.safetensors"));
         let table = read_table(&path).unwrap_or_default();
-        RefCache { path, table }
+        RefCache { path, table, writes: true }
+    }
+
+    /// The same cache, never written by this process.
+    pub fn read_only(self) -> Self {
+        RefCache { writes: false, ..self }
+    }
+
+    /// Adds rows another process computed, `(source index, chosen, rejected)`, and saves.
+    pub fn insert(&mut self, rows: impl IntoIterator<Item = (usize, (f32, f32))>) -> Result<()> {
+        self.table.extend(rows);
+        self.save()
+    }
+
+    /// The cached rows of `batches`' pairs (those it has).
+    pub fn rows<'a>(&'a self, batches: &'a [Vec<&TokenizedPair>]) -> impl Iterator<Item = (usize, (f32, f32))> + 'a {
+        batches.iter().flatten().filter_map(|p| self.table.get(&p.source_index).map(|&v| (p.source_index, v)))
     }
 
     pub fn into_table(self) -> RefTable {
@@ -142,6 +160,9 @@ impl RefCache {
 
     /// Writes the table, rows by source index (the same rows give the same file).
     fn save(&self) -> Result<()> {
+        if !self.writes {
+            return Ok(());
+        }
         let mut order: Vec<usize> = self.table.keys().copied().collect();
         order.sort_unstable();
         // Source indices as float32, as in files from before partial tables: exact below 2^24.

@@ -2,7 +2,7 @@
 //! zero tensor, adding where positions repeat (`reduction="add"`, opset 16 and newer).
 
 use crate::autodiff::RuleCtx;
-use crate::onnx::{attr_i, attr_ints, attr_s, attr_t, dtype};
+use crate::onnx::{attr_i, attr_ints, attr_s, attr_t, dtype, NodeAttrs};
 use crate::Result;
 
 fn zeros_like(ctx: &mut RuleCtx, x: &str) -> String {
@@ -102,5 +102,23 @@ pub fn gather_nd(ctx: &mut RuleCtx) -> Result<()> {
     let zeros = zeros_like(ctx, data);
     let attrs = add_reduction(ctx);
     ctx.op_gi(0, "ScatterND", &[&zeros, idx, &g], attrs);
+    Ok(())
+}
+
+/// ScatterElements with `reduction="add"` (a segment sum): the data's gradient passes through, and
+/// each update gets the gradient at the position it was added to. Other reductions have no rule.
+pub fn scatter_elements(ctx: &mut RuleCtx) -> Result<()> {
+    let reduction = ctx.node.str_attr("reduction").unwrap_or_else(|| "none".into());
+    if reduction != "add" {
+        return Err(ctx.err(format!("ScatterElements with reduction '{reduction}' has no gradient rule (only 'add')")));
+    }
+    let g = ctx.go0()?;
+    if ctx.needs(2) {
+        let idx = ctx.i(1);
+        ctx.op_gi(2, "GatherElements", &[&g, idx], vec![attr_i("axis", ctx.attr_i("axis", 0))]);
+    }
+    if ctx.needs(0) {
+        ctx.set_gi(0, g);
+    }
     Ok(())
 }

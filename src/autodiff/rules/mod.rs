@@ -79,6 +79,7 @@ pub const RULES: &[(&str, Rule)] = &[
     ("Gather", gather::gather),
     ("GatherElements", gather::gather_elements),
     ("GatherND", gather::gather_nd),
+    ("ScatterElements", gather::scatter_elements),
 ];
 
 pub fn rule_for(op: &str) -> Option<Rule> {

@@ -101,13 +101,33 @@ fn assign_rows(lengths: &[usize], row_tokens: usize) -> Vec<Vec<usize>> {
         .collect()
 }
 
-/// Packs `pairs` (at least one) into rows of about `row_tokens` tokens.
-pub fn pack(pairs: &[PairTokens], row_tokens: usize, pad_id: i64, head: HeadReads) -> PackedBatch {
-    let b = pairs.len();
+/// Which pairs (indices, ascending) each row holds, and the rows' width.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowPlan {
+    pub rows: Vec<Vec<usize>>,
+    pub width: usize,
+}
+
+/// How [`pack`] lays `pairs` out in rows of about `row_tokens` tokens.
+pub fn plan_rows(pairs: &[PairTokens], row_tokens: usize, head: HeadReads) -> RowPlan {
     let last_tokens = head.source == BetaSource::Sequence;
     let lengths: Vec<usize> = pairs.iter().map(|p| p.written(last_tokens)).collect();
     let rows = assign_rows(&lengths, row_tokens);
     let width = rows.iter().map(|r| r.iter().map(|&i| lengths[i]).sum::<usize>()).max().unwrap_or(0).max(1);
+    RowPlan { rows, width }
+}
+
+/// Packs `pairs` (at least one) into rows of about `row_tokens` tokens.
+pub fn pack(pairs: &[PairTokens], row_tokens: usize, pad_id: i64, head: HeadReads) -> PackedBatch {
+    lay_out(pairs, &plan_rows(pairs, row_tokens, head), pad_id, head)
+}
+
+/// Writes `pairs` into rows as `plan` says (every pair in one row; a part of another batch's plan
+/// gives the rows that batch has, bit for bit).
+pub fn lay_out(pairs: &[PairTokens], plan: &RowPlan, pad_id: i64, head: HeadReads) -> PackedBatch {
+    let b = pairs.len();
+    let last_tokens = head.source == BetaSource::Sequence;
+    let (rows, width) = (&plan.rows, plan.width);
     let mut input_ids = Array2::from_elem((rows.len(), width), pad_id);
     let mut attention_mask = Array2::zeros((rows.len(), width));
     let mut positions = Array2::zeros((rows.len(), width));

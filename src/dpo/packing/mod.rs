@@ -9,7 +9,7 @@ pub mod inputs;
 pub mod objective;
 mod verify;
 
-pub use batch::{pack, HeadReads, PackedBatch, PairTokens};
+pub use batch::{lay_out, pack, plan_rows, HeadReads, PackedBatch, PairTokens, RowPlan};
 pub use graph::{make_packable, ATTENTION_BIAS, POSITIONS, VERIFIED_SEQUENCE_TOKENS};
 pub use verify::packed_matches_model;
 

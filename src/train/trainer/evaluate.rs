@@ -4,6 +4,8 @@
 use ort::session::Session;
 use serde_json::{Map, Value};
 
+use crate::distributed::wire::{Reader, Writer};
+use crate::distributed::Collective;
 use crate::dpo::Manifest;
 use crate::train::batch::{collate, CollateOptions};
 use crate::train::checkpoint::TrainerState;
@@ -12,7 +14,7 @@ use crate::train::metrics::{num, summarise, summarise_groups, PairValues};
 use crate::train::reference::{batch_refs, RefTable};
 use crate::train::session_io::{run_graph, BatchBetaInputs, Feeds, GraphBatch};
 use crate::train::tokenize::TokenizedPair;
-use crate::Result;
+use crate::{Error, Result};
 
 pub struct Evaluator<'a> {
     pub pairs: &'a [TokenizedPair],
@@ -23,7 +25,8 @@ pub struct Evaluator<'a> {
 
 impl Evaluator<'_> {
     /// The `eval/` record at `step` (`epoch`). `tstate`: beta-DPO's running margin statistics and
-    /// epsilon-DPO's beta, read and left unchanged.
+    /// epsilon-DPO's beta, read and left unchanged. With several ranks each computes a share of the
+    /// chunks and every rank gets the record one process would.
     #[allow(clippy::too_many_arguments)]
     pub fn run(
         &self,
@@ -32,14 +35,15 @@ impl Evaluator<'_> {
         params: &Feeds,
         tstate: &TrainerState,
         device: &Device,
+        coll: &dyn Collective,
         step: u64,
         epoch: f64,
     ) -> Result<Map<String, Value>> {
         let prefix = "eval/";
         let spec = m.graph("eval")?;
-        let mut all = PairValues::default();
-        let mut loss_sum = 0.0f64;
-        for chunk in self.pairs.chunks(self.batch_size) {
+        let mut mine = Vec::new();
+        // Whole chunks round-robin over the ranks: each chunk is computed as one process would.
+        for (i, chunk) in self.pairs.chunks(self.batch_size).enumerate().filter(|(i, _)| i % coll.size() == coll.rank()) {
             let refs: Vec<&TokenizedPair> = chunk.iter().collect();
             let batch = collate(&refs, &self.collate)?;
             let r = batch_refs(&self.refs, &batch.source_indices)?;
@@ -47,8 +51,18 @@ impl Evaluator<'_> {
             let epsilon_beta = tstate.epsilon_beta.unwrap_or_default() as f32;
             let extra = BatchBetaInputs { margin_stats: [stats.mean as f32, stats.std as f32], selection_noise: Vec::new(), epsilon_beta };
             let (out, _) = run_graph(session, spec, &GraphBatch { batch: &batch, refs: &r, batch_beta: &extra }, params, &[], device)?;
-            loss_sum += out.loss as f64 * chunk.len() as f64;
-            all.extend(PairValues::from_outputs(&out.chosen_rewards, &out.rejected_rewards, &out.policy_logps, &r, &out.beta, batch.groups.clone()));
+            mine.push((
+                i,
+                out.loss,
+                PairValues::from_outputs(&out.chosen_rewards, &out.rejected_rewards, &out.policy_logps, &r, &out.beta, batch.groups.clone()),
+            ));
+        }
+        let chunks = if coll.size() > 1 { gather_chunks(coll, &mine)? } else { mine };
+        let mut all = PairValues::default();
+        let mut loss_sum = 0.0f64;
+        for (_, loss, values) in chunks {
+            loss_sum += loss as f64 * values.len() as f64;
+            all.extend(values);
         }
         let mut rec = Map::new();
         rec.insert(format!("{prefix}loss"), num(loss_sum / self.pairs.len() as f64));
@@ -58,4 +72,26 @@ impl Evaluator<'_> {
         rec.insert("epoch".into(), num(epoch));
         Ok(rec)
     }
+}
+
+/// Every rank's `(chunk index, loss, values)`, all of them in chunk order.
+fn gather_chunks(coll: &dyn Collective, mine: &[(usize, f32, PairValues)]) -> Result<Vec<(usize, f32, PairValues)>> {
+    let mut w = Writer::default();
+    w.u64(mine.len() as u64);
+    for (i, loss, values) in mine {
+        w.u64(*i as u64);
+        w.f32s(&[*loss]);
+        values.write(&mut w);
+    }
+    let mut all = Vec::new();
+    for bytes in coll.gather(&w.bytes)? {
+        let mut r = Reader::new(&bytes);
+        for _ in 0..r.u64()? {
+            let i = r.u64()? as usize;
+            let loss = *r.f32s()?.first().ok_or_else(|| Error::Distributed("a rank sent an eval chunk without its loss".into()))?;
+            all.push((i, loss, PairValues::read(&mut r)?));
+        }
+    }
+    all.sort_by_key(|c| c.0);
+    Ok(all)
 }

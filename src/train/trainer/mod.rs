@@ -6,6 +6,7 @@ pub mod evaluate;
 mod host;
 pub mod prepare;
 mod progress;
+mod ranks;
 pub mod reference;
 pub mod save;
 pub mod step;
@@ -13,6 +14,7 @@ pub mod step;
 use evaluate::Evaluator;
 use step::Stepper;
 
+use crate::distributed::{Collective, Single};
 use crate::train::config::TrainConfig;
 use crate::train::metrics::MetricsLog;
 pub use crate::train::summary::{TrainSummary, CONFIG_FILE, FINAL_DIR, METRICS_FILE};
@@ -22,17 +24,32 @@ use crate::Result;
 /// [`crate::runtime::keep_freed_memory_for_reuse`] first, as the command line does: without it every
 /// step faults its activations in afresh (SmolLM2-135M: 2.0 instead of 1.7 s a step).
 pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
+    train_with(cfg, &Single)
+}
+
+/// [`train`] as one rank of a data-parallel job (`mpirun -np N betadpo train ...`): the ranks
+/// share every batch (`--batch-size` is the whole batch, each rank trains on a contiguous share of
+/// its pairs) and average their gradients with one allreduce before the update, so all hold the
+/// same parameters; reference log-probs and evaluations are computed in whole batches spread over
+/// the ranks. Rank 0 alone writes the run directory (metrics, checkpoints, report) and draws
+/// progress; every rank reads it, so `--out` must be one directory all ranks see.
+pub fn train_with(cfg: &TrainConfig, coll: &dyn Collective) -> Result<TrainSummary> {
     cfg.validate()?;
+    let root = coll.is_root();
     // ONNX Runtime's pool threads get the flag from the session; the caller's thread runs work too.
     let _ftz = cfg.flush_denormals.then(crate::train::denormals::FlushGuard::new);
-    let mut p = prepare::prepare(cfg)?;
-    let refs = reference::reference(cfg, &mut p)?;
+    let mut p = prepare::prepare(cfg, coll)?;
+    let refs = reference::reference(cfg, &mut p, coll)?;
     let (mut tstate, mut state) = prepare::start_state(&mut p)?;
     let resumed_from = p.resume.as_ref().map(|r| r.step);
-    let cfg_text = serde_json::to_string_pretty(cfg).expect("config serialises");
-    crate::onnx::write_atomic(&p.run.join(CONFIG_FILE), |w| w.write_all(cfg_text.as_bytes()))?;
-    let mut log = MetricsLog::open(&p.run.join(METRICS_FILE), resumed_from)?;
-    let mut stepper = Stepper::new(cfg, &p, &state)?;
+    let mut log = None;
+    if root {
+        let cfg_text = serde_json::to_string_pretty(cfg).expect("config serialises");
+        crate::onnx::write_atomic(&p.run.join(CONFIG_FILE), |w| w.write_all(cfg_text.as_bytes()))?;
+        log = Some(MetricsLog::open(&p.run.join(METRICS_FILE), resumed_from)?);
+    }
+    let mut write = |rec: &serde_json::Map<String, serde_json::Value>| log.as_mut().map_or(Ok(()), |l| l.write(rec));
+    let mut stepper = Stepper::new(cfg, &p, &state, coll)?;
     let evaluator = match (&p.eval_pairs, refs.eval) {
         (Some(pairs), Some(refs)) => Some(Evaluator { pairs, refs, collate: p.collate.clone(), batch_size: cfg.batch_size }),
         _ => None,
@@ -40,17 +57,17 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
 
     let mut initial_eval = None;
     if let (Some(ev), None) = (&evaluator, resumed_from) {
-        let rec = ev.run(&mut p.sessions.eval, &p.manifest, &state.params, &tstate, &p.device, 0, 0.0)?;
-        log.write(&rec)?;
+        let rec = ev.run(&mut p.sessions.eval, &p.manifest, &state.params, &tstate, &p.device, coll, 0, 0.0)?;
+        write(&rec)?;
         initial_eval = Some(rec);
     }
     let total = stepper.total;
-    let pb = progress::bar("train", total, tstate.step, cfg.progress);
+    let pb = progress::bar("train", total, tstate.step, cfg.progress && root);
     let mut last_train = None;
     let mut final_eval = None;
     while tstate.step < total {
         let rec = stepper.step(&mut p.sessions, &mut p.loader, &refs.train, &mut state, &mut tstate, &p.device, &p.run).inspect_err(|_| pb.abandon())?;
-        log.write(&rec)?;
+        write(&rec)?;
         pb.set_message(progress::step_message(&rec));
         let step = tstate.step;
         pb.set_position(step);
@@ -59,21 +76,25 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         let is_last = step == total;
         if let Some(ev) = &evaluator {
             if is_last || (cfg.eval_every > 0 && step % cfg.eval_every == 0) {
-                let rec = ev.run(&mut p.sessions.eval, &p.manifest, &state.params, &tstate, &p.device, step, stepper.epoch(&tstate))?;
-                log.write(&rec)?;
+                let rec = ev.run(&mut p.sessions.eval, &p.manifest, &state.params, &tstate, &p.device, coll, step, stepper.epoch(&tstate))?;
+                write(&rec)?;
                 pb.println(progress::eval_line(step, &rec));
                 if is_last {
                     final_eval = Some(rec);
                 }
             }
         }
-        if is_last || (cfg.save_every > 0 && step % cfg.save_every == 0) {
+        if root && (is_last || (cfg.save_every > 0 && step % cfg.save_every == 0)) {
             save::checkpoint(&p.run, &tstate, &state, &p.device, cfg.save_total_limit)?;
         }
     }
     pb.finish_and_clear();
-    save::final_params(&p.run, &cfg.artifacts, tstate.step, &state, &p.device)?;
-    let report = crate::train::report::write_report(&p.run)?;
+    let report = if root {
+        save::final_params(&p.run, &cfg.artifacts, tstate.step, &state, &p.device)?;
+        crate::train::report::write_report(&p.run)?
+    } else {
+        p.run.join(crate::train::report::REPORT_FILE)
+    };
     Ok(TrainSummary {
         run: p.run,
         steps: tstate.step,

@@ -7,6 +7,7 @@ use ort::session::Session;
 use sha2::{Digest, Sha256};
 
 use super::host::{by_name, take_uploaded, to_feeds};
+use crate::distributed::Collective;
 use crate::dpo::packing::HeadReads;
 use crate::dpo::{Layout, Manifest};
 use crate::runtime::{SessionConfig, SharedWeights};
@@ -72,15 +73,25 @@ impl Prepared {
     }
 }
 
-pub fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
-    claim_run_dir(&cfg.out)?;
+/// With several ranks, rank 0 alone claims and tidies the run directory (the others wait for it)
+/// and writes to it later; every rank reads it.
+pub fn prepare(cfg: &TrainConfig, coll: &dyn Collective) -> Result<Prepared> {
+    let run = cfg.out.clone();
+    if coll.is_root() {
+        claim_run_dir(&cfg.out)?;
+        checkpoint::clean_partial(&run);
+        for dir in [run.clone(), run.join(FINAL_DIR), run.join("reference")] {
+            crate::temp_files::remove_stale(&dir, None);
+        }
+    }
+    coll.barrier()?;
     crate::runtime::init(&cfg.ep)?;
     let manifest = Manifest::load(&cfg.artifacts)?;
     let manifest_text = std::fs::read_to_string(cfg.artifacts.join(crate::dpo::manifest::MANIFEST_FILE)).map_err(|e| Error::io(&cfg.artifacts, e))?;
-    let run = cfg.out.clone();
-    checkpoint::clean_partial(&run);
-    for dir in [run.clone(), run.join(FINAL_DIR), run.join("reference")] {
-        crate::temp_files::remove_stale(&dir, None);
+    if coll.size() > 1 && manifest.objective.beta_dpo.is_some() {
+        return Err(Error::Distributed(
+            "beta-DPO's batch statistics (margin mean and spread, the filter) are of the whole batch, which no rank sees; train beta-DPO artifacts in one process".into(),
+        ));
     }
     let previous = checkpoint::list(&run);
     if !cfg.resume && !previous.is_empty() {
@@ -95,7 +106,7 @@ pub fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
         Some(p) => Some(load_pairs(p, &tok, &trunc, cfg.skip_bad_rows, &mut stats)?),
         None => None,
     };
-    if cfg.progress {
+    if cfg.progress && coll.is_root() {
         eprint!("{stats}");
     }
     if let Some(limit) = manifest.max_sequence_tokens {
@@ -124,14 +135,17 @@ pub fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
         }
         _ => None,
     };
+    agree_on_start(coll, &run_key, resume.as_ref().map(|r| r.step))?;
 
     let session_config = session_config(cfg);
     let sessions = sessions(cfg, &manifest, &session_config)?;
     let device = Device::for_ep(&cfg.ep);
     let initial = to_feeds(read_safetensors(&cfg.artifacts.join(&manifest.parameters_file))?.0, &manifest, &device)?;
 
-    std::fs::create_dir_all(&run).map_err(|e| Error::io(&run, e))?;
-    crate::output_dir::mark(&run, RUN_MARK)?;
+    if coll.is_root() {
+        std::fs::create_dir_all(&run).map_err(|e| Error::io(&run, e))?;
+        crate::output_dir::mark(&run, RUN_MARK)?;
+    }
     let packing = (manifest.layout == Layout::Packed).then_some(Packing { row_tokens: cfg.pack_tokens, head: HeadReads::of(&manifest.objective) });
     let collate = CollateOptions { pad_id: tok.pad_id(), group_by: cfg.group_by.clone(), pad_to_multiple_of: None, packing };
     let mut loader = DataLoader::new(
@@ -317,4 +331,25 @@ fn claim_run_dir(run: &Path) -> Result<()> {
         crate::output_dir::marked(d, RUN_MARK)
             || std::fs::read_to_string(d.join(CONFIG_FILE)).ok().is_some_and(|t| serde_json::from_str::<TrainConfig>(&t).is_ok())
     })
+}
+
+/// Refuses to start ranks that would train different runs: other data or flags (the run key), or
+/// another checkpoint to resume from (`--out` must be one directory all ranks see).
+fn agree_on_start(coll: &dyn Collective, run_key: &str, resume_step: Option<u64>) -> Result<()> {
+    if coll.size() == 1 {
+        return Ok(());
+    }
+    let describe = |step: Option<u64>| step.map_or("starts afresh".to_string(), |s| format!("resumes from step {s}"));
+    let mine = format!("{run_key} {}", describe(resume_step));
+    let all = coll.gather(mine.as_bytes())?;
+    for (rank, theirs) in all.iter().enumerate() {
+        if theirs[..] != all[0][..] {
+            return Err(Error::Distributed(format!(
+                "rank {rank} and rank 0 would train different runs (rank 0: {}; rank {rank}: {}): every rank needs the same flags and data, and --out must be one directory all ranks see (a shared filesystem)",
+                String::from_utf8_lossy(&all[0]),
+                String::from_utf8_lossy(theirs)
+            )));
+        }
+    }
+    Ok(())
 }

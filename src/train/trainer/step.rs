@@ -1,5 +1,7 @@
 //! The step phase: one optimizer step, that is `grad_accum` micro-batches through the train graph,
-//! their gradients summed, the AdamW update, and the step's metrics record.
+//! their gradients summed, the AdamW update, and the step's metrics record. With several ranks each
+//! runs its share of every micro-batch and one allreduce averages the gradients before the update
+//! (see [`super::ranks`]).
 
 use std::path::Path;
 use std::time::Instant;
@@ -8,6 +10,8 @@ use ort::value::Tensor;
 use serde_json::{Map, Value};
 
 use super::prepare::{uses_fused, Prepared, Sessions};
+use super::ranks::{gather_pairs, GradientSum};
+use crate::distributed::Collective;
 use crate::dpo::manifest::GraphSpec;
 use crate::dpo::EpsilonDpoConfig;
 use crate::train::batch::DataLoader;
@@ -33,8 +37,11 @@ pub struct Stepper<'a> {
     grad_names: Vec<String>,
     kinds: Vec<ParamKind>,
     fused: bool,
-    /// Sums micro-batch gradients (only with `grad_accum > 1`).
+    /// Sums micro-batch gradients (only with `grad_accum > 1`, in one process).
     accumulator: Option<Accumulator>,
+    /// Sums the ranks' weighted gradients (only with several ranks).
+    gradient_sum: Option<GradientSum>,
+    coll: &'a dyn Collective,
     beta_dpo: bool,
     epsilon_dpo: Option<EpsilonDpoConfig>,
     /// Optimizer steps the run ends at.
@@ -43,10 +50,12 @@ pub struct Stepper<'a> {
 }
 
 impl<'a> Stepper<'a> {
-    pub fn new(cfg: &'a TrainConfig, p: &Prepared, state: &State) -> Result<Self> {
+    pub fn new(cfg: &'a TrainConfig, p: &Prepared, state: &State, coll: &'a dyn Collective) -> Result<Self> {
         let manifest = &p.manifest;
         let shapes: Vec<Vec<i64>> = manifest.trainable().map(|t| t.shape.clone()).collect();
-        let accumulator = if cfg.grad_accum > 1 { Some(Accumulator::new(&shapes, &p.session_config, p.device)?) } else { None };
+        let distributed = coll.size() > 1;
+        let accumulator = if cfg.grad_accum > 1 && !distributed { Some(Accumulator::new(&shapes, &p.session_config, p.device)?) } else { None };
+        let gradient_sum = distributed.then(|| GradientSum::new(&shapes));
         let train_spec = manifest.graph("train")?.clone();
         let opt_spec = manifest.graph("optimizer")?.clone();
         let grad_names: Vec<String> = state
@@ -72,6 +81,8 @@ impl<'a> Stepper<'a> {
             kinds,
             fused: uses_fused(cfg),
             accumulator,
+            gradient_sum,
+            coll,
             beta_dpo: manifest.objective.beta_dpo.is_some(),
             epsilon_dpo: manifest.objective.epsilon_dpo,
             total: p.total_steps(cfg),
@@ -95,7 +106,6 @@ impl<'a> Stepper<'a> {
     ) -> Result<Map<String, Value>> {
         let cfg = self.cfg;
         let started = Instant::now();
-        let mut pairs = PairValues::default();
         let mut loss_sum = 0.0f64;
         let mut n_pairs = 0usize;
         let mut tokens = 0usize;
@@ -103,8 +113,17 @@ impl<'a> Stepper<'a> {
         let mut graph_time = 0.0f64;
         let mut kept = 0usize;
         let mut epsilon_steps = StepTally::default();
+        let mut micro_pairs = Vec::with_capacity(cfg.grad_accum);
+        if let Some(sum) = self.gradient_sum.as_mut() {
+            sum.clear();
+        }
         for micro in 0..cfg.grad_accum {
-            let batch = loader.next_batch()?;
+            let shard = loader.next_shard(self.coll.rank(), self.coll.size())?;
+            let Some(batch) = shard.batch else {
+                // fewer pairs than ranks: this rank adds nothing to this micro-batch
+                micro_pairs.push(PairValues::default());
+                continue;
+            };
             let refs = batch_refs(train_refs, &batch.source_indices)?;
             let micro_batch = tstate.step * cfg.grad_accum as u64 + micro as u64;
             let mut extra = tstate.margin_stats.inputs(cfg.seed, micro_batch, batch.pairs());
@@ -121,14 +140,36 @@ impl<'a> Stepper<'a> {
             loss_sum += out.loss as f64 * batch.pairs() as f64;
             n_pairs += batch.pairs();
             tokens += batch.num_tokens;
-            pairs.extend(PairValues::from_outputs(&out.chosen_rewards, &out.rejected_rewards, &out.policy_logps, &refs, &out.beta, batch.groups.clone()));
-            acc = Some(match (acc, self.accumulator.as_mut()) {
-                (None, _) => grads,
-                (Some(a), Some(accum)) => accum.add(a, &grads)?,
-                (Some(_), None) => unreachable!("accumulating needs grad_accum > 1"),
+            micro_pairs.push(PairValues::from_outputs(&out.chosen_rewards, &out.rejected_rewards, &out.policy_logps, &refs, &out.beta, batch.groups.clone()));
+            acc = Some(match (acc, self.accumulator.as_mut(), self.gradient_sum.as_mut()) {
+                (_, _, Some(sum)) => {
+                    sum.add(&grads, batch.pairs() as f32 / shard.batch_pairs as f32, device)?;
+                    grads
+                }
+                (None, _, None) => grads,
+                (Some(a), Some(accum), None) => accum.add(a, &grads)?,
+                (Some(_), None, None) => unreachable!("accumulating needs grad_accum > 1"),
             });
         }
-        let grads = acc.expect("at least one micro-batch");
+        let mut allreduce_time = None;
+        let (grads, pairs) = match self.gradient_sum.as_mut() {
+            None => (
+                acc.expect("at least one micro-batch"),
+                micro_pairs.into_iter().fold(PairValues::default(), |mut all, v| {
+                    all.extend(v);
+                    all
+                }),
+            ),
+            Some(sum) => {
+                allreduce_time = Some(sum.allreduce(self.coll)?);
+                let [up, down, stepped] = epsilon_steps.counts();
+                let mut t = [loss_sum, n_pairs as f64, tokens as f64, kept as f64, up, down, stepped];
+                self.coll.sum_f64(&mut t)?;
+                (loss_sum, n_pairs, tokens, kept) = (t[0], t[1] as usize, t[2] as usize, t[3] as usize);
+                epsilon_steps = StepTally::from_counts([t[4], t[5], t[6]]);
+                (sum.to_tensors(acc, device)?, gather_pairs(self.coll, &micro_pairs)?)
+            }
+        };
         let loss = loss_sum / n_pairs as f64;
         let step = tstate.step + 1;
         let hyper = self.hyper(step, tstate.updates);
@@ -168,6 +209,9 @@ impl<'a> Stepper<'a> {
         rec.insert("step_time_s".into(), num(started.elapsed().as_secs_f64()));
         rec.insert("train_graph_time_s".into(), num(graph_time));
         rec.insert("optimizer_time_s".into(), num(optimizer_time));
+        if let Some(t) = allreduce_time {
+            rec.insert("allreduce_time_s".into(), num(t));
+        }
         if self.beta_dpo {
             rec.insert("beta_dpo/kept_fraction".into(), num(kept as f64 / n_pairs as f64));
             rec.insert("beta_dpo/margin_mean".into(), num(tstate.margin_stats.mean));
