@@ -9,7 +9,8 @@ use sha2::{Digest, Sha256};
 use super::host::{by_name, take_uploaded, to_feeds};
 use crate::dpo::packing::HeadReads;
 use crate::dpo::{Layout, Manifest};
-use crate::runtime::{SessionConfig, SharedWeights};
+use crate::graph::Precision;
+use crate::runtime::{ExecutionProvider, SessionConfig, SharedWeights};
 use crate::store::read_safetensors;
 use crate::train::batch::{CollateOptions, DataLoader, LoaderConfig, LoaderPosition, Packing};
 use crate::train::batch_beta::MarginStats;
@@ -17,6 +18,7 @@ use crate::train::checkpoint::{self, TrainerState};
 use crate::train::config::{OptimizerKind, TrainConfig};
 use crate::train::data::{load_preferences, LoadOptions};
 use crate::train::device::Device;
+use crate::train::loss_scale::LossScale;
 use crate::train::optimizer_step::State;
 use crate::train::reference::cache_key;
 use crate::train::session_io::Feeds;
@@ -76,6 +78,7 @@ pub fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
     claim_run_dir(&cfg.out)?;
     crate::runtime::init(&cfg.ep)?;
     let manifest = Manifest::load(&cfg.artifacts)?;
+    check_precision(&manifest, &cfg.artifacts, &cfg.ep)?;
     let manifest_text = std::fs::read_to_string(cfg.artifacts.join(crate::dpo::manifest::MANIFEST_FILE)).map_err(|e| Error::io(&cfg.artifacts, e))?;
     let run = cfg.out.clone();
     checkpoint::clean_partial(&run);
@@ -180,8 +183,24 @@ pub fn start_state(p: &mut Prepared) -> Result<(TrainerState, State)> {
         margin_stats: MarginStats::default(),
         // as the graph reads it (float32), so resumed and straight runs agree bit for bit
         epsilon_beta: p.manifest.objective.epsilon_dpo.map(|e| e.beta0 as f32 as f64),
+        loss_scale: p.manifest.precision.needs_loss_scale().then(LossScale::default),
     };
     Ok((ts, State { params, m, v }))
+}
+
+/// Refuses artifacts whose half-precision products the execution provider has no kernels for, before
+/// ONNX Runtime would fail deep in session creation: its CPU provider has no bfloat16 MatMul (1.32).
+fn check_precision(manifest: &Manifest, artifacts: &Path, ep: &ExecutionProvider) -> Result<()> {
+    if manifest.precision == Precision::Bf16 && !manifest.precision_emulated && *ep == ExecutionProvider::Cpu {
+        return Err(Error::BadFlag {
+            flag: "--ep".into(),
+            detail: format!(
+                "{} computes its matrix products in bf16, which ONNX Runtime's CPU provider cannot run; train it with --ep cuda, or build with --precision fp32 (or --emulate-half, for checks)",
+                artifacts.display()
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn load_pairs(path: &Path, tok: &PairTokenizer, trunc: &TruncationConfig, skip_bad: bool, log: &mut String) -> Result<Vec<TokenizedPair>> {

@@ -1,0 +1,232 @@
+//! `build-graph --precision bf16|fp16`: the model's matrix products in half precision, checked on the CPU.
+//!
+//! ONNX Runtime's CPU provider (1.32) has float16 MatMul/Gemm kernels but no bfloat16 ones. So:
+//! - fp16 graphs run for real and are compared with PyTorch's float64 goldens (loss and every gradient),
+//!   with the loss scale fed and divided back out;
+//! - bf16 graphs run *emulated* (`--emulate-half`: the same transform, rounding to bfloat16 where the real
+//!   graph casts, multiplying in float32 as a tensor core accumulates) against the same goldens;
+//! - the emulation itself is checked where both exist: emulated fp16 against real fp16.
+//! Tolerances come from the formats' unit roundoff (bf16 2^-8 = 3.9e-3, fp16 2^-11 = 4.9e-4), widened by
+//! what two layers of products, norms and softmaxes compound; each test also requires the error to
+//! exceed float32's, so a transform that did nothing would fail.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use betadpo::dpo::packing::LayoutChoice;
+use betadpo::dpo::{build_artifacts, BuildOptions, HeadInput, Manifest, ObjectiveConfig};
+use betadpo::graph::{MixedPrecision, Precision};
+use betadpo::onnx::{dtype, load_model};
+use common::cli::{assert_one_line_error, betadpo};
+use common::golden::{diff, golden_train_outputs, load_golden, norm, rel, Golden, FED_LOSS_SCALE};
+use ndarray::ArrayD;
+
+/// PyTorch's goldens read the raw hidden state with an unbounded beta (as tests/golden.rs).
+fn objective() -> ObjectiveConfig {
+    ObjectiveConfig { beta_min: 0.0, beta_max: f64::INFINITY, beta_reg: 0.0, head_input: HeadInput::Raw, ..Default::default() }
+}
+
+fn options(precision: Precision, emulated: bool) -> BuildOptions {
+    BuildOptions { objective: objective(), layout: LayoutChoice::Padded, precision: MixedPrecision { precision, emulated }, ..Default::default() }
+}
+
+/// How far a build's train graph is from the golden: the loss's relative error, and the gradients'
+/// (all parameters as one vector).
+struct Errors {
+    loss: f64,
+    grads: f64,
+    grad: HashMap<String, ArrayD<f32>>,
+    loss_value: f32,
+}
+
+fn errors(model_dir: &Path, golden: &Golden, opts: &BuildOptions, tag: &str) -> Errors {
+    let (m, outs) = golden_train_outputs(model_dir, golden, opts, tag).unwrap_or_else(|e| panic!("{}: {e}", model_dir.display()));
+    let spec = m.graph("train").unwrap();
+    let scale = if m.precision.needs_loss_scale() { FED_LOSS_SCALE } else { 1.0 };
+    let loss_value = outs[&spec.output("loss").unwrap().name].iter().copied().next().unwrap();
+    let (mut d2, mut n2) = (0.0, 0.0);
+    let mut grad = HashMap::new();
+    for p in m.trainable() {
+        let g = outs[&spec.output_for("gradient", &p.name).unwrap().name].mapv(|v| v / scale);
+        let mut expected: Option<ArrayD<f32>> = None;
+        for r in &p.initializers {
+            let e = &golden.f32s[&format!("grad/{}", r.name)];
+            let e = if r.transposed { e.t().to_owned() } else { e.clone() };
+            expected = Some(expected.map_or(e.clone(), |x| x + e));
+        }
+        let expected = expected.unwrap();
+        d2 += diff(&g, &expected).powi(2);
+        n2 += norm(&expected).powi(2);
+        grad.insert(p.name.clone(), g);
+    }
+    let golden_loss = golden.f32s["loss"].iter().copied().next().unwrap();
+    Errors { loss: ((loss_value - golden_loss) as f64 / golden_loss as f64).abs(), grads: (d2 / n2).sqrt(), grad, loss_value }
+}
+
+fn shared_models() -> Vec<std::path::PathBuf> {
+    ["tiny-gpt2-ts", "tiny-llama-dynamo"].iter().filter_map(|m| common::fixtures::shared(m)).collect()
+}
+
+/// bfloat16, emulated: within bf16's error band of PyTorch's float64 values, and outside float32's.
+#[test]
+fn bf16_emulated_matches_float64_goldens() {
+    for model in shared_models() {
+        let golden = load_golden(&model);
+        let fp32 = errors(&model, &golden, &options(Precision::Fp32, false), "fp32");
+        let bf16 = errors(&model, &golden, &options(Precision::Bf16, true), "bf16-emulated");
+        eprintln!(
+            "{}: loss rel. error fp32 {:.1e} bf16 {:.1e}; gradients fp32 {:.1e} bf16 {:.1e}",
+            model.display(),
+            fp32.loss,
+            bf16.loss,
+            fp32.grads,
+            bf16.grads
+        );
+        assert!(bf16.loss < 1e-2, "{}: bf16 loss off by {:.2e}", model.display(), bf16.loss);
+        assert!(bf16.grads < 3e-2, "{}: bf16 gradients off by {:.2e}", model.display(), bf16.grads);
+        assert!(
+            bf16.grads > 10.0 * fp32.grads,
+            "{}: bf16 gradients ({:.1e}) are as exact as float32's ({:.1e}): nothing was rounded",
+            model.display(),
+            bf16.grads,
+            fp32.grads
+        );
+    }
+}
+
+/// float16, run for real by the CPU provider with a loss scale of 1024: within fp16's error band of the
+/// goldens; and the emulation of the same transform agrees with it far more closely than either with
+/// the goldens (they round the same tensors; only the order of float32 accumulation differs).
+#[test]
+fn fp16_runs_on_the_cpu_and_emulation_agrees_with_it() {
+    for model in shared_models() {
+        let golden = load_golden(&model);
+        let fp32 = errors(&model, &golden, &options(Precision::Fp32, false), "fp32");
+        let real = errors(&model, &golden, &options(Precision::Fp16, false), "fp16");
+        let emulated = errors(&model, &golden, &options(Precision::Fp16, true), "fp16-emulated");
+        let (d2, n2) = real.grad.iter().fold((0.0, 0.0), |(d, n), (p, g)| (d + diff(g, &emulated.grad[p]).powi(2), n + norm(g).powi(2)));
+        let real_vs_emulated = (d2 / n2).sqrt();
+        let loss_gap = ((real.loss_value - emulated.loss_value) / real.loss_value).abs();
+        eprintln!(
+            "{}: fp16 loss {:.1e} gradients {:.1e} (fp32 {:.1e}); real vs emulated: loss {loss_gap:.1e}, gradients {real_vs_emulated:.1e}",
+            model.display(),
+            real.loss,
+            real.grads,
+            fp32.grads
+        );
+        assert!(real.loss < 2e-3, "{}: fp16 loss off by {:.2e}", model.display(), real.loss);
+        assert!(real.grads < 5e-3, "{}: fp16 gradients off by {:.2e}", model.display(), real.grads);
+        assert!(real.grads > 10.0 * fp32.grads, "{}: fp16 gradients as exact as float32's: nothing ran in half", model.display());
+        assert!(real_vs_emulated < 0.25 * real.grads, "{}: emulation {real_vs_emulated:.1e} from the real fp16 graph", model.display());
+    }
+}
+
+/// The element type of every tensor of a graph whose only sources of half values are casts.
+fn dtypes(g: &betadpo::onnx::GraphProto) -> HashMap<String, i32> {
+    let mut t: HashMap<String, i32> = HashMap::new();
+    for n in &g.node {
+        let to = n.attribute.iter().find(|a| a.name == "to").map(|a| a.i as i32);
+        let out = match n.op_type.as_str() {
+            "Cast" => to.unwrap(),
+            // the ops a half product's operands and gradients pass through keep their input's type
+            _ => n.input.first().and_then(|x| t.get(x)).copied().unwrap_or(dtype::FLOAT),
+        };
+        for o in &n.output {
+            t.insert(o.clone(), out);
+        }
+    }
+    t
+}
+
+/// In a bf16 train graph every model product, forward and backward, reads bfloat16, and nothing else
+/// does: softmax, norms, reductions, the objective (lm_head over the answers, beta head, loss) and
+/// the gradients returned are float32.
+#[test]
+fn bf16_graph_is_half_only_in_its_products() {
+    for model in shared_models() {
+        let out = common::fixtures::scratch(&format!("mixed-structure-{}", model.file_name().unwrap().to_string_lossy()));
+        build_artifacts(&model.join("model.onnx"), &out, &options(Precision::Bf16, false)).unwrap();
+        let m = Manifest::load(&out).unwrap();
+        assert_eq!((m.precision, m.precision_emulated), (Precision::Bf16, false));
+        let g = load_model(&out.join("train.onnx")).unwrap().graph.unwrap();
+        let types = dtypes(&g);
+        let half = |x: &String| types.get(x) == Some(&dtype::BFLOAT16);
+        let (mut half_products, mut float_products) = (0, Vec::new());
+        for n in &g.node {
+            let reads_half = n.input.iter().any(half);
+            match n.op_type.as_str() {
+                "MatMul" | "Gemm" if reads_half => {
+                    assert!(n.input.iter().all(half), "{}: {} mixes bf16 and float32 operands", model.display(), n.name);
+                    half_products += 1;
+                }
+                "MatMul" | "Gemm" => float_products.push(n.name.clone()),
+                "Cast" | "Transpose" | "Reshape" | "Shape" => {}
+                op => assert!(!reads_half, "{}: {op} {} reads bfloat16", model.display(), n.name),
+            }
+            if n.name.starts_with("dpo/") {
+                assert!(!reads_half, "{}: the objective's {} reads bfloat16", model.display(), n.name);
+            }
+        }
+        // forward and two gradient products per model product at least; float32 ones are the objective's
+        assert!(half_products >= 6, "{}: only {half_products} bf16 products", model.display());
+        assert!(float_products.iter().all(|n| n.starts_with("dpo/") || n.starts_with("grad/")), "{}: float32 products {float_products:?}", model.display());
+        for o in g.output.iter() {
+            assert!(!half(&o.name), "{}: output {} is bfloat16", model.display(), o.name);
+        }
+        let _ = std::fs::remove_dir_all(&out);
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `--precision fp32` is the default, byte for byte; a bad value or `--emulate-half` alone is a
+/// one-line error; `train` refuses bf16 artifacts on the CPU in one line before any work.
+#[test]
+fn flags_and_refusals() {
+    let Some(model_dir) = common::fixtures::shared("tiny-gpt2-ts") else { return };
+    let model = model_dir.join("model.onnx");
+    let dir = common::fixtures::scratch("mixed-flags");
+    let build = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["build-graph", "--model", s(&model), "--out", s(out), "--quiet"];
+        args.extend_from_slice(extra);
+        let (code, _, err) = betadpo(&args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+    };
+    let (default, explicit) = (dir.join("default"), dir.join("fp32"));
+    build(&default, &[]);
+    build(&explicit, &["--precision", "fp32"]);
+    for f in ["train.onnx", "eval.onnx", "infer.onnx", "optimizer.onnx"] {
+        assert!(std::fs::read(default.join(f)).unwrap() == std::fs::read(explicit.join(f)).unwrap(), "{f} differs with --precision fp32");
+    }
+    let out = dir.join("bad");
+    let err = assert_one_line_error(&["build-graph", "--model", s(&model), "--out", s(&out), "--precision", "fp8"], "--precision");
+    assert!(err.contains("fp8") && err.contains("bf16, fp16 or fp32"), "{err}");
+    assert_one_line_error(&["build-graph", "--model", s(&model), "--out", s(&out), "--emulate-half"], "--emulate-half");
+    assert!(!out.exists());
+
+    let bf16 = dir.join("bf16");
+    build(&bf16, &["--precision", "bf16"]);
+    let Some(fixtures) = common::fixtures::shared("") else { return };
+    let run = dir.join("run");
+    let err = assert_one_line_error(
+        &[
+            "train",
+            "--artifacts",
+            s(&bf16),
+            "--data",
+            s(&fixtures.join("prefs/test.jsonl")),
+            "--tokenizer",
+            s(&fixtures.join("tokenizer/tokenizer.json")),
+            "--out",
+            s(&run),
+        ],
+        "bf16",
+    );
+    assert!(err.contains("--ep cuda") && err.contains("CPU"), "{err}");
+    assert!(!run.exists(), "a refused run leaves no directory");
+    let _ = std::fs::remove_dir_all(&dir);
+}
