@@ -188,19 +188,25 @@ pub fn start_state(p: &mut Prepared) -> Result<(TrainerState, State)> {
     Ok((ts, State { params, m, v }))
 }
 
-/// Refuses artifacts whose half-precision products the execution provider has no kernels for, before
-/// ONNX Runtime would fail deep in session creation: its CPU provider has no bfloat16 MatMul (1.32).
+/// Refuses half-precision products on ONNX Runtime's CPU provider (1.32), before any work: it has no
+/// bfloat16 MatMul (session creation would fail deep inside), and it silently runs float16 ones in float32.
 fn check_precision(manifest: &Manifest, artifacts: &Path, ep: &ExecutionProvider) -> Result<()> {
-    if manifest.precision == Precision::Bf16 && !manifest.precision_emulated && *ep == ExecutionProvider::Cpu {
-        return Err(Error::BadFlag {
-            flag: "--ep".into(),
-            detail: format!(
-                "{} computes its matrix products in bf16, which ONNX Runtime's CPU provider cannot run; train it with --ep cuda, or build with --precision fp32 (or --emulate-half, for checks)",
-                artifacts.display()
-            ),
-        });
+    let why = match manifest.precision {
+        Precision::Bf16 => "which ONNX Runtime's CPU provider cannot run",
+        Precision::Fp16 => "which ONNX Runtime's CPU provider would compute in float32",
+        Precision::Fp32 => return Ok(()),
+    };
+    if manifest.precision_emulated || *ep != ExecutionProvider::Cpu {
+        return Ok(());
     }
-    Ok(())
+    Err(Error::BadFlag {
+        flag: "--ep".into(),
+        detail: format!(
+            "{} computes its matrix products in {}, {why}; train it with --ep cuda, or build with --precision fp32 (or --emulate-half, for checks)",
+            artifacts.display(),
+            manifest.precision.name()
+        ),
+    })
 }
 
 fn load_pairs(path: &Path, tok: &PairTokenizer, trunc: &TruncationConfig, skip_bad: bool, log: &mut String) -> Result<Vec<TokenizedPair>> {
