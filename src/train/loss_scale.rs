@@ -41,6 +41,11 @@ impl Default for LossScale {
 }
 
 impl LossScale {
+    /// A run's first state: `scale` (`--loss-scale-init`), or [`INITIAL_SCALE`].
+    pub fn starting_at(scale: Option<f64>) -> Self {
+        LossScale { scale: scale.unwrap_or(INITIAL_SCALE), clean_steps: 0 }
+    }
+
     /// The factor that turns the graph's scaled gradients back into the loss's gradients.
     pub fn unscale(&self) -> f64 {
         1.0 / self.scale

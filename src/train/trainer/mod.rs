@@ -27,7 +27,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let _ftz = cfg.flush_denormals.then(crate::train::denormals::FlushGuard::new);
     let mut p = prepare::prepare(cfg)?;
     let refs = reference::reference(cfg, &mut p)?;
-    let (mut tstate, mut state) = prepare::start_state(&mut p)?;
+    let (mut tstate, mut state) = prepare::start_state(&mut p, cfg)?;
     let resumed_from = p.resume.as_ref().map(|r| r.step);
     let cfg_text = serde_json::to_string_pretty(cfg).expect("config serialises");
     crate::onnx::write_atomic(&p.run.join(CONFIG_FILE), |w| w.write_all(cfg_text.as_bytes()))?;

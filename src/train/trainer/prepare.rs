@@ -78,7 +78,7 @@ pub fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
     claim_run_dir(&cfg.out)?;
     crate::runtime::init(&cfg.ep)?;
     let manifest = Manifest::load(&cfg.artifacts)?;
-    check_precision(&manifest, &cfg.artifacts, &cfg.ep)?;
+    check_precision(&manifest, cfg)?;
     let manifest_text = std::fs::read_to_string(cfg.artifacts.join(crate::dpo::manifest::MANIFEST_FILE)).map_err(|e| Error::io(&cfg.artifacts, e))?;
     let run = cfg.out.clone();
     checkpoint::clean_partial(&run);
@@ -148,7 +148,7 @@ pub fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
 
 /// The parameters, Adam moments and loop state the first step starts from: the checkpoint's for a
 /// resumed run, else the initial parameters (taken out of `p`) with zero moments.
-pub fn start_state(p: &mut Prepared) -> Result<(TrainerState, State)> {
+pub fn start_state(p: &mut Prepared, cfg: &TrainConfig) -> Result<(TrainerState, State)> {
     let device = p.device;
     if let Some(r) = &p.resume {
         let l = checkpoint::load(&r.dir)?;
@@ -183,27 +183,30 @@ pub fn start_state(p: &mut Prepared) -> Result<(TrainerState, State)> {
         margin_stats: MarginStats::default(),
         // as the graph reads it (float32), so resumed and straight runs agree bit for bit
         epsilon_beta: p.manifest.objective.epsilon_dpo.map(|e| e.beta0 as f32 as f64),
-        loss_scale: p.manifest.precision.needs_loss_scale().then(LossScale::default),
+        loss_scale: p.manifest.precision.needs_loss_scale().then(|| LossScale::starting_at(cfg.loss_scale_init)),
     };
     Ok((ts, State { params, m, v }))
 }
 
 /// Refuses half-precision products on ONNX Runtime's CPU provider (1.32), before any work: it has no
 /// bfloat16 MatMul (session creation would fail deep inside), and it silently runs float16 ones in float32.
-fn check_precision(manifest: &Manifest, artifacts: &Path, ep: &ExecutionProvider) -> Result<()> {
+fn check_precision(manifest: &Manifest, cfg: &TrainConfig) -> Result<()> {
+    if cfg.loss_scale_init.is_some() && !manifest.precision.needs_loss_scale() {
+        return Err(Error::BadFlag { flag: "--loss-scale-init".into(), detail: "needs artifacts built with --precision fp16".into() });
+    }
     let why = match manifest.precision {
         Precision::Bf16 => "which ONNX Runtime's CPU provider cannot run",
         Precision::Fp16 => "which ONNX Runtime's CPU provider would compute in float32",
         Precision::Fp32 => return Ok(()),
     };
-    if manifest.precision_emulated || *ep != ExecutionProvider::Cpu {
+    if manifest.precision_emulated || cfg.ep != ExecutionProvider::Cpu {
         return Ok(());
     }
     Err(Error::BadFlag {
         flag: "--ep".into(),
         detail: format!(
             "{} computes its matrix products in {}, {why}; train it with --ep cuda, or build with --precision fp32 (or --emulate-half, for checks)",
-            artifacts.display(),
+            cfg.artifacts.display(),
             manifest.precision.name()
         ),
     })
