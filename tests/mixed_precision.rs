@@ -148,6 +148,15 @@ fn bf16_graph_is_half_only_in_its_products() {
         for o in g.output.iter() {
             assert!(!half(&o.name), "{}: output {} is bfloat16", model.display(), o.name);
         }
+        // the inference graph computes the same model products in bf16 (its full lm_head stays float32)
+        let infer = load_model(&out.join("infer.onnx")).unwrap().graph.unwrap();
+        let types = dtypes(&infer);
+        let infer_half = infer
+            .node
+            .iter()
+            .filter(|n| ["MatMul", "Gemm"].contains(&n.op_type.as_str()) && n.input.iter().all(|x| types.get(x) == Some(&dtype::BFLOAT16)))
+            .count();
+        assert_eq!(infer_half, forward, "{}: bf16 products in infer.onnx", model.display());
         let _ = std::fs::remove_dir_all(&out);
     }
 }
@@ -202,4 +211,22 @@ fn flags_and_refusals() {
     assert!(err.contains("--ep cuda") && err.contains("CPU"), "{err}");
     assert!(!run.exists(), "a refused run leaves no directory");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `validate` accepts emulated half artifacts: the gradient against central differences within the
+/// format's tolerance, and the packed eval graph against the (equally half) inference graph.
+#[test]
+fn validate_accepts_emulated_half_artifacts() {
+    for model in shared_models() {
+        for precision in ["bf16", "fp16"] {
+            let out = common::fixtures::scratch(&format!("mixed-validate-{}-{precision}", model.file_name().unwrap().to_string_lossy()));
+            let art = out.join("art");
+            let (code, _, err) =
+                betadpo(&["build-graph", "--model", s(&model.join("model.onnx")), "--out", s(&art), "--precision", precision, "--emulate-half", "--quiet"]);
+            assert_eq!(code, 0, "{err}");
+            let (code, stdout, err) = betadpo(&["validate", s(&art)]);
+            assert_eq!(code, 0, "{} {precision}: validate failed:\n{stdout}{err}", model.display());
+            let _ = std::fs::remove_dir_all(&out);
+        }
+    }
 }

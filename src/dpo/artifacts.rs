@@ -1,6 +1,7 @@
 //! `build-graph`: from an exported causal LM to training artifacts. Phases:
 //! raise an old opset → remove a KV cache → recognise the model → add LoRA adapters (`--lora-rank`) → append the objective → probe shapes → choose parameters → lift them to
-//! inputs → differentiate → build eval, optimizer and inference graphs → store frozen weights in their dtype
+//! inputs → matrix products in half precision (`--precision`: `graph::products_in_half`) → differentiate → build eval,
+//! optimizer and inference graphs → store frozen weights in their dtype
 //! (a half-precision model computes in float32 from the start: `graph::compute_in_float32`) → write all files into a
 //! temporary directory that is renamed into place only when complete.
 
@@ -304,6 +305,9 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     order_inputs(&mut eval, &eval_inputs);
 
     let mut infer = inference_graph(&base, &sig, cfg, &params)?;
+    // the same products as the train graph's (its names are the model's), so that eval and infer agree;
+    // the full-vocabulary lm_head, which the train graph does not have, stays float32 with the beta head
+    products_in_half(&mut infer, &mut infos.clone(), opts.precision, |n| n.name.starts_with(INFER_HEAD_PREFIX));
     let param_specs: Vec<ParameterSpec> = params
         .iter()
         .map(|p| ParameterSpec {
@@ -381,6 +385,9 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     })
 }
 
+/// The prefix of the names of the nodes the inference graph adds to the model (its beta head).
+const INFER_HEAD_PREFIX: &str = "beta/";
+
 /// The train graph's input scaling the loss before differentiation (float16 precision).
 pub const LOSS_SCALE: &str = "loss_scale";
 
@@ -449,7 +456,7 @@ fn order_inputs(graph: &mut Graph, specs: &[TensorSpec]) {
 pub fn inference_graph(base: &Graph, sig: &LmSignature, cfg: &ObjectiveConfig, params: &[Param]) -> Result<Graph> {
     let mut g = base.clone();
     let mut names = g.names.clone();
-    let mut b = Builder::new(&mut names, "beta/");
+    let mut b = Builder::new(&mut names, INFER_HEAD_PREFIX);
     let tensors = ModelTensors::of(sig, false);
     let constant = cfg.fixed_beta.or(cfg.beta_dpo.map(|d| d.beta0)).or(cfg.epsilon_dpo.map(|e| e.beta0));
     let beta = match constant {

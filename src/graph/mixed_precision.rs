@@ -94,8 +94,9 @@ pub struct MixedPrecision {
 }
 
 /// Rewrites every `MatMul`/`Gemm` of `graph` that `keep` does not keep in float32 to compute in half
-/// precision (see the module docs), recording the new tensors in `infos`. Returns how many products
-/// were rewritten; none for [`Precision::Fp32`], which leaves the graph as it is.
+/// precision (see the module docs), recording the new tensors in `infos`; products whose tensors `infos`
+/// does not know as float32 stay as they are. Returns how many products were rewritten; none for
+/// [`Precision::Fp32`], which leaves the graph as it is.
 pub fn products_in_half(graph: &mut Graph, infos: &mut TensorInfos, mp: MixedPrecision, keep: impl Fn(&NodeProto) -> bool) -> usize {
     let Some(half) = mp.precision.half() else { return 0 };
     let mut names = std::mem::take(&mut graph.names);
