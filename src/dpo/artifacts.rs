@@ -21,8 +21,8 @@ use super::params::{find_parameters, lift_parameters, InitializerRef, Param, Sel
 use super::{beta_dpo, epsilon_dpo, optimizer, reference_copy, BetaSource, ObjectiveConfig};
 use crate::autodiff::differentiate;
 use crate::graph::{
-    cast_per_use, compute_in_float32, materialize_deferred, probe_shapes, products_in_half, raise_to_scatter_add_opset, store_frozen, Builder, Graph,
-    HalfOrigin, MixedPrecision, ProbeBatch, StoredWeights, TensorInfo,
+    cast_per_use, compute_in_float32, drop_exact_round_trips, materialize_deferred, probe_shapes, products_in_half, raise_to_scatter_add_opset, store_frozen,
+    Builder, Graph, HalfOrigin, MixedPrecision, ProbeBatch, StoredWeights, TensorInfo,
 };
 use crate::onnx::{dtype, load_model_mapped, save_models_sharing_data, value_info, value_info_type, Dim, MappedData};
 use crate::runtime::HostTensor;
@@ -367,6 +367,7 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     for g in [&mut graph, &mut eval, &mut infer] {
         half_frozen = half_frozen.max(store_frozen(g, &frozen, opts.frozen_dtype, &half_origin, &mut stored)?);
         materialize_deferred(g, &half_origin, &mut stored)?;
+        drop_exact_round_trips(g);
         cast_per_use(g);
     }
     let graphs = [("train", graph), ("eval", eval), ("optimizer", opt_graph), ("infer", infer)];

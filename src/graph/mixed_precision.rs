@@ -28,6 +28,8 @@
 //! is what a tensor core computes (half inputs, float32 accumulation), with the result rounded to half as
 //! the real graph stores it. The backward pass rounds the same tensors the real one holds in half.
 
+use std::collections::HashMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::{Builder, Graph, TensorInfo, TensorInfos};
@@ -135,6 +137,47 @@ pub fn products_in_half(graph: &mut Graph, infos: &mut TensorInfos, mp: MixedPre
     graph.nodes = nodes;
     graph.names = names;
     rewritten
+}
+
+/// Lets half products read frozen half weights directly: after `store_frozen` a weight stored as
+/// `W.bfloat16` is read as `Cast<float32>(W.bfloat16)`, which a bf16 product casts straight back. The
+/// round trip is exact (float32 holds every half value), so `Cast<half>(Cast<float32>(x))` of a half `x`
+/// becomes `x` itself: no float32 copy of the weight, no casts. Returns how many were removed.
+pub fn drop_exact_round_trips(graph: &mut Graph) -> usize {
+    let half: HashMap<&str, i64> = graph.initializers.iter().filter(|t| is_half(t.data_type)).map(|t| (t.name.as_str(), t.data_type as i64)).collect();
+    let to = |n: &NodeProto| n.attribute.iter().find(|a| a.name == "to").map(|a| a.i);
+    // float32 casts of half initializers: their output -> (the initializer, its dtype)
+    let widened: HashMap<String, (String, i64)> = graph
+        .nodes
+        .iter()
+        .filter(|n| n.op_type == "Cast" && to(n) == Some(dtype::FLOAT as i64))
+        .filter_map(|n| half.get(n.input[0].as_str()).map(|&t| (n.output[0].clone(), (n.input[0].clone(), t))))
+        .collect();
+    let mut replaced: HashMap<String, String> = HashMap::new();
+    for n in graph.nodes.iter().filter(|n| n.op_type == "Cast") {
+        if let Some((source, _)) = widened.get(&n.input[0]).filter(|(_, t)| to(n) == Some(*t)) {
+            replaced.insert(n.output[0].clone(), source.clone());
+        }
+    }
+    if replaced.is_empty() {
+        return 0;
+    }
+    let outputs: std::collections::HashSet<&str> = graph.outputs.iter().map(|o| o.name.as_str()).collect();
+    replaced.retain(|r, _| !outputs.contains(r.as_str()));
+    for n in graph.nodes.iter_mut() {
+        for x in n.input.iter_mut() {
+            if let Some(source) = replaced.get(x.as_str()) {
+                *x = source.clone();
+            }
+        }
+    }
+    let n = replaced.len();
+    graph.prune();
+    n
+}
+
+fn is_half(t: DType) -> bool {
+    t == dtype::FLOAT16 || t == dtype::BFLOAT16
 }
 
 /// Takes a `Gemm`'s bias `C` (and its `beta`) off the product, to be added in float32 after it: its
@@ -327,6 +370,56 @@ mod tests {
         assert!(add.input.iter().all(|x| infos[x].dtype == dtype::FLOAT));
         let mul = g.nodes.iter().find(|n| n.op_type == "Mul").unwrap();
         assert_eq!(mul.input[0], "c", "the bias is scaled by beta");
+    }
+
+    #[test]
+    fn a_frozen_half_weight_is_read_directly() {
+        let (mut g, mut infos) = attention_like();
+        products_in_half(&mut g, &mut infos, MixedPrecision { precision: Precision::Bf16, emulated: false }, keep_objective);
+        // what store_frozen makes of a frozen W: W.bfloat16 read through a cast to float32
+        g.inputs.retain(|i| i.name != "W");
+        g.initializers.push(crate::onnx::TensorProto {
+            name: "W.bfloat16".into(),
+            dims: vec![2, 2],
+            data_type: dtype::BFLOAT16,
+            raw_data: vec![0; 8].into(),
+            ..Default::default()
+        });
+        g.nodes.insert(
+            0,
+            NodeProto {
+                op_type: "Cast".into(),
+                input: vec!["W.bfloat16".into()],
+                output: vec!["W".into()],
+                attribute: vec![attr_i("to", dtype::FLOAT as i64)],
+                ..Default::default()
+            },
+        );
+        assert_eq!(drop_exact_round_trips(&mut g), 1);
+        let scores = g.nodes.iter().find(|n| n.name == "scores").unwrap();
+        assert_eq!(scores.input[1], "W.bfloat16");
+        assert!(g.nodes.iter().all(|n| n.input.first().map(String::as_str) != Some("W.bfloat16") || n.op_type != "Cast"), "no cast of W is left");
+        // a float16 product of a bfloat16 weight keeps its (rounding) casts
+        let (mut g, mut infos) = attention_like();
+        products_in_half(&mut g, &mut infos, MixedPrecision { precision: Precision::Fp16, emulated: false }, keep_objective);
+        g.initializers.push(crate::onnx::TensorProto {
+            name: "W.bfloat16".into(),
+            dims: vec![2, 2],
+            data_type: dtype::BFLOAT16,
+            raw_data: vec![0; 8].into(),
+            ..Default::default()
+        });
+        g.nodes.insert(
+            0,
+            NodeProto {
+                op_type: "Cast".into(),
+                input: vec!["W.bfloat16".into()],
+                output: vec!["W".into()],
+                attribute: vec![attr_i("to", dtype::FLOAT as i64)],
+                ..Default::default()
+            },
+        );
+        assert_eq!(drop_exact_round_trips(&mut g), 0);
     }
 
     #[test]
