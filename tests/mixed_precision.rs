@@ -166,7 +166,7 @@ fn s(p: &Path) -> &str {
 }
 
 /// `--precision fp32` is the default, byte for byte; a bad value or `--emulate-half` alone is a
-/// one-line error; `train` refuses bf16 artifacts on the CPU in one line before any work.
+/// one-line error; `train` refuses bf16 and fp16 artifacts on the CPU in one line before any work.
 #[test]
 fn flags_and_refusals() {
     let Some(model_dir) = common::fixtures::shared("tiny-gpt2-ts") else { return };
@@ -190,26 +190,17 @@ fn flags_and_refusals() {
     assert_one_line_error(&["build-graph", "--model", s(&model), "--out", s(&out), "--emulate-half"], "--emulate-half");
     assert!(!out.exists());
 
-    let bf16 = dir.join("bf16");
-    build(&bf16, &["--precision", "bf16"]);
     let Some(fixtures) = common::fixtures::shared("") else { return };
-    let run = dir.join("run");
-    let err = assert_one_line_error(
-        &[
-            "train",
-            "--artifacts",
-            s(&bf16),
-            "--data",
-            s(&fixtures.join("prefs/test.jsonl")),
-            "--tokenizer",
-            s(&fixtures.join("tokenizer/tokenizer.json")),
-            "--out",
-            s(&run),
-        ],
-        "bf16",
-    );
-    assert!(err.contains("--ep cuda") && err.contains("CPU"), "{err}");
-    assert!(!run.exists(), "a refused run leaves no directory");
+    let (data, tokenizer) = (fixtures.join("prefs/test.jsonl"), fixtures.join("tokenizer/tokenizer.json"));
+    for (precision, why) in [("bf16", "cannot run"), ("fp16", "would compute in float32")] {
+        let art = dir.join(precision);
+        build(&art, &["--precision", precision]);
+        let run = dir.join("run");
+        let train = ["train", "--artifacts", s(&art), "--data", s(&data), "--tokenizer", s(&tokenizer), "--out", s(&run)];
+        let err = assert_one_line_error(&train, precision);
+        assert!(err.contains(why) && err.contains("--ep cuda") && err.contains("CPU"), "{err}");
+        assert!(!run.exists(), "a refused run leaves no directory");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

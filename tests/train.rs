@@ -913,18 +913,23 @@ fn epsilon_dpo_resume_is_exact() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// fp16 artifacts (emulated: the CPU provider would run real ones in float32) train with dynamic loss scaling: the train graph is fed the scale, the
-/// optimizer sees unscaled gradients (the first step's gradient norm agrees with the float32 build's to
-/// within fp16's error, where a scaled one would be 65536 times larger), and the scale is part of the
-/// checkpoint: 8 straight steps equal 4 + --resume to 8, bit for bit.
+/// Emulated fp16 artifacts (the CPU provider would run real ones in float32) and 40 training pairs.
+fn fp16_artifacts(inp: &Inputs, dir: &Path) -> (PathBuf, PathBuf) {
+    let fp16 = dir.join("fp16");
+    let precision = MixedPrecision { precision: Precision::Fp16, emulated: true };
+    build_artifacts(&inp.model, &fp16, &BuildOptions { layout: LayoutChoice::Padded, precision, ..Default::default() }).unwrap();
+    (fp16, head(&inp.train, 40, dir, "train.jsonl"))
+}
+
+/// fp16 artifacts train with dynamic loss scaling: the train graph is fed the scale, the optimizer sees
+/// unscaled gradients (the first step's gradient norm agrees with the float32 build's to within fp16's
+/// error, where a scaled one would be 65536 times larger), and the scale is part of the checkpoint:
+/// 8 straight steps equal 4 + --resume to 8, bit for bit.
 #[test]
 fn fp16_loss_scaling_trains_and_resumes_exactly() {
     let Some(inp) = inputs() else { return };
     let dir = scratch("fp16-resume");
-    let fp16 = dir.join("fp16");
-    let precision = MixedPrecision { precision: Precision::Fp16, emulated: true };
-    build_artifacts(&inp.model, &fp16, &BuildOptions { layout: LayoutChoice::Padded, precision, ..Default::default() }).unwrap();
-    let data = head(&inp.train, 40, &dir, "train.jsonl");
+    let (fp16, data) = fp16_artifacts(&inp, &dir);
     let (straight, split) = straight_and_resumed(&fp16, &data, &inp, &dir);
     let records = train_records(&straight);
     assert!(records.iter().all(|r| f(r, "loss_scale") == INITIAL_SCALE), "no overflow on this model: {records:?}");
@@ -948,10 +953,7 @@ fn fp16_loss_scaling_trains_and_resumes_exactly() {
 fn fp16_overflow_skips_the_step_and_halves_the_scale() {
     let Some(inp) = inputs() else { return };
     let dir = scratch("fp16-overflow");
-    let fp16 = dir.join("fp16");
-    let precision = MixedPrecision { precision: Precision::Fp16, emulated: true };
-    build_artifacts(&inp.model, &fp16, &BuildOptions { layout: LayoutChoice::Padded, precision, ..Default::default() }).unwrap();
-    let data = head(&inp.train, 40, &dir, "train.jsonl");
+    let (fp16, data) = fp16_artifacts(&inp, &dir);
     let run = dir.join("run");
     run_train(&TrainConfig { loss_scale_init: Some(MAX_SCALE), save_every: 1, save_total_limit: 100, ..config(&fp16, &data, &inp, &run, 10) });
     let records = train_records(&run);

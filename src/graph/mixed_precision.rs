@@ -372,29 +372,26 @@ mod tests {
         assert_eq!(mul.input[0], "c", "the bias is scaled by beta");
     }
 
-    #[test]
-    fn a_frozen_half_weight_is_read_directly() {
-        let (mut g, mut infos) = attention_like();
-        products_in_half(&mut g, &mut infos, MixedPrecision { precision: Precision::Bf16, emulated: false }, keep_objective);
-        // what store_frozen makes of a frozen W: W.bfloat16 read through a cast to float32
+    /// What `store_frozen` makes of a frozen W: `W.bfloat16`, read through a cast to float32.
+    fn store_w_as_bf16(g: &mut Graph) {
         g.inputs.retain(|i| i.name != "W");
+        let raw = vec![0u8; 8].into();
         g.initializers.push(crate::onnx::TensorProto {
             name: "W.bfloat16".into(),
             dims: vec![2, 2],
             data_type: dtype::BFLOAT16,
-            raw_data: vec![0; 8].into(),
+            raw_data: raw,
             ..Default::default()
         });
-        g.nodes.insert(
-            0,
-            NodeProto {
-                op_type: "Cast".into(),
-                input: vec!["W.bfloat16".into()],
-                output: vec!["W".into()],
-                attribute: vec![attr_i("to", dtype::FLOAT as i64)],
-                ..Default::default()
-            },
-        );
+        let cast = node("Cast", &["W.bfloat16"], &["W"], "frozen/W");
+        g.nodes.insert(0, NodeProto { attribute: vec![attr_i("to", dtype::FLOAT as i64)], ..cast });
+    }
+
+    #[test]
+    fn a_frozen_half_weight_is_read_directly() {
+        let (mut g, mut infos) = attention_like();
+        products_in_half(&mut g, &mut infos, MixedPrecision { precision: Precision::Bf16, emulated: false }, keep_objective);
+        store_w_as_bf16(&mut g);
         assert_eq!(drop_exact_round_trips(&mut g), 1);
         let scores = g.nodes.iter().find(|n| n.name == "scores").unwrap();
         assert_eq!(scores.input[1], "W.bfloat16");
@@ -402,23 +399,7 @@ mod tests {
         // a float16 product of a bfloat16 weight keeps its (rounding) casts
         let (mut g, mut infos) = attention_like();
         products_in_half(&mut g, &mut infos, MixedPrecision { precision: Precision::Fp16, emulated: false }, keep_objective);
-        g.initializers.push(crate::onnx::TensorProto {
-            name: "W.bfloat16".into(),
-            dims: vec![2, 2],
-            data_type: dtype::BFLOAT16,
-            raw_data: vec![0; 8].into(),
-            ..Default::default()
-        });
-        g.nodes.insert(
-            0,
-            NodeProto {
-                op_type: "Cast".into(),
-                input: vec!["W.bfloat16".into()],
-                output: vec!["W".into()],
-                attribute: vec![attr_i("to", dtype::FLOAT as i64)],
-                ..Default::default()
-            },
-        );
+        store_w_as_bf16(&mut g);
         assert_eq!(drop_exact_round_trips(&mut g), 0);
     }
 
