@@ -5,15 +5,13 @@
 
 mod common;
 
-use common::golden::{diff, golden_train_outputs, load_golden, norm, packed_golden, rel, Golden};
+use common::golden::{diff, golden_train_outputs, load_golden, norm, rel, Golden};
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use betadpo::dpo::packing::LayoutChoice;
 use betadpo::dpo::{build_artifacts, BetaAggregate, BetaSource, BuildOptions, HeadInput, Layout, Manifest, ObjectiveConfig};
-use betadpo::runtime::{run, HostTensor, SessionConfig};
-use betadpo::store::read_safetensors;
 use ndarray::{ArrayD, IxDyn};
 
 #[derive(Clone, Copy, Debug)]

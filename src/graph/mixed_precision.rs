@@ -113,7 +113,7 @@ pub fn products_in_half(graph: &mut Graph, infos: &mut TensorInfos, mp: MixedPre
         let mut node = node;
         let bias = take_bias(&mut node);
         for x in node.input.iter_mut().filter(|x| !x.is_empty()) {
-            *x = casts.to_half(x);
+            *x = casts.half_of(x);
         }
         let y = node.output[0].clone();
         let y_half = casts.b.fresh(&format!("{y}/half"));
@@ -122,11 +122,11 @@ pub fn products_in_half(graph: &mut Graph, infos: &mut TensorInfos, mp: MixedPre
         nodes.extend(casts.b.take());
         nodes.push(node);
         match bias {
-            None => casts.to_float32(&y_half, &y),
+            None => casts.cast_back(&y_half, &y),
             Some((c, beta)) => {
                 let product = casts.b.fresh(&format!("{y}/product"));
                 casts.record(&product, &y, dtype::FLOAT);
-                casts.to_float32(&y_half, &product);
+                casts.cast_back(&y_half, &product);
                 let c = casts.scaled(&c, beta);
                 casts.b.op_into("Add", &[&product, &c], &[&y], vec![]);
             }
@@ -232,7 +232,7 @@ impl Casts<'_, '_> {
     /// `x` in half precision: cast, or (emulated) rounded to half and read back as float32. One cast per
     /// reader, never shared: the gradients of a shared cast would be summed in half precision (attention's
     /// three projections read one hidden state), where one per reader is cast to float32 before the sum.
-    fn to_half(&mut self, x: &str) -> String {
+    fn half_of(&mut self, x: &str) -> String {
         let hint = format!("{x}/{}", dtype::name(self.half));
         let h = self.cast(x, self.half, &hint);
         if self.emulated {
@@ -244,7 +244,7 @@ impl Casts<'_, '_> {
 
     /// `y_half` cast back to float32 as `y` (emulated: rounded to half on the way, as the real product's
     /// result is stored in half).
-    fn to_float32(&mut self, y_half: &str, y: &str) {
+    fn cast_back(&mut self, y_half: &str, y: &str) {
         let from = if self.emulated { self.cast(y_half, self.half, &format!("{y}/{}", dtype::name(self.half))) } else { y_half.to_string() };
         self.b.op_into("Cast", &[&from], &[y], vec![attr_i("to", dtype::FLOAT as i64)]);
     }
