@@ -15,11 +15,12 @@ use std::path::Path;
 
 use betadpo::dpo::packing::LayoutChoice;
 use betadpo::dpo::{build_artifacts, BuildOptions, HeadInput, Manifest, ObjectiveConfig};
-use betadpo::graph::{MixedPrecision, Precision};
-use betadpo::onnx::{dtype, load_model};
+use betadpo::graph::{products_in_half, Graph, MixedPrecision, Names, Precision, TensorInfo, TensorInfos};
+use betadpo::onnx::{dtype, load_model, value_info, Dim};
+use betadpo::runtime::{run, HostTensor, SessionConfig};
 use common::cli::{assert_one_line_error, betadpo};
 use common::golden::{diff, golden_train_outputs, load_golden, norm, Golden, FED_LOSS_SCALE};
-use ndarray::ArrayD;
+use ndarray::{ArrayD, IxDyn};
 
 /// PyTorch's goldens read the raw hidden state with an unbounded beta (as tests/golden.rs).
 fn objective() -> ObjectiveConfig {
@@ -247,4 +248,63 @@ fn bf16_products_read_frozen_bf16_weights_directly() {
     let round_trips = g.node.iter().filter(|n| n.op_type == "Cast" && widened.contains(n.input[0].as_str())).count();
     assert_eq!(round_trips, 0, "a frozen bf16 weight is cast to float32 and back");
     let _ = std::fs::remove_dir_all(&out);
+}
+
+/// `y = a·b` through [`products_in_half`], run by ONNX Runtime's CPU provider.
+fn one_product(a: &ArrayD<f32>, b: &ArrayD<f32>, precision: Precision, emulated: bool) -> betadpo::Result<ArrayD<f32>> {
+    let dims = |x: &ArrayD<f32>| x.shape().iter().map(|&d| d as i64).collect::<Vec<i64>>();
+    let mut g = Graph {
+        nodes: vec![betadpo::onnx::NodeProto {
+            name: "product".into(),
+            op_type: "MatMul".into(),
+            input: vec!["a".into(), "b".into()],
+            output: vec!["y".into()],
+            ..Default::default()
+        }],
+        inputs: vec![value_info("a", dtype::FLOAT, &[Dim::Fixed(8), Dim::Fixed(64)]), value_info("b", dtype::FLOAT, &[Dim::Fixed(64), Dim::Fixed(8)])],
+        outputs: vec![value_info("y", dtype::FLOAT, &[Dim::Fixed(8), Dim::Fixed(8)])],
+        opsets: vec![betadpo::onnx::OperatorSetIdProto { domain: String::new(), version: 17 }],
+        ir_version: 8,
+        ..Default::default()
+    };
+    g.names = Names::from_graph(&g);
+    let mut infos: TensorInfos =
+        [("a", dims(a)), ("b", dims(b)), ("y", vec![8, 8])].into_iter().map(|(n, d)| (n.to_string(), TensorInfo::fixed(dtype::FLOAT, &d))).collect();
+    assert_eq!(products_in_half(&mut g, &mut infos, MixedPrecision { precision, emulated }, |_| false), 1);
+    g.sort_topologically()?;
+    let mut session = SessionConfig::default().session_from_bytes(&prost::Message::encode_to_vec(&g.into_model()))?;
+    let outs = run(&mut session, &[("a", HostTensor::F32(a.clone())), ("b", HostTensor::F32(b.clone()))])?;
+    Ok(outs.into_iter().find(|(n, _)| n == "y").and_then(|(_, t)| t.as_f32().cloned()).unwrap())
+}
+
+/// What the CPU can check, found out on one product: ONNX Runtime's CPU provider has no bfloat16
+/// MatMul; it runs a float16 one in float32 (it drops the casts: the result is the unrounded operands'
+/// product); the emulated product is exactly what a tensor core computes — operands rounded to half, a
+/// float32 sum, the result rounded to half — here computed independently in float64 with the `half` crate.
+#[test]
+fn what_the_cpu_runs_of_one_half_product() {
+    let value = |i: usize, seed: usize| ((i * 2654435761 + seed) % 10007) as f32 / 10007.0 * 2.0 - 1.0;
+    let a = ArrayD::from_shape_fn(IxDyn(&[8, 64]), |ix| value(ix[0] * 64 + ix[1], 17));
+    let b = ArrayD::from_shape_fn(IxDyn(&[64, 8]), |ix| value(ix[0] * 8 + ix[1], 91));
+    let product =
+        |round: &dyn Fn(f32) -> f64| ArrayD::from_shape_fn(IxDyn(&[8, 8]), |ix| (0..64).map(|k| round(a[[ix[0], k]]) * round(b[[k, ix[1]]])).sum::<f64>());
+    let exact = product(&|x| x as f64);
+    let worst = |y: &ArrayD<f32>, want: &ArrayD<f64>| y.iter().zip(want.iter()).map(|(&y, &w)| (y as f64 - w).abs() / w.abs().max(1.0)).fold(0.0, f64::max);
+
+    let err = one_product(&a, &b, Precision::Bf16, false).unwrap_err().to_string();
+    assert!(err.contains("MatMul"), "ONNX Runtime's CPU provider now runs a bf16 MatMul ({err}): revisit train's refusal");
+    let fp16 = one_product(&a, &b, Precision::Fp16, false).unwrap();
+    assert!(worst(&fp16, &exact) < 1e-5, "the CPU's fp16 MatMul is {:.1e} from the float32 product: revisit train's refusal", worst(&fp16, &exact));
+
+    let bf16 = |x: f64| half::bf16::from_f64(x).to_f64();
+    let f16 = |x: f64| half::f16::from_f64(x).to_f64();
+    for (precision, round, ulp) in [(Precision::Bf16, &bf16 as &dyn Fn(f64) -> f64, 2f64.powi(-7)), (Precision::Fp16, &f16, 2f64.powi(-10))] {
+        let tensor_core = product(&|x| round(x as f64)).mapv(round);
+        let emulated = one_product(&a, &b, precision, true).unwrap();
+        // the float32 sum may land across a rounding boundary from float64's: one unit in the last place at most
+        let off = worst(&emulated, &tensor_core);
+        eprintln!("{precision:?}: emulated vs tensor-core arithmetic {off:.1e}, vs the exact product {:.1e}", worst(&emulated, &exact));
+        assert!(off <= ulp, "{precision:?}: emulated product {off:.1e} from operands and result rounded to half");
+        assert!(worst(&emulated, &exact) > ulp / 8.0, "{precision:?}: the emulated product was not rounded");
+    }
 }
