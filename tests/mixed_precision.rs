@@ -308,3 +308,26 @@ fn what_the_cpu_runs_of_one_half_product() {
         assert!(worst(&emulated, &exact) > ulp / 8.0, "{precision:?}: the emulated product was not rounded");
     }
 }
+
+/// epsilon-DPO's frozen reference copy computes as the policy does: each of the model's bf16 products
+/// has its bf16 twin in the reference (whose weights are made after the shape probe), so policy and
+/// reference agree at the start.
+#[test]
+fn epsilon_dpo_reference_products_are_bf16_too() {
+    let Some(model) = common::fixtures::shared("tiny-llama-dynamo") else { return };
+    let out = common::fixtures::scratch("mixed-epsilon");
+    let objective = ObjectiveConfig { epsilon_dpo: Some(betadpo::dpo::EpsilonDpoConfig { beta0: 0.1, epsilon: 0.01 }), ..Default::default() };
+    build_artifacts(&model.join("model.onnx"), &out, &BuildOptions { objective, ..options(Precision::Bf16, false) }).unwrap();
+    let g = load_model(&out.join("eval.onnx")).unwrap().graph.unwrap();
+    let types = dtypes(&g);
+    let half_products = |reference: bool| {
+        g.node
+            .iter()
+            .filter(|n| ["MatMul", "Gemm"].contains(&n.op_type.as_str()) && n.name.starts_with("ref/") == reference)
+            .filter(|n| n.input.iter().all(|x| types.get(x) == Some(&dtype::BFLOAT16)))
+            .count()
+    };
+    let (policy, reference) = (half_products(false), half_products(true));
+    assert!(policy >= 18 && reference == policy, "bf16 products: policy {policy}, reference {reference}");
+    let _ = std::fs::remove_dir_all(&out);
+}

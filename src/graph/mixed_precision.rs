@@ -101,6 +101,10 @@ pub struct MixedPrecision {
 /// [`Precision::Fp32`], which leaves the graph as it is.
 pub fn products_in_half(graph: &mut Graph, infos: &mut TensorInfos, mp: MixedPrecision, keep: impl Fn(&NodeProto) -> bool) -> usize {
     let Some(half) = mp.precision.half() else { return 0 };
+    // initializers made after the probe (epsilon-DPO's frozen reference weights) are known by their own proto
+    for t in &graph.initializers {
+        infos.entry(t.name.clone()).or_insert_with(|| TensorInfo::fixed(t.data_type, &t.dims));
+    }
     let mut names = std::mem::take(&mut graph.names);
     let mut casts = Casts { b: Builder::new(&mut names, "half/"), infos, half, emulated: mp.emulated };
     let mut nodes = Vec::with_capacity(graph.nodes.len());
