@@ -115,6 +115,7 @@ fn checkpoint_dir() -> PathBuf {
         run_key: "k".into(),
         margin_stats: Default::default(),
         epsilon_beta: None,
+        loss_scale: None,
     };
     checkpoint::save(&run, &state, &raw, &moments, 2).unwrap()
 }

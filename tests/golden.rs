@@ -5,28 +5,14 @@
 
 mod common;
 
-use common::golden::{batch_input, load_golden, packed_golden, Golden};
+use common::golden::{diff, golden_train_outputs, load_golden, norm, rel, Golden};
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use betadpo::dpo::packing::LayoutChoice;
 use betadpo::dpo::{build_artifacts, BetaAggregate, BetaSource, BuildOptions, HeadInput, Layout, Manifest, ObjectiveConfig};
-use betadpo::runtime::{run, HostTensor, SessionConfig};
-use betadpo::store::read_safetensors;
 use ndarray::{ArrayD, IxDyn};
-
-fn norm(a: &ArrayD<f32>) -> f64 {
-    a.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt()
-}
-
-fn diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f64 {
-    a.iter().zip(b.iter()).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt()
-}
-
-fn rel(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f64 {
-    diff(a, b) / norm(b).max(1e-30)
-}
 
 #[derive(Clone, Copy, Debug)]
 enum Mode {
@@ -44,40 +30,8 @@ fn train_graph_outputs(
     layout: Layout,
     tag: &str,
 ) -> Result<(Manifest, HashMap<String, ArrayD<f32>>), String> {
-    let out = common::fixtures::scratch(&format!("golden-{}-{tag}-{layout:?}", model_dir.file_name().unwrap().to_string_lossy()));
-    let packed = (layout == Layout::Packed).then(|| packed_golden(golden, &objective));
     let choice = if layout == Layout::Packed { LayoutChoice::Packed } else { LayoutChoice::Padded };
-    build_artifacts(&model_dir.join("model.onnx"), &out, &BuildOptions { objective, layout: choice, ..Default::default() }).map_err(|e| e.to_string())?;
-    let m = Manifest::load(&out).unwrap();
-    let spec = m.graph("train").unwrap();
-    let (params, _) = read_safetensors(&out.join(&m.parameters_file)).unwrap();
-    let mut feeds: Vec<(&str, HostTensor)> = Vec::new();
-    for i in &spec.inputs {
-        if let Some(t) = batch_input(golden, packed.as_ref(), &i.role) {
-            feeds.push((i.name.as_str(), t));
-            continue;
-        }
-        let t = match i.role.as_str() {
-            "ref_logps" => HostTensor::F32(golden.f32s["ref_logps"].clone()),
-            "parameter" => {
-                // the golden's beta head is not the build's zero init
-                let v = match golden.f32s.get(&i.name) {
-                    Some(g) if i.name.starts_with("beta_head.") => g.clone(),
-                    _ => {
-                        let p = params.iter().find(|p| p.name == i.name).unwrap();
-                        ArrayD::from_shape_vec(IxDyn(&p.shape), p.data.clone()).unwrap()
-                    }
-                };
-                HostTensor::F32(v)
-            }
-            other => panic!("unexpected input role {other}"),
-        };
-        feeds.push((i.name.as_str(), t));
-    }
-    let mut session = SessionConfig::default().session_from_file(&out.join(&spec.file)).unwrap();
-    let outs: HashMap<String, ArrayD<f32>> = run(&mut session, &feeds).unwrap().into_iter().filter_map(|(n, t)| t.as_f32().cloned().map(|a| (n, a))).collect();
-    let _ = std::fs::remove_dir_all(&out);
-    Ok((m, outs))
+    golden_train_outputs(model_dir, golden, &BuildOptions { objective, layout: choice, ..Default::default() }, tag)
 }
 
 fn check_model(model_dir: &Path, mode: Mode) {

@@ -6,6 +6,7 @@ use betadpo::dpo::lora::LoraOptions;
 use betadpo::dpo::packing::LayoutChoice;
 use betadpo::dpo::params::Selection;
 use betadpo::dpo::{build_artifacts, BetaAggregate, BetaDpoConfig, BetaSource, BuildOptions, EpsilonDpoConfig, HeadInput, LossKind, ObjectiveConfig};
+use betadpo::graph::{MixedPrecision, Precision};
 use betadpo::onnx::dtype;
 
 #[derive(clap::Args)]
@@ -100,6 +101,16 @@ pub struct Args {
     /// MatMul/Gemm weight inside the transformer blocks, not the embedding or lm_head).
     #[arg(long)]
     lora_targets: Option<String>,
+    /// What the model's matrix products (attention's included) compute in: `bf16` or `fp16` (operands cast
+    /// to half where read, results cast back to float32; parameters, gradients, AdamW moments, norms,
+    /// softmax, the lm_head over the answers, the beta head and the loss stay float32; `fp16` also scales
+    /// the loss, see `train`), or `fp32` (default).
+    #[arg(long, default_value = "fp32")]
+    precision: String,
+    /// With `--precision bf16|fp16`: round operands and results to half but multiply in float32, which
+    /// gives a tensor core's numbers on a CPU (whose ONNX Runtime has no bfloat16 products). For checks.
+    #[arg(long)]
+    emulate_half: bool,
     /// How a batch enters the train graph: `packed` rows, where each pair's prompt is computed once
     /// and no padding sits between sequences (same results, fewer tokens; needs a model whose
     /// attention mask can be replaced), `padded` rows (TRL's layout), or `auto`: packed when the
@@ -262,7 +273,12 @@ pub fn options(a: &Args) -> Result<BuildOptions> {
         FrozenDtypeArg::Float16 => dtype::FLOAT16,
         FrozenDtypeArg::Float32 => dtype::FLOAT,
     });
-    Ok(BuildOptions { objective, layout, selection, hidden_state: a.hidden_state.clone(), lora: lora(a)?, frozen_dtype })
+    let precision = Precision::parse("--precision", &a.precision)?;
+    if a.emulate_half && precision == Precision::Fp32 {
+        anyhow::bail!(betadpo::Error::BadFlag { flag: "--emulate-half".into(), detail: "needs --precision bf16 or fp16".into() });
+    }
+    let precision = MixedPrecision { precision, emulated: a.emulate_half };
+    Ok(BuildOptions { objective, layout, selection, hidden_state: a.hidden_state.clone(), lora: lora(a)?, frozen_dtype, precision })
 }
 
 fn lora(a: &Args) -> Result<Option<LoraOptions>> {
@@ -296,6 +312,10 @@ pub fn run(a: Args) -> Result<()> {
     }
     if report.half_frozen > 0 {
         println!("frozen weights: {} stored in half precision, cast to float32 where they are used", report.half_frozen);
+    }
+    if report.half_products > 0 {
+        let how = if report.manifest.precision_emulated { " (emulated in float32)" } else { "" };
+        println!("precision: {} matrix products in {}{how}, everything else in float32", report.half_products, report.manifest.precision.name());
     }
     if let Some(why) = &report.hf_map_skipped {
         println!("note: the Hugging Face name map was not copied, so `export --hf` will refuse these artifacts: {why}");

@@ -113,6 +113,11 @@ pub struct Args {
     /// fewer, wider attention products; 512 suits models of SmolLM2's size.
     #[arg(long, default_value_t = 512)]
     pack_tokens: usize,
+    /// With fp16 artifacts (`build-graph --precision fp16`): the first loss scale (default 65536, as
+    /// PyTorch's GradScaler). A step whose gradients overflow is skipped and halves it; 2000 clean steps
+    /// in a row double it.
+    #[arg(long, allow_negative_numbers = true)]
+    loss_scale_init: Option<f64>,
     /// No progress bars.
     #[arg(long)]
     quiet: bool,
@@ -154,6 +159,7 @@ pub fn config(a: Args) -> TrainConfig {
         profile: a.profile,
         flush_denormals: !a.keep_denormals,
         pack_tokens: a.pack_tokens,
+        loss_scale_init: a.loss_scale_init,
         ..Default::default()
     }
 }

@@ -1,6 +1,7 @@
 //! `build-graph`: from an exported causal LM to training artifacts. Phases:
 //! raise an old opset → remove a KV cache → recognise the model → add LoRA adapters (`--lora-rank`) → append the objective → probe shapes → choose parameters → lift them to
-//! inputs → differentiate → build eval, optimizer and inference graphs → store frozen weights in their dtype
+//! inputs → matrix products in half precision (`--precision`: `graph::products_in_half`) → differentiate → build eval,
+//! optimizer and inference graphs → store frozen weights in their dtype
 //! (a half-precision model computes in float32 from the start: `graph::compute_in_float32`) → write all files into a
 //! temporary directory that is renamed into place only when complete.
 
@@ -20,8 +21,8 @@ use super::params::{find_parameters, lift_parameters, InitializerRef, Param, Sel
 use super::{beta_dpo, epsilon_dpo, optimizer, reference_copy, BetaSource, ObjectiveConfig};
 use crate::autodiff::differentiate;
 use crate::graph::{
-    cast_per_use, compute_in_float32, materialize_deferred, probe_shapes, raise_to_scatter_add_opset, store_frozen, Builder, Graph, HalfOrigin, ProbeBatch,
-    StoredWeights,
+    cast_per_use, compute_in_float32, drop_exact_round_trips, materialize_deferred, probe_shapes, products_in_half, raise_to_scatter_add_opset, store_frozen,
+    Builder, Graph, HalfOrigin, MixedPrecision, ProbeBatch, StoredWeights, TensorInfo,
 };
 use crate::onnx::{dtype, load_model_mapped, save_models_sharing_data, value_info, value_info_type, Dim, MappedData};
 use crate::runtime::HostTensor;
@@ -41,6 +42,8 @@ pub struct BuildOptions {
     pub frozen_dtype: Option<crate::onnx::DType>,
     /// Train LoRA adapters (and the beta head) instead of the model's weights.
     pub lora: Option<LoraOptions>,
+    /// What the model's matrix products compute in (`--precision`; see `graph::products_in_half`).
+    pub precision: MixedPrecision,
 }
 
 /// What a build produced, for the command line's summary.
@@ -59,6 +62,8 @@ pub struct BuildReport {
     pub hf_map_skipped: Option<String>,
     /// How many frozen weights are stored in half precision, cast to float32 where they are read.
     pub half_frozen: usize,
+    /// How many of the model's matrix products compute in half precision (`--precision`).
+    pub half_products: usize,
 }
 
 /// The synthetic batches of the two shape probes: 2 pairs x 6 tokens, then 3 pairs x 9 tokens.
@@ -224,7 +229,7 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
         batch_inputs.push(epsilon_dpo::input_spec());
     }
     let mut names = graph.names.clone();
-    let mut b = Builder::new(&mut names, "dpo/");
+    let mut b = Builder::new(&mut names, objective::NODE_PREFIX);
     let obj = objective::build(&mut b, &tensors, cfg);
     graph.nodes.extend(b.take());
     graph.names = names;
@@ -248,7 +253,7 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
             run.extend(epsilon_dpo::probe_inputs(e.beta0));
         }
     }
-    let infos = probe_shapes(&graph, &probes)?;
+    let mut infos = probe_shapes(&graph, &probes)?;
     let mut params = find_parameters(&graph, &obj.loss, &infos, &opts.selection)?;
     params.retain(|p| p.name != HEAD_WEIGHT && p.name != HEAD_BIAS);
     if let Some(l) = &lora {
@@ -270,14 +275,23 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
         reference_copy::freeze_reference(&mut graph, r, &params);
     }
     lift_parameters(&mut graph, &params, true);
+    // before differentiation, so that the backward products are half precision too; the objective stays float32
+    let half_products = products_in_half(&mut graph, &mut infos, opts.precision, |n| n.name.starts_with(objective::NODE_PREFIX));
 
     // eval: the same graph without gradients
     let mut eval = graph.clone();
     eval.prune();
 
-    // train: gradients of the loss for each trainable parameter
+    // train: gradients of the loss for each trainable parameter (scaled, in float16: see `train::loss_scale`)
     let trainable: Vec<String> = params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
-    let grads = differentiate(&mut graph, &obj.loss, &trainable, &infos)?;
+    let mut eval_inputs = batch_inputs.clone();
+    let differentiated = if opts.precision.precision.needs_loss_scale() {
+        batch_inputs.push(TensorSpec::float(LOSS_SCALE, LOSS_SCALE, &[]).described("the train graph's gradients are of loss x loss_scale"));
+        scale_loss(&mut graph, &mut infos, &obj.loss)
+    } else {
+        obj.loss.clone()
+    };
+    let grads = differentiate(&mut graph, &differentiated, &trainable, &infos)?;
     for (p, gname) in &grads.by_param {
         let dims = &params.iter().find(|x| &x.name == p).unwrap().dims;
         outputs.push(TensorSpec::float(gname, "gradient", dims).of_parameter(p));
@@ -286,10 +300,14 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
 
     let mut train_inputs = batch_inputs;
     train_inputs.extend(param_inputs(&params));
+    eval_inputs.extend(param_inputs(&params));
     order_inputs(&mut graph, &train_inputs);
-    order_inputs(&mut eval, &train_inputs);
+    order_inputs(&mut eval, &eval_inputs);
 
     let mut infer = inference_graph(&base, &sig, cfg, &params)?;
+    // the same products as the train graph's (its names are the model's), so that eval and infer agree;
+    // the full-vocabulary lm_head, which the train graph does not have, stays float32 with the beta head
+    products_in_half(&mut infer, &mut infos.clone(), opts.precision, |n| n.name.starts_with(INFER_HEAD_PREFIX));
     let param_specs: Vec<ParameterSpec> = params
         .iter()
         .map(|p| ParameterSpec {
@@ -307,7 +325,7 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     let eval_outputs: Vec<TensorSpec> = outputs.iter().filter(|o| o.role != "gradient").cloned().collect();
     let mut graphs = BTreeMap::new();
     graphs.insert("train".to_string(), GraphSpec { file: "train.onnx".into(), inputs: train_inputs.clone(), outputs: outputs.clone() });
-    graphs.insert("eval".to_string(), GraphSpec { file: "eval.onnx".into(), inputs: train_inputs, outputs: eval_outputs });
+    graphs.insert("eval".to_string(), GraphSpec { file: "eval.onnx".into(), inputs: eval_inputs, outputs: eval_outputs });
     graphs.insert("optimizer".to_string(), opt_spec);
     let mut infer_inputs = lm_inputs(&sig);
     infer_inputs.extend(param_inputs(&params));
@@ -339,6 +357,8 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
         parameters: param_specs,
         parameters_file: PARAMS_FILE.into(),
         lora,
+        precision: opts.precision.precision,
+        precision_emulated: opts.precision.emulated,
     };
     let initial = initial_values(&base, &obj, &params, &half_origin)?;
     let frozen: HashSet<String> = params.iter().filter(|p| !p.trainable).flat_map(|p| p.initializers.iter().map(|r| r.name.clone())).collect();
@@ -347,6 +367,7 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     for g in [&mut graph, &mut eval, &mut infer] {
         half_frozen = half_frozen.max(store_frozen(g, &frozen, opts.frozen_dtype, &half_origin, &mut stored)?);
         materialize_deferred(g, &half_origin, &mut stored)?;
+        drop_exact_round_trips(g);
         cast_per_use(g);
     }
     let graphs = [("train", graph), ("eval", eval), ("optimizer", opt_graph), ("infer", infer)];
@@ -361,7 +382,29 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
         out_dir: out_dir.to_path_buf(),
         hf_map_skipped,
         half_frozen,
+        half_products,
     })
+}
+
+/// The prefix of the names of the nodes the inference graph adds to the model (its beta head).
+const INFER_HEAD_PREFIX: &str = "beta/";
+
+/// The train graph's input scaling the loss before differentiation (float16 precision).
+pub const LOSS_SCALE: &str = "loss_scale";
+
+/// Adds `loss x loss_scale` (a scalar input) to `graph` and returns its name: differentiating it seeds the
+/// backward pass with the scale, so float16 gradients stay above float16's smallest normal.
+fn scale_loss(graph: &mut Graph, infos: &mut crate::graph::TensorInfos, loss: &str) -> String {
+    let mut names = std::mem::take(&mut graph.names);
+    let mut b = Builder::new(&mut names, objective::NODE_PREFIX);
+    let scaled = b.op("Mul", &[loss, LOSS_SCALE], vec![], "scaled_loss");
+    graph.nodes.extend(b.take());
+    graph.names = names;
+    graph.inputs.push(value_info(LOSS_SCALE, dtype::FLOAT, &[]));
+    for t in [LOSS_SCALE, &scaled] {
+        infos.insert(t.to_string(), TensorInfo::fixed(dtype::FLOAT, &[]));
+    }
+    scaled
 }
 
 /// `--train`, `--freeze` and `--trainable head` choose among the model's weights, which LoRA freezes.
@@ -414,7 +457,7 @@ fn order_inputs(graph: &mut Graph, specs: &[TensorSpec]) {
 pub fn inference_graph(base: &Graph, sig: &LmSignature, cfg: &ObjectiveConfig, params: &[Param]) -> Result<Graph> {
     let mut g = base.clone();
     let mut names = g.names.clone();
-    let mut b = Builder::new(&mut names, "beta/");
+    let mut b = Builder::new(&mut names, INFER_HEAD_PREFIX);
     let tensors = ModelTensors::of(sig, false);
     let constant = cfg.fixed_beta.or(cfg.beta_dpo.map(|d| d.beta0)).or(cfg.epsilon_dpo.map(|e| e.beta0));
     let beta = match constant {

@@ -121,6 +121,12 @@ pub struct Manifest {
     /// The LoRA adapters, when the artifacts train adapters instead of the model's weights.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<super::lora::LoraSpec>,
+    /// What the model's matrix products compute in (manifests without it: fp32).
+    #[serde(default)]
+    pub precision: crate::graph::Precision,
+    /// The half products are emulated in float32 (operands and results rounded to half), so that a CPU runs them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub precision_emulated: bool,
 }
 
 impl Manifest {

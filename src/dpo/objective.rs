@@ -15,6 +15,8 @@ use crate::onnx::{attr_i, dtype, tensor_f32, Dim, TensorProto, ValueInfoProto};
 
 pub use super::answer_logps::{ModelTensors, REF_LOGPS};
 
+/// The prefix of the names of the objective's nodes (the phases after it tell them from the model's by it).
+pub const NODE_PREFIX: &str = "dpo/";
 pub const HEAD_WEIGHT: &str = "beta_head.weight";
 pub const HEAD_BIAS: &str = "beta_head.bias";
 pub const COMPLETION_MASK: &str = "completion_mask";

@@ -164,7 +164,7 @@ pub fn random_batch(m: &Manifest, spec: &GraphSpec, rng: &mut impl Rng, pairs: u
 }
 
 /// beta-DPO's running statistics (a spread near the margins' scale) and Gumbel noise; epsilon-DPO's
-/// global beta at its initial value.
+/// global beta at its initial value; float16's loss scale at 1 (the gradients are then the loss's).
 fn random_beta_dpo_inputs(m: &Manifest, spec: &GraphSpec, rng: &mut impl Rng, pairs: usize) -> Vec<(String, HostTensor)> {
     let mut v = Vec::new();
     for i in &spec.inputs {
@@ -172,6 +172,7 @@ fn random_beta_dpo_inputs(m: &Manifest, spec: &GraphSpec, rng: &mut impl Rng, pa
             "margin_stats" => HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[2]), vec![rng.random_range(-1.0..1.0), rng.random_range(0.5..2.0)]).unwrap()),
             "selection_noise" => HostTensor::F32(ArrayD::from_shape_fn(IxDyn(&[pairs]), |_| -(-rng.random_range(f32::MIN_POSITIVE..1.0f32).ln()).ln())),
             "epsilon_beta" => HostTensor::F32(ArrayD::from_elem(IxDyn(&[1]), m.objective.epsilon_dpo.map_or(0.1, |e| e.beta0) as f32)),
+            "loss_scale" => HostTensor::F32(ArrayD::from_elem(IxDyn(&[]), 1.0)),
             _ => continue,
         };
         v.push((i.name.clone(), tensor));
@@ -321,6 +322,16 @@ fn directional(tensors: &[NamedTensor], m: &Manifest, opts: &ValidateOptions, se
     // 6.3e-3 along the gradient, whatever the step: smaller steps trade truncation for rounding).
     let n_params: usize = grads.iter().map(|(_, g)| g.len()).sum();
     let tolerance = 2e-3 * (n_params as f64 / 1e6).sqrt().max(1.0);
+    // Half products round their operands to 8 (bf16) or 11 (fp16) bits, so the gradient is that exact at
+    // best, and a step below the rounding quantum is partly lost where the next product rounds its input:
+    // half artifacts take a 5x longer step. Measured, worst of 4 directions on tiny-gpt2-ts and
+    // tiny-llama-dynamo, all weights or LoRA rank 4, emulated: bf16 6.6e-3, fp16 3.3e-3 at this step
+    // (at float32's step LoRA bf16 reached 5.5e-2; at 3e-2, truncation reaches 2.7e-2).
+    let (step, tolerance) = match m.precision {
+        crate::graph::Precision::Fp32 => (2e-3, tolerance),
+        crate::graph::Precision::Bf16 => (1e-2, tolerance.max(2e-2)),
+        crate::graph::Precision::Fp16 => (1e-2, tolerance.max(1e-2)),
+    };
     let mut worst = 0.0f64;
     // The first direction is the gradient itself (largest signal, checks the magnitude); the
     // others are random (check the orientation). A random direction can be nearly orthogonal to
@@ -336,7 +347,7 @@ fn directional(tensors: &[NamedTensor], m: &Manifest, opts: &ValidateOptions, se
             return Err(Error::Other("the gradient is exactly zero on a random batch".into()));
         }
         let analytic: f64 = grads.iter().map(|(p, g)| g.iter().zip(v[p].iter()).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>()).sum();
-        let eps = 2e-3 / vnorm;
+        let eps = step / vnorm;
         let mut lv = [0.0f64; 2];
         for (s, sign) in [1.0f64, -1.0].iter().enumerate() {
             let shifted = |n: &str| match v.get(n) {

@@ -4,6 +4,7 @@
 mod builder;
 mod cast_per_use;
 mod check;
+mod mixed_precision;
 mod names;
 mod opset;
 mod precision;
@@ -11,6 +12,7 @@ mod probe;
 
 pub use builder::Builder;
 pub use cast_per_use::cast_per_use;
+pub use mixed_precision::{drop_exact_round_trips, products_in_half, MixedPrecision, Precision};
 pub use names::Names;
 pub use opset::{raise_to_scatter_add_opset, SCATTER_ADD_OPSET};
 pub use precision::{compute_in_float32, is_deferred, materialize_deferred, store_frozen, stored_name, stored_names, HalfOrigin, StoredWeights};

@@ -35,6 +35,9 @@ pub struct TrainerState {
     /// epsilon-DPO's global beta before the next step (absent for the other methods).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epsilon_beta: Option<f64>,
+    /// float16 artifacts' dynamic loss scale before the next step (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<super::loss_scale::LossScale>,
 }
 
 pub fn checkpoints_dir(run: &Path) -> PathBuf {

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::loss_scale;
 use super::schedule::Schedule;
 use super::truncation::TruncationMode;
 use crate::runtime::ExecutionProvider;
@@ -66,6 +67,9 @@ pub struct TrainConfig {
     /// Tokens per row when the artifacts take packed batches (`build-graph --layout packed`).
     #[serde(default = "default_pack_tokens")]
     pub pack_tokens: usize,
+    /// fp16 artifacts: the first loss scale (`None`: PyTorch's 65536; see `train::loss_scale`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale_init: Option<f64>,
 }
 
 fn flush_by_default() -> bool {
@@ -137,6 +141,7 @@ impl Default for TrainConfig {
             profile: None,
             flush_denormals: true,
             pack_tokens: default_pack_tokens(),
+            loss_scale_init: None,
         }
     }
 }
@@ -166,6 +171,9 @@ impl TrainConfig {
         }
         if self.pack_tokens == 0 {
             return bad("--pack-tokens", "must be at least 1".into());
+        }
+        if let Some(s) = self.loss_scale_init.filter(|s| !(loss_scale::MIN_SCALE..=loss_scale::MAX_SCALE).contains(s)) {
+            return bad("--loss-scale-init", format!("{s} (must be between {} and {})", loss_scale::MIN_SCALE, loss_scale::MAX_SCALE));
         }
         if self.max_steps == Some(0) {
             return bad("--max-steps", "must be at least 1".into());

@@ -13,6 +13,7 @@ pub mod data;
 pub mod denormals;
 pub mod device;
 pub mod epsilon_beta;
+pub mod loss_scale;
 pub mod metrics;
 pub mod reference;
 pub mod schedule;

@@ -47,6 +47,8 @@ pub struct BatchBetaInputs {
     pub selection_noise: Vec<f32>,
     /// epsilon-DPO's global beta.
     pub epsilon_beta: f32,
+    /// float16 artifacts: what the train graph multiplies the loss by before differentiation.
+    pub loss_scale: f32,
 }
 
 /// Everything a train or eval graph is fed for one batch, parameters aside.
@@ -80,6 +82,7 @@ fn batch_inputs<'v>(spec: &GraphSpec, GraphBatch { batch, refs, batch_beta: extr
                 Tensor::from_array((vec![pairs], noise))?.into_dyn()
             }
             "epsilon_beta" => Tensor::from_array((vec![1], vec![extra.epsilon_beta]))?.into_dyn(),
+            "loss_scale" => Tensor::from_array((Vec::<usize>::new(), vec![extra.loss_scale]))?.into_dyn(),
             "parameter" => continue,
             other => return Err(Error::Other(format!("the graph wants an input with role {other}, which train does not know"))),
         };

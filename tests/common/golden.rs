@@ -2,11 +2,14 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::path::Path;
 
-use betadpo::dpo::packing::{pack, HeadReads, PackedBatch, PairTokens};
-use betadpo::dpo::ObjectiveConfig;
-use betadpo::runtime::HostTensor;
+use betadpo::dpo::packing::{pack, HeadReads, LayoutChoice, PackedBatch, PairTokens};
+use betadpo::dpo::{build_artifacts, BuildOptions, Layout, Manifest, ObjectiveConfig};
+use betadpo::runtime::{run, HostTensor, SessionConfig};
+use betadpo::store::read_safetensors;
+use ndarray::{ArrayD, IxDyn};
 
 pub type Golden = super::fixtures::Tensors;
 
@@ -55,4 +58,60 @@ pub fn batch_feed(golden: &Golden, role: &str) -> Option<HostTensor> {
         "ref_logps" => Some(HostTensor::F32(golden.f32s["ref_logps"].clone())),
         _ => batch_input(golden, None, role),
     }
+}
+
+pub fn norm(a: &ArrayD<f32>) -> f64 {
+    a.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt()
+}
+
+pub fn diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f64 {
+    a.iter().zip(b.iter()).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt()
+}
+
+pub fn rel(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f64 {
+    diff(a, b) / norm(b).max(1e-30)
+}
+
+/// What [`golden_train_outputs`] feeds a train graph's `loss_scale` input (float16 artifacts): its
+/// gradients are then this many times the loss's.
+pub const FED_LOSS_SCALE: f32 = 1024.0;
+
+/// Builds the artifacts of `opts` and runs their train graph on the golden batch with the golden's
+/// beta head; returns the manifest and every float output by name.
+pub fn golden_train_outputs(model_dir: &Path, golden: &Golden, opts: &BuildOptions, tag: &str) -> Result<(Manifest, HashMap<String, ArrayD<f32>>), String> {
+    let layout = if opts.layout == LayoutChoice::Packed { Layout::Packed } else { Layout::Padded };
+    let out = super::fixtures::scratch(&format!("golden-{}-{tag}-{layout:?}", model_dir.file_name().unwrap().to_string_lossy()));
+    let packed = (layout == Layout::Packed).then(|| packed_golden(golden, &opts.objective));
+    build_artifacts(&model_dir.join("model.onnx"), &out, opts).map_err(|e| e.to_string())?;
+    let m = Manifest::load(&out).unwrap();
+    let spec = m.graph("train").unwrap();
+    let (params, _) = read_safetensors(&out.join(&m.parameters_file)).unwrap();
+    let mut feeds: Vec<(&str, HostTensor)> = Vec::new();
+    for i in &spec.inputs {
+        if let Some(t) = batch_input(golden, packed.as_ref(), &i.role) {
+            feeds.push((i.name.as_str(), t));
+            continue;
+        }
+        let t = match i.role.as_str() {
+            "ref_logps" => HostTensor::F32(golden.f32s["ref_logps"].clone()),
+            "loss_scale" => HostTensor::F32(ArrayD::from_elem(IxDyn(&[]), FED_LOSS_SCALE)),
+            "parameter" => {
+                // the golden's beta head is not the build's zero init
+                let v = match golden.f32s.get(&i.name) {
+                    Some(g) if i.name.starts_with("beta_head.") => g.clone(),
+                    _ => {
+                        let p = params.iter().find(|p| p.name == i.name).unwrap();
+                        ArrayD::from_shape_vec(IxDyn(&p.shape), p.data.clone()).unwrap()
+                    }
+                };
+                HostTensor::F32(v)
+            }
+            other => panic!("unexpected input role {other}"),
+        };
+        feeds.push((i.name.as_str(), t));
+    }
+    let mut session = SessionConfig::default().session_from_file(&out.join(&spec.file)).unwrap();
+    let outs: HashMap<String, ArrayD<f32>> = run(&mut session, &feeds).unwrap().into_iter().filter_map(|(n, t)| t.as_f32().cloned().map(|a| (n, a))).collect();
+    let _ = std::fs::remove_dir_all(&out);
+    Ok((m, outs))
 }

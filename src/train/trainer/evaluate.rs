@@ -49,7 +49,8 @@ impl Evaluator<'_> {
             let r = batch_refs(&self.refs, &batch.source_indices)?;
             let stats = tstate.margin_stats;
             let epsilon_beta = tstate.epsilon_beta.unwrap_or_default() as f32;
-            let extra = BatchBetaInputs { margin_stats: [stats.mean as f32, stats.std as f32], selection_noise: Vec::new(), epsilon_beta };
+            let extra =
+                BatchBetaInputs { margin_stats: [stats.mean as f32, stats.std as f32], selection_noise: Vec::new(), epsilon_beta, ..Default::default() };
             let (out, _) = run_graph(session, spec, &GraphBatch { batch: &batch, refs: &r, batch_beta: &extra }, params, &[], device)?;
             mine.push((
                 i,

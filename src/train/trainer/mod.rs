@@ -40,7 +40,7 @@ pub fn train_with(cfg: &TrainConfig, coll: &dyn Collective) -> Result<TrainSumma
     let _ftz = cfg.flush_denormals.then(crate::train::denormals::FlushGuard::new);
     let mut p = prepare::prepare(cfg, coll)?;
     let refs = reference::reference(cfg, &mut p, coll)?;
-    let (mut tstate, mut state) = prepare::start_state(&mut p)?;
+    let (mut tstate, mut state) = prepare::start_state(&mut p, cfg)?;
     let resumed_from = p.resume.as_ref().map(|r| r.step);
     let mut log = None;
     if root {

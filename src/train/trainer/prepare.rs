@@ -10,7 +10,8 @@ use super::host::{by_name, take_uploaded, to_feeds};
 use crate::distributed::Collective;
 use crate::dpo::packing::HeadReads;
 use crate::dpo::{Layout, Manifest};
-use crate::runtime::{SessionConfig, SharedWeights};
+use crate::graph::Precision;
+use crate::runtime::{ExecutionProvider, SessionConfig, SharedWeights};
 use crate::store::read_safetensors;
 use crate::train::batch::{CollateOptions, DataLoader, LoaderConfig, LoaderPosition, Packing};
 use crate::train::batch_beta::MarginStats;
@@ -18,6 +19,7 @@ use crate::train::checkpoint::{self, TrainerState};
 use crate::train::config::{OptimizerKind, TrainConfig};
 use crate::train::data::{load_preferences, LoadOptions};
 use crate::train::device::Device;
+use crate::train::loss_scale::LossScale;
 use crate::train::optimizer_step::State;
 use crate::train::reference::cache_key;
 use crate::train::session_io::Feeds;
@@ -87,6 +89,7 @@ pub fn prepare(cfg: &TrainConfig, coll: &dyn Collective) -> Result<Prepared> {
     coll.barrier()?;
     crate::runtime::init(&cfg.ep)?;
     let manifest = Manifest::load(&cfg.artifacts)?;
+    check_precision(&manifest, cfg)?;
     let manifest_text = std::fs::read_to_string(cfg.artifacts.join(crate::dpo::manifest::MANIFEST_FILE)).map_err(|e| Error::io(&cfg.artifacts, e))?;
     if coll.size() > 1 && manifest.objective.beta_dpo.is_some() {
         return Err(Error::Distributed(
@@ -159,7 +162,7 @@ pub fn prepare(cfg: &TrainConfig, coll: &dyn Collective) -> Result<Prepared> {
 
 /// The parameters, Adam moments and loop state the first step starts from: the checkpoint's for a
 /// resumed run, else the initial parameters (taken out of `p`) with zero moments.
-pub fn start_state(p: &mut Prepared) -> Result<(TrainerState, State)> {
+pub fn start_state(p: &mut Prepared, cfg: &TrainConfig) -> Result<(TrainerState, State)> {
     let device = p.device;
     if let Some(r) = &p.resume {
         let l = checkpoint::load(&r.dir)?;
@@ -194,8 +197,33 @@ pub fn start_state(p: &mut Prepared) -> Result<(TrainerState, State)> {
         margin_stats: MarginStats::default(),
         // as the graph reads it (float32), so resumed and straight runs agree bit for bit
         epsilon_beta: p.manifest.objective.epsilon_dpo.map(|e| e.beta0 as f32 as f64),
+        loss_scale: p.manifest.precision.needs_loss_scale().then(|| LossScale::starting_at(cfg.loss_scale_init)),
     };
     Ok((ts, State { params, m, v }))
+}
+
+/// Refuses half-precision products on ONNX Runtime's CPU provider (1.32), before any work: it has no
+/// bfloat16 MatMul (session creation would fail deep inside), and it silently runs float16 ones in float32.
+fn check_precision(manifest: &Manifest, cfg: &TrainConfig) -> Result<()> {
+    if cfg.loss_scale_init.is_some() && !manifest.precision.needs_loss_scale() {
+        return Err(Error::BadFlag { flag: "--loss-scale-init".into(), detail: "needs artifacts built with --precision fp16".into() });
+    }
+    let why = match manifest.precision {
+        Precision::Bf16 => "which ONNX Runtime's CPU provider cannot run",
+        Precision::Fp16 => "which ONNX Runtime's CPU provider would compute in float32",
+        Precision::Fp32 => return Ok(()),
+    };
+    if manifest.precision_emulated || cfg.ep != ExecutionProvider::Cpu {
+        return Ok(());
+    }
+    Err(Error::BadFlag {
+        flag: "--ep".into(),
+        detail: format!(
+            "{} computes its matrix products in {}, {why}; train it with --ep cuda, or build with --precision fp32 (or --emulate-half, for checks)",
+            cfg.artifacts.display(),
+            manifest.precision.name()
+        ),
+    })
 }
 
 fn load_pairs(path: &Path, tok: &PairTokenizer, trunc: &TruncationConfig, skip_bad: bool, log: &mut String) -> Result<Vec<TokenizedPair>> {

@@ -21,6 +21,7 @@ use crate::train::config::TrainConfig;
 use crate::train::device::Device;
 use crate::train::epsilon_beta::{self, StepTally};
 use crate::train::fused_adamw::{self, ParamKind};
+use crate::train::loss_scale::Verdict;
 use crate::train::metrics::{num, summarise, PairValues};
 use crate::train::optimizer_step::{apply, Accumulator, Hyper, State};
 use crate::train::reference::{batch_refs, RefTable};
@@ -128,6 +129,7 @@ impl<'a> Stepper<'a> {
             let micro_batch = tstate.step * cfg.grad_accum as u64 + micro as u64;
             let mut extra = tstate.margin_stats.inputs(cfg.seed, micro_batch, batch.pairs());
             extra.epsilon_beta = tstate.epsilon_beta.unwrap_or_default() as f32;
+            extra.loss_scale = tstate.loss_scale.map_or(1.0, |s| s.scale as f32);
             let graph_started = Instant::now();
             let fed = GraphBatch { batch: &batch, refs: &refs, batch_beta: &extra };
             let (out, grads) = run_graph(&mut sessions.train, &self.train_spec, &fed, &state.params, &self.grad_names, device)?;
@@ -172,7 +174,12 @@ impl<'a> Stepper<'a> {
         };
         let loss = loss_sum / n_pairs as f64;
         let step = tstate.step + 1;
-        let hyper = self.hyper(step, tstate.updates);
+        let mut hyper = self.hyper(step, tstate.updates);
+        if let Some(s) = tstate.loss_scale {
+            // the optimizer unscales before the norm, clipping and AdamW read the gradients
+            hyper.gradient_scale *= s.unscale() as f32;
+        }
+        let scale_used = tstate.loss_scale.map(|s| s.scale);
         let optimizer_started = Instant::now();
         let norm = match (loss.is_finite(), self.fused) {
             (false, _) => None,
@@ -180,8 +187,14 @@ impl<'a> Stepper<'a> {
             (true, false) => apply(sessions.optimizer.as_mut().expect("optimizer session"), &self.opt_spec, state, &grads, &hyper, device)?,
         };
         let optimizer_time = optimizer_started.elapsed().as_secs_f64();
+        // float16: gradients that overflowed at this scale skip the step and halve it (a finite loss only)
+        let overflowed = match tstate.loss_scale.as_mut() {
+            Some(s) if loss.is_finite() && (norm.is_some() || !s.at_minimum()) => s.after_step(norm.is_some()) == Verdict::Skip,
+            _ => false,
+        };
         let norm = match norm {
             Some(n) => n,
+            None if overflowed => f32::NAN,
             None if cfg.skip_nonfinite => {
                 tstate.skipped_nonfinite += 1;
                 f32::NAN
@@ -220,6 +233,12 @@ impl<'a> Stepper<'a> {
         if let (Some(beta), Some(e)) = (tstate.epsilon_beta, self.epsilon_dpo) {
             epsilon_beta::record(&mut rec, beta, &epsilon_steps);
             tstate.epsilon_beta = Some(epsilon_beta::next_beta(beta, e.epsilon, &epsilon_steps));
+        }
+        if let Some(scale) = scale_used {
+            rec.insert("loss_scale".into(), num(scale));
+            if overflowed {
+                rec.insert("loss_scale_overflow".into(), Value::from(true));
+            }
         }
         if tstate.skipped_nonfinite > 0 {
             rec.insert("skipped_nonfinite".into(), Value::from(tstate.skipped_nonfinite));
