@@ -43,15 +43,18 @@ impl HalfOrigin {
         (*at == Some(t.raw_data.as_ptr() as usize)).then_some(o)
     }
 
+    /// What holds `t`'s values: its half original when `t` is deferred, else `t` itself.
+    fn values_of<'a>(&'a self, t: &'a TensorProto) -> &'a TensorProto {
+        deferred_from(t).and_then(|name| self.original.get(name)).map_or(t, |(o, _)| o)
+    }
+
     /// The float32 little-endian bytes of `t`, converted from its half original when `t` is deferred.
     pub fn float32_bytes<'a>(&self, t: &'a TensorProto) -> Result<std::borrow::Cow<'a, [u8]>> {
-        if let Some(o) = self.of(t).filter(|_| is_deferred(t)) {
-            return Ok(std::borrow::Cow::Owned(f32_bytes(&tensor_to_f32(o)?)));
-        }
-        if t.data_type == dtype::FLOAT && !t.raw_data.is_empty() {
+        let source = self.values_of(t);
+        if std::ptr::eq(source, t) && t.data_type == dtype::FLOAT && !t.raw_data.is_empty() {
             return Ok(std::borrow::Cow::Borrowed(&t.raw_data[..]));
         }
-        Ok(std::borrow::Cow::Owned(f32_bytes(&tensor_to_f32(t)?)))
+        Ok(std::borrow::Cow::Owned(f32_bytes(&tensor_to_f32(source)?)))
     }
 }
 
@@ -127,7 +130,7 @@ pub struct StoredWeights {
 impl StoredWeights {
     /// `t`'s values in `to` (float32 or half), made once per source tensor.
     fn convert(&mut self, t: &TensorProto, origin: &HalfOrigin, to: DType) -> Result<Bytes> {
-        let source = origin.of(t).filter(|_| is_deferred(t)).unwrap_or(t);
+        let source = origin.values_of(t);
         let key = (source.raw_data.as_ptr() as usize, source.raw_data.len(), to);
         if let Some(b) = self.converted.get(&key).filter(|_| !source.raw_data.is_empty()) {
             return Ok(b.clone());

@@ -86,26 +86,18 @@ pub fn probe_shapes(graph: &Graph, batch: &ProbeBatch) -> Result<TensorInfos> {
 fn probe_model(graph: &Graph) -> Result<crate::onnx::ModelProto> {
     let mut g = graph.clone();
     let graph_inputs: HashSet<String> = g.inputs.iter().map(|i| i.name.clone()).collect();
-    let mut fills: HashMap<String, [NodeProto; 2]> = HashMap::new();
+    let mut fills: Vec<NodeProto> = Vec::new();
     g.initializers.retain(|t| {
         let numel: i64 = t.dims.iter().product();
         let small = !dtype::is_float(t.data_type) || numel < ZERO_FILL_MIN_ELEMENTS || graph_inputs.contains(&t.name);
         if small && !super::precision::is_deferred(t) {
             return true;
         }
-        fills.insert(t.name.clone(), zero_fill(t));
+        fills.extend(zero_fill(t));
         false
     });
-    // each fill just before its first reader, so that ONNX Runtime never holds all the zeroed weights at once
-    let mut nodes = Vec::with_capacity(g.nodes.len() + 2 * fills.len());
-    for n in std::mem::take(&mut g.nodes) {
-        for input in &n.input {
-            nodes.extend(fills.remove(input).into_iter().flatten());
-        }
-        nodes.push(n);
-    }
-    let unread = fills.into_values().flatten();
-    g.nodes = unread.chain(nodes).collect();
+    fills.append(&mut g.nodes);
+    g.nodes = fills;
     let declared: HashSet<String> = g.outputs.iter().map(|o| o.name.clone()).collect();
     let mut extra: Vec<ValueInfoProto> = Vec::new();
     let mut added = HashSet::new();
