@@ -16,8 +16,13 @@ Outputs (TRL formats), by default into graphs/quickstart/:
   test_implicit.jsonl          implicit-prompt format {chosen, rejected, regime}: both texts start with the
                                same prompt text
 
-Only the standard library is used; the output is a pure function of --seed.
-  python scripts/make_prefs.py [--out graphs/quickstart] [--seed 1234] [--train 1200] [--test 300]
+With --varied, every regime draws from many more templates (arithmetic and counting with a right and a wrong
+answer, greetings, ordering, trip and pet advice, colours, numbers, several answer lengths), so that neither the
+prompt's wording nor the answer's length gives the regime away as easily as in the default set; the swap rates
+are the same. The default set (without --varied) is what the quickstart and the shared fixtures use.
+
+Only the standard library is used; the output is a pure function of --seed (and --varied).
+  python scripts/make_prefs.py [--out graphs/quickstart] [--seed 1234] [--train 1200] [--test 300] [--varied]
 """
 import argparse
 import json
@@ -96,12 +101,107 @@ def noise_pair(rng):
 REGIMES = [("clean", clean_pair), ("mixed", mixed_pair), ("noise", noise_pair)]
 SWAP_PROB = {"clean": 0.0, "mixed": 0.25, "noise": 0.5}
 
+# --- the varied set (--varied) ----------------------------------------------------------------------------
+NAMES = ["Ada", "Bo", "Cleo", "Dev", "Elif", "Femi", "Goran", "Hana", "Ines", "Jun", "Kofi", "Lena", "Mateo",
+         "Nia", "Omar", "Priya", "Quinn", "Rosa", "Sami", "Tova", "Umar", "Vera", "Wen", "Yara", "Zeno"]
+COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "teal", "grey", "white", "black", "pink", "gold"]
+PLACES = ["mountains", "seaside", "desert", "city", "forest", "lake", "countryside", "island", "north", "valley"]
+SKILLS = ["drawing", "chess", "cooking", "running", "singing", "writing", "swimming", "juggling", "knitting",
+          "photography", "gardening", "reading maps"]
+PETS = ["cat", "dog", "hamster", "parrot", "turtle", "rabbit", "goldfish", "lizard"]
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+                "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
 
-def make_rows(n, seed):
+
+def wrong_by(rng, x, lo=0):
+    """A plausible wrong answer near x."""
+    return max(lo, x + rng.choice([-3, -2, -1, 1, 2, 3])) if x > lo + 3 else x + rng.choice([1, 2, 3])
+
+
+def varied_clean(rng):
+    """One right answer against a wrong or unhelpful one."""
+    kind = rng.randrange(7)
+    if kind < 2:
+        return clean_pair(rng)
+    if kind == 2:
+        a, b = rng.randint(2, 60), rng.randint(2, 40)
+        w = wrong_by(rng, a + b)
+        user = rng.choice([f"What is {a} plus {b}?", f"Add {a} and {b}.", f"How much is {a} + {b}?"])
+        return user, f" {a} plus {b} is {a + b}.", f" {a} plus {b} is {w}."
+    if kind == 3:
+        word = rng.choice(THINGS)
+        w = wrong_by(rng, len(word), lo=1)
+        return (f"How many letters are in the word '{word}'?", f" The word '{word}' has {len(word)} letters.",
+                f" The word '{word}' has {w} letters.")
+    if kind == 4:
+        name = rng.choice(NAMES)
+        good = rng.choice([f" Hello {name}, it is lovely to see you! I hope your day is going well.",
+                           f" Hi {name}! Welcome, and thank you for coming.",
+                           f" Good morning, {name}. It is great to have you here."])
+        return rng.choice([f"Write a short greeting for {name}.", f"Greet my friend {name}, please."]), good, \
+            rng.choice(REFUSALS)
+    if kind == 5:
+        words = rng.sample(THINGS, 3)
+        shuffled = words[:]
+        while shuffled == sorted(words):
+            rng.shuffle(shuffled)
+        return (f"Put these words in alphabetical order: {', '.join(words)}.", f" {', '.join(sorted(words))}.",
+                f" {', '.join(shuffled)}.")
+    n = rng.randint(0, 20)
+    w = rng.choice([k for k in range(21) if k != n])
+    return f"Write the number {n} in words.", f" {NUMBER_WORDS[n].capitalize()}.", f" {NUMBER_WORDS[w].capitalize()}."
+
+
+def varied_mixed(rng):
+    """Helpful advice against a dismissal (25% of labels swapped)."""
+    kind = rng.randrange(5)
+    if kind < 2:
+        return mixed_pair(rng)
+    if kind == 2:
+        place = rng.choice(PLACES)
+        a, b = rng.sample(THINGS, 2)
+        user = rng.choice([f"What should I pack for a trip to the {place}?", f"I am going to the {place}. Any tips?"])
+        good = rng.choice([f" Pack a {a} and a {b}, and {rng.choice(CARE)}.", f" Bring a {a}. In the {place} it helps."])
+        return user, good, rng.choice(DISMISSALS + REFUSALS[:2])
+    if kind == 3:
+        skill = rng.choice(SKILLS)
+        user = rng.choice([f"How can I get better at {skill}?", f"I want to learn {skill}. Where do I start?"])
+        good = rng.choice([f" Practice {skill} for a few minutes every day, and ask for feedback.",
+                           f" Start small: one short {skill} session a day. Keep notes on what improves."])
+        return user, good, rng.choice(DISMISSALS)
+    pet = rng.choice(PETS)
+    name = rng.choice(NAMES)
+    return (f"Can you suggest a name for my {pet}?", f" How about {name}? It is short and easy to call.",
+            rng.choice(DISMISSALS))
+
+
+def varied_noise(rng):
+    """Two equally good answers: which one is chosen is a coin flip."""
+    kind = rng.randrange(5)
+    if kind < 2:
+        return noise_pair(rng)
+    if kind == 2:
+        thing = rng.choice(THINGS)
+        c1, c2 = rng.sample(COLORS, 2)
+        return (rng.choice([f"Suggest a color for my {thing}.", f"What color should I paint the {thing}?"]),
+                f" Try {c1}.", f" Try {c2}.")
+    if kind == 3:
+        a, b = rng.sample(range(1, 11), 2)
+        return "Give me a number between 1 and 10.", f" {a}.", f" {b}."
+    a, b = rng.sample(NAMES, 2)
+    pet = rng.choice(PETS)
+    return f"Should I call my {pet} {a} or {b}?", f" Call it {a}.", f" Call it {b}."
+
+
+VARIED_REGIMES = [("clean", varied_clean), ("mixed", varied_mixed), ("noise", varied_noise)]
+
+
+def make_rows(n, seed, varied=False):
     rng = random.Random(seed)
     rows = []
+    regimes = VARIED_REGIMES if varied else REGIMES
     for i in range(n):
-        regime, gen = REGIMES[i % len(REGIMES)]
+        regime, gen = regimes[i % len(regimes)]
         user, good, other = gen(rng)
         chosen, rejected = good, other
         if rng.random() < SWAP_PROB[regime]:
@@ -141,11 +241,12 @@ def main():
     ap.add_argument("--train", type=int, default=1200)
     ap.add_argument("--test", type=int, default=300)
     ap.add_argument("--small", type=int, default=30, help="rows of the conversational / implicit test files")
+    ap.add_argument("--varied", action="store_true", help="many more templates per regime (see above)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    train = make_rows(args.train, args.seed)
-    test = make_rows(args.test, args.seed + 1)
-    small = make_rows(args.small, args.seed + 2)
+    train = make_rows(args.train, args.seed, args.varied)
+    test = make_rows(args.test, args.seed + 1, args.varied)
+    small = make_rows(args.small, args.seed + 2, args.varied)
     write_jsonl(os.path.join(args.out, "train.jsonl"), [standard(r) for r in train])
     write_jsonl(os.path.join(args.out, "test.jsonl"), [standard(r) for r in test])
     write_jsonl(os.path.join(args.out, "test_conversational.jsonl"), [conversational(r) for r in small])
