@@ -172,6 +172,18 @@ fn packages_and_specs_follow_the_cuda_major() {
     assert!(err.contains("CUDA 11.8") && err.contains("12 and newer"), "{err}");
 }
 
+/// NCCL for several ranks on GPUs: the wheel of the GPU build's CUDA major (PyPI has
+/// nvidia-nccl-cu12 and -cu13 2.19 ... 2.32.3; 2.32.3's carries nvidia/nccl/lib/libnccl.so.2).
+#[test]
+fn nccl_follows_the_cuda_major() {
+    for (cuda, package) in [("12.8", "nvidia-nccl-cu12"), ("13.0", "nvidia-nccl-cu13")] {
+        let set = gpu_libs::nccl_set(cuda).unwrap();
+        assert_eq!(set.packages(), [(package, format!("{package}>=2.19,<3").as_str())], "CUDA {cuda}");
+        assert_eq!(set.libraries.iter().map(|l| (l.file.as_str(), l.required)).collect::<Vec<_>>(), [("libnccl.so.2", true)]);
+    }
+    assert!(gpu_libs::nccl_set("twelve").is_err());
+}
+
 // ---------------------------------------------------------------------------------------------- provisioning
 
 /// The whole `--ep tensorrt` chain from an empty cache: the onnxruntime-gpu build (its CUDA version recorded),

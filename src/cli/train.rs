@@ -77,9 +77,10 @@ pub struct Args {
     /// Column whose values split the evaluation metrics (e.g. regime).
     #[arg(long)]
     group_by: Option<String>,
-    /// Execution provider: cpu, cuda[:N] or tensorrt[:N].
-    #[arg(long, default_value = "cpu")]
-    ep: ExecutionProvider,
+    /// Execution provider: cpu, cuda[:N] or tensorrt[:N]. Under mpirun, cuda or tensorrt without N
+    /// gives each rank the GPU of its local rank on its machine.
+    #[arg(long, default_value = "cpu", value_parser = parse_ep)]
+    ep: (ExecutionProvider, bool),
     /// Intra-op threads (default: ONNX Runtime's choice).
     #[arg(long)]
     threads: Option<usize>,
@@ -118,6 +119,13 @@ pub struct Args {
     /// in a row double it.
     #[arg(long, allow_negative_numbers = true)]
     loss_scale_init: Option<f64>,
+    /// Under mpirun: what sums the gradients. auto: NCCL on the GPUs' memory with --ep cuda or
+    /// tensorrt, MPI through host memory on the CPU; mpi; nccl.
+    #[arg(long, default_value = "auto")]
+    allreduce: betadpo::train::config::AllreduceKind,
+    /// Seconds a rank waits for the others in an NCCL allreduce before it ends the job.
+    #[arg(long, default_value_t = 600.0)]
+    nccl_timeout: f64,
     /// No progress bars.
     #[arg(long)]
     quiet: bool,
@@ -148,7 +156,7 @@ pub fn config(a: Args) -> TrainConfig {
         save_every: a.save_every,
         save_total_limit: a.save_total_limit,
         group_by: a.group_by,
-        ep: a.ep,
+        ep: rank_device(a.ep.0, a.ep.1, betadpo::distributed::local_rank()),
         threads: a.threads,
         resume: a.resume,
         skip_bad_rows: a.skip_bad_rows,
@@ -160,7 +168,25 @@ pub fn config(a: Args) -> TrainConfig {
         flush_denormals: !a.keep_denormals,
         pack_tokens: a.pack_tokens,
         loss_scale_init: a.loss_scale_init,
+        allreduce: a.allreduce,
+        nccl_timeout_s: a.nccl_timeout,
         ..Default::default()
+    }
+}
+
+/// The provider and whether the flag named a device (`cuda:1`) rather than leaving it (`cuda`).
+fn parse_ep(s: &str) -> std::result::Result<(ExecutionProvider, bool), String> {
+    let ep: ExecutionProvider = s.parse().map_err(|e: betadpo::Error| e.to_string())?;
+    Ok((ep, s.contains(':')))
+}
+
+/// A GPU provider named without a device, in a rank an MPI launcher started: the rank's local index
+/// picks its GPU, as `torchrun` users set `LOCAL_RANK`; one process keeps device 0.
+fn rank_device(ep: ExecutionProvider, explicit: bool, local_rank: Option<usize>) -> ExecutionProvider {
+    match (ep, explicit, local_rank) {
+        (ExecutionProvider::Cuda { .. }, false, Some(r)) => ExecutionProvider::Cuda { device: r as i32 },
+        (ExecutionProvider::TensorRt { .. }, false, Some(r)) => ExecutionProvider::TensorRt { device: r as i32 },
+        _ => ep,
     }
 }
 
@@ -180,7 +206,10 @@ pub fn run(a: Args) -> Result<()> {
         Ok(s) => s,
         Err(e) if coll.size() > 1 => {
             // The other ranks may be waiting in a collective for this one: end them all.
-            eprintln!("error: rank {} of {}: {e:#}", coll.rank(), coll.size());
+            // One write: mpirun forwards each rank's stderr in the pieces it was written in, so a
+            // line written piecewise (as eprintln! does) can come out cut by another rank's output.
+            let line = format!("error: rank {} of {}: {e:#}\n", coll.rank(), coll.size());
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
             coll.abort(1)
         }
         Err(e) => return Err(e),
@@ -189,4 +218,22 @@ pub fn run(a: Args) -> Result<()> {
         println!("{}", betadpo::train::report::summary_table(&s));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranks_take_their_local_gpu_unless_told() {
+        let cuda = |d| ExecutionProvider::Cuda { device: d };
+        assert_eq!(rank_device(cuda(0), false, Some(3)), cuda(3));
+        assert_eq!(rank_device(cuda(1), true, Some(3)), cuda(1));
+        assert_eq!(rank_device(cuda(0), false, None), cuda(0));
+        assert_eq!(rank_device(ExecutionProvider::TensorRt { device: 0 }, false, Some(2)), ExecutionProvider::TensorRt { device: 2 });
+        assert_eq!(rank_device(ExecutionProvider::Cpu, false, Some(2)), ExecutionProvider::Cpu);
+        assert_eq!(parse_ep("cuda").unwrap(), (cuda(0), false));
+        assert_eq!(parse_ep("cuda:2").unwrap(), (cuda(2), true));
+        assert!(parse_ep("gpu").is_err());
+    }
 }

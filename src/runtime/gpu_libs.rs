@@ -120,6 +120,18 @@ fn cuda_set(major: u32) -> LibrarySet {
     LibrarySet { dir_name: format!("nvidia-cuda{major}-libs"), what: format!("CUDA {major} / cuDNN 9"), libraries }
 }
 
+/// NCCL, for the gradient allreduce of several ranks on GPUs (`distributed::nccl`): PyPI's
+/// `nvidia-nccl-cuNN` wheel, 2.19 or newer (the releases that build for CUDA 12.x and 13.x).
+pub fn nccl_set(cuda_version: &str) -> Result<LibrarySet> {
+    let major = cuda_major(cuda_version)?;
+    let package = format!("nvidia-nccl-cu{major}");
+    Ok(LibrarySet {
+        dir_name: format!("nvidia-nccl-cuda{major}-libs"),
+        what: format!("NCCL 2 for CUDA {major}"),
+        libraries: vec![Wanted { spec: format!("{package}>=2.19,<3"), package, file: "libnccl.so.2".into(), required: true }],
+    })
+}
+
 /// TensorRT's core, its plugins and the ONNX parser (the provider links `libnvinfer` and `libnvonnxparser`).
 fn tensorrt_set(major: u32) -> LibrarySet {
     let package = format!("tensorrt-cu{major}-libs");

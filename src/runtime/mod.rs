@@ -12,7 +12,7 @@
 //!
 //! Call [`init`] or [`environment`] before any other `ort` API: `ort` otherwise tries to load a library on its own.
 
-mod dl;
+pub(crate) mod dl;
 pub mod doctor;
 pub mod driver;
 mod ep;
@@ -116,6 +116,19 @@ fn load(ep: &ExecutionProvider) -> Result<Runtime> {
 pub fn provision_gpu_libraries(locator: &Locator, ort_library: &Path, stack: GpuStack) -> Result<Vec<Provisioned>> {
     let cuda_version = provision::cuda_version_of(ort_library)?;
     gpu_libs::library_sets(&cuda_version, stack)?.iter().map(|set| gpu_libs::provision(&locator.cache_dir, set, &locator.wheels)).collect()
+}
+
+/// Provisions NCCL for the loaded GPU build (once per cache) and loads it, so that
+/// `distributed::nccl` finds `libnccl.so.2` by its soname. With `ORT_DYLIB_PATH` the user brings the
+/// GPU stack, NCCL included, on the loader path, and nothing is provisioned.
+pub fn provision_nccl() -> Result<()> {
+    let locator = Locator::from_env()?;
+    if locator.dylib_override.is_some() {
+        return Ok(());
+    }
+    let loaded = loaded_library().ok_or_else(|| Error::Runtime("NCCL is provisioned after ONNX Runtime's GPU build is loaded".into()))?;
+    let set = gpu_libs::nccl_set(&provision::cuda_version_of(&loaded.path)?)?;
+    preload_gpu_libraries(&gpu_libs::provision(&locator.cache_dir, &set, &locator.wheels)?)
 }
 
 /// Loads a provisioned set globally, in its dependency order, so that ONNX Runtime's GPU provider library,

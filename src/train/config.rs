@@ -70,6 +70,42 @@ pub struct TrainConfig {
     /// fp16 artifacts: the first loss scale (`None`: PyTorch's 65536; see `train::loss_scale`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scale_init: Option<f64>,
+    /// With several ranks: what sums the gradients (`auto`: NCCL on GPU memory with a GPU
+    /// provider, MPI through host memory otherwise).
+    #[serde(default)]
+    pub allreduce: AllreduceKind,
+    /// Seconds a rank waits for the others in an NCCL allreduce before it ends the job (a hung rank).
+    #[serde(default = "default_nccl_timeout")]
+    pub nccl_timeout_s: f64,
+}
+
+fn default_nccl_timeout() -> f64 {
+    // PyTorch's NCCL default, 10 minutes
+    600.0
+}
+
+/// What sums the ranks' gradients (see `distributed`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AllreduceKind {
+    #[default]
+    Auto,
+    /// MPI, through host memory.
+    Mpi,
+    /// NCCL, on the GPU's memory.
+    Nccl,
+}
+
+impl std::str::FromStr for AllreduceKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(AllreduceKind::Auto),
+            "mpi" => Ok(AllreduceKind::Mpi),
+            "nccl" => Ok(AllreduceKind::Nccl),
+            other => Err(format!("{other:?} is not an allreduce (auto, mpi, nccl)")),
+        }
+    }
 }
 
 fn flush_by_default() -> bool {
@@ -142,6 +178,8 @@ impl Default for TrainConfig {
             flush_denormals: true,
             pack_tokens: default_pack_tokens(),
             loss_scale_init: None,
+            allreduce: AllreduceKind::Auto,
+            nccl_timeout_s: default_nccl_timeout(),
         }
     }
 }
@@ -177,6 +215,9 @@ impl TrainConfig {
         }
         if self.max_steps == Some(0) {
             return bad("--max-steps", "must be at least 1".into());
+        }
+        if !(self.nccl_timeout_s.is_finite() && self.nccl_timeout_s > 0.0) {
+            return bad("--nccl-timeout", format!("{} (must be a positive number of seconds)", self.nccl_timeout_s));
         }
         // A prompt needs a token for the head to read and an answer a token to score.
         if let Some(l) = self.max_length.filter(|&l| l < 2) {

@@ -99,32 +99,44 @@ pub struct Accumulator {
     device: Device,
 }
 
+/// `w * g_i` (`accumulate` false) or `acc_i + w * g_i`, for every parameter: the sums of micro-batch
+/// gradients, in one process (`w` = 1) and weighted by each rank's share (`trainer::device_sum`).
+pub fn weighted_sum_graph(shapes: &[Vec<i64>], accumulate: bool) -> Vec<u8> {
+    let mut g = Graph { name: "betadpo_weighted_gradient_sum".into(), ir_version: 8, opsets: vec![OperatorSetIdProto { domain: String::new(), version: 18 }], ..Default::default() };
+    g.inputs.push(value_info("weight", dtype::FLOAT, &[]));
+    for (i, s) in shapes.iter().enumerate() {
+        let dims: Vec<Dim> = s.iter().map(|&d| Dim::Fixed(d)).collect();
+        if accumulate {
+            g.inputs.push(value_info(&format!("acc{i}"), dtype::FLOAT, &dims));
+        }
+        g.inputs.push(value_info(&format!("g{i}"), dtype::FLOAT, &dims));
+        g.outputs.push(value_info(&format!("sum{i}"), dtype::FLOAT, &dims));
+    }
+    let mut names = Names::from_graph(&g);
+    let mut b = Builder::new(&mut names, "wsum/");
+    for i in 0..shapes.len() {
+        let (gi, out) = (format!("g{i}"), format!("sum{i}"));
+        if accumulate {
+            let scaled = b.op("Mul", &["weight", &gi], vec![], &format!("scaled{i}"));
+            b.op_into("Add", &[&format!("acc{i}"), &scaled], &[&out], vec![]);
+        } else {
+            b.op_into("Mul", &["weight", &gi], &[&out], vec![]);
+        }
+    }
+    g.nodes = b.take();
+    prost::Message::encode_to_vec(&g.into_model())
+}
+
 impl Accumulator {
     pub fn new(shapes: &[Vec<i64>], cfg: &SessionConfig, device: Device) -> Result<Self> {
-        let mut g = Graph {
-            name: "betadpo_grad_accumulate".into(),
-            ir_version: 8,
-            opsets: vec![OperatorSetIdProto { domain: String::new(), version: 18 }],
-            ..Default::default()
-        };
-        for (i, s) in shapes.iter().enumerate() {
-            let dims: Vec<Dim> = s.iter().map(|&d| Dim::Fixed(d)).collect();
-            g.inputs.push(value_info(&format!("acc{i}"), dtype::FLOAT, &dims));
-            g.inputs.push(value_info(&format!("g{i}"), dtype::FLOAT, &dims));
-            g.outputs.push(value_info(&format!("sum{i}"), dtype::FLOAT, &dims));
-        }
-        let mut names = Names::from_graph(&g);
-        let mut b = Builder::new(&mut names, "acc/");
-        for i in 0..shapes.len() {
-            b.op_into("Add", &[&format!("acc{i}"), &format!("g{i}")], &[&format!("sum{i}")], vec![]);
-        }
-        g.nodes = b.take();
-        let bytes = prost::Message::encode_to_vec(&g.into_model());
-        Ok(Accumulator { session: cfg.session_from_bytes(&bytes)?, n: shapes.len(), device })
+        // weight 1: `acc + 1 * g` is `acc + g` to the bit
+        Ok(Accumulator { session: cfg.session_from_bytes(&weighted_sum_graph(shapes, true))?, n: shapes.len(), device })
     }
 
     pub fn add(&mut self, acc: Vec<Tensor<f32>>, grads: &[Tensor<f32>]) -> Result<Vec<Tensor<f32>>> {
-        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(2 * self.n);
+        let one = Tensor::from_array((Vec::<usize>::new(), vec![1.0f32]))?;
+        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(2 * self.n + 1);
+        inputs.push((Cow::Borrowed("weight"), SessionInputValue::from(&one)));
         for i in 0..self.n {
             inputs.push((Cow::Owned(format!("acc{i}")), SessionInputValue::from(&acc[i])));
             inputs.push((Cow::Owned(format!("g{i}")), SessionInputValue::from(&grads[i])));

@@ -2,7 +2,9 @@
 //! continues) → [`reference`] (reference log-probs) → [`step`] after step, with [`evaluate`] and
 //! [`save`] (checkpoints) between them, resumable at every checkpoint.
 
+mod device_sum;
 pub mod evaluate;
+mod gradient_reduce;
 mod host;
 pub mod prepare;
 mod progress;

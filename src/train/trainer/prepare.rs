@@ -138,7 +138,7 @@ pub fn prepare(cfg: &TrainConfig, coll: &dyn Collective) -> Result<Prepared> {
         }
         _ => None,
     };
-    agree_on_start(coll, &run_key, resume.as_ref().map(|r| r.step))?;
+    agree_on_start(coll, &format!("{run_key} allreduce {:?}", cfg.allreduce), resume.as_ref().map(|r| r.step))?;
 
     let session_config = session_config(cfg);
     let sessions = sessions(cfg, &manifest, &session_config)?;

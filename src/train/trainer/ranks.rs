@@ -11,21 +11,24 @@ use std::time::Instant;
 
 use ort::value::Tensor;
 
+use super::gradient_reduce::GradientReduce;
 use crate::distributed::wire::{Reader, Writer};
 use crate::distributed::Collective;
 use crate::train::device::Device;
 use crate::train::metrics::PairValues;
 use crate::{Error, Result};
 
-/// All of a step's gradients as one flat host buffer, so one allreduce moves them.
-pub struct GradientSum {
+/// All of a step's gradients as one flat host buffer, so one MPI allreduce moves them.
+pub struct HostGradientSum {
     flat: Vec<f32>,
     /// Each parameter's shape and start in `flat`.
     shapes: Vec<Vec<usize>>,
     offsets: Vec<usize>,
+    /// The last micro-batch's gradient tensors, on the CPU: the sums are written back into them.
+    reuse: Option<Vec<Tensor<f32>>>,
 }
 
-impl GradientSum {
+impl HostGradientSum {
     pub fn new(shapes: &[Vec<i64>]) -> Self {
         let shapes: Vec<Vec<usize>> = shapes.iter().map(|s| s.iter().map(|&d| d as usize).collect()).collect();
         let mut offsets = Vec::with_capacity(shapes.len());
@@ -34,16 +37,16 @@ impl GradientSum {
             offsets.push(total);
             total += s.iter().product::<usize>();
         }
-        GradientSum { flat: vec![0.0; total], shapes, offsets }
+        HostGradientSum { flat: vec![0.0; total], shapes, offsets, reuse: None }
     }
+}
 
-    /// Starts a step: nothing summed.
-    pub fn clear(&mut self) {
+impl GradientReduce for HostGradientSum {
+    fn clear(&mut self) {
         self.flat.fill(0.0);
     }
 
-    /// Adds `weight` times a micro-batch's gradients (in the parameters' order).
-    pub fn add(&mut self, grads: &[Tensor<f32>], weight: f32, device: &Device) -> Result<()> {
+    fn add(&mut self, grads: Vec<Tensor<f32>>, weight: f32, device: &Device) -> Result<()> {
         for (k, g) in grads.iter().enumerate() {
             let downloaded;
             let data: &[f32] = if device.is_gpu() {
@@ -56,20 +59,19 @@ impl GradientSum {
                 *acc += weight * x;
             }
         }
+        self.reuse = (!device.is_gpu()).then_some(grads);
         Ok(())
     }
 
-    /// Sums the buffers of all ranks (one allreduce, chunked) and returns the seconds it took.
-    pub fn allreduce(&mut self, coll: &dyn Collective) -> Result<f64> {
+    fn allreduce(&mut self, coll: &dyn Collective) -> Result<f64> {
         let started = Instant::now();
         coll.sum_f32(&mut self.flat)?;
         Ok(started.elapsed().as_secs_f64())
     }
 
-    /// The summed gradients as runtime values: written into `reuse` (a micro-batch's gradient
-    /// tensors, on the CPU) when given, else uploaded afresh.
-    pub fn to_tensors(&self, reuse: Option<Vec<Tensor<f32>>>, device: &Device) -> Result<Vec<Tensor<f32>>> {
-        match reuse {
+    /// Written into the last micro-batch's gradient tensors on the CPU, else uploaded afresh.
+    fn take(&mut self, device: &Device) -> Result<Vec<Tensor<f32>>> {
+        match self.reuse.take() {
             Some(mut grads) if !device.is_gpu() => {
                 for (k, g) in grads.iter_mut().enumerate() {
                     let (_, data) = g.try_extract_tensor_mut::<f32>()?;

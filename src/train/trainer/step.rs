@@ -10,7 +10,12 @@ use ort::value::Tensor;
 use serde_json::{Map, Value};
 
 use super::prepare::{uses_fused, Prepared, Sessions};
-use super::ranks::{gather_pairs, GradientSum};
+use super::device_sum::DeviceGradientSum;
+use super::gradient_reduce::GradientReduce;
+use super::ranks::{gather_pairs, HostGradientSum};
+use crate::distributed::nccl::Nccl;
+use crate::runtime::{ExecutionProvider, SessionConfig};
+use crate::train::config::AllreduceKind;
 use crate::distributed::Collective;
 use crate::dpo::manifest::GraphSpec;
 use crate::dpo::EpsilonDpoConfig;
@@ -41,7 +46,7 @@ pub struct Stepper<'a> {
     /// Sums micro-batch gradients (only with `grad_accum > 1`, in one process).
     accumulator: Option<Accumulator>,
     /// Sums the ranks' weighted gradients (only with several ranks).
-    gradient_sum: Option<GradientSum>,
+    gradient_sum: Option<Box<dyn GradientReduce>>,
     coll: &'a dyn Collective,
     beta_dpo: bool,
     epsilon_dpo: Option<EpsilonDpoConfig>,
@@ -56,7 +61,7 @@ impl<'a> Stepper<'a> {
         let shapes: Vec<Vec<i64>> = manifest.trainable().map(|t| t.shape.clone()).collect();
         let distributed = coll.size() > 1;
         let accumulator = if cfg.grad_accum > 1 && !distributed { Some(Accumulator::new(&shapes, &p.session_config, p.device)?) } else { None };
-        let gradient_sum = distributed.then(|| GradientSum::new(&shapes));
+        let gradient_sum = gradient_reducer(cfg, &shapes, coll, p.device, &p.session_config)?;
         let train_spec = manifest.graph("train")?.clone();
         let opt_spec = manifest.graph("optimizer")?.clone();
         let grad_names: Vec<String> = state
@@ -143,15 +148,15 @@ impl<'a> Stepper<'a> {
             n_pairs += batch.pairs();
             tokens += batch.num_tokens;
             micro_pairs.push(PairValues::from_outputs(&out.chosen_rewards, &out.rejected_rewards, &out.policy_logps, &refs, &out.beta, batch.groups.clone()));
-            acc = Some(match (acc, self.accumulator.as_mut(), self.gradient_sum.as_mut()) {
-                (_, _, Some(sum)) => {
-                    sum.add(&grads, batch.pairs() as f32 / shard.batch_pairs as f32, device)?;
-                    grads
-                }
-                (None, _, None) => grads,
-                (Some(a), Some(accum), None) => accum.add(a, &grads)?,
-                (Some(_), None, None) => unreachable!("accumulating needs grad_accum > 1"),
-            });
+            if let Some(sum) = self.gradient_sum.as_mut() {
+                sum.add(grads, batch.pairs() as f32 / shard.batch_pairs as f32, device)?;
+            } else {
+                acc = Some(match (acc, self.accumulator.as_mut()) {
+                    (None, _) => grads,
+                    (Some(a), Some(accum)) => accum.add(a, &grads)?,
+                    (Some(_), None) => unreachable!("accumulating needs grad_accum > 1"),
+                });
+            }
         }
         let mut allreduce_time = None;
         let (grads, pairs) = match self.gradient_sum.as_mut() {
@@ -169,7 +174,7 @@ impl<'a> Stepper<'a> {
                 self.coll.sum_f64(&mut t)?;
                 (loss_sum, n_pairs, tokens, kept) = (t[0], t[1] as usize, t[2] as usize, t[3] as usize);
                 epsilon_steps = StepTally::from_counts([t[4], t[5], t[6]]);
-                (sum.to_tensors(acc, device)?, gather_pairs(self.coll, &micro_pairs)?)
+                (sum.take(device)?, gather_pairs(self.coll, &micro_pairs)?)
             }
         };
         let loss = loss_sum / n_pairs as f64;
@@ -268,4 +273,39 @@ impl<'a> Stepper<'a> {
             gradient_scale: 1.0 / cfg.grad_accum as f32,
         }
     }
+}
+
+/// What sums the gradients of a job of several ranks (nothing in one process); see
+/// `TrainConfig::allreduce`. NCCL's set-up is collective: every rank calls this together.
+fn gradient_reducer(cfg: &TrainConfig, shapes: &[Vec<i64>], coll: &dyn Collective, device: Device, session: &SessionConfig) -> Result<Option<Box<dyn GradientReduce>>> {
+    if coll.size() == 1 {
+        return Ok(None);
+    }
+    let stand_in = std::env::var_os("BETADPO_NCCL_LIB").is_some();
+    let nccl = match (cfg.allreduce, device.is_gpu()) {
+        (AllreduceKind::Mpi, _) | (AllreduceKind::Auto, false) => false,
+        (AllreduceKind::Auto | AllreduceKind::Nccl, true) => true,
+        (AllreduceKind::Nccl, false) if stand_in => true,
+        (AllreduceKind::Nccl, false) => {
+            return Err(Error::BadFlag {
+                flag: "--allreduce".into(),
+                detail: "nccl sums GPU memory and needs --ep cuda or tensorrt (on the CPU the ranks sum through MPI: --allreduce auto or mpi)".into(),
+            })
+        }
+    };
+    if !nccl {
+        return Ok(Some(Box::new(HostGradientSum::new(shapes))));
+    }
+    if device.is_gpu() && !stand_in {
+        crate::runtime::provision_nccl()?;
+    }
+    let gpu = match cfg.ep {
+        ExecutionProvider::Cuda { device } | ExecutionProvider::TensorRt { device } => device,
+        ExecutionProvider::Cpu => 0,
+    };
+    let nccl = Nccl::init(coll, gpu, std::time::Duration::from_secs_f64(cfg.nccl_timeout_s))?;
+    if coll.is_root() {
+        eprintln!("gradients are summed on device memory by {}", nccl.describe);
+    }
+    Ok(Some(Box::new(DeviceGradientSum::new(shapes, session, device, nccl)?)))
 }
