@@ -95,13 +95,3 @@ pub fn tokens_to_sequences(b: &mut Builder, m: &ModelTensors, tokens: &AnswerTok
     logits_to_sequences(b, &z, tokens, "policy_logps")
 }
 
-/// `[N, count]` float: row `i` is 1 at column `ids[i]` (`ids` is [N] int64).
-pub fn one_hot(b: &mut Builder, ids: &str, count: &str, hint: &str) -> String {
-    let start = b.int(0);
-    let step = b.int(1);
-    let all = b.op("Range", &[&start, count, &step], vec![], &format!("{hint}_ids"));
-    let last = b.ints(&[-1]);
-    let col = b.op("Unsqueeze", &[ids, &last], vec![], &format!("{hint}_column"));
-    let hit = b.op("Equal", &[&col, &all], vec![], &format!("{hint}_hit"));
-    b.op("Cast", &[&hit], vec![attr_i("to", dtype::FLOAT as i64)], &format!("{hint}_onehot"))
-}

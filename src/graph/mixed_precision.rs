@@ -13,7 +13,7 @@
 //! Parameters stay float32 inputs (the master weights) and are cast where they are read, so their
 //! gradients and AdamW moments stay float32. Whatever reads a product's result — softmax, the norms'
 //! `ReduceMean`, residual sums, log-softmax, the loss — reads float32. The objective's own products (the
-//! answer positions' lm_head, the beta head, the one-hot sums) are left alone by the caller's `keep`.
+//! answer positions' lm_head, the beta head) are left alone by the caller's `keep`.
 //!
 //! Running before differentiation makes the backward pass half precision too without a rule of its own:
 //! the gradient of `Cast<half>(x)` is `Cast<float32>` of the incoming one (`autodiff::rules` `cast`), so

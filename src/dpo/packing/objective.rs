@@ -1,9 +1,9 @@
 //! The objective's reads of the packed layout: answer-token log-probs at explicit positions, and
 //! the beta head's context vector as a weighted sum of explicit hidden states.
 
-use crate::dpo::answer_logps::{one_hot, tokens_to_sequences, AnswerTokens, ModelTensors, REF_LOGPS};
+use crate::dpo::answer_logps::{tokens_to_sequences, AnswerTokens, ModelTensors, REF_LOGPS};
 use crate::graph::Builder;
-use crate::onnx::{attr_ints, dtype, value_info, Dim, ValueInfoProto};
+use crate::onnx::{attr_i, attr_s, attr_t, dtype, value_info, zero_value, Dim, ValueInfoProto};
 
 pub const ANSWER_INDEX: &str = "answer_index";
 pub const ANSWER_LABELS: &str = "answer_labels";
@@ -43,8 +43,18 @@ pub fn head_context(b: &mut Builder, m: &ModelTensors) -> String {
     let last = b.ints(&[-1]);
     let w = b.op("Unsqueeze", &[HEAD_WEIGHT, &last], vec![], "beta/read_weight");
     let weighted = b.op("Mul", &[&read, &w], vec![], "beta/weighted_reads");
+    // A segment sum (as the answer log-probs'): each sequence's reads added in order from zero, so
+    // a sequence's context is the same bits in a data-parallel shard as in its whole batch, which a
+    // product with a one-hot matrix does not give when a sequence has several reads (`--beta-aggregate mean`).
     let count = b.dim_scalar(REF_LOGPS, 0, "beta/sequence_count");
-    let onehot = one_hot(b, HEAD_SEQUENCE, &count, "beta/read_sequence");
-    let by_sequence = b.op("Transpose", &[&onehot], vec![attr_ints("perm", &[1, 0])], "beta/sequence_reads");
-    b.op("MatMul", &[&by_sequence, &weighted], vec![], "beta/hidden")
+    let first = b.ints(&[0]);
+    let count1 = b.op("Unsqueeze", &[&count, &first], vec![], "beta/sequence_count1");
+    let read_shape = b.op("Shape", &[&weighted], vec![], "beta/read_shape");
+    let (one, two) = (b.ints(&[1]), b.ints(&[2]));
+    let width = b.op("Slice", &[&read_shape, &one, &two], vec![], "beta/hidden_width");
+    let shape = b.op("Concat", &[&count1, &width], vec![attr_i("axis", 0)], "beta/hidden_shape");
+    let zeros = b.op("ConstantOfShape", &[&shape], vec![attr_t("value", zero_value(dtype::FLOAT))], "beta/hidden_zeros");
+    let seq = b.op("Unsqueeze", &[HEAD_SEQUENCE, &last], vec![], "beta/read_sequence");
+    let seq = b.op("Expand", &[&seq, &read_shape], vec![], "beta/read_sequence_wide");
+    b.op("ScatterElements", &[&zeros, &seq, &weighted], vec![attr_i("axis", 0), attr_s("reduction", "add")], "beta/hidden")
 }
