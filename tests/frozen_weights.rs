@@ -269,7 +269,7 @@ fn half_precision_build_trains() {
 #[test]
 fn a_bfloat16_graph_computes_in_float32() {
     use betadpo::graph::{compute_in_float32, store_frozen, stored_name, Graph, StoredWeights};
-    use betadpo::onnx::{attr_i, attr_t, dtype, proto, value_info, Dim, NodeProto, OperatorSetIdProto};
+    use betadpo::onnx::{attr_i, attr_t, dtype, value_info, Dim, NodeProto};
     let bf16 = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes()).collect() };
     let w: Vec<f32> = (0..12).map(|i| (i as f32 - 5.5) * 0.3).collect();
     let half_w = TensorProto { name: "w".into(), dims: vec![3, 4], data_type: dtype::BFLOAT16, raw_data: bf16(&w).into(), ..Default::default() };
@@ -288,19 +288,13 @@ fn a_bfloat16_graph_computes_in_float32() {
         node("Mul", &["y", "c"], "z", vec![]),
         node("Cast", &["z"], "out", vec![attr_i("to", dtype::BFLOAT16 as i64)]),
     ];
-    let model = proto::ModelProto {
-        ir_version: 8,
-        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 17 }],
-        graph: Some(proto::GraphProto {
-            name: "half".into(),
-            node: nodes,
-            initializer: vec![half_w],
-            input: vec![value_info("x", dtype::BFLOAT16, &[Dim::Fixed(2), Dim::Fixed(3)])],
-            output: vec![value_info("out", dtype::BFLOAT16, &[Dim::Fixed(2), Dim::Fixed(4)])],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let model = common::onnx_model::model(
+        "half",
+        nodes,
+        vec![half_w],
+        vec![value_info("x", dtype::BFLOAT16, &[Dim::Fixed(2), Dim::Fixed(3)])],
+        vec![value_info("out", dtype::BFLOAT16, &[Dim::Fixed(2), Dim::Fixed(4)])],
+    );
     let mut g = Graph::from_model(model).unwrap();
     let original = g.initializers[0].raw_data.clone();
     let origin = compute_in_float32(&mut g).unwrap();

@@ -3,8 +3,10 @@
 //! (`graph::cast_per_use`). Checked against products computed here in float64 from the bfloat16 values, on
 //! ONNX Runtime.
 
+mod common;
+
 use betadpo::graph::{cast_per_use, compute_in_float32, is_deferred, materialize_deferred, store_frozen, Graph, StoredWeights};
-use betadpo::onnx::{attr_ints, dtype, proto, value_info, DType, Dim, NodeProto, OperatorSetIdProto, TensorProto};
+use betadpo::onnx::{attr_ints, dtype, proto, value_info, DType, Dim, NodeProto, TensorProto};
 use betadpo::runtime::{run, HostTensor, SessionConfig};
 use ndarray::{ArrayD, IxDyn};
 
@@ -49,19 +51,13 @@ fn model() -> (Graph, Vec<f64>, Vec<f64>) {
         node("MatMul", &["y", "Wt"], "z", vec![]),
     ];
     let io = |name: &str, t: DType, dims: &[i64]| value_info(name, t, &dims.iter().map(|&d| Dim::Fixed(d)).collect::<Vec<_>>());
-    let model = proto::ModelProto {
-        ir_version: 8,
-        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 17 }],
-        graph: Some(proto::GraphProto {
-            name: "half".into(),
-            node: nodes,
-            initializer: vec![w, e],
-            input: vec![io("x", dtype::FLOAT, &[2, K as i64]), io("ids", dtype::INT64, &[3])],
-            output: vec![io("emb", dtype::FLOAT, &[3, K as i64]), io("z", dtype::FLOAT, &[2, K as i64])],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let model = common::onnx_model::model(
+        "half",
+        nodes,
+        vec![w, e],
+        vec![io("x", dtype::FLOAT, &[2, K as i64]), io("ids", dtype::INT64, &[3])],
+        vec![io("emb", dtype::FLOAT, &[3, K as i64]), io("z", dtype::FLOAT, &[2, K as i64])],
+    );
     (Graph::from_model(model).unwrap(), wv, ev)
 }
 

@@ -27,12 +27,7 @@ fn stand_in(dir: &Path) -> Option<PathBuf> {
         return None;
     };
     let lib = dir.join("libnccl_stand_in.so");
-    let o = Command::new(mpicc)
-        .args(["-shared", "-fPIC", "-O1", "-o"])
-        .arg(&lib)
-        .arg(repo().join("tests/stand_ins/nccl_over_mpi.c"))
-        .output()
-        .unwrap();
+    let o = Command::new(mpicc).args(["-shared", "-fPIC", "-O1", "-o"]).arg(&lib).arg(repo().join("tests/stand_ins/nccl_over_mpi.c")).output().unwrap();
     assert!(o.status.success(), "mpicc failed:\n{}", String::from_utf8_lossy(&o.stderr));
     Some(lib)
 }

@@ -3,10 +3,12 @@
 //! models built in memory.
 
 /// Provisioning tests. (A crate root resolves `mod x;` next to itself, hence the explicit path.)
+mod common;
+
 #[path = "runtime/provision.rs"]
 mod provision;
 
-use betadpo::onnx::proto::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
+use betadpo::onnx::proto::NodeProto;
 use betadpo::onnx::{dtype, value_info, Dim};
 use betadpo::runtime::{self, input_names, output_names, run, ExecutionProvider, HostTensor, OptLevel, SessionConfig};
 use ndarray::ArrayD;
@@ -26,20 +28,13 @@ fn node(op: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
 
 fn model(nodes: Vec<NodeProto>, inputs: Vec<(&str, i32)>, outputs: Vec<(&str, i32, Vec<Dim>)>) -> Vec<u8> {
     let dims = || vec![Dim::Fixed(2), Dim::Fixed(3)];
-    let graph = GraphProto {
-        name: "test".into(),
-        node: nodes,
-        input: inputs.into_iter().map(|(n, t)| value_info(n, t, &dims())).collect(),
-        output: outputs.into_iter().map(|(n, t, d)| value_info(n, t, &d)).collect(),
-        ..Default::default()
-    };
-    ModelProto {
-        ir_version: 8,
-        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 17 }],
-        producer_name: "betadpo-tests".into(),
-        graph: Some(graph),
-        ..Default::default()
-    }
+    common::onnx_model::model(
+        "test",
+        nodes,
+        vec![],
+        inputs.into_iter().map(|(n, t)| value_info(n, t, &dims())).collect(),
+        outputs.into_iter().map(|(n, t, d)| value_info(n, t, &d)).collect(),
+    )
     .encode_to_vec()
 }
 

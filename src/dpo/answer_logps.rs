@@ -94,4 +94,3 @@ pub fn tokens_to_sequences(b: &mut Builder, m: &ModelTensors, tokens: &AnswerTok
     let z = answer_logits(b, m, &tokens.at);
     logits_to_sequences(b, &z, tokens, "policy_logps")
 }
-

@@ -102,7 +102,12 @@ pub struct Accumulator {
 /// `w * g_i` (`accumulate` false) or `acc_i + w * g_i`, for every parameter: the sums of micro-batch
 /// gradients, in one process (`w` = 1) and weighted by each rank's share (`trainer::device_sum`).
 pub fn weighted_sum_graph(shapes: &[Vec<i64>], accumulate: bool) -> Vec<u8> {
-    let mut g = Graph { name: "betadpo_weighted_gradient_sum".into(), ir_version: 8, opsets: vec![OperatorSetIdProto { domain: String::new(), version: 18 }], ..Default::default() };
+    let mut g = Graph {
+        name: "betadpo_weighted_gradient_sum".into(),
+        ir_version: 8,
+        opsets: vec![OperatorSetIdProto { domain: String::new(), version: 18 }],
+        ..Default::default()
+    };
     g.inputs.push(value_info("weight", dtype::FLOAT, &[]));
     for (i, s) in shapes.iter().enumerate() {
         let dims: Vec<Dim> = s.iter().map(|&d| Dim::Fixed(d)).collect();

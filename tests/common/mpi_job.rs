@@ -196,4 +196,3 @@ pub fn reference_files(run: &Path) -> Vec<(String, Vec<u8>)> {
     v.sort();
     v
 }
-

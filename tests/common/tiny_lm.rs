@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use betadpo::onnx::{dtype, proto, tensor_f32, value_info, Dim, NodeProto, OperatorSetIdProto};
+use betadpo::onnx::{dtype, proto, tensor_f32, value_info, Dim, NodeProto};
 
 pub const VOCAB: i64 = 16;
 pub const HIDDEN: i64 = 8;
@@ -40,19 +40,13 @@ pub fn model(ops: &[&str]) -> proto::ModelProto {
         ..Default::default()
     });
     let bs = [Dim::Sym("batch".into()), Dim::Sym("sequence".into())];
-    proto::ModelProto {
-        ir_version: 8,
-        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 17 }],
-        graph: Some(proto::GraphProto {
-            name: "tiny_lm".into(),
-            node: nodes,
-            initializer: vec![emb, head],
-            input: vec![value_info("input_ids", dtype::INT64, &bs), value_info("attention_mask", dtype::INT64, &bs)],
-            output: vec![value_info("logits", dtype::FLOAT, &[bs[0].clone(), bs[1].clone(), Dim::Fixed(VOCAB)])],
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    super::onnx_model::model(
+        "tiny_lm",
+        nodes,
+        vec![emb, head],
+        vec![value_info("input_ids", dtype::INT64, &bs), value_info("attention_mask", dtype::INT64, &bs)],
+        vec![value_info("logits", dtype::FLOAT, &[bs[0].clone(), bs[1].clone(), Dim::Fixed(VOCAB)])],
+    )
 }
 
 pub fn write(path: &std::path::Path, m: &proto::ModelProto) {

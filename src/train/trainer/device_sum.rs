@@ -37,7 +37,6 @@ impl DeviceGradientSum {
             nccl,
         })
     }
-
 }
 
 impl GradientReduce for DeviceGradientSum {

@@ -9,19 +9,19 @@ use std::time::Instant;
 use ort::value::Tensor;
 use serde_json::{Map, Value};
 
-use super::prepare::{uses_fused, Prepared, Sessions};
 use super::device_sum::DeviceGradientSum;
 use super::gradient_reduce::GradientReduce;
+use super::prepare::{uses_fused, Prepared, Sessions};
 use super::ranks::{gather_pairs, HostGradientSum};
 use crate::distributed::nccl::Nccl;
-use crate::runtime::{ExecutionProvider, SessionConfig};
-use crate::train::config::AllreduceKind;
 use crate::distributed::Collective;
 use crate::dpo::manifest::GraphSpec;
 use crate::dpo::EpsilonDpoConfig;
+use crate::runtime::{ExecutionProvider, SessionConfig};
 use crate::train::batch::DataLoader;
 use crate::train::batch_beta::MarginStats;
 use crate::train::checkpoint::{self, TrainerState};
+use crate::train::config::AllreduceKind;
 use crate::train::config::TrainConfig;
 use crate::train::device::Device;
 use crate::train::epsilon_beta::{self, StepTally};
@@ -277,7 +277,13 @@ impl<'a> Stepper<'a> {
 
 /// What sums the gradients of a job of several ranks (nothing in one process); see
 /// `TrainConfig::allreduce`. NCCL's set-up is collective: every rank calls this together.
-fn gradient_reducer(cfg: &TrainConfig, shapes: &[Vec<i64>], coll: &dyn Collective, device: Device, session: &SessionConfig) -> Result<Option<Box<dyn GradientReduce>>> {
+fn gradient_reducer(
+    cfg: &TrainConfig,
+    shapes: &[Vec<i64>],
+    coll: &dyn Collective,
+    device: Device,
+    session: &SessionConfig,
+) -> Result<Option<Box<dyn GradientReduce>>> {
     if coll.size() == 1 {
         return Ok(None);
     }
