@@ -35,7 +35,7 @@ fn stand_in(dir: &Path) -> Option<PathBuf> {
 /// `ranks` ranks of the MPI build with the stand-in as NCCL and CUDA runtime (exit status not checked).
 fn run_with_stand_in(setup: &Setup, lib: &Path, ranks: usize, out: &Path, flags: &str, extra_env: &[(&str, &str)]) -> Output {
     let mut c = setup.mpirun(ranks);
-    c.args(setup.args(out, flags)).env("BETADPO_NCCL_LIB", lib).env("BETADPO_CUDART_LIB", lib);
+    c.args(setup.args(out, flags)).env("BETADPO_NCCL_LIB", lib).env("BETADPO_CUDART_LIB", lib).env("BETADPO_NCCL_HOST_MEMORY", "1");
     for (k, v) in extra_env {
         c.env(k, v);
     }
@@ -56,11 +56,10 @@ fn groups(log: &Path, rank: usize) -> Vec<(usize, usize)> {
 
 /// 2 ranks summing through the NCCL path train as one process does (same tolerance as MPI's
 /// host path, tests/mpi.rs), with exactly one grouped allreduce a step holding every gradient.
-fn nccl_trains_as_one(layout: LayoutChoice, ranks: usize, flags: &str) {
+fn nccl_trains_as_one(layout: LayoutChoice, ranks: usize, steps: usize, flags: &str) {
     let Some((setup, dir)) = Setup::new(layout, &format!("nccl-{layout:?}-{ranks}")) else { return };
     let Some(lib) = stand_in(&dir) else { return };
     let (one, many, log) = (dir.join("one"), dir.join("many"), dir.join("groups.log"));
-    let steps = 4;
     setup.single(&one, &format!("--max-steps {steps} {flags}"));
     let log_s = log.to_str().unwrap();
     let o = run_with_stand_in(&setup, &lib, ranks, &many, &format!("--max-steps {steps} --allreduce nccl {flags}"), &[("BETADPO_STAND_IN_LOG", log_s)]);
@@ -82,14 +81,20 @@ fn nccl_trains_as_one(layout: LayoutChoice, ranks: usize, flags: &str) {
 
 #[test]
 fn nccl_two_ranks_train_as_one_packed() {
-    nccl_trains_as_one(LayoutChoice::Packed, 2, "");
+    nccl_trains_as_one(LayoutChoice::Packed, 2, 4, "");
 }
 
 /// Unequal shares (3, 3, 2 pairs) and two micro-batches: the on-device weighted sum (`w g`, then
 /// `acc + w g`) gives the batch mean.
 #[test]
 fn nccl_three_ranks_unequal_shares_accumulate() {
-    nccl_trains_as_one(LayoutChoice::Padded, 3, "--grad-accum 2");
+    nccl_trains_as_one(LayoutChoice::Padded, 3, 4, "--grad-accum 2");
+}
+
+/// 5 ranks, 6 steps: the sixth batch of the epoch has 4 pairs, so one rank has none and adds zeros.
+#[test]
+fn nccl_rank_without_pairs_adds_zeros() {
+    nccl_trains_as_one(LayoutChoice::Padded, 5, 6, "");
 }
 
 /// A rank whose allreduce never completes: it gives up after --nccl-timeout, says so in one line,
@@ -111,6 +116,39 @@ fn nccl_hung_rank_times_out() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A peer's failure that NCCL reports asynchronously (ncclRemoteError): the rank aborts its
+/// communicator and ends the job with NCCL's reason.
+#[test]
+fn nccl_async_error_ends_the_job() {
+    let Some((setup, dir)) = Setup::new(LayoutChoice::Padded, "nccl-async") else { return };
+    let Some(lib) = stand_in(&dir) else { return };
+    let o = run_with_stand_in(&setup, &lib, 2, &dir.join("run"), "--max-steps 3 --allreduce nccl", &[("BETADPO_STAND_IN_ASYNC_ERROR_RANK", "0")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "an NCCL error's job exited 0");
+    assert!(
+        err.contains("error: rank 0 of 2: ")
+            && err.contains("NCCL allreduce (asynchronous error; a rank may have died) failed: remote process exited or there was a network error (stand-in) (ncclResult 6)"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A rank stuck inside a blocking NCCL call (joining the communicator): the watchdog ends it after
+/// --nccl-timeout with a message, and the job ends.
+#[test]
+fn nccl_blocked_init_is_bounded() {
+    let Some((setup, dir)) = Setup::new(LayoutChoice::Padded, "nccl-block") else { return };
+    let Some(lib) = stand_in(&dir) else { return };
+    let started = Instant::now();
+    let o =
+        run_with_stand_in(&setup, &lib, 2, &dir.join("run"), "--max-steps 3 --allreduce nccl --nccl-timeout 2", &[("BETADPO_STAND_IN_BLOCK_INIT_RANK", "1")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a blocked rank's job exited 0");
+    assert!(err.contains("error: rank 1 of 2: joining the NCCL communicator did not finish within 2 s: a rank is hung or gone"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(120), "the job took {:?}", started.elapsed());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// No GPU and no NCCL: `--allreduce nccl` on the CPU, and a library that is not there, each fail in
 /// one line before any step.
 #[test]
@@ -121,10 +159,32 @@ fn nccl_refusals() {
     assert!(!o.status.success());
     assert!(err.contains("invalid value for --allreduce: nccl sums GPU memory and needs --ep cuda or tensorrt"), "{err}");
     let missing = dir.join("no-such-libnccl.so.2");
-    let o = setup.mpirun(2).args(setup.args(&dir.join("missing"), "--max-steps 2 --allreduce nccl")).env("BETADPO_NCCL_LIB", &missing).output().unwrap();
+    let o = setup
+        .mpirun(2)
+        .args(setup.args(&dir.join("missing"), "--max-steps 2 --allreduce nccl"))
+        .env("BETADPO_NCCL_LIB", &missing)
+        .env("BETADPO_NCCL_HOST_MEMORY", "1")
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
-    assert!(err.contains("distributed training: cannot load NCCL (") && err.contains("set BETADPO_NCCL_LIB to its path)"), "{err}");
+    assert!(
+        err.contains("distributed training: --allreduce nccl: rank 0 cannot use NCCL: distributed training: cannot load NCCL (")
+            && err.contains("set BETADPO_NCCL_LIB to its path)"),
+        "{err}"
+    );
+    // --allreduce auto (the default) falls back to MPI on every rank, says so, and trains
+    let o = setup
+        .mpirun(2)
+        .args(setup.args(&dir.join("fallback"), "--max-steps 2"))
+        .env("BETADPO_NCCL_LIB", &missing)
+        .env("BETADPO_NCCL_HOST_MEMORY", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("notice: gradients are summed through MPI on host memory: rank 0 cannot use NCCL: distributed training: cannot load NCCL ("), "{err}");
+    assert_eq!(betadpo::train::checkpoint::list(&dir.join("fallback")).last().map(|c| c.0), Some(2));
     for run in ["cpu", "missing"] {
         assert!(betadpo::train::checkpoint::list(&dir.join(run)).is_empty(), "{run}: a checkpoint was written");
     }

@@ -156,7 +156,7 @@ pub fn config(a: Args) -> TrainConfig {
         save_every: a.save_every,
         save_total_limit: a.save_total_limit,
         group_by: a.group_by,
-        ep: rank_device(a.ep.0, a.ep.1, betadpo::distributed::local_rank()),
+        ep: rank_device(a.ep.0, a.ep.1, betadpo::distributed::local_rank(), visible_gpus()),
         threads: a.threads,
         resume: a.resume,
         skip_bad_rows: a.skip_bad_rows,
@@ -181,13 +181,21 @@ fn parse_ep(s: &str) -> std::result::Result<(ExecutionProvider, bool), String> {
 }
 
 /// A GPU provider named without a device, in a rank an MPI launcher started: the rank's local index
-/// picks its GPU, as `torchrun` users set `LOCAL_RANK`; one process keeps device 0.
-fn rank_device(ep: ExecutionProvider, explicit: bool, local_rank: Option<usize>) -> ExecutionProvider {
-    match (ep, explicit, local_rank) {
-        (ExecutionProvider::Cuda { .. }, false, Some(r)) => ExecutionProvider::Cuda { device: r as i32 },
-        (ExecutionProvider::TensorRt { .. }, false, Some(r)) => ExecutionProvider::TensorRt { device: r as i32 },
-        _ => ep,
+/// picks its GPU, as `torchrun` users set `LOCAL_RANK`, modulo the GPUs `CUDA_VISIBLE_DEVICES` leaves
+/// it (a launcher wrapper that gives each rank one GPU leaves it device 0); one process keeps device 0.
+fn rank_device(ep: ExecutionProvider, explicit: bool, local_rank: Option<usize>, visible: Option<usize>) -> ExecutionProvider {
+    let Some(r) = local_rank.filter(|_| !explicit) else { return ep };
+    let device = visible.filter(|&n| n > 0).map_or(r, |n| r % n) as i32;
+    match ep {
+        ExecutionProvider::Cuda { .. } => ExecutionProvider::Cuda { device },
+        ExecutionProvider::TensorRt { .. } => ExecutionProvider::TensorRt { device },
+        ExecutionProvider::Cpu => ep,
     }
+}
+
+/// How many GPUs `CUDA_VISIBLE_DEVICES` lists, when it is set.
+fn visible_gpus() -> Option<usize> {
+    std::env::var("CUDA_VISIBLE_DEVICES").ok().map(|v| v.split(',').filter(|d| !d.trim().is_empty()).count())
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -227,11 +235,14 @@ mod tests {
     #[test]
     fn ranks_take_their_local_gpu_unless_told() {
         let cuda = |d| ExecutionProvider::Cuda { device: d };
-        assert_eq!(rank_device(cuda(0), false, Some(3)), cuda(3));
-        assert_eq!(rank_device(cuda(1), true, Some(3)), cuda(1));
-        assert_eq!(rank_device(cuda(0), false, None), cuda(0));
-        assert_eq!(rank_device(ExecutionProvider::TensorRt { device: 0 }, false, Some(2)), ExecutionProvider::TensorRt { device: 2 });
-        assert_eq!(rank_device(ExecutionProvider::Cpu, false, Some(2)), ExecutionProvider::Cpu);
+        assert_eq!(rank_device(cuda(0), false, Some(3), None), cuda(3));
+        assert_eq!(rank_device(cuda(0), false, Some(3), Some(2)), cuda(1), "3 mod 2 visible");
+        assert_eq!(rank_device(cuda(0), false, Some(3), Some(1)), cuda(0), "one visible GPU per rank");
+        assert_eq!(rank_device(cuda(0), false, Some(3), Some(0)), cuda(3), "an empty list hides nothing we can count");
+        assert_eq!(rank_device(cuda(1), true, Some(3), Some(8)), cuda(1));
+        assert_eq!(rank_device(cuda(0), false, None, Some(8)), cuda(0));
+        assert_eq!(rank_device(ExecutionProvider::TensorRt { device: 0 }, false, Some(2), None), ExecutionProvider::TensorRt { device: 2 });
+        assert_eq!(rank_device(ExecutionProvider::Cpu, false, Some(2), None), ExecutionProvider::Cpu);
         assert_eq!(parse_ep("cuda").unwrap(), (cuda(0), false));
         assert_eq!(parse_ep("cuda:2").unwrap(), (cuda(2), true));
         assert!(parse_ep("gpu").is_err());

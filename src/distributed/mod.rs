@@ -78,10 +78,12 @@ pub fn launched_size() -> Option<usize> {
     ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"].iter().find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
 }
 
-/// This rank's index among the ranks on its machine, as the MPI launcher announced it (it picks the
-/// GPU of a rank that was not given one).
+/// This rank's index among the ranks on its machine, as the launcher announced it (OpenMPI, MPICH's
+/// Hydra, MVAPICH, Slurm's `srun`); it picks the GPU of a rank that was not given one.
 pub fn local_rank() -> Option<usize> {
-    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK"].iter().find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
 }
 
 /// The collective for this process: MPI when an MPI launcher started it (and this build has the

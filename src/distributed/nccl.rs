@@ -10,12 +10,16 @@
 //! A rank that hangs or dies cannot block the others forever: the wait after the allreduce polls
 //! the stream and NCCL's asynchronous error, and after the timeout aborts the communicator and
 //! returns an error (the caller then ends the job through MPI), as PyTorch's NCCL watchdog does.
+//! The calls that block inside NCCL (joining the communicator, which waits for every rank, and the
+//! end of a group, which may set up connections) run under a watchdog thread that ends the process
+//! with a one-line message when they outlast the same timeout.
 //!
 //! `BETADPO_NCCL_LIB` and `BETADPO_CUDART_LIB` name other libraries with the same interface (a system
 //! NCCL; the host-memory stand-in the tests build).
 
 use std::ffi::{c_char, c_int, c_void, CStr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::Collective;
@@ -50,6 +54,8 @@ struct NcclApi {
     comm_abort: unsafe extern "C" fn(Comm) -> c_int,
     comm_destroy: unsafe extern "C" fn(Comm) -> c_int,
     get_error_string: unsafe extern "C" fn(c_int) -> *const c_char,
+    /// `ncclGetLastError` (NCCL 2.13+): the reason behind the last failure, when there is one.
+    get_last_error: Option<unsafe extern "C" fn(Comm) -> *const c_char>,
 }
 
 /// The CUDA runtime entry points: which GPU, and the stream NCCL runs on.
@@ -70,11 +76,17 @@ unsafe fn function<F: Copy>(lib: &Library, what: &str, name: &CStr) -> Result<F>
     Ok(std::mem::transmute_copy(&ptr))
 }
 
-/// Opens the first of `candidates` that loads (an explicit path first when given).
+/// Opens the library `env` names, else the first of `candidates` this process already loaded (the
+/// runtime's own, provisioned copy), else the first that loads.
 fn open(env: &str, candidates: &[&str], what: &str) -> Result<(Library, String)> {
     let names: Vec<String> = match std::env::var_os(env) {
         Some(p) => vec![PathBuf::from(p).to_string_lossy().into_owned()],
-        None => candidates.iter().map(|s| s.to_string()).collect(),
+        None => {
+            if let Some((lib, name)) = candidates.iter().find_map(|c| Some((Library::already_loaded(Path::new(c))?, c.to_string()))) {
+                return Ok((lib, name));
+            }
+            candidates.iter().map(|s| s.to_string()).collect()
+        }
     };
     let mut errors = Vec::new();
     for n in &names {
@@ -103,6 +115,7 @@ impl NcclApi {
                 comm_abort: function(&lib, &what, c"ncclCommAbort")?,
                 comm_destroy: function(&lib, &what, c"ncclCommDestroy")?,
                 get_error_string: function(&lib, &what, c"ncclGetErrorString")?,
+                get_last_error: function(&lib, &what, c"ncclGetLastError").ok(),
             }
         };
         Ok((api, name))
@@ -112,9 +125,16 @@ impl NcclApi {
         if code == 0 {
             return Ok(());
         }
-        // SAFETY: ncclGetErrorString returns a static string for any code.
+        // SAFETY: ncclGetErrorString returns a static string for any code; ncclGetLastError a
+        // NUL-terminated string NCCL owns (null comm: the last error of any communicator).
         let msg = unsafe { CStr::from_ptr((self.get_error_string)(code)) }.to_string_lossy();
-        Err(Error::Distributed(format!("NCCL {call} failed: {msg} (ncclResult {code})")))
+        let last = self
+            .get_last_error
+            .map(|f| unsafe { f(std::ptr::null_mut()) })
+            .filter(|p| !p.is_null())
+            .map(|p| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned());
+        let detail = last.filter(|l| !l.trim().is_empty()).map(|l| format!(": {}", l.trim())).unwrap_or_default();
+        Err(Error::Distributed(format!("NCCL {call} failed: {msg} (ncclResult {code}){detail}")))
     }
 }
 
@@ -155,6 +175,103 @@ pub fn version_string(code: i32) -> String {
     }
 }
 
+/// NCCL and the CUDA runtime, loaded.
+pub struct Libraries {
+    nccl: NcclApi,
+    cuda: CudaApi,
+    /// E.g. `NCCL 2.32.3 (libnccl.so.2)`, for the log.
+    pub describe: String,
+}
+
+impl Libraries {
+    pub fn load() -> Result<Self> {
+        let (nccl, name) = NcclApi::load()?;
+        let cuda = CudaApi::load()?;
+        let mut code = 0;
+        // SAFETY: valid out-pointer.
+        nccl.check(unsafe { (nccl.get_version)(&mut code) }, "ncclGetVersion")?;
+        Ok(Libraries { nccl, cuda, describe: format!("NCCL {} ({name})", version_string(code)) })
+    }
+}
+
+/// Whether every rank can sum with NCCL: each loaded the libraries, and no two ranks of a machine
+/// use the same GPU (NCCL refuses that; `gpu` is `None` for a host-memory stand-in). `None` when
+/// they can, else why not (the same on every rank). Every rank must call this together.
+pub fn readiness(coll: &dyn Collective, loaded: &Result<Libraries>, gpu: Option<i32>) -> Result<Option<String>> {
+    let mine = match (loaded, gpu) {
+        (Ok(_), Some(device)) => format!("ok {}:{device}", host_name()),
+        (Ok(_), None) => format!("ok rank {}", coll.rank()),
+        (Err(e), _) => format!("no {e}"),
+    };
+    let all = coll.gather(mine.as_bytes())?;
+    let all: Vec<String> = all.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect();
+    if let Some((rank, why)) = all.iter().enumerate().find_map(|(r, m)| Some((r, m.strip_prefix("no ")?))) {
+        return Ok(Some(format!("rank {rank} cannot use NCCL: {why}")));
+    }
+    for (r, m) in all.iter().enumerate() {
+        if let Some(first) = all[..r].iter().position(|x| x == m) {
+            let gpu = m.strip_prefix("ok ").unwrap_or(m);
+            return Ok(Some(format!(
+                "ranks {first} and {r} both use GPU {gpu} (host:device), and NCCL needs one GPU per rank (give each rank its own with --ep cuda, or fewer ranks)"
+            )));
+        }
+    }
+    Ok(None)
+}
+
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: a writable buffer of the given length.
+    if unsafe { libc::gethostname(buf.as_mut_ptr() as *mut c_char, buf.len()) } != 0 {
+        return "?".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// Ends the process with a one-line message when a blocking NCCL call outlasts its deadline: such
+/// a call cannot be interrupted, and every other rank may be waiting on it.
+struct Watchdog {
+    armed: Arc<(Mutex<Option<(Instant, String)>>, Condvar)>,
+}
+
+impl Watchdog {
+    fn new() -> Self {
+        let armed: Arc<(Mutex<Option<(Instant, String)>>, Condvar)> = Arc::default();
+        let watched = Arc::downgrade(&armed);
+        std::thread::Builder::new()
+            .name("betadpo-nccl-watchdog".into())
+            .spawn(move || loop {
+                // ends with the Watchdog: the last strong reference
+                let Some(state) = watched.upgrade() else { return };
+                let (lock, cv) = &*state;
+                let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+                let wait = match &*guard {
+                    Some((deadline, what)) if Instant::now() >= *deadline => {
+                        let line = format!("error: {what}\n");
+                        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+                        std::process::exit(1);
+                    }
+                    Some((deadline, _)) => *deadline - Instant::now(),
+                    None => Duration::from_millis(500),
+                };
+                drop(cv.wait_timeout(guard, wait));
+            })
+            .expect("spawning the NCCL watchdog thread");
+        Watchdog { armed }
+    }
+
+    /// Runs `call`, ending the process with `what` if it takes longer than `timeout`.
+    fn within<T>(&self, timeout: Duration, what: impl Into<String>, call: impl FnOnce() -> T) -> T {
+        let (lock, cv) = &*self.armed;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now() + timeout, what.into()));
+        cv.notify_one();
+        let out = call();
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        out
+    }
+}
+
 /// One NCCL communicator over all ranks of the job, on this rank's GPU, with its own stream.
 pub struct Nccl {
     nccl: NcclApi,
@@ -162,6 +279,9 @@ pub struct Nccl {
     comm: Comm,
     stream: Stream,
     timeout: Duration,
+    watchdog: Watchdog,
+    /// "rank R of N", for messages.
+    who: String,
     aborted: std::cell::Cell<bool>,
     /// E.g. `NCCL 2.32.3 (libnccl.so.2)`, for the log.
     pub describe: String,
@@ -170,13 +290,9 @@ pub struct Nccl {
 impl Nccl {
     /// Joins every rank of `coll` in one communicator on GPU `device`: rank 0 makes the NCCL id and
     /// MPI carries it to the others. Every rank must call this together.
-    pub fn init(coll: &dyn Collective, device: i32, timeout: Duration) -> Result<Self> {
-        let (nccl, name) = NcclApi::load()?;
-        let cuda = CudaApi::load()?;
-        let mut code = 0;
-        // SAFETY: valid out-pointer.
-        nccl.check(unsafe { (nccl.get_version)(&mut code) }, "ncclGetVersion")?;
-        let describe = format!("NCCL {} ({name})", version_string(code));
+    pub fn init(libraries: Libraries, coll: &dyn Collective, device: i32, timeout: Duration) -> Result<Self> {
+        let Libraries { nccl, cuda, describe } = libraries;
+        let watchdog = Watchdog::new();
         // SAFETY: plain call with a device ordinal.
         cuda.check(unsafe { (cuda.set_device)(device) }, &format!("cudaSetDevice({device})"))?;
         let mut id = UniqueId { internal: [0; 128] };
@@ -187,15 +303,17 @@ impl Nccl {
         id = broadcast_id(coll, &id)?;
         let mut comm: Comm = std::ptr::null_mut();
         let (rank, size) = (coll.rank() as c_int, coll.size() as c_int);
+        let hung = format!("rank {rank} of {size}: joining the NCCL communicator did not finish within {:.0} s: a rank is hung or gone", timeout.as_secs_f64());
         // SAFETY: valid out-pointer; the id is the same on every rank.
-        nccl.check(unsafe { (nccl.comm_init_rank)(&mut comm, size, id, rank) }, &format!("ncclCommInitRank (rank {rank} of {size}, GPU {device})"))?;
+        let code = watchdog.within(timeout, hung, || unsafe { (nccl.comm_init_rank)(&mut comm, size, id, rank) });
+        nccl.check(code, &format!("ncclCommInitRank (rank {rank} of {size}, GPU {device})"))?;
         let mut stream: Stream = std::ptr::null_mut();
         // SAFETY: valid out-pointer.
         if let Err(e) = cuda.check(unsafe { (cuda.stream_create_with_flags)(&mut stream, CUDA_STREAM_NON_BLOCKING) }, "cudaStreamCreateWithFlags") {
             unsafe { (nccl.comm_destroy)(comm) };
             return Err(e);
         }
-        Ok(Nccl { nccl, cuda, comm, stream, timeout, aborted: false.into(), describe })
+        Ok(Nccl { nccl, cuda, comm, stream, timeout, watchdog, who: format!("rank {rank} of {size}"), aborted: false.into(), describe })
     }
 
     /// Sums each buffer over the ranks, in place, as one grouped NCCL call (NCCL launches the
@@ -216,7 +334,13 @@ impl Nccl {
                 return self.nccl.check(code, "ncclAllReduce");
             }
         }
-        self.nccl.check((self.nccl.group_end)(), "ncclGroupEnd")?;
+        let hung = format!(
+            "{}: the NCCL gradient allreduce did not finish within {:.0} s (ncclGroupEnd): a rank is hung or gone",
+            self.who,
+            self.timeout.as_secs_f64()
+        );
+        let code = self.watchdog.within(self.timeout, hung, || (self.nccl.group_end)());
+        self.nccl.check(code, "ncclGroupEnd")?;
         self.wait()
     }
 
@@ -236,7 +360,10 @@ impl Nccl {
             }
             let mut async_error = 0;
             // SAFETY: a live communicator and a valid out-pointer.
-            self.nccl.check(unsafe { (self.nccl.comm_get_async_error)(self.comm, &mut async_error) }, "ncclCommGetAsyncError")?;
+            if let Err(e) = self.nccl.check(unsafe { (self.nccl.comm_get_async_error)(self.comm, &mut async_error) }, "ncclCommGetAsyncError") {
+                self.abort();
+                return Err(e);
+            }
             if async_error != 0 && async_error != NCCL_IN_PROGRESS {
                 self.abort();
                 return self.nccl.check(async_error, "allreduce (asynchronous error; a rank may have died)");

@@ -14,6 +14,7 @@ extern "C" {
 
 const RTLD_NOW: c_int = 2;
 const RTLD_GLOBAL: c_int = 0x100;
+const RTLD_NOLOAD: c_int = 4;
 
 /// An open library. Never closed: every library betadpo opens stays in use for the life of the process.
 #[derive(Clone, Copy, Debug)]
@@ -44,6 +45,14 @@ impl Library {
         } else {
             Ok(Library(handle))
         }
+    }
+
+    /// `name` if this process has already loaded it (by that soname or path), without loading anything.
+    pub fn already_loaded(name: &Path) -> Option<Self> {
+        let c_name = CString::new(name.as_os_str().as_encoded_bytes()).ok()?;
+        // SAFETY: dlopen with a valid C string; RTLD_NOLOAD only looks.
+        let handle = unsafe { dlopen(c_name.as_ptr(), RTLD_NOW | RTLD_NOLOAD) };
+        (!handle.is_null()).then_some(Library(handle))
     }
 
     /// The address of `symbol`, if the library (or one it loaded) exports it.

@@ -4,7 +4,9 @@
  * (one id from rank 0 on every rank, a consistent rank and size, float32 sums, grouped calls
  * balanced) and, with BETADPO_STAND_IN_LOG set, appends one line per group to that file:
  * "rank R group N ELEMENTS", so a test can count the collective calls of a step.
- * BETADPO_STAND_IN_HANG_RANK=R makes rank R's stream never finish (a hung rank). */
+ * Failures on rank R: BETADPO_STAND_IN_HANG_RANK=R, its stream never finishes (a hung rank);
+ * BETADPO_STAND_IN_ASYNC_ERROR_RANK=R, its allreduce reports ncclRemoteError asynchronously (a peer
+ * died); BETADPO_STAND_IN_BLOCK_INIT_RANK=R, ncclCommInitRank never returns. */
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,6 +18,14 @@ typedef struct { char internal[128]; } ncclUniqueId;
 typedef struct { void *buf; size_t count; } op_t;
 typedef struct { int rank, nranks; } comm_t;
 
+static int env_rank(const char *name) {
+    const char *v = getenv(name);
+    int me;
+    if (!v) return 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &me);
+    return atoi(v) == me;
+}
+
 static int group_depth = 0, n_ops = 0, cap_ops = 0, device = -1, queries = 0;
 static op_t *ops = NULL;
 
@@ -26,6 +36,7 @@ const char *ncclGetErrorString(int code) {
     case 0: return "no error";
     case 4: return "invalid argument (stand-in)";
     case 5: return "invalid usage (stand-in)";
+    case 6: return "remote process exited or there was a network error (stand-in)";
     default: return "stand-in error";
     }
 }
@@ -39,6 +50,8 @@ int ncclGetUniqueId(ncclUniqueId *id) {
 int ncclCommInitRank(comm_t **comm, int nranks, ncclUniqueId id, int rank) {
     int size, me;
     ncclUniqueId root = id;
+    if (env_rank("BETADPO_STAND_IN_BLOCK_INIT_RANK"))
+        for (;;) pause();
     MPI_Comm_size(MPI_COMM_WORLD, &size);
     MPI_Comm_rank(MPI_COMM_WORLD, &me);
     if (size != nranks || me != rank || device < 0) return 4;
@@ -86,17 +99,17 @@ int ncclGroupEnd(void) {
     if (--group_depth == 0) run_ops();
     return 0;
 }
-int ncclCommGetAsyncError(comm_t *comm, int *err) { *err = 0; return comm ? 0 : 4; }
+int ncclCommGetAsyncError(comm_t *comm, int *err) {
+    *err = env_rank("BETADPO_STAND_IN_ASYNC_ERROR_RANK") ? 6 : 0;
+    return comm ? 0 : 4;
+}
 int ncclCommAbort(comm_t *comm) { free(comm); return 0; }
 int ncclCommDestroy(comm_t *comm) { free(comm); return 0; }
 
 int cudaSetDevice(int d) { device = d; return 0; }
 int cudaStreamCreateWithFlags(void **stream, unsigned flags) { *stream = (void *)&device; return flags == 1 ? 0 : 1; }
 int cudaStreamQuery(void *stream) {
-    const char *hang = getenv("BETADPO_STAND_IN_HANG_RANK");
-    int me;
-    MPI_Comm_rank(MPI_COMM_WORLD, &me);
-    if (hang && atoi(hang) == me) return 600;
+    if (env_rank("BETADPO_STAND_IN_HANG_RANK") || env_rank("BETADPO_STAND_IN_ASYNC_ERROR_RANK")) return 600;
     /* "not ready" twice after each group: the caller must poll */
     return queries++ < 2 ? 600 : 0;
 }

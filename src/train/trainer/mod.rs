@@ -86,8 +86,13 @@ pub fn train_with(cfg: &TrainConfig, coll: &dyn Collective) -> Result<TrainSumma
                 }
             }
         }
-        if root && (is_last || (cfg.save_every > 0 && step % cfg.save_every == 0)) {
-            save::checkpoint(&p.run, &tstate, &state, &p.device, cfg.save_total_limit)?;
+        if is_last || (cfg.save_every > 0 && step % cfg.save_every == 0) {
+            if root {
+                save::checkpoint(&p.run, &tstate, &state, &p.device, cfg.save_total_limit)?;
+            }
+            // The others wait here, not in the next step's allreduce, whose NCCL timeout would
+            // otherwise count a long save as a hung rank.
+            coll.barrier()?;
         }
     }
     pb.finish_and_clear();

@@ -13,7 +13,7 @@ use super::device_sum::DeviceGradientSum;
 use super::gradient_reduce::GradientReduce;
 use super::prepare::{uses_fused, Prepared, Sessions};
 use super::ranks::{gather_pairs, HostGradientSum};
-use crate::distributed::nccl::Nccl;
+use crate::distributed::nccl::{self, Libraries, Nccl};
 use crate::distributed::Collective;
 use crate::dpo::manifest::GraphSpec;
 use crate::dpo::EpsilonDpoConfig;
@@ -276,7 +276,7 @@ impl<'a> Stepper<'a> {
 }
 
 /// What sums the gradients of a job of several ranks (nothing in one process); see
-/// `TrainConfig::allreduce`. NCCL's set-up is collective: every rank calls this together.
+/// `TrainConfig::allreduce`. Collective: every rank calls this together, and all choose alike.
 fn gradient_reducer(
     cfg: &TrainConfig,
     shapes: &[Vec<i64>],
@@ -287,11 +287,12 @@ fn gradient_reducer(
     if coll.size() == 1 {
         return Ok(None);
     }
-    let stand_in = std::env::var_os("BETADPO_NCCL_LIB").is_some();
-    let nccl = match (cfg.allreduce, device.is_gpu()) {
+    // A library with NCCL's interface that works on host memory (the tests' stand-in) may stand in
+    // for a GPU; a real NCCL handed host pointers would fail or worse.
+    let host_memory_nccl = std::env::var_os("BETADPO_NCCL_HOST_MEMORY").is_some_and(|v| v == "1");
+    let try_nccl = match (cfg.allreduce, device.is_gpu() || host_memory_nccl) {
         (AllreduceKind::Mpi, _) | (AllreduceKind::Auto, false) => false,
         (AllreduceKind::Auto | AllreduceKind::Nccl, true) => true,
-        (AllreduceKind::Nccl, false) if stand_in => true,
         (AllreduceKind::Nccl, false) => {
             return Err(Error::BadFlag {
                 flag: "--allreduce".into(),
@@ -299,19 +300,29 @@ fn gradient_reducer(
             })
         }
     };
-    if !nccl {
+    if !try_nccl {
         return Ok(Some(Box::new(HostGradientSum::new(shapes))));
-    }
-    if device.is_gpu() && !stand_in {
-        crate::runtime::provision_nccl()?;
     }
     let gpu = match cfg.ep {
         ExecutionProvider::Cuda { device } | ExecutionProvider::TensorRt { device } => device,
         ExecutionProvider::Cpu => 0,
     };
-    let nccl = Nccl::init(coll, gpu, std::time::Duration::from_secs_f64(cfg.nccl_timeout_s))?;
-    if coll.is_root() {
-        eprintln!("gradients are summed on device memory by {}", nccl.describe);
+    let provisioned = if device.is_gpu() && std::env::var_os("BETADPO_NCCL_LIB").is_none() { crate::runtime::provision_nccl() } else { Ok(()) };
+    let loaded = provisioned.and_then(|_| Libraries::load());
+    match (nccl::readiness(coll, &loaded, device.is_gpu().then_some(gpu))?, cfg.allreduce) {
+        (None, _) => {
+            let nccl = Nccl::init(loaded?, coll, gpu, std::time::Duration::from_secs_f64(cfg.nccl_timeout_s))?;
+            if coll.is_root() {
+                eprintln!("gradients are summed on device memory by {}", nccl.describe);
+            }
+            Ok(Some(Box::new(DeviceGradientSum::new(shapes, session, device, nccl)?)))
+        }
+        (Some(why), AllreduceKind::Auto) => {
+            if coll.is_root() {
+                eprintln!("notice: gradients are summed through MPI on host memory: {why}");
+            }
+            Ok(Some(Box::new(HostGradientSum::new(shapes))))
+        }
+        (Some(why), _) => Err(Error::Distributed(format!("--allreduce nccl: {why}"))),
     }
-    Ok(Some(Box::new(DeviceGradientSum::new(shapes, session, device, nccl)?)))
 }
