@@ -66,6 +66,9 @@ impl Device {
             binding.bind_output_to_device(n.as_str(), if on_device(n) { &device } else { &host })?;
         }
         let outputs = session.run_binding(&binding)?;
+        // ONNX Runtime synchronizes its streams at the end of a run by default; this makes the
+        // outputs' readiness explicit for what reads them outside the runtime (NCCL's own stream).
+        binding.synchronize_outputs()?;
         Ok(outputs.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
     }
 
