@@ -9,6 +9,7 @@
 #[cfg(feature = "mpi")]
 mod mpi;
 pub mod nccl;
+mod watchdog;
 pub mod wire;
 
 #[cfg(feature = "mpi")]

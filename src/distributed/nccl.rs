@@ -19,9 +19,9 @@
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use super::watchdog::Watchdog;
 use super::Collective;
 use crate::runtime::dl::{Library, Scope};
 use crate::{Error, Result};
@@ -227,49 +227,6 @@ fn host_name() -> String {
     }
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     String::from_utf8_lossy(&buf[..end]).into_owned()
-}
-
-/// Ends the process with a one-line message when a blocking NCCL call outlasts its deadline: such
-/// a call cannot be interrupted, and every other rank may be waiting on it.
-struct Watchdog {
-    armed: Arc<(Mutex<Option<(Instant, String)>>, Condvar)>,
-}
-
-impl Watchdog {
-    fn new() -> Self {
-        let armed: Arc<(Mutex<Option<(Instant, String)>>, Condvar)> = Arc::default();
-        let watched = Arc::downgrade(&armed);
-        std::thread::Builder::new()
-            .name("betadpo-nccl-watchdog".into())
-            .spawn(move || loop {
-                // ends with the Watchdog: the last strong reference
-                let Some(state) = watched.upgrade() else { return };
-                let (lock, cv) = &*state;
-                let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
-                let wait = match &*guard {
-                    Some((deadline, what)) if Instant::now() >= *deadline => {
-                        let line = format!("error: {what}\n");
-                        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
-                        std::process::exit(1);
-                    }
-                    Some((deadline, _)) => *deadline - Instant::now(),
-                    None => Duration::from_millis(500),
-                };
-                drop(cv.wait_timeout(guard, wait));
-            })
-            .expect("spawning the NCCL watchdog thread");
-        Watchdog { armed }
-    }
-
-    /// Runs `call`, ending the process with `what` if it takes longer than `timeout`.
-    fn within<T>(&self, timeout: Duration, what: impl Into<String>, call: impl FnOnce() -> T) -> T {
-        let (lock, cv) = &*self.armed;
-        *lock.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now() + timeout, what.into()));
-        cv.notify_one();
-        let out = call();
-        *lock.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        out
-    }
 }
 
 /// One NCCL communicator over all ranks of the job, on this rank's GPU, with its own stream.

@@ -2,6 +2,7 @@
 //! continues) → [`reference`] (reference log-probs) → [`step`] after step, with [`evaluate`] and
 //! [`save`] (checkpoints) between them, resumable at every checkpoint.
 
+mod allreduce;
 mod device_sum;
 pub mod evaluate;
 mod gradient_reduce;

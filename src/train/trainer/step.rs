@@ -9,19 +9,16 @@ use std::time::Instant;
 use ort::value::Tensor;
 use serde_json::{Map, Value};
 
-use super::device_sum::DeviceGradientSum;
+use super::allreduce::gradient_reducer;
 use super::gradient_reduce::GradientReduce;
 use super::prepare::{uses_fused, Prepared, Sessions};
-use super::ranks::{gather_pairs, HostGradientSum};
-use crate::distributed::nccl::{self, Libraries, Nccl};
+use super::ranks::gather_pairs;
 use crate::distributed::Collective;
 use crate::dpo::manifest::GraphSpec;
 use crate::dpo::EpsilonDpoConfig;
-use crate::runtime::{ExecutionProvider, SessionConfig};
 use crate::train::batch::DataLoader;
 use crate::train::batch_beta::MarginStats;
 use crate::train::checkpoint::{self, TrainerState};
-use crate::train::config::AllreduceKind;
 use crate::train::config::TrainConfig;
 use crate::train::device::Device;
 use crate::train::epsilon_beta::{self, StepTally};
@@ -272,57 +269,5 @@ impl<'a> Stepper<'a> {
             max_grad_norm: cfg.max_grad_norm as f32,
             gradient_scale: 1.0 / cfg.grad_accum as f32,
         }
-    }
-}
-
-/// What sums the gradients of a job of several ranks (nothing in one process); see
-/// `TrainConfig::allreduce`. Collective: every rank calls this together, and all choose alike.
-fn gradient_reducer(
-    cfg: &TrainConfig,
-    shapes: &[Vec<i64>],
-    coll: &dyn Collective,
-    device: Device,
-    session: &SessionConfig,
-) -> Result<Option<Box<dyn GradientReduce>>> {
-    if coll.size() == 1 {
-        return Ok(None);
-    }
-    // A library with NCCL's interface that works on host memory (the tests' stand-in) may stand in
-    // for a GPU; a real NCCL handed host pointers would fail or worse.
-    let host_memory_nccl = std::env::var_os("BETADPO_NCCL_HOST_MEMORY").is_some_and(|v| v == "1");
-    let try_nccl = match (cfg.allreduce, device.is_gpu() || host_memory_nccl) {
-        (AllreduceKind::Mpi, _) | (AllreduceKind::Auto, false) => false,
-        (AllreduceKind::Auto | AllreduceKind::Nccl, true) => true,
-        (AllreduceKind::Nccl, false) => {
-            return Err(Error::BadFlag {
-                flag: "--allreduce".into(),
-                detail: "nccl sums GPU memory and needs --ep cuda or tensorrt (on the CPU the ranks sum through MPI: --allreduce auto or mpi)".into(),
-            })
-        }
-    };
-    if !try_nccl {
-        return Ok(Some(Box::new(HostGradientSum::new(shapes))));
-    }
-    let gpu = match cfg.ep {
-        ExecutionProvider::Cuda { device } | ExecutionProvider::TensorRt { device } => device,
-        ExecutionProvider::Cpu => 0,
-    };
-    let provisioned = if device.is_gpu() && std::env::var_os("BETADPO_NCCL_LIB").is_none() { crate::runtime::provision_nccl() } else { Ok(()) };
-    let loaded = provisioned.and_then(|_| Libraries::load());
-    match (nccl::readiness(coll, &loaded, device.is_gpu().then_some(gpu))?, cfg.allreduce) {
-        (None, _) => {
-            let nccl = Nccl::init(loaded?, coll, gpu, std::time::Duration::from_secs_f64(cfg.nccl_timeout_s))?;
-            if coll.is_root() {
-                eprintln!("gradients are summed on device memory by {}", nccl.describe);
-            }
-            Ok(Some(Box::new(DeviceGradientSum::new(shapes, session, device, nccl)?)))
-        }
-        (Some(why), AllreduceKind::Auto) => {
-            if coll.is_root() {
-                eprintln!("notice: gradients are summed through MPI on host memory: {why}");
-            }
-            Ok(Some(Box::new(HostGradientSum::new(shapes))))
-        }
-        (Some(why), _) => Err(Error::Distributed(format!("--allreduce nccl: {why}"))),
     }
 }
