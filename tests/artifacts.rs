@@ -184,3 +184,42 @@ fn zero_attention_bias(path: &Path) {
     g.node.splice(0..0, [zero, mul]);
     save_model(&model, path, &SaveOptions::default()).unwrap();
 }
+
+/// `--detach-head-input`: the model's gradient treats beta as a constant and the head's own
+/// parameters still move it. validate checks exactly that by central differences (the model's part
+/// of a direction at held betas, the head's part through the graph's loss), on both layouts and with
+/// the log-beta regulariser; and a head that is not detached, labelled as detached, fails it.
+#[test]
+fn detached_head_gradient_is_checked_by_differences() {
+    let Some(model) = common::fixtures::all_models().into_iter().find(|m| m.ends_with("tiny-llama-dynamo")) else {
+        common::fixtures::skip("no tiny-llama-dynamo fixture");
+        return;
+    };
+    let detached = ObjectiveConfig { detach_head_input: true, beta_reg: 0.1, ..Default::default() };
+    for layout in [LayoutChoice::Padded, LayoutChoice::Packed] {
+        let out = common::fixtures::scratch(&format!("detached-{layout:?}"));
+        build_artifacts(&model.join("model.onnx"), &out, &BuildOptions { objective: detached.clone(), layout, ..Default::default() }).unwrap();
+        let checks = validate(&out, &ValidateOptions::default()).unwrap();
+        let failed: Vec<String> = checks.iter().filter(|c| !c.ok).map(|c| format!("{}: {}", c.name, c.detail)).collect();
+        assert!(failed.is_empty(), "{layout:?}: validate failed:\n{}", failed.join("\n"));
+        let _ = std::fs::remove_dir_all(&out);
+    }
+    // joint artifacts whose manifest claims a detached head: the path through the hidden state is
+    // in the model's gradient, and the check at held betas sees it
+    let out = common::fixtures::scratch("detached-mislabelled");
+    build_artifacts(
+        &model.join("model.onnx"),
+        &out,
+        &BuildOptions { objective: ObjectiveConfig { beta_reg: 0.1, ..Default::default() }, ..Default::default() },
+    )
+    .unwrap();
+    let manifest = out.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    assert!(text.contains("\"detach_head_input\": false"), "the manifest records the choice");
+    std::fs::write(&manifest, text.replace("\"detach_head_input\": false", "\"detach_head_input\": true")).unwrap();
+    let checks = validate(&out, &ValidateOptions::default()).unwrap();
+    let grad = checks.iter().find(|c| c.detail.contains("directional") || c.name.contains("gradient")).expect("a gradient check");
+    assert!(!grad.ok, "a joint head passed as detached: {}", grad.detail);
+    eprintln!("mislabelled joint head: {}: {}", grad.name, grad.detail);
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -40,6 +40,14 @@ pub struct Args {
     /// head step then moves beta alike at every model width), or the `raw` hidden state.
     #[arg(long, value_enum, default_value = "normalized")]
     head_input: HeadInputArg,
+    /// Whether the DPO loss reaches the model through the beta head: `detached` (the head reads the
+    /// hidden state behind a stop-gradient: the loss trains the head, but cannot move the model's
+    /// states to change beta) or `joint`.
+    #[arg(long, value_enum, default_value = "joint")]
+    head_gradient: HeadGradientArg,
+    /// Same as --head-gradient detached.
+    #[arg(long, hide = true)]
+    detach_head_input: bool,
     /// Preference loss.
     #[arg(long, value_enum, default_value = "sigmoid")]
     loss: LossArg,
@@ -150,6 +158,12 @@ enum HeadInputArg {
     Normalized,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum HeadGradientArg {
+    Detached,
+    Joint,
+}
+
 #[derive(clap::ValueEnum, Clone, Copy)]
 enum SourceArg {
     Prompt,
@@ -244,6 +258,7 @@ pub fn options(a: &Args) -> Result<BuildOptions> {
             HeadInputArg::Raw => HeadInput::Raw,
             HeadInputArg::Normalized => HeadInput::Normalized,
         },
+        detach_head_input: a.detach_head_input || a.head_gradient == HeadGradientArg::Detached,
         loss: match a.loss {
             LossArg::Sigmoid => LossKind::Sigmoid,
             LossArg::Ipo => LossKind::Ipo,

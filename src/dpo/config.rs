@@ -56,6 +56,10 @@ pub struct ObjectiveConfig {
     /// default; new builds default to `Normalized`).
     #[serde(default)]
     pub head_input: HeadInput,
+    /// The head reads the hidden state behind a stop-gradient: the loss trains the head's weights
+    /// but cannot move the model's states to raise or lower beta.
+    #[serde(default)]
+    pub detach_head_input: bool,
     pub loss: LossKind,
     pub label_smoothing: f64,
     /// Standard DPO with this constant beta and no head.
@@ -115,6 +119,7 @@ impl Default for ObjectiveConfig {
             beta_max: 2.0,
             beta_reg: 0.0,
             head_input: HeadInput::Normalized,
+            detach_head_input: false,
             loss: LossKind::Sigmoid,
             label_smoothing: 0.0,
             fixed_beta: None,

@@ -10,6 +10,7 @@ use super::beta_dpo::{self, BatchBeta};
 use super::config::{inverse_softplus, BetaAggregate, BetaSource, HeadInput, LossKind, ObjectiveConfig};
 use super::epsilon_dpo::{self, PairBeta};
 use super::packing::{objective as packed, Layout};
+use crate::autodiff::STOP_GRADIENT;
 use crate::graph::Builder;
 use crate::onnx::{attr_i, dtype, tensor_f32, Dim, TensorProto, ValueInfoProto};
 
@@ -155,6 +156,13 @@ pub const HEAD_REFERENCE_WIDTH: f64 = 64.0;
 
 /// The head on per-row context vectors `h` [rows, H].
 fn head_on_context(b: &mut Builder, h: &str, hidden_size: i64, cfg: &ObjectiveConfig) -> String {
+    let detached;
+    let h = if cfg.detach_head_input {
+        detached = b.op("Identity", &[h], vec![], &format!("{STOP_GRADIENT}beta/hidden"));
+        detached.as_str()
+    } else {
+        h
+    };
     let z = match cfg.head_input {
         HeadInput::Raw => b.op("MatMul", &[h, HEAD_WEIGHT], vec![], "beta/head_matmul"),
         HeadInput::Normalized => {

@@ -259,13 +259,21 @@ fn packed_vs_model(tensors: &[NamedTensor], m: &Manifest, opts: &ValidateOptions
 
 type HeldLoss<'a> = Box<dyn Fn(&[(String, HostTensor)]) -> Result<f64> + 'a>;
 
-/// beta-DPO and epsilon-DPO: the loss with the betas (and beta-DPO's kept set) held at their values
-/// in `at` (the graph's outputs at the unperturbed parameters), which is what their gradient
-/// differentiates; it is checked against the graph's own loss there. `None` for the other methods.
+/// Whether the model's gradient sees the learned beta as a constant (`--detach-head-input`) while
+/// the head's own parameters still move it.
+fn detached_head(m: &Manifest) -> bool {
+    m.objective.detach_head_input && m.objective.has_head()
+}
+
+/// beta-DPO, epsilon-DPO and the detached head: the loss with the betas (and beta-DPO's kept set) held
+/// at their values in `at` (the graph's outputs at the unperturbed parameters), which is what their
+/// gradient (the model's, for the detached head) differentiates; it is checked against the graph's own
+/// loss there. `None` for the other methods.
 fn held_beta_loss<'a>(m: &'a Manifest, spec: &'a GraphSpec, batch: &'a [(String, HostTensor)], at: &[(String, HostTensor)]) -> Result<Option<HeldLoss<'a>>> {
     let method = match (&m.objective.beta_dpo, &m.objective.epsilon_dpo) {
         (Some(_), _) => "beta-DPO",
         (None, Some(_)) => "epsilon-DPO",
+        (None, None) if detached_head(m) => "the detached head",
         (None, None) => return Ok(None),
     };
     let name = |role: &str, k: usize| spec.outputs.iter().filter(|o| o.role == role).nth(k).map(|o| o.name.clone());
@@ -280,11 +288,18 @@ fn held_beta_loss<'a>(m: &'a Manifest, spec: &'a GraphSpec, batch: &'a [(String,
         Some(kept) => f32_output(at, &kept)?.iter().copied().collect(),
         None => vec![1.0; pairs],
     };
+    // the log-beta regulariser, a constant while the betas are held
+    let cfg = &m.objective;
+    let reg = if cfg.beta_reg > 0.0 && cfg.has_head() {
+        cfg.beta_reg * betas_out.iter().map(|b| (b.ln() - cfg.beta_init.ln()).powi(2)).sum::<f64>() / betas_out.len().max(1) as f64
+    } else {
+        0.0
+    };
     let held: HeldLoss<'a> = Box::new(move |outs: &[(String, HostTensor)]| {
         let p: Vec<f64> = f32_output(outs, &logps)?.iter().map(|&x| x as f64).collect();
         let b = p.len() / 2;
         let u: Vec<f64> = (0..b).map(|i| (p[i] - refs[i]) - (p[b + i] - refs[b + i])).collect();
-        Ok(super::beta_dpo::detached_loss(&m.objective, &betas_at, &kept_at, &u))
+        Ok(super::beta_dpo::detached_loss(&m.objective, &betas_at, &kept_at, &u) + reg)
     });
     let graph_loss = f32_output(at, &spec.output("loss").ok_or_else(missing)?.name)?.iter().next().copied().unwrap_or(f32::NAN) as f64;
     let ours = held(at)?;
@@ -348,19 +363,30 @@ fn directional(tensors: &[NamedTensor], m: &Manifest, opts: &ValidateOptions, se
         }
         let analytic: f64 = grads.iter().map(|(p, g)| g.iter().zip(v[p].iter()).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>()).sum();
         let eps = step / vnorm;
-        let mut lv = [0.0f64; 2];
-        for (s, sign) in [1.0f64, -1.0].iter().enumerate() {
-            let shifted = |n: &str| match v.get(n) {
-                Some(d) => Ok(ndarray::Zip::from(&theta.view(n)?).and(d).map_collect(|&a, &x| a + (x as f64 * eps * sign) as f32)),
-                None => theta.value(n),
-            };
-            let o = run(session, &feeds(&shifted)?)?;
-            lv[s] = match &loss_of {
-                Some(held) => held(&o)?,
-                None => f32_output(&o, loss_name)?.iter().next().copied().unwrap_or(f32::NAN) as f64,
-            };
+        // With a detached head, the model's part of the direction moves the loss at held betas and
+        // the head's part the graph's loss (through beta alone); their derivatives add up.
+        let is_head = |n: &str| m.parameters.iter().any(|p| p.name == n && p.beta_head);
+        let parts: Vec<(Box<dyn Fn(&str) -> bool>, bool)> = if detached_head(m) {
+            vec![(Box::new(|n: &str| !is_head(n)), true), (Box::new(is_head), false)]
+        } else {
+            vec![(Box::new(|_: &str| true), loss_of.is_some())]
+        };
+        let mut numeric = 0.0;
+        for (moves, held_betas) in &parts {
+            let mut lv = [0.0f64; 2];
+            for (s, sign) in [1.0f64, -1.0].iter().enumerate() {
+                let shifted = |n: &str| match v.get(n).filter(|_| moves(n)) {
+                    Some(d) => Ok(ndarray::Zip::from(&theta.view(n)?).and(d).map_collect(|&a, &x| a + (x as f64 * eps * sign) as f32)),
+                    None => theta.value(n),
+                };
+                let o = run(session, &feeds(&shifted)?)?;
+                lv[s] = match (&loss_of, held_betas) {
+                    (Some(held), true) => held(&o)?,
+                    _ => f32_output(&o, loss_name)?.iter().next().copied().unwrap_or(f32::NAN) as f64,
+                };
+            }
+            numeric += (lv[0] - lv[1]) / (2.0 * eps);
         }
-        let numeric = (lv[0] - lv[1]) / (2.0 * eps);
         let err = (numeric - analytic).abs() / (gnorm * vnorm);
         worst = worst.max(err);
         if !(err < tolerance) {
