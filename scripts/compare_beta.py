@@ -25,6 +25,8 @@ import sys
 # name -> (build-graph flags, train flags)
 METHODS = {
     "learned": ([], []),
+    # the learned head differentiated through its read of the hidden state (the default before it was detached)
+    "joint": (["--head-gradient", "joint"], []),
     "fixed": (["--fixed-beta", "0.1"], []),
     # Wu et al. 2024, with the reference code's example settings (beta_0 0.1, alpha 0.6, rho 0.2)
     "beta-dpo": (["--beta-method", "beta-dpo"], []),

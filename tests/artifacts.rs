@@ -210,7 +210,7 @@ fn detached_head_gradient_is_checked_by_differences() {
     build_artifacts(
         &model.join("model.onnx"),
         &out,
-        &BuildOptions { objective: ObjectiveConfig { beta_reg: 0.1, ..Default::default() }, ..Default::default() },
+        &BuildOptions { objective: ObjectiveConfig { detach_head_input: false, beta_reg: 0.1, ..Default::default() }, ..Default::default() },
     )
     .unwrap();
     let manifest = out.join("manifest.json");

@@ -46,8 +46,10 @@ fn check_model_in(model_dir: &Path, mode: Mode, layout: Layout) -> Result<(), St
         beta_min: 0.0,
         beta_max: f64::INFINITY,
         beta_reg: 0.0,
-        // PyTorch's goldens read the raw hidden state (the normalized head has its own test below)
+        // PyTorch's goldens read the raw hidden state (the normalized head has its own test below),
+        // and differentiate through that read (the detached head is checked by validate's differences)
         head_input: HeadInput::Raw,
+        detach_head_input: false,
         fixed_beta: matches!(mode, Mode::Fixed).then_some(0.1),
         ..Default::default()
     };
@@ -231,7 +233,7 @@ fn packed_layout_matches_padded_for_mean_heads() {
 fn normalized_head_matches_closed_form() {
     for model in common::fixtures::all_models() {
         let golden = load_golden(&model);
-        let objective = ObjectiveConfig { head_input: HeadInput::Normalized, beta_max: f64::INFINITY, ..Default::default() };
+        let objective = ObjectiveConfig { head_input: HeadInput::Normalized, detach_head_input: false, beta_max: f64::INFINITY, ..Default::default() };
         let hidden = &golden.f32s["hidden"];
         let (w, bias) = (&golden.f32s["beta_head.weight"], golden.f32s["beta_head.bias"][[0]] as f64);
         let width = w.len();

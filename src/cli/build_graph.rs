@@ -43,11 +43,8 @@ pub struct Args {
     /// Whether the DPO loss reaches the model through the beta head: `detached` (the head reads the
     /// hidden state behind a stop-gradient: the loss trains the head, but cannot move the model's
     /// states to change beta) or `joint`.
-    #[arg(long, value_enum, default_value = "joint")]
+    #[arg(long, value_enum, default_value = "detached")]
     head_gradient: HeadGradientArg,
-    /// Same as --head-gradient detached.
-    #[arg(long, hide = true)]
-    detach_head_input: bool,
     /// Preference loss.
     #[arg(long, value_enum, default_value = "sigmoid")]
     loss: LossArg,
@@ -258,7 +255,7 @@ pub fn options(a: &Args) -> Result<BuildOptions> {
             HeadInputArg::Raw => HeadInput::Raw,
             HeadInputArg::Normalized => HeadInput::Normalized,
         },
-        detach_head_input: a.detach_head_input || a.head_gradient == HeadGradientArg::Detached,
+        detach_head_input: a.head_gradient == HeadGradientArg::Detached,
         loss: match a.loss {
             LossArg::Sigmoid => LossKind::Sigmoid,
             LossArg::Ipo => LossKind::Ipo,

@@ -57,7 +57,8 @@ pub struct ObjectiveConfig {
     #[serde(default)]
     pub head_input: HeadInput,
     /// The head reads the hidden state behind a stop-gradient: the loss trains the head's weights
-    /// but cannot move the model's states to raise or lower beta.
+    /// but cannot move the model's states to raise or lower beta. (Artifacts from before this
+    /// option had the joint head, hence the serde default; new builds default to detached.)
     #[serde(default)]
     pub detach_head_input: bool,
     pub loss: LossKind,
@@ -119,7 +120,7 @@ impl Default for ObjectiveConfig {
             beta_max: 2.0,
             beta_reg: 0.0,
             head_input: HeadInput::Normalized,
-            detach_head_input: false,
+            detach_head_input: true,
             loss: LossKind::Sigmoid,
             label_smoothing: 0.0,
             fixed_beta: None,

@@ -14,6 +14,7 @@ use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use ort::session::Session;
 use rand::{Rng, SeedableRng};
 
+use super::config::LossKind;
 use super::manifest::{GraphSpec, Manifest};
 use crate::onnx::{load_model, ModelProto};
 use crate::runtime::{f32_output, run, HostTensor, SessionConfig};
@@ -295,10 +296,18 @@ fn held_beta_loss<'a>(m: &'a Manifest, spec: &'a GraphSpec, batch: &'a [(String,
     } else {
         0.0
     };
+    // a per-sequence head (`--beta-source sequence`) gives chosen and rejected their own betas
+    let (beta_c, beta_r): (Vec<f64>, Vec<f64>) =
+        if betas_out.len() == 2 * pairs { (betas_out[..pairs].to_vec(), betas_out[pairs..].to_vec()) } else { (betas_at.clone(), betas_at.clone()) };
+    let head = detached_head(m);
     let held: HeldLoss<'a> = Box::new(move |outs: &[(String, HostTensor)]| {
         let p: Vec<f64> = f32_output(outs, &logps)?.iter().map(|&x| x as f64).collect();
         let b = p.len() / 2;
-        let u: Vec<f64> = (0..b).map(|i| (p[i] - refs[i]) - (p[b + i] - refs[b + i])).collect();
+        let (dc, dr): (Vec<f64>, Vec<f64>) = (0..b).map(|i| (p[i] - refs[i], p[b + i] - refs[b + i])).unzip();
+        if head {
+            return Ok(head_loss_at_betas(cfg, &beta_c, &beta_r, &dc, &dr) + reg);
+        }
+        let u: Vec<f64> = dc.iter().zip(&dr).map(|(c, r)| c - r).collect();
         Ok(super::beta_dpo::detached_loss(&m.objective, &betas_at, &kept_at, &u) + reg)
     });
     let graph_loss = f32_output(at, &spec.output("loss").ok_or_else(missing)?.name)?.iter().next().copied().unwrap_or(f32::NAN) as f64;
@@ -308,6 +317,22 @@ fn held_beta_loss<'a>(m: &'a Manifest, spec: &'a GraphSpec, batch: &'a [(String,
         return Err(Error::Other(format!("{method}'s loss {graph_loss} differs from the paper's formula at its own betas ({ours})")));
     }
     Ok(Some(held))
+}
+
+/// The learned head's loss (objective.rs's formulas) at given betas: chosen and rejected log-ratios
+/// `dc`, `dr` per pair, mean over pairs.
+fn head_loss_at_betas(cfg: &crate::dpo::ObjectiveConfig, beta_c: &[f64], beta_r: &[f64], dc: &[f64], dr: &[f64]) -> f64 {
+    let softplus = |x: f64| x.max(0.0) + (-x.abs()).exp().ln_1p();
+    let n = dc.len();
+    let per_pair = |i: usize| {
+        let u = beta_c[i] * dc[i] - beta_r[i] * dr[i];
+        match cfg.loss {
+            LossKind::Sigmoid => (1.0 - cfg.label_smoothing) * softplus(-u) + cfg.label_smoothing * softplus(u),
+            LossKind::Ipo => (dc[i] - dr[i] - 1.0 / (beta_c[i] + beta_r[i])).powi(2),
+            LossKind::Hinge => (1.0 - u).max(0.0),
+        }
+    };
+    (0..n).map(per_pair).sum::<f64>() / n as f64
 }
 
 // `!(err < tol)` on purpose: a NaN error must fail.
