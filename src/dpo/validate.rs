@@ -259,6 +259,8 @@ fn packed_vs_model(tensors: &[NamedTensor], m: &Manifest, opts: &ValidateOptions
 }
 
 type HeldLoss<'a> = Box<dyn Fn(&[(String, HostTensor)]) -> Result<f64> + 'a>;
+/// Which parameters a part of a direction moves.
+type ParamFilter<'a> = Box<dyn Fn(&str) -> bool + 'a>;
 
 /// Whether the model's gradient sees the learned beta as a constant (`--detach-head-input`) while
 /// the head's own parameters still move it.
@@ -391,7 +393,7 @@ fn directional(tensors: &[NamedTensor], m: &Manifest, opts: &ValidateOptions, se
         // With a detached head, the model's part of the direction moves the loss at held betas and
         // the head's part the graph's loss (through beta alone); their derivatives add up.
         let is_head = |n: &str| m.parameters.iter().any(|p| p.name == n && p.beta_head);
-        let parts: Vec<(Box<dyn Fn(&str) -> bool>, bool)> = if detached_head(m) {
+        let parts: Vec<(ParamFilter, bool)> = if detached_head(m) {
             vec![(Box::new(|n: &str| !is_head(n)), true), (Box::new(is_head), false)]
         } else {
             vec![(Box::new(|_: &str| true), loss_of.is_some())]
