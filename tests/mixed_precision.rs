@@ -24,7 +24,8 @@ use ndarray::{ArrayD, IxDyn};
 
 /// PyTorch's goldens read the raw hidden state with an unbounded beta (as tests/golden.rs).
 fn objective() -> ObjectiveConfig {
-    ObjectiveConfig { beta_min: 0.0, beta_max: f64::INFINITY, beta_reg: 0.0, head_input: HeadInput::Raw, ..Default::default() }
+    // the float64 goldens differentiate through the head's read of the hidden state (the joint head)
+    ObjectiveConfig { beta_min: 0.0, beta_max: f64::INFINITY, beta_reg: 0.0, head_input: HeadInput::Raw, detach_head_input: false, ..Default::default() }
 }
 
 fn options(precision: Precision, emulated: bool) -> BuildOptions {
