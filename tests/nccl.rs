@@ -158,14 +158,9 @@ fn nccl_refusals() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(err.contains("invalid value for --allreduce: nccl sums GPU memory and needs --ep cuda or tensorrt"), "{err}");
+    // a missing library in the stand-in's place
     let missing = dir.join("no-such-libnccl.so.2");
-    let o = setup
-        .mpirun(2)
-        .args(setup.args(&dir.join("missing"), "--max-steps 2 --allreduce nccl"))
-        .env("BETADPO_NCCL_LIB", &missing)
-        .env("BETADPO_NCCL_HOST_MEMORY", "1")
-        .output()
-        .unwrap();
+    let o = run_with_stand_in(&setup, &missing, 2, &dir.join("missing"), "--max-steps 2 --allreduce nccl", &[]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(
@@ -174,13 +169,7 @@ fn nccl_refusals() {
         "{err}"
     );
     // --allreduce auto (the default) falls back to MPI on every rank, says so, and trains
-    let o = setup
-        .mpirun(2)
-        .args(setup.args(&dir.join("fallback"), "--max-steps 2"))
-        .env("BETADPO_NCCL_LIB", &missing)
-        .env("BETADPO_NCCL_HOST_MEMORY", "1")
-        .output()
-        .unwrap();
+    let o = run_with_stand_in(&setup, &missing, 2, &dir.join("fallback"), "--max-steps 2", &[]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("notice: gradients are summed through MPI on host memory: rank 0 cannot use NCCL: distributed training: cannot load NCCL ("), "{err}");

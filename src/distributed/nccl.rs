@@ -90,7 +90,7 @@ fn open(env: &str, candidates: &[&str], what: &str) -> Result<(Library, String)>
     };
     let mut errors = Vec::new();
     for n in &names {
-        match Library::open(std::path::Path::new(n), Scope::Global) {
+        match Library::open(Path::new(n), Scope::Global) {
             Ok(lib) => return Ok((lib, n.clone())),
             Err(e) => errors.push(e),
         }

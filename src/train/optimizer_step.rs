@@ -92,16 +92,17 @@ pub fn apply(session: &mut Session, spec: &GraphSpec, state: &mut State, grads: 
     Ok(Some(norm))
 }
 
-/// Sums gradients of micro-batches on the device: `acc_i + g_i` for every parameter.
+/// Sums gradients of micro-batches on the device: `acc_i + w * g_i` for every parameter (`w` = 1 in
+/// one process; a rank's share of the batch under `--allreduce nccl`), or `w * g_i` to start a sum.
 pub struct Accumulator {
-    session: Session,
+    accumulate: Session,
+    scale: Session,
     n: usize,
     device: Device,
 }
 
-/// `w * g_i` (`accumulate` false) or `acc_i + w * g_i`, for every parameter: the sums of micro-batch
-/// gradients, in one process (`w` = 1) and weighted by each rank's share (`trainer::device_sum`).
-pub fn weighted_sum_graph(shapes: &[Vec<i64>], accumulate: bool) -> Vec<u8> {
+/// `w * g_i` (`accumulate` false) or `acc_i + w * g_i`, for every parameter.
+fn weighted_sum_graph(shapes: &[Vec<i64>], accumulate: bool) -> Vec<u8> {
     let mut g = Graph {
         name: "betadpo_weighted_gradient_sum".into(),
         ir_version: 8,
@@ -134,19 +135,32 @@ pub fn weighted_sum_graph(shapes: &[Vec<i64>], accumulate: bool) -> Vec<u8> {
 
 impl Accumulator {
     pub fn new(shapes: &[Vec<i64>], cfg: &SessionConfig, device: Device) -> Result<Self> {
-        // weight 1: `acc + 1 * g` is `acc + g` to the bit
-        Ok(Accumulator { session: cfg.session_from_bytes(&weighted_sum_graph(shapes, true))?, n: shapes.len(), device })
+        Ok(Accumulator {
+            accumulate: cfg.session_from_bytes(&weighted_sum_graph(shapes, true))?,
+            scale: cfg.session_from_bytes(&weighted_sum_graph(shapes, false))?,
+            n: shapes.len(),
+            device,
+        })
     }
 
+    /// `acc + g` (weight 1: `acc + 1 * g` is `acc + g` to the bit).
     pub fn add(&mut self, acc: Vec<Tensor<f32>>, grads: &[Tensor<f32>]) -> Result<Vec<Tensor<f32>>> {
-        let one = Tensor::from_array((Vec::<usize>::new(), vec![1.0f32]))?;
+        self.add_weighted(Some(&acc), grads, 1.0)
+    }
+
+    /// `acc + weight * grads`, or `weight * grads` without `acc`.
+    pub fn add_weighted(&mut self, acc: Option<&[Tensor<f32>]>, grads: &[Tensor<f32>], weight: f32) -> Result<Vec<Tensor<f32>>> {
+        let w = Tensor::from_array((Vec::<usize>::new(), vec![weight]))?;
         let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(2 * self.n + 1);
-        inputs.push((Cow::Borrowed("weight"), SessionInputValue::from(&one)));
+        inputs.push((Cow::Borrowed("weight"), SessionInputValue::from(&w)));
         for i in 0..self.n {
-            inputs.push((Cow::Owned(format!("acc{i}")), SessionInputValue::from(&acc[i])));
+            if let Some(acc) = acc {
+                inputs.push((Cow::Owned(format!("acc{i}")), SessionInputValue::from(&acc[i])));
+            }
             inputs.push((Cow::Owned(format!("g{i}")), SessionInputValue::from(&grads[i])));
         }
-        let mut out = self.device.run(&mut self.session, inputs, &|_| true)?;
+        let session = if acc.is_some() { &mut self.accumulate } else { &mut self.scale };
+        let mut out = self.device.run(session, inputs, &|_| true)?;
         (0..self.n)
             .map(|i| {
                 out.remove(&format!("sum{i}"))

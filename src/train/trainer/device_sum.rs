@@ -2,24 +2,21 @@
 //! they are (on the GPU, by a small ONNX graph in the same runtime), and one grouped NCCL allreduce
 //! sums them over the ranks in place. Nothing travels through host memory.
 
-use std::borrow::Cow;
 use std::time::Instant;
 
-use ort::session::{Session, SessionInputValue};
-use ort::value::{Tensor, TensorValueType};
+use ort::value::Tensor;
 
 use super::gradient_reduce::GradientReduce;
 use crate::distributed::nccl::Nccl;
 use crate::distributed::Collective;
 use crate::runtime::SessionConfig;
 use crate::train::device::Device;
-use crate::train::optimizer_step::weighted_sum_graph;
+use crate::train::optimizer_step::Accumulator;
 use crate::{Error, Result};
 
 pub struct DeviceGradientSum {
     nccl: Nccl,
-    scale: Session,
-    accumulate: Session,
+    weighted: Accumulator,
     shapes: Vec<Vec<usize>>,
     device: Device,
     /// This step's weighted sum so far (`None` before the first micro-batch this rank ran).
@@ -29,8 +26,7 @@ pub struct DeviceGradientSum {
 impl DeviceGradientSum {
     pub fn new(shapes: &[Vec<i64>], cfg: &SessionConfig, device: Device, nccl: Nccl) -> Result<Self> {
         Ok(DeviceGradientSum {
-            scale: cfg.session_from_bytes(&weighted_sum_graph(shapes, false))?,
-            accumulate: cfg.session_from_bytes(&weighted_sum_graph(shapes, true))?,
+            weighted: Accumulator::new(shapes, cfg, device)?,
             shapes: shapes.iter().map(|s| s.iter().map(|&d| d as usize).collect()).collect(),
             sum: None,
             device,
@@ -44,27 +40,9 @@ impl GradientReduce for DeviceGradientSum {
         self.sum = None;
     }
 
-    fn add(&mut self, grads: Vec<Tensor<f32>>, weight: f32, device: &Device) -> Result<()> {
-        let w = Tensor::from_array((Vec::<usize>::new(), vec![weight]))?;
-        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![(Cow::Borrowed("weight"), SessionInputValue::from(&w))];
+    fn add(&mut self, grads: Vec<Tensor<f32>>, weight: f32, _device: &Device) -> Result<()> {
         let previous = self.sum.take();
-        for (i, g) in grads.iter().enumerate() {
-            if let Some(acc) = &previous {
-                inputs.push((Cow::Owned(format!("acc{i}")), SessionInputValue::from(&acc[i])));
-            }
-            inputs.push((Cow::Owned(format!("g{i}")), SessionInputValue::from(g)));
-        }
-        let session = if previous.is_some() { &mut self.accumulate } else { &mut self.scale };
-        let mut out = device.run(session, inputs, &|_| true)?;
-        let sum = (0..grads.len())
-            .map(|i| {
-                out.remove(&format!("sum{i}"))
-                    .ok_or_else(|| Error::Runtime("the weighted gradient sum returned too few outputs".into()))?
-                    .downcast::<TensorValueType<f32>>()
-                    .map_err(Error::from)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        self.sum = Some(sum);
+        self.sum = Some(self.weighted.add_weighted(previous.as_deref(), &grads, weight)?);
         Ok(())
     }
 
