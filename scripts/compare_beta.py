@@ -5,8 +5,10 @@ Each method is a set of `build-graph` flags plus `train` flags. Every run evalua
 set by group (`--group-by`, default `regime`) every `--eval-every` steps; the table holds, per method
 and group, the mean over seeds (and min-max) of: reward accuracy, beta, drift (mean |policy - reference|
 log-prob of an answer) at the last evaluation, and how much beta changed between the last two
-evaluations. With matplotlib installed it also draws beta per group over steps and drift against
-accuracy. Stdlib only otherwise; not part of CI.
+evaluations, and (`--kl`, the default) the KL of the policy from the reference per answer token on the
+held-out answers (scripts/heldout_kl.py, on the exported final and initial models; needs numpy,
+onnxruntime and tokenizers). With matplotlib installed it also draws beta per group over steps and drift against
+accuracy (and KL against accuracy). Stdlib only with `--no-kl`; not part of CI.
 
     python3 scripts/compare_beta.py --model ../shared/fixtures/tiny-llama-dynamo/model.onnx \\
         --data ../shared/fixtures/prefs/train.jsonl --eval-data ../shared/fixtures/prefs/test.jsonl \\
@@ -15,6 +17,7 @@ accuracy. Stdlib only otherwise; not part of CI.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -53,6 +56,23 @@ def train_records(run_dir):
     return [r for r in recs if "loss" in r and "eval/loss" not in r]
 
 
+def heldout_kl(a, art, rd, lora):
+    """Per-group KL(policy || reference) on the held-out answers, cached in the run directory."""
+    cached = os.path.join(rd, "heldout_kl.json")
+    if not os.path.exists(cached):
+        tmp = os.path.join(a.out, "kl-models")
+        os.makedirs(tmp, exist_ok=True)
+        merge = ["--merge"] if lora else []
+        pol, ref = os.path.join(tmp, "policy.onnx"), os.path.join(tmp, "reference.onnx")
+        run([a.betadpo, "export", "--run", rd, "--out", pol, *merge], os.path.join(rd, "export-policy.log"))
+        run([a.betadpo, "export", "--artifacts", art, "--out", ref, *merge], os.path.join(rd, "export-reference.log"))
+        run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "heldout_kl.py"), "--policy", pol,
+             "--reference", ref, "--data", a.eval_data, "--tokenizer", a.tokenizer, "--group-by", a.group_by,
+             "--json", cached], os.path.join(rd, "heldout_kl.log"))
+        shutil.rmtree(tmp)  # exported models are as large as the model: keep only the numbers
+    return json.load(open(cached))
+
+
 def summary(values):
     if not values:
         return "-"
@@ -77,6 +97,8 @@ def main():
     ap.add_argument("--group-by", default="regime")
     ap.add_argument("--build-flags", default="", help="extra build-graph flags for every method")
     ap.add_argument("--train-flags", default="--lr 1e-3", help="extra train flags for every method")
+    ap.add_argument("--kl", action=argparse.BooleanOptionalAction, default=True,
+                    help="measure KL(policy || reference) per token on the held-out answers (exports both models)")
     ap.add_argument("--method", action="append", default=[], metavar="NAME=BUILD_FLAGS|TRAIN_FLAGS",
                     help="define a method on the fly, e.g. 'reg1=--beta-reg 1|--head-lr 1e-3'")
     a = ap.parse_args()
@@ -84,10 +106,15 @@ def main():
         name, flags = spec.split("=", 1)
         build, _, train = flags.partition("|")
         METHODS[name] = (build.split(), train.split())
+    if a.kl:
+        missing = [m for m in ("numpy", "onnxruntime", "tokenizers") if importlib.util.find_spec(m) is None]
+        if missing:
+            sys.exit(f"--kl needs {', '.join(missing)} (pip install {' '.join(missing)}), or pass --no-kl")
     methods = a.methods.split(",")
     seeds = [int(s) for s in a.seeds.split(",")]
     os.makedirs(a.out, exist_ok=True)
-    results = {}  # method -> seed -> eval records
+    results = {}  # method -> seed -> run directory
+    kls = {}  # method -> seed -> group -> held-out KL numbers
     for m in methods:
         build, train = METHODS[m]
         art = os.path.join(a.out, f"art-{m}")
@@ -104,16 +131,19 @@ def main():
                      str(a.eval_every), "--group-by", a.group_by, "--seed", str(seed), "--quiet",
                      *a.train_flags.split(), *train], os.path.join(a.out, f"train-{m}-{seed}.log"))
             results.setdefault(m, {})[seed] = rd
+            if a.kl:
+                kls.setdefault(m, {})[seed] = heldout_kl(a, art, rd, "--lora-rank" in build + a.build_flags.split())
             print(f"{m} seed {seed}: done", file=sys.stderr)
 
     groups = sorted({k.split("/")[-1] for m in results for rd in results[m].values()
                      for k in evals(rd)[-1] if k.startswith("eval/rewards/accuracies/")})
     lines = [f"{a.steps} steps, seeds {a.seeds}, train flags `{a.train_flags}`", ""]
-    head = "| method | group | accuracy | beta | drift | beta change, last two evals | ratio to first group's beta, worst seed |"
-    lines += [head, "|" + "---|" * 7]
+    head = "| method | group | accuracy | beta | drift | KL per answer token | beta change, last two evals | ratio to first group's beta, worst seed |"
+    lines += [head, "|" + "---|" * 8]
     for m in methods:
         for g in groups:
             acc, beta, drift, change, ratio = [], [], [], [], []
+            kl = [kls[m][seed][g]["kl_per_token"] for seed in results[m] if g in kls.get(m, {}).get(seed, {})]
             for rd in results[m].values():
                 ev = evals(rd)
                 last, prev = ev[-1], ev[-2] if len(ev) > 1 else None
@@ -123,7 +153,7 @@ def main():
                 if prev:
                     change.append(abs(last[f"eval/beta/mean/{g}"] / prev[f"eval/beta/mean/{g}"] - 1))
                 ratio.append(last[f"eval/beta/mean/{groups[0]}"] / last[f"eval/beta/mean/{g}"])
-            lines.append(f"| {m} | {g} | {summary(acc)} | {summary(beta)} | {summary(drift)} | "
+            lines.append(f"| {m} | {g} | {summary(acc)} | {summary(beta)} | {summary(drift)} | {summary(kl)} | "
                          f"{max(change):.1%} | {min(ratio):.2f} |")
     # Stability over training: loss spikes after step 20, mean beta ratio between 20-step windows.
     # A batch of 8 pairs with coin-flip labels can cost more than 1.5 ln 2 under any beta (standard DPO
@@ -176,6 +206,18 @@ def main():
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(a.out, "drift_vs_accuracy.png"))
+    if kls:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for mi, m in enumerate(methods):
+            for g in groups:
+                xs = [kls[m][seed][g]["kl_per_token"] for seed in results[m]]
+                ys = [evals(rd)[-1][f"eval/rewards/accuracies/{g}"] for rd in results[m].values()]
+                ax.scatter(xs, ys, marker="os^vD"[mi % 5], color=f"C{groups.index(g)}", label=f"{m} {g}")
+        ax.set_xlabel("KL(policy || reference) per held-out answer token")
+        ax.set_ylabel("held-out reward accuracy")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(a.out, "kl_vs_accuracy.png"))
 
 
 if __name__ == "__main__":
