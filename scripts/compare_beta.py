@@ -195,29 +195,26 @@ def main():
         ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(a.out, "beta_over_steps.png"))
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for mi, m in enumerate(methods):
-        for g in groups:
-            xs = [evals(rd)[-1][f"eval/drift/abs_logratio/{g}"] for rd in results[m].values()]
-            ys = [evals(rd)[-1][f"eval/rewards/accuracies/{g}"] for rd in results[m].values()]
-            ax.scatter(xs, ys, marker="os^vD"[mi % 5], color=f"C{groups.index(g)}", label=f"{m} {g}")
-    ax.set_xlabel("drift |policy - reference| log-prob")
-    ax.set_ylabel("held-out reward accuracy")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(a.out, "drift_vs_accuracy.png"))
-    if kls:
+
+    def against_accuracy(x_of, xlabel, name):
+        """Scatter of a per-run, per-group quantity against held-out accuracy, one point a seed."""
         fig, ax = plt.subplots(figsize=(5, 4))
         for mi, m in enumerate(methods):
             for g in groups:
-                xs = [kls[m][seed][g]["kl_per_token"] for seed in results[m]]
+                xs = [x_of(m, seed, rd, g) for seed, rd in results[m].items()]
                 ys = [evals(rd)[-1][f"eval/rewards/accuracies/{g}"] for rd in results[m].values()]
                 ax.scatter(xs, ys, marker="os^vD"[mi % 5], color=f"C{groups.index(g)}", label=f"{m} {g}")
-        ax.set_xlabel("KL(policy || reference) per held-out answer token")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("held-out reward accuracy")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(os.path.join(a.out, "kl_vs_accuracy.png"))
+        fig.savefig(os.path.join(a.out, name))
+
+    against_accuracy(lambda m, seed, rd, g: evals(rd)[-1][f"eval/drift/abs_logratio/{g}"],
+                     "drift |policy - reference| log-prob", "drift_vs_accuracy.png")
+    if kls:
+        against_accuracy(lambda m, seed, rd, g: kls[m][seed][g]["kl_per_token"],
+                         "KL(policy || reference) per held-out answer token", "kl_vs_accuracy.png")
 
 
 if __name__ == "__main__":
