@@ -38,6 +38,9 @@ pub struct Args {
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
+    /// Learning rate of the model's parameters. The default suits the tiny test models; a real
+    /// model wants far less: TRL's default is 1e-6, the README's runs use 1e-5 (SmolLM2, full
+    /// fine-tuning) and 2e-4 (a 1B model, LoRA rank 16).
     #[arg(long, default_value_t = 1e-3, allow_negative_numbers = true)]
     lr: f64,
     /// Learning rate of the beta head (1e-2 makes beta oscillate on the bundled data; see README).
