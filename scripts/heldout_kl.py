@@ -23,6 +23,7 @@ special tokens; the answer is what follows their common prefix. Needs numpy, onn
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -41,7 +42,7 @@ def load_rows(path):
 
 
 def eos_token(tokenizer_json):
-    cfg_path = tokenizer_json.rsplit("/", 1)[0] + "/tokenizer_config.json" if "/" in tokenizer_json else "tokenizer_config.json"
+    cfg_path = os.path.join(os.path.dirname(os.path.abspath(tokenizer_json)), "tokenizer_config.json")
     try:
         eos = json.load(open(cfg_path)).get("eos_token")
         if isinstance(eos, dict):
