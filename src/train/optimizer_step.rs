@@ -96,8 +96,11 @@ pub fn apply(session: &mut Session, spec: &GraphSpec, state: &mut State, grads: 
 /// one process; a rank's share of the batch under `--allreduce nccl`), or `w * g_i` to start a sum.
 pub struct Accumulator {
     accumulate: Session,
-    scale: Session,
-    n: usize,
+    /// `w * g_i`, built when a sum first starts here (only the NCCL path starts one: the
+    /// single-process path takes the first micro-batch's gradients as they are).
+    scale: Option<Session>,
+    shapes: Vec<Vec<i64>>,
+    cfg: SessionConfig,
     device: Device,
 }
 
@@ -137,8 +140,9 @@ impl Accumulator {
     pub fn new(shapes: &[Vec<i64>], cfg: &SessionConfig, device: Device) -> Result<Self> {
         Ok(Accumulator {
             accumulate: cfg.session_from_bytes(&weighted_sum_graph(shapes, true))?,
-            scale: cfg.session_from_bytes(&weighted_sum_graph(shapes, false))?,
-            n: shapes.len(),
+            scale: None,
+            shapes: shapes.to_vec(),
+            cfg: cfg.clone(),
             device,
         })
     }
@@ -151,17 +155,22 @@ impl Accumulator {
     /// `acc + weight * grads`, or `weight * grads` without `acc`.
     pub fn add_weighted(&mut self, acc: Option<&[Tensor<f32>]>, grads: &[Tensor<f32>], weight: f32) -> Result<Vec<Tensor<f32>>> {
         let w = Tensor::from_array((Vec::<usize>::new(), vec![weight]))?;
-        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(2 * self.n + 1);
+        let n = self.shapes.len();
+        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(2 * n + 1);
         inputs.push((Cow::Borrowed("weight"), SessionInputValue::from(&w)));
-        for i in 0..self.n {
+        for i in 0..n {
             if let Some(acc) = acc {
                 inputs.push((Cow::Owned(format!("acc{i}")), SessionInputValue::from(&acc[i])));
             }
             inputs.push((Cow::Owned(format!("g{i}")), SessionInputValue::from(&grads[i])));
         }
-        let session = if acc.is_some() { &mut self.accumulate } else { &mut self.scale };
+        let session = match (acc, &mut self.scale) {
+            (Some(_), _) => &mut self.accumulate,
+            (None, Some(scale)) => scale,
+            (None, scale @ None) => scale.insert(self.cfg.session_from_bytes(&weighted_sum_graph(&self.shapes, false))?),
+        };
         let mut out = self.device.run(session, inputs, &|_| true)?;
-        (0..self.n)
+        (0..n)
             .map(|i| {
                 out.remove(&format!("sum{i}"))
                     .ok_or_else(|| Error::Runtime("accumulator output missing".into()))?
