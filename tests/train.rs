@@ -658,6 +658,15 @@ fn data_formats_train() {
             // Beta starts at 0.1 and the policy at the reference: the first loss is log 2.
             assert!(loss.is_finite() && loss > 0.0 && loss < 1.0, "{name}: loss {loss}");
             assert!(f(r, "grad_norm") > 0.0, "{name}: zero gradient");
+            // A step's per-group values (kept to trace a loss spike to its groups) average back to the step's own.
+            let groups: Vec<(&str, f64)> =
+                ["clean", "mixed", "noise"].into_iter().filter_map(|g| r.get(&format!("pairs/{g}")).map(|n| (g, n.as_u64().unwrap() as f64))).collect();
+            let pairs: f64 = groups.iter().map(|(_, n)| n).sum();
+            assert!(pairs >= 1.0, "{name}: no per-group values in a step's record");
+            for key in ["rewards/margins", "rewards/accuracies", "beta/mean", "drift/abs_logratio"] {
+                let by_group: f64 = groups.iter().map(|(g, n)| n * f(r, &format!("{key}/{g}"))).sum::<f64>() / pairs;
+                assert!((by_group - f(r, key)).abs() <= 1e-5 * (1.0 + f(r, key).abs()), "{name}: {key} {} but {by_group} from its groups", f(r, key));
+            }
         }
         assert!((f(&recs[0], "loss") - std::f64::consts::LN_2).abs() < 1e-5, "{name}: first loss {} != ln 2", f(&recs[0], "loss"));
         let ev = s.final_eval.as_ref().unwrap();

@@ -110,7 +110,9 @@ pub fn summarise(v: &PairValues, prefix: &str, out: &mut Map<String, Value>) {
     put(out, "drift/abs_logratio", mean(&v.drift));
 }
 
-/// Per-group accuracy and beta: `<prefix>rewards/accuracies/<group>`, `<prefix>beta/mean/<group>`.
+/// Per-group accuracy, margin, beta and drift: `<prefix>rewards/accuracies/<group>`,
+/// `<prefix>rewards/margins/<group>`, `<prefix>beta/mean/<group>`, ... A training step logs them too, so a
+/// loss spike can be traced to the groups whose pairs caused it.
 pub fn summarise_groups(v: &PairValues, prefix: &str, out: &mut Map<String, Value>) {
     let mut by: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, g) in v.groups.iter().enumerate() {
@@ -120,9 +122,11 @@ pub fn summarise_groups(v: &PairValues, prefix: &str, out: &mut Map<String, Valu
     }
     for (g, idx) in by {
         let acc: Vec<f32> = idx.iter().map(|&i| if v.chosen_rewards[i] > v.rejected_rewards[i] { 1.0 } else { 0.0 }).collect();
+        let margins: Vec<f32> = idx.iter().map(|&i| v.chosen_rewards[i] - v.rejected_rewards[i]).collect();
         let beta: Vec<f32> = idx.iter().map(|&i| v.beta[i]).collect();
         let drift: Vec<f32> = idx.iter().map(|&i| v.drift[i]).collect();
         out.insert(format!("{prefix}rewards/accuracies/{g}"), num(mean(&acc)));
+        out.insert(format!("{prefix}rewards/margins/{g}"), num(mean(&margins)));
         out.insert(format!("{prefix}beta/mean/{g}"), num(mean(&beta)));
         out.insert(format!("{prefix}drift/abs_logratio/{g}"), num(mean(&drift)));
         out.insert(format!("{prefix}pairs/{g}"), Value::from(idx.len()));

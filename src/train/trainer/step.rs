@@ -24,7 +24,7 @@ use crate::train::device::Device;
 use crate::train::epsilon_beta::{self, StepTally};
 use crate::train::fused_adamw::{self, ParamKind};
 use crate::train::loss_scale::Verdict;
-use crate::train::metrics::{num, summarise, PairValues};
+use crate::train::metrics::{num, summarise, summarise_groups, PairValues};
 use crate::train::optimizer_step::{apply, Accumulator, Hyper, State};
 use crate::train::reference::{batch_refs, RefTable};
 use crate::train::schedule::factor;
@@ -215,6 +215,7 @@ impl<'a> Stepper<'a> {
         let mut rec = Map::new();
         rec.insert("loss".into(), num(loss));
         summarise(&pairs, "", &mut rec);
+        summarise_groups(&pairs, "", &mut rec);
         rec.insert("grad_norm".into(), num(norm as f64));
         rec.insert("learning_rate".into(), num(hyper.learning_rate as f64));
         rec.insert("head_learning_rate".into(), num(hyper.head_learning_rate as f64));
