@@ -82,7 +82,8 @@ pub fn add_reference_copy(graph: &mut Graph, sig: &LmSignature) -> Result<Refere
 /// values. Returns how many initializers were copied.
 pub fn freeze_reference(graph: &mut Graph, copy: &ReferenceCopy, params: &[Param]) -> usize {
     let trainable: HashSet<&str> = params.iter().filter(|p| p.trainable && !p.beta_head).flat_map(|p| p.initializers.iter().map(|r| r.name.as_str())).collect();
-    let read: HashSet<String> =
+    // ordered, so the copies' initializers (and the artifacts' bytes) are the same on every build
+    let read: std::collections::BTreeSet<String> =
         graph.nodes.iter().filter(|n| copy.nodes.contains(&n.name)).flat_map(|n| n.input.iter().filter(|i| trainable.contains(i.as_str())).cloned()).collect();
     let mut frozen: HashMap<String, String> = HashMap::new();
     for name in &read {

@@ -1,0 +1,88 @@
+//! Phase 12: the manifest — what each graph file takes and returns, the parameters and their
+//! initial values' file, the model's signature, the objective, layout and precision — so any ONNX
+//! Runtime binding can drive the artifacts without betadpo.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::dpo::lora::LoraSpec;
+use crate::dpo::manifest::{GraphSpec, Manifest, ModelSpec, ParameterSpec, FORMAT, FORMAT_VERSION};
+use crate::dpo::packing::{self, Layout};
+use crate::dpo::params::Param;
+use crate::dpo::ObjectiveConfig;
+use crate::graph::MixedPrecision;
+
+use super::load::LoadedModel;
+use super::PARAMS_FILE;
+
+/// The parameters as the manifest lists them; weight decay applies to matrices, never to the head.
+pub fn parameter_specs(params: &[Param]) -> Vec<ParameterSpec> {
+    params
+        .iter()
+        .map(|p| ParameterSpec {
+            name: p.name.clone(),
+            shape: p.dims.clone(),
+            trainable: p.trainable,
+            beta_head: p.beta_head,
+            initializers: p.initializers.clone(),
+            weight_decay: p.dims.len() >= 2 && !p.beta_head,
+        })
+        .collect()
+}
+
+pub struct ManifestParts<'a> {
+    pub model_path: &'a Path,
+    pub model: &'a LoadedModel,
+    pub objective: &'a ObjectiveConfig,
+    pub layout: Layout,
+    pub graphs: BTreeMap<String, GraphSpec>,
+    pub parameters: Vec<ParameterSpec>,
+    pub lora: Option<LoraSpec>,
+    pub precision: MixedPrecision,
+}
+
+pub fn assemble(p: ManifestParts) -> Manifest {
+    let (sig, base) = (&p.model.sig, &p.model.base);
+    Manifest {
+        format: FORMAT.into(),
+        format_version: FORMAT_VERSION,
+        betadpo_version: env!("CARGO_PKG_VERSION").into(),
+        model: ModelSpec {
+            source: p.model_path.display().to_string(),
+            input_ids: sig.input_ids.clone(),
+            attention_mask: sig.attention_mask.clone(),
+            position_ids: sig.position_ids.clone(),
+            logits: sig.logits.clone(),
+            hidden_state: sig.hidden.clone(),
+            hidden_size: sig.hidden_size,
+            vocab_size: p.model.vocab,
+            opset: base.opset(),
+        },
+        objective: p.objective.clone(),
+        layout: p.layout,
+        max_sequence_tokens: (p.layout == Layout::Packed).then_some(packing::VERIFIED_SEQUENCE_TOKENS),
+        graphs: p.graphs,
+        parameters: p.parameters,
+        parameters_file: PARAMS_FILE.into(),
+        lora: p.lora,
+        precision: p.precision.precision,
+        precision_emulated: p.precision.emulated,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dpo::artifacts::test_model::prepared;
+
+    /// Weight decay applies to the model's matrices only: not to vectors, never to the head.
+    #[test]
+    fn weight_decay_applies_to_matrices_but_not_the_head() {
+        let p = prepared(&ObjectiveConfig::default());
+        let specs = parameter_specs(&p.params);
+        for s in &specs {
+            assert_eq!(s.weight_decay, s.shape.len() == 2 && !s.beta_head, "{}", s.name);
+        }
+        assert!(specs.iter().any(|s| s.weight_decay) && specs.iter().any(|s| s.beta_head && !s.weight_decay));
+    }
+}

@@ -1,0 +1,59 @@
+//! Phase 2: the Hugging Face name map (`hf_export.json`) written beside the model by
+//! `scripts/export_hf.py`: copied into the artifacts for `export --hf`, and read for LoRA's module names.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use crate::dpo::hf_export::map::{beside_model, HfMap, HF_MAP_FILE};
+use crate::graph::Graph;
+
+/// The map's text, or why the one beside the model was skipped (it belongs to another model).
+#[derive(Default)]
+pub struct HfNames {
+    pub map: Option<String>,
+    pub skipped: Option<String>,
+}
+
+pub fn find(model_path: &Path, base: &Graph) -> HfNames {
+    match beside_model(model_path, base) {
+        None => HfNames::default(),
+        Some(Ok(text)) => HfNames { map: Some(text), skipped: None },
+        Some(Err(why)) => HfNames { map: None, skipped: Some(why) },
+    }
+}
+
+impl HfNames {
+    /// PyTorch module names of the model's weights (`x.weight` -> `x`), tied copies included.
+    pub fn module_names(&self) -> HashMap<String, String> {
+        let Some(map) = self.map.as_deref().and_then(|text| HfMap::parse(text, Path::new(HF_MAP_FILE)).ok()) else { return Default::default() };
+        let mut out = HashMap::new();
+        for t in &map.tensors {
+            let Some(module) = t.name.strip_suffix(".weight") else { continue };
+            for init in std::iter::once(&t.initializer).chain(t.tied_copies.iter().map(|c| &c.initializer)) {
+                out.insert(init.clone(), module.to_string());
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The quickstart model's map (written by `scripts/export_hf.py` with PyTorch's names) is found,
+    /// and every module it names is a PyTorch module path of a weight the model has.
+    #[test]
+    fn finds_the_map_written_beside_the_quickstart_model() {
+        let model = super::super::load::tests::quickstart_model();
+        let base = super::super::load::load(&model, None).unwrap().base;
+        let names = find(&model, &base);
+        assert!(names.skipped.is_none(), "{:?}", names.skipped);
+        let modules = names.module_names();
+        assert!(!modules.is_empty());
+        for (init, module) in &modules {
+            assert!(base.initializer(init).is_some(), "{init} is not an initializer of the model");
+            assert!(module.starts_with("model.") || module == "lm_head", "{module}");
+        }
+    }
+}
