@@ -1,9 +1,9 @@
 //! Running an exported model (`logits` + `beta`): the beta it learned for each prompt, and a
 //! greedy continuation that reuses the same session.
 
+pub use crate::text::RightPadded;
 use std::path::Path;
 
-use ndarray::Array2;
 use ort::session::{Adapter, RunOptions, Session, SessionInputValue};
 use ort::value::Tensor;
 
@@ -18,29 +18,6 @@ pub struct Prediction {
     pub prompt_tokens: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub completion: Option<String>,
-}
-
-/// Token rows as a model's inputs, right-padded to the longest: ids, attention mask, positions.
-pub struct RightPadded {
-    pub ids: Array2<i64>,
-    pub mask: Array2<i64>,
-    pub positions: Array2<i64>,
-}
-
-impl RightPadded {
-    pub fn of(rows: &[Vec<u32>], pad_id: i64) -> Self {
-        let t = rows.iter().map(Vec::len).max().unwrap_or(1).max(1);
-        let mut ids = Array2::from_elem((rows.len(), t), pad_id);
-        let mut mask = Array2::zeros((rows.len(), t));
-        for (r, row) in rows.iter().enumerate() {
-            for (c, &tok) in row.iter().enumerate() {
-                ids[[r, c]] = tok as i64;
-                mask[[r, c]] = 1;
-            }
-        }
-        let positions = Array2::from_shape_fn((rows.len(), t), |(_, c)| c as i64);
-        RightPadded { ids, mask, positions }
-    }
 }
 
 pub struct Predictor {

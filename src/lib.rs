@@ -1,13 +1,23 @@
 //! betadpo: DPO with a learned, context-dependent beta, trained on ONNX Runtime.
 //!
-//! Layers, bottom to top:
-//! - [`onnx`]: protobuf types (generated from `onnx.proto3`), loading and saving with external data.
-//! - [`graph`]: a light editable view of an ONNX graph: names, dtypes, node builders.
-//! - [`autodiff`]: activity analysis and the reverse-mode pass, one gradient rule per op.
-//! - [`dpo`]: the beta head, DPO losses, the optimizer graph, artifacts and their manifest.
-//! - [`train`]: data, tokenization, the training loop, checkpoints, metrics.
+//! Layers, bottom to top (`LAYERS`; a module uses only its own layer and those below, which
+//! `tests/layers.rs` checks, along with the absence of import cycles between files):
+//! - [`error`], [`temp_files`]: the error type, atomic writes.
+//! - [`onnx`], [`store`], [`output_dir`], [`run_layout`]: protobuf types and model files, safetensors,
+//!   the output directories betadpo owns and the layout of a run's folder.
+//! - [`text`]: text as models read it (right-padded token rows).
 //! - [`runtime`]: provisioning ONNX Runtime and building sessions.
+//! - [`graph`]: a light editable view of an ONNX graph: names, dtypes, node builders, shape probes.
+//! - [`autodiff`]: activity analysis and the reverse-mode pass, one gradient rule per op.
+//! - [`dpo`]: the beta head, DPO losses, the optimizer graph, artifacts (`build-graph`'s phases) and their manifest.
 //! - [`distributed`]: the collectives of data-parallel training (MPI under the `mpi` feature).
+//! - [`train`]: data, tokenization, the training loop, checkpoints, metrics.
+//! - [`infer`]: running an exported model with its head.
+
+/// The layers of the library, bottom to top; each entry lists the top-level modules of one layer.
+#[doc(hidden)]
+pub const LAYERS: &[&str] =
+    &["error temp_files", "onnx store output_dir run_layout", "text", "runtime", "graph", "autodiff", "dpo", "distributed", "train", "infer"];
 
 pub mod autodiff;
 pub mod distributed;
@@ -17,9 +27,11 @@ pub mod graph;
 pub mod infer;
 pub mod onnx;
 pub mod output_dir;
+pub mod run_layout;
 pub mod runtime;
 pub mod store;
 pub mod temp_files;
+pub mod text;
 pub mod train;
 
 pub use error::{Error, Result};

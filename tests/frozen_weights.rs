@@ -140,7 +140,7 @@ fn sessions_sharing_weights_compute_what_the_file_says() {
     let cfg = SessionConfig::default();
     let expected = run(&mut cfg.session_from_file(&infer).unwrap(), &feeds).unwrap();
 
-    let shared = SharedWeights::load(&cfg, &[&infer, &eval]).unwrap();
+    let shared = SharedWeights::load(&cfg.ep, &[&infer, &eval]).unwrap();
     let (count, bytes) = shared.size();
     assert!(count > 10 && bytes > 400_000, "shared {count} initializers, {bytes} bytes");
     // the data file (possibly a clone of the repository's model) moved aside, and zeros put in its place

@@ -7,6 +7,7 @@ use super::lora_export::{merge_adapters, trained_adapters, TrainedAdapter};
 use super::manifest::Manifest;
 use crate::graph::Graph;
 use crate::onnx::{encode_adapter, load_model, save_model, tensor_f32, AdapterParameter, SaveOptions};
+use crate::run_layout;
 use crate::store::read_safetensors;
 use crate::{Error, Result};
 
@@ -24,19 +25,19 @@ pub fn locate_run(run: &Path) -> Result<RunParams> {
     if !run.is_dir() {
         return Err(Error::Other(format!("{}: no such run directory", run.display())));
     }
-    let final_params = run.join("final").join("params.safetensors");
+    let final_params = run.join(run_layout::FINAL_DIR).join(run_layout::PARAMS);
     let params = if final_params.exists() {
         final_params
     } else {
-        let newest = crate::train::checkpoint::list(run).pop();
+        let newest = run_layout::list_checkpoints(run).pop();
         match newest {
-            Some((_, dir)) => dir.join(crate::train::checkpoint::PARAMS),
+            Some((_, dir)) => dir.join(run_layout::PARAMS),
             None => return Err(Error::Other(format!("{}: no final parameters and no checkpoint (did training run?)", run.display()))),
         }
     };
-    let cfg_path = run.join(crate::train::trainer::CONFIG_FILE);
+    let cfg_path = run.join(run_layout::CONFIG_FILE);
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let cfg: crate::train::config::TrainConfig = serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", cfg_path.display())))?;
+    let cfg: run_layout::RunRecord = serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", cfg_path.display())))?;
     Ok(RunParams { params, artifacts: cfg.artifacts, tokenizer: cfg.tokenizer, tokenizer_config: cfg.tokenizer_config })
 }
 

@@ -75,6 +75,14 @@ pub struct GraphSpec {
     pub outputs: Vec<TensorSpec>,
 }
 
+impl GraphSpec {
+    /// `(name, value)` for each parameter input, each value made by `value` (one allocation per
+    /// tensor: SmolLM2's parameters are 540 MB).
+    pub fn parameter_feeds(&self, value: &dyn Fn(&str) -> Result<ndarray::ArrayD<f32>>) -> Result<Vec<(&str, crate::runtime::HostTensor)>> {
+        self.inputs.iter().filter(|i| i.role == "parameter").map(|i| Ok((i.name.as_str(), crate::runtime::HostTensor::F32(value(&i.name)?)))).collect()
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ParameterSpec {
     pub name: String,

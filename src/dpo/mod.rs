@@ -14,6 +14,7 @@ pub mod epsilon_dpo;
 pub mod export;
 pub mod hf_export;
 pub mod kv_cache;
+pub mod layout;
 pub mod lora;
 pub mod lora_export;
 pub mod manifest;
@@ -24,4 +25,4 @@ pub mod validate;
 
 pub use artifacts::{build_artifacts, BuildOptions, BuildReport};
 pub use manifest::Manifest;
-pub use packing::Layout;
+pub use layout::Layout;

@@ -246,12 +246,6 @@ impl<'a> Theta<'a> {
     }
 }
 
-/// `(name, value)` for each parameter input of `spec`, each value made by `value` (one allocation
-/// per tensor: SmolLM2's parameters are 540 MB).
-pub(crate) fn parameter_feeds<'s>(spec: &'s GraphSpec, value: &dyn Fn(&str) -> Result<ArrayD<f32>>) -> Result<Vec<(&'s str, HostTensor)>> {
-    spec.inputs.iter().filter(|i| i.role == "parameter").map(|i| Ok((i.name.as_str(), HostTensor::F32(value(&i.name)?)))).collect()
-}
-
 fn packed_vs_model(tensors: &[NamedTensor], m: &Manifest, opts: &ValidateOptions, eval: &mut Session, infer: &mut Session) -> Result<String> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
     let theta = Theta::new(tensors, m, &mut rng)?;
@@ -347,7 +341,7 @@ fn directional(tensors: &[NamedTensor], m: &Manifest, opts: &ValidateOptions, se
     let loss_name = &spec.output("loss").ok_or_else(|| Error::Other("the train graph has no loss output".into()))?.name;
     let feeds = |param: &dyn Fn(&str) -> Result<ArrayD<f32>>| -> Result<Vec<(&str, HostTensor)>> {
         let mut f: Vec<(&str, HostTensor)> = batch.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-        f.extend(parameter_feeds(spec, param)?);
+        f.extend(spec.parameter_feeds(param)?);
         Ok(f)
     };
     let outs = run(session, &feeds(&|n| theta.value(n))?)?;

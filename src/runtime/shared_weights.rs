@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use ort::value::{DynValue, PrimitiveTensorElementType, Tensor};
 
-use super::SessionConfig;
+use super::ExecutionProvider;
 use crate::onnx::{dtype, load_model_mapped, TensorProto, EXTERNAL_MIN_BYTES};
 use crate::{Error, Result};
 
@@ -36,8 +36,8 @@ impl SharedWeights {
     /// The initializers every one of `graphs` reads from the same place of the same external data file
     /// (artifacts written before weights were shared embed them, and then nothing is shared). Only on the
     /// CPU: another provider copies the weights to its device per session anyway.
-    pub fn load(cfg: &SessionConfig, graphs: &[&Path]) -> Result<SharedWeights> {
-        if cfg.ep != super::ExecutionProvider::Cpu || graphs.len() < 2 {
+    pub fn load(ep: &ExecutionProvider, graphs: &[&Path]) -> Result<SharedWeights> {
+        if *ep != ExecutionProvider::Cpu || graphs.len() < 2 {
             return Ok(SharedWeights { values: Vec::new(), bytes: 0 });
         }
         let mut common: Option<BTreeMap<String, Placement>> = None;
@@ -61,7 +61,7 @@ impl SharedWeights {
             first.get_or_insert(model);
         }
         let (common, first) = (common.unwrap_or_default(), first.and_then(|m| m.graph).unwrap_or_default());
-        super::init(&cfg.ep)?; // before the first tensor is made
+        super::init(ep)?; // before the first tensor is made
         let mut values = Vec::new();
         let mut bytes = 0;
         for t in first.initializer.iter().filter(|t| common.contains_key(&t.name)) {

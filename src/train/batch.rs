@@ -10,6 +10,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::distributed::share;
 use crate::dpo::packing::{lay_out, plan_rows, HeadReads, PackedBatch, PairTokens, RowPlan};
 use crate::error::{Error, Result};
+use crate::text::RightPadded;
 use crate::train::tokenize::TokenizedPair;
 
 /// One batch of `B` pairs as `2B` rows of width `T`.
@@ -122,31 +123,25 @@ fn collate_as(pairs: &[&TokenizedPair], opts: &CollateOptions, t: usize, plan: O
         return Err(Error::Data("cannot collate an empty batch".into()));
     }
     let b = pairs.len();
-    let mut input_ids = Array2::from_elem((2 * b, t), opts.pad_id as i64);
-    let mut attention_mask = Array2::zeros((2 * b, t));
+    // rows 0..b: prompt + chosen answer; rows b..2b: prompt + rejected answer (TRL's concatenated forward)
+    let rows = (0..2 * b).map(|row| {
+        let (pair, k) = (pairs[row % b], row / b);
+        pair.row_prompt(k).iter().chain(answer_of(pair, k)).copied()
+    });
+    let RightPadded { ids: input_ids, mask: attention_mask, positions: position_ids } = RightPadded::to_width(rows, 2 * b, t, opts.pad_id as i64);
     let mut completion_mask = Array2::zeros((2 * b, t));
     let mut prompt_last_index = Array1::zeros(b);
     let mut sequence_last_index = Array1::zeros(2 * b);
     let mut num_tokens = 0;
     for (i, pair) in pairs.iter().enumerate() {
         prompt_last_index[i] = pair.row_prompt(0).len() as i64 - 1;
-        for (k, (row, answer)) in [(i, &pair.chosen), (i + b, &pair.rejected)].into_iter().enumerate() {
-            let prompt = pair.row_prompt(k);
-            let p = prompt.len();
-            let ids = prompt.iter().chain(answer.iter());
-            for (col, &id) in ids.enumerate() {
-                input_ids[[row, col]] = id as i64;
-                attention_mask[[row, col]] = 1;
-                if col >= p {
-                    completion_mask[[row, col]] = 1.0;
-                }
-            }
-            let len = p + answer.len();
+        for (k, row) in [i, i + b].into_iter().enumerate() {
+            let (p, len) = (pair.row_prompt(k).len(), pair.row_prompt(k).len() + answer_of(pair, k).len());
+            completion_mask.slice_mut(ndarray::s![row, p..len]).fill(1.0);
             sequence_last_index[row] = len as i64 - 1;
             num_tokens += len;
         }
     }
-    let position_ids = Array2::from_shape_fn((2 * b, t), |(_, c)| c as i64);
     let groups = pairs.iter().map(|p| opts.group_by.as_ref().and_then(|k| p.extras.get(k).cloned())).collect();
     let source_indices = pairs.iter().map(|p| p.source_index).collect();
     let packed = match (opts.packing, plan) {
@@ -154,6 +149,15 @@ fn collate_as(pairs: &[&TokenizedPair], opts: &CollateOptions, t: usize, plan: O
         _ => None,
     };
     Ok(Batch { input_ids, attention_mask, completion_mask, position_ids, prompt_last_index, sequence_last_index, groups, source_indices, num_tokens, packed })
+}
+
+/// Row `k` of a pair's answer: 0 the chosen, 1 the rejected.
+fn answer_of(pair: &TokenizedPair, k: usize) -> &[u32] {
+    if k == 0 {
+        &pair.chosen
+    } else {
+        &pair.rejected
+    }
 }
 
 /// The pairs as the packed layout takes them: one prompt that both answers follow.

@@ -11,9 +11,7 @@ use super::batch::LoaderPosition;
 use crate::store::{read_safetensors, write_safetensors_raw, NamedTensor, RawTensor};
 use crate::{Error, Result};
 
-pub const PARAMS: &str = "params.safetensors";
-pub const OPTIMIZER: &str = "optimizer.safetensors";
-pub const STATE: &str = "trainer_state.json";
+pub use crate::run_layout::{checkpoints_dir, list_checkpoints as list, OPTIMIZER, PARAMS, STATE};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TrainerState {
@@ -40,28 +38,6 @@ pub struct TrainerState {
     pub loss_scale: Option<super::loss_scale::LossScale>,
 }
 
-pub fn checkpoints_dir(run: &Path) -> PathBuf {
-    run.join("checkpoints")
-}
-
-/// Complete checkpoints, oldest first.
-pub fn list(run: &Path) -> Vec<(u64, PathBuf)> {
-    let dir = checkpoints_dir(run);
-    let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .filter_map(|e| {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    let step = name.strip_prefix("step-")?.parse::<u64>().ok()?;
-                    e.path().join(STATE).exists().then(|| (step, e.path()))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
 /// Removes temporary directories left by a killed process.
 pub fn clean_partial(run: &Path) {
     if let Ok(rd) = std::fs::read_dir(checkpoints_dir(run)) {
@@ -76,7 +52,7 @@ pub fn clean_partial(run: &Path) {
 pub fn save(run: &Path, state: &TrainerState, params: &[RawTensor], moments: &[RawTensor], keep: usize) -> Result<PathBuf> {
     let dir = checkpoints_dir(run);
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let final_dir = dir.join(format!("step-{}", state.step));
+    let final_dir = crate::run_layout::checkpoint_dir(run, state.step);
     let tmp = dir.join(format!(".partial-step-{}-{}", state.step, std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;

@@ -19,6 +19,7 @@ pub mod reference;
 pub mod schedule;
 pub mod session_io;
 pub mod tokenize;
+pub mod tokenized;
 pub mod truncation;
 
 pub use batch::{collate, Batch, CollateOptions, DataLoader, LoaderConfig, LoaderPosition};

@@ -5,9 +5,7 @@ use std::path::PathBuf;
 
 use serde_json::{Map, Value};
 
-pub const METRICS_FILE: &str = "metrics.jsonl";
-pub const CONFIG_FILE: &str = "train_config.json";
-pub const FINAL_DIR: &str = "final";
+pub use crate::run_layout::{CONFIG_FILE, FINAL_DIR, METRICS_FILE};
 
 /// What a finished run reports.
 pub struct TrainSummary {

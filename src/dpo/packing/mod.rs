@@ -13,39 +13,10 @@ pub use batch::{lay_out, pack, plan_rows, HeadReads, PackedBatch, PairTokens, Ro
 pub use graph::{make_packable, ATTENTION_BIAS, POSITIONS, VERIFIED_SEQUENCE_TOKENS};
 pub use verify::packed_matches_model;
 
+pub use crate::dpo::layout::{Layout, LayoutChoice};
+
 use crate::dpo::manifest::TensorSpec;
 use crate::runtime::HostTensor;
-
-/// How a batch is laid out in the train and eval graphs' inputs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Layout {
-    /// `2B` right-padded rows: chosen rows, then rejected rows (TRL's concatenated forward).
-    #[default]
-    Padded,
-    /// Pairs packed into shared rows (see the module documentation).
-    Packed,
-}
-
-impl std::fmt::Display for Layout {
-    /// The manifest's spelling (`padded`, `packed`).
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Layout::Padded => "padded",
-            Layout::Packed => "packed",
-        })
-    }
-}
-
-/// The layout build-graph is asked for.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum LayoutChoice {
-    /// Packed when the model allows it, padded otherwise (the reason is reported).
-    Auto,
-    #[default]
-    Padded,
-    Packed,
-}
 
 impl PackedBatch {
     /// The value for a graph input of `role` (`input_ids`, `attention_mask` and `position_ids`

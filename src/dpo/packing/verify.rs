@@ -10,9 +10,8 @@ use rand::Rng;
 
 use super::{pack, HeadReads, PairTokens};
 use crate::dpo::manifest::{GraphSpec, Manifest};
-use crate::dpo::validate::parameter_feeds;
 use crate::dpo::BetaSource;
-use crate::infer::RightPadded;
+use crate::text::RightPadded;
 use crate::runtime::{f32_output, run, HostTensor};
 use crate::{Error, Result};
 
@@ -60,7 +59,7 @@ pub fn packed_matches_model(
     // beta-DPO's and epsilon-DPO's betas are training quantities; the deployed model has beta_0.
     let training_beta = m.objective.beta_dpo.is_some() || m.objective.epsilon_dpo.is_some();
     let mut feeds: Vec<(&str, HostTensor)> = batch_feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-    feeds.extend(parameter_feeds(eval, theta)?);
+    feeds.extend(eval.parameter_feeds(theta)?);
     let outs = run(eval_s, &feeds)?;
     let packed_logps = f32_output(&outs, "policy_logps")?.iter().copied().collect::<Vec<_>>();
     let packed_beta = f32_output(&outs, "beta")?.iter().copied().collect::<Vec<_>>();
@@ -113,7 +112,7 @@ fn forward(session: &mut Session, spec: &GraphSpec, rows: &[Vec<u32>], theta: &d
         };
         feeds.push((i.name.as_str(), HostTensor::I64(v.clone().into_dyn())));
     }
-    feeds.extend(parameter_feeds(spec, theta)?);
+    feeds.extend(spec.parameter_feeds(theta)?);
     let outs = run(session, &feeds)?;
     let logits_name = &spec.outputs.iter().find(|o| o.role == "logits").ok_or_else(|| Error::Other("infer has no logits output".into()))?.name;
     Ok((f32_output(&outs, logits_name)?.clone(), f32_output(&outs, "beta")?.iter().copied().collect()))

@@ -309,7 +309,7 @@ fn session_config(cfg: &TrainConfig) -> SessionConfig {
 fn sessions(cfg: &TrainConfig, manifest: &Manifest, scfg: &SessionConfig) -> Result<Sessions> {
     let graph_path = |which: &str| -> Result<PathBuf> { Ok(cfg.artifacts.join(&manifest.graph(which)?.file)) };
     let (train_path, eval_path) = (graph_path("train")?, graph_path("eval")?);
-    let shared = SharedWeights::load(scfg, &[&train_path, &eval_path])?;
+    let shared = SharedWeights::load(&scfg.ep, &[&train_path, &eval_path])?;
     let train = tensorrt_config(scfg, cfg, manifest, "train")?.session_sharing(&train_path, &shared)?;
     let eval = tensorrt_config(scfg, cfg, manifest, "eval")?.session_sharing(&eval_path, &shared)?;
     if matches!(cfg.ep, crate::runtime::ExecutionProvider::TensorRt { .. }) {
