@@ -212,7 +212,9 @@ pub fn head_initial_values(hidden_size: i64, cfg: &ObjectiveConfig) -> Vec<Tenso
     vec![tensor_f32(HEAD_WEIGHT, &[hidden_size], &vec![0.0; hidden_size as usize]), tensor_f32(HEAD_BIAS, &[1], &[bias])]
 }
 
-/// Appends the objective; returns its tensor names. Nodes go into `b`.
+/// Appends the objective; returns its tensor names. Nodes go into `b`. In order: the answers'
+/// log-ratios, a method's own beta (beta-DPO's batch beta, epsilon-DPO's per-pair beta), the beta
+/// source, the rewards, the per-pair loss, its mean, and the beta regulariser.
 pub fn build(b: &mut Builder, m: &ModelTensors, cfg: &ObjectiveConfig) -> Objective {
     let mut inputs = match m.layout {
         Layout::Padded => vec![crate::onnx::value_info(COMPLETION_MASK, dtype::FLOAT, &rows_dims())],
@@ -230,25 +232,53 @@ pub fn build(b: &mut Builder, m: &ModelTensors, cfg: &ObjectiveConfig) -> Object
         inputs.extend(beta_dpo::inputs());
         beta_dpo::batch_beta(b, &dc, &dr, d)
     });
-    let pair_beta = match cfg.epsilon_dpo {
-        Some(e) => {
-            let reference = m.reference.expect("build_artifacts adds the reference copy for epsilon-DPO");
-            inputs.extend(epsilon_dpo::inputs());
-            let tokens = match m.layout {
-                Layout::Padded => padded_answer_tokens(b, m, COMPLETION_MASK),
-                Layout::Packed => packed::answer_tokens(b),
-            };
-            Some(epsilon_dpo::pair_beta(b, m, reference, &tokens, e.epsilon))
+    let pair_beta = cfg.epsilon_dpo.map(|e| {
+        let reference = m.reference.expect("build_artifacts adds the reference copy for epsilon-DPO");
+        inputs.extend(epsilon_dpo::inputs());
+        let tokens = match m.layout {
+            Layout::Padded => padded_answer_tokens(b, m, COMPLETION_MASK),
+            Layout::Packed => packed::answer_tokens(b),
+        };
+        epsilon_dpo::pair_beta(b, m, reference, &tokens, e.epsilon)
+    });
+    let method_beta = batch_beta.as_ref().map(|bb| &bb.beta).or(pair_beta.as_ref().map(|pb| &pb.beta));
+    let betas = betas(b, m, cfg, &dc, method_beta);
+    let chosen_rewards = b.op("Mul", &[&betas.chosen, &dc], vec![], "chosen_rewards");
+    let rejected_rewards = b.op("Mul", &[&betas.rejected, &dr], vec![], "rejected_rewards");
+    let u = b.op("Sub", &[&chosen_rewards, &rejected_rewards], vec![], "dpo/logits");
+    let per_pair = pair_loss(b, cfg, &u, (&dc, &dr), &betas);
+    let loss = match &batch_beta {
+        // the mean over the pairs beta-DPO's filter keeps
+        Some(bb) => {
+            let kept = b.op("Mul", &[&per_pair, &bb.kept], vec![], "beta_dpo/kept_loss");
+            let sum = b.op("ReduceSum", &[&kept], vec![attr_i("keepdims", 0)], "beta_dpo/kept_loss_sum");
+            b.op("Div", &[&sum, &bb.kept_count], vec![], "dpo/loss")
         }
-        None => None,
+        None => b.op("ReduceMean", &[&per_pair], vec![attr_i("keepdims", 0)], "dpo/loss"),
     };
-    let (beta_c, beta_r, beta_out, head) = match (cfg.fixed_beta, batch_beta.as_ref().map(|bb| &bb.beta).or(pair_beta.as_ref().map(|pb| &pb.beta))) {
-        (_, Some(beta)) => (beta.clone(), beta.clone(), beta.clone(), vec![]),
+    let loss = with_beta_regulariser(b, cfg, loss, &betas.out);
+    let loss = b.op("Identity", &[&loss], vec![], "loss");
+    let Betas { out: beta, head, .. } = betas;
+    Objective { loss, policy_logps: policy, beta, chosen_rewards, rejected_rewards, inputs, head, beta_dpo: batch_beta, epsilon_dpo: pair_beta }
+}
+
+/// The beta each answer's reward uses, the beta the graph outputs, and the head's initial values.
+struct Betas {
+    chosen: String,
+    rejected: String,
+    out: String,
+    head: Vec<TensorProto>,
+}
+
+/// A method's own beta, else a fixed beta, else the learned head (per prompt or per sequence).
+fn betas(b: &mut Builder, m: &ModelTensors, cfg: &ObjectiveConfig, dc: &str, method_beta: Option<&String>) -> Betas {
+    let same = |beta: String, head| Betas { chosen: beta.clone(), rejected: beta.clone(), out: beta, head };
+    match (cfg.fixed_beta, method_beta) {
+        (_, Some(beta)) => same(beta.clone(), vec![]),
         (Some(fixed), None) => {
             let k = b.scalar(fixed, dtype::FLOAT);
-            let shape = b.op("Shape", &[&dc], vec![], "beta/pair_shape");
-            let beta = b.op("Expand", &[&k, &shape], vec![], "beta");
-            (beta.clone(), beta.clone(), beta, vec![])
+            let shape = b.op("Shape", &[dc], vec![], "beta/pair_shape");
+            same(b.op("Expand", &[&k, &shape], vec![], "beta"), vec![])
         }
         (None, None) => {
             let rows = match m.layout {
@@ -259,48 +289,42 @@ pub fn build(b: &mut Builder, m: &ModelTensors, cfg: &ObjectiveConfig) -> Object
                 }
             };
             let head = head_initial_values(m.hidden_size, cfg);
+            let (bc, br) = halves(b, &rows, "beta/rows");
             match cfg.beta_source {
-                BetaSource::Prompt => {
-                    let (bc, _) = halves(b, &rows, "beta/rows");
-                    let beta = b.op("Identity", &[&bc], vec![], "beta");
-                    (beta.clone(), beta.clone(), beta, head)
-                }
-                BetaSource::Sequence => {
-                    let (bc, br) = halves(b, &rows, "beta/rows");
-                    let beta = b.op("Identity", &[&rows], vec![], "beta");
-                    (bc, br, beta, head)
-                }
+                BetaSource::Prompt => same(b.op("Identity", &[&bc], vec![], "beta"), head),
+                BetaSource::Sequence => Betas { chosen: bc, rejected: br, out: b.op("Identity", &[&rows], vec![], "beta"), head },
             }
         }
-    };
-    let chosen_rewards = b.op("Mul", &[&beta_c, &dc], vec![], "chosen_rewards");
-    let rejected_rewards = b.op("Mul", &[&beta_r, &dr], vec![], "rejected_rewards");
-    let u = b.op("Sub", &[&chosen_rewards, &rejected_rewards], vec![], "dpo/logits");
-    let per_pair = match cfg.loss {
+    }
+}
+
+/// Each pair's loss from `u` = chosen reward − rejected reward: sigmoid (cDPO with label smoothing),
+/// IPO (on the log-ratios `d`), or hinge.
+fn pair_loss(b: &mut Builder, cfg: &ObjectiveConfig, u: &str, (dc, dr): (&str, &str), betas: &Betas) -> String {
+    match cfg.loss {
         LossKind::Sigmoid => {
-            let nu = b.op("Neg", &[&u], vec![], "dpo/neg_logits");
+            let nu = b.op("Neg", &[u], vec![], "dpo/neg_logits");
             let l = b.op("Softplus", &[&nu], vec![], "dpo/sigmoid_loss");
-            if cfg.label_smoothing > 0.0 {
-                let eps = cfg.label_smoothing;
-                let flipped = b.op("Softplus", &[&u], vec![], "dpo/flipped_loss");
-                let a = b.scalar(1.0 - eps, dtype::FLOAT);
-                let e = b.scalar(eps, dtype::FLOAT);
-                let l1 = b.op("Mul", &[&l, &a], vec![], "dpo/kept");
-                let l2 = b.op("Mul", &[&flipped, &e], vec![], "dpo/smoothed");
-                b.op("Add", &[&l1, &l2], vec![], "dpo/cdpo_loss")
-            } else {
-                l
+            if cfg.label_smoothing <= 0.0 {
+                return l;
             }
+            let eps = cfg.label_smoothing;
+            let flipped = b.op("Softplus", &[u], vec![], "dpo/flipped_loss");
+            let a = b.scalar(1.0 - eps, dtype::FLOAT);
+            let e = b.scalar(eps, dtype::FLOAT);
+            let l1 = b.op("Mul", &[&l, &a], vec![], "dpo/kept");
+            let l2 = b.op("Mul", &[&flipped, &e], vec![], "dpo/smoothed");
+            b.op("Add", &[&l1, &l2], vec![], "dpo/cdpo_loss")
         }
         LossKind::Ipo => {
             // (h - 1/(2 beta))^2 with h the difference of log-ratios (TRL's IPO)
-            let h = b.op("Sub", &[&dc, &dr], vec![], "dpo/h");
+            let h = b.op("Sub", &[dc, dr], vec![], "dpo/h");
             let beta = if cfg.beta_source == BetaSource::Sequence && cfg.has_head() {
-                let s = b.op("Add", &[&beta_c, &beta_r], vec![], "dpo/beta_sum");
+                let s = b.op("Add", &[&betas.chosen, &betas.rejected], vec![], "dpo/beta_sum");
                 let half = b.scalar(0.5, dtype::FLOAT);
                 b.op("Mul", &[&s, &half], vec![], "dpo/beta_mean")
             } else {
-                beta_c.clone()
+                betas.chosen.clone()
             };
             let two = b.scalar(2.0, dtype::FLOAT);
             let tb = b.op("Mul", &[&beta, &two], vec![], "dpo/two_beta");
@@ -310,29 +334,23 @@ pub fn build(b: &mut Builder, m: &ModelTensors, cfg: &ObjectiveConfig) -> Object
         }
         LossKind::Hinge => {
             let one = b.scalar(1.0, dtype::FLOAT);
-            let d = b.op("Sub", &[&one, &u], vec![], "dpo/hinge_gap");
+            let d = b.op("Sub", &[&one, u], vec![], "dpo/hinge_gap");
             b.op("Relu", &[&d], vec![], "dpo/hinge_loss")
         }
-    };
-    let mut loss = match &batch_beta {
-        // the mean over the pairs beta-DPO's filter keeps
-        Some(bb) => {
-            let kept = b.op("Mul", &[&per_pair, &bb.kept], vec![], "beta_dpo/kept_loss");
-            let sum = b.op("ReduceSum", &[&kept], vec![attr_i("keepdims", 0)], "beta_dpo/kept_loss_sum");
-            b.op("Div", &[&sum, &bb.kept_count], vec![], "dpo/loss")
-        }
-        None => b.op("ReduceMean", &[&per_pair], vec![attr_i("keepdims", 0)], "dpo/loss"),
-    };
-    if cfg.beta_reg > 0.0 && cfg.has_head() {
-        let lb = b.op("Log", &[&beta_out], vec![], "beta/log");
-        let l0 = b.scalar(cfg.beta_init.ln(), dtype::FLOAT);
-        let d = b.op("Sub", &[&lb, &l0], vec![], "beta/log_drift");
-        let sq = b.op("Mul", &[&d, &d], vec![], "beta/log_drift_sq");
-        let m = b.op("ReduceMean", &[&sq], vec![attr_i("keepdims", 0)], "beta/reg_mean");
-        let lam = b.scalar(cfg.beta_reg, dtype::FLOAT);
-        let reg = b.op("Mul", &[&m, &lam], vec![], "beta/reg");
-        loss = b.op("Add", &[&loss, &reg], vec![], "dpo/regularised_loss");
     }
-    let loss = b.op("Identity", &[&loss], vec![], "loss");
-    Objective { loss, policy_logps: policy, beta: beta_out, chosen_rewards, rejected_rewards, inputs, head, beta_dpo: batch_beta, epsilon_dpo: pair_beta }
+}
+
+/// `loss + λ·mean((log β − log β_init)²)` with `--beta-reg λ` on a learned beta.
+fn with_beta_regulariser(b: &mut Builder, cfg: &ObjectiveConfig, loss: String, beta: &str) -> String {
+    if cfg.beta_reg <= 0.0 || !cfg.has_head() {
+        return loss;
+    }
+    let lb = b.op("Log", &[beta], vec![], "beta/log");
+    let l0 = b.scalar(cfg.beta_init.ln(), dtype::FLOAT);
+    let d = b.op("Sub", &[&lb, &l0], vec![], "beta/log_drift");
+    let sq = b.op("Mul", &[&d, &d], vec![], "beta/log_drift_sq");
+    let m = b.op("ReduceMean", &[&sq], vec![attr_i("keepdims", 0)], "beta/reg_mean");
+    let lam = b.scalar(cfg.beta_reg, dtype::FLOAT);
+    let reg = b.op("Mul", &[&m, &lam], vec![], "beta/reg");
+    b.op("Add", &[&loss, &reg], vec![], "dpo/regularised_loss")
 }
