@@ -20,10 +20,10 @@ pub struct Args {
     out: PathBuf,
     /// Where beta is read: `prompt` (last prompt token, one beta per pair) or `sequence`.
     #[arg(long, value_enum, default_value = "prompt")]
-    beta_source: SourceArg,
+    beta_source: BetaSource,
     /// `last` token, or `mean` of the head over the tokens.
     #[arg(long, value_enum, default_value = "last")]
-    beta_aggregate: AggregateArg,
+    beta_aggregate: BetaAggregate,
     /// Every context's beta at initialisation.
     #[arg(long, allow_negative_numbers = true, default_value_t = 0.1)]
     beta_init: f64,
@@ -39,7 +39,7 @@ pub struct Args {
     /// What the head reads: the state `normalized` to unit RMS, its product scaled by 64 / width (one
     /// head step then moves beta alike at every model width), or the `raw` hidden state.
     #[arg(long, value_enum, default_value = "normalized")]
-    head_input: HeadInputArg,
+    head_input: HeadInput,
     /// Whether the DPO loss reaches the model through the beta head: `detached` (the head reads the
     /// hidden state behind a stop-gradient: the loss trains the head, but cannot move the model's
     /// states to change beta) or `joint`.
@@ -47,7 +47,7 @@ pub struct Args {
     head_gradient: HeadGradientArg,
     /// Preference loss.
     #[arg(long, value_enum, default_value = "sigmoid")]
-    loss: LossArg,
+    loss: LossKind,
     /// Label smoothing (conservative DPO), in [0, 0.5).
     #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
     label_smoothing: f64,
@@ -121,7 +121,7 @@ pub struct Args {
     /// attention mask can be replaced), `padded` rows (TRL's layout), or `auto`: packed when the
     /// model allows it.
     #[arg(long, value_enum, default_value = "auto")]
-    layout: LayoutArg,
+    layout: LayoutChoice,
     /// Print less.
     #[arg(long, short)]
     quiet: bool,
@@ -142,41 +142,12 @@ enum FrozenDtypeArg {
     Float32,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy)]
-enum LayoutArg {
-    Auto,
-    Padded,
-    Packed,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy)]
-enum HeadInputArg {
-    Raw,
-    Normalized,
-}
-
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
 enum HeadGradientArg {
     Detached,
     Joint,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy)]
-enum SourceArg {
-    Prompt,
-    Sequence,
-}
-#[derive(clap::ValueEnum, Clone, Copy)]
-enum AggregateArg {
-    Last,
-    Mean,
-}
-#[derive(clap::ValueEnum, Clone, Copy)]
-enum LossArg {
-    Sigmoid,
-    Ipo,
-    Hinge,
-}
 #[derive(clap::ValueEnum, Clone, Copy)]
 enum TrainableArg {
     All,
@@ -239,28 +210,15 @@ fn beta_method(a: &Args) -> Result<Method> {
 pub fn options(a: &Args) -> Result<BuildOptions> {
     let Method { fixed_beta, beta_dpo, epsilon_dpo } = beta_method(a)?;
     let objective = ObjectiveConfig {
-        beta_source: match a.beta_source {
-            SourceArg::Prompt => BetaSource::Prompt,
-            SourceArg::Sequence => BetaSource::Sequence,
-        },
-        beta_aggregate: match a.beta_aggregate {
-            AggregateArg::Last => BetaAggregate::Last,
-            AggregateArg::Mean => BetaAggregate::Mean,
-        },
+        beta_source: a.beta_source,
+        beta_aggregate: a.beta_aggregate,
         beta_init: a.beta_init,
         beta_min: a.beta_min,
         beta_max: a.beta_max,
         beta_reg: a.beta_reg,
-        head_input: match a.head_input {
-            HeadInputArg::Raw => HeadInput::Raw,
-            HeadInputArg::Normalized => HeadInput::Normalized,
-        },
+        head_input: a.head_input,
         detach_head_input: a.head_gradient == HeadGradientArg::Detached,
-        loss: match a.loss {
-            LossArg::Sigmoid => LossKind::Sigmoid,
-            LossArg::Ipo => LossKind::Ipo,
-            LossArg::Hinge => LossKind::Hinge,
-        },
+        loss: a.loss,
         label_smoothing: a.label_smoothing,
         fixed_beta,
         beta_dpo,
@@ -275,11 +233,7 @@ pub fn options(a: &Args) -> Result<BuildOptions> {
             detail: "with --fixed-beta, beta-dpo or epsilon-dpo there is no head to train".into()
         });
     }
-    let layout = match a.layout {
-        LayoutArg::Auto => LayoutChoice::Auto,
-        LayoutArg::Padded => LayoutChoice::Padded,
-        LayoutArg::Packed => LayoutChoice::Packed,
-    };
+    let layout = a.layout;
     let frozen_dtype = a.frozen_dtype.map(|d| match d {
         FrozenDtypeArg::Bfloat16 => dtype::BFLOAT16,
         FrozenDtypeArg::Float16 => dtype::FLOAT16,

@@ -23,7 +23,7 @@ impl std::fmt::Display for Layout {
 }
 
 /// The layout build-graph is asked for.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LayoutChoice {
     /// Packed when the model allows it, padded otherwise (the reason is reported).
     Auto,

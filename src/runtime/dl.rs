@@ -1,28 +1,20 @@
 //! The few `dlopen` calls betadpo makes itself: reading a library's version before `ort` loads it, preloading
 //! the NVIDIA libraries, and asking the NVIDIA driver for its CUDA version.
 
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::ffi::{c_void, CStr};
 use std::path::Path;
+
+use libloading::os::unix::{Library as Handle, RTLD_GLOBAL, RTLD_LOCAL, RTLD_NOW};
 
 use crate::{Error, Result};
 
-extern "C" {
-    fn dlopen(filename: *const c_char, flags: c_int) -> *mut c_void;
-    fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
-    fn dlerror() -> *mut c_char;
-}
+/// glibc's `RTLD_NOLOAD` (libloading exports the portable flags only).
+const RTLD_NOLOAD: i32 = 4;
 
-const RTLD_NOW: c_int = 2;
-const RTLD_GLOBAL: c_int = 0x100;
-const RTLD_NOLOAD: c_int = 4;
-
-/// An open library. Never closed: every library betadpo opens stays in use for the life of the process.
+/// An open library. Never closed: every library betadpo opens stays in use for the life of the process
+/// (ONNX Runtime, the NVIDIA libraries and NCCL keep pointers into each other).
 #[derive(Clone, Copy, Debug)]
-pub struct Library(*mut c_void);
-
-// SAFETY: a dlopen handle is a process-wide token; dlsym on it is thread-safe.
-unsafe impl Send for Library {}
-unsafe impl Sync for Library {}
+pub struct Library(&'static Handle);
 
 /// Symbol visibility of an opened library.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,41 +28,31 @@ pub enum Scope {
 impl Library {
     /// Opens `name`: a path, or a bare soname looked up on the loader path.
     pub fn open(name: &Path, scope: Scope) -> std::result::Result<Self, String> {
-        let c_name = CString::new(name.as_os_str().as_encoded_bytes()).map_err(|_| "path contains a NUL byte".to_string())?;
-        let flags = RTLD_NOW | if scope == Scope::Global { RTLD_GLOBAL } else { 0 };
-        // SAFETY: dlopen with a valid C string; the result is checked.
-        let handle = unsafe { dlopen(c_name.as_ptr(), flags) };
-        if handle.is_null() {
-            Err(last_error())
-        } else {
-            Ok(Library(handle))
-        }
+        let flags = RTLD_NOW | if scope == Scope::Global { RTLD_GLOBAL } else { RTLD_LOCAL };
+        // SAFETY: loading a library runs its initialisers; betadpo opens only the runtime libraries it provisions or the user names.
+        let handle = unsafe { Handle::open(Some(name.as_os_str()), flags) }.map_err(loader_message)?;
+        Ok(Library(Box::leak(Box::new(handle))))
     }
 
     /// `name` if this process has already loaded it (by that soname or path), without loading anything.
     pub fn already_loaded(name: &Path) -> Option<Self> {
-        let c_name = CString::new(name.as_os_str().as_encoded_bytes()).ok()?;
-        // SAFETY: dlopen with a valid C string; RTLD_NOLOAD only looks.
-        let handle = unsafe { dlopen(c_name.as_ptr(), RTLD_NOW | RTLD_NOLOAD) };
-        (!handle.is_null()).then_some(Library(handle))
+        // SAFETY: RTLD_NOLOAD only looks up a library that is already loaded.
+        let handle = unsafe { Handle::open(Some(name.as_os_str()), RTLD_NOW | RTLD_NOLOAD) }.ok()?;
+        Some(Library(Box::leak(Box::new(handle))))
     }
 
     /// The address of `symbol`, if the library (or one it loaded) exports it.
     pub fn symbol(&self, symbol: &CStr) -> Option<*mut c_void> {
-        // SAFETY: valid handle and C string.
-        let ptr = unsafe { dlsym(self.0, symbol.as_ptr()) };
+        // SAFETY: the address is only read as a pointer here; callers cast it to the symbol's C signature.
+        let ptr = unsafe { self.0.get::<*mut c_void>(symbol.to_bytes_with_nul()) }.ok()?;
+        let ptr = *ptr;
         (!ptr.is_null()).then_some(ptr)
     }
 }
 
-fn last_error() -> String {
-    // SAFETY: dlerror returns null or a NUL-terminated string owned by the C library.
-    let msg = unsafe { dlerror() };
-    if msg.is_null() {
-        "unknown dlopen error".into()
-    } else {
-        unsafe { CStr::from_ptr(msg) }.to_string_lossy().into_owned()
-    }
+/// The loader's own words (`dlerror`: which file or dependency is missing), which libloading keeps as the source.
+fn loader_message(e: libloading::Error) -> String {
+    std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string())
 }
 
 /// Opens `paths` in order, each `RTLD_GLOBAL`, so a later library (and the GPU provider ONNX Runtime loads after
