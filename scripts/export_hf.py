@@ -853,9 +853,10 @@ def hf_map(model, proto, base_dir):
     }
 
 
-def write_hf_map(model, onnx_path):
+def write_hf_map(model, onnx_path, source_model=None):
     """Writes hf_export.json beside the ONNX model; a model that cannot be mapped gets none (with the
-    reason), since everything but `export --hf` works without it."""
+    reason), since everything but `export --hf` works without it. `source_model` (the --model given:
+    a Hub id, or a local folder made absolute) is what a PEFT adapter from `export --hf` names as its base."""
     out_dir = os.path.dirname(onnx_path)
     path = os.path.join(out_dir, HF_MAP_FILE)
     if os.path.exists(path):
@@ -866,6 +867,8 @@ def write_hf_map(model, onnx_path):
     except SystemExit as e:
         log(f"note: no {HF_MAP_FILE} (betadpo export --hf will not work for this model): {e}")
         return None
+    if source_model:
+        m["source_model"] = os.path.abspath(source_model) if os.path.isdir(source_model) else source_model
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         json.dump(m, f, indent=1)
         f.write("\n")
@@ -959,7 +962,7 @@ def main():
         batches.insert(0, make_batch(tok, eos_id, pad_id, rows)[:2])
     verify(model, path, batches, tol)
     if not args.no_hf_map:
-        write_hf_map(model, path)
+        write_hf_map(model, path, None if args.gguf_file else args.model)
 
     if args.golden:
         if args.dtype != "float32":

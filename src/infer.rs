@@ -31,6 +31,7 @@ pub struct Predictor {
 impl Predictor {
     pub fn new(model: &Path, tokenizer: &Path, tokenizer_config: Option<&Path>, cfg: &SessionConfig) -> Result<Self> {
         crate::runtime::init(&cfg.ep)?;
+        let model = &crate::paths::file_or_in_folder(model, "model.onnx", "--model")?;
         let session = cfg.session_from_file(model)?;
         let names = crate::runtime::input_names(&session);
         for needed in ["input_ids", "attention_mask"] {
@@ -68,6 +69,11 @@ impl Predictor {
             Text::Plain(s) => self.template()?.render_prompt(&[Message::new("user", s.clone())]),
             Text::Messages(m) => self.template()?.render_prompt(m),
         }
+    }
+
+    /// Whether the tokenizer brings a chat template (a chat model's).
+    pub fn has_chat_template(&self) -> bool {
+        self.tokenizer.chat_template().is_some()
     }
 
     fn template(&self) -> Result<&crate::train::ChatTemplate> {

@@ -90,13 +90,13 @@ fn implicit_prompt() {
 fn malformed_lines_name_file_and_line() {
     let err = load_preferences(&here("bad.jsonl"), &LoadOptions::default()).unwrap_err().to_string();
     assert!(err.contains("bad.jsonl:2: missing field \"rejected\""), "{err}");
-    let d = load_preferences(&here("bad.jsonl"), &LoadOptions { skip_bad_rows: true }).unwrap();
+    let d = load_preferences(&here("bad.jsonl"), &LoadOptions { skip_bad_rows: true, ..Default::default() }).unwrap();
     assert_eq!((d.rows.len(), d.skipped), (2, 3));
     assert!(d.skipped_examples[1].contains("bad.jsonl:3: invalid JSON"), "{:?}", d.skipped_examples);
     assert!(d.skipped_examples[2].contains("bad.jsonl:5: field \"chosen\" must be"), "{:?}", d.skipped_examples);
     let err = parse_preferences("[{\"prompt\": \"a\"}]", "x.json", &LoadOptions::default()).unwrap_err();
     assert_eq!(err.to_string(), "x.json: element 0: missing field \"chosen\"");
-    let err = parse_preferences("[1, 2", "y.json", &LoadOptions { skip_bad_rows: true }).unwrap_err();
+    let err = parse_preferences("[1, 2", "y.json", &LoadOptions { skip_bad_rows: true, ..Default::default() }).unwrap_err();
     assert!(err.to_string().starts_with("y.json: invalid JSON array"), "{err}");
 }
 

@@ -169,7 +169,7 @@ fn load_and_tokenize(path: &Path) -> betadpo::Result<()> {
     static TOK: OnceLock<PairTokenizer> = OnceLock::new();
     let tok = TOK.get_or_init(|| PairTokenizer::from_files(&quickstart().join("tokenizer.json"), None).unwrap());
     for skip_bad_rows in [false, true] {
-        let data = load_preferences(path, &LoadOptions { skip_bad_rows })?;
+        let data = load_preferences(path, &LoadOptions { skip_bad_rows, ..Default::default() })?;
         tok.tokenize_all(&data.rows, &TruncationConfig { max_length: Some(64), ..Default::default() })?;
     }
     Ok(())

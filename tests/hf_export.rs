@@ -192,7 +192,7 @@ fn checkpoint_and_logits_equal_transformers() {
         write_safetensors(&moved, &params, None).unwrap();
         let (hf2, onnx2) = (dir.join("hf-moved"), dir.join("moved.onnx"));
         export_model(&art, &moved, &onnx2, &Default::default()).unwrap();
-        export_hf(&art, &moved, &hf2, None).unwrap();
+        export_hf(&art, &moved, &hf2, None, None).unwrap();
         check_checkpoint(family, &hf2, &r, "sha256_perturbed", "perturbed");
         let (logits, beta) = ort_outputs(&onnx2, &r);
         let d2 = logits_diff(&logits, &r.f32s["logits_perturbed"], mask);

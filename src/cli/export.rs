@@ -3,7 +3,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use betadpo::dpo::artifacts::PARAMS_FILE;
 use betadpo::dpo::export::{export_model, locate_run, AdapterForm};
-use betadpo::dpo::hf_export::{export_hf, TokenizerSource};
+use betadpo::dpo::hf_export::{export_hf, HfReport, TokenizerSource};
 use betadpo::dpo::Manifest;
 
 #[derive(clap::Args)]
@@ -25,6 +25,10 @@ pub struct Args {
     /// else the one beside the original model).
     #[arg(long, requires = "hf")]
     tokenizer: Option<PathBuf>,
+    /// LoRA artifacts: the base model the PEFT adapter in --hf names (`base_model_name_or_path`):
+    /// a Hub id or a local folder (default: the model scripts/export_hf.py exported, if it loaded one).
+    #[arg(long, requires = "hf")]
+    base_model: Option<String>,
     /// LoRA artifacts: fold the trained adapters into the base weights of --out (one plain model).
     #[arg(long, requires = "out", conflicts_with = "adapter")]
     merge: bool,
@@ -69,7 +73,8 @@ pub fn run(a: Args) -> Result<()> {
             Some(path) => Some(TokenizerSource { path, config: None }),
             None => default_tokenizer(run_tokenizer, &artifacts),
         };
-        let report = export_hf(&artifacts, &params, dir, tokenizer.as_ref()).with_context(|| format!("exporting {} to Hugging Face", source.display()))?;
+        let report = export_hf(&artifacts, &params, dir, tokenizer.as_ref(), a.base_model.as_deref())
+            .with_context(|| format!("exporting {} to Hugging Face", source.display()))?;
         println!("wrote {} ({} checkpoint tensors; {}) from {}", dir.display(), report.tensors, report.files.join(", "), params.display());
         if !report.tied.is_empty() {
             println!("tied weights written once: {}", report.tied.join(", "));
@@ -78,14 +83,50 @@ pub fn run(a: Args) -> Result<()> {
             Some(t) => println!("tokenizer files from {}", t.path.display()),
             None => println!("note: no tokenizer found to copy; pass --tokenizer tokenizer.json"),
         }
-        println!("load it: AutoModelForCausalLM.from_pretrained(\"{}\"); the beta head: see beta_head.json", dir.display());
+        print_loader(dir, &report, tokenizer.is_some());
     }
     Ok(())
 }
 
+/// How to load what `--hf` wrote, as Python that runs (scripts/check_peft_snippet.py executes it):
+/// the lines after "load it in Python:", indented by four spaces.
+fn print_loader(dir: &Path, report: &HfReport, has_tokenizer: bool) {
+    let dir = py_str(&dir.display().to_string());
+    let mut code = Vec::new();
+    if report.peft {
+        let Some(base) = &report.base_model else {
+            println!(
+                "note: adapter_config.json names no base model (this model was not exported from a pretrained one); pass --base-model \
+                 with the Hub id or folder of the model the artifacts were built from, so that PEFT can load the adapter"
+            );
+            return;
+        };
+        println!("the PEFT adapter is for {base}; the beta head: see beta_head.json");
+        code.push("from peft import AutoPeftModelForCausalLM".to_string());
+        code.push(format!("model = AutoPeftModelForCausalLM.from_pretrained({dir})"));
+    } else {
+        println!("the beta head: see beta_head.json");
+        code.push("from transformers import AutoModelForCausalLM".to_string());
+        code.push(format!("model = AutoModelForCausalLM.from_pretrained({dir})"));
+    }
+    if has_tokenizer {
+        code.insert(0, "from transformers import AutoTokenizer".to_string());
+        code.push(format!("tokenizer = AutoTokenizer.from_pretrained({dir})"));
+    }
+    println!("load it in Python:");
+    for line in code {
+        println!("    {line}");
+    }
+}
+
+/// A Python string literal (JSON's escapes are Python's).
+fn py_str(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
+}
+
 /// The tokenizer the run trained with, else one beside the model the artifacts were built from.
 fn default_tokenizer(run: Option<TokenizerSource>, artifacts: &Path) -> Option<TokenizerSource> {
-    if let Some(t) = run.filter(|t| t.path.is_file()) {
+    if let Some(t) = run.filter(|t| t.path.exists()) {
         return Some(t);
     }
     let model = Manifest::load(artifacts).ok()?.model.source;

@@ -1,16 +1,19 @@
+//! `betadpo infer`: the learned beta per prompt (and a greedy continuation), as a table or JSON.
+
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use betadpo::infer::Predictor;
 use betadpo::runtime::{ExecutionProvider, SessionConfig};
+use betadpo::train::data::parse_messages;
 use betadpo::train::Text;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Exported model (betadpo export).
+    /// Exported model (the .onnx file `betadpo export --out` wrote, or a folder holding model.onnx).
     #[arg(long)]
     model: PathBuf,
-    /// tokenizer.json (tokenizer_config.json beside it supplies the chat template).
+    /// tokenizer.json or the folder holding it (tokenizer_config.json beside it supplies the chat template).
     #[arg(long)]
     tokenizer: PathBuf,
     #[arg(long)]
@@ -35,6 +38,9 @@ pub struct Args {
     /// An ONNX Runtime LoRA adapter file (`export --adapter`) to make active on the model.
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// Intra-op threads (default: ONNX Runtime's choice).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 fn read_prompts(path: &PathBuf) -> Result<Vec<Text>> {
@@ -46,8 +52,8 @@ fn read_prompts(path: &PathBuf) -> Result<Vec<Text>> {
             serde_json::Value::String(s) => Text::Plain(s.clone()),
             serde_json::Value::Object(o) => match o.get("prompt") {
                 Some(serde_json::Value::String(s)) => Text::Plain(s.clone()),
-                Some(m @ serde_json::Value::Array(_)) => {
-                    Text::Messages(serde_json::from_value(m.clone()).with_context(|| format!("{}:{}: bad messages", path.display(), i + 1))?)
+                Some(serde_json::Value::Array(m)) => {
+                    Text::Messages(parse_messages(m).map_err(|e| anyhow::anyhow!("{}:{}: \"prompt\"{e}", path.display(), i + 1))?)
                 }
                 _ => anyhow::bail!("{}:{}: expected a \"prompt\" field", path.display(), i + 1),
             },
@@ -66,17 +72,23 @@ pub fn run(a: Args) -> Result<()> {
     if prompts.is_empty() {
         anyhow::bail!(betadpo::Error::BadFlag { flag: "--prompt/--file".into(), detail: "give at least one prompt".into() });
     }
-    let cfg = SessionConfig { ep: a.ep, ..Default::default() };
+    let cfg = SessionConfig { ep: a.ep, intra_threads: a.threads, ..Default::default() };
     let mut p = Predictor::new(&a.model, &a.tokenizer, a.tokenizer_config.as_deref(), &cfg)?;
     if let Some(file) = &a.adapter {
         p = p.with_adapter(file)?;
     }
+    if !a.chat && p.has_chat_template() && prompts.iter().any(|t| !t.is_messages()) {
+        eprintln!(
+            "note: plain prompts go to the model as raw text, not through the tokenizer's chat template; pass --chat to send each as a user turn, \
+             as a chat model is trained and used (beta is read at the prompt's last token, so the two forms give different betas)"
+        );
+    }
     let preds = p.predict(&prompts, a.chat, a.generate)?;
-    for pr in &preds {
+    for (pr, prompt) in preds.iter().zip(&prompts) {
         if a.json {
             println!("{}", serde_json::to_string(pr)?);
         } else {
-            let shown: String = pr.prompt.replace('\n', "\\n").chars().take(70).collect();
+            let shown: String = question(prompt).replace('\n', "\\n").chars().take(70).collect();
             match &pr.completion {
                 Some(c) => println!("beta {:.4}  {shown}  →{}", pr.beta, c.replace('\n', "\\n")),
                 None => println!("beta {:.4}  {shown}", pr.beta),
@@ -84,4 +96,13 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What a prompt asks, for the table: the last user turn of a conversation (the rendered text
+/// starts with the system prompt, the same on every row), a plain prompt as it is.
+fn question(prompt: &Text) -> &str {
+    match prompt {
+        Text::Plain(s) => s,
+        Text::Messages(m) => m.iter().rev().find(|m| m.role == "user").or(m.last()).map_or("", |m| m.content.as_str()),
+    }
 }

@@ -51,12 +51,7 @@ pub fn run() -> Result<()> {
             let (flag, value) = negative_value_flag(&e).unwrap_or_default();
             anyhow::bail!(betadpo::Error::BadFlag { flag, detail: format!("{value} (a negative number cannot work here)") });
         }
-        Err(e) => {
-            // clap's usage block spans several lines; keep its first, which names the problem.
-            let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ").to_string();
-            anyhow::bail!("{first} (see --help)");
-        }
+        Err(e) => anyhow::bail!("{} (see --help)", one_line_clap_error(&e.render().to_string())),
     };
     match cli.command {
         Command::BuildGraph(a) => build_graph::run(a),
@@ -81,4 +76,19 @@ fn negative_value_flag(e: &clap::Error) -> Option<(String, String)> {
     let i = args.iter().position(|a| a.starts_with(&bad) && a.parse::<f64>().is_ok_and(|v| v < 0.0))?;
     let flag = args[..i].last().filter(|f| f.starts_with("--"))?;
     Some((flag.clone(), args[i].clone()))
+}
+
+/// clap's message on one line: everything before its usage block, which names the problem and
+/// what it concerns (the missing flags are on the lines after the first; a tip names the flag
+/// meant), joined.
+fn one_line_clap_error(text: &str) -> String {
+    let lines: Vec<&str> =
+        text.lines().take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information")).map(str::trim).filter(|l| !l.is_empty()).collect();
+    let joined = lines.join(" ");
+    let joined = joined.trim_start_matches("error: ");
+    if joined.is_empty() {
+        "invalid arguments".into()
+    } else {
+        joined.to_string()
+    }
 }

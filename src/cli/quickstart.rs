@@ -34,6 +34,9 @@ pub struct Args {
     no_baseline: bool,
     #[arg(long)]
     quiet: bool,
+    /// Intra-op threads of every session (default: ONNX Runtime's choice).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 /// The kind written in a quickstart directory's marker.
@@ -50,7 +53,8 @@ fn assets_dir(a: &Args) -> Result<PathBuf> {
         .ok_or_else(|| anyhow::anyhow!("cannot find the bundled quickstart assets (graphs/quickstart/model.onnx); pass --assets DIR"))
 }
 
-fn train_run(assets: &Path, artifacts: &Path, out: &Path, steps: u64, quiet: bool) -> Result<TrainSummary> {
+fn train_run(assets: &Path, artifacts: &Path, out: &Path, a: &Args) -> Result<TrainSummary> {
+    let steps = a.steps;
     let cfg = TrainConfig {
         artifacts: artifacts.to_path_buf(),
         data: assets.join("train.jsonl"),
@@ -62,7 +66,8 @@ fn train_run(assets: &Path, artifacts: &Path, out: &Path, steps: u64, quiet: boo
         lr: 1e-3,
         eval_every: (steps / 8).max(1),
         group_by: Some("regime".into()),
-        progress: !quiet,
+        progress: !a.quiet,
+        threads: a.threads,
         ..Default::default()
     };
     Ok(train(&cfg)?)
@@ -98,7 +103,7 @@ pub fn run(a: Args) -> Result<()> {
     if !a.quiet {
         eprintln!("{} backward nodes, {} parameters, {} layout", report.backward_nodes, report.manifest.parameters.len(), report.manifest.layout);
     }
-    let checks = validate(&art, &ValidateOptions::default())?;
+    let checks = validate(&art, &ValidateOptions { threads: a.threads, ..Default::default() })?;
     if let Some(bad) = checks.iter().find(|c| !c.ok) {
         anyhow::bail!("validate {}: {}: {}", art.display(), bad.name, bad.detail);
     }
@@ -106,7 +111,7 @@ pub fn run(a: Args) -> Result<()> {
         eprintln!("validate: all {} checks passed (structure, ONNX Runtime loads every graph, gradient against central differences, packed graphs against the model's own forward)", checks.len());
     }
     step(&format!("2/5 train {} steps with the learned beta (eval on test.jsonl by regime)", a.steps));
-    let learned = train_run(&assets, &art, &out.join("run-learned"), a.steps, a.quiet)?;
+    let learned = train_run(&assets, &art, &out.join("run-learned"), &a)?;
     let fixed = if a.no_baseline {
         None
     } else {
@@ -117,7 +122,7 @@ pub fn run(a: Args) -> Result<()> {
             &art_fixed,
             &BuildOptions { objective: ObjectiveConfig { fixed_beta: Some(0.1), ..Default::default() }, layout: LayoutChoice::Auto, ..Default::default() },
         )?;
-        Some(train_run(&assets, &art_fixed, &out.join("run-fixed"), a.steps, a.quiet)?)
+        Some(train_run(&assets, &art_fixed, &out.join("run-fixed"), &a)?)
     };
     step("4/5 export: trained weights + beta head in one ONNX model");
     let model = out.join("model.onnx");
@@ -130,7 +135,7 @@ pub fn run(a: Args) -> Result<()> {
             examples.push((regime, r.prompt.clone()));
         }
     }
-    let mut pred = Predictor::new(&model, &assets.join("tokenizer.json"), None, &SessionConfig::default())?;
+    let mut pred = Predictor::new(&model, &assets.join("tokenizer.json"), None, &SessionConfig { intra_threads: a.threads, ..Default::default() })?;
     let prompts: Vec<_> = examples.iter().map(|(_, p)| p.clone()).collect();
     let preds = pred.predict(&prompts, false, 0)?;
 

@@ -12,13 +12,21 @@ pub struct Args {
     /// Artifacts directory written by build-graph.
     #[arg(long)]
     artifacts: PathBuf,
-    /// Training preferences (TRL formats, JSONL or a JSON array).
+    /// Training preferences in TRL's formats: a .jsonl, .json or .parquet file, a folder of Parquet
+    /// shards (the Hub's data/train-*.parquet) or a `datasets` save_to_disk folder (docs/data.md).
     #[arg(long)]
     data: PathBuf,
-    /// Held-out preferences for evaluation.
+    /// Held-out preferences for evaluation (the same kinds as --data).
     #[arg(long)]
     eval_data: Option<PathBuf>,
-    /// tokenizer.json (tokenizer_config.json beside it is read for the chat template and special tokens).
+    /// The split --data reads when it is a folder (default train).
+    #[arg(long)]
+    data_split: Option<String>,
+    /// The split --eval-data reads when it is a folder (default test).
+    #[arg(long)]
+    eval_data_split: Option<String>,
+    /// tokenizer.json or the folder holding it (tokenizer_config.json beside it is read for the chat
+    /// template and special tokens).
     #[arg(long)]
     tokenizer: PathBuf,
     /// tokenizer_config.json, when it is not beside tokenizer.json.
@@ -139,6 +147,8 @@ pub fn config(a: Args) -> TrainConfig {
         artifacts: a.artifacts,
         data: a.data,
         eval_data: a.eval_data,
+        data_split: a.data_split,
+        eval_data_split: a.eval_data_split,
         tokenizer: a.tokenizer,
         tokenizer_config: a.tokenizer_config,
         out: a.out,

@@ -12,10 +12,13 @@ pub struct Args {
     directions: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Intra-op threads (default: ONNX Runtime's choice).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let checks = validate(&a.dir, &ValidateOptions { directions: a.directions, seed: a.seed, ..Default::default() })?;
+    let checks = validate(&a.dir, &ValidateOptions { directions: a.directions, seed: a.seed, threads: a.threads, ..Default::default() })?;
     let mut failed = 0;
     for c in &checks {
         println!("{} {:<40} {}", if c.ok { "ok  " } else { "FAIL" }, c.name, c.detail);

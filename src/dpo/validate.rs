@@ -34,11 +34,13 @@ pub struct ValidateOptions {
     pub seed: u64,
     pub pairs: usize,
     pub seq_len: usize,
+    /// Intra-op threads of the sessions (`None`: ONNX Runtime's choice).
+    pub threads: Option<usize>,
 }
 
 impl Default for ValidateOptions {
     fn default() -> Self {
-        ValidateOptions { directions: 3, seed: 0, pairs: 2, seq_len: 12 }
+        ValidateOptions { directions: 3, seed: 0, pairs: 2, seq_len: 12, threads: None }
     }
 }
 
@@ -66,7 +68,7 @@ pub fn validate(dir: &Path, opts: &ValidateOptions) -> Result<Vec<Check>> {
         };
         let default_only = which == "train" || which == "optimizer";
         checks.push(check(&format!("{which}: structure"), structure(&model, spec, default_only)));
-        let loaded = SessionConfig::default().session_from_file(&path);
+        let loaded = SessionConfig { intra_threads: opts.threads, ..Default::default() }.session_from_file(&path);
         let detail = match &loaded {
             Ok(s) => Ok(format!("{} inputs, {} outputs", s.inputs().len(), s.outputs().len())),
             Err(e) => Err(Error::Other(e.to_string())),

@@ -60,6 +60,9 @@ impl MappedData {
 
 /// [`load_model`], also returning the external data files it mapped.
 pub fn load_model_mapped(path: &Path) -> Result<(ModelProto, Vec<MappedData>)> {
+    if path.is_dir() {
+        return Err(crate::paths::onnx_folder_error(path));
+    }
     let bytes = map_file(path)?;
     if bytes.is_empty() {
         return Err(Error::BadModel { path: path.into(), detail: "the file is empty".into() });

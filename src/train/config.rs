@@ -15,6 +15,12 @@ pub struct TrainConfig {
     pub artifacts: PathBuf,
     pub data: PathBuf,
     pub eval_data: Option<PathBuf>,
+    /// The split read when --data is a folder (`train` when `None`).
+    #[serde(default)]
+    pub data_split: Option<String>,
+    /// The split read when --eval-data is a folder (`test` when `None`).
+    #[serde(default)]
+    pub eval_data_split: Option<String>,
     pub tokenizer: PathBuf,
     pub tokenizer_config: Option<PathBuf>,
     pub out: PathBuf,
@@ -143,6 +149,8 @@ impl Default for TrainConfig {
             artifacts: PathBuf::new(),
             data: PathBuf::new(),
             eval_data: None,
+            data_split: None,
+            eval_data_split: None,
             tokenizer: PathBuf::new(),
             tokenizer_config: None,
             out: PathBuf::new(),

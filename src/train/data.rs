@@ -1,32 +1,62 @@
-//! Preference data in the formats TRL accepts, read from JSONL or a JSON array.
+//! Preference data in the formats TRL accepts, read from JSONL, JSON, Parquet or a `datasets`
+//! `save_to_disk` folder (see [`super::data_source`] for what `--data` may name).
 //!
 //! Three row shapes are recognised, matching TRL's dataset formats so that a dataset prepared for
 //! `DPOTrainer` loads unchanged:
 //! - standard: `{"prompt": str, "chosen": str, "rejected": str}`;
 //! - conversational: `prompt`, `chosen` and `rejected` are lists of `{role, content}` messages;
 //! - implicit prompt: only `chosen` and `rejected` (strings or message lists); the prompt is their
-//!   common beginning (see [`split_implicit_prompt`]).
+//!   common beginning (see [`split_implicit_prompt`]), which must not be empty.
 //!
 //! Every other column is kept as text in [`PreferenceRow::extras`], so that metrics can be grouped by
-//! a column such as `regime` without this module knowing about it.
+//! a column such as `regime` without this module knowing about it; a column one or two letters
+//! from a missing `prompt`, `chosen` or `rejected` is refused as the typo it is.
+//! Arrow rows become the same JSON objects first ([`super::data_arrow`]), so all formats share
+//! [`parse_row`].
 
 use std::collections::BTreeMap;
+use std::io::BufRead;
 use std::path::Path;
 
+use serde::ser::SerializeMap;
 use serde_json::{Map, Value};
 
+use super::data_arrow::visit_arrow_rows;
+use super::data_source::{resolve, DataSource};
 use crate::error::{Error, Result};
 
-/// One chat message. Only `role` and `content` matter to chat templates for preference data.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// One chat message, as the chat template sees it: `role`, `content` and any other fields the row
+/// gave (`tool_calls`, `name`, `tool_call_id`, ...), passed through as transformers passes them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Message {
     pub role: String,
+    /// The text; empty when the row's content was null (see `null_content`).
     pub content: String,
+    /// The row's content was `null` (an assistant turn that only calls tools): the template sees
+    /// `None`, as in transformers, not an empty string.
+    pub null_content: bool,
+    /// The message's other fields, verbatim.
+    pub extra: BTreeMap<String, Value>,
 }
 
 impl Message {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Message { role: role.into(), content: content.into() }
+        Message { role: role.into(), content: content.into(), ..Default::default() }
+    }
+}
+
+impl serde::Serialize for Message {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(2 + self.extra.len()))?;
+        map.serialize_entry("role", &self.role)?;
+        match self.null_content {
+            true => map.serialize_entry("content", &Value::Null)?,
+            false => map.serialize_entry("content", &self.content)?,
+        }
+        for (k, v) in &self.extra {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
     }
 }
 
@@ -41,6 +71,13 @@ impl Text {
     pub fn is_messages(&self) -> bool {
         matches!(self, Text::Messages(_))
     }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Text::Plain(s) => s.is_empty(),
+            Text::Messages(m) => m.is_empty(),
+        }
+    }
 }
 
 /// One preference pair: the prompt, the preferred and the dispreferred answer, plus the other columns.
@@ -53,11 +90,14 @@ pub struct PreferenceRow {
     pub extras: BTreeMap<String, String>,
 }
 
-/// How to treat rows that cannot be parsed.
+/// How to read a data file and treat rows that cannot be parsed.
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     /// Count and skip malformed rows instead of failing on the first one.
     pub skip_bad_rows: bool,
+    /// The split to read from a folder (`datasets`' DatasetDict or Hub Parquet shards); `None`
+    /// reads `train`.
+    pub split: Option<String>,
 }
 
 /// The rows of one file and what was skipped on the way.
@@ -72,61 +112,123 @@ pub struct LoadedData {
 
 const MAX_SKIP_EXAMPLES: usize = 5;
 
-/// Reads a preference file: a JSON array if its first non-blank character is `[`, JSONL otherwise.
+/// What a row reader hands on: where the row is (`file:line`, `file: row N`) and its JSON object,
+/// or why it could not be read.
+pub type RowVisitor<'a> = dyn FnMut(String, std::result::Result<Value, String>) -> Result<()> + 'a;
+
+/// Reads preference data: a JSONL or JSON file, Parquet, or a folder (see [`resolve`]).
 ///
-/// Errors name the file and the line (JSONL) or the 0-based element (array), e.g.
+/// Errors name the file and the line (JSONL), the 0-based element (array) or row (Arrow), e.g.
 /// `train.jsonl:17: missing field "rejected"`.
 pub fn load_preferences(path: &Path, opts: &LoadOptions) -> Result<LoadedData> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let name = path.display().to_string();
-    parse_preferences(&text, &name, opts)
-}
-
-/// [`load_preferences`] on text already in memory; `name` is used in error messages.
-pub fn parse_preferences(text: &str, name: &str, opts: &LoadOptions) -> Result<LoadedData> {
     let mut out = LoadedData::default();
-    let mut handle = |location: String, parsed: std::result::Result<PreferenceRow, String>| {
-        match parsed {
-            Ok(row) => out.rows.push(row),
-            Err(what) if opts.skip_bad_rows => {
-                out.skipped += 1;
-                if out.skipped_examples.len() < MAX_SKIP_EXAMPLES {
-                    out.skipped_examples.push(format!("{location}: {what}"));
-                }
-            }
-            Err(what) => return Err(Error::Data(format!("{location}: {what}"))),
+    let mut visit = |location: String, value: std::result::Result<Value, String>| add_row(&mut out, opts, location, value.and_then(|v| parse_row(&v)));
+    match resolve(path, opts.split.as_deref())? {
+        DataSource::Json(file) => {
+            let f = std::fs::File::open(&file).map_err(|e| Error::io(&file, e))?;
+            visit_json_rows(std::io::BufReader::new(f), &file.display().to_string(), &mut visit)?;
         }
-        Ok(())
-    };
-    let body = text.trim_start_matches('\u{feff}');
-    if body.trim_start().starts_with('[') {
-        // An unparsable array cannot be split into rows, so it fails even in skip mode.
-        let items: Vec<Value> = serde_json::from_str(body).map_err(|e| Error::Data(format!("{name}: invalid JSON array: {e}")))?;
-        for (i, item) in items.iter().enumerate() {
-            handle(format!("{name}: element {i}"), parse_row(item))?;
-        }
-    } else {
-        for (i, line) in body.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
+        DataSource::Arrow(files) => {
+            for (file, kind) in files {
+                visit_arrow_rows(&file, kind, &mut visit)?;
             }
-            let parsed = serde_json::from_str::<Value>(line).map_err(|e| format!("invalid JSON: {e}")).and_then(|v| parse_row(&v));
-            handle(format!("{name}:{}", i + 1), parsed)?;
         }
     }
     Ok(out)
 }
 
+/// [`load_preferences`] on JSONL or JSON text already in memory; `name` is used in error messages.
+pub fn parse_preferences(text: &str, name: &str, opts: &LoadOptions) -> Result<LoadedData> {
+    let mut out = LoadedData::default();
+    visit_json_rows(text.as_bytes(), name, &mut |location, value| add_row(&mut out, opts, location, value.and_then(|v| parse_row(&v))))?;
+    Ok(out)
+}
+
+fn add_row(out: &mut LoadedData, opts: &LoadOptions, location: String, parsed: std::result::Result<PreferenceRow, String>) -> Result<()> {
+    match parsed {
+        Ok(row) => out.rows.push(row),
+        Err(what) if opts.skip_bad_rows => {
+            out.skipped += 1;
+            if out.skipped_examples.len() < MAX_SKIP_EXAMPLES {
+                out.skipped_examples.push(format!("{location}: {what}"));
+            }
+        }
+        Err(what) => return Err(Error::Data(format!("{location}: {what}"))),
+    }
+    Ok(())
+}
+
+/// Rows of JSON text: one JSON array if its first non-blank character is `[`, JSON Lines otherwise.
+pub fn visit_json_rows(mut reader: impl BufRead, name: &str, visit: &mut RowVisitor) -> Result<()> {
+    let io = |e| Error::io(name, e);
+    let mut skipped_lines = 0;
+    let mut at_start = true;
+    loop {
+        let buf = reader.fill_buf().map_err(io)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let bom = if at_start && buf.starts_with(b"\xef\xbb\xbf") { 3 } else { 0 };
+        at_start = false;
+        let blank = buf[bom..].iter().take_while(|b| b.is_ascii_whitespace()).count();
+        let first = buf.get(bom + blank).copied();
+        skipped_lines += buf[bom..bom + blank].iter().filter(|&&b| b == b'\n').count();
+        reader.consume(bom + blank);
+        match first {
+            Some(b'[') => {
+                // An unparsable array cannot be split into rows, so it fails even in skip mode.
+                let items: Vec<Value> = serde_json::from_reader(reader).map_err(|e| Error::Data(format!("{name}: invalid JSON array: {e}")))?;
+                for (i, item) in items.into_iter().enumerate() {
+                    visit(format!("{name}: element {i}"), Ok(item))?;
+                }
+                return Ok(());
+            }
+            Some(_) => return read_jsonl_rows(reader, name, skipped_lines, visit),
+            // Only blank space in the buffer: look further.
+            None => {}
+        }
+    }
+}
+
+/// JSON Lines, one row at a time (the file is never held whole); `first_line` lines were already
+/// consumed. Every row a JSONL file yields is read here.
+pub fn read_jsonl_rows(mut reader: impl BufRead, name: &str, first_line: usize, visit: &mut RowVisitor) -> Result<()> {
+    let mut line = Vec::new();
+    let mut number = first_line;
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line).map_err(|e| Error::io(name, e))? == 0 {
+            return Ok(());
+        }
+        number += 1;
+        let text = line.strip_prefix(b"\xef\xbb\xbf".as_slice()).unwrap_or(&line[..]);
+        if text.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let parsed = serde_json::from_slice::<Value>(text).map_err(|e| format!("invalid JSON: {e}"));
+        visit(format!("{name}:{number}"), parsed)?;
+    }
+}
+
 /// Parses one row object into a [`PreferenceRow`]; the error says what is wrong, without location.
 pub fn parse_row(value: &Value) -> std::result::Result<PreferenceRow, String> {
     let obj = value.as_object().ok_or_else(|| format!("expected a JSON object, got {}", kind(value)))?;
+    check_column_names(obj)?;
     let chosen = text_field(obj, "chosen")?;
     let rejected = text_field(obj, "rejected")?;
     if chosen.is_messages() != rejected.is_messages() {
         return Err("\"chosen\" and \"rejected\" must both be strings or both be message lists".into());
     }
     let (prompt, chosen, rejected) = match obj.get("prompt") {
-        None | Some(Value::Null) => split_implicit_prompt(chosen, rejected),
+        None | Some(Value::Null) => {
+            let split = split_implicit_prompt(chosen, rejected);
+            if split.0.is_empty() {
+                return Err("no \"prompt\" column, and \"chosen\" and \"rejected\" share no beginning to take as the prompt \
+                            (TRL's implicit-prompt format): add the prompt as a \"prompt\" column"
+                    .into());
+            }
+            split
+        }
         Some(_) => {
             let prompt = text_field(obj, "prompt")?;
             if prompt.is_messages() != chosen.is_messages() {
@@ -153,6 +255,51 @@ pub fn parse_row(value: &Value) -> std::result::Result<PreferenceRow, String> {
     Ok(PreferenceRow { prompt, chosen, rejected, extras })
 }
 
+/// Refuses a column a letter or two from a missing `prompt`, `chosen` or `rejected` (`promt`,
+/// `choosen`), and rows in TRL's formats for other trainers, naming what DPO needs.
+fn check_column_names(obj: &Map<String, Value>) -> std::result::Result<(), String> {
+    const NEEDED: [&str; 3] = ["prompt", "chosen", "rejected"];
+    for key in obj.keys() {
+        let lower = key.to_lowercase();
+        let near = NEEDED.iter().find(|want| !obj.contains_key(**want) && key != **want && edit_distance(&lower, want) <= 2);
+        if let Some(want) = near {
+            return Err(format!("unknown column \"{key}\" (did you mean \"{want}\"?)"));
+        }
+    }
+    if !obj.contains_key("chosen") || !obj.contains_key("rejected") {
+        let other = if obj.contains_key("completion") && obj.contains_key("label") {
+            Some("unpaired preference (prompt, completion, label: KTO's format)")
+        } else if obj.contains_key("completion") {
+            Some("prompt-completion (SFT's format)")
+        } else if obj.contains_key("messages") || obj.contains_key("text") {
+            Some("language modeling (messages or text: SFT's format)")
+        } else {
+            None
+        };
+        if let Some(format) = other {
+            let missing = if obj.contains_key("chosen") { "rejected" } else { "chosen" };
+            return Err(format!("missing field \"{missing}\": this row is in TRL's {format} format; DPO needs \"chosen\" and \"rejected\" answers"));
+        }
+    }
+    Ok(())
+}
+
+/// Levenshtein distance over characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (diagonal + usize::from(ca != *cb)).min(row[j] + 1).min(row[j + 1] + 1);
+            diagonal = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
 fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -168,18 +315,20 @@ fn text_field(obj: &Map<String, Value>, key: &str) -> std::result::Result<Text, 
     match obj.get(key) {
         None => Err(format!("missing field \"{key}\"")),
         Some(Value::String(s)) => Ok(Text::Plain(s.clone())),
-        Some(Value::Array(items)) => items
-            .iter()
-            .enumerate()
-            .map(|(i, m)| parse_message(m).map_err(|e| format!("\"{key}\"[{i}]: {e}")))
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map(Text::Messages),
+        Some(Value::Array(items)) => parse_messages(items).map_err(|e| format!("\"{key}\"{e}")).map(Text::Messages),
         Some(other) => Err(format!("field \"{key}\" must be a string or a list of messages, got {}", kind(other))),
     }
 }
 
-/// A message needs a string `role`; `content` may be a string, `null` (assistant tool calls) or a
-/// list of parts whose `text` entries are concatenated (the multimodal message shape, text only).
+/// A list of messages; an error starts with the index of the message at fault (`[2]: ...`).
+pub fn parse_messages(items: &[Value]) -> std::result::Result<Vec<Message>, String> {
+    items.iter().enumerate().map(|(i, m)| parse_message(m).map_err(|e| format!("[{i}]: {e}"))).collect()
+}
+
+/// A message needs a string `role`; `content` may be a string, a list of parts whose `text`
+/// entries are concatenated (the multimodal message shape, text only), or `null` beside
+/// `tool_calls` (an assistant turn that only calls tools). A message with neither text nor tool
+/// calls is refused: it would train on (or condition on) nothing.
 fn parse_message(value: &Value) -> std::result::Result<Message, String> {
     let obj = value.as_object().ok_or_else(|| format!("expected a message object, got {}", kind(value)))?;
     let role = match obj.get("role") {
@@ -187,9 +336,11 @@ fn parse_message(value: &Value) -> std::result::Result<Message, String> {
         Some(other) => return Err(format!("\"role\" must be a string, got {}", kind(other))),
         None => return Err("message without \"role\"".into()),
     };
-    let content = match obj.get("content") {
-        Some(Value::String(c)) => c.clone(),
-        None | Some(Value::Null) => String::new(),
+    let calls_tools = obj.get("tool_calls").is_some_and(|t| matches!(t, Value::Array(a) if !a.is_empty()));
+    let (content, null_content) = match obj.get("content") {
+        Some(Value::String(c)) => (c.clone(), false),
+        None | Some(Value::Null) if calls_tools => (String::new(), true),
+        None | Some(Value::Null) => return Err(format!("the {role} message has no content (null) and no tool_calls")),
         Some(Value::Array(parts)) => {
             let mut text = String::new();
             for part in parts {
@@ -198,11 +349,12 @@ fn parse_message(value: &Value) -> std::result::Result<Message, String> {
                     _ => return Err("only text content parts are supported".into()),
                 }
             }
-            text
+            (text, false)
         }
         Some(other) => return Err(format!("\"content\" must be a string, got {}", kind(other))),
     };
-    Ok(Message { role, content })
+    let extra = obj.iter().filter(|(k, v)| !matches!(k.as_str(), "role" | "content") && !v.is_null()).map(|(k, v)| (k.clone(), v.clone())).collect();
+    Ok(Message { role, content, null_content, extra })
 }
 
 /// Splits an implicit-prompt pair into (prompt, chosen, rejected) as TRL's `extract_prompt` does.
@@ -211,7 +363,8 @@ fn parse_message(value: &Value) -> std::result::Result<Message, String> {
 /// character before it is a space, so that the answers start with the space. When one answer
 /// continues the other, nothing differs and the cut falls one character (message) before the
 /// shorter one ends, leaving each answer at least one. TRL reads the character before a difference
-/// at the very start as the last one (Python's index -1); here such a prompt is simply empty.
+/// at the very start as the last one (Python's index -1); here such a prompt is simply empty (and
+/// [`parse_row`] refuses the row).
 pub fn split_implicit_prompt(chosen: Text, rejected: Text) -> (Text, Text, Text) {
     match (chosen, rejected) {
         (Text::Plain(c), Text::Plain(r)) => {

@@ -10,6 +10,8 @@ pub mod batch_beta;
 pub mod chat_template;
 pub mod checkpoint;
 pub mod data;
+pub mod data_arrow;
+pub mod data_source;
 pub mod denormals;
 pub mod device;
 pub mod epsilon_beta;

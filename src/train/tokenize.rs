@@ -124,11 +124,14 @@ impl PairTokenizer {
     /// Loads `tokenizer.json`, with `config` or else the `tokenizer_config.json` beside it (optional).
     /// A `chat_template.jinja` beside it (newer `transformers` save it there) is used when the
     /// config carries no template.
+    /// `tokenizer_json` may also be the folder holding it (as `export --tokenizer` takes), and
+    /// `config` the folder holding `tokenizer_config.json`.
     pub fn from_files(tokenizer_json: &Path, config: Option<&Path>) -> Result<Self> {
+        let tokenizer_json = &crate::paths::file_or_in_folder(tokenizer_json, "tokenizer.json", "--tokenizer")?;
         let dir = tokenizer_json.parent().map(Path::to_path_buf).unwrap_or_default();
         let tokenizer = load_tokenizer(tokenizer_json)?;
         let config_path: Option<PathBuf> = match config {
-            Some(p) => Some(p.to_path_buf()),
+            Some(p) => Some(crate::paths::file_or_in_folder(p, "tokenizer_config.json", "--tokenizer-config")?),
             None => Some(dir.join("tokenizer_config.json")).filter(|p| p.exists()),
         };
         let mut cfg = match &config_path {

@@ -27,6 +27,10 @@ pub struct HfMap {
     pub config: serde_json::Value,
     pub generation_config: Option<serde_json::Value>,
     pub tensors: Vec<HfTensor>,
+    /// The pretrained model the ONNX model was exported from (a Hub id or a local folder), when
+    /// export_hf.py loaded one: the base a PEFT adapter names.
+    #[serde(default)]
+    pub source_model: Option<String>,
 }
 
 /// One tensor of the checkpoint: `value = T(initializer) - offset`, `T` a transpose when `transposed`.

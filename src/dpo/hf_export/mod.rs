@@ -53,11 +53,16 @@ pub struct HfReport {
     pub tensors: usize,
     /// Checkpoint tensors that stand for tied weights written once (with the copies they stand for).
     pub tied: Vec<String>,
+    /// A PEFT adapter folder (LoRA artifacts) rather than a whole checkpoint.
+    pub peft: bool,
+    /// The base model a PEFT adapter's `adapter_config.json` names, when one is known.
+    pub base_model: Option<String>,
 }
 
 /// Writes `out` (a new directory, or one an earlier `export --hf` wrote) from the artifacts and the
-/// parameters `params` (a run's trained ones, or the artifacts' initial ones).
-pub fn export_hf(artifacts: &Path, params: &Path, out: &Path, tokenizer: Option<&TokenizerSource>) -> Result<HfReport> {
+/// parameters `params` (a run's trained ones, or the artifacts' initial ones). `base_model` is
+/// the Hub id or folder a PEFT adapter names as its base (default: the model export_hf.py loaded).
+pub fn export_hf(artifacts: &Path, params: &Path, out: &Path, tokenizer: Option<&TokenizerSource>, base_model: Option<&str>) -> Result<HfReport> {
     let manifest = Manifest::load(artifacts)?;
     let map_path = HfMap::find(artifacts, &manifest)?;
     let map = HfMap::load(&map_path)?;
@@ -66,7 +71,7 @@ pub fn export_hf(artifacts: &Path, params: &Path, out: &Path, tokenizer: Option<
     }
     if let Some(lora) = &manifest.lora {
         // the ecosystem's form of a LoRA fine-tune: the adapters for PEFT, the base left as it is
-        return peft::export_peft(artifacts, &manifest, lora, &map, params, out, tokenizer);
+        return peft::export_peft(artifacts, &manifest, lora, &map, params, out, tokenizer, base_model);
     }
     claim(out)?;
     let tokenizer_files = match tokenizer {
@@ -89,7 +94,7 @@ pub fn export_hf(artifacts: &Path, params: &Path, out: &Path, tokenizer: Option<
         write_checkpoint(dir, CHECKPOINT_FILE, &checkpoint, files)
     })?;
     let tied = map.tensors.iter().filter(|t| !t.tied_copies.is_empty()).map(|t| t.name.clone()).collect();
-    Ok(HfReport { files, tensors: checkpoint.len(), tied })
+    Ok(HfReport { files, tensors: checkpoint.len(), tied, peft: false, base_model: None })
 }
 
 /// Where an export's values come from, for its marker file.

@@ -29,6 +29,7 @@ pub(super) fn export_peft(
     params: &Path,
     out: &Path,
     tokenizer: Option<&TokenizerSource>,
+    base_model: Option<&str>,
 ) -> Result<HfReport> {
     claim(out)?;
     let tokenizer_files = match tokenizer {
@@ -38,14 +39,22 @@ pub(super) fn export_peft(
     let (trained, _) = read_safetensors(params)?;
     let adapters = trained_adapters(lora, &trained)?;
     let tensors = peft_tensors(&adapters)?;
-    let config = peft_config(lora, &adapters, fan_in_fan_out(&adapters, map)?, map.config.get("_name_or_path").and_then(|v| v.as_str()));
+    let base_model = base_model.map(str::to_string).or_else(|| recorded_base(map));
+    let config = peft_config(lora, &adapters, fan_in_fan_out(&adapters, map)?, base_model.as_deref());
     let head = beta_head(manifest, &trained, params)?;
     let source = ExportSource { artifacts, params, tokenizer };
     let files = write_export_dir(out, manifest, source, &tokenizer_files, head.as_deref(), |dir, files| {
         write_json(dir, ADAPTER_CONFIG, &config, files)?;
         write_checkpoint(dir, ADAPTER_WEIGHTS, &tensors, files)
     })?;
-    Ok(HfReport { files, tensors: tensors.len(), tied: Vec::new() })
+    Ok(HfReport { files, tensors: tensors.len(), tied: Vec::new(), peft: true, base_model })
+}
+
+/// The model export_hf.py loaded, else the `_name_or_path` save_pretrained left in the config
+/// (empty for models built in memory, such as the tests' tiny ones).
+fn recorded_base(map: &HfMap) -> Option<String> {
+    let from_config = map.config.get("_name_or_path").and_then(|v| v.as_str()).map(str::to_string);
+    map.source_model.clone().or(from_config).filter(|s| !s.is_empty())
 }
 
 /// PEFT's checkpoint tensors for the adapters.

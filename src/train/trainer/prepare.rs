@@ -18,6 +18,7 @@ use crate::train::batch_beta::MarginStats;
 use crate::train::checkpoint::{self, TrainerState};
 use crate::train::config::{OptimizerKind, TrainConfig};
 use crate::train::data::{load_preferences, LoadOptions};
+use crate::train::data_source::DEFAULT_EVAL_SPLIT;
 use crate::train::device::Device;
 use crate::train::loss_scale::LossScale;
 use crate::train::optimizer_step::State;
@@ -104,9 +105,14 @@ pub fn prepare(cfg: &TrainConfig, coll: &dyn Collective) -> Result<Prepared> {
     let mut stats = String::new();
     let tok = PairTokenizer::from_files(&cfg.tokenizer, cfg.tokenizer_config.as_deref())?;
     let trunc = TruncationConfig { max_length: cfg.max_length, mode: cfg.truncation_mode };
-    let train_pairs = load_pairs(&cfg.data, &tok, &trunc, cfg.skip_bad_rows, &mut stats)?;
+    let load = |split: Option<String>| LoadOptions { skip_bad_rows: cfg.skip_bad_rows, split };
+    let train_pairs = load_pairs(&cfg.data, &load(cfg.data_split.clone()), &tok, &trunc, &mut stats)?;
     let eval_pairs = match &cfg.eval_data {
-        Some(p) => Some(load_pairs(p, &tok, &trunc, cfg.skip_bad_rows, &mut stats)?),
+        // A folder's evaluation rows are its test split unless another is named.
+        Some(p) => {
+            let split = cfg.eval_data_split.clone().or_else(|| p.is_dir().then(|| DEFAULT_EVAL_SPLIT.into()));
+            Some(load_pairs(p, &load(split), &tok, &trunc, &mut stats)?)
+        }
         None => None,
     };
     if cfg.progress && coll.is_root() {
@@ -226,8 +232,8 @@ fn check_precision(manifest: &Manifest, cfg: &TrainConfig) -> Result<()> {
     })
 }
 
-fn load_pairs(path: &Path, tok: &PairTokenizer, trunc: &TruncationConfig, skip_bad: bool, log: &mut String) -> Result<Vec<TokenizedPair>> {
-    let data = load_preferences(path, &LoadOptions { skip_bad_rows: skip_bad })?;
+fn load_pairs(path: &Path, opts: &LoadOptions, tok: &PairTokenizer, trunc: &TruncationConfig, log: &mut String) -> Result<Vec<TokenizedPair>> {
+    let data = load_preferences(path, opts)?;
     let (pairs, stats) = tok.tokenize_all(&data.rows, trunc)?;
     log.push_str(&format!(
         "{}: {} pairs kept of {} ({} prompts truncated, {} answers truncated, {} dropped, {} malformed rows skipped)\n",
