@@ -133,3 +133,45 @@ fn what_data_names_is_checked() {
     let e = err(&empty, None);
     assert!(e.contains("is a folder without data files") && e.ends_with("it holds notes.txt"), "{e}");
 }
+
+/// Training from the DatasetDict folder (train split; evaluation on its test split by default) and
+/// from the Hub shards gives the very parameters and evaluation that the JSONL rows give.
+#[test]
+fn folders_train_exactly_as_their_jsonl() {
+    use betadpo::dpo::{build_artifacts, BuildOptions};
+    use betadpo::train::config::TrainConfig;
+    use betadpo::train::trainer::train;
+    let f = formats();
+    let q = common::fixtures::repo().join("graphs/quickstart");
+    let dir = common::fixtures::scratch("data-formats-train");
+    let art = dir.join("art");
+    build_artifacts(&q.join("model.onnx"), &art, &BuildOptions::default()).unwrap();
+    let lines: Vec<String> = std::fs::read_to_string(f.join("conversational.jsonl")).unwrap().lines().map(str::to_string).collect();
+    std::fs::write(dir.join("train.jsonl"), lines[..12].join("\n")).unwrap();
+    std::fs::write(dir.join("test.jsonl"), lines[12..].join("\n")).unwrap();
+    let run = |name: &str, data: PathBuf, eval: PathBuf| {
+        let cfg = TrainConfig {
+            artifacts: art.clone(),
+            data,
+            eval_data: Some(eval),
+            tokenizer: q.clone(),
+            out: dir.join(name),
+            max_steps: Some(3),
+            batch_size: 4,
+            lr: 1e-3,
+            threads: Some(1),
+            progress: false,
+            ..Default::default()
+        };
+        let summary = train(&cfg).unwrap();
+        let params = std::fs::read(dir.join(name).join("final/params.safetensors")).unwrap();
+        (summary.final_eval.unwrap(), params)
+    };
+    let (eval, params) = run("jsonl", dir.join("train.jsonl"), dir.join("test.jsonl"));
+    for folder in ["saved_dict", "hub"] {
+        let (e, p) = run(folder, f.join(folder), f.join(folder));
+        assert_eq!(e, eval, "{folder}: the final evaluation differs from the JSONL run's");
+        assert!(p == params, "{folder}: the trained parameters differ from the JSONL run's");
+    }
+    assert!(eval.get("eval/loss").and_then(|v| v.as_f64()).is_some_and(|l| l != std::f64::consts::LN_2), "{eval:?}");
+}
