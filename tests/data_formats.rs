@@ -128,6 +128,12 @@ fn what_data_names_is_checked() {
     assert!(e.contains("a file has no splits"), "{e}");
     let e = err(Path::new("trl-lib/ultrafeedback_binarized"), None);
     assert!(e.contains("no such file or folder; if it is a Hugging Face dataset name") && e.contains("to_parquet('train.parquet')"), "{e}");
+    // A folder of split files: train.jsonl for --data, test.jsonl for --eval-data.
+    let splits = common::fixtures::scratch("data-split-files");
+    std::fs::copy(f.join("standard.jsonl"), splits.join("train.jsonl")).unwrap();
+    std::fs::copy(f.join("conversational.jsonl"), splits.join("test.jsonl")).unwrap();
+    assert_eq!(read(&splits, None), read(&f.join("standard.jsonl"), None));
+    assert_eq!(read(&splits, Some("test")), read(&f.join("conversational.jsonl"), None));
     let empty = common::fixtures::scratch("data-folder");
     std::fs::write(empty.join("notes.txt"), "x").unwrap();
     let e = err(&empty, None);

@@ -103,6 +103,9 @@ fn train_names_data_and_tokenizer_mistakes() {
 fn infer_shows_the_user_turn_and_says_when_no_template_was_used() {
     let dir = common::fixtures::scratch("first-hour-infer");
     let art = artifacts(&dir, &BuildOptions::default());
+    let (code, out, err) = betadpo(&["validate", s(&art), "--threads", "1"]);
+    assert_eq!(code, 0, "validate --threads 1: {err}");
+    assert!(out.contains("checks passed"), "{out}");
     let model = dir.join("model.onnx");
     export_model(&art, &art.join("params.safetensors"), &model, &Default::default()).unwrap();
     let q = quickstart();

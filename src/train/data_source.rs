@@ -1,6 +1,6 @@
 //! What `--data` names: a JSONL or JSON file, a Parquet file, a folder of Parquet shards as the
-//! Hugging Face Hub lays them out, or a `datasets` `save_to_disk` folder, resolved to the files
-//! that hold the rows of one split.
+//! Hugging Face Hub lays them out, a folder of `<split>.jsonl` files, or a `datasets`
+//! `save_to_disk` folder, resolved to the files that hold the rows of one split.
 //!
 //! Files are told apart by their first bytes (Parquet's `PAR1`, Arrow's `ARROW1` or stream marker),
 //! not their names. Anything else gets an error that says what `--data` can be.
@@ -90,6 +90,15 @@ fn resolve_folder(dir: &Path, split: &str) -> Result<DataSource> {
     }
     if dir.join("state.json").is_file() {
         return saved_split(dir);
+    }
+    // A folder of JSON files named by split (train.jsonl, test.jsonl), at the top or under data/.
+    for sub in ["", "data"] {
+        for ext in ["jsonl", "json"] {
+            let file = dir.join(sub).join(format!("{split}.{ext}"));
+            if file.is_file() {
+                return Ok(DataSource::Json(file));
+            }
+        }
     }
     let shards = parquet_shards(dir)?;
     if shards.is_empty() {
@@ -191,8 +200,8 @@ fn shard_split(root: &Path, path: &Path) -> Option<String> {
 fn folder_error(dir: &Path) -> Error {
     Error::Data(format!(
         "{} is a folder without data files: --data takes a .jsonl, .json or .parquet file, a folder of Parquet shards \
-         (train-00000-of-00001.parquet, as on the Hugging Face Hub), or a `datasets` save_to_disk folder (dataset_dict.json, \
-         or state.json with data-*.arrow); it holds {}",
+         (train-00000-of-00001.parquet, as on the Hugging Face Hub) or of split files (train.jsonl), or a `datasets` \
+         save_to_disk folder (dataset_dict.json, or state.json with data-*.arrow); it holds {}",
         dir.display(),
         crate::paths::listing(dir)
     ))

@@ -86,7 +86,8 @@ mod tests {
         let mut feeds = batch.clone();
         for (name, t) in parameter_feeds(&p) {
             // a head that is not at its (zero-weight) init, so the hidden state shows in beta
-            let t = if name == HEAD_WEIGHT { HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[HIDDEN as usize]), values(HIDDEN as usize, 1.7)).unwrap()) } else { t };
+            let t =
+                if name == HEAD_WEIGHT { HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[HIDDEN as usize]), values(HIDDEN as usize, 1.7)).unwrap()) } else { t };
             feeds.push((name, t));
         }
         let got = run_graph(&infer, &feeds);

@@ -30,9 +30,9 @@ pub mod parameters;
 pub mod probe;
 pub mod specs;
 pub mod store_weights;
-pub mod write;
 #[cfg(test)]
 mod test_model;
+pub mod write;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -57,7 +57,11 @@ mod tests {
         let p = prepared_from(tempfile::tempdir().unwrap(), &quickstart_model(), &ObjectiveConfig::default(), &Selection::default()).unwrap();
         assert_eq!(p.params.iter().filter(|p| p.beta_head).count(), 2);
         let base = &p.model.base;
-        let weights = base.initializers.iter().filter(|t| t.data_type == crate::onnx::dtype::FLOAT && t.dims.iter().product::<i64>() > 1 && !t.name.contains("inv_freq")).count();
+        let weights = base
+            .initializers
+            .iter()
+            .filter(|t| t.data_type == crate::onnx::dtype::FLOAT && t.dims.iter().product::<i64>() > 1 && !t.name.contains("inv_freq"))
+            .count();
         assert_eq!(p.params.iter().filter(|p| p.trainable && !p.beta_head).map(|p| p.initializers.len()).sum::<usize>(), weights);
         for q in p.params.iter().filter(|q| q.trainable) {
             assert!(p.laid.graph.has_input(&q.name) && p.laid.graph.initializer(&q.name).is_none(), "{}", q.name);

@@ -4,10 +4,10 @@
 
 use ndarray::{ArrayD, IxDyn};
 
+use crate::dpo::manifest::TensorSpec;
 use crate::dpo::model::LmSignature;
 use crate::dpo::objective::{COMPLETION_MASK, REF_LOGPS};
 use crate::dpo::packing::{self, Layout};
-use crate::dpo::manifest::TensorSpec;
 use crate::dpo::{beta_dpo, epsilon_dpo, ObjectiveConfig};
 use crate::graph::{probe_shapes, Graph, ProbeBatch, TensorInfos};
 use crate::runtime::HostTensor;
@@ -54,7 +54,11 @@ fn padded_batches(sig: &LmSignature, vocab: i64) -> ProbeBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dpo::artifacts::{append_objective::append, layout::choose, load::{load, tests::quickstart_model}};
+    use crate::dpo::artifacts::{
+        append_objective::append,
+        layout::choose,
+        load::{load, tests::quickstart_model},
+    };
     use crate::dpo::packing::LayoutChoice;
 
     /// The probed shapes are what ONNX Runtime computed on the two batches (4 rows x 6 tokens, then
