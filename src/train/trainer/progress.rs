@@ -79,7 +79,7 @@ pub fn header(cfg: &TrainConfig, m: &Manifest, total: u64, warmup: u64, per_epoc
         cfg.lr,
         cfg.lr_schedule,
         beta_mode(&m.objective),
-        model + head,
+        model,
     )
 }
 
