@@ -31,6 +31,7 @@ fn trained_export(dir: &Path) -> PathBuf {
         tokenizer: q.join("tokenizer.json"),
         out: dir.join("run"),
         max_steps: Some(12),
+        lr: 1e-3,
         progress: false,
         ..Default::default()
     };

@@ -244,7 +244,7 @@ fn first_step(tag: &str, frozen_dtype: Option<betadpo::onnx::DType>) -> serde_js
     let run = dir.join("run");
     let path = |p: &Path| p.to_str().unwrap().to_string();
     let args = ["train", "--artifacts", &path(&art), "--data", &path(&qs.join("train.jsonl")), "--tokenizer", &path(&qs.join("tokenizer.json"))];
-    let more = ["--out", &path(&run), "--max-steps", "1", "--batch-size", "4", "--quiet"];
+    let more = ["--out", &path(&run), "--max-steps", "1", "--batch-size", "4", "--lr", "1e-3", "--quiet"];
     let (code, _, err) = common::cli::betadpo(&[&args[..], &more[..]].concat());
     assert_eq!(code, 0, "{tag}: {err}");
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();

@@ -27,6 +27,7 @@ fn fused_adamw_matches_the_optimizer_graph() {
             weight_decay: 0.1,
             max_grad_norm: 0.5,
             warmup_steps: 2,
+            lr: 1e-3,
             lr_schedule: "cosine".parse().unwrap(),
             threads: Some(1),
             progress: false,

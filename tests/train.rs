@@ -117,6 +117,8 @@ fn config(art: &Path, data: &Path, inp: &Inputs, out: &Path, steps: u64) -> Trai
         out: out.to_path_buf(),
         max_steps: Some(steps),
         batch_size: 4,
+        // the tiny model's rate (the default, TRL's 1e-6, suits pretrained models)
+        lr: 1e-3,
         max_length: Some(128),
         threads: Some(1),
         progress: false,
@@ -232,7 +234,7 @@ fn args(v: &[&str]) -> Vec<String> {
 
 /// `betadpo train` on these inputs, then `flags` (values without spaces).
 fn train_args(art: &Path, data: &Path, tokenizer: &Path, out: &Path, flags: &str) -> Vec<String> {
-    let mut a = args(&["train", "--artifacts", &s(art), "--data", &s(data), "--tokenizer", &s(tokenizer), "--out", &s(out)]);
+    let mut a = args(&["train", "--artifacts", &s(art), "--data", &s(data), "--tokenizer", &s(tokenizer), "--out", &s(out), "--lr", "1e-3"]);
     a.extend(words(flags));
     a
 }

@@ -37,7 +37,7 @@ enum Command {
 }
 
 pub fn run() -> Result<()> {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_from(train::expand_config(std::env::args_os().collect())?) {
         Ok(c) => c,
         Err(e)
             if matches!(

@@ -63,7 +63,9 @@ fn train_run(assets: &Path, artifacts: &Path, out: &Path, a: &Args) -> Result<Tr
         out: out.to_path_buf(),
         max_steps: Some(steps),
         batch_size: 8,
+        // the tiny model's rates (the defaults suit pretrained models)
         lr: 1e-3,
+        head_lr: 3e-3,
         eval_every: (steps / 8).max(1),
         group_by: Some("regime".into()),
         progress: !a.quiet,

@@ -2,13 +2,21 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use betadpo::runtime::ExecutionProvider;
-use betadpo::train::config::TrainConfig;
+use betadpo::train::config::{ReportTo, TrainConfig};
 use betadpo::train::schedule::Schedule;
 use betadpo::train::trainer::train_with;
+use betadpo::train::trl_config::{check_artifacts, ArtifactSettings, OwnFlag};
 use betadpo::train::truncation::TruncationMode;
 
+/// TRL's spellings are aliases where they mean the same (`--learning-rate` is `--lr`); a flag given
+/// twice keeps its last value, so the command line overrides `--config`.
 #[derive(clap::Args)]
+#[command(args_override_self = true)]
 pub struct Args {
+    /// A TRL DPOConfig / TrainingArguments file (YAML or JSON): its keys (TRL's field names or these
+    /// flags' names) set the flags, and flags given here override them. See docs/trl.md.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Artifacts directory written by build-graph.
     #[arg(long)]
     artifacts: PathBuf,
@@ -33,34 +41,57 @@ pub struct Args {
     #[arg(long)]
     tokenizer_config: Option<PathBuf>,
     /// Run directory (metrics, checkpoints, final parameters, report).
-    #[arg(long)]
+    #[arg(long, visible_alias = "output-dir")]
     out: PathBuf,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, visible_alias = "num-train-epochs", default_value_t = 1.0)]
     epochs: f64,
     /// Optimizer steps (overrides --epochs).
     #[arg(long)]
     max_steps: Option<u64>,
     /// Pairs per micro-batch.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, visible_alias = "per-device-train-batch-size", default_value_t = 8)]
     batch_size: usize,
     /// Micro-batches per optimizer step.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, visible_alias = "gradient-accumulation-steps", default_value_t = 1)]
     grad_accum: usize,
-    /// Learning rate of the model's parameters. The default suits the tiny test models; a real
-    /// model wants far less: TRL's default is 1e-6, the README's runs use 1e-5 (SmolLM2, full
-    /// fine-tuning) and 2e-4 (a 1B model, LoRA rank 16).
-    #[arg(long, default_value_t = 1e-3, allow_negative_numbers = true)]
+    /// Learning rate of the model's parameters (TRL's default, safe on a pretrained model). Full
+    /// fine-tuning of SmolLM2 trains well at 1e-5, LoRA at 1e-4 to 2e-4; the tiny test models want 1e-3.
+    #[arg(long, visible_alias = "learning-rate", default_value = "1e-6", allow_negative_numbers = true)]
     lr: f64,
-    /// Learning rate of the beta head (1e-2 makes beta oscillate on the bundled data; see README).
-    #[arg(long, default_value_t = 3e-3, allow_negative_numbers = true)]
+    /// Learning rate of the beta head (it moves no weight of the model; 1e-2 makes beta oscillate).
+    #[arg(long, default_value = "3e-3", allow_negative_numbers = true)]
     head_lr: f64,
+    /// TRL's beta: a fixed beta, which the artifacts must have been built with (`build-graph
+    /// --fixed-beta`); a learned beta's initial value is `build-graph --beta-init`.
+    #[arg(long, allow_negative_numbers = true)]
+    beta: Option<f64>,
+    /// TRL's loss_type, checked against the artifacts (`build-graph --loss`).
+    #[arg(long)]
+    loss_type: Option<String>,
+    /// TRL's label_smoothing, checked against the artifacts (`build-graph --label-smoothing`).
+    #[arg(long, allow_negative_numbers = true)]
+    label_smoothing: Option<f64>,
+    /// Linear warm-up from 0 over this many steps.
     #[arg(long, default_value_t = 0)]
     warmup_steps: u64,
-    /// linear (decay to 0 at the last step, TRL's default), cosine or constant (after warmup).
-    #[arg(long, default_value = "linear")]
+    /// Warm-up over ceil(ratio x steps) steps, when --warmup-steps is 0 (as TrainingArguments does).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    warmup_ratio: f64,
+    /// As transformers' get_scheduler: linear (to 0 after the last step, TRL's default), cosine,
+    /// constant (no warm-up) or constant_with_warmup.
+    #[arg(long, visible_alias = "lr-scheduler-type", default_value = "linear")]
     lr_schedule: Schedule,
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     weight_decay: f64,
+    /// AdamW's beta1.
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
+    adam_beta1: f64,
+    /// AdamW's beta2.
+    #[arg(long, default_value_t = 0.999, allow_negative_numbers = true)]
+    adam_beta2: f64,
+    /// AdamW's epsilon.
+    #[arg(long, default_value = "1e-8", allow_negative_numbers = true)]
+    adam_epsilon: f64,
     /// Global gradient-norm clipping (0 disables it).
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     max_grad_norm: f64,
@@ -77,10 +108,10 @@ pub struct Args {
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Evaluate every N steps (and always at the end).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, visible_alias = "eval-steps", default_value_t = 0)]
     eval_every: u64,
     /// Checkpoint every N steps (and always at the end).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, visible_alias = "save-steps", default_value_t = 0)]
     save_every: u64,
     /// Checkpoints kept (the newest).
     #[arg(long, default_value_t = 2)]
@@ -137,12 +168,20 @@ pub struct Args {
     /// Seconds a rank waits for the others in an NCCL allreduce before it ends the job.
     #[arg(long, default_value_t = 600.0)]
     nccl_timeout: f64,
-    /// No progress bars.
+    /// When standard error is not a terminal (a log file, a job), a progress line every N steps
+    /// instead of the bar.
+    #[arg(long, default_value_t = 10)]
+    logging_steps: u64,
+    /// Where metrics go besides RUN/metrics.jsonl: none, or tensorboard (event files in RUN/runs/).
+    #[arg(long, default_value = "none")]
+    report_to: ReportTo,
+    /// No progress bars, lines or first lines.
     #[arg(long)]
     quiet: bool,
 }
 
 pub fn config(a: Args) -> TrainConfig {
+    let _ = (a.config, a.beta, a.loss_type, a.label_smoothing); // read by `run` and `expand_config`
     TrainConfig {
         artifacts: a.artifacts,
         data: a.data,
@@ -159,8 +198,12 @@ pub fn config(a: Args) -> TrainConfig {
         lr: a.lr,
         head_lr: a.head_lr,
         warmup_steps: a.warmup_steps,
+        warmup_ratio: a.warmup_ratio,
         lr_schedule: a.lr_schedule,
         weight_decay: a.weight_decay,
+        adam_beta1: a.adam_beta1,
+        adam_beta2: a.adam_beta2,
+        adam_epsilon: a.adam_epsilon,
         max_grad_norm: a.max_grad_norm,
         max_length: Some(a.max_length),
         truncation_mode: a.truncation_mode,
@@ -176,6 +219,8 @@ pub fn config(a: Args) -> TrainConfig {
         skip_nonfinite: a.skip_nonfinite,
         bucket_batches: a.bucket_batches,
         progress: !a.quiet,
+        logging_steps: a.logging_steps,
+        report_to: a.report_to,
         optimizer: a.optimizer,
         profile: a.profile,
         flush_denormals: !a.keep_denormals,
@@ -185,6 +230,35 @@ pub fn config(a: Args) -> TrainConfig {
         nccl_timeout_s: a.nccl_timeout,
         ..Default::default()
     }
+}
+
+/// The command line with `train --config FILE` replaced by the file's flags, placed before the
+/// command line's own so that those win (see [`betadpo::train::trl_config`]).
+pub fn expand_config(args: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsString>> {
+    if args.get(1).and_then(|a| a.to_str()) != Some("train") {
+        return Ok(args);
+    }
+    let (mut file, mut rest) = (None, Vec::new());
+    let mut it = args.iter().skip(2);
+    while let Some(a) = it.next() {
+        match a.to_str() {
+            Some("--config") => file = Some(PathBuf::from(it.next().ok_or_else(|| anyhow::anyhow!("--config needs a file"))?)),
+            Some(s) if s.starts_with("--config=") => file = Some(PathBuf::from(&s["--config=".len()..])),
+            _ => rest.push(a.clone()),
+        }
+    }
+    let Some(file) = file else { return Ok(args) };
+    let cmd = <Args as clap::Args>::augment_args(clap::Command::new("train"));
+    let own: Vec<OwnFlag> = cmd
+        .get_arguments()
+        .filter_map(|arg| {
+            let names = arg.get_long().into_iter().chain(arg.get_all_aliases().unwrap_or_default()).map(str::to_string).collect();
+            Some(OwnFlag { names, switch: !arg.get_action().takes_values() }).filter(|_| arg.get_long().is_some())
+        })
+        .collect();
+    let entries = betadpo::train::trl_config::read(&file)?;
+    let flags = betadpo::train::trl_config::to_flags(&file, &entries, &own)?;
+    Ok(args[..2].iter().cloned().chain(flags.into_iter().map(Into::into)).chain(rest).collect())
 }
 
 /// The provider and whether the flag named a device (`cuda:1`) rather than leaving it (`cuda`).
@@ -220,7 +294,12 @@ pub fn run(a: Args) -> Result<()> {
             ),
         });
     }
+    let settings = ArtifactSettings { beta: a.beta, loss_type: a.loss_type.clone(), label_smoothing: a.label_smoothing };
     let cfg = config(a);
+    // Artifacts that do not load are reported by training itself, with its context.
+    if let Ok(m) = betadpo::dpo::manifest::Manifest::load(&cfg.artifacts) {
+        check_artifacts(&m.objective, &settings)?;
+    }
     betadpo::runtime::keep_freed_memory_for_reuse();
     let coll = betadpo::distributed::from_environment()?;
     let s = match train_with(&cfg, coll.as_ref()).with_context(|| format!("training into {}", cfg.out.display())) {
@@ -244,6 +323,22 @@ pub fn run(a: Args) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The command line's defaults are the library's (TrainConfig::default, TRL's where TRL has one).
+    #[test]
+    fn flag_defaults_are_the_library_defaults() {
+        use clap::FromArgMatches;
+        let cmd = <Args as clap::Args>::augment_args(clap::Command::new("train"));
+        let m = cmd.try_get_matches_from(["train", "--artifacts", "a", "--data", "d", "--tokenizer", "t", "--out", "o"]).unwrap();
+        let got = config(Args::from_arg_matches(&m).unwrap());
+        let want = TrainConfig::default();
+        assert_eq!((got.lr, got.head_lr, got.adam_epsilon), (want.lr, want.head_lr, want.adam_epsilon));
+        assert_eq!((got.lr, got.logging_steps, got.warmup_ratio), (1e-6, 10, 0.0));
+        assert_eq!(
+            (got.adam_beta1, got.adam_beta2, got.max_grad_norm, got.batch_size),
+            (want.adam_beta1, want.adam_beta2, want.max_grad_norm, want.batch_size)
+        );
+    }
 
     #[test]
     fn ranks_take_their_local_gpu_unless_told() {

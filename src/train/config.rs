@@ -10,6 +10,13 @@ use super::truncation::TruncationMode;
 use crate::runtime::ExecutionProvider;
 use crate::{Error, Result};
 
+/// TRL's default learning rate: safe on a pretrained model (1e-3 turns SmolLM2's answers into
+/// loops within five steps). The tiny test models want 1e-3 and pass it.
+pub const DEFAULT_LR: f64 = 1e-6;
+/// The beta head's rate. It reads the normalized hidden state, so one step moves beta alike at any
+/// width, and it moves no weight of the model (see docs/trl.md).
+pub const DEFAULT_HEAD_LR: f64 = 3e-3;
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TrainConfig {
     pub artifacts: PathBuf,
@@ -32,6 +39,10 @@ pub struct TrainConfig {
     pub lr: f64,
     pub head_lr: f64,
     pub warmup_steps: u64,
+    /// Warm-up as a fraction of the run's steps, `ceil(ratio × total)`, used when `warmup_steps` is 0
+    /// (TrainingArguments' `warmup_ratio`).
+    #[serde(default)]
+    pub warmup_ratio: f64,
     pub lr_schedule: Schedule,
     pub weight_decay: f64,
     pub max_grad_norm: f64,
@@ -57,6 +68,13 @@ pub struct TrainConfig {
     /// Sort pairs by length within windows of this many batches (0: off) to cut padding.
     pub bucket_batches: usize,
     pub progress: bool,
+    /// Steps between the plain progress lines printed when standard error is not a terminal
+    /// (TRL's `logging_steps`).
+    #[serde(default = "default_logging_steps")]
+    pub logging_steps: u64,
+    /// Where metrics go besides `metrics.jsonl` (TRL's `report_to`).
+    #[serde(default)]
+    pub report_to: ReportTo,
     /// How the AdamW step runs: `auto` (fused host kernel on CPU, the optimizer graph elsewhere),
     /// `graph` (always the optimizer graph) or `fused`.
     #[serde(default)]
@@ -114,6 +132,32 @@ impl std::str::FromStr for AllreduceKind {
     }
 }
 
+fn default_logging_steps() -> u64 {
+    // TRL's DPOConfig default
+    10
+}
+
+/// Extra metric sinks (`--report-to`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReportTo {
+    #[default]
+    None,
+    /// TensorBoard event files under `RUN/runs/`.
+    Tensorboard,
+}
+
+impl std::str::FromStr for ReportTo {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "none" => Ok(ReportTo::None),
+            "tensorboard" => Ok(ReportTo::Tensorboard),
+            other => Err(format!("{other:?} is not supported (none, tensorboard)")),
+        }
+    }
+}
+
 fn flush_by_default() -> bool {
     true
 }
@@ -158,9 +202,10 @@ impl Default for TrainConfig {
             max_steps: None,
             batch_size: 8,
             grad_accum: 1,
-            lr: 1e-3,
-            head_lr: 3e-3,
+            lr: DEFAULT_LR,
+            head_lr: DEFAULT_HEAD_LR,
             warmup_steps: 0,
+            warmup_ratio: 0.0,
             lr_schedule: Schedule::Linear,
             weight_decay: 0.0,
             max_grad_norm: 1.0,
@@ -181,6 +226,8 @@ impl Default for TrainConfig {
             skip_nonfinite: false,
             bucket_batches: 0,
             progress: true,
+            logging_steps: default_logging_steps(),
+            report_to: ReportTo::None,
             optimizer: OptimizerKind::Auto,
             profile: None,
             flush_denormals: true,
@@ -251,6 +298,12 @@ impl TrainConfig {
         if self.eval_every > 0 && self.eval_data.is_none() {
             return bad("--eval-every", format!("{} needs --eval-data (there is nothing to evaluate on)", self.eval_every));
         }
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            return bad("--warmup-ratio", format!("{} (must be in [0, 1])", self.warmup_ratio));
+        }
+        if self.logging_steps == 0 {
+            return bad("--logging-steps", "0 (must be at least 1)".into());
+        }
         if self.epochs.is_nan() || self.epochs < 0.0 {
             return bad("--epochs", format!("{} (must be > 0)", self.epochs));
         }
@@ -267,5 +320,26 @@ mod ep_string {
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ExecutionProvider, D::Error> {
         String::deserialize(d)?.parse().map_err(|e: crate::Error| serde::de::Error::custom(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run directory's train_config.json from before the TRL settings (warm-up ratio, logging
+    /// steps, report_to) still reads, so `export --run` and `--resume` keep working on it.
+    #[test]
+    fn configs_written_before_the_trl_settings_still_read() {
+        let mut v = serde_json::to_value(TrainConfig { lr_schedule: Schedule::Constant, ..Default::default() }).unwrap();
+        let o = v.as_object_mut().unwrap();
+        for k in ["warmup_ratio", "logging_steps", "report_to"] {
+            assert!(o.remove(k).is_some(), "{k} is written");
+        }
+        assert_eq!(o["lr_schedule"], "constant", "the old schedule names are unchanged");
+        let c: TrainConfig = serde_json::from_value(v).unwrap();
+        assert_eq!((c.warmup_ratio, c.logging_steps, c.report_to, c.lr_schedule), (0.0, 10, ReportTo::None, Schedule::Constant));
+        let s: Schedule = serde_json::from_str("\"constant_with_warmup\"").unwrap();
+        assert_eq!(s, Schedule::ConstantWithWarmup);
     }
 }

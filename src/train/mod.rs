@@ -34,4 +34,6 @@ pub mod fused_adamw;
 pub mod optimizer_step;
 pub mod report;
 pub mod summary;
+pub mod tensorboard;
 pub mod trainer;
+pub mod trl_config;

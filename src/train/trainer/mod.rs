@@ -18,9 +18,11 @@ use evaluate::Evaluator;
 use step::Stepper;
 
 use crate::distributed::{Collective, Single};
+use crate::train::config::ReportTo;
 use crate::train::config::TrainConfig;
 use crate::train::metrics::MetricsLog;
 pub use crate::train::summary::{TrainSummary, CONFIG_FILE, FINAL_DIR, METRICS_FILE};
+use crate::train::tensorboard::EventWriter;
 use crate::Result;
 
 /// Trains as `betadpo train` does. A process that trains on the CPU should call
@@ -46,13 +48,28 @@ pub fn train_with(cfg: &TrainConfig, coll: &dyn Collective) -> Result<TrainSumma
     let (mut tstate, mut state) = prepare::start_state(&mut p, cfg)?;
     let resumed_from = p.resume.as_ref().map(|r| r.step);
     let mut log = None;
+    let mut events = None;
     if root {
         let cfg_text = serde_json::to_string_pretty(cfg).expect("config serialises");
         crate::onnx::write_atomic(&p.run.join(CONFIG_FILE), |w| w.write_all(cfg_text.as_bytes()))?;
         log = Some(MetricsLog::open(&p.run.join(METRICS_FILE), resumed_from)?);
+        if cfg.report_to == ReportTo::Tensorboard {
+            events = Some(EventWriter::create(&p.run)?);
+        }
     }
-    let mut write = |rec: &serde_json::Map<String, serde_json::Value>| log.as_mut().map_or(Ok(()), |l| l.write(rec));
     let mut stepper = Stepper::new(cfg, &p, &state, coll)?;
+    if root && cfg.progress {
+        eprintln!("{}", progress::header(cfg, &p.manifest, stepper.total, stepper.warmup, stepper.per_epoch));
+        if let Some(e) = &events {
+            eprintln!("TensorBoard: {}", e.path().display());
+        }
+    }
+    let mut write = |rec: &serde_json::Map<String, serde_json::Value>| -> Result<()> {
+        if let Some(e) = events.as_mut() {
+            e.write_record(rec)?;
+        }
+        log.as_mut().map_or(Ok(()), |l| l.write(rec))
+    };
     let evaluator = match (&p.eval_pairs, refs.eval) {
         (Some(pairs), Some(refs)) => Some(Evaluator { pairs, refs, collate: p.collate.clone(), batch_size: cfg.batch_size }),
         _ => None,
@@ -65,13 +82,17 @@ pub fn train_with(cfg: &TrainConfig, coll: &dyn Collective) -> Result<TrainSumma
         initial_eval = Some(rec);
     }
     let total = stepper.total;
-    let pb = progress::bar("train", total, tstate.step, cfg.progress && root);
+    let plain = progress::PlainLines::new(cfg, total, tstate.step, root);
+    let pb = progress::bar("train", total, tstate.step, cfg.progress && root && plain.is_none());
     let mut last_train = None;
     let mut final_eval = None;
     while tstate.step < total {
         let rec = stepper.step(&mut p.sessions, &mut p.loader, &refs.train, &mut state, &mut tstate, &p.device, &p.run).inspect_err(|_| pb.abandon())?;
         write(&rec)?;
         pb.set_message(progress::step_message(&rec));
+        if let Some(line) = plain.as_ref().and_then(|p| p.line(&rec)) {
+            eprintln!("{line}");
+        }
         let step = tstate.step;
         pb.set_position(step);
         last_train = Some(rec);
@@ -81,7 +102,10 @@ pub fn train_with(cfg: &TrainConfig, coll: &dyn Collective) -> Result<TrainSumma
             if is_last || (cfg.eval_every > 0 && step % cfg.eval_every == 0) {
                 let rec = ev.run(&mut p.sessions.eval, &p.manifest, &state.params, &tstate, &p.device, coll, step, stepper.epoch(&tstate))?;
                 write(&rec)?;
-                pb.println(progress::eval_line(step, &rec));
+                match &plain {
+                    Some(_) => eprintln!("{}", progress::eval_line(step, &rec)),
+                    None => pb.println(progress::eval_line(step, &rec)),
+                }
                 if is_last {
                     final_eval = Some(rec);
                 }

@@ -286,6 +286,10 @@ fn run_key(cfg: &TrainConfig, manifest: &Manifest, manifest_text: &str, train_ke
         // only when set, so runs from before the flag existed keep their key
         essentials["ftz"] = serde_json::json!(true);
     }
+    if cfg.warmup_ratio > 0.0 {
+        // only when set, so runs from before the flag existed keep their key
+        essentials["warmup_ratio"] = serde_json::json!(cfg.warmup_ratio);
+    }
     if manifest.layout == Layout::Packed {
         essentials["pack_tokens"] = serde_json::json!(cfg.pack_tokens);
     }

@@ -27,7 +27,7 @@ use crate::train::loss_scale::Verdict;
 use crate::train::metrics::{num, summarise, summarise_groups, PairValues};
 use crate::train::optimizer_step::{apply, Accumulator, Hyper, State};
 use crate::train::reference::{batch_refs, RefTable};
-use crate::train::schedule::factor;
+use crate::train::schedule::{factor, warmup_steps};
 use crate::train::session_io::{run_graph, GraphBatch};
 use crate::{Error, Result};
 
@@ -49,6 +49,8 @@ pub struct Stepper<'a> {
     epsilon_dpo: Option<EpsilonDpoConfig>,
     /// Optimizer steps the run ends at.
     pub total: u64,
+    /// Warm-up steps, resolved from `--warmup-steps` or `--warmup-ratio`.
+    pub warmup: u64,
     pub per_epoch: f64,
 }
 
@@ -89,6 +91,7 @@ impl<'a> Stepper<'a> {
             beta_dpo: manifest.objective.beta_dpo.is_some(),
             epsilon_dpo: manifest.objective.epsilon_dpo,
             total: p.total_steps(cfg),
+            warmup: warmup_steps(cfg.warmup_steps, cfg.warmup_ratio, p.total_steps(cfg)),
             per_epoch: p.loader.batches_per_epoch() as f64,
         })
     }
@@ -217,8 +220,10 @@ impl<'a> Stepper<'a> {
         summarise(&pairs, "", &mut rec);
         summarise_groups(&pairs, "", &mut rec);
         rec.insert("grad_norm".into(), num(norm as f64));
-        rec.insert("learning_rate".into(), num(hyper.learning_rate as f64));
-        rec.insert("head_learning_rate".into(), num(hyper.head_learning_rate as f64));
+        // the rates in double precision, as transformers logs them (the optimizer gets them as float32)
+        let f = factor(cfg.lr_schedule, step, self.warmup, self.total);
+        rec.insert("learning_rate".into(), num(cfg.lr * f));
+        rec.insert("head_learning_rate".into(), num(cfg.head_lr * f));
         rec.insert("step".into(), Value::from(step));
         rec.insert("epoch".into(), num(self.epoch(tstate)));
         rec.insert("tokens".into(), Value::from(tstate.tokens));
@@ -257,7 +262,7 @@ impl<'a> Stepper<'a> {
     /// Step `step`'s hyper-parameters after `updates` applied updates.
     fn hyper(&self, step: u64, updates: u64) -> Hyper {
         let cfg = self.cfg;
-        let f = factor(cfg.lr_schedule, step, cfg.warmup_steps, self.total);
+        let f = factor(cfg.lr_schedule, step, self.warmup, self.total);
         Hyper {
             learning_rate: (cfg.lr * f) as f32,
             head_learning_rate: (cfg.head_lr * f) as f32,
