@@ -700,7 +700,7 @@ def summarise(a, P, runs, shape, disk):
                 rec["train_graph_s"] = med([s["train_graph_s"] for s in split])
                 rec["optimizer_s"] = med([s["optimizer_s"] for s in split])
                 line += f"; train graph {rec['train_graph_s']:.3f} / optimizer {rec['optimizer_s']:.3f} s"
-        if disk:
+        if disk and disk["frozen_bytes"] > 0:  # full fine-tuning of every weight freezes none
             rec["peak_rss_over_frozen"] = rec["peak_rss"] / disk["frozen_bytes"]
             line += f"; peak RSS / frozen weights {rec['peak_rss_over_frozen']:.2f}x"
         log(line)

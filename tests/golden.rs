@@ -10,6 +10,7 @@ use common::golden::{diff, golden_train_outputs, load_golden, norm, rel, Golden}
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
+use betadpo::dpo::artifacts::recompute::MemoryOptions;
 use betadpo::dpo::packing::LayoutChoice;
 use betadpo::dpo::{build_artifacts, BetaAggregate, BetaSource, BuildOptions, HeadInput, Layout, Manifest, ObjectiveConfig};
 use ndarray::{ArrayD, IxDyn};
@@ -28,18 +29,23 @@ fn train_graph_outputs(
     golden: &Golden,
     objective: ObjectiveConfig,
     layout: Layout,
+    memory: MemoryOptions,
     tag: &str,
 ) -> Result<(Manifest, HashMap<String, ArrayD<f32>>), String> {
     let choice = if layout == Layout::Packed { LayoutChoice::Packed } else { LayoutChoice::Padded };
-    golden_train_outputs(model_dir, golden, &BuildOptions { objective, layout: choice, ..Default::default() }, tag)
+    golden_train_outputs(model_dir, golden, &BuildOptions { objective, layout: choice, memory, ..Default::default() }, tag)
 }
 
 fn check_model(model_dir: &Path, mode: Mode) {
     check_model_in(model_dir, mode, Layout::Padded).unwrap();
 }
 
-/// Errs only when the build refuses the model (the packed layout does so for masks it cannot replace).
 fn check_model_in(model_dir: &Path, mode: Mode, layout: Layout) -> Result<(), String> {
+    check_model_with(model_dir, mode, layout, MemoryOptions::default())
+}
+
+/// Errs only when the build refuses the model (the packed layout does so for masks it cannot replace).
+fn check_model_with(model_dir: &Path, mode: Mode, layout: Layout, memory: MemoryOptions) -> Result<(), String> {
     let golden = load_golden(model_dir);
     let objective = ObjectiveConfig {
         beta_source: if matches!(mode, Mode::Sequence) { BetaSource::Sequence } else { BetaSource::Prompt },
@@ -53,7 +59,7 @@ fn check_model_in(model_dir: &Path, mode: Mode, layout: Layout) -> Result<(), St
         fixed_beta: matches!(mode, Mode::Fixed).then_some(0.1),
         ..Default::default()
     };
-    let (m, outs) = train_graph_outputs(model_dir, &golden, objective, layout, &format!("{mode:?}"))?;
+    let (m, outs) = train_graph_outputs(model_dir, &golden, objective, layout, memory, &format!("{mode:?}"))?;
     let spec = m.graph("train").unwrap();
     let (loss_key, grad_prefix) = match mode {
         Mode::Prompt => ("loss", "grad/"),
@@ -137,6 +143,21 @@ fn prompt_beta_matches_pytorch() {
     }
 }
 
+/// `--gradient-checkpointing` with vocabulary slices (of 100 words: the fixtures have 512) gives
+/// PyTorch's loss and gradients too, in both layouts.
+#[test]
+fn recomputed_graphs_match_pytorch() {
+    let memory = MemoryOptions { gradient_checkpointing: true, vocab_chunk: 100 };
+    for m in common::fixtures::all_models() {
+        for mode in [Mode::Prompt, Mode::Sequence] {
+            check_model_with(&m, mode, Layout::Padded, memory.clone()).unwrap();
+            if let Err(e) = check_model_with(&m, mode, Layout::Packed, memory.clone()) {
+                assert!(e.contains("cannot pack this model"), "{}: {e}", m.display());
+            }
+        }
+    }
+}
+
 #[test]
 fn sequence_beta_matches_pytorch() {
     for m in common::fixtures::all_models() {
@@ -202,8 +223,8 @@ fn packed_layout_matches_padded_for_mean_heads() {
     for source in [BetaSource::Prompt, BetaSource::Sequence] {
         let objective = ObjectiveConfig { beta_source: source, beta_aggregate: BetaAggregate::Mean, beta_max: f64::INFINITY, ..Default::default() };
         let tag = format!("mean-{source:?}");
-        let (m, padded) = train_graph_outputs(&model, &golden, objective.clone(), Layout::Padded, &tag).unwrap();
-        let (mp, packed) = train_graph_outputs(&model, &golden, objective, Layout::Packed, &tag).unwrap();
+        let (m, padded) = train_graph_outputs(&model, &golden, objective.clone(), Layout::Padded, MemoryOptions::default(), &tag).unwrap();
+        let (mp, packed) = train_graph_outputs(&model, &golden, objective, Layout::Packed, MemoryOptions::default(), &tag).unwrap();
         let (spec, spec_p) = (m.graph("train").unwrap(), mp.graph("train").unwrap());
         let by_role = |spec: &betadpo::dpo::manifest::GraphSpec, outs: &HashMap<String, ArrayD<f32>>, role: &str, p: Option<&str>| -> ArrayD<f32> {
             let o = match p {
@@ -261,7 +282,7 @@ fn normalized_head_matches_closed_form() {
             betas.push(beta);
         }
         for layout in [Layout::Padded, Layout::Packed] {
-            let (m, outs) = match train_graph_outputs(&model, &golden, objective.clone(), layout, "normalized-head") {
+            let (m, outs) = match train_graph_outputs(&model, &golden, objective.clone(), layout, MemoryOptions::default(), "normalized-head") {
                 Ok(built) => built,
                 Err(e) if layout == Layout::Packed && e.contains("cannot pack this model") => continue,
                 Err(e) => panic!("{} {layout:?}: {e}", model.display()),

@@ -16,6 +16,9 @@ use crate::{Error, Result};
 pub struct Gradients {
     pub by_param: Vec<(String, String)>,
     pub nodes_added: usize,
+    /// The loss's own gradient, where the backward pass starts: every backward tensor that
+    /// depends on it exists only once the backward pass has run that far.
+    pub seed: String,
 }
 
 /// Appends to `graph` the nodes computing d`loss`/d`param` for each parameter (graph inputs or
@@ -55,7 +58,7 @@ pub fn differentiate(graph: &mut Graph, loss: &str, params: &[String], infos: &T
         seed.op("Expand", &[&one, &s], vec![], &format!("{loss}_grad"))
     };
     emitted.extend(seed.take());
-    contribs.insert(loss.to_string(), vec![seed_grad]);
+    contribs.insert(loss.to_string(), vec![seed_grad.clone()]);
 
     for &idx in activity.nodes.iter().rev() {
         let node = &graph.nodes[idx];
@@ -105,7 +108,7 @@ pub fn differentiate(graph: &mut Graph, loss: &str, params: &[String], infos: &T
     let nodes_added = emitted.len();
     graph.nodes.extend(emitted);
     graph.names = names;
-    Ok(Gradients { by_param, nodes_added })
+    Ok(Gradients { by_param, nodes_added, seed: seed_grad })
 }
 
 /// Gradient of `tensor` from all its contributions: none, the single one, or their `Sum`.

@@ -2,6 +2,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use betadpo::dpo::artifacts::recompute::MemoryOptions;
 use betadpo::dpo::lora::LoraOptions;
 use betadpo::dpo::packing::LayoutChoice;
 use betadpo::dpo::params::Selection;
@@ -122,6 +123,16 @@ pub struct Args {
     /// model allows it.
     #[arg(long, value_enum, default_value = "auto")]
     layout: LayoutChoice,
+    /// Recompute each decoder block's forward pass in the backward pass (found by the layer index
+    /// in the model's node or weight names), so only block inputs are kept between the two: less
+    /// memory at long rows for about a third more compute. See docs/long-sequences.md.
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    /// Words per vocabulary slice of the answer log-probs: the lm_head, log-sum-exp and gradient
+    /// run one slice at a time (recomputed in the backward pass), so no [answer tokens, vocab]
+    /// tensor exists. 0 computes the whole vocabulary at once.
+    #[arg(long, default_value_t = betadpo::dpo::artifacts::recompute::DEFAULT_VOCAB_CHUNK)]
+    vocab_chunk: i64,
     /// Print less.
     #[arg(long, short)]
     quiet: bool,
@@ -244,7 +255,11 @@ pub fn options(a: &Args) -> Result<BuildOptions> {
         anyhow::bail!(betadpo::Error::BadFlag { flag: "--emulate-half".into(), detail: "needs --precision bf16 or fp16".into() });
     }
     let precision = MixedPrecision { precision, emulated: a.emulate_half };
-    Ok(BuildOptions { objective, layout, selection, hidden_state: a.hidden_state.clone(), lora: lora(a)?, frozen_dtype, precision })
+    if a.vocab_chunk < 0 {
+        anyhow::bail!(betadpo::Error::BadFlag { flag: "--vocab-chunk".into(), detail: "must be 0 (off) or a number of words".into() });
+    }
+    let memory = MemoryOptions { gradient_checkpointing: a.gradient_checkpointing, vocab_chunk: a.vocab_chunk };
+    Ok(BuildOptions { objective, layout, selection, hidden_state: a.hidden_state.clone(), lora: lora(a)?, frozen_dtype, precision, memory })
 }
 
 fn lora(a: &Args) -> Result<Option<LoraOptions>> {
@@ -282,6 +297,10 @@ pub fn run(a: Args) -> Result<()> {
     if report.half_products > 0 {
         let how = if report.manifest.precision_emulated { " (emulated in float32)" } else { "" };
         println!("precision: {} matrix products in {}{how}, everything else in float32", report.half_products, report.manifest.precision.name());
+    }
+    let r = &report.recomputed;
+    if r.segments > 0 {
+        println!("recompute: {} segments, {} forward nodes run again in the backward pass for {} tensors not kept", r.segments, r.nodes, r.tensors);
     }
     if let Some(why) = &report.hf_map_skipped {
         println!("note: the Hugging Face name map was not copied, so `export --hf` will refuse these artifacts: {why}");

@@ -3,6 +3,7 @@
 //! [`super::packing::objective`]) and epsilon-DPO's perturbed policies reuse, kept below all of
 //! them so none imports another.
 
+use super::chunked_logps::{token_logps, VocabChunks};
 use super::packing::Layout;
 use crate::graph::Builder;
 use crate::onnx::{attr_i, attr_s, attr_t, dtype, zero_value};
@@ -22,6 +23,8 @@ pub struct ModelTensors<'a> {
     pub layout: Layout,
     /// The frozen reference copy's tensors, for epsilon-DPO (see `reference_copy`).
     pub reference: Option<&'a ModelTensors<'a>>,
+    /// With a plain lm_head, compute the policy's answer log-probs a vocabulary slice at a time.
+    pub vocab_chunks: Option<VocabChunks>,
 }
 
 impl<'a> ModelTensors<'a> {
@@ -37,6 +40,7 @@ impl<'a> ModelTensors<'a> {
             projection: if answer_positions { sig.projection.as_ref() } else { None },
             layout: Layout::Padded,
             reference: None,
+            vocab_chunks: None,
         }
     }
 }
@@ -78,6 +82,11 @@ pub fn logits_to_sequences(b: &mut Builder, z: &str, tokens: &AnswerTokens, name
     let lab2 = b.op("Unsqueeze", &[&tokens.labels, &last], vec![], "dpo/answer_labels2");
     let picked = b.op("GatherElements", &[&logp, &lab2], vec![attr_i("axis", 1)], "dpo/token_logp2");
     let tok = b.op("Squeeze", &[&picked, &last], vec![], "dpo/token_logp");
+    sequence_sums(b, &tok, tokens, name)
+}
+
+/// Per-sequence sums [count] of the answer tokens' log-probs `tok` [N].
+fn sequence_sums(b: &mut Builder, tok: &str, tokens: &AnswerTokens, name: &str) -> String {
     // A segment sum that adds each sequence's tokens in order, from zero: its value depends on the
     // sequence alone, not on what else is in the batch. (A product with a one-hot matrix sums over
     // all the batch's tokens, and where a sequence's tokens fall in the kernel's blocks and lanes
@@ -86,11 +95,16 @@ pub fn logits_to_sequences(b: &mut Builder, z: &str, tokens: &AnswerTokens, name
     let first = b.ints(&[0]);
     let shape = b.op("Unsqueeze", &[&tokens.count, &first], vec![], "dpo/sequence_count");
     let zeros = b.op("ConstantOfShape", &[&shape], vec![attr_t("value", zero_value(dtype::FLOAT))], "dpo/sequence_zeros");
-    b.op("ScatterElements", &[&zeros, &tokens.seq, &tok], vec![attr_i("axis", 0), attr_s("reduction", "add")], name)
+    b.op("ScatterElements", &[&zeros, &tokens.seq, tok], vec![attr_i("axis", 0), attr_s("reduction", "add")], name)
 }
 
 /// Sums of answer-token log-probs per sequence (the policy's `policy_logps`).
 pub fn tokens_to_sequences(b: &mut Builder, m: &ModelTensors, tokens: &AnswerTokens) -> String {
+    if let (Some(_), Some(chunks)) = (m.projection, &m.vocab_chunks) {
+        let h = b.op("GatherND", &[m.hidden, &tokens.at], vec![], "dpo/answer_hidden");
+        let tok = token_logps(b, &h, &tokens.labels, chunks);
+        return sequence_sums(b, &tok, tokens, "policy_logps");
+    }
     let z = answer_logits(b, m, &tokens.at);
     logits_to_sequences(b, &z, tokens, "policy_logps")
 }

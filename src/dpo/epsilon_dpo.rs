@@ -69,6 +69,7 @@ pub fn reference_tensors<'a>(copy: &'a ReferenceCopy, sig: &'a LmSignature, layo
         projection: copy.projection.as_ref(),
         layout,
         reference: None,
+        vocab_chunks: None,
     }
 }
 

@@ -10,6 +10,7 @@ pub mod params;
 pub use config::{BetaAggregate, BetaDpoConfig, BetaSource, EpsilonDpoConfig, HeadInput, LossKind, ObjectiveConfig};
 pub mod artifacts;
 pub mod beta_dpo;
+pub mod chunked_logps;
 pub mod epsilon_dpo;
 pub mod export;
 pub mod hf_export;

@@ -1,6 +1,7 @@
 //! An editable view of an ONNX graph: nodes, initializers, declared inputs/outputs, and a name
 //! table so that every tensor this crate adds gets a fresh, readable name.
 
+mod blocks;
 mod builder;
 mod cast_per_use;
 mod check;
@@ -9,7 +10,9 @@ mod names;
 mod opset;
 mod precision;
 mod probe;
+mod recompute;
 
+pub use blocks::{decoder_blocks, layer_index};
 pub use builder::Builder;
 pub use cast_per_use::cast_per_use;
 pub use mixed_precision::{drop_exact_round_trips, products_in_half, MixedPrecision, Precision};
@@ -17,6 +20,7 @@ pub use names::Names;
 pub use opset::{raise_to_scatter_add_opset, SCATTER_ADD_OPSET};
 pub use precision::{compute_in_float32, is_deferred, materialize_deferred, store_frozen, stored_name, stored_names, HalfOrigin, StoredWeights};
 pub use probe::{probe_shapes, ProbeBatch, TensorInfo, TensorInfos};
+pub use recompute::{recompute, Recomputed};
 
 use std::collections::HashMap;
 

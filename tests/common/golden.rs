@@ -79,6 +79,17 @@ pub const FED_LOSS_SCALE: f32 = 1024.0;
 /// Builds the artifacts of `opts` and runs their train graph on the golden batch with the golden's
 /// beta head; returns the manifest and every float output by name.
 pub fn golden_train_outputs(model_dir: &Path, golden: &Golden, opts: &BuildOptions, tag: &str) -> Result<(Manifest, HashMap<String, ArrayD<f32>>), String> {
+    golden_train_outputs_in(model_dir, golden, opts, tag, SessionConfig::default())
+}
+
+/// [`golden_train_outputs`] in a session of `config` (one thread gives the same bits every run).
+pub fn golden_train_outputs_in(
+    model_dir: &Path,
+    golden: &Golden,
+    opts: &BuildOptions,
+    tag: &str,
+    config: SessionConfig,
+) -> Result<(Manifest, HashMap<String, ArrayD<f32>>), String> {
     let layout = if opts.layout == LayoutChoice::Packed { Layout::Packed } else { Layout::Padded };
     let out = super::fixtures::scratch(&format!("golden-{}-{tag}-{layout:?}", model_dir.file_name().unwrap().to_string_lossy()));
     let packed = (layout == Layout::Packed).then(|| packed_golden(golden, &opts.objective));
@@ -110,7 +121,7 @@ pub fn golden_train_outputs(model_dir: &Path, golden: &Golden, opts: &BuildOptio
         };
         feeds.push((i.name.as_str(), t));
     }
-    let mut session = SessionConfig::default().session_from_file(&out.join(&spec.file)).unwrap();
+    let mut session = config.session_from_file(&out.join(&spec.file)).unwrap();
     let outs: HashMap<String, ArrayD<f32>> = run(&mut session, &feeds).unwrap().into_iter().filter_map(|(n, t)| t.as_f32().cloned().map(|a| (n, a))).collect();
     let _ = std::fs::remove_dir_all(&out);
     Ok((m, outs))

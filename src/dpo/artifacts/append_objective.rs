@@ -2,6 +2,7 @@
 //! per-pair beta), the answer log-probs, the loss and TRL's metrics — with the batch inputs it reads.
 //! epsilon-DPO also gets a frozen copy of the model here, whose logits it reads.
 
+use crate::dpo::chunked_logps::VocabChunks;
 use crate::dpo::manifest::TensorSpec;
 use crate::dpo::model::LmSignature;
 use crate::dpo::objective::{self, ModelTensors, Objective, COMPLETION_MASK, REF_LOGPS};
@@ -23,7 +24,8 @@ pub struct Appended {
     pub reference: Option<ReferenceCopy>,
 }
 
-pub fn append(laid: &mut LaidOut, sig: &LmSignature, cfg: &ObjectiveConfig) -> Result<Appended> {
+/// With `chunks`, the policy's answer log-probs are computed a vocabulary slice at a time.
+pub fn append(laid: &mut LaidOut, sig: &LmSignature, cfg: &ObjectiveConfig, chunks: Option<VocabChunks>) -> Result<Appended> {
     let graph = &mut laid.graph;
     let reference = match cfg.epsilon_dpo {
         Some(_) => Some(reference_copy::add_reference_copy(graph, sig)?),
@@ -33,6 +35,7 @@ pub fn append(laid: &mut LaidOut, sig: &LmSignature, cfg: &ObjectiveConfig) -> R
     let mut tensors = ModelTensors::of(sig, true);
     tensors.layout = laid.layout;
     tensors.reference = reference_tensors.as_ref();
+    tensors.vocab_chunks = chunks;
     let batch_inputs = batch_inputs(sig, laid.own_positions, cfg);
     let mut names = graph.names.clone();
     let mut b = Builder::new(&mut names, objective::NODE_PREFIX);
@@ -84,7 +87,7 @@ mod tests {
         for choice in [LayoutChoice::Padded, LayoutChoice::Packed] {
             let mut laid = choose(&m.base, &m.sig, choice).unwrap();
             let cfg = ObjectiveConfig::default();
-            let a = append(&mut laid, &m.sig, &cfg).unwrap();
+            let a = append(&mut laid, &m.sig, &cfg, None).unwrap();
             let outs: Vec<&str> = laid.graph.outputs.iter().map(|o| o.name.as_str()).collect();
             let want: Vec<&str> = a.outputs.iter().map(|o| o.name.as_str()).collect();
             assert_eq!(outs, want);

@@ -10,6 +10,7 @@
 //! 7. [`parameters`]: the trainable set, lifted to graph inputs
 //! 8. `graph::products_in_half`: half-precision matrix products (`--precision`)
 //! 9. [`differentiate`]: the eval graph, and the train graph with its reverse pass
+//! 9b. [`recompute`]: decoder blocks and vocabulary slices recomputed in the reverse pass (`--gradient-checkpointing`, `--vocab-chunk`)
 //! 10. [`infer_graph`]: the deployable model with its head
 //! 11. `dpo::optimizer::build`: the optimizer graph
 //! 12. [`assemble_manifest`]: the manifest
@@ -28,6 +29,7 @@ pub mod layout;
 pub mod load;
 pub mod parameters;
 pub mod probe;
+pub mod recompute;
 pub mod specs;
 pub mod store_weights;
 #[cfg(test)]
@@ -64,6 +66,8 @@ pub struct BuildOptions {
     pub lora: Option<LoraOptions>,
     /// What the model's matrix products compute in (`--precision`; see `graph::products_in_half`).
     pub precision: MixedPrecision,
+    /// Recomputation and vocabulary slicing (`--gradient-checkpointing`, `--vocab-chunk`).
+    pub memory: recompute::MemoryOptions,
 }
 
 /// What a build produced, for the command line's summary.
@@ -84,6 +88,8 @@ pub struct BuildReport {
     pub half_frozen: usize,
     /// How many of the model's matrix products compute in half precision (`--precision`).
     pub half_products: usize,
+    /// What the backward pass recomputes (`--gradient-checkpointing`, `--vocab-chunk`).
+    pub recomputed: crate::graph::Recomputed,
 }
 
 pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -> Result<BuildReport> {
@@ -95,7 +101,8 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     let lora = adapters::add(&mut model.base, &model.sig, opts.lora.as_ref(), &hf.module_names())?;
     let mut laid = layout::choose(&model.base, &model.sig, opts.layout)?;
     let cfg = &opts.objective;
-    let appended = append_objective::append(&mut laid, &model.sig, cfg)?;
+    let chunks = recompute::vocab_chunks(&opts.memory, &laid.graph, &model.sig, model.vocab);
+    let appended = append_objective::append(&mut laid, &model.sig, cfg, chunks)?;
     let mut infos = probe::probe(&laid.graph, laid.layout, &model.sig, model.vocab, &appended.batch_inputs, cfg)?;
     let params = parameters::select(&mut laid.graph, &appended.obj, &infos, &opts.selection, lora.as_ref(), appended.reference.as_ref())?;
     // before differentiation, so that the backward products are half precision too; the objective stays float32
@@ -103,6 +110,7 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     let objectives = differentiate::Objectives { obj: &appended.obj, batch_inputs: &appended.batch_inputs, metric_outputs: &appended.outputs };
     let needs_loss_scale = opts.precision.precision.needs_loss_scale();
     let mut graphs = differentiate::train_and_eval(laid.graph, &mut infos, &params, objectives, needs_loss_scale)?;
+    let recomputed = recompute::recompute_segments(&mut graphs.train, &graphs.grads, &opts.memory);
     let mut infer = infer_graph::inference_graph(&model.base, &model.sig, cfg, &params)?;
     // the same products as the train graph's (its names are the model's), so that eval and infer agree;
     // the full-vocabulary lm_head, which the train graph does not have, stays float32 with the beta head
@@ -137,6 +145,7 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
         hf_map_skipped: hf.skipped,
         half_frozen,
         half_products,
+        recomputed,
     })
 }
 

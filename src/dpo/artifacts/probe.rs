@@ -68,7 +68,7 @@ mod tests {
         let m = load(&quickstart_model(), None).unwrap();
         let mut laid = choose(&m.base, &m.sig, LayoutChoice::Padded).unwrap();
         let cfg = ObjectiveConfig::default();
-        let a = append(&mut laid, &m.sig, &cfg).unwrap();
+        let a = append(&mut laid, &m.sig, &cfg, None).unwrap();
         let infos = probe(&laid.graph, laid.layout, &m.sig, m.vocab, &a.batch_inputs, &cfg).unwrap();
         assert_eq!(infos[&a.obj.loss].dims, [Vec::<i64>::new(), vec![]]);
         assert_eq!(infos[&a.obj.policy_logps].dims, [vec![4], vec![6]]);

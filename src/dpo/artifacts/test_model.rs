@@ -99,7 +99,7 @@ pub fn prepared_from(
 ) -> crate::Result<Prepared> {
     let model = super::load::load(model, None)?;
     let mut laid = super::layout::choose(&model.base, &model.sig, crate::dpo::packing::LayoutChoice::Padded)?;
-    let appended = super::append_objective::append(&mut laid, &model.sig, cfg)?;
+    let appended = super::append_objective::append(&mut laid, &model.sig, cfg, None)?;
     let infos = super::probe::probe(&laid.graph, laid.layout, &model.sig, model.vocab, &appended.batch_inputs, cfg)?;
     let params = super::parameters::select(&mut laid.graph, &appended.obj, &infos, selection, None, None)?;
     Ok(Prepared { _dir: dir, model, laid, appended, infos, params })

@@ -1,0 +1,77 @@
+//! Phase 9b (after [`super::differentiate`]): `--gradient-checkpointing` and `--vocab-chunk` — which
+//! parts of the train graph's forward pass the backward pass recomputes (`graph::recompute`) instead
+//! of keeping: each decoder block (only block inputs live from the forward to the backward pass),
+//! and each vocabulary slice of the answer log-probs ([`crate::dpo::chunked_logps`], which phase 5
+//! builds when [`vocab_chunks`] says so).
+
+use crate::autodiff::Gradients;
+use crate::dpo::chunked_logps::{chunk_of, VocabChunks};
+use crate::dpo::model::LmSignature;
+use crate::graph::{decoder_blocks, recompute, Graph, Recomputed};
+use crate::onnx::NodeAttrs;
+
+/// The words per vocabulary slice when `--vocab-chunk` is not given: big enough that each slice's
+/// product is a full-speed matrix product, small enough that `answer tokens x 8192 x 4` bytes is
+/// a small share of memory (4,096 answer tokens: 134 MB, against 2.1 GB for a 128,256-word vocabulary).
+pub const DEFAULT_VOCAB_CHUNK: i64 = 8192;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryOptions {
+    /// Recompute each decoder block's forward pass in the backward pass.
+    pub gradient_checkpointing: bool,
+    /// Words per vocabulary slice of the answer log-probs; 0 computes the whole vocabulary at once.
+    pub vocab_chunk: i64,
+}
+
+impl Default for MemoryOptions {
+    fn default() -> Self {
+        MemoryOptions { gradient_checkpointing: false, vocab_chunk: DEFAULT_VOCAB_CHUNK }
+    }
+}
+
+/// The vocabulary slices of the answer log-probs, when the lm_head is a plain product (no bias)
+/// whose weight is an initializer of `graph` with `vocab` words, or the transpose of one (as
+/// dynamo exports a tied head), and `vocab_chunk` cuts it at least in two.
+pub fn vocab_chunks(opts: &MemoryOptions, graph: &Graph, sig: &LmSignature, vocab: i64) -> Option<VocabChunks> {
+    let p = sig.projection.as_ref()?;
+    if p.bias.is_some() || opts.vocab_chunk <= 0 || opts.vocab_chunk >= vocab {
+        return None;
+    }
+    let (weight, trans_b) = match graph.initializer(&p.weight) {
+        Some(_) => (p.weight.clone(), p.trans_b),
+        None => {
+            let producer = graph.nodes.iter().find(|n| n.output.iter().any(|o| o == &p.weight))?;
+            let perm = producer.ints_attr("perm");
+            let swaps = perm.is_none_or(|perm| perm == [1, 0]);
+            (producer.op_type == "Transpose" && swaps).then(|| (producer.input[0].clone(), !p.trans_b))?
+        }
+    };
+    let dims = &graph.initializer(&weight)?.dims;
+    let vocab_dim = if trans_b { 0 } else { 1 };
+    (dims.len() == 2 && dims[vocab_dim] == vocab).then(|| VocabChunks { vocab, size: opts.vocab_chunk, opset: graph.opset(), weight, trans_b })
+}
+
+/// Recomputes the vocabulary slices, and with `--gradient-checkpointing` the decoder blocks, of
+/// the train graph whose backward pass `grads` describes (its last nodes).
+pub fn recompute_segments(graph: &mut Graph, grads: &Gradients, opts: &MemoryOptions) -> Recomputed {
+    let forward_len = graph.nodes.len() - grads.nodes_added;
+    let seed = grads.seed.as_str();
+    let mut chunks: Vec<Vec<usize>> = Vec::new();
+    for (i, n) in graph.nodes[..forward_len].iter().enumerate() {
+        if let Some(k) = chunk_of(&n.name) {
+            if chunks.len() <= k {
+                chunks.resize(k + 1, Vec::new());
+            }
+            chunks[k].push(i);
+        }
+    }
+    let in_chunk: std::collections::HashSet<usize> = chunks.iter().flatten().copied().collect();
+    let mut segments: Vec<Vec<usize>> = chunks.into_iter().filter(|c| !c.is_empty()).collect();
+    if opts.gradient_checkpointing {
+        for mut block in decoder_blocks(graph, forward_len) {
+            block.retain(|i| !in_chunk.contains(i));
+            segments.push(block);
+        }
+    }
+    recompute(graph, forward_len, seed, &segments)
+}

@@ -1,0 +1,140 @@
+//! Recomputation (`--gradient-checkpointing`) and vocabulary slices (`--vocab-chunk`) change what the
+//! train graph keeps, never what it computes: on every fixture family (GPT-2 TorchScript, Llama
+//! dynamo, the repository's own models) the loss, log-probs and every gradient equal the plain
+//! graph's within 1e-6 (relative), in both layouts; and the transform did recompute each block and
+//! slice, with the backward pass no longer reading their intermediate tensors.
+
+mod common;
+
+use std::collections::HashMap;
+
+use betadpo::dpo::artifacts::recompute::MemoryOptions;
+use betadpo::dpo::packing::LayoutChoice;
+use betadpo::dpo::{build_artifacts, BuildOptions, HeadInput, ObjectiveConfig};
+use betadpo::onnx::load_model;
+use betadpo::runtime::{OptLevel, SessionConfig};
+use common::golden::{diff, golden_train_outputs_in, load_golden, norm};
+use ndarray::ArrayD;
+
+fn objective() -> ObjectiveConfig {
+    // the raw hidden state, differentiated through: every model weight gets a gradient from both
+    // the log-probs and the beta head
+    ObjectiveConfig { head_input: HeadInput::Raw, detach_head_input: false, beta_reg: 0.0, ..Default::default() }
+}
+
+const PLAIN: MemoryOptions = MemoryOptions { gradient_checkpointing: false, vocab_chunk: 0 };
+const RECOMPUTED: MemoryOptions = MemoryOptions { gradient_checkpointing: true, vocab_chunk: 0 };
+/// 512-word fixtures: slices of 100 words (the last one 12), so the ragged last slice is covered.
+const BOTH: MemoryOptions = MemoryOptions { gradient_checkpointing: true, vocab_chunk: 100 };
+
+fn outputs(model: &std::path::Path, layout: LayoutChoice, memory: MemoryOptions, tag: &str) -> Option<HashMap<String, ArrayD<f32>>> {
+    let golden = load_golden(model);
+    let opts = BuildOptions { objective: objective(), layout, memory, ..Default::default() };
+    // one thread (a multi-threaded run's reductions differ from run to run in the last bits) and
+    // no fusions (ONNX Runtime fuses a recomputed block's nodes differently from the forward's):
+    // the graphs' own arithmetic, compared
+    let one_thread = SessionConfig { intra_threads: Some(1), optimization: OptLevel::Disable, ..Default::default() };
+    match golden_train_outputs_in(model, &golden, &opts, tag, one_thread) {
+        Ok((_, outs)) => Some(outs),
+        // models the packed layout refuses are covered by tests/golden.rs
+        Err(e) if e.contains("cannot pack this model") => None,
+        Err(e) => panic!("{}: {e}", model.display()),
+    }
+}
+
+/// Compares `memory`'s outputs with the plain graph's on every fixture model in both layouts: each
+/// output within `each` (relative), all of them together within `all`.
+fn compare_with_plain(memory: MemoryOptions, each: f64, all: f64, tag: &str) {
+    let models = common::fixtures::all_models();
+    assert!(models.len() >= 3, "fixture models missing: {models:?}");
+    for model in &models {
+        for layout in [LayoutChoice::Padded, LayoutChoice::Packed] {
+            let Some(plain) = outputs(model, layout, PLAIN, &format!("{tag}-plain")) else { continue };
+            let other = outputs(model, layout, memory.clone(), tag).expect("the plain build packed");
+            let label = format!("{} {layout:?}", model.display());
+            let largest = plain.values().map(norm).fold(0.0, f64::max);
+            let (mut d2, mut n2) = (0.0, 0.0);
+            for (name, want) in &plain {
+                let got = &other[name];
+                // gradients that are zero in exact arithmetic hold rounding noise on both sides
+                let r = diff(got, want) / norm(want).max(1e-6 * largest);
+                assert!(r <= each, "{label}: {name} differs by {r:.2e} (relative; norm {:.3e})", norm(want));
+                d2 += diff(got, want).powi(2);
+                n2 += norm(want).powi(2);
+            }
+            let r = (d2 / n2).sqrt();
+            assert!(r <= all, "{label}: all outputs together differ by {r:.2e} (relative)");
+        }
+    }
+}
+
+/// Recomputation runs the same ops on the same inputs: the same values (to rounding).
+#[test]
+fn recomputed_graphs_give_the_plain_graphs_values() {
+    compare_with_plain(RECOMPUTED, 1e-6, 1e-6, "recomputed");
+}
+
+/// Vocabulary slices compute the log-sum-exp in another order (per slice, then across slices) and
+/// the label's logit as a dot product: loss, log-probs and the gradients as a whole within 1e-6;
+/// single small gradients that nearly cancel (GPT-2's first layer norm, norm 4e-4 against 2e2 for
+/// the largest) within 1e-5.
+#[test]
+fn sliced_and_recomputed_graphs_give_the_plain_graphs_values() {
+    let models = common::fixtures::all_models();
+    let golden = load_golden(&models[0]);
+    let opts = BuildOptions { objective: objective(), layout: LayoutChoice::Padded, memory: BOTH, ..Default::default() };
+    let (m, outs) = golden_train_outputs_in(&models[0], &golden, &opts, "logps", SessionConfig::default()).unwrap();
+    let logps = &outs[&m.graph("train").unwrap().outputs.iter().find(|o| o.role == "metric" && o.name == "policy_logps").unwrap().name];
+    assert!(
+        diff(logps, &golden.f32s["policy_logps"]) / norm(&golden.f32s["policy_logps"]) < 1e-6,
+        "log-probs {logps} vs PyTorch's {}",
+        golden.f32s["policy_logps"]
+    );
+    compare_with_plain(BOTH, 1e-5, 1e-6, "sliced");
+}
+
+/// The forward tensors the train graph's backward pass (the nodes from the first `grad/` one on,
+/// less the recomputed copies) reads, by the op that produced them.
+fn backward_reads_of_forward(train: &std::path::Path) -> Vec<(String, String)> {
+    let g = load_model(train).unwrap().graph.unwrap();
+    let first_backward = g.node.iter().position(|n| n.name.starts_with("grad/")).unwrap();
+    let op_of: HashMap<&str, &str> = g.node[..first_backward].iter().flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n.op_type.as_str()))).collect();
+    let mut reads: Vec<(String, String)> = g.node[first_backward..]
+        .iter()
+        .filter(|n| !n.name.starts_with("recomputed/"))
+        .flat_map(|n| n.input.iter())
+        .filter_map(|x| op_of.get(x.as_str()).map(|op| (x.clone(), op.to_string())))
+        .collect();
+    reads.sort();
+    reads.dedup();
+    reads
+}
+
+/// With both options the backward pass reads no product and no attention probabilities from the
+/// forward pass (the model's, and the vocabulary slices' logits): their copies are recomputed.
+#[test]
+fn the_backward_pass_reads_recomputed_blocks_and_slices() {
+    let models: Vec<_> = ["tiny-gpt2-ts", "tiny-llama-dynamo"].into_iter().filter_map(common::fixtures::shared).collect();
+    if models.len() < 2 {
+        common::fixtures::skip("the shared fixtures are missing");
+        return;
+    }
+    for model in models {
+        let build = |memory: MemoryOptions, tag: &str| {
+            let out = common::fixtures::scratch(&format!("recompute-reads-{tag}-{}", model.file_name().unwrap().to_string_lossy()));
+            let opts = BuildOptions { objective: objective(), layout: LayoutChoice::Padded, memory, ..Default::default() };
+            let report = build_artifacts(&model.join("model.onnx"), &out, &opts).unwrap();
+            let reads = backward_reads_of_forward(&out.join("train.onnx"));
+            let _ = std::fs::remove_dir_all(&out);
+            (report.recomputed, reads)
+        };
+        let big = |reads: &[(String, String)]| reads.iter().filter(|(_, op)| ["MatMul", "Gemm", "Softmax"].contains(&op.as_str())).count();
+        let (plain, plain_reads) = build(PLAIN, "plain");
+        let (both, both_reads) = build(BOTH, "both");
+        assert_eq!(plain.segments, 0);
+        // 2 decoder blocks and 6 vocabulary slices
+        assert_eq!(both.segments, 8, "{}: {both:?}", model.display());
+        assert!(big(&plain_reads) >= 8, "{}: the plain graph keeps {plain_reads:?}", model.display());
+        assert_eq!(big(&both_reads), 0, "{}: still kept: {both_reads:?}", model.display());
+    }
+}
