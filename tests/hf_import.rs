@@ -141,3 +141,41 @@ fn broken_folders_are_refused_in_one_line() {
     let empty_dir = common::fixtures::scratch("hf-empty");
     assert!(build_error(&empty_dir).contains("not an ONNX model file"));
 }
+
+/// `export --hf` from artifacts built on a folder writes the folder's checkpoint back (untrained
+/// parameters: every tensor equal, under its own name) and its config, with no hf_export.json anywhere.
+#[test]
+fn export_hf_writes_the_folders_checkpoint_back() {
+    for family in ["gpt2", "llama"] {
+        let dir = folder(family);
+        let art = common::fixtures::scratch(&format!("hf-export-art-{family}"));
+        let out = art.join("a");
+        build_artifacts(&dir, &out, &BuildOptions::default()).unwrap();
+        let hf = art.join("hf");
+        betadpo::dpo::hf_export::export_hf(&out, &out.join("params.safetensors"), &hf, None).unwrap();
+        let (ours, _) = betadpo::store::read_safetensors(&hf.join("model.safetensors")).unwrap();
+        let (theirs, _) = betadpo::store::read_safetensors(&dir.join("model.safetensors")).unwrap();
+        let names = |v: &[betadpo::store::NamedTensor]| v.iter().map(|t| t.name.clone()).collect::<std::collections::BTreeSet<_>>();
+        assert_eq!(names(&ours), names(&theirs), "{family}: checkpoint tensor names");
+        for t in &theirs {
+            assert_eq!(ours.iter().find(|o| o.name == t.name).unwrap(), t, "{family}: {}", t.name);
+        }
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["model_type"], family, "{family}: config.json written back");
+    }
+}
+
+/// LoRA adapters sit on the checkpoint's projections under their Hugging Face module names (PEFT's
+/// `base_model.model.<module>`), and `--lora-targets` matches those names.
+#[test]
+fn lora_adapters_carry_hugging_face_module_names() {
+    let dir = folder("qwen2");
+    let out = common::fixtures::scratch("hf-lora").join("a");
+    let lora = betadpo::dpo::lora::LoraOptions { rank: 2, alpha: None, dropout: 0.0, targets: Some(regex::Regex::new(r"q_proj|v_proj").unwrap()) };
+    let report = build_artifacts(&dir, &out, &BuildOptions { lora: Some(lora), ..Default::default() }).unwrap();
+    let modules: Vec<String> = report.manifest.lora.unwrap().adapters.iter().map(|a| a.module.clone().unwrap()).collect();
+    let expected: Vec<String> = (0..2).flat_map(|l| ["q_proj", "v_proj"].map(|p| format!("model.layers.{l}.self_attn.{p}"))).collect();
+    let mut sorted = modules.clone();
+    sorted.sort();
+    assert_eq!(sorted, expected);
+}
