@@ -152,7 +152,7 @@ fn export_hf_writes_the_folders_checkpoint_back() {
         let out = art.join("a");
         build_artifacts(&dir, &out, &BuildOptions::default()).unwrap();
         let hf = art.join("hf");
-        betadpo::dpo::hf_export::export_hf(&out, &out.join("params.safetensors"), &hf, None).unwrap();
+        betadpo::dpo::hf_export::export_hf(&out, &out.join("params.safetensors"), &hf, None, None).unwrap();
         let (ours, _) = betadpo::store::read_safetensors(&hf.join("model.safetensors")).unwrap();
         let (theirs, _) = betadpo::store::read_safetensors(&dir.join("model.safetensors")).unwrap();
         let names = |v: &[betadpo::store::NamedTensor]| v.iter().map(|t| t.name.clone()).collect::<std::collections::BTreeSet<_>>();

@@ -122,18 +122,16 @@ fn hf_map(dir: &Path, c: &HfConfig, graph: &Graph, hidden: &str) -> Result<Strin
         .iter()
         .map(|t| json!({"name": t.name, "initializer": t.name, "transposed": false, "shape": t.dims, "dtype": safetensors_dtype(t.data_type)}))
         .collect();
-    // PEFT's adapter_config.json names the base model by the config's `_name_or_path`: this folder
-    let mut config = c.raw.clone();
+    // the base a PEFT adapter names (`export --hf`, unless --base-model says otherwise): this folder
     let folder = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
-    config["_name_or_path"] = json!(folder.display().to_string());
     let map = json!({
         "format": "betadpo-hf-map",
         "format_version": 1,
         "lm_head_input": hidden,
-        "config": config,
+        "config": c.raw,
         "generation_config": generation,
         "tensors": tensors,
-        "source": dir.display().to_string(),
+        "source_model": folder.display().to_string(),
     });
     Ok(serde_json::to_string_pretty(&map).expect("the map serialises"))
 }
