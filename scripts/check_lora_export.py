@@ -37,6 +37,19 @@ def sh(*args):
     return r.stdout
 
 
+def prompt_batch(tokenizer):
+    """A right-padded batch of four prompts of different lengths: (input_ids, attention_mask)."""
+    prompts = ["The capital of France is", "def fibonacci(n):", "Write a haiku about the sea.", "Hi"]
+    rows = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
+    T = max(map(len, rows))
+    ids = np.zeros((len(rows), T), np.int64)
+    mask = np.zeros((len(rows), T), np.int64)
+    for r, row in enumerate(rows):
+        ids[r, :len(row)] = row
+        mask[r, :len(row)] = 1
+    return ids, mask
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--onnx-dir", required=True, help="model.onnx + hf_export.json + tokenizer.json")
@@ -73,14 +86,7 @@ def main():
     sh(b, "export", "--run", w("run"), "--hf", w("peft"))
 
     t = Tokenizer.from_file(tok)
-    prompts = ["The capital of France is", "def fibonacci(n):", "Write a haiku about the sea.", "Hi"]
-    rows = [t.encode(p, add_special_tokens=False).ids for p in prompts]
-    T = max(map(len, rows))
-    ids = np.zeros((len(rows), T), np.int64)
-    mask = np.zeros((len(rows), T), np.int64)
-    for r, row in enumerate(rows):
-        ids[r, :len(row)] = row
-        mask[r, :len(row)] = 1
+    ids, mask = prompt_batch(t)
     feeds = {"input_ids": ids, "attention_mask": mask}
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2

@@ -33,6 +33,13 @@ pub enum Error {
     /// Data-parallel training: a launch this build cannot serve, or ranks that disagree.
     #[error("distributed training: {}", one_line(.0))]
     Distributed(String),
+    /// A Hugging Face model folder (`build-graph --model DIR`) that cannot be read: a missing or malformed
+    /// `config.json` or safetensors file, a missing weight.
+    #[error("{path}: {}", one_line(detail))]
+    BadHfFolder { path: PathBuf, detail: String },
+    /// A Hugging Face model whose architecture betadpo does not write itself.
+    #[error("{path}: architecture {architecture} is not one betadpo builds from a Hugging Face folder (supported: {supported}); export it to ONNX with scripts/export_hf.py --model DIR and pass the model.onnx")]
+    UnsupportedArchitecture { path: PathBuf, architecture: String, supported: String },
     #[error("{}", one_line(.0))]
     Other(String),
 }

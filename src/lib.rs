@@ -9,6 +9,7 @@
 //! - [`runtime`]: provisioning ONNX Runtime and building sessions.
 //! - [`graph`]: a light editable view of an ONNX graph: names, dtypes, node builders, shape probes.
 //! - [`autodiff`]: activity analysis and the reverse-mode pass, one gradient rule per op.
+//! - [`model_import`]: a Hugging Face folder's forward graph, written from config.json and safetensors.
 //! - [`dpo`]: the beta head, DPO losses, the optimizer graph, artifacts (`build-graph`'s phases) and their manifest.
 //! - [`distributed`]: the collectives of data-parallel training (MPI under the `mpi` feature).
 //! - [`train`]: data, tokenization, the training loop, checkpoints, metrics.
@@ -17,7 +18,7 @@
 /// The layers of the library, bottom to top; each entry lists the top-level modules of one layer.
 #[doc(hidden)]
 pub const LAYERS: &[&str] =
-    &["error temp_files paths", "onnx store output_dir run_layout", "text", "runtime", "graph", "autodiff", "dpo", "distributed", "train", "infer"];
+    &["error temp_files paths", "onnx store output_dir run_layout", "text", "runtime", "graph", "autodiff", "model_import", "dpo", "distributed", "train", "infer"];
 
 pub mod autodiff;
 pub mod distributed;
@@ -25,6 +26,7 @@ pub mod dpo;
 pub mod error;
 pub mod graph;
 pub mod infer;
+pub mod model_import;
 pub mod onnx;
 pub mod output_dir;
 pub mod paths;

@@ -12,7 +12,8 @@ use betadpo::onnx::dtype;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The exported model (ONNX; external data next to it is found automatically).
+    /// The model: a Hugging Face causal-LM folder (config.json + safetensors; betadpo writes its graph,
+    /// docs/hf-import.md), or an exported ONNX file (external data next to it is found automatically).
     #[arg(long)]
     model: PathBuf,
     /// Output directory for the artifacts: created, or an earlier build there replaced atomically (any

@@ -34,9 +34,10 @@ pub struct Args {
     #[arg(long)]
     eval_data_split: Option<String>,
     /// tokenizer.json or the folder holding it (tokenizer_config.json beside it is read for the chat
-    /// template and special tokens).
+    /// template and special tokens). Default: the one in the Hugging Face folder the artifacts were built
+    /// from (`build-graph --model DIR`).
     #[arg(long)]
-    tokenizer: PathBuf,
+    tokenizer: Option<PathBuf>,
     /// tokenizer_config.json, when it is not beside tokenizer.json.
     #[arg(long)]
     tokenizer_config: Option<PathBuf>,
@@ -180,15 +181,28 @@ pub struct Args {
     quiet: bool,
 }
 
-pub fn config(a: Args) -> TrainConfig {
+/// The tokenizer of the Hugging Face folder the artifacts were built from, for a run given no `--tokenizer`.
+fn folder_tokenizer(artifacts: &std::path::Path) -> Result<PathBuf> {
+    let m = betadpo::dpo::Manifest::load(artifacts)?;
+    let found = betadpo::model_import::hf_folder_of(&m.model.source).map(|d| d.join("tokenizer.json")).filter(|p| p.is_file());
+    found.ok_or_else(|| {
+        anyhow::anyhow!("--tokenizer is required: the artifacts were built from {}, not from a Hugging Face folder holding tokenizer.json", m.model.source)
+    })
+}
+
+pub fn config(a: Args) -> Result<TrainConfig> {
     let _ = (a.config, a.beta, a.loss_type, a.label_smoothing); // read by `run` and `expand_config`
-    TrainConfig {
+    let tokenizer = match a.tokenizer {
+        Some(t) => t,
+        None => folder_tokenizer(&a.artifacts)?,
+    };
+    Ok(TrainConfig {
         artifacts: a.artifacts,
         data: a.data,
         eval_data: a.eval_data,
         data_split: a.data_split,
         eval_data_split: a.eval_data_split,
-        tokenizer: a.tokenizer,
+        tokenizer,
         tokenizer_config: a.tokenizer_config,
         out: a.out,
         epochs: a.epochs,
@@ -229,7 +243,7 @@ pub fn config(a: Args) -> TrainConfig {
         allreduce: a.allreduce,
         nccl_timeout_s: a.nccl_timeout,
         ..Default::default()
-    }
+    })
 }
 
 /// The command line with `train --config FILE` replaced by the file's flags, placed before the
@@ -295,7 +309,7 @@ pub fn run(a: Args) -> Result<()> {
         });
     }
     let settings = ArtifactSettings { beta: a.beta, loss_type: a.loss_type.clone(), label_smoothing: a.label_smoothing };
-    let cfg = config(a);
+    let cfg = config(a)?;
     // Artifacts that do not load are reported by training itself, with its context.
     if let Ok(m) = betadpo::dpo::manifest::Manifest::load(&cfg.artifacts) {
         check_artifacts(&m.objective, &settings)?;
@@ -330,7 +344,7 @@ mod tests {
         use clap::FromArgMatches;
         let cmd = <Args as clap::Args>::augment_args(clap::Command::new("train"));
         let m = cmd.try_get_matches_from(["train", "--artifacts", "a", "--data", "d", "--tokenizer", "t", "--out", "o"]).unwrap();
-        let got = config(Args::from_arg_matches(&m).unwrap());
+        let got = config(Args::from_arg_matches(&m).unwrap()).unwrap();
         let want = TrainConfig::default();
         assert_eq!((got.lr, got.head_lr, got.adam_epsilon), (want.lr, want.head_lr, want.adam_epsilon));
         assert_eq!((got.lr, got.logging_steps, got.warmup_ratio), (1e-6, 10, 0.0));

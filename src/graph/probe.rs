@@ -61,7 +61,8 @@ pub fn probe_shapes(graph: &Graph, batch: &ProbeBatch) -> Result<TensorInfos> {
             }
         }
     }
-    let model = probe_model(graph)?;
+    let views = weight_views(graph, &mut infos);
+    let model = probe_model(graph, &views)?;
     let bytes = prost::Message::encode_to_vec(&model);
     let mut session = SessionConfig { optimization: OptLevel::Disable, intra_threads: Some(1), ..Default::default() }.session_from_bytes(&bytes)?;
     let mut seen: [HashMap<String, (DType, Vec<i64>)>; 2] = Default::default();
@@ -83,7 +84,38 @@ pub fn probe_shapes(graph: &Graph, batch: &ProbeBatch) -> Result<TensorInfos> {
     Ok(infos)
 }
 
-fn probe_model(graph: &Graph) -> Result<crate::onnx::ModelProto> {
+/// Tensors computed from one weight alone by a Transpose, Cast or Identity (a model written from
+/// Hugging Face weights reads every `[out, in]` weight through a Transpose): their shapes follow from the
+/// weight's, and are recorded here instead of being probe outputs, which would hold a float32 copy of every
+/// weight until the run ends.
+fn weight_views(graph: &Graph, infos: &mut TensorInfos) -> HashSet<String> {
+    use crate::onnx::NodeAttrs;
+    let mut views = HashSet::new();
+    let weights: HashSet<&str> =
+        graph.initializers.iter().filter(|t| dtype::is_float(t.data_type) && t.dims.iter().product::<i64>() >= ZERO_FILL_MIN_ELEMENTS).map(|t| t.name.as_str()).collect();
+    for n in &graph.nodes {
+        let Some(x) = n.input.first().filter(|x| n.input.len() == 1 && (weights.contains(x.as_str()) || views.contains(x.as_str()))) else { continue };
+        let Some(info) = infos.get(x) else { continue };
+        let dims = &info.dims[0];
+        let (dt, out) = match n.op_type.as_str() {
+            "Identity" => (info.dtype, dims.clone()),
+            "Cast" => (n.int_or("to", info.dtype as i64) as DType, dims.clone()),
+            "Transpose" => {
+                let perm = n.ints_attr("perm").unwrap_or_else(|| (0..dims.len() as i64).rev().collect());
+                match perm.iter().map(|&p| dims.get(p as usize).copied()).collect::<Option<Vec<i64>>>() {
+                    Some(d) if perm.len() == dims.len() => (info.dtype, d),
+                    _ => continue,
+                }
+            }
+            _ => continue,
+        };
+        infos.insert(n.output[0].clone(), TensorInfo::fixed(dt, &out));
+        views.insert(n.output[0].clone());
+    }
+    views
+}
+
+fn probe_model(graph: &Graph, views: &HashSet<String>) -> Result<crate::onnx::ModelProto> {
     let mut g = graph.clone();
     let graph_inputs: HashSet<String> = g.inputs.iter().map(|i| i.name.clone()).collect();
     let mut fills: Vec<NodeProto> = Vec::new();
@@ -103,7 +135,7 @@ fn probe_model(graph: &Graph) -> Result<crate::onnx::ModelProto> {
     let mut added = HashSet::new();
     for n in &graph.nodes {
         for o in &n.output {
-            if !o.is_empty() && !declared.contains(o) && added.insert(o.clone()) {
+            if !o.is_empty() && !declared.contains(o) && !views.contains(o) && added.insert(o.clone()) {
                 extra.push(ValueInfoProto { name: o.clone(), ..Default::default() });
             }
         }

@@ -93,7 +93,9 @@ pub fn golden_train_outputs_in(
     let layout = if opts.layout == LayoutChoice::Packed { Layout::Packed } else { Layout::Padded };
     let out = super::fixtures::scratch(&format!("golden-{}-{tag}-{layout:?}", model_dir.file_name().unwrap().to_string_lossy()));
     let packed = (layout == Layout::Packed).then(|| packed_golden(golden, &opts.objective));
-    build_artifacts(&model_dir.join("model.onnx"), &out, opts).map_err(|e| e.to_string())?;
+    // a Hugging Face folder (config.json + safetensors) is built from directly, an export from its model.onnx
+    let model = if model_dir.join("config.json").is_file() { model_dir.to_path_buf() } else { model_dir.join("model.onnx") };
+    build_artifacts(&model, &out, opts).map_err(|e| e.to_string())?;
     let m = Manifest::load(&out).unwrap();
     let spec = m.graph("train").unwrap();
     let (params, _) = read_safetensors(&out.join(&m.parameters_file)).unwrap();

@@ -48,7 +48,13 @@ pub fn assemble(p: ManifestParts) -> Manifest {
         format_version: FORMAT_VERSION,
         betadpo_version: env!("CARGO_PKG_VERSION").into(),
         model: ModelSpec {
-            source: p.model_path.display().to_string(),
+            // a Hugging Face folder by its absolute path: `train` finds its tokenizer there from any directory
+            source: match crate::model_import::is_hf_folder(p.model_path) {
+                true => p.model_path.canonicalize().unwrap_or(p.model_path.to_path_buf()),
+                false => p.model_path.to_path_buf(),
+            }
+            .display()
+            .to_string(),
             input_ids: sig.input_ids.clone(),
             attention_mask: sig.attention_mask.clone(),
             position_ids: sig.position_ids.clone(),

@@ -14,7 +14,11 @@ pub struct HfNames {
     pub skipped: Option<String>,
 }
 
-pub fn find(model_path: &Path, base: &Graph) -> HfNames {
+/// The map betadpo wrote with the graph (`written`, from a Hugging Face folder), else the one beside the model.
+pub fn find(model_path: &Path, base: &Graph, written: Option<String>) -> HfNames {
+    if written.is_some() {
+        return HfNames { map: written, skipped: None };
+    }
     match beside_model(model_path, base) {
         None => HfNames::default(),
         Some(Ok(text)) => HfNames { map: Some(text), skipped: None },
@@ -47,7 +51,7 @@ mod tests {
     fn finds_the_map_written_beside_the_quickstart_model() {
         let model = super::super::load::tests::quickstart_model();
         let base = super::super::load::load(&model, None).unwrap().base;
-        let names = find(&model, &base);
+        let names = find(&model, &base, None);
         assert!(names.skipped.is_none(), "{:?}", names.skipped);
         let modules = names.module_names();
         assert!(!modules.is_empty());

@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::dpo::kv_cache::{remove_kv_cache, CacheRemoval};
 use crate::dpo::model::{recognise, LmSignature};
 use crate::graph::{compute_in_float32, raise_to_scatter_add_opset, Graph, HalfOrigin};
-use crate::onnx::{load_model_mapped, value_info_type, Dim, MappedData};
+use crate::onnx::{value_info_type, Dim, MappedData};
 use crate::{Error, Result};
 
 /// The model as the rest of the build sees it.
@@ -22,10 +22,13 @@ pub struct LoadedModel {
     /// The model's opset when it was older than the graphs' (see `graph::raise_to_scatter_add_opset`).
     pub opset_raised_from: Option<i64>,
     pub cache_removal: CacheRemoval,
+    /// The Hugging Face name map of a graph betadpo wrote itself from a Hugging Face folder.
+    pub written_hf_map: Option<String>,
 }
 
 pub fn load(model_path: &Path, hidden_state: Option<&str>) -> Result<LoadedModel> {
-    let (model, data) = load_model_mapped(model_path)?;
+    // a Hugging Face folder: betadpo writes the graph itself (and knows the Hugging Face names)
+    let crate::model_import::Loaded { model, data, hf_map: written_hf_map } = crate::model_import::load(model_path)?;
     let mut base = Graph::from_model(model)?;
     let half_origin = compute_in_float32(&mut base)?;
     let opset_raised_from = raise_to_scatter_add_opset(&mut base);
@@ -36,7 +39,7 @@ pub fn load(model_path: &Path, hidden_state: Option<&str>) -> Result<LoadedModel
         return Err(Error::graph(format!("--hidden-state {}: no such tensor in the model", sig.hidden)));
     }
     let vocab = vocab_size(&base, &sig);
-    Ok(LoadedModel { base, data, half_origin, sig, vocab, opset_raised_from, cache_removal })
+    Ok(LoadedModel { base, data, half_origin, sig, vocab, opset_raised_from, cache_removal, written_hf_map })
 }
 
 /// The vocabulary: the logits' last dimension when the model declares it, else the lm_head's other dimension.

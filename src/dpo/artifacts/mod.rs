@@ -97,7 +97,7 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     adapters::check_selection(opts.lora.as_ref(), &opts.selection)?;
     Manifest::claim_out_dir(out_dir)?;
     let mut model = load::load(model_path, opts.hidden_state.as_deref())?;
-    let hf = hf_names::find(model_path, &model.base);
+    let hf = hf_names::find(model_path, &model.base, model.written_hf_map.take());
     let lora = adapters::add(&mut model.base, &model.sig, opts.lora.as_ref(), &hf.module_names())?;
     let mut laid = layout::choose(&model.base, &model.sig, opts.layout)?;
     let cfg = &opts.objective;
