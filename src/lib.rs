@@ -25,6 +25,7 @@ pub mod dpo;
 pub mod error;
 pub mod graph;
 pub mod infer;
+pub mod limits;
 pub mod onnx;
 pub mod output_dir;
 pub mod paths;
@@ -36,3 +37,7 @@ pub mod text;
 pub mod train;
 
 pub use error::{Error, Result};
+
+/// The system allocator, counting what a thread under [`limits::with_memory_budget`] allocates.
+#[global_allocator]
+static ALLOCATOR: limits::memory_guard::CountingAlloc = limits::memory_guard::CountingAlloc;

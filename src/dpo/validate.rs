@@ -144,13 +144,10 @@ fn structure(model: &ModelProto, spec: &GraphSpec, default_only: bool) -> Result
 }
 
 fn parameters_file(tensors: &[NamedTensor], m: &Manifest) -> Result<usize> {
+    m.check_parameter_values(tensors, Path::new(&m.parameters_file))?;
     let by_name: HashMap<&str, &crate::store::NamedTensor> = tensors.iter().map(|t| (t.name.as_str(), t)).collect();
     for p in m.trainable() {
-        let t = by_name.get(p.name.as_str()).ok_or_else(|| Error::Other(format!("parameter {} is missing from {}", p.name, m.parameters_file)))?;
-        let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-        if shape != p.shape {
-            return Err(Error::Other(format!("parameter {} has shape {shape:?}, the manifest says {:?}", p.name, p.shape)));
-        }
+        let t = by_name[p.name.as_str()];
         if t.data.iter().any(|v| !v.is_finite()) {
             return Err(Error::Other(format!("parameter {} holds non-finite values", p.name)));
         }

@@ -6,3 +6,4 @@ pub mod gradcheck;
 pub mod mpi_job;
 pub mod onnx_model;
 pub mod tiny_lm;
+pub mod timed;
