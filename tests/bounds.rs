@@ -9,37 +9,21 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::timed::{assert_refused, betadpo_within, peak_child_rss, Outcome};
+use common::timed::{arg as s, assert_refused, betadpo_within, build, peak_child_rss, quickstart, Outcome};
 
 const LIMIT: Duration = Duration::from_secs(120);
 const HUGE: &str = "18446744073709551615";
 
-fn quickstart() -> PathBuf {
-    common::fixtures::repo().join("graphs/quickstart")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// Artifacts of the quickstart model (rotary positions), built once per test process.
 fn artifacts() -> &'static Path {
     static ART: OnceLock<PathBuf> = OnceLock::new();
-    ART.get_or_init(|| {
-        let art = common::fixtures::scratch("bounds-art").join("art");
-        betadpo::dpo::build_artifacts(&quickstart().join("model.onnx"), &art, &Default::default()).unwrap();
-        art
-    })
+    ART.get_or_init(|| build(&quickstart().join("model.onnx"), "bounds-art"))
 }
 
 /// Artifacts of the repository's gpt2 fixture, whose `wpe` has 128 positions.
 fn gpt2_artifacts() -> &'static Path {
     static ART: OnceLock<PathBuf> = OnceLock::new();
-    ART.get_or_init(|| {
-        let art = common::fixtures::scratch("bounds-gpt2").join("art");
-        betadpo::dpo::build_artifacts(&common::fixtures::repo().join("tests/fixtures/models/gpt2/model.onnx"), &art, &Default::default()).unwrap();
-        art
-    })
+    ART.get_or_init(|| build(&common::fixtures::repo().join("tests/fixtures/models/gpt2/model.onnx"), "bounds-gpt2"))
 }
 
 /// `train` on the quickstart data with `extra` flags, into a fresh run directory.

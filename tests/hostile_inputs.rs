@@ -11,26 +11,14 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use betadpo::train::{load_preferences, LoadOptions, PairTokenizer, TruncationConfig};
-use common::timed::{assert_refused, betadpo_within, peak_child_rss, Outcome};
+use common::timed::{arg as s, assert_refused, betadpo_within, build, peak_child_rss, quickstart, Outcome};
 use serde_json::json;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-fn quickstart() -> PathBuf {
-    common::fixtures::repo().join("graphs/quickstart")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn artifacts() -> &'static Path {
     static ART: OnceLock<PathBuf> = OnceLock::new();
-    ART.get_or_init(|| {
-        let art = common::fixtures::scratch("hostile-art").join("art");
-        betadpo::dpo::build_artifacts(&quickstart().join("model.onnx"), &art, &Default::default()).unwrap();
-        art
-    })
+    ART.get_or_init(|| build(&quickstart().join("model.onnx"), "hostile-art"))
 }
 
 fn train(art: &Path, data: &Path, tokenizer: &Path, out: &Path, extra: &[&str]) -> Outcome {

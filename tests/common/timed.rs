@@ -58,3 +58,20 @@ pub fn peak_child_rss() -> u64 {
     unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
     usage.ru_maxrss as u64 * 1024
 }
+
+/// The bundled quickstart model, tokenizer and data.
+pub fn quickstart() -> std::path::PathBuf {
+    super::fixtures::repo().join("graphs/quickstart")
+}
+
+/// A path as a command-line argument.
+pub fn arg(p: &std::path::Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Artifacts built from `model` into a fresh scratch directory named `name`.
+pub fn build(model: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let art = super::fixtures::scratch(name).join("art");
+    betadpo::dpo::build_artifacts(model, &art, &Default::default()).unwrap();
+    art
+}
