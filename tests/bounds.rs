@@ -196,3 +196,17 @@ fn token_ids_beyond_the_vocabulary_are_refused_before_onnx_runtime() {
     let o = betadpo_within(&[&args[..], &["--out", s(&run), "--quiet", "--max-steps", "1"]].concat(), LIMIT);
     assert_refused(&o, "gives token id 512, beyond the model's vocabulary of 512 tokens", "train");
 }
+
+#[test]
+fn onnx_runtime_errors_come_out_on_one_line_naming_the_node() {
+    // an export without the limits in its metadata (as exports made before them): nothing stops
+    // --generate 200 before ONNX Runtime's Gather on gpt2's 128 positions does
+    let model = exported(gpt2_artifacts(), "bounds-ort-error");
+    let mut m = betadpo::onnx::load_model(&model).unwrap();
+    m.metadata_props.clear();
+    betadpo::onnx::save_model(&m, &model, &Default::default()).unwrap();
+    let tok = quickstart().join("tokenizer.json");
+    let o = betadpo_within(&["infer", "--model", s(&model), "--tokenizer", s(&tok), "--prompt", "hello there", "--generate", "200"], LIMIT);
+    assert_refused(&o, "ONNX Runtime: ", "infer --generate 200 on an export without limits");
+    assert!(o.stderr.contains("Gather node. Name:"), "names the node: {}", o.stderr);
+}

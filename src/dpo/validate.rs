@@ -83,6 +83,12 @@ pub fn validate(dir: &Path, opts: &ValidateOptions) -> Result<Vec<Check>> {
     let tensors = || stored.as_deref().map_err(|e| Error::Other(e.to_string()));
     checks.push(check("parameters file", tensors().and_then(|t| parameters_file(t, &manifest)).map(|n| format!("{n} tensors with the manifest's shapes"))));
     let mut take = |which: &str| sessions.remove(which).ok_or_else(|| Error::Other(format!("the {which} graph did not load")));
+    let map = dir.join(super::hf_export::map::HF_MAP_FILE);
+    if map.exists() {
+        // what `export --hf` reads before it writes anything
+        let read = super::hf_export::map::HfMap::load(&map).map(|m| format!("{} tensors, each listed once, transposes of matrices only", m.tensors.len()));
+        checks.push(check("Hugging Face name map", read));
+    }
     checks.push(check("train: directional derivatives", take("train").and_then(|mut s| directional(tensors()?, &manifest, opts, &mut s))));
     if manifest.layout == super::packing::Layout::Packed {
         let packed = take("eval").and_then(|mut eval| take("infer").and_then(|mut infer| packed_vs_model(tensors()?, &manifest, opts, &mut eval, &mut infer)));
