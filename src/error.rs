@@ -98,7 +98,8 @@ mod tests {
 
     #[test]
     fn runtime_messages_come_out_on_one_line_without_colour() {
-        let e = Error::Runtime("\x1b[1;31mNon-zero status code returned while running Gather node. Name:'/wpe/Gather'\x1b[m\n Status Message: idx=130\n".into());
+        let e =
+            Error::Runtime("\x1b[1;31mNon-zero status code returned while running Gather node. Name:'/wpe/Gather'\x1b[m\n Status Message: idx=130\n".into());
         assert_eq!(e.to_string(), "ONNX Runtime: Non-zero status code returned while running Gather node. Name:'/wpe/Gather' Status Message: idx=130");
     }
 }

@@ -172,7 +172,8 @@ impl Predictor {
 fn model_limits(session: &Session) -> (Option<ModelLimits>, Option<usize>) {
     let meta = session.metadata().ok();
     let key = |k: &str| meta.as_ref().and_then(|m| m.custom(k)).and_then(|v| v.parse::<usize>().ok());
-    let logits_width = session.outputs().iter().find(|o| o.name() == "logits").and_then(|o| o.dtype().tensor_shape()).and_then(|s| s.last().copied()).filter(|&v| v > 0);
+    let logits_width =
+        session.outputs().iter().find(|o| o.name() == "logits").and_then(|o| o.dtype().tensor_shape()).and_then(|s| s.last().copied()).filter(|&v| v > 0);
     let vocab = key(VOCAB_SIZE_KEY).or(logits_width.map(|v| v as usize));
     (vocab.map(|vocab_size| ModelLimits { max_positions: key(MAX_POSITIONS_KEY), vocab_size }), key(HIDDEN_SIZE_KEY))
 }

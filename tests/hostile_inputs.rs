@@ -110,7 +110,8 @@ fn padding_and_truncation_stored_in_tokenizer_json_are_turned_off_as_transformer
     let dir = common::fixtures::scratch("hostile-stored-padding");
     let plain = PairTokenizer::from_files(&quickstart().join("tokenizer.json"), Some(&quickstart().join("tokenizer_config.json"))).unwrap();
     let mut t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(quickstart().join("tokenizer.json")).unwrap()).unwrap();
-    t["padding"] = json!({"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": null, "pad_id": 0, "pad_type_id": 0, "pad_token": "<|endoftext|>"});
+    t["padding"] =
+        json!({"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": null, "pad_id": 0, "pad_type_id": 0, "pad_token": "<|endoftext|>"});
     t["truncation"] = json!({"direction": "Right", "max_length": 20, "strategy": "LongestFirst", "stride": 0});
     std::fs::write(dir.join("tokenizer.json"), t.to_string()).unwrap();
     let mut raw: tokenizers::Tokenizer = t.to_string().parse().unwrap();
@@ -159,7 +160,11 @@ fn refused_everywhere(name: &str, edit: impl Fn(&mut serde_json::Value), needle:
 
 #[test]
 fn validate_refuses_a_dropped_parameter() {
-    refused_everywhere("hostile-dropped", |m| drop(m["parameters"].as_array_mut().unwrap().remove(0)), "which is not among the manifest's trainable parameters");
+    refused_everywhere(
+        "hostile-dropped",
+        |m| drop(m["parameters"].as_array_mut().unwrap().remove(0)),
+        "which is not among the manifest's trainable parameters",
+    );
 }
 
 #[test]

@@ -228,10 +228,7 @@ impl Manifest {
     /// it (the optimizer's moments are): every trainable parameter present, with its shape.
     pub fn check_parameter_values(&self, tensors: &[crate::store::NamedTensor], file: &Path) -> Result<()> {
         for p in self.trainable() {
-            let t = tensors
-                .iter()
-                .find(|t| t.name == p.name)
-                .ok_or_else(|| Error::Other(format!("{}: parameter {} is missing", file.display(), p.name)))?;
+            let t = tensors.iter().find(|t| t.name == p.name).ok_or_else(|| Error::Other(format!("{}: parameter {} is missing", file.display(), p.name)))?;
             if t.shape.len() != p.shape.len() || t.shape.iter().zip(&p.shape).any(|(&a, &b)| a as i64 != b) {
                 return Err(Error::Other(format!("{}: parameter {} has shape {:?}, the manifest says {:?}", file.display(), p.name, t.shape, p.shape)));
             }

@@ -179,4 +179,3 @@ pub fn position_table_rows(graph: &Graph, input_ids: &str) -> Option<usize> {
         .min()
         .and_then(|rows| usize::try_from(rows).ok())
 }
-

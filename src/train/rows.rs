@@ -63,7 +63,8 @@ pub fn json_rows_of_text(text: &str, name: &str, max_row_bytes: usize, sink: &mu
         if line.trim().is_empty() {
             continue;
         }
-        let parsed = if line.len() > max_row_bytes { Err(too_long(max_row_bytes)) } else { serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}")) };
+        let parsed =
+            if line.len() > max_row_bytes { Err(too_long(max_row_bytes)) } else { serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}")) };
         sink(format!("{name}:{}", i + 1), parsed)?;
     }
     Ok(())
@@ -114,7 +115,8 @@ fn array_rows(text: &str, name: &str, max_row_bytes: usize, sink: &mut RowSink) 
     serde_json::from_str::<serde::de::IgnoredAny>(body).map_err(|e| Error::Data(format!("{name}: invalid JSON array: {e}")))?;
     for (i, range) in array_elements(body).into_iter().enumerate() {
         let item = &body[range];
-        let parsed = if item.len() > max_row_bytes { Err(too_long(max_row_bytes)) } else { serde_json::from_str(item).map_err(|e| format!("invalid JSON: {e}")) };
+        let parsed =
+            if item.len() > max_row_bytes { Err(too_long(max_row_bytes)) } else { serde_json::from_str(item).map_err(|e| format!("invalid JSON: {e}")) };
         sink(format!("{name}: element {i}"), parsed)?;
     }
     Ok(())
