@@ -48,11 +48,35 @@ pub enum Error {
 /// one line, as every error of this crate is.
 fn one_line(s: &str) -> std::borrow::Cow<'_, str> {
     let s = s.trim();
+    if s.contains('\x1b') {
+        return one_line(&without_ansi(s)).into_owned().into();
+    }
     if s.contains(['\n', '\r']) {
         s.split(['\n', '\r']).map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ").into()
     } else {
         s.into()
     }
+}
+
+/// `s` without ANSI escape sequences (ONNX Runtime colours its messages).
+fn without_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\x1b' {
+            out.push(c);
+            continue;
+        }
+        // CSI: ESC [ parameters, ended by a letter; other escapes: ESC and one character
+        if chars.next() == Some('[') {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        }
+    }
+    out
 }
 
 impl Error {
@@ -74,3 +98,15 @@ impl From<ort::Error> for Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_messages_come_out_on_one_line_without_colour() {
+        let e =
+            Error::Runtime("\x1b[1;31mNon-zero status code returned while running Gather node. Name:'/wpe/Gather'\x1b[m\n Status Message: idx=130\n".into());
+        assert_eq!(e.to_string(), "ONNX Runtime: Non-zero status code returned while running Gather node. Name:'/wpe/Gather' Status Message: idx=130");
+    }
+}

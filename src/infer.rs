@@ -8,6 +8,7 @@ use ort::session::{Adapter, RunOptions, Session, SessionInputValue};
 use ort::value::Tensor;
 
 use crate::runtime::SessionConfig;
+use crate::train::model_limits::{ModelLimits, HIDDEN_SIZE_KEY, MAX_POSITIONS_KEY, VOCAB_SIZE_KEY};
 use crate::train::{Message, PairTokenizer, Text};
 use crate::{Error, Result};
 
@@ -26,6 +27,9 @@ pub struct Predictor {
     adapter: Option<RunOptions>,
     tokenizer: PairTokenizer,
     has_position_ids: bool,
+    /// The model's limits, from the metadata `export` writes (or the logits' width).
+    limits: Option<ModelLimits>,
+    hidden_size: Option<usize>,
 }
 
 impl Predictor {
@@ -44,7 +48,8 @@ impl Predictor {
             return Err(Error::Other(format!("{}: the model needs `logits` and `beta` outputs (export it with `betadpo export`)", model.display())));
         }
         let tokenizer = PairTokenizer::from_files(tokenizer, tokenizer_config)?;
-        Ok(Predictor { session, adapter: None, tokenizer, has_position_ids: names.iter().any(|n| n == "position_ids") })
+        let (limits, hidden_size) = model_limits(&session);
+        Ok(Predictor { session, adapter: None, tokenizer, has_position_ids: names.iter().any(|n| n == "position_ids"), limits, hidden_size })
     }
 
     /// Makes the adapters of an ONNX Runtime adapter file (`export --adapter`) active in every run:
@@ -109,6 +114,18 @@ impl Predictor {
         Ok((beta, last))
     }
 
+    /// Refuses prompts the model cannot take before ONNX Runtime sees them: longer (with the tokens
+    /// to generate) than its positions, ids beyond its vocabulary, a forward pass beyond memory.
+    fn check_limits(&self, rows: &[Vec<u32>], generate: usize) -> Result<()> {
+        let Some(limits) = self.limits else { return Ok(()) };
+        let longest = rows.iter().map(Vec::len).max().unwrap_or(0);
+        let width = longest.saturating_add(generate);
+        let change = if generate > 0 { "shorten the prompt or lower --generate so that prompt + --generate come" } else { "shorten the prompt" };
+        limits.check_length(width, change)?;
+        limits.check_ids(rows.iter().flatten().max().copied(), std::path::Path::new("the tokenizer"))?;
+        limits.check_forward_memory("--prompt", rows.len(), width, self.hidden_size, "shorten the prompts or lower --generate")
+    }
+
     /// Beta per prompt, and with `generate > 0` a greedy continuation of up to that many tokens.
     pub fn predict(&mut self, prompts: &[Text], chat: bool, generate: usize) -> Result<Vec<Prediction>> {
         let texts: Vec<String> = prompts.iter().map(|p| self.render(p, chat)).collect::<Result<_>>()?;
@@ -117,6 +134,7 @@ impl Predictor {
             return Err(Error::Data(format!("prompt {} is empty after tokenization", i + 1)));
         }
         let lens: Vec<usize> = rows.iter().map(Vec::len).collect();
+        self.check_limits(&rows, generate)?;
         let (beta, mut last) = self.forward(&rows)?;
         let mut done = vec![generate == 0; rows.len()];
         for step in 0..generate {
@@ -147,4 +165,15 @@ impl Predictor {
         }
         Ok(out)
     }
+}
+
+/// The limits an exported model carries in its metadata (`export` writes them); the vocabulary
+/// from the logits' width when it has none.
+fn model_limits(session: &Session) -> (Option<ModelLimits>, Option<usize>) {
+    let meta = session.metadata().ok();
+    let key = |k: &str| meta.as_ref().and_then(|m| m.custom(k)).and_then(|v| v.parse::<usize>().ok());
+    let logits_width =
+        session.outputs().iter().find(|o| o.name() == "logits").and_then(|o| o.dtype().tensor_shape()).and_then(|s| s.last().copied()).filter(|&v| v > 0);
+    let vocab = key(VOCAB_SIZE_KEY).or(logits_width.map(|v| v as usize));
+    (vocab.map(|vocab_size| ModelLimits { max_positions: key(MAX_POSITIONS_KEY), vocab_size }), key(HIDDEN_SIZE_KEY))
 }

@@ -2,7 +2,9 @@
 //!
 //! Layers, bottom to top (`LAYERS`; a module uses only its own layer and those below, which
 //! `tests/layers.rs` checks, along with the absence of import cycles between files):
-//! - [`error`], [`temp_files`], [`paths`]: the error type, atomic writes, a folder given where a file is expected.
+//! - [`error`], [`temp_files`], [`paths`], [`limits`]: the error type, atomic writes, a folder given
+//!   where a file is expected, bounds on what input may make betadpo allocate (and the allocator
+//!   that holds a chat template to its memory budget).
 //! - [`onnx`], [`store`], [`output_dir`], [`run_layout`]: protobuf types and model files, safetensors,
 //!   the output directories betadpo owns and the layout of a run's folder.
 //! - [`text`]: text as models read it (right-padded token rows).
@@ -18,7 +20,7 @@
 /// The layers of the library, bottom to top; each entry lists the top-level modules of one layer.
 #[doc(hidden)]
 pub const LAYERS: &[&str] =
-    &["error temp_files paths", "onnx store output_dir run_layout", "text", "runtime", "graph", "autodiff", "model_import", "dpo", "distributed", "train", "infer"];
+    &["error temp_files paths limits", "onnx store output_dir run_layout", "text", "runtime", "graph", "autodiff", "model_import", "dpo", "distributed", "train", "infer"];
 
 pub mod autodiff;
 pub mod distributed;
@@ -26,6 +28,7 @@ pub mod dpo;
 pub mod error;
 pub mod graph;
 pub mod infer;
+pub mod limits;
 pub mod model_import;
 pub mod onnx;
 pub mod output_dir;
@@ -38,3 +41,7 @@ pub mod text;
 pub mod train;
 
 pub use error::{Error, Result};
+
+/// The system allocator, counting what a thread under [`limits::with_memory_budget`] allocates.
+#[global_allocator]
+static ALLOCATOR: limits::memory_guard::CountingAlloc = limits::memory_guard::CountingAlloc;

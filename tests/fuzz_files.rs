@@ -3,6 +3,10 @@
 //! arrays). Seeded byte mutations of real files run through the library's readers in-process, in
 //! thousands; a few run through `betadpo validate` / `train` to check the whole command: one error
 //! line, a non-zero exit, nothing written. Accepted mutations are fine too.
+//!
+//! Issue 24 adds the Hugging Face name map, chat templates (run with their fuel and output and
+//! memory limits) and rows read under a row-size limit; [`CASES`] holds every kind's count, at
+//! least 20,000 in all.
 
 mod common;
 
@@ -20,6 +24,33 @@ use common::fuzz::{case_count, run, snapshot, Mutator};
 
 const SEED: u64 = 0x5eed_f11e;
 const BOUND: Duration = Duration::from_secs(20);
+
+/// Seeded cases per file kind (scaled by `BETADPO_FUZZ_CASES`).
+const CASES: &[(&str, usize)] = &[
+    ("manifest.json", 2000),
+    ("params.safetensors", 2000),
+    ("trainer_state.json", 2000),
+    ("checkpoint params", 400),
+    ("checkpoint moments", 400),
+    ("tokenizer_config.json", 2000),
+    ("tokenizer.json", 500),
+    ("conversational.jsonl", 2000),
+    ("array.json", 1000),
+    ("standard.jsonl", 1000),
+    ("implicit.jsonl", 1000),
+    ("hf_export.json", 2500),
+    ("chat_template.jinja", 2500),
+    ("rows under a size limit", 1500),
+];
+
+fn cases(kind: &str) -> usize {
+    case_count(CASES.iter().find(|(k, _)| *k == kind).map(|(_, n)| *n).expect("a kind of CASES"))
+}
+
+#[test]
+fn at_least_twenty_thousand_cases_in_all() {
+    assert!(CASES.iter().map(|(_, n)| n).sum::<usize>() >= 20_000);
+}
 
 fn quickstart() -> PathBuf {
     common::fixtures::repo().join("graphs/quickstart")
@@ -91,13 +122,13 @@ fn read_artifacts(dir: &Path) -> betadpo::Result<()> {
 #[test]
 fn manifest() {
     let dir = copy_dir(artifacts(), "fuzz-manifest");
-    fuzz_file("manifest.json", &dir, "manifest.json", case_count(1500), 1, read_artifacts);
+    fuzz_file("manifest.json", &dir, "manifest.json", cases("manifest.json"), 1, read_artifacts);
 }
 
 #[test]
 fn parameters() {
     let dir = copy_dir(artifacts(), "fuzz-params");
-    fuzz_file("params.safetensors", &dir, "params.safetensors", case_count(1500), 2, read_artifacts);
+    fuzz_file("params.safetensors", &dir, "params.safetensors", cases("params.safetensors"), 2, read_artifacts);
 }
 
 /// A checkpoint as training writes it, of the quickstart parameters.
@@ -124,9 +155,9 @@ fn checkpoint_dir() -> PathBuf {
 fn checkpoints() {
     let dir = checkpoint_dir();
     let load = |d: &Path| checkpoint::load(d).map(|_| ());
-    fuzz_file("trainer_state.json", &dir, checkpoint::STATE, case_count(1500), 3, load);
-    fuzz_file("checkpoint params", &dir, checkpoint::PARAMS, case_count(300), 4, load);
-    fuzz_file("checkpoint moments", &dir, checkpoint::OPTIMIZER, case_count(300), 5, load);
+    fuzz_file("trainer_state.json", &dir, checkpoint::STATE, cases("trainer_state.json"), 3, load);
+    fuzz_file("checkpoint params", &dir, checkpoint::PARAMS, cases("checkpoint params"), 4, load);
+    fuzz_file("checkpoint moments", &dir, checkpoint::OPTIMIZER, cases("checkpoint moments"), 5, load);
     // counters a resume would do arithmetic with: corrupt beyond any real run
     let state = std::fs::read_to_string(dir.join(checkpoint::STATE)).unwrap();
     let mut v: serde_json::Value = serde_json::from_str(&state).unwrap();
@@ -160,8 +191,8 @@ fn tokenizer_dir(name: &str) -> PathBuf {
 #[test]
 fn tokenizer_and_config() {
     let dir = tokenizer_dir("fuzz-tokenizer");
-    fuzz_file("tokenizer_config.json", &dir, "tokenizer_config.json", case_count(1500), 6, tokenize_sample);
-    fuzz_file("tokenizer.json", &dir, "tokenizer.json", case_count(400), 7, tokenize_sample);
+    fuzz_file("tokenizer_config.json", &dir, "tokenizer_config.json", cases("tokenizer_config.json"), 6, tokenize_sample);
+    fuzz_file("tokenizer.json", &dir, "tokenizer.json", cases("tokenizer.json"), 7, tokenize_sample);
 }
 
 /// Rows loaded and tokenized (conversational ones rendered with the chat template).
@@ -182,12 +213,58 @@ fn preference_data() {
     let q = quickstart();
     let conversational: String = std::fs::read_to_string(q.join("test_conversational.jsonl")).unwrap().lines().take(8).map(|l| format!("{l}\n")).collect();
     std::fs::write(dir.join("conversational.jsonl"), conversational).unwrap();
-    for (file, cases) in [("conversational.jsonl", 1500), ("array.json", 800), ("standard.jsonl", 800), ("implicit.jsonl", 800)] {
+    for (k, file) in ["conversational.jsonl", "array.json", "standard.jsonl", "implicit.jsonl"].into_iter().enumerate() {
         if !dir.join(file).exists() {
             std::fs::copy(fixtures.join(file), dir.join(file)).unwrap();
         }
         let f = file.to_string();
-        fuzz_file(file, &dir, file, case_count(cases), 8 + cases as u64, move |d| load_and_tokenize(&d.join(&f)));
+        fuzz_file(file, &dir, file, cases(file), 8 + 800 * k as u64, move |d| load_and_tokenize(&d.join(&f)));
+    }
+}
+
+/// The Hugging Face name map the artifacts carry, read and checked as `export --hf` does before
+/// it writes anything.
+#[test]
+fn hf_name_map() {
+    let dir = copy_dir(artifacts(), "fuzz-hf-map");
+    let read = |d: &Path| betadpo::dpo::hf_export::map::HfMap::load(&d.join("hf_export.json")).map(|_| ());
+    fuzz_file("hf_export.json", &dir, "hf_export.json", cases("hf_export.json"), 40, read);
+}
+
+/// Chat templates (`chat_template.jinja` beside a tokenizer whose config has none) compiled and
+/// rendered on conversational rows, under their fuel, output and memory limits.
+#[test]
+fn chat_templates() {
+    let dir = tokenizer_dir("fuzz-template");
+    let config = dir.join("tokenizer_config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    let template = cfg.as_object_mut().unwrap().remove("chat_template").unwrap();
+    std::fs::write(&config, cfg.to_string()).unwrap();
+    std::fs::write(dir.join("chat_template.jinja"), template.as_str().unwrap()).unwrap();
+    let render = |d: &Path| {
+        let tok = PairTokenizer::from_files(&d.join("tokenizer.json"), None)?;
+        let data = load_preferences(&d.join("test_conversational.jsonl"), &LoadOptions::default())?;
+        data.rows[..3].iter().try_for_each(|row| tok.texts(row).map(|_| ()))
+    };
+    fuzz_file("chat_template.jinja", &dir, "chat_template.jinja", cases("chat_template.jinja"), 41, render);
+}
+
+/// Rows read under a small row-size limit, JSONL streamed and JSON arrays split, as `train` and
+/// `infer --file` read them: long rows refused (or skipped) before they are parsed.
+#[test]
+fn rows_under_a_size_limit() {
+    let fixtures = common::fixtures::repo().join("tests/fixtures/data");
+    for (k, file) in ["standard.jsonl", "array.json"].into_iter().enumerate() {
+        let dir = common::fixtures::scratch(&format!("fuzz-rows-{k}"));
+        std::fs::copy(fixtures.join(file), dir.join(file)).unwrap();
+        let f = file.to_string();
+        let read = move |d: &Path| {
+            for skip_bad_rows in [false, true] {
+                load_preferences(&d.join(&f), &LoadOptions { skip_bad_rows, max_row_bytes: 160, ..Default::default() })?;
+            }
+            Ok(())
+        };
+        fuzz_file(file, &dir, file, cases("rows under a size limit") / 2, 42 + k as u64, read);
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use betadpo::infer::Predictor;
 use betadpo::runtime::{ExecutionProvider, SessionConfig};
 use betadpo::train::data::parse_messages;
@@ -43,24 +43,23 @@ pub struct Args {
     threads: Option<usize>,
 }
 
+/// Prompts from a JSONL file (or a JSON array), read row by row with the data's row limit.
 fn read_prompts(path: &PathBuf) -> Result<Vec<Text>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
-        let p = match &v {
-            serde_json::Value::String(s) => Text::Plain(s.clone()),
-            serde_json::Value::Object(o) => match o.get("prompt") {
-                Some(serde_json::Value::String(s)) => Text::Plain(s.clone()),
-                Some(serde_json::Value::Array(m)) => {
-                    Text::Messages(parse_messages(m).map_err(|e| anyhow::anyhow!("{}:{}: \"prompt\"{e}", path.display(), i + 1))?)
-                }
-                _ => anyhow::bail!("{}:{}: expected a \"prompt\" field", path.display(), i + 1),
+    betadpo::train::rows::read_json_rows(path, betadpo::limits::DEFAULT_MAX_ROW_BYTES, &mut |at, row| {
+        let bad = |what: &str| betadpo::Error::Data(format!("{at}: {what}"));
+        let p = match row.map_err(|e| bad(&e))? {
+            serde_json::Value::String(s) => Text::Plain(s),
+            serde_json::Value::Object(mut o) => match o.remove("prompt") {
+                Some(serde_json::Value::String(s)) => Text::Plain(s),
+                Some(serde_json::Value::Array(m)) => Text::Messages(parse_messages(&m).map_err(|e| bad(&format!("\"prompt\"{e}")))?),
+                _ => return Err(bad("expected a \"prompt\" field")),
             },
-            _ => anyhow::bail!("{}:{}: expected a string or an object", path.display(), i + 1),
+            _ => return Err(bad("expected a string or an object")),
         };
         out.push(p);
-    }
+        Ok(())
+    })?;
     Ok(out)
 }
 
@@ -72,6 +71,7 @@ pub fn run(a: Args) -> Result<()> {
     if prompts.is_empty() {
         anyhow::bail!(betadpo::Error::BadFlag { flag: "--prompt/--file".into(), detail: "give at least one prompt".into() });
     }
+    betadpo::limits::at_most("--generate", a.generate, betadpo::limits::MAX_COUNT, "tokens, beyond any model's positions")?;
     let cfg = SessionConfig { ep: a.ep, intra_threads: a.threads, ..Default::default() };
     let mut p = Predictor::new(&a.model, &a.tokenizer, a.tokenizer_config.as_deref(), &cfg)?;
     if let Some(file) = &a.adapter {

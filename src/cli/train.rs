@@ -176,6 +176,10 @@ pub struct Args {
     /// Where metrics go besides RUN/metrics.jsonl: none, or tensorboard (event files in RUN/runs/).
     #[arg(long, default_value = "none")]
     report_to: ReportTo,
+    /// A data row (a JSONL line, a JSON array element) longer than this many bytes is refused
+    /// before it is parsed (skipped with --skip-bad-rows).
+    #[arg(long, default_value_t = betadpo::limits::DEFAULT_MAX_ROW_BYTES)]
+    max_row_bytes: usize,
     /// No progress bars, lines or first lines.
     #[arg(long)]
     quiet: bool,
@@ -242,6 +246,7 @@ pub fn config(a: Args) -> Result<TrainConfig> {
         loss_scale_init: a.loss_scale_init,
         allreduce: a.allreduce,
         nccl_timeout_s: a.nccl_timeout,
+        max_row_bytes: a.max_row_bytes,
         ..Default::default()
     })
 }

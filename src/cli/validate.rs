@@ -18,6 +18,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    betadpo::limits::at_most("--directions", a.directions, 1000, "random directions, each two runs of the train graph")?;
     let checks = validate(&a.dir, &ValidateOptions { directions: a.directions, seed: a.seed, threads: a.threads, ..Default::default() })?;
     let mut failed = 0;
     for c in &checks {

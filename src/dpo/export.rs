@@ -94,12 +94,10 @@ pub fn export_model(artifacts: &Path, params: &Path, out: &Path, form: &AdapterF
     let model = load_model(&artifacts.join(&spec.file))?;
     let mut g = Graph::from_model(model)?;
     let (tensors, _) = read_safetensors(params)?;
+    m.check_parameter_values(&tensors, params)?;
     for p in m.trainable() {
-        let t = tensors.iter().find(|t| t.name == p.name).ok_or_else(|| Error::Other(format!("{}: parameter {} is missing", params.display(), p.name)))?;
-        let dims: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-        if dims != p.shape {
-            return Err(Error::Other(format!("{}: parameter {} has shape {dims:?}, the artifacts expect {:?}", params.display(), p.name, p.shape)));
-        }
+        let t = tensors.iter().find(|t| t.name == p.name).expect("checked above");
+        let dims = p.shape.clone();
         let adapter_factor = lora.is_some_and(|l| l.is_adapter(&p.name));
         if adapter_factor && matches!(form, AdapterForm::OrtAdapter(_)) {
             // stays an input; its default (B = 0) leaves the base model unchanged
@@ -126,7 +124,22 @@ pub fn export_model(artifacts: &Path, params: &Path, out: &Path, form: &AdapterF
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         crate::temp_files::remove_stale(parent, None);
     }
-    save_model(&g.into_model(), out, &SaveOptions::default())
+    let mut model = g.into_model();
+    model.metadata_props.extend(limit_metadata(&m));
+    save_model(&model, out, &SaveOptions::default())
+}
+
+/// Keys of an exported model's metadata that carry the model's limits to `infer`.
+pub const MAX_POSITIONS_KEY: &str = "betadpo.max_positions";
+pub const VOCAB_SIZE_KEY: &str = "betadpo.vocab_size";
+pub const HIDDEN_SIZE_KEY: &str = "betadpo.hidden_size";
+
+/// The model's limits, for `infer` to check prompts against before ONNX Runtime sees them.
+fn limit_metadata(m: &Manifest) -> Vec<crate::onnx::proto::StringStringEntryProto> {
+    let entry = |key: &str, value: String| crate::onnx::proto::StringStringEntryProto { key: key.into(), value };
+    let mut v = vec![entry(VOCAB_SIZE_KEY, m.model.vocab_size.to_string()), entry(HIDDEN_SIZE_KEY, m.model.hidden_size.to_string())];
+    v.extend(m.model.max_positions.or(m.model.context_length).map(|p| entry(MAX_POSITIONS_KEY, p.to_string())));
+    v
 }
 
 /// ONNX Runtime's adapter file with every trained `A` and `B` (float32).

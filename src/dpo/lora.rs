@@ -79,6 +79,7 @@ impl LoraOptions {
         if self.rank == 0 {
             return bad("--lora-rank", "must be at least 1".into());
         }
+        crate::limits::at_most("--lora-rank", self.rank, crate::limits::MAX_COUNT, "no model has a dimension that large")?;
         if !self.alpha().is_finite() || self.alpha() <= 0.0 {
             return bad("--lora-alpha", format!("{} must be a positive number", self.alpha()));
         }
@@ -87,6 +88,25 @@ impl LoraOptions {
         }
         Ok(())
     }
+}
+
+/// Refuses a rank whose adapters (A and B of every targeted weight, held four times in training:
+/// values, gradients, two Adam moments) exceed the machine's memory, before any is allocated.
+fn check_adapter_memory(graph: &Graph, targets: &[&Product], rank: usize) -> Result<()> {
+    let mut weights: Vec<&str> = targets.iter().map(|p| p.weight.as_str()).collect();
+    weights.sort_unstable();
+    weights.dedup();
+    let per_rank: u128 = weights.iter().filter_map(|w| graph.initializer(w)).map(|w| w.dims.iter().map(|&d| d.max(0) as u128).sum::<u128>()).sum();
+    let useful = weights.iter().filter_map(|w| graph.initializer(w)).filter_map(|w| w.dims.iter().copied().min()).max().unwrap_or(0);
+    if rank as i64 > useful {
+        return Err(Error::BadFlag {
+            flag: "--lora-rank".into(),
+            detail: format!("{rank} is larger than every targeted weight's smaller side (at most {useful}), past which an adapter's product gains no rank"),
+        });
+    }
+    let bytes = crate::limits::product(&[per_rank, rank as u128, 4, 4]);
+    let what = format!("rank {rank} on {} weights (adapters, gradients and Adam moments)", weights.len());
+    crate::limits::fits_in_memory("--lora-rank", &what, bytes, "lower --lora-rank")
 }
 
 /// A product `y = x·W` the adapters may target: node `node`, weight initializer `weight`.
@@ -151,6 +171,7 @@ pub fn add_adapters(graph: &mut Graph, sig: &LmSignature, opts: &LoraOptions, mo
             ),
         });
     }
+    check_adapter_memory(graph, &targets, opts.rank)?;
     let rank = opts.rank as i64;
     let alpha = opts.alpha();
     let mut rng = ChaCha8Rng::seed_from_u64(INIT_SEED);

@@ -105,6 +105,14 @@ pub struct ModelSpec {
     pub hidden_size: i64,
     pub vocab_size: i64,
     pub opset: i64,
+    /// Positions the model has (gpt2's `wpe` rows), when a table in the graph bounds them: longer
+    /// rows are refused before ONNX Runtime sees them. Absent for rotary models, which have no table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_positions: Option<usize>,
+    /// The context its Hugging Face config gives (`max_position_embeddings`), when known: `infer`
+    /// refuses longer prompts; training, like PyTorch, takes them when the model has no table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_length: Option<usize>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -180,6 +188,51 @@ impl Manifest {
                 return Err(format!("model {what} {v} is out of range"));
             }
         }
+        if let Some(p) = self.model.max_positions.filter(|&p| p < 2 || p > crate::limits::MAX_COUNT) {
+            return Err(format!("model max_positions {p} is out of range"));
+        }
+        if let Some(n) = self.max_sequence_tokens.filter(|&n| n < 2) {
+            return Err(format!("max_sequence_tokens {n} leaves no room for a prompt and an answer"));
+        }
+        self.check_parameter_list()
+    }
+
+    /// The parameters as `train`, `export` and `validate` all need them: each listed once, at
+    /// least one trainable, and the same set the graphs take as parameter inputs.
+    fn check_parameter_list(&self) -> std::result::Result<(), String> {
+        let mut listed = std::collections::HashSet::new();
+        for p in &self.parameters {
+            if !listed.insert(p.name.as_str()) {
+                return Err(format!("parameter {} is listed twice", p.name));
+            }
+        }
+        if self.trainable().next().is_none() {
+            return Err("no parameter is trainable: there is nothing to train".into());
+        }
+        for which in ["train", "eval", "optimizer", "infer"] {
+            let g = self.graphs.get(which).ok_or_else(|| format!("the manifest has no `{which}` graph"))?;
+            for t in g.inputs.iter().filter(|t| t.role == "parameter") {
+                if !self.parameters.iter().any(|p| p.name == t.name && p.trainable) {
+                    return Err(format!("the {which} graph takes parameter {}, which is not among the manifest's trainable parameters", t.name));
+                }
+            }
+        }
+        let train = &self.graphs["train"];
+        if let Some(p) = self.trainable().find(|p| train.input_for_parameter(&p.name).is_none()) {
+            return Err(format!("trainable parameter {} is not an input of the train graph", p.name));
+        }
+        Ok(())
+    }
+
+    /// Checks parameter values read from `file` against the manifest before anything is sized by
+    /// it (the optimizer's moments are): every trainable parameter present, with its shape.
+    pub fn check_parameter_values(&self, tensors: &[crate::store::NamedTensor], file: &Path) -> Result<()> {
+        for p in self.trainable() {
+            let t = tensors.iter().find(|t| t.name == p.name).ok_or_else(|| Error::Other(format!("{}: parameter {} is missing", file.display(), p.name)))?;
+            if t.shape.len() != p.shape.len() || t.shape.iter().zip(&p.shape).any(|(&a, &b)| a as i64 != b) {
+                return Err(Error::Other(format!("{}: parameter {} has shape {:?}, the manifest says {:?}", file.display(), p.name, t.shape, p.shape)));
+            }
+        }
         Ok(())
     }
 
@@ -202,6 +255,10 @@ impl GraphSpec {
     /// The output with `role` for `parameter` (a gradient, an update).
     pub fn output_for(&self, role: &str, parameter: &str) -> Option<&TensorSpec> {
         self.outputs.iter().find(|t| t.role == role && t.parameter.as_deref() == Some(parameter))
+    }
+    /// The parameter input named `name`.
+    pub fn input_for_parameter(&self, name: &str) -> Option<&TensorSpec> {
+        self.inputs.iter().find(|t| t.role == "parameter" && t.name == name)
     }
     pub fn input_for(&self, role: &str, parameter: &str) -> Option<&TensorSpec> {
         self.inputs.iter().find(|t| t.role == role && t.parameter.as_deref() == Some(parameter))

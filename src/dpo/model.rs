@@ -76,12 +76,21 @@ pub fn recognise(graph: &Graph, hidden_override: Option<&str>) -> Result<LmSigna
                 .unwrap_or(false)
     };
     let mut cur = logits.clone();
+    // what the walk passes: the logits and what computes them from the lm_head's product
+    let mut after_head: Vec<String> = Vec::new();
     for _ in 0..16 {
+        after_head.push(cur.clone());
         let Some(&i) = producers.get(cur.as_str()) else { break };
         let n = &graph.nodes[i];
         match n.op_type.as_str() {
             "MatMul" | "Gemm" => {
                 let (act, w) = if is_weightish(&n.input[1]) { (&n.input[0], &n.input[1]) } else { (&n.input[1], &n.input[0]) };
+                if let Some(h) = hidden_override.filter(|h| after_head.iter().any(|a| a == h)) {
+                    return Err(Error::BadFlag {
+                        flag: "--hidden-state".into(),
+                        detail: format!("{h} comes after the lm_head (the logits, one value per vocabulary entry); the beta head reads a hidden state, such as the lm_head's input {act}"),
+                    });
+                }
                 let hidden = hidden_override.map(str::to_string).unwrap_or_else(|| act.clone());
                 let hidden_size = weight_hidden_size(graph, n, w)
                     .ok_or_else(|| Error::graph(format!("cannot tell the hidden size from the lm_head weight {w} of node {}", n.name)))?;
@@ -127,4 +136,46 @@ fn weight_hidden_size(graph: &Graph, node: &crate::onnx::NodeProto, w: &str) -> 
     }
     let trans_b = node.op_type == "Gemm" && node.int_or("transB", 0) != 0;
     Some(if trans_b { dims[1] } else { dims[0] }).filter(|&h| h > 0)
+}
+/// Rows of the position table the model gathers from (gpt2's `wpe`), the most positions it can
+/// take: the smallest 2-D initializer read by a Gather whose indices come from a graph input
+/// (through its shape, as `range(sequence)` does, or its values) but not from the token ids'
+/// values (that Gather is the token embedding). `None` when the model has no such table (rotary
+/// models compute positions and have no hard limit).
+pub fn position_table_rows(graph: &Graph, input_ids: &str) -> Option<usize> {
+    let producers = graph.producers();
+    let inputs: std::collections::HashSet<&str> = graph.inputs.iter().map(|v| v.name.as_str()).collect();
+    // whether `start` depends on `target` (any graph input when `None`), optionally not through a Shape
+    let reaches = |start: &str, target: Option<&str>, through_shape: bool| {
+        let mut stack = vec![start.to_string()];
+        let mut seen = std::collections::HashSet::new();
+        while let Some(t) = stack.pop() {
+            if target.map_or(inputs.contains(t.as_str()), |x| x == t) {
+                return true;
+            }
+            if !seen.insert(t.clone()) || seen.len() > 100_000 {
+                continue;
+            }
+            if let Some(&n) = producers.get(t.as_str()) {
+                let node = &graph.nodes[n];
+                if !through_shape && matches!(node.op_type.as_str(), "Shape" | "Size") {
+                    continue;
+                }
+                stack.extend(node.input.iter().filter(|i| !i.is_empty()).cloned());
+            }
+        }
+        false
+    };
+    graph
+        .nodes
+        .iter()
+        .filter(|n| n.op_type == "Gather" && n.input.len() == 2)
+        .filter_map(|n| {
+            let table = graph.initializer(&n.input[0]).filter(|t| t.dims.len() == 2)?;
+            let indices = &n.input[1];
+            (reaches(indices, None, true) && !reaches(indices, Some(input_ids), false)).then_some(table.dims[0])
+        })
+        .filter(|&rows| rows >= 2)
+        .min()
+        .and_then(|rows| usize::try_from(rows).ok())
 }

@@ -83,6 +83,12 @@ pub fn validate(dir: &Path, opts: &ValidateOptions) -> Result<Vec<Check>> {
     let tensors = || stored.as_deref().map_err(|e| Error::Other(e.to_string()));
     checks.push(check("parameters file", tensors().and_then(|t| parameters_file(t, &manifest)).map(|n| format!("{n} tensors with the manifest's shapes"))));
     let mut take = |which: &str| sessions.remove(which).ok_or_else(|| Error::Other(format!("the {which} graph did not load")));
+    let map = dir.join(super::hf_export::map::HF_MAP_FILE);
+    if map.exists() {
+        // what `export --hf` reads before it writes anything
+        let read = super::hf_export::map::HfMap::load(&map).map(|m| format!("{} tensors, each listed once, transposes of matrices only", m.tensors.len()));
+        checks.push(check("Hugging Face name map", read));
+    }
     checks.push(check("train: directional derivatives", take("train").and_then(|mut s| directional(tensors()?, &manifest, opts, &mut s))));
     if manifest.layout == super::packing::Layout::Packed {
         let packed = take("eval").and_then(|mut eval| take("infer").and_then(|mut infer| packed_vs_model(tensors()?, &manifest, opts, &mut eval, &mut infer)));
@@ -144,13 +150,10 @@ fn structure(model: &ModelProto, spec: &GraphSpec, default_only: bool) -> Result
 }
 
 fn parameters_file(tensors: &[NamedTensor], m: &Manifest) -> Result<usize> {
+    m.check_parameter_values(tensors, Path::new(&m.parameters_file))?;
     let by_name: HashMap<&str, &crate::store::NamedTensor> = tensors.iter().map(|t| (t.name.as_str(), t)).collect();
     for p in m.trainable() {
-        let t = by_name.get(p.name.as_str()).ok_or_else(|| Error::Other(format!("parameter {} is missing from {}", p.name, m.parameters_file)))?;
-        let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-        if shape != p.shape {
-            return Err(Error::Other(format!("parameter {} has shape {shape:?}, the manifest says {:?}", p.name, p.shape)));
-        }
+        let t = by_name[p.name.as_str()];
         if t.data.iter().any(|v| !v.is_finite()) {
             return Err(Error::Other(format!("parameter {} holds non-finite values", p.name)));
         }

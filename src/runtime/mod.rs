@@ -108,6 +108,11 @@ fn load(ep: &ExecutionProvider) -> Result<Runtime> {
         .with_telemetry(false)
         .build()
         .map_err(|e| Error::Runtime(format!("creating the environment from {}: {e}", path.display())))?;
+    if std::env::var_os("ORT_LOG").is_none() {
+        // Its errors come back to us, and are reported in one line; logged, they would be printed
+        // again, over several ANSI-coloured lines, before it.
+        env.set_log_level(ort::logging::LogLevel::Fatal);
+    }
     Ok(Runtime { env, library: LoadedLibrary { path, version, flavor } })
 }
 

@@ -16,9 +16,19 @@ use crate::train::data::Message;
 
 const NAME: &str = "chat_template";
 
+/// Template instructions one rendering may run: a conversation of thousands of messages takes a
+/// few hundred thousand; a loop nested over `range(100000)` would take 10^10.
+pub const FUEL: u64 = 20_000_000;
+/// Bytes one rendering may write.
+pub const MAX_OUTPUT_BYTES: usize = 64 << 20;
+/// Bytes one rendering may hold at once, its output included (see `limits::memory_guard`).
+pub const MEMORY_BUDGET: usize = 512 << 20;
+
 /// A compiled chat template plus the special-token strings HF passes to it.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// Where the template comes from (a file), for errors.
+    origin: String,
     bos_token: Option<String>,
     eos_token: Option<String>,
     pad_token: Option<String>,
@@ -39,8 +49,15 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_filter("tojson", py_tojson);
+        env.set_fuel(Some(FUEL));
         env.add_template_owned(NAME, source.to_string()).map_err(|e| Error::Data(format!("chat template does not compile: {e:#}")))?;
-        Ok(ChatTemplate { env, bos_token, eos_token, pad_token })
+        Ok(ChatTemplate { env, origin: NAME.into(), bos_token, eos_token, pad_token })
+    }
+
+    /// Names the file the template was read from in its errors.
+    pub fn from_file(mut self, origin: &std::path::Path) -> Self {
+        self.origin = format!("the chat template of {}", origin.display());
+        self
     }
 
     /// Renders `messages` with the variables HF's `apply_chat_template` provides.
@@ -59,7 +76,25 @@ impl ChatTemplate {
         ctx.extend(vars.0.iter().map(|(k, v)| (k.clone(), v.clone())));
         ctx.insert("messages".into(), Value::from_serialize(messages));
         ctx.insert("add_generation_prompt".into(), Value::from(add_generation_prompt));
-        tmpl.render(ctx).map_err(|e| Error::Data(format!("chat template failed: {e:#}")))
+        let over_memory = format!(
+            "{}: rendering one row takes more than {} MB of memory (a template that builds ever larger strings?); fix the template",
+            self.origin,
+            MEMORY_BUDGET >> 20
+        );
+        let mut out = BoundedOutput(Vec::new());
+        let rendered = crate::limits::with_memory_budget(MEMORY_BUDGET, &over_memory, || tmpl.render_captured_to(ctx, &mut out).map(|_| ()));
+        rendered.map_err(|e| self.failed(e))?;
+        String::from_utf8(out.0).map_err(|_| Error::Data(format!("{}: rendered text that is not UTF-8", self.origin)))
+    }
+
+    fn failed(&self, e: minijinja::Error) -> Error {
+        match e.kind() {
+            ErrorKind::OutOfFuel => {
+                Error::Data(format!("{}: rendering one row takes more than {FUEL} template steps (a loop that runs too long?); fix the template", self.origin))
+            }
+            ErrorKind::WriteFailure => Error::Data(format!("{}: renders more than {} MB for one row; fix the template", self.origin, MAX_OUTPUT_BYTES >> 20)),
+            _ => Error::Data(format!("chat template failed: {e:#}")),
+        }
     }
 
     /// Renders a prompt to generate from (`infer --chat`): with the generation prompt when it ends
@@ -74,6 +109,22 @@ impl ChatTemplate {
             }
             _ => self.render(prompt, true),
         }
+    }
+}
+
+/// The rendering's text, refused past [`MAX_OUTPUT_BYTES`].
+struct BoundedOutput(Vec<u8>);
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_OUTPUT_BYTES {
+            return Err(std::io::Error::other("the rendering is too long"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -101,6 +101,14 @@ pub struct TrainConfig {
     /// Seconds a rank waits for the others in an NCCL allreduce before it ends the job (a hung rank).
     #[serde(default = "default_nccl_timeout")]
     pub nccl_timeout_s: f64,
+    /// A data row (a JSONL line, a JSON array element) longer than this is refused (or skipped
+    /// with `skip_bad_rows`) before it is parsed.
+    #[serde(default = "default_max_row_bytes")]
+    pub max_row_bytes: usize,
+}
+
+fn default_max_row_bytes() -> usize {
+    crate::limits::DEFAULT_MAX_ROW_BYTES
 }
 
 fn default_nccl_timeout() -> f64 {
@@ -235,6 +243,7 @@ impl Default for TrainConfig {
             loss_scale_init: None,
             allreduce: AllreduceKind::Auto,
             nccl_timeout_s: default_nccl_timeout(),
+            max_row_bytes: default_max_row_bytes(),
         }
     }
 }
@@ -248,6 +257,7 @@ impl TrainConfig {
         if self.grad_accum == 0 {
             return bad("--grad-accum", "must be at least 1".into());
         }
+        self.check_counts()?;
         for (flag, v) in [("--lr", self.lr), ("--head-lr", self.head_lr)] {
             if !(v.is_finite() && v >= 0.0) {
                 return bad(flag, format!("{v} (must be a finite number >= 0)"));
@@ -309,6 +319,32 @@ impl TrainConfig {
         }
         Ok(())
     }
+}
+
+impl TrainConfig {
+    /// The counts that size memory or enter products of counts, bounded before anything is
+    /// allocated (the batch's memory is estimated once the data's lengths are known).
+    fn check_counts(&self) -> Result<()> {
+        use crate::limits::{at_most, MAX_COUNT};
+        at_most("--batch-size", self.batch_size, MAX_COUNT, "pairs in one micro-batch")?;
+        at_most("--grad-accum", self.grad_accum, MAX_COUNT, "micro-batches in one optimizer step")?;
+        at_most("--max-length", self.max_length.unwrap_or(0), MAX_COUNT, "tokens in one row, beyond any model's positions")?;
+        at_most("--pack-tokens", self.pack_tokens, MAX_COUNT, "tokens in one packed row")?;
+        at_most("--bucket-batches", self.bucket_batches, MAX_COUNT, "batches in one sorting window")?;
+        if let Some(t) = self.threads {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            at_most("--threads", t, max_threads(cores), &format!("4 threads for each of this machine's {cores} cores, 64 at least"))?;
+        }
+        if self.max_row_bytes == 0 {
+            return Err(Error::BadFlag { flag: "--max-row-bytes".into(), detail: "must be at least 1".into() });
+        }
+        Ok(())
+    }
+}
+
+/// Intra-op threads allowed on `cores` cores: ONNX Runtime starts every one of them with its own stack.
+pub fn max_threads(cores: usize) -> usize {
+    cores.saturating_mul(4).max(64)
 }
 
 mod ep_string {

@@ -91,13 +91,22 @@ pub struct PreferenceRow {
 }
 
 /// How to read a data file and treat rows that cannot be parsed.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// Count and skip malformed rows instead of failing on the first one.
     pub skip_bad_rows: bool,
     /// The split to read from a folder (`datasets`' DatasetDict or Hub Parquet shards); `None`
     /// reads `train`.
     pub split: Option<String>,
+    /// A JSONL line or JSON array element longer than this is malformed, refused before it is
+    /// parsed (`--max-row-bytes`).
+    pub max_row_bytes: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { skip_bad_rows: false, split: None, max_row_bytes: crate::limits::DEFAULT_MAX_ROW_BYTES }
+    }
 }
 
 /// The rows of one file and what was skipped on the way.
@@ -124,10 +133,8 @@ pub fn load_preferences(path: &Path, opts: &LoadOptions) -> Result<LoadedData> {
     let mut out = LoadedData::default();
     let mut visit = |location: String, value: std::result::Result<Value, String>| add_row(&mut out, opts, location, value.and_then(|v| parse_row(&v)));
     match resolve(path, opts.split.as_deref())? {
-        DataSource::Json(file) => {
-            let f = std::fs::File::open(&file).map_err(|e| Error::io(&file, e))?;
-            visit_json_rows(std::io::BufReader::new(f), &file.display().to_string(), &mut visit)?;
-        }
+        // streamed, each row held to --max-row-bytes before it is parsed
+        DataSource::Json(file) => super::rows::read_json_rows(&file, opts.max_row_bytes, &mut visit)?,
         DataSource::Arrow(files) => {
             for (file, kind) in files {
                 visit_arrow_rows(&file, kind, &mut visit)?;

@@ -40,6 +40,8 @@ pub struct TokenizerConfig {
     /// `None` when the config does not say (then `tokenizer.json`'s post-processor decides).
     pub add_bos_token: Option<bool>,
     pub add_eos_token: Option<bool>,
+    /// The file the chat template was read from, named in its errors.
+    pub template_origin: Option<PathBuf>,
 }
 
 impl TokenizerConfig {
@@ -72,6 +74,7 @@ impl TokenizerConfig {
             bos_token: token("bos_token"),
             add_bos_token: v.get("add_bos_token").and_then(Value::as_bool),
             add_eos_token: v.get("add_eos_token").and_then(Value::as_bool),
+            template_origin: Some(path.to_path_buf()),
         })
     }
 }
@@ -83,10 +86,43 @@ fn load_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
     let cannot = |why: String| Error::Data(format!("{}: cannot load tokenizer: {why}", path.display()));
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|e| cannot(format!("invalid JSON: {e}")))?;
-    match std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>()) {
-        Ok(loaded) => loaded.map_err(|e| cannot(e.to_string())),
-        Err(_) => Err(cannot("the tokenizers library rejected its contents".into())),
+    let mut tokenizer = match std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>()) {
+        Ok(loaded) => loaded.map_err(|e| cannot(e.to_string()))?,
+        Err(_) => return Err(cannot("the tokenizers library rejected its contents".into())),
+    };
+    if let Some(notice) = without_stored_padding_and_truncation(&mut tokenizer) {
+        eprintln!("note: {}: {notice}", path.display());
     }
+    Ok(tokenizer)
+}
+
+/// Turns off the padding and truncation a `tokenizer.json` may store, as `transformers` does on
+/// every call (`__call__` sets both per call, to nothing for TRL's tokenization): `Fixed: 64`
+/// padding would add pad tokens to every row, a stored `max_length` would cut rows silently.
+/// Returns the one-line notice when either was set.
+pub fn without_stored_padding_and_truncation(tokenizer: &mut tokenizers::Tokenizer) -> Option<String> {
+    let mut turned_off = Vec::new();
+    if let Some(p) = tokenizer.get_padding() {
+        let strategy = match p.strategy {
+            tokenizers::PaddingStrategy::Fixed(n) => format!("Fixed {n}"),
+            tokenizers::PaddingStrategy::BatchLongest => "BatchLongest".into(),
+        };
+        turned_off.push(format!("padding ({strategy})"));
+    }
+    if let Some(t) = tokenizer.get_truncation() {
+        turned_off.push(format!("truncation (max_length {})", t.max_length));
+    }
+    if turned_off.is_empty() {
+        return None;
+    }
+    tokenizer.with_padding(None);
+    // only fails on a stride longer than max_length, which None cannot have
+    let _ = tokenizer.with_truncation(None);
+    Some(format!(
+        "the {} stored in tokenizer.json {} turned off, as transformers does per call (rows are cut by --max-length)",
+        turned_off.join(" and "),
+        if turned_off.len() > 1 { "are" } else { "is" }
+    ))
 }
 
 /// What TRL tokenizes for one row: the prompt alone and the prompt followed by each answer.
@@ -141,6 +177,7 @@ impl PairTokenizer {
         let jinja = dir.join("chat_template.jinja");
         if cfg.chat_template.is_none() && jinja.exists() {
             cfg.chat_template = Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
+            cfg.template_origin = Some(jinja);
         }
         Self::new(tokenizer, cfg)
     }
@@ -174,7 +211,13 @@ impl PairTokenizer {
         let bos_id = cfg.bos_token.as_deref().map(|t| id_of(&tokenizer, t, "bos")).transpose()?;
         set_special_tokens_like_transformers(&mut tokenizer, &cfg, bos_id, (&eos_token, eos_id))?;
         let template = match &cfg.chat_template {
-            Some(src) => Some(ChatTemplate::new(src, cfg.bos_token.clone(), Some(eos_token.clone()), pad_token)?),
+            Some(src) => {
+                let t = ChatTemplate::new(src, cfg.bos_token.clone(), Some(eos_token.clone()), pad_token)?;
+                Some(match &cfg.template_origin {
+                    Some(origin) => t.from_file(origin),
+                    None => t,
+                })
+            }
             None => None,
         };
         Ok(PairTokenizer { tokenizer, template, eos_token, eos_id, pad_id, bos_id })
@@ -259,8 +302,10 @@ impl PairTokenizer {
                 }
             }
         }
-        if pair.chosen.is_empty() || pair.rejected.is_empty() || !cfg.apply(&mut pair, stats) {
+        let empty_answer = pair.chosen.is_empty() || pair.rejected.is_empty();
+        if empty_answer || !cfg.apply(&mut pair, stats) {
             stats.dropped += 1;
+            stats.dropped_by_truncation += usize::from(!empty_answer);
             return Ok(None);
         }
         stats.kept += 1;

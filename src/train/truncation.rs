@@ -68,11 +68,40 @@ pub struct TokenizeStats {
     /// Pairs dropped because the prompt was empty and the tokenizer has no BOS to stand in for it
     /// (the beta head needs a last prompt token to read).
     pub dropped_empty_prompt: usize,
+    /// Of `dropped`, the pairs truncation dropped (the rest had an answer of no token).
+    pub dropped_by_truncation: usize,
     /// Pairs whose tokenized prompt is not a prefix of the tokenized prompt + answer (TRL warns):
     /// the answer starts where they diverge, and the rest of the prompt is not trained on.
     pub prompt_not_prefix: usize,
     /// The decoded prompt end left out, for the first such pair.
     pub prompt_not_prefix_example: Option<String>,
+}
+
+impl TokenizeStats {
+    /// Why no pair was kept, for "no usable pairs": what dropped them and what the user can change.
+    pub fn why_none(&self, cfg: &TruncationConfig) -> String {
+        if self.pairs == 0 {
+            return "the data holds no rows".into();
+        }
+        if self.dropped_by_truncation == self.pairs {
+            let max = cfg.max_length.unwrap_or(0);
+            return match cfg.mode {
+                TruncationMode::KeepStart => format!("every prompt has --max-length ({max}) tokens or more, which leaves no answer token (raise --max-length, or use --truncation-mode keep_end)"),
+                TruncationMode::KeepEnd => format!("every answer has --max-length ({max}) tokens or more, which leaves no prompt token (raise --max-length)"),
+            };
+        }
+        let empty = self.dropped - self.dropped_by_truncation;
+        if empty + self.dropped_empty_prompt == self.pairs {
+            return format!(
+                "{} pairs have an answer of no token and {} an empty prompt with no BOS token to stand in: does the tokenizer have a vocabulary?",
+                empty, self.dropped_empty_prompt
+            );
+        }
+        format!(
+            "of {} pairs, truncation to --max-length dropped {}, {} have an answer of no token and {} an empty prompt with no BOS token to stand in",
+            self.pairs, self.dropped_by_truncation, empty, self.dropped_empty_prompt
+        )
+    }
 }
 
 impl TruncationConfig {

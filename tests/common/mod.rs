@@ -5,4 +5,5 @@ pub mod golden;
 pub mod gradcheck;
 pub mod mpi_job;
 pub mod onnx_model;
+pub mod timed;
 pub mod tiny_lm;

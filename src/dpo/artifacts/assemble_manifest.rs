@@ -39,10 +39,13 @@ pub struct ManifestParts<'a> {
     pub parameters: Vec<ParameterSpec>,
     pub lora: Option<LoraSpec>,
     pub precision: MixedPrecision,
+    /// The context the model's Hugging Face config gives (see [`super::hf_names::HfNames::context_length`]).
+    pub context_length: Option<usize>,
 }
 
 pub fn assemble(p: ManifestParts) -> Manifest {
     let (sig, base) = (&p.model.sig, &p.model.base);
+    let max_positions = crate::dpo::model::position_table_rows(base, &sig.input_ids);
     Manifest {
         format: FORMAT.into(),
         format_version: FORMAT_VERSION,
@@ -63,10 +66,13 @@ pub fn assemble(p: ManifestParts) -> Manifest {
             hidden_size: sig.hidden_size,
             vocab_size: p.model.vocab,
             opset: base.opset(),
+            max_positions,
+            context_length: p.context_length,
         },
         objective: p.objective.clone(),
         layout: p.layout,
-        max_sequence_tokens: (p.layout == Layout::Packed).then_some(packing::VERIFIED_SEQUENCE_TOKENS),
+        // the packed mask was verified for this many tokens, and the model takes no more than its positions
+        max_sequence_tokens: (p.layout == Layout::Packed).then_some(packing::VERIFIED_SEQUENCE_TOKENS.min(max_positions.unwrap_or(usize::MAX))),
         graphs: p.graphs,
         parameters: p.parameters,
         parameters_file: PARAMS_FILE.into(),

@@ -27,6 +27,17 @@ pub fn find(model_path: &Path, base: &Graph, written: Option<String>) -> HfNames
 }
 
 impl HfNames {
+    /// The context the model was configured for (`max_position_embeddings`, gpt2's `n_positions`)
+    /// in the Hugging Face config the map carries.
+    pub fn context_length(&self) -> Option<usize> {
+        let map = self.map.as_deref().and_then(|text| HfMap::parse(text, Path::new(HF_MAP_FILE)).ok())?;
+        ["max_position_embeddings", "n_positions", "n_ctx"]
+            .iter()
+            .find_map(|k| map.config.get(*k).and_then(serde_json::Value::as_u64))
+            .filter(|&n| (2..=crate::limits::MAX_COUNT as u64).contains(&n))
+            .map(|n| n as usize)
+    }
+
     /// PyTorch module names of the model's weights (`x.weight` -> `x`), tied copies included.
     pub fn module_names(&self) -> HashMap<String, String> {
         let Some(map) = self.map.as_deref().and_then(|text| HfMap::parse(text, Path::new(HF_MAP_FILE)).ok()) else { return Default::default() };

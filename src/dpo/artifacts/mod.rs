@@ -128,6 +128,7 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
         parameters,
         lora,
         precision: opts.precision,
+        context_length: hf.context_length(),
     });
     let initial = store_weights::initial_values(&model.base, &appended.obj, &params, &model.half_origin)?;
     let half_frozen = store_weights::store_frozen_weights([&mut graphs.train, &mut graphs.eval, &mut infer], &params, opts.frozen_dtype, &model.half_origin)?;

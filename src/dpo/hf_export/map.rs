@@ -67,7 +67,41 @@ impl HfMap {
         if m.format != FORMAT || m.format_version != FORMAT_VERSION {
             return Err(Error::Other(format!("{}: format {} v{} is not {FORMAT} v{FORMAT_VERSION}", path.display(), m.format, m.format_version)));
         }
+        m.check().map_err(|why| Error::Other(format!("{}: {why}", path.display())))?;
         Ok(m)
+    }
+
+    /// What a Hugging Face directory written from the map needs, checked before anything is
+    /// written: a config object, tensors listed once each with sane shapes, transposes of matrices only.
+    fn check(&self) -> std::result::Result<(), String> {
+        if !self.config.is_object() {
+            return Err("`config` must be an object (config.json as save_pretrained wrote it)".into());
+        }
+        if self.generation_config.as_ref().is_some_and(|g| !g.is_object() && !g.is_null()) {
+            return Err("`generation_config` must be an object".into());
+        }
+        if self.tensors.is_empty() {
+            return Err("`tensors` is empty: the checkpoint would hold no weights".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for t in &self.tensors {
+            if !names.insert(t.name.as_str()) {
+                return Err(format!("tensor {} is listed twice", t.name));
+            }
+            let dims: Vec<i64> = t.shape.iter().map(|&d| i64::try_from(d).unwrap_or(-1)).collect();
+            crate::onnx::checked_numel(&dims).map_err(|e| format!("tensor {}: {e}", t.name))?;
+            let transposed = t.transposed || t.tied_copies.iter().any(|c| c.transposed);
+            if transposed && t.shape.len() != 2 {
+                return Err(format!("tensor {} has shape {:?}: only a 2-D tensor can be `transposed`", t.name, t.shape));
+            }
+            if !matches!(t.dtype.as_str(), "F32" | "F16" | "BF16") {
+                return Err(format!("tensor {} has dtype {:?} (F32, F16 or BF16)", t.name, t.dtype));
+            }
+            if t.offset.is_some_and(|o| !o.is_finite()) {
+                return Err(format!("tensor {} has a non-finite offset", t.name));
+            }
+        }
+        Ok(())
     }
 
     /// The map carried by the artifacts, or (artifacts built before maps were carried) the one
@@ -106,16 +140,21 @@ impl HfMap {
     }
 }
 
-/// A 2-D tensor's transpose.
-pub fn transpose(data: &[f32], shape: &[usize]) -> (Vec<f32>, Vec<usize>) {
-    let (r, c) = (shape[0], shape[1]);
+/// A 2-D tensor's transpose (anything else is refused: the map or the manifest lied about it).
+pub fn transpose(data: &[f32], shape: &[usize]) -> Result<(Vec<f32>, Vec<usize>)> {
+    let &[r, c] = shape else {
+        return Err(Error::Other(format!("a tensor of shape {shape:?} cannot be transposed (only 2-D ones)")));
+    };
+    if r.checked_mul(c) != Some(data.len()) {
+        return Err(Error::Other(format!("a tensor of shape {shape:?} holds {} values", data.len())));
+    }
     let mut out = vec![0.0; data.len()];
     for i in 0..r {
         for j in 0..c {
             out[j * r + i] = data[i * c + j];
         }
     }
-    (out, vec![c, r])
+    Ok((out, vec![c, r]))
 }
 
 /// Values of the model's initializers after training: a trained parameter's (transposed for a tied
@@ -138,7 +177,7 @@ impl<'a> InitializerValues<'a> {
         for p in self.manifest.trainable() {
             let Some(r) = p.initializers.iter().find(|r| r.name == name) else { continue };
             let t = self.trained.get(p.name.as_str()).ok_or_else(|| Error::Other(format!("parameter {} is missing from the trained parameters", p.name)))?;
-            return Ok(if r.transposed { transpose(&t.data, &t.shape) } else { (t.data.clone(), t.shape.clone()) });
+            return if r.transposed { transpose(&t.data, &t.shape) } else { Ok((t.data.clone(), t.shape.clone())) };
         }
         if self.frozen.is_none() {
             let g = load_model(&self.infer_path)?.graph.unwrap_or_default();

@@ -158,13 +158,13 @@ fn write_json(dir: &Path, name: &str, v: &serde_json::Value, written: &mut Vec<S
 /// The checkpoint tensor: its initializer's value (transposed, offset removed), and tied copies
 /// checked to hold the same weight.
 fn checkpoint_tensor(t: &HfTensor, values: &mut InitializerValues) -> Result<NamedTensor> {
-    let as_checkpoint = |(data, shape): (Vec<f32>, Vec<usize>), transposed: bool| if transposed { transpose(&data, &shape) } else { (data, shape) };
-    let (mut data, shape) = as_checkpoint(values.get(&t.initializer)?, t.transposed);
+    let as_checkpoint = |(data, shape): (Vec<f32>, Vec<usize>), transposed: bool| if transposed { transpose(&data, &shape) } else { Ok((data, shape)) };
+    let (mut data, shape) = as_checkpoint(values.get(&t.initializer)?, t.transposed)?;
     if shape != t.shape {
         return Err(Error::Other(format!("initializer {} has shape {shape:?} (as stored in the checkpoint), the map expects {:?}", t.initializer, t.shape)));
     }
     for c in &t.tied_copies {
-        let (copy, _) = as_checkpoint(values.get(&c.initializer)?, c.transposed);
+        let (copy, _) = as_checkpoint(values.get(&c.initializer)?, c.transposed)?;
         if copy != data {
             return Err(Error::Other(format!(
                 "the tied copies {} and {} hold different values (trained apart?); Hugging Face ties them into one tensor",

@@ -105,7 +105,7 @@ pub fn prepare(cfg: &TrainConfig, coll: &dyn Collective) -> Result<Prepared> {
     let mut stats = String::new();
     let tok = PairTokenizer::from_files(&cfg.tokenizer, cfg.tokenizer_config.as_deref())?;
     let trunc = TruncationConfig { max_length: cfg.max_length, mode: cfg.truncation_mode };
-    let load = |split: Option<String>| LoadOptions { skip_bad_rows: cfg.skip_bad_rows, split };
+    let load = |split: Option<String>| LoadOptions { skip_bad_rows: cfg.skip_bad_rows, split, max_row_bytes: cfg.max_row_bytes };
     let train_pairs = load_pairs(&cfg.data, &load(cfg.data_split.clone()), &tok, &trunc, &mut stats)?;
     let eval_pairs = match &cfg.eval_data {
         // A folder's evaluation rows are its test split unless another is named.
@@ -118,6 +118,7 @@ pub fn prepare(cfg: &TrainConfig, coll: &dyn Collective) -> Result<Prepared> {
     if cfg.progress && coll.is_root() {
         eprint!("{stats}");
     }
+    check_model_limits(cfg, &manifest, &tok, train_pairs.iter().chain(eval_pairs.iter().flatten()))?;
     if let Some(limit) = manifest.max_sequence_tokens {
         let longest = train_pairs.iter().chain(eval_pairs.iter().flatten()).map(TokenizedPair::max_len).max().unwrap_or(0);
         if longest > limit {
@@ -149,7 +150,11 @@ pub fn prepare(cfg: &TrainConfig, coll: &dyn Collective) -> Result<Prepared> {
     let session_config = session_config(cfg);
     let sessions = sessions(cfg, &manifest, &session_config)?;
     let device = Device::for_ep(&cfg.ep);
-    let initial = to_feeds(read_safetensors(&cfg.artifacts.join(&manifest.parameters_file))?.0, &manifest, &device)?;
+    let params_path = cfg.artifacts.join(&manifest.parameters_file);
+    let (params, _) = read_safetensors(&params_path)?;
+    // before anything is sized by the manifest's shapes (the Adam moments are)
+    manifest.check_parameter_values(&params, &params_path)?;
+    let initial = to_feeds(params, &manifest, &device)?;
 
     if coll.is_root() {
         std::fs::create_dir_all(&run).map_err(|e| Error::io(&run, e))?;
@@ -172,6 +177,7 @@ pub fn start_state(p: &mut Prepared, cfg: &TrainConfig) -> Result<(TrainerState,
     let device = p.device;
     if let Some(r) = &p.resume {
         let l = checkpoint::load(&r.dir)?;
+        p.manifest.check_parameter_values(&l.params, &r.dir.join(checkpoint::PARAMS))?;
         let params = to_feeds(l.params, &p.manifest, &device)?;
         let mut moments = by_name(l.moments);
         let mut take = |suffix: &str| {
@@ -257,9 +263,30 @@ fn load_pairs(path: &Path, opts: &LoadOptions, tok: &PairTokenizer, trunc: &Trun
         );
     }
     if pairs.is_empty() {
-        return Err(Error::Data(format!("{}: no usable pairs", path.display())));
+        let why = match data.skipped_examples.first() {
+            Some(first) if data.rows.is_empty() => format!("all {} rows are malformed, e.g. {first}", data.skipped),
+            _ => stats.why_none(trunc),
+        };
+        return Err(Error::Data(format!("{}: no usable pairs: {why}", path.display())));
     }
     Ok(pairs)
+}
+
+/// Refuses pairs the model cannot take (longer than its positions, token ids beyond its
+/// vocabulary) and, on the CPU, micro-batches whose logits alone exceed the machine's memory,
+/// before ONNX Runtime sees any of them.
+fn check_model_limits<'a>(cfg: &TrainConfig, manifest: &Manifest, tok: &PairTokenizer, pairs: impl Iterator<Item = &'a TokenizedPair> + Clone) -> Result<()> {
+    let limits = crate::train::model_limits::ModelLimits::of(manifest);
+    let longest = pairs.clone().map(TokenizedPair::max_len).max().unwrap_or(0);
+    limits.check_length(longest, "lower --max-length")?;
+    let max_id = pairs.clone().flat_map(|p| [&p.prompt, &p.chosen, &p.rejected]).filter_map(|ids| ids.iter().max()).max().copied();
+    limits.check_ids(max_id.max(Some(tok.pad_id())), &cfg.tokenizer)?;
+    if cfg.ep == ExecutionProvider::Cpu {
+        let rows = 2 * cfg.batch_size.min(pairs.count());
+        // the logits and their gradient, the least a step holds
+        limits.check_logits_memory("--batch-size", rows, longest, 2, "lower --batch-size or --max-length")?;
+    }
+    Ok(())
 }
 
 /// Whether the AdamW step runs as the fused host kernel rather than the optimizer graph.

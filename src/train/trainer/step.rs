@@ -119,7 +119,7 @@ impl<'a> Stepper<'a> {
         let mut graph_time = 0.0f64;
         let mut kept = 0usize;
         let mut epsilon_steps = StepTally::default();
-        let mut micro_pairs = Vec::with_capacity(cfg.grad_accum);
+        let mut micro_pairs = Vec::with_capacity(cfg.grad_accum.min(1024));
         if let Some(sum) = self.gradient_sum.as_mut() {
             sum.clear();
         }
