@@ -30,6 +30,10 @@ pub enum Error {
     /// An output path betadpo will not write into, replace or clear (see `output_dir`).
     #[error("{path}: {}", one_line(detail))]
     Refused { path: PathBuf, detail: String },
+    /// A file betadpo will not read: not a regular file, a kernel file, or a link out of its
+    /// directory (see `fs_guard`).
+    #[error("{path}: {}", one_line(detail))]
+    NotRegularFile { path: PathBuf, detail: String },
     /// Data-parallel training: a launch this build cannot serve, or ranks that disagree.
     #[error("distributed training: {}", one_line(.0))]
     Distributed(String),

@@ -2,7 +2,8 @@
 //!
 //! Layers, bottom to top (`LAYERS`; a module uses only its own layer and those below, which
 //! `tests/layers.rs` checks, along with the absence of import cycles between files):
-//! - [`error`], [`temp_files`], [`paths`]: the error type, atomic writes, a folder given where a file is expected.
+//! - [`error`], [`temp_files`], [`paths`], [`fs_guard`]: the error type, atomic writes, a folder given where a file
+//!   is expected, opening files as regular files only.
 //! - [`onnx`], [`store`], [`output_dir`], [`run_layout`]: protobuf types and model files, safetensors,
 //!   the output directories betadpo owns and the layout of a run's folder.
 //! - [`text`]: text as models read it (right-padded token rows).
@@ -17,12 +18,13 @@
 /// The layers of the library, bottom to top; each entry lists the top-level modules of one layer.
 #[doc(hidden)]
 pub const LAYERS: &[&str] =
-    &["error temp_files paths", "onnx store output_dir run_layout", "text", "runtime", "graph", "autodiff", "dpo", "distributed", "train", "infer"];
+    &["error temp_files paths fs_guard", "onnx store output_dir run_layout", "text", "runtime", "graph", "autodiff", "dpo", "distributed", "train", "infer"];
 
 pub mod autodiff;
 pub mod distributed;
 pub mod dpo;
 pub mod error;
+pub mod fs_guard;
 pub mod graph;
 pub mod infer;
 pub mod onnx;
