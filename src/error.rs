@@ -34,6 +34,9 @@ pub enum Error {
     /// directory (see `fs_guard`).
     #[error("{path}: {}", one_line(detail))]
     NotRegularFile { path: PathBuf, detail: String },
+    /// A directory another running betadpo process holds (see `dir_lock`).
+    #[error("{path}: in use by {}; wait for it to finish, or write elsewhere", one_line(holder))]
+    Locked { path: PathBuf, holder: String },
     /// Data-parallel training: a launch this build cannot serve, or ranks that disagree.
     #[error("distributed training: {}", one_line(.0))]
     Distributed(String),

@@ -2,8 +2,8 @@
 //!
 //! Layers, bottom to top (`LAYERS`; a module uses only its own layer and those below, which
 //! `tests/layers.rs` checks, along with the absence of import cycles between files):
-//! - [`error`], [`temp_files`], [`paths`], [`fs_guard`]: the error type, atomic writes, a folder given where a file
-//!   is expected, opening files as regular files only.
+//! - [`error`], [`temp_files`], [`paths`], [`fs_guard`], [`dir_lock`]: the error type, atomic writes, a folder given where a file
+//!   is expected, opening files as regular files only, the lock of an output directory.
 //! - [`onnx`], [`store`], [`output_dir`], [`run_layout`]: protobuf types and model files, safetensors,
 //!   the output directories betadpo owns and the layout of a run's folder.
 //! - [`text`]: text as models read it (right-padded token rows).
@@ -18,11 +18,12 @@
 /// The layers of the library, bottom to top; each entry lists the top-level modules of one layer.
 #[doc(hidden)]
 pub const LAYERS: &[&str] =
-    &["error temp_files paths fs_guard", "onnx store output_dir run_layout", "text", "runtime", "graph", "autodiff", "dpo", "distributed", "train", "infer"];
+    &["error temp_files paths fs_guard dir_lock", "onnx store output_dir run_layout", "text", "runtime", "graph", "autodiff", "dpo", "distributed", "train", "infer"];
 
 pub mod autodiff;
 pub mod distributed;
 pub mod dpo;
+pub mod dir_lock;
 pub mod error;
 pub mod fs_guard;
 pub mod graph;
