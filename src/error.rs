@@ -30,6 +30,9 @@ pub enum Error {
     /// An output path betadpo will not write into, replace or clear (see `output_dir`).
     #[error("{path}: {}", one_line(detail))]
     Refused { path: PathBuf, detail: String },
+    /// Parameters or optimizer moments that became NaN or infinite: nothing is written from them.
+    #[error("{}", one_line(.0))]
+    NonFiniteState(String),
     /// A file betadpo will not read: not a regular file, a kernel file, or a link out of its
     /// directory (see `fs_guard`).
     #[error("{path}: {}", one_line(detail))]

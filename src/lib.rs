@@ -21,9 +21,9 @@ pub const LAYERS: &[&str] =
     &["error temp_files paths fs_guard dir_lock", "onnx store output_dir run_layout", "text", "runtime", "graph", "autodiff", "dpo", "distributed", "train", "infer"];
 
 pub mod autodiff;
+pub mod dir_lock;
 pub mod distributed;
 pub mod dpo;
-pub mod dir_lock;
 pub mod error;
 pub mod fs_guard;
 pub mod graph;

@@ -44,7 +44,7 @@ pub struct Args {
 }
 
 fn read_prompts(path: &PathBuf) -> Result<Vec<Text>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = betadpo::fs_guard::read_to_string(path)?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;

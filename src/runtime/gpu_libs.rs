@@ -15,7 +15,6 @@
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
-
 use serde::{Deserialize, Serialize};
 
 use super::wheel::{self, Wheel, WheelSource};

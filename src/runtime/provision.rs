@@ -16,7 +16,6 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-
 use super::wheel::{self, Wheel, WheelSource};
 use crate::{Error, Result};
 

@@ -125,7 +125,7 @@ pub fn load_preferences(path: &Path, opts: &LoadOptions) -> Result<LoadedData> {
     let mut visit = |location: String, value: std::result::Result<Value, String>| add_row(&mut out, opts, location, value.and_then(|v| parse_row(&v)));
     match resolve(path, opts.split.as_deref())? {
         DataSource::Json(file) => {
-            let f = std::fs::File::open(&file).map_err(|e| Error::io(&file, e))?;
+            let f = crate::fs_guard::open_regular(&file)?;
             visit_json_rows(std::io::BufReader::new(f), &file.display().to_string(), &mut visit)?;
         }
         DataSource::Arrow(files) => {
