@@ -30,6 +30,16 @@ pub enum Error {
     /// An output path betadpo will not write into, replace or clear (see `output_dir`).
     #[error("{path}: {}", one_line(detail))]
     Refused { path: PathBuf, detail: String },
+    /// Parameters or optimizer moments that became NaN or infinite: nothing is written from them.
+    #[error("{}", one_line(.0))]
+    NonFiniteState(String),
+    /// A file betadpo will not read: not a regular file, a kernel file, or a link out of its
+    /// directory (see `fs_guard`).
+    #[error("{path}: {}", one_line(detail))]
+    NotRegularFile { path: PathBuf, detail: String },
+    /// A directory another running betadpo process holds (see `dir_lock`).
+    #[error("{path}: in use by {}; wait for it to finish, or write elsewhere", one_line(holder))]
+    Locked { path: PathBuf, holder: String },
     /// Data-parallel training: a launch this build cannot serve, or ranks that disagree.
     #[error("distributed training: {}", one_line(.0))]
     Distributed(String),

@@ -2,9 +2,10 @@
 //!
 //! Layers, bottom to top (`LAYERS`; a module uses only its own layer and those below, which
 //! `tests/layers.rs` checks, along with the absence of import cycles between files):
-//! - [`error`], [`temp_files`], [`paths`], [`limits`]: the error type, atomic writes, a folder given
-//!   where a file is expected, bounds on what input may make betadpo allocate (and the allocator
-//!   that holds a chat template to its memory budget).
+//! - [`error`], [`temp_files`], [`paths`], [`limits`], [`fs_guard`], [`dir_lock`]: the error type, atomic writes, a
+//!   folder given where a file is expected, bounds on what input may make betadpo allocate (and the
+//!   allocator that holds a chat template to its memory budget), opening files as regular files only,
+//!   the lock of an output directory.
 //! - [`onnx`], [`store`], [`output_dir`], [`run_layout`]: protobuf types and model files, safetensors,
 //!   the output directories betadpo owns and the layout of a run's folder.
 //! - [`text`]: text as models read it (right-padded token rows).
@@ -20,12 +21,14 @@
 /// The layers of the library, bottom to top; each entry lists the top-level modules of one layer.
 #[doc(hidden)]
 pub const LAYERS: &[&str] =
-    &["error temp_files paths limits", "onnx store output_dir run_layout", "text", "runtime", "graph", "autodiff", "model_import", "dpo", "distributed", "train", "infer"];
+    &["error temp_files paths limits fs_guard dir_lock", "onnx store output_dir run_layout", "text", "runtime", "graph", "autodiff", "model_import", "dpo", "distributed", "train", "infer"];
 
 pub mod autodiff;
+pub mod dir_lock;
 pub mod distributed;
 pub mod dpo;
 pub mod error;
+pub mod fs_guard;
 pub mod graph;
 pub mod infer;
 pub mod limits;

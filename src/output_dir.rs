@@ -21,7 +21,7 @@ pub fn mark(dir: &Path, kind: &str) -> Result<()> {
 
 /// Whether `dir` carries the marker of `kind`.
 pub fn marked(dir: &Path, kind: &str) -> bool {
-    std::fs::read(dir.join(MARKER)).map(|b| b == kind.as_bytes()).unwrap_or(false)
+    crate::fs_guard::read_inside(dir, &dir.join(MARKER)).map(|b| b == kind.as_bytes()).unwrap_or(false)
 }
 
 /// What an output directory must hold to count as betadpo's, for the refusal message.
@@ -54,11 +54,43 @@ pub fn claim(dir: &Path, kind: &Kind, is_ours: impl FnOnce(&Path) -> bool) -> Re
     // A process killed while writing its first file (the marker) leaves only a temporary file of
     // ours: the directory still counts as empty, or that run could never be resumed.
     let mut entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-    let empty = entries.all(|e| e.is_ok_and(|e| crate::temp_files::is_temporary_file(&e.file_name().to_string_lossy())));
+    let empty = entries.all(|e| e.is_ok_and(|e| is_bookkeeping(&e.file_name().to_string_lossy())));
     if empty || is_ours(dir) {
         return Ok(());
     }
     refuse(format!("is not empty and does not hold {}; betadpo never deletes or overwrites what it did not write", kind.what))
+}
+
+/// Files any output directory of betadpo may hold besides its output: the marker, the lock file,
+/// temporary files of a writer.
+fn is_bookkeeping(name: &str) -> bool {
+    crate::temp_files::is_temporary_file(name) || crate::dir_lock::is_lock_file(name) || name == MARKER
+}
+
+/// [`claim`] for a directory that will be replaced or cleared as a whole: also refused, naming
+/// them, when it holds entries that are not betadpo's own output (`own` says which names are, e.g.
+/// the files a manifest lists), such as a run or an exported model put inside artifacts, or a
+/// user's notes.
+pub fn claim_replacing(dir: &Path, kind: &Kind, is_ours: impl FnOnce(&Path) -> bool, own: impl Fn(&str) -> bool) -> Result<()> {
+    claim(dir, kind, is_ours)?;
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+    let mut foreign: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !is_bookkeeping(n) && !own(n) && !crate::temp_files::is_temporary_dir(n))
+        .collect();
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    foreign.sort();
+    let shown = if foreign.len() > 5 { format!("{} and {} more", foreign[..5].join(", "), foreign.len() - 5) } else { foreign.join(", ") };
+    Err(Error::Refused {
+        path: dir.to_path_buf(),
+        detail: format!(
+            "holds {shown}, which betadpo did not write there; replacing {} would delete them (move them out, or choose another {})",
+            kind.what, kind.flag
+        ),
+    })
 }
 
 #[cfg(test)]
@@ -108,5 +140,18 @@ mod tests {
         assert!(claim(&link, &KIND, ours).unwrap_err().to_string().contains("symbolic link"));
         claim(&link, &Kind { replaced: false, ..KIND }, ours).unwrap();
         assert_eq!(std::fs::read_to_string(notes.join("todo.md")).unwrap(), "keep me");
+    }
+
+    #[test]
+    fn replacing_names_what_is_not_ours() {
+        let tmp = tempfile::tempdir().unwrap();
+        let own = |n: &str| n == "ours.txt";
+        std::fs::write(tmp.path().join("ours.txt"), "").unwrap();
+        std::fs::write(tmp.path().join(crate::dir_lock::LOCK_FILE), "1 train").unwrap();
+        claim_replacing(tmp.path(), &KIND, ours, own).unwrap();
+        std::fs::write(tmp.path().join("NOTES.md"), "mine").unwrap();
+        std::fs::create_dir(tmp.path().join("myrun")).unwrap();
+        let e = claim_replacing(tmp.path(), &KIND, ours, own).unwrap_err().to_string();
+        assert!(e.contains("holds NOTES.md, myrun, which betadpo did not write there"), "{e}");
     }
 }

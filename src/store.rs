@@ -79,11 +79,21 @@ pub fn write_safetensors_raw(path: &Path, tensors: &[RawTensor], metadata: Optio
     })
 }
 
-/// Reads every tensor as float32 (f32, f16, bf16 and f64 storage), in file order.
+/// Reads every tensor as float32 (f32, f16, bf16 and f64 storage), in file order; a regular file
+/// only (see `fs_guard`).
 pub fn read_safetensors(path: &Path) -> Result<(Vec<NamedTensor>, BTreeMap<String, String>)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Other(format!("{}: not a valid safetensors file ({e})", path.display())))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+    tensors_of(path, &crate::fs_guard::read(path)?)
+}
+
+/// [`read_safetensors`] for a file of a directory betadpo wrote (artifacts, a run, a checkpoint):
+/// a symbolic link may lead only within `dir`.
+pub fn read_safetensors_inside(dir: &Path, path: &Path) -> Result<(Vec<NamedTensor>, BTreeMap<String, String>)> {
+    tensors_of(path, &crate::fs_guard::read_inside(dir, path)?)
+}
+
+fn tensors_of(path: &Path, bytes: &[u8]) -> Result<(Vec<NamedTensor>, BTreeMap<String, String>)> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::Other(format!("{}: not a valid safetensors file ({e})", path.display())))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
     let metadata: BTreeMap<String, String> = meta.metadata().clone().unwrap_or_default().into_iter().collect();
     let mut out = Vec::new();
     let mut names: Vec<(usize, String)> = meta.tensors().iter().map(|(n, info)| (info.data_offsets.0, n.clone())).collect();
@@ -105,7 +115,7 @@ pub fn read_safetensors(path: &Path) -> Result<(Vec<NamedTensor>, BTreeMap<Strin
 
 /// Reads the int64 tensors of a safetensors file (token ids in golden files).
 pub fn read_i64(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::fs_guard::read(path)?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
     let v = st.tensor(name).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
     if v.dtype() != Dtype::I64 {

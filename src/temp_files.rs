@@ -14,6 +14,13 @@ pub fn is_temporary_file(name: &str) -> bool {
     name.starts_with(FILE_PREFIX)
 }
 
+/// Whether `name` is one of betadpo's temporary directories (a `.<name>.partial-<pid>` or
+/// `.<name>.old-<pid>` being swapped into place).
+pub fn is_temporary_dir(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix('.') else { return false };
+    [".partial-", ".old-"].iter().any(|m| rest.rsplit_once(m).is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())))
+}
+
 /// Prefix for this process's temporary files (`tempfile` appends a random suffix).
 pub fn file_prefix() -> String {
     format!("{FILE_PREFIX}{}-", std::process::id())
@@ -61,11 +68,27 @@ pub fn write_dir(out: &Path, claim: impl Fn(&Path) -> Result<()>, fill: impl FnO
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     let name = out.file_name().ok_or_else(|| Error::Other(format!("{}: not a directory path", out.display())))?.to_string_lossy();
-    remove_stale(parent, Some(&name));
-    let tmp = parent.join(dir_name(&name));
+    // refused before the lock, which writes a file into `out`
+    if std::fs::symlink_metadata(out).is_ok() {
+        claim(out)?;
+    }
+    let mut lock = crate::dir_lock::hold(out)?;
+    fill_and_swap(out, parent, &name, &mut lock, claim, fill)
+}
+
+fn fill_and_swap(
+    out: &Path,
+    parent: &Path,
+    name: &str,
+    lock: &mut crate::dir_lock::DirLock,
+    claim: impl Fn(&Path) -> Result<()>,
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    remove_stale(parent, Some(name));
+    let tmp = parent.join(dir_name(name));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    if let Err(e) = fill(&tmp) {
+    if let Err(e) = lock.add_staging(&tmp).and_then(|()| fill(&tmp)) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
@@ -74,7 +97,7 @@ pub fn write_dir(out: &Path, claim: impl Fn(&Path) -> Result<()>, fill: impl FnO
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
         }
-        swap_into_place(&tmp, out, parent, &name)?;
+        swap_into_place(&tmp, out, parent, name)?;
     } else {
         std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
     }

@@ -327,7 +327,6 @@ fn partial_directories_never_look_complete() {
 /// A provisioning that holds the lock keeps others waiting until it is done; then they find its work.
 #[test]
 fn provisioning_waits_for_the_lock_holder() {
-    use fs2::FileExt;
     if !have_pip() {
         return;
     }
@@ -335,14 +334,14 @@ fn provisioning_waits_for_the_lock_holder() {
     fake_cuda12_index(index.path(), &body, &[]);
     let set = cuda12().remove(0);
     let lock = std::fs::File::create(cache.path().join(format!("{}.lock", set.dir_name))).unwrap();
-    lock.lock_exclusive().unwrap();
+    lock.lock().unwrap();
     let (cache_dir, source) = (cache.path().to_path_buf(), index_source(index.path()));
     let set2 = set.clone();
     let waiter = std::thread::spawn(move || gpu_libs::provision(&cache_dir, &set2, &source));
     std::thread::sleep(std::time::Duration::from_millis(1500));
     assert!(!waiter.is_finished(), "provisioning did not wait for the lock");
     assert!(!cache.path().join(&set.dir_name).join(MANIFEST).exists());
-    FileExt::unlock(&lock).unwrap();
+    lock.unlock().unwrap();
     let done = waiter.join().unwrap().expect("provisioning after the lock was released");
     assert_eq!(done.libraries.len(), 7);
     // Concurrent provisioners agree on one result.

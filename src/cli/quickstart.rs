@@ -79,6 +79,11 @@ fn get(r: Option<&Map<String, Value>>, key: &str) -> String {
     r.and_then(|r| r.get(key)).and_then(Value::as_f64).map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into())
 }
 
+/// What quickstart writes into its folder (besides its marker and lock): the only entries it clears.
+fn is_own_output(name: &str) -> bool {
+    ["artifacts", "artifacts-fixed", "run-learned", "run-fixed"].contains(&name) || name.starts_with("model.onnx")
+}
+
 pub fn run(a: Args) -> Result<()> {
     betadpo::runtime::keep_freed_memory_for_reuse();
     if a.steps == 0 {
@@ -88,11 +93,18 @@ pub fn run(a: Args) -> Result<()> {
     let out = a.out.clone();
     // Cleared only when an earlier quickstart wrote it (its marker), so `--out ~/notes` is refused.
     let kind = output_dir::Kind { flag: "--out", what: "an earlier quickstart's output (its .betadpo-output marker)", replaced: true };
-    output_dir::claim(&out, &kind, |d| output_dir::marked(d, QUICKSTART_MARK))?;
-    if out.exists() {
-        std::fs::remove_dir_all(&out).with_context(|| format!("clearing {}", out.display()))?;
+    output_dir::claim_replacing(&out, &kind, |d| output_dir::marked(d, QUICKSTART_MARK), is_own_output)?;
+    let _lock = betadpo::dir_lock::hold(&out)?;
+    // claimed again under the lock; then only what an earlier quickstart wrote is cleared
+    output_dir::claim_replacing(&out, &kind, |d| output_dir::marked(d, QUICKSTART_MARK), is_own_output)?;
+    for e in std::fs::read_dir(&out).with_context(|| format!("reading {}", out.display()))? {
+        let e = e?;
+        if is_own_output(&e.file_name().to_string_lossy()) {
+            let p = e.path();
+            if e.file_type()?.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) }
+                .with_context(|| format!("clearing {}", p.display()))?;
+        }
     }
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     output_dir::mark(&out, QUICKSTART_MARK)?;
     let step = |s: &str| {
         if !a.quiet {

@@ -36,7 +36,7 @@ pub fn locate_run(run: &Path) -> Result<RunParams> {
         }
     };
     let cfg_path = run.join(run_layout::CONFIG_FILE);
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let text = crate::fs_guard::read_to_string_inside(run, &cfg_path)?;
     let cfg: run_layout::RunRecord = serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", cfg_path.display())))?;
     Ok(RunParams { params, artifacts: cfg.artifacts, tokenizer: cfg.tokenizer, tokenizer_config: cfg.tokenizer_config })
 }
@@ -169,7 +169,7 @@ const ADAPTER_VERSION: i32 = 0x0BE7_AD90;
 
 fn is_our_adapter_file(file: &Path) -> bool {
     // Adapter table: root offset at 0, identifier at 4; adapter_version is the table's second field
-    let Ok(b) = std::fs::read(file) else { return false };
+    let Ok(b) = crate::fs_guard::read(file) else { return false };
     let u32_at = |at: usize| b.get(at..at + 4).map(|s| u32::from_le_bytes(s.try_into().unwrap()) as usize);
     let Some(table) = u32_at(0) else { return false };
     b.get(4..8) == Some(b"TORT") && u32_at(table + 8) == Some(ADAPTER_VERSION as usize)

@@ -149,25 +149,62 @@ impl Manifest {
     /// Whether `dir` holds artifacts betadpo wrote, of any format version: the only directories
     /// `build-graph --out` replaces.
     pub fn written_by_betadpo(dir: &Path) -> bool {
-        let Ok(text) = std::fs::read_to_string(dir.join(MANIFEST_FILE)) else { return false };
+        let Ok(text) = crate::fs_guard::read_to_string_inside(dir, &dir.join(MANIFEST_FILE)) else { return false };
         serde_json::from_str::<serde_json::Value>(&text).ok().and_then(|v| v.get("format")?.as_str().map(|f| f == FORMAT)).unwrap_or(false)
     }
 
-    /// Refuses an `out` that is neither absent, empty, nor artifacts betadpo wrote.
+    /// Refuses an `out` that is neither absent, empty, nor artifacts betadpo wrote, and artifacts
+    /// that hold anything besides betadpo's own files (a run, an export, a user's notes), which
+    /// replacing them would delete.
     pub fn claim_out_dir(out: &Path) -> Result<()> {
         let kind = crate::output_dir::Kind { flag: "--out", what: "betadpo artifacts (a manifest.json)", replaced: true };
-        crate::output_dir::claim(out, &kind, Self::written_by_betadpo)
+        let own = Self::own_files(out);
+        crate::output_dir::claim_replacing(out, &kind, Self::written_by_betadpo, |name| own.iter().any(|o| o == name))
+    }
+
+    /// The names of the files `build-graph` writes into `dir`: those its manifest lists (graphs,
+    /// parameters), the manifest, the shared weight files and the Hugging Face map.
+    fn own_files(dir: &Path) -> Vec<String> {
+        // `artifacts::PARAMS_FILE` and `hf_export::map::HF_MAP_FILE`, named here: both modules sit above the manifest
+        let mut own: Vec<String> = [MANIFEST_FILE, "params.safetensors", "hf_export.json", crate::onnx::SHARED_DATA_FILE].map(String::from).into();
+        own.extend(["train.onnx", "eval.onnx", "optimizer.onnx", "infer.onnx"].map(String::from));
+        let listed =
+            crate::fs_guard::read_to_string_inside(dir, &dir.join(MANIFEST_FILE)).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+        if let Some(m) = listed {
+            own.extend(m["graphs"].as_object().into_iter().flat_map(|g| g.values()).filter_map(|g| g["file"].as_str()).map(String::from));
+            own.extend(m["parameters_file"].as_str().map(String::from));
+        }
+        // a graph too large for one protobuf keeps its weights in `<file>.data` beside it
+        let graphs_data: Vec<String> = own.iter().filter(|f| f.ends_with(".onnx")).map(|f| format!("{f}.data")).collect();
+        own.extend(graphs_data);
+        let entries = std::fs::read_dir(dir).into_iter().flatten().filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned());
+        own.extend(entries.filter(|n| crate::onnx::is_cloned_weights_name(n)));
+        own
     }
 
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let text = crate::fs_guard::read_to_string_inside(dir, &path)?;
         let m: Manifest = serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: not a betadpo manifest ({e})", path.display())))?;
         if m.format != FORMAT || m.format_version != FORMAT_VERSION {
             return Err(Error::Other(format!("{}: format {} v{} is not {FORMAT} v{FORMAT_VERSION}", path.display(), m.format, m.format_version)));
         }
         m.check().map_err(|detail| Error::Other(format!("{}: {detail}", path.display())))?;
+        m.check_files(dir)?;
         Ok(m)
+    }
+
+    /// Refuses artifacts whose files are not regular files inside `dir` (a FIFO, a device, a link
+    /// elsewhere), before any reader (ONNX Runtime included) opens one and blocks or reads forever.
+    fn check_files(&self, dir: &Path) -> Result<()> {
+        let listed = self.graphs.values().map(|g| g.file.clone()).chain([self.parameters_file.clone()]);
+        for name in listed.chain(Self::own_files(dir)) {
+            let path = dir.join(&name);
+            if std::fs::symlink_metadata(&path).is_ok() {
+                crate::fs_guard::open_inside(dir, &path)?;
+            }
+        }
+        Ok(())
     }
 
     /// What the rest of the crate trusts: the files it names are plain names in the artifacts

@@ -54,6 +54,7 @@ pub fn find_parameters(graph: &Graph, loss: &str, infos: &TensorInfos, sel: &Sel
     let on_path: Vec<&TensorProto> = graph.initializers.iter().filter(|t| activity.tensors.contains(&t.name) && candidates.contains(&t.name)).collect();
     let mut params = Vec::new();
     let mut merged: HashSet<String> = HashSet::new();
+    let (mut train_matched, mut freeze_matched) = (false, false);
     for (i, t) in on_path.iter().enumerate() {
         if merged.contains(&t.name) {
             continue;
@@ -78,10 +79,13 @@ pub fn find_parameters(graph: &Graph, loss: &str, infos: &TensorInfos, sel: &Sel
         if let Some(f) = &sel.freeze {
             if refs.iter().any(|r| f.is_match(&r.name)) {
                 trainable = false;
+                freeze_matched = true;
             }
         }
         if let Some(t) = &sel.train {
-            trainable = refs.iter().any(|r| t.is_match(&r.name)) && !sel.head_only;
+            let matched = refs.iter().any(|r| t.is_match(&r.name));
+            train_matched |= matched;
+            trainable = matched && !sel.head_only;
         }
         if is_buffer && !sel.train.as_ref().map(|t| refs.iter().any(|r| t.is_match(&r.name))).unwrap_or(false) {
             continue; // buffers are not parameters at all
@@ -91,7 +95,20 @@ pub fn find_parameters(graph: &Graph, loss: &str, infos: &TensorInfos, sel: &Sel
     if params.is_empty() {
         return Err(Error::graph("no float initializer of the model reaches the loss: nothing to train"));
     }
+    for (flag, pattern, matched) in [("--train", &sel.train, train_matched), ("--freeze", &sel.freeze, freeze_matched)] {
+        if let (Some(p), false) = (pattern, matched) {
+            return Err(unmatched(flag, p, &params));
+        }
+    }
     Ok(params)
+}
+
+/// A selection pattern that names none of the model's weights: a typo, not a wish to freeze or
+/// train everything.
+fn unmatched(flag: &str, pattern: &Regex, params: &[Param]) -> Error {
+    let names: Vec<&str> = params.iter().filter(|p| !p.beta_head).map(|p| p.name.as_str()).collect();
+    let examples = names.iter().take(3).copied().collect::<Vec<_>>().join(", ");
+    Error::BadFlag { flag: flag.into(), detail: format!("{:?} matches none of the model's {} weights (e.g. {examples})", pattern.as_str(), names.len()) }
 }
 
 fn looks_generated(name: &str) -> bool {

@@ -5,7 +5,6 @@
 //! weights are held once, by the page cache, however many graphs are built from them.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 
@@ -16,7 +15,7 @@ use super::proto::{tensor_proto::DataLocation, ModelProto, StringStringEntryProt
 use crate::{Error, Result};
 
 fn map_file(path: &Path) -> Result<Bytes> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = crate::fs_guard::open_regular(path)?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if len == 0 {
         return Ok(Bytes::new());

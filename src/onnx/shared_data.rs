@@ -31,6 +31,11 @@ pub struct SharedData {
 }
 
 /// The name a cloned source file gets in the output directory.
+/// Whether `name` is one a model's weights are cloned under (see `clone_name`).
+pub fn is_cloned_weights_name(name: &str) -> bool {
+    name == "model-weights.data" || name.strip_prefix("model-weights-").and_then(|r| r.strip_suffix(".data")).is_some_and(|i| i.parse::<usize>().is_ok())
+}
+
 fn clone_name(index: usize) -> String {
     if index == 0 {
         "model-weights.data".into()

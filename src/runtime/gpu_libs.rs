@@ -15,8 +15,6 @@
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
-use fs2::FileExt;
-
 use serde::{Deserialize, Serialize};
 
 use super::wheel::{self, Wheel, WheelSource};
@@ -191,7 +189,7 @@ pub fn provision(cache_dir: &Path, set: &LibrarySet, source: &WheelSource) -> Re
     fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let lock_path = cache_dir.join(format!("{}.lock", set.dir_name));
     let lock = File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
-    lock.lock_exclusive().map_err(|e| Error::io(&lock_path, e))?; // released when `lock` drops
+    lock.lock().map_err(|e| Error::io(&lock_path, e))?; // released when `lock` drops
 
     if let Some(done) = find(cache_dir, set) {
         return Ok(done);

@@ -16,8 +16,6 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use fs2::FileExt;
-
 use super::wheel::{self, Wheel, WheelSource};
 use crate::{Error, Result};
 
@@ -181,7 +179,7 @@ pub fn provision(cache_dir: &Path, flavor: Flavor, wheels: &WheelSource) -> Resu
 
     let lock_path = cache_dir.join(format!("{}.lock", flavor.dir_name()));
     let lock = File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
-    lock.lock_exclusive().map_err(|e| Error::io(&lock_path, e))?;
+    lock.lock().map_err(|e| Error::io(&lock_path, e))?;
     // The lock is released when `lock` is dropped, on every return path.
 
     if is_complete(&main_lib, flavor) {

@@ -113,6 +113,8 @@ impl SessionConfig {
 
     /// Loads a model file; external data files are resolved relative to it.
     pub fn session_from_file(&self, path: &Path) -> Result<Session> {
+        // ONNX Runtime opens the file itself: a FIFO would block it for good
+        crate::fs_guard::open_regular(path)?;
         let what = path.display().to_string();
         let mut builder = self.builder(&what)?;
         builder.commit_from_file(path).map_err(|e| self.commit_error(&what, e))
@@ -122,6 +124,7 @@ impl SessionConfig {
     /// [`SharedWeights`]). The session holds the shared tensors (`ort` keeps each initializer it was given
     /// alive as long as the session), so `shared` may be dropped.
     pub fn session_sharing(&self, path: &Path, shared: &SharedWeights) -> Result<Session> {
+        crate::fs_guard::open_regular(path)?;
         let what = path.display().to_string();
         let mut builder = shared.apply(self.builder(&what)?).map_err(|e| Error::Runtime(format!("{what}: {e}")))?;
         builder.commit_from_file(path).map_err(|e| self.commit_error(&what, e))

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::batch::LoaderPosition;
-use crate::store::{read_safetensors, write_safetensors_raw, NamedTensor, RawTensor};
+use crate::store::{read_safetensors_inside, write_safetensors_raw, NamedTensor, RawTensor};
 use crate::{Error, Result};
 
 pub use crate::run_layout::{checkpoints_dir, list_checkpoints as list, OPTIMIZER, PARAMS, STATE};
@@ -49,7 +49,23 @@ pub fn clean_partial(run: &Path) {
     }
 }
 
+/// The first tensor holding a NaN or an infinity, with the index of that value.
+pub fn first_nonfinite<'a>(tensors: &'a [RawTensor]) -> Option<(&'a str, usize, f32)> {
+    tensors.iter().find_map(|t| {
+        let values = t.bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+        values.enumerate().find(|(_, v)| !v.is_finite()).map(|(i, v)| (t.name, i, v))
+    })
+}
+
+/// Writes the checkpoint of `state.step` (only from finite parameters and moments: a NaN would be
+/// resumed forever) and then removes the oldest beyond `keep`, never one newer than this one.
 pub fn save(run: &Path, state: &TrainerState, params: &[RawTensor], moments: &[RawTensor], keep: usize) -> Result<PathBuf> {
+    if let Some((name, i, v)) = first_nonfinite(params).or_else(|| first_nonfinite(moments)) {
+        return Err(Error::NonFiniteState(format!(
+            "checkpoint step-{} not written: {name}[{i}] is {v}; the training state is no longer finite (lower --lr, or resume from an earlier checkpoint)",
+            state.step
+        )));
+    }
     let dir = checkpoints_dir(run);
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let final_dir = crate::run_layout::checkpoint_dir(run, state.step);
@@ -65,9 +81,10 @@ pub fn save(run: &Path, state: &TrainerState, params: &[RawTensor], moments: &[R
     }
     std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
     sync_dir(&dir);
-    let all = list(run);
-    if keep > 0 && all.len() > keep {
-        for (_, p) in &all[..all.len() - keep] {
+    // only checkpoints up to this one count: a newer one (from a run resumed at an earlier step) is never removed
+    let upto: Vec<_> = list(run).into_iter().filter(|(s, _)| *s <= state.step).collect();
+    if keep > 0 && upto.len() > keep {
+        for (_, p) in &upto[..upto.len() - keep] {
             let _ = remove(p);
         }
     }
@@ -97,13 +114,44 @@ pub struct Loaded {
     pub dir: PathBuf,
 }
 
-/// The loop's state alone (cheap: no tensors).
+/// The loop's state alone (cheap: no tensors), checked against the checkpoint's name: a `step-N`
+/// directory holds the state after step N.
 pub fn read_state(dir: &Path) -> Result<TrainerState> {
     let path = dir.join(STATE);
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let text = crate::fs_guard::read_to_string_inside(dir, &path)?;
     let state: TrainerState = serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
     state.check().map_err(|why| Error::Other(format!("{}: {why}", path.display())))?;
+    let named = dir.file_name().and_then(|n| n.to_str()?.strip_prefix("step-")?.parse::<u64>().ok());
+    if named.is_some_and(|n| n != state.step) {
+        return Err(Error::Other(format!(
+            "{}: holds the state of step {}, not of step {} its directory is named for (the checkpoint was moved or altered; resume from another)",
+            path.display(),
+            state.step,
+            named.unwrap_or_default()
+        )));
+    }
     Ok(state)
+}
+
+/// Refuses a resume point beyond what the run can reach: more steps than it trains, or a data
+/// position past the batches those steps read (`batches_per_step`: gradient accumulation times
+/// ranks) or past the end of an epoch.
+pub fn check_reachable(path: &Path, state: &TrainerState, total_steps: u64, batches_per_epoch: usize, batches_per_step: u64) -> Result<()> {
+    let p = &state.position;
+    let epochs = (total_steps.saturating_mul(batches_per_step) / batches_per_epoch.max(1) as u64).saturating_add(1);
+    let why = if state.step > total_steps {
+        format!("step {} is beyond the {total_steps} steps this run trains (--max-steps, --epochs)", state.step)
+    } else if p.epoch > epochs {
+        format!("data position epoch {} is beyond the {epochs} epochs {total_steps} steps can reach", p.epoch)
+    } else if p.index > batches_per_epoch {
+        format!("data position {} is beyond the {batches_per_epoch} batches of an epoch", p.index)
+    } else {
+        return Ok(());
+    };
+    Err(Error::Other(format!(
+        "{}: {why}; the checkpoint does not belong to this run (resume with its flags, or choose a new --out)",
+        path.join(STATE).display()
+    )))
 }
 
 /// Counters beyond this are corrupt, not trained: 2^48 steps is millennia of training, and
@@ -126,7 +174,7 @@ impl TrainerState {
 
 pub fn load(dir: &Path) -> Result<Loaded> {
     let state = read_state(dir)?;
-    let (params, _) = read_safetensors(&dir.join(PARAMS))?;
-    let (moments, _) = read_safetensors(&dir.join(OPTIMIZER))?;
+    let (params, _) = read_safetensors_inside(dir, &dir.join(PARAMS))?;
+    let (moments, _) = read_safetensors_inside(dir, &dir.join(OPTIMIZER))?;
     Ok(Loaded { state, params, moments, dir: dir.to_path_buf() })
 }

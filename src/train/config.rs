@@ -305,6 +305,15 @@ impl TrainConfig {
         if self.group_by.as_deref().is_some_and(|g| g.trim().is_empty()) {
             return bad("--group-by", "an empty column name".into());
         }
+        if let Some(prefix) = &self.profile {
+            let dir = prefix.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+            if !dir.is_dir() {
+                return bad(
+                    "--profile",
+                    format!("{}: the folder {} does not exist (profiles are written there as <prefix>_<date>.json)", prefix.display(), dir.display()),
+                );
+            }
+        }
         if self.eval_every > 0 && self.eval_data.is_none() {
             return bad("--eval-every", format!("{} needs --eval-data (there is nothing to evaluate on)", self.eval_every));
         }

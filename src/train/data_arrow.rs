@@ -6,7 +6,6 @@
 //! is null is left out, as it would be absent from the JSONL row the data came from (Arrow gives
 //! every message every field of the column's type, e.g. `tool_calls: null` on plain messages).
 
-use std::fs::File;
 use std::path::Path;
 
 use arrow_array::cast::AsArray;
@@ -30,7 +29,7 @@ pub enum ArrowFile {
 /// Calls `visit(location, row)` for every row of `path`, in order; the location is `file: row N`
 /// (0-based, as `datasets` and pandas number rows).
 pub fn visit_arrow_rows(path: &Path, kind: ArrowFile, visit: &mut dyn FnMut(String, std::result::Result<Value, String>) -> Result<()>) -> Result<()> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = crate::fs_guard::open_regular(path)?;
     let bad = |e: &dyn std::fmt::Display| Error::Data(format!("{}: not a readable {} file ({e})", path.display(), kind.name()));
     let reader: Box<dyn RecordBatchReader> = match kind {
         ArrowFile::Parquet => {

@@ -47,7 +47,7 @@ pub fn resolve(path: &Path, split: Option<&str>) -> Result<DataSource> {
 /// The Arrow container a file starts like, if any.
 pub fn sniff(path: &Path) -> Result<Option<ArrowFile>> {
     let mut head = [0u8; 6];
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut file = crate::fs_guard::open_regular(path)?;
     let n = file.read(&mut head).map_err(|e| Error::io(path, e))?;
     Ok(match &head[..n] {
         [b'P', b'A', b'R', b'1', ..] => Some(ArrowFile::Parquet),
@@ -124,7 +124,7 @@ fn resolve_folder(dir: &Path, split: &str) -> Result<DataSource> {
 
 fn dataset_dict_splits(dir: &Path) -> Result<Vec<String>> {
     let path = dir.join("dataset_dict.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let text = crate::fs_guard::read_to_string(&path)?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Data(format!("{}: invalid JSON ({e})", path.display())))?;
     let splits = v.get("splits").and_then(|s| s.as_array()).ok_or_else(|| Error::Data(format!("{}: no \"splits\" list", path.display())))?;
     Ok(splits.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
@@ -133,7 +133,7 @@ fn dataset_dict_splits(dir: &Path) -> Result<Vec<String>> {
 /// One split saved by `Dataset.save_to_disk`: `state.json` lists its Arrow files in order.
 fn saved_split(dir: &Path) -> Result<DataSource> {
     let path = dir.join("state.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let text = crate::fs_guard::read_to_string(&path)?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Data(format!("{}: invalid JSON ({e})", path.display())))?;
     let files = v.get("_data_files").and_then(|f| f.as_array()).ok_or_else(|| Error::Data(format!("{}: no \"_data_files\" list", path.display())))?;
     let mut out = Vec::new();

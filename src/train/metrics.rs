@@ -148,18 +148,28 @@ impl MetricsLog {
     /// Opens for appending; on resume, lines of steps after `keep_through_step` (logged before a
     /// crash, about to be redone) are dropped first.
     pub fn open(path: &Path, keep_through_step: Option<u64>) -> Result<Self> {
-        if let (Some(limit), true) = (keep_through_step, path.exists()) {
-            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let run = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let exists = std::fs::symlink_metadata(path).is_ok();
+        if exists {
+            // not a FIFO (opening it to append would wait for a reader) nor a link out of the run
+            crate::fs_guard::open_inside(run, path)?;
+        }
+        if let (Some(limit), true) = (keep_through_step, exists) {
+            let text = crate::fs_guard::read_to_string_inside(run, path)?;
             let kept: Vec<&str> = text
                 .lines()
                 .filter(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v.get("step").and_then(Value::as_u64)).map(|s| s <= limit).unwrap_or(false))
                 .collect();
             let body = kept.iter().map(|l| format!("{l}\n")).collect::<String>();
             crate::onnx::write_atomic(path, |w| w.write_all(body.as_bytes()))?;
-        } else if keep_through_step.is_none() && path.exists() {
+        } else if keep_through_step.is_none() && exists {
             std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
         }
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
+        let mut options = std::fs::OpenOptions::new();
+        options.create(true).append(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NOFOLLOW | libc::O_NONBLOCK);
+        let file = options.open(path).map_err(|e| Error::io(path, e))?;
         Ok(MetricsLog { file, path: path.to_path_buf() })
     }
 
@@ -172,6 +182,6 @@ impl MetricsLog {
 
 /// Reads a metrics log back (for the report).
 pub fn read_log(path: &Path) -> Result<Vec<Map<String, Value>>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::fs_guard::read_to_string(path)?;
     Ok(text.lines().filter_map(|l| serde_json::from_str::<Map<String, Value>>(l).ok()).collect())
 }

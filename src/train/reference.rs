@@ -28,7 +28,7 @@ use super::session_io::{forward_values, Feeds};
 use super::tokenize::TokenizedPair;
 use crate::dpo::manifest::GraphSpec;
 use crate::dpo::Manifest;
-use crate::store::{read_safetensors, write_safetensors, NamedTensor};
+use crate::store::{write_safetensors, NamedTensor};
 use crate::{Error, Result};
 
 /// `(chosen, rejected)` reference log-prob per pair, indexed by the pair's source index.
@@ -38,7 +38,7 @@ pub type RefTable = HashMap<usize, (f32, f32)>;
 const SAVE_EVERY: Duration = Duration::from_secs(30);
 
 pub fn file_digest(h: &mut Sha256, path: &Path) -> Result<()> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut f = crate::fs_guard::open_regular(path)?;
     std::io::copy(&mut f, h).map_err(|e| Error::io(path, e))?;
     Ok(())
 }
@@ -102,11 +102,26 @@ pub struct RefCache {
 }
 
 impl RefCache {
-    /// The rows cached in `run` for data set `name` under `key`; none when there is no readable file.
-    pub fn open(run: &Path, name: &str, key: &str) -> RefCache {
+    /// The rows cached in `run` for data set `name` under `key`: none when there is no file, and
+    /// none with a notice when the file is not a cache table (it is computed afresh and replaced).
+    /// A cache that is not a regular file in the run (a FIFO, a device, a link out of the run) is
+    /// an error: betadpo never wrote it.
+    pub fn open(run: &Path, name: &str, key: &str) -> Result<RefCache> {
         let path = run.join("reference").join(format!("{name}-{key}.safetensors"));
-        let table = read_table(&path).unwrap_or_default();
-        RefCache { path, table, writes: true }
+        let table = match std::fs::symlink_metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => RefTable::default(),
+            _ => {
+                let (tensors, _) = match crate::store::read_safetensors_inside(run, &path) {
+                    Err(e @ (Error::NotRegularFile { .. } | Error::Io { .. })) => return Err(e),
+                    other => other.unwrap_or_default(),
+                };
+                table_of(&tensors).unwrap_or_else(|| {
+                    eprintln!("warning: {}: not a reference log-prob table; computing it afresh", path.display());
+                    RefTable::default()
+                })
+            }
+        };
+        Ok(RefCache { path, table, writes: true })
     }
 
     /// The same cache, never written by this process.
@@ -181,9 +196,8 @@ impl RefCache {
     }
 }
 
-/// The table in a cache file; `None` when it is missing or not one (then it is computed afresh).
-fn read_table(path: &Path) -> Option<RefTable> {
-    let (tensors, _) = read_safetensors(path).ok()?;
+/// The table in a cache file's tensors; `None` when they are not one (then it is computed afresh).
+fn table_of(tensors: &[NamedTensor]) -> Option<RefTable> {
     let idx = tensors.iter().find(|t| t.name == "source_index")?;
     let vals = tensors.iter().find(|t| t.name == "ref_logps")?;
     if vals.data.len() != 2 * idx.data.len() || idx.data.iter().any(|&s| s < 0.0 || s.fract() != 0.0) {

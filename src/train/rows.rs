@@ -20,7 +20,7 @@ fn too_long(max_row_bytes: usize) -> String {
 
 /// Reads `path`: a JSON array if its first non-blank character is `[`, JSONL otherwise.
 pub fn read_json_rows(path: &Path, max_row_bytes: usize, sink: &mut RowSink) -> Result<()> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = crate::fs_guard::open_regular(path)?;
     let mut reader = BufReader::with_capacity(1 << 16, file);
     let name = path.display().to_string();
     if starts_with_array(&mut reader).map_err(|e| Error::io(path, e))? {

@@ -49,7 +49,7 @@ impl TokenizerConfig {
     /// (`{"content": ...}`); `chat_template` may be a string or a list of named templates, of which
     /// `default` is used.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::fs_guard::read_to_string(path)?;
         let v: Value = serde_json::from_str(&text).map_err(|e| Error::Data(format!("{}: invalid JSON: {e}", path.display())))?;
         let token = |key: &str| match v.get(key) {
             Some(Value::String(s)) => Some(s.clone()),
@@ -84,7 +84,7 @@ impl TokenizerConfig {
 /// checked first, for a clear message, and a panic that remains is turned into an error.
 fn load_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
     let cannot = |why: String| Error::Data(format!("{}: cannot load tokenizer: {why}", path.display()));
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::fs_guard::read_to_string(path)?;
     serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|e| cannot(format!("invalid JSON: {e}")))?;
     let mut tokenizer = match std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>()) {
         Ok(loaded) => loaded.map_err(|e| cannot(e.to_string()))?,
@@ -176,7 +176,7 @@ impl PairTokenizer {
         };
         let jinja = dir.join("chat_template.jinja");
         if cfg.chat_template.is_none() && jinja.exists() {
-            cfg.chat_template = Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
+            cfg.chat_template = Some(crate::fs_guard::read_to_string(&jinja)?);
             cfg.template_origin = Some(jinja);
         }
         Self::new(tokenizer, cfg)

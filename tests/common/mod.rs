@@ -3,6 +3,7 @@ pub mod fixtures;
 pub mod fuzz;
 pub mod golden;
 pub mod gradcheck;
+pub mod hostile;
 pub mod mpi_job;
 pub mod onnx_model;
 pub mod timed;

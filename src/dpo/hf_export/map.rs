@@ -58,7 +58,7 @@ pub struct TiedCopy {
 
 impl HfMap {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::fs_guard::read_to_string(path)?;
         Self::parse(&text, path)
     }
 
@@ -199,7 +199,7 @@ impl<'a> InitializerValues<'a> {
 /// `Some(Err(why))` when it does not belong to this model (written for another export).
 pub fn beside_model(model_path: &Path, model: &Graph) -> Option<std::result::Result<String, String>> {
     let path = model_path.with_file_name(HF_MAP_FILE);
-    let text = std::fs::read_to_string(&path).ok()?;
+    let text = crate::fs_guard::read_to_string(&path).ok()?;
     Some(match HfMap::parse(&text, &path) {
         Err(e) => Err(e.to_string()),
         Ok(m) => match m.mismatch(model) {

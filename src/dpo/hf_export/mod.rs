@@ -274,12 +274,13 @@ fn claim(out: &Path) -> Result<()> {
 }
 
 fn written_by_export(dir: &Path) -> bool {
-    let marker: Option<serde_json::Value> = std::fs::read_to_string(dir.join(MARKER_FILE)).ok().and_then(|t| serde_json::from_str(&t).ok());
+    let marker: Option<serde_json::Value> =
+        crate::fs_guard::read_to_string_inside(dir, &dir.join(MARKER_FILE)).ok().and_then(|t| serde_json::from_str(&t).ok());
     let Some(m) = marker.filter(|m| m["format"] == MARKER_FORMAT) else { return false };
     let listed: Vec<&str> = m["files"].as_array().map(|a| a.iter().filter_map(|f| f.as_str()).collect()).unwrap_or_default();
     let Ok(entries) = std::fs::read_dir(dir) else { return false };
     entries.filter_map(|e| e.ok()).all(|e| {
         let name = e.file_name().to_string_lossy().into_owned();
-        name == MARKER_FILE || (listed.contains(&name.as_str()) && e.file_type().map(|t| t.is_file()).unwrap_or(false))
+        name == MARKER_FILE || crate::dir_lock::is_lock_file(&name) || (listed.contains(&name.as_str()) && e.file_type().map(|t| t.is_file()).unwrap_or(false))
     })
 }

@@ -12,7 +12,7 @@ use crate::dpo::packing::HeadReads;
 use crate::dpo::{Layout, Manifest};
 use crate::graph::Precision;
 use crate::runtime::{ExecutionProvider, SessionConfig, SharedWeights};
-use crate::store::read_safetensors;
+use crate::store::read_safetensors_inside;
 use crate::train::batch::{CollateOptions, DataLoader, LoaderConfig, LoaderPosition, Packing};
 use crate::train::batch_beta::MarginStats;
 use crate::train::checkpoint::{self, TrainerState};
@@ -24,7 +24,7 @@ use crate::train::loss_scale::LossScale;
 use crate::train::optimizer_step::State;
 use crate::train::reference::cache_key;
 use crate::train::session_io::Feeds;
-use crate::train::summary::{CONFIG_FILE, FINAL_DIR};
+use crate::train::summary::{CONFIG_FILE, FINAL_DIR, METRICS_FILE};
 use crate::train::tokenize::{PairTokenizer, TokenizedPair, TruncationConfig};
 use crate::{Error, Result};
 
@@ -66,22 +66,45 @@ pub struct Prepared {
     pub device: Device,
     /// The artifacts' initial parameters: the reference model, and a new run's starting point.
     pub initial: Feeds,
+    /// The run directory's lock (rank 0), held as long as this value lives.
+    pub lock: Option<crate::dir_lock::DirLock>,
 }
 
 impl Prepared {
     /// Optimizer steps the run ends at.
     pub fn total_steps(&self, cfg: &TrainConfig) -> u64 {
-        let per_epoch = self.loader.batches_per_epoch() as f64;
-        cfg.max_steps.unwrap_or_else(|| ((cfg.epochs * per_epoch) / cfg.grad_accum as f64).ceil().max(1.0) as u64)
+        total_steps(cfg, self.loader.batches_per_epoch())
     }
+}
+
+fn total_steps(cfg: &TrainConfig, batches_per_epoch: usize) -> u64 {
+    cfg.max_steps.unwrap_or_else(|| ((cfg.epochs * batches_per_epoch as f64) / cfg.grad_accum as f64).ceil().max(1.0) as u64)
 }
 
 /// With several ranks, rank 0 alone claims and tidies the run directory (the others wait for it)
 /// and writes to it later; every rank reads it.
 pub fn prepare(cfg: &TrainConfig, coll: &dyn Collective) -> Result<Prepared> {
+    let lock = if coll.is_root() {
+        claim_run_dir(&cfg.out)?;
+        // held until the run ends: a second run into the same directory is refused from here on
+        Some(crate::dir_lock::hold(&cfg.out)?)
+    } else {
+        None
+    };
+    Ok(Prepared { lock, ..prepare_locked(cfg, coll)? })
+}
+
+fn prepare_locked(cfg: &TrainConfig, coll: &dyn Collective) -> Result<Prepared> {
     let run = cfg.out.clone();
     if coll.is_root() {
-        claim_run_dir(&cfg.out)?;
+        // before anything is written: the run's own files must be regular files in it (a FIFO
+        // `metrics.jsonl` would block the append that opens it)
+        for name in [CONFIG_FILE, METRICS_FILE, crate::output_dir::MARKER] {
+            let path = run.join(name);
+            if std::fs::symlink_metadata(&path).is_ok() {
+                crate::fs_guard::open_inside(&run, &path)?;
+            }
+        }
         checkpoint::clean_partial(&run);
         for dir in [run.clone(), run.join(FINAL_DIR), run.join("reference")] {
             crate::temp_files::remove_stale(&dir, None);
@@ -91,13 +114,23 @@ pub fn prepare(cfg: &TrainConfig, coll: &dyn Collective) -> Result<Prepared> {
     crate::runtime::init(&cfg.ep)?;
     let manifest = Manifest::load(&cfg.artifacts)?;
     check_precision(&manifest, cfg)?;
-    let manifest_text = std::fs::read_to_string(cfg.artifacts.join(crate::dpo::manifest::MANIFEST_FILE)).map_err(|e| Error::io(&cfg.artifacts, e))?;
+    let manifest_text = crate::fs_guard::read_to_string_inside(&cfg.artifacts, &cfg.artifacts.join(crate::dpo::manifest::MANIFEST_FILE))?;
     if coll.size() > 1 && manifest.objective.beta_dpo.is_some() {
         return Err(Error::Distributed(
             "beta-DPO's batch statistics (margin mean and spread, the filter) are of the whole batch, which no rank sees; train beta-DPO artifacts in one process".into(),
         ));
     }
     let previous = checkpoint::list(&run);
+    if cfg.resume && previous.is_empty() {
+        return Err(Error::BadFlag {
+            flag: "--resume".into(),
+            detail: format!(
+                "{} holds no checkpoint to resume (expected {}/step-N); run without --resume to start it",
+                run.display(),
+                checkpoint::checkpoints_dir(&run).display()
+            ),
+        });
+    }
     if !cfg.resume && !previous.is_empty() {
         return Err(Error::Other(format!("{} already holds checkpoints; pass --resume to continue it, or choose a new --out", run.display())));
     }
@@ -119,6 +152,9 @@ pub fn prepare(cfg: &TrainConfig, coll: &dyn Collective) -> Result<Prepared> {
         eprint!("{stats}");
     }
     check_model_limits(cfg, &manifest, &tok, train_pairs.iter().chain(eval_pairs.iter().flatten()))?;
+    if let Some(column) = &cfg.group_by {
+        check_group_column(column, &cfg.data, &train_pairs)?;
+    }
     if let Some(limit) = manifest.max_sequence_tokens {
         let longest = train_pairs.iter().chain(eval_pairs.iter().flatten()).map(TokenizedPair::max_len).max().unwrap_or(0);
         if longest > limit {
@@ -151,7 +187,7 @@ pub fn prepare(cfg: &TrainConfig, coll: &dyn Collective) -> Result<Prepared> {
     let sessions = sessions(cfg, &manifest, &session_config)?;
     let device = Device::for_ep(&cfg.ep);
     let params_path = cfg.artifacts.join(&manifest.parameters_file);
-    let (params, _) = read_safetensors(&params_path)?;
+    let (params, _) = read_safetensors_inside(&cfg.artifacts, &params_path)?;
     // before anything is sized by the manifest's shapes (the Adam moments are)
     manifest.check_parameter_values(&params, &params_path)?;
     let initial = to_feeds(params, &manifest, &device)?;
@@ -167,8 +203,13 @@ pub fn prepare(cfg: &TrainConfig, coll: &dyn Collective) -> Result<Prepared> {
         LoaderConfig { batch_size: cfg.batch_size, seed: cfg.seed, shuffle: true, bucket_batches: cfg.bucket_batches, drop_last: false },
         collate.clone(),
     )?;
+    if let Some(r) = &resume {
+        let total = total_steps(cfg, loader.batches_per_epoch());
+        let batches_per_step = cfg.grad_accum as u64 * coll.size() as u64;
+        checkpoint::check_reachable(&r.dir, &r.state, total, loader.batches_per_epoch(), batches_per_step)?;
+    }
     loader.seek(resume.as_ref().map(|r| r.state.position).unwrap_or_default());
-    Ok(Prepared { manifest, run, stats, loader, eval_pairs, collate, train_key, run_key, resume, session_config, sessions, device, initial })
+    Ok(Prepared { manifest, run, stats, loader, eval_pairs, collate, train_key, run_key, resume, session_config, sessions, device, initial, lock: None })
 }
 
 /// The parameters, Adam moments and loop state the first step starts from: the checkpoint's for a
@@ -289,6 +330,18 @@ fn check_model_limits<'a>(cfg: &TrainConfig, manifest: &Manifest, tok: &PairToke
     Ok(())
 }
 
+/// Refuses a `--group-by` column that no training row has (a typo would report no groups at all).
+fn check_group_column(column: &str, data: &Path, pairs: &[TokenizedPair]) -> Result<()> {
+    if pairs.iter().any(|p| p.extras.contains_key(column)) {
+        return Ok(());
+    }
+    let mut columns: Vec<&str> = pairs.iter().flat_map(|p| p.extras.keys().map(String::as_str)).collect();
+    columns.sort_unstable();
+    columns.dedup();
+    let have = if columns.is_empty() { "none besides prompt, chosen and rejected".to_string() } else { columns.join(", ") };
+    Err(Error::BadFlag { flag: "--group-by".into(), detail: format!("no row of {} has a column {column:?} (its other columns: {have})", data.display()) })
+}
+
 /// Whether the AdamW step runs as the fused host kernel rather than the optimizer graph.
 pub fn uses_fused(cfg: &TrainConfig) -> bool {
     match cfg.optimizer {
@@ -394,7 +447,7 @@ fn claim_run_dir(run: &Path) -> Result<()> {
     let kind = crate::output_dir::Kind { flag: "--out", what: "a betadpo run (train_config.json)", replaced: false };
     crate::output_dir::claim(run, &kind, |d| {
         crate::output_dir::marked(d, RUN_MARK)
-            || std::fs::read_to_string(d.join(CONFIG_FILE)).ok().is_some_and(|t| serde_json::from_str::<TrainConfig>(&t).is_ok())
+            || crate::fs_guard::read_to_string_inside(d, &d.join(CONFIG_FILE)).ok().is_some_and(|t| serde_json::from_str::<TrainConfig>(&t).is_ok())
     })
 }
 

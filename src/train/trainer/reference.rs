@@ -34,20 +34,16 @@ pub fn reference(cfg: &TrainConfig, p: &mut Prepared, coll: &dyn Collective) -> 
     let evaluates = p.resume.is_none() || done < total;
 
     let open = |name: &str, key: &str| {
-        let cache = RefCache::open(&p.run, name, key);
-        if coll.is_root() {
-            cache
-        } else {
-            cache.read_only()
-        }
+        let cache = RefCache::open(&p.run, name, key)?;
+        Ok::<_, Error>(if coll.is_root() { cache } else { cache.read_only() })
     };
-    let mut train = open("train", &p.train_key);
+    let mut train = open("train", &p.train_key)?;
     let used: HashSet<usize> = p.loader.upcoming(batches).iter().map(|pair| pair.source_index).collect();
     let pairs = p.loader.pairs();
     let first_epoch = p.loader.epoch_batches(0).into_iter().map(|b| b.iter().map(|&i| &pairs[i]).collect());
     let train_missing = train.missing(first_epoch, |pair| used.contains(&pair.source_index));
     let mut eval = match &p.eval_pairs {
-        Some(pairs) => Some((open("eval", &cache_key(pairs, &cfg.artifacts, &p.manifest)?), pairs)),
+        Some(pairs) => Some((open("eval", &cache_key(pairs, &cfg.artifacts, &p.manifest)?)?, pairs)),
         None => None,
     };
     let eval_missing = match &eval {

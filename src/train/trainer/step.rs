@@ -205,7 +205,10 @@ impl<'a> Stepper<'a> {
                 f32::NAN
             }
             None => {
-                let last = checkpoint::list(run).last().map(|(s, p)| format!("; the last checkpoint {} (step {s}) is intact", p.display())).unwrap_or_default();
+                let last = checkpoint::list(run)
+                    .last()
+                    .map(|(s, p)| format!("; the last checkpoint, {} (step {s}), was written from finite state", p.display()))
+                    .unwrap_or_default();
                 return Err(Error::Other(format!("non-finite loss or gradient at step {step} (loss {loss}){last}; --skip-nonfinite skips such steps")));
             }
         };
