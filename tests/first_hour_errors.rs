@@ -25,7 +25,8 @@ fn args(v: &[String]) -> Vec<&str> {
 #[test]
 fn a_missing_required_flag_is_named() {
     let err = assert_one_line_error(&["train", "--artifacts", "art"], "the following required arguments were not provided");
-    for flag in ["--data <DATA>", "--tokenizer <TOKENIZER>", "--out <OUT>"] {
+    // --tokenizer is optional: artifacts built from a Hugging Face folder know theirs
+    for flag in ["--data <DATA>", "--out <OUT>"] {
         assert!(err.contains(flag), "{flag} not named: {err}");
     }
     let err = assert_one_line_error(&["train", "--artifact", "art"], "unexpected argument '--artifact'");
@@ -43,9 +44,9 @@ fn a_folder_given_as_the_model_says_what_it_is() {
     let out = dir.join("art");
     let err = assert_one_line_error(
         &["build-graph", "--model", s(&hf), "--out", s(&out)],
-        "a Hugging Face model folder (holding config.json, model.safetensors, tokenizer.json)",
+        "architecture (none named) is not one betadpo builds from a Hugging Face folder (supported: llama,",
     );
-    assert!(err.contains(&format!("python scripts/export_hf.py --model {} --out DIR", hf.display())), "{err}");
+    assert!(err.contains("scripts/export_hf.py --model DIR"), "{err}");
     let plain = dir.join("plain");
     std::fs::create_dir_all(&plain).unwrap();
     std::fs::write(plain.join("notes.txt"), "").unwrap();
