@@ -96,7 +96,8 @@ impl<'a> Stepper<'a> {
         })
     }
 
-    /// Runs step `tstate.step + 1`, updating `state` and `tstate`, and returns its metrics record.
+    /// Runs step `tstate.step + 1`, updating `state` and `tstate`, and returns its metrics record:
+    /// micro-batches → reduce (across ranks) → update → record.
     /// A non-finite loss or gradient is an error naming the last intact checkpoint in `run`,
     /// unless `--skip-nonfinite` skips the update.
     #[allow(clippy::too_many_arguments)]
@@ -110,16 +111,38 @@ impl<'a> Stepper<'a> {
         device: &Device,
         run: &Path,
     ) -> Result<Map<String, Value>> {
-        let cfg = self.cfg;
         let started = Instant::now();
-        let mut loss_sum = 0.0f64;
-        let mut n_pairs = 0usize;
-        let mut tokens = 0usize;
-        let mut acc: Option<Vec<Tensor<f32>>> = None;
-        let mut graph_time = 0.0f64;
-        let mut kept = 0usize;
-        let mut epsilon_steps = StepTally::default();
-        let mut micro_pairs = Vec::with_capacity(cfg.grad_accum.min(1024));
+        let micro = self.micro_batches(sessions, loader, train_refs, state, tstate, device)?;
+        let (grads, pairs, totals, allreduce_time) = self.reduce(micro, device)?;
+        let loss = totals.loss_sum / totals.pairs as f64;
+        let step = tstate.step + 1;
+        let update = self.update(sessions, state, tstate, &grads, loss, step, device, run)?;
+        tstate.step = step;
+        tstate.tokens += totals.tokens as u64;
+        tstate.position = loader.position();
+        let mut rec = Map::new();
+        rec.insert("loss".into(), num(loss));
+        summarise(&pairs, "", &mut rec);
+        summarise_groups(&pairs, "", &mut rec);
+        rec.insert("grad_norm".into(), num(update.norm as f64));
+        let times = Times { step: started.elapsed().as_secs_f64(), graph: totals.graph_time, optimizer: update.optimizer_time, allreduce: allreduce_time };
+        self.record(&mut rec, tstate, &totals, &update, times);
+        Ok(rec)
+    }
+
+    /// The step's `grad_accum` micro-batches through the train graph: their gradients summed (here, or
+    /// weighted into the ranks' sum) and their pairs' values and totals kept.
+    fn micro_batches(
+        &mut self,
+        sessions: &mut Sessions,
+        loader: &mut DataLoader,
+        train_refs: &RefTable,
+        state: &State,
+        tstate: &mut TrainerState,
+        device: &Device,
+    ) -> Result<MicroBatches> {
+        let cfg = self.cfg;
+        let mut m = MicroBatches { acc: None, pairs: Vec::with_capacity(cfg.grad_accum.min(1024)), totals: Totals::default() };
         if let Some(sum) = self.gradient_sum.as_mut() {
             sum.clear();
         }
@@ -127,7 +150,7 @@ impl<'a> Stepper<'a> {
             let shard = loader.next_shard(self.coll.rank(), self.coll.size())?;
             let Some(batch) = shard.batch else {
                 // fewer pairs than ranks: this rank adds nothing to this micro-batch
-                micro_pairs.push(PairValues::default());
+                m.pairs.push(PairValues::default());
                 continue;
             };
             let refs = batch_refs(train_refs, &batch.source_indices)?;
@@ -141,44 +164,63 @@ impl<'a> Stepper<'a> {
             if let Some(s) = out.margin_stats {
                 tstate.margin_stats = MarginStats::of(s);
             }
-            kept += out.kept.iter().filter(|&&k| k > 0.5).count();
-            epsilon_steps.add(&out.epsilon_steps);
-            graph_time += graph_started.elapsed().as_secs_f64();
-            loss_sum += out.loss as f64 * batch.pairs() as f64;
-            n_pairs += batch.pairs();
-            tokens += batch.num_tokens;
-            micro_pairs.push(PairValues::from_outputs(&out.chosen_rewards, &out.rejected_rewards, &out.policy_logps, &refs, &out.beta, batch.groups.clone()));
+            let t = &mut m.totals;
+            t.kept += out.kept.iter().filter(|&&k| k > 0.5).count();
+            t.epsilon_steps.add(&out.epsilon_steps);
+            t.graph_time += graph_started.elapsed().as_secs_f64();
+            t.loss_sum += out.loss as f64 * batch.pairs() as f64;
+            t.pairs += batch.pairs();
+            t.tokens += batch.num_tokens;
+            m.pairs.push(PairValues::from_outputs(&out.chosen_rewards, &out.rejected_rewards, &out.policy_logps, &refs, &out.beta, batch.groups.clone()));
             if let Some(sum) = self.gradient_sum.as_mut() {
                 sum.add(grads, batch.pairs() as f32 / shard.batch_pairs as f32, device)?;
             } else {
-                acc = Some(match (acc, self.accumulator.as_mut()) {
+                m.acc = Some(match (m.acc.take(), self.accumulator.as_mut()) {
                     (None, _) => grads,
                     (Some(a), Some(accum)) => accum.add(a, &grads)?,
                     (Some(_), None) => unreachable!("accumulating needs grad_accum > 1"),
                 });
             }
         }
-        let mut allreduce_time = None;
-        let (grads, pairs) = match self.gradient_sum.as_mut() {
-            None => (
-                acc.expect("at least one micro-batch"),
-                micro_pairs.into_iter().fold(PairValues::default(), |mut all, v| {
-                    all.extend(v);
-                    all
-                }),
-            ),
-            Some(sum) => {
-                allreduce_time = Some(sum.allreduce(self.coll)?);
-                let [up, down, stepped] = epsilon_steps.counts();
-                let mut t = [loss_sum, n_pairs as f64, tokens as f64, kept as f64, up, down, stepped];
-                self.coll.sum_f64(&mut t)?;
-                (loss_sum, n_pairs, tokens, kept) = (t[0], t[1] as usize, t[2] as usize, t[3] as usize);
-                epsilon_steps = StepTally::from_counts([t[4], t[5], t[6]]);
-                (sum.take(device)?, gather_pairs(self.coll, &micro_pairs)?)
-            }
+        Ok(m)
+    }
+
+    /// The step's gradients, pair values and totals: this process's own, or summed over the ranks
+    /// (one allreduce of the gradients, one of the totals); with the allreduce's time.
+    fn reduce(&mut self, m: MicroBatches, device: &Device) -> Result<(Vec<Tensor<f32>>, PairValues, Totals, Option<f64>)> {
+        let MicroBatches { acc, pairs, mut totals } = m;
+        let Some(sum) = self.gradient_sum.as_mut() else {
+            let all = pairs.into_iter().fold(PairValues::default(), |mut all, v| {
+                all.extend(v);
+                all
+            });
+            return Ok((acc.expect("at least one micro-batch"), all, totals, None));
         };
-        let loss = loss_sum / n_pairs as f64;
-        let step = tstate.step + 1;
+        let allreduce_time = sum.allreduce(self.coll)?;
+        let [up, down, stepped] = totals.epsilon_steps.counts();
+        let mut t = [totals.loss_sum, totals.pairs as f64, totals.tokens as f64, totals.kept as f64, up, down, stepped];
+        self.coll.sum_f64(&mut t)?;
+        (totals.loss_sum, totals.pairs, totals.tokens, totals.kept) = (t[0], t[1] as usize, t[2] as usize, t[3] as usize);
+        totals.epsilon_steps = StepTally::from_counts([t[4], t[5], t[6]]);
+        Ok((sum.take(device)?, gather_pairs(self.coll, &pairs)?, totals, Some(allreduce_time)))
+    }
+
+    /// The AdamW update (fused on the host, or the optimizer graph), unless the loss or gradients are
+    /// not finite: float16's loss scale then skips the step and halves, `--skip-nonfinite` skips it,
+    /// and otherwise the run stops naming its last checkpoint.
+    #[allow(clippy::too_many_arguments)]
+    fn update(
+        &mut self,
+        sessions: &mut Sessions,
+        state: &mut State,
+        tstate: &mut TrainerState,
+        grads: &[Tensor<f32>],
+        loss: f64,
+        step: u64,
+        device: &Device,
+        run: &Path,
+    ) -> Result<Update> {
+        let cfg = self.cfg;
         let mut hyper = self.hyper(step, tstate.updates);
         if let Some(s) = tstate.loss_scale {
             // the optimizer unscales before the norm, clipping and AdamW read the gradients
@@ -188,8 +230,8 @@ impl<'a> Stepper<'a> {
         let optimizer_started = Instant::now();
         let norm = match (loss.is_finite(), self.fused) {
             (false, _) => None,
-            (true, true) => fused_adamw::step(state, &grads, &self.kinds, &hyper, cfg.threads, cfg.flush_denormals)?,
-            (true, false) => apply(sessions.optimizer.as_mut().expect("optimizer session"), &self.opt_spec, state, &grads, &hyper, device)?,
+            (true, true) => fused_adamw::step(state, grads, &self.kinds, &hyper, cfg.threads, cfg.flush_denormals)?,
+            (true, false) => apply(sessions.optimizer.as_mut().expect("optimizer session"), &self.opt_spec, state, grads, &hyper, device)?,
         };
         let optimizer_time = optimizer_started.elapsed().as_secs_f64();
         // float16: gradients that overflowed at this scale skip the step and halve it (a finite loss only)
@@ -215,46 +257,44 @@ impl<'a> Stepper<'a> {
         if norm.is_finite() {
             tstate.updates += 1;
         }
-        tstate.step = step;
-        tstate.tokens += tokens as u64;
-        tstate.position = loader.position();
-        let mut rec = Map::new();
-        rec.insert("loss".into(), num(loss));
-        summarise(&pairs, "", &mut rec);
-        summarise_groups(&pairs, "", &mut rec);
-        rec.insert("grad_norm".into(), num(norm as f64));
+        Ok(Update { norm, optimizer_time, scale_used, overflowed })
+    }
+
+    /// The step's record beyond loss, pair metrics and norm: rates, progress, timings and each
+    /// method's own values (beta-DPO's filter, epsilon-DPO's global beta, float16's loss scale).
+    fn record(&self, rec: &mut Map<String, Value>, tstate: &mut TrainerState, totals: &Totals, update: &Update, times: Times) {
+        let cfg = self.cfg;
         // the rates in double precision, as transformers logs them (the optimizer gets them as float32)
-        let f = factor(cfg.lr_schedule, step, self.warmup, self.total);
+        let f = factor(cfg.lr_schedule, tstate.step, self.warmup, self.total);
         rec.insert("learning_rate".into(), num(cfg.lr * f));
         rec.insert("head_learning_rate".into(), num(cfg.head_lr * f));
-        rec.insert("step".into(), Value::from(step));
+        rec.insert("step".into(), Value::from(tstate.step));
         rec.insert("epoch".into(), num(self.epoch(tstate)));
         rec.insert("tokens".into(), Value::from(tstate.tokens));
-        rec.insert("step_time_s".into(), num(started.elapsed().as_secs_f64()));
-        rec.insert("train_graph_time_s".into(), num(graph_time));
-        rec.insert("optimizer_time_s".into(), num(optimizer_time));
-        if let Some(t) = allreduce_time {
+        rec.insert("step_time_s".into(), num(times.step));
+        rec.insert("train_graph_time_s".into(), num(times.graph));
+        rec.insert("optimizer_time_s".into(), num(times.optimizer));
+        if let Some(t) = times.allreduce {
             rec.insert("allreduce_time_s".into(), num(t));
         }
         if self.beta_dpo {
-            rec.insert("beta_dpo/kept_fraction".into(), num(kept as f64 / n_pairs as f64));
+            rec.insert("beta_dpo/kept_fraction".into(), num(totals.kept as f64 / totals.pairs as f64));
             rec.insert("beta_dpo/margin_mean".into(), num(tstate.margin_stats.mean));
             rec.insert("beta_dpo/margin_std".into(), num(tstate.margin_stats.std));
         }
         if let (Some(beta), Some(e)) = (tstate.epsilon_beta, self.epsilon_dpo) {
-            epsilon_beta::record(&mut rec, beta, &epsilon_steps);
-            tstate.epsilon_beta = Some(epsilon_beta::next_beta(beta, e.epsilon, &epsilon_steps));
+            epsilon_beta::record(rec, beta, &totals.epsilon_steps);
+            tstate.epsilon_beta = Some(epsilon_beta::next_beta(beta, e.epsilon, &totals.epsilon_steps));
         }
-        if let Some(scale) = scale_used {
+        if let Some(scale) = update.scale_used {
             rec.insert("loss_scale".into(), num(scale));
-            if overflowed {
+            if update.overflowed {
                 rec.insert("loss_scale_overflow".into(), Value::from(true));
             }
         }
         if tstate.skipped_nonfinite > 0 {
             rec.insert("skipped_nonfinite".into(), Value::from(tstate.skipped_nonfinite));
         }
-        Ok(rec)
     }
 
     /// Epochs completed at the loader's position, fractional.
@@ -279,4 +319,41 @@ impl<'a> Stepper<'a> {
             gradient_scale: 1.0 / cfg.grad_accum as f32,
         }
     }
+}
+
+/// What a step's micro-batches summed.
+#[derive(Default)]
+struct Totals {
+    loss_sum: f64,
+    pairs: usize,
+    tokens: usize,
+    /// Pairs beta-DPO's filter kept.
+    kept: usize,
+    epsilon_steps: StepTally,
+    graph_time: f64,
+}
+
+/// A step's micro-batches: the summed gradients (in one process), each micro-batch's pair values, totals.
+struct MicroBatches {
+    acc: Option<Vec<Tensor<f32>>>,
+    pairs: Vec<PairValues>,
+    totals: Totals,
+}
+
+/// What the update did.
+struct Update {
+    /// The gradients' norm; NaN when the step was skipped.
+    norm: f32,
+    optimizer_time: f64,
+    /// float16's loss scale during this step.
+    scale_used: Option<f64>,
+    overflowed: bool,
+}
+
+/// Seconds spent in the step, its train-graph runs, the optimizer and the allreduce.
+struct Times {
+    step: f64,
+    graph: f64,
+    optimizer: f64,
+    allreduce: Option<f64>,
 }
