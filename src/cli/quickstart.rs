@@ -84,20 +84,16 @@ fn is_own_output(name: &str) -> bool {
     ["artifacts", "artifacts-fixed", "run-learned", "run-fixed"].contains(&name) || name.starts_with("model.onnx")
 }
 
-pub fn run(a: Args) -> Result<()> {
-    betadpo::runtime::keep_freed_memory_for_reuse();
-    if a.steps == 0 {
-        anyhow::bail!(betadpo::Error::BadFlag { flag: "--steps".into(), detail: "0 (must be at least 1)".into() });
-    }
-    let assets = assets_dir(&a)?;
-    let out = a.out.clone();
+/// Takes `out` for this quickstart: refused unless it is empty or an earlier quickstart's, locked,
+/// and cleared of what an earlier quickstart wrote (and only that).
+fn claim_out(out: &Path) -> Result<betadpo::dir_lock::DirLock> {
     // Cleared only when an earlier quickstart wrote it (its marker), so `--out ~/notes` is refused.
     let kind = output_dir::Kind { flag: "--out", what: "an earlier quickstart's output (its .betadpo-output marker)", replaced: true };
-    output_dir::claim_replacing(&out, &kind, |d| output_dir::marked(d, QUICKSTART_MARK), is_own_output)?;
-    let _lock = betadpo::dir_lock::hold(&out)?;
+    output_dir::claim_replacing(out, &kind, |d| output_dir::marked(d, QUICKSTART_MARK), is_own_output)?;
+    let lock = betadpo::dir_lock::hold(out)?;
     // claimed again under the lock; then only what an earlier quickstart wrote is cleared
-    output_dir::claim_replacing(&out, &kind, |d| output_dir::marked(d, QUICKSTART_MARK), is_own_output)?;
-    for e in std::fs::read_dir(&out).with_context(|| format!("reading {}", out.display()))? {
+    output_dir::claim_replacing(out, &kind, |d| output_dir::marked(d, QUICKSTART_MARK), is_own_output)?;
+    for e in std::fs::read_dir(out).with_context(|| format!("reading {}", out.display()))? {
         let e = e?;
         if is_own_output(&e.file_name().to_string_lossy()) {
             let p = e.path();
@@ -105,7 +101,45 @@ pub fn run(a: Args) -> Result<()> {
                 .with_context(|| format!("clearing {}", p.display()))?;
         }
     }
-    output_dir::mark(&out, QUICKSTART_MARK)?;
+    output_dir::mark(out, QUICKSTART_MARK)?;
+    Ok(lock)
+}
+
+/// Accuracy before and after, the learned beta and the drift, per regime, learned against fixed.
+fn print_table(learned: &TrainSummary, fixed: Option<&TrainSummary>) {
+    let after = learned.final_eval.as_ref();
+    let before = learned.initial_eval.as_ref();
+    let base = fixed.and_then(|f| f.final_eval.as_ref());
+    println!();
+    println!("{:<8} {:>12} {:>14} {:>14} {:>13} {:>14} {:>14}", "regime", "accuracy", "accuracy", "accuracy", "learned", "drift", "drift");
+    println!("{:<8} {:>12} {:>14} {:>14} {:>13} {:>14} {:>14}", "", "before", "learned beta", "fixed 0.1", "beta", "learned beta", "fixed 0.1");
+    let mut groups = after.map(eval_groups).unwrap_or_default();
+    groups.push(String::new());
+    for g in groups {
+        let sfx = if g.is_empty() { String::new() } else { format!("/{g}") };
+        println!(
+            "{:<8} {:>12} {:>14} {:>14} {:>13} {:>14} {:>14}",
+            if g.is_empty() { "all" } else { &g },
+            get(before, &format!("eval/rewards/accuracies{sfx}")),
+            get(after, &format!("eval/rewards/accuracies{sfx}")),
+            get(base, &format!("eval/rewards/accuracies{sfx}")),
+            get(after, &format!("eval/beta/mean{sfx}")),
+            get(after, &format!("eval/drift/abs_logratio{sfx}")),
+            get(base, &format!("eval/drift/abs_logratio{sfx}")),
+        );
+    }
+    println!("(accuracy before training is 0: policy and reference agree, so no pair has a positive margin yet;");
+    println!(" drift = mean |policy − reference| log-prob of an answer, how far training moved the model)");
+}
+
+pub fn run(a: Args) -> Result<()> {
+    betadpo::runtime::keep_freed_memory_for_reuse();
+    if a.steps == 0 {
+        anyhow::bail!(betadpo::Error::BadFlag { flag: "--steps".into(), detail: "0 (must be at least 1)".into() });
+    }
+    let assets = assets_dir(&a)?;
+    let out = a.out.clone();
+    let _lock = claim_out(&out)?;
     let step = |s: &str| {
         if !a.quiet {
             eprintln!("\n== {s}");
@@ -153,29 +187,7 @@ pub fn run(a: Args) -> Result<()> {
     let prompts: Vec<_> = examples.iter().map(|(_, p)| p.clone()).collect();
     let preds = pred.predict(&prompts, false, 0)?;
 
-    let after = learned.final_eval.as_ref();
-    let before = learned.initial_eval.as_ref();
-    let base = fixed.as_ref().and_then(|f| f.final_eval.as_ref());
-    println!();
-    println!("{:<8} {:>12} {:>14} {:>14} {:>13} {:>14} {:>14}", "regime", "accuracy", "accuracy", "accuracy", "learned", "drift", "drift");
-    println!("{:<8} {:>12} {:>14} {:>14} {:>13} {:>14} {:>14}", "", "before", "learned beta", "fixed 0.1", "beta", "learned beta", "fixed 0.1");
-    let mut groups = after.map(eval_groups).unwrap_or_default();
-    groups.push(String::new());
-    for g in groups {
-        let sfx = if g.is_empty() { String::new() } else { format!("/{g}") };
-        println!(
-            "{:<8} {:>12} {:>14} {:>14} {:>13} {:>14} {:>14}",
-            if g.is_empty() { "all" } else { &g },
-            get(before, &format!("eval/rewards/accuracies{sfx}")),
-            get(after, &format!("eval/rewards/accuracies{sfx}")),
-            get(base, &format!("eval/rewards/accuracies{sfx}")),
-            get(after, &format!("eval/beta/mean{sfx}")),
-            get(after, &format!("eval/drift/abs_logratio{sfx}")),
-            get(base, &format!("eval/drift/abs_logratio{sfx}")),
-        );
-    }
-    println!("(accuracy before training is 0: policy and reference agree, so no pair has a positive margin yet;");
-    println!(" drift = mean |policy − reference| log-prob of an answer, how far training moved the model)");
+    print_table(&learned, fixed.as_ref());
     println!();
     for ((regime, _), p) in examples.iter().zip(&preds) {
         println!("infer [{regime}] beta {:.3}  {}", p.beta, p.prompt.replace('\n', "\\n"));

@@ -47,16 +47,7 @@ pub fn train_with(cfg: &TrainConfig, coll: &dyn Collective) -> Result<TrainSumma
     let refs = reference::reference(cfg, &mut p, coll)?;
     let (mut tstate, mut state) = prepare::start_state(&mut p, cfg)?;
     let resumed_from = p.resume.as_ref().map(|r| r.step);
-    let mut log = None;
-    let mut events = None;
-    if root {
-        let cfg_text = serde_json::to_string_pretty(cfg).expect("config serialises");
-        crate::onnx::write_atomic(&p.run.join(CONFIG_FILE), |w| w.write_all(cfg_text.as_bytes()))?;
-        log = Some(MetricsLog::open(&p.run.join(METRICS_FILE), resumed_from)?);
-        if cfg.report_to == ReportTo::Tensorboard {
-            events = Some(EventWriter::create(&p.run)?);
-        }
-    }
+    let (mut log, mut events) = if root { open_outputs(cfg, &p.run, resumed_from)? } else { (None, None) };
     let mut stepper = Stepper::new(cfg, &p, &state, coll)?;
     if root && cfg.progress {
         eprintln!("{}", progress::header(cfg, &p.manifest, stepper.total, stepper.warmup, stepper.per_epoch));
@@ -138,4 +129,14 @@ pub fn train_with(cfg: &TrainConfig, coll: &dyn Collective) -> Result<TrainSumma
         stats: p.stats,
         report,
     })
+}
+
+/// The run's own files, written by rank 0: its configuration, the metrics log (appended to on a
+/// resume) and, with `--report-to tensorboard`, the event file.
+fn open_outputs(cfg: &TrainConfig, run: &std::path::Path, resumed_from: Option<u64>) -> Result<(Option<MetricsLog>, Option<EventWriter>)> {
+    let cfg_text = serde_json::to_string_pretty(cfg).expect("config serialises");
+    crate::onnx::write_atomic(&run.join(CONFIG_FILE), |w| w.write_all(cfg_text.as_bytes()))?;
+    let log = MetricsLog::open(&run.join(METRICS_FILE), resumed_from)?;
+    let events = if cfg.report_to == ReportTo::Tensorboard { Some(EventWriter::create(run)?) } else { None };
+    Ok((Some(log), events))
 }

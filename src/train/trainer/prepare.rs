@@ -96,21 +96,7 @@ pub fn prepare(cfg: &TrainConfig, coll: &dyn Collective) -> Result<Prepared> {
 
 fn prepare_locked(cfg: &TrainConfig, coll: &dyn Collective) -> Result<Prepared> {
     let run = cfg.out.clone();
-    if coll.is_root() {
-        // before anything is written: the run's own files must be regular files in it (a FIFO
-        // `metrics.jsonl` would block the append that opens it)
-        for name in [CONFIG_FILE, METRICS_FILE, crate::output_dir::MARKER] {
-            let path = run.join(name);
-            if std::fs::symlink_metadata(&path).is_ok() {
-                crate::fs_guard::open_inside(&run, &path)?;
-            }
-        }
-        checkpoint::clean_partial(&run);
-        for dir in [run.clone(), run.join(FINAL_DIR), run.join("reference")] {
-            crate::temp_files::remove_stale(&dir, None);
-        }
-    }
-    coll.barrier()?;
+    open_run_folder(&run, coll)?;
     crate::runtime::init(&cfg.ep)?;
     let manifest = Manifest::load(&cfg.artifacts)?;
     check_precision(&manifest, cfg)?;
@@ -120,20 +106,7 @@ fn prepare_locked(cfg: &TrainConfig, coll: &dyn Collective) -> Result<Prepared> 
             "beta-DPO's batch statistics (margin mean and spread, the filter) are of the whole batch, which no rank sees; train beta-DPO artifacts in one process".into(),
         ));
     }
-    let previous = checkpoint::list(&run);
-    if cfg.resume && previous.is_empty() {
-        return Err(Error::BadFlag {
-            flag: "--resume".into(),
-            detail: format!(
-                "{} holds no checkpoint to resume (expected {}/step-N); run without --resume to start it",
-                run.display(),
-                checkpoint::checkpoints_dir(&run).display()
-            ),
-        });
-    }
-    if !cfg.resume && !previous.is_empty() {
-        return Err(Error::Other(format!("{} already holds checkpoints; pass --resume to continue it, or choose a new --out", run.display())));
-    }
+    let previous = existing_checkpoints(cfg, &run)?;
 
     let mut stats = String::new();
     let tok = PairTokenizer::from_files(&cfg.tokenizer, cfg.tokenizer_config.as_deref())?;
@@ -155,32 +128,11 @@ fn prepare_locked(cfg: &TrainConfig, coll: &dyn Collective) -> Result<Prepared> 
     if let Some(column) = &cfg.group_by {
         check_group_column(column, &cfg.data, &train_pairs)?;
     }
-    if let Some(limit) = manifest.max_sequence_tokens {
-        let longest = train_pairs.iter().chain(eval_pairs.iter().flatten()).map(TokenizedPair::max_len).max().unwrap_or(0);
-        if longest > limit {
-            return Err(Error::BadFlag {
-                flag: "--max-length".into(),
-                detail: format!("a sequence has {longest} tokens; these packed artifacts were verified for up to {limit} (lower --max-length, or build with --layout padded)"),
-            });
-        }
-    }
+    check_packed_length(&manifest, train_pairs.iter().chain(eval_pairs.iter().flatten()))?;
     // Refuse a mismatched resume before any expensive work (reference log-probs).
     let train_key = cache_key(&train_pairs, &cfg.artifacts, &manifest)?;
     let run_key = run_key(cfg, &manifest, &manifest_text, &train_key);
-    let resume = match (cfg.resume, previous.last()) {
-        (true, Some((step, dir))) => {
-            let state = checkpoint::read_state(dir)?;
-            if state.run_key != run_key {
-                return Err(Error::Other(format!(
-                    "{} was trained with other artifacts, data or optimizer flags; resume needs the same ones (or choose a new --out; \
-                     runs started before subnormals were flushed by default resume with --keep-denormals)",
-                    run.display()
-                )));
-            }
-            Some(ResumePoint { step: *step, dir: dir.clone(), state })
-        }
-        _ => None,
-    };
+    let resume = resume_point(cfg, &run, previous.last(), &run_key)?;
     agree_on_start(coll, &format!("{run_key} allreduce {:?}", cfg.allreduce), resume.as_ref().map(|r| r.step))?;
 
     let session_config = session_config(cfg);
@@ -210,6 +162,71 @@ fn prepare_locked(cfg: &TrainConfig, coll: &dyn Collective) -> Result<Prepared> 
     }
     loader.seek(resume.as_ref().map(|r| r.state.position).unwrap_or_default());
     Ok(Prepared { manifest, run, stats, loader, eval_pairs, collate, train_key, run_key, resume, session_config, sessions, device, initial, lock: None })
+}
+
+/// The run folder before anything is written: its own files are regular files in it (a FIFO
+/// `metrics.jsonl` would block the append that opens it), and a killed run's leftovers are removed.
+fn open_run_folder(run: &Path, coll: &dyn Collective) -> Result<()> {
+    if coll.is_root() {
+        for name in [CONFIG_FILE, METRICS_FILE, crate::output_dir::MARKER] {
+            let path = run.join(name);
+            if std::fs::symlink_metadata(&path).is_ok() {
+                crate::fs_guard::open_inside(run, &path)?;
+            }
+        }
+        checkpoint::clean_partial(run);
+        for dir in [run.to_path_buf(), run.join(FINAL_DIR), run.join("reference")] {
+            crate::temp_files::remove_stale(&dir, None);
+        }
+    }
+    coll.barrier()
+}
+
+/// The run's checkpoints: `--resume` needs one, and a run that has some continues only with `--resume`.
+fn existing_checkpoints(cfg: &TrainConfig, run: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let previous = checkpoint::list(run);
+    if cfg.resume && previous.is_empty() {
+        return Err(Error::BadFlag {
+            flag: "--resume".into(),
+            detail: format!(
+                "{} holds no checkpoint to resume (expected {}/step-N); run without --resume to start it",
+                run.display(),
+                checkpoint::checkpoints_dir(run).display()
+            ),
+        });
+    }
+    if !cfg.resume && !previous.is_empty() {
+        return Err(Error::Other(format!("{} already holds checkpoints; pass --resume to continue it, or choose a new --out", run.display())));
+    }
+    Ok(previous)
+}
+
+/// Packed artifacts were verified up to a sequence length; longer pairs are refused.
+fn check_packed_length<'a>(manifest: &Manifest, pairs: impl Iterator<Item = &'a TokenizedPair>) -> Result<()> {
+    let Some(limit) = manifest.max_sequence_tokens else { return Ok(()) };
+    let longest = pairs.map(TokenizedPair::max_len).max().unwrap_or(0);
+    if longest > limit {
+        return Err(Error::BadFlag {
+            flag: "--max-length".into(),
+            detail: format!("a sequence has {longest} tokens; these packed artifacts were verified for up to {limit} (lower --max-length, or build with --layout padded)"),
+        });
+    }
+    Ok(())
+}
+
+/// The checkpoint `--resume` continues from, refused (before any expensive work) when it was
+/// trained with other artifacts, data or optimizer flags.
+fn resume_point(cfg: &TrainConfig, run: &Path, newest: Option<&(u64, PathBuf)>, run_key: &str) -> Result<Option<ResumePoint>> {
+    let (true, Some((step, dir))) = (cfg.resume, newest) else { return Ok(None) };
+    let state = checkpoint::read_state(dir)?;
+    if state.run_key != run_key {
+        return Err(Error::Other(format!(
+            "{} was trained with other artifacts, data or optimizer flags; resume needs the same ones (or choose a new --out; \
+             runs started before subnormals were flushed by default resume with --keep-denormals)",
+            run.display()
+        )));
+    }
+    Ok(Some(ResumePoint { step: *step, dir: dir.clone(), state }))
 }
 
 /// The parameters, Adam moments and loop state the first step starts from: the checkpoint's for a
