@@ -69,7 +69,7 @@ pub fn write_safetensors_raw(path: &Path, tensors: &[RawTensor], metadata: Optio
     while !text.len().is_multiple_of(8) {
         text.push(' ');
     }
-    crate::onnx::write_atomic(path, |w| {
+    crate::temp_files::write_atomic(path, |w| {
         w.write_all(&(text.len() as u64).to_le_bytes())?;
         w.write_all(text.as_bytes())?;
         for t in tensors {

@@ -31,6 +31,11 @@ pub fn dir_name(name: &str) -> String {
     format!(".{name}.partial-{}", std::process::id())
 }
 
+/// [`write_atomically`] with the mode of an ordinary file, readable by everyone.
+pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
+    write_atomically(path, 0o644, write)
+}
+
 /// Writes `path` through a temporary file of this process in the same directory, flushed to disk,
 /// given `mode` (Unix permissions; temporary files start as 0600), then renamed over `path`: a reader
 /// sees the old file or the complete new one, and a killed writer leaves only a temporary file that

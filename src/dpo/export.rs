@@ -161,7 +161,7 @@ fn write_adapter_file(file: &Path, trained: &[TrainedAdapter]) -> Result<()> {
     let params: Vec<AdapterParameter> =
         bytes.iter().map(|(name, dims, raw)| AdapterParameter { name, dims, data_type: crate::onnx::dtype::FLOAT, raw }).collect();
     let encoded = encode_adapter(&params, ADAPTER_VERSION, 0);
-    crate::onnx::write_atomic(file, |w| w.write_all(&encoded))
+    crate::temp_files::write_atomic(file, |w| w.write_all(&encoded))
 }
 
 /// The `adapter_version` betadpo writes: a file with it (and the `TORT` identifier) is one of ours.

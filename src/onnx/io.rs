@@ -4,8 +4,8 @@
 //! Loading maps files into memory and hands `raw_data` out as zero-copy slices, so a model's
 //! weights are held once, by the page cache, however many graphs are built from them.
 
+use crate::temp_files::write_atomic;
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 
 use prost::bytes::Bytes;
@@ -192,11 +192,6 @@ impl Default for SaveOptions {
         // protobuf's hard limit is 2 GiB; keep a margin for the graph itself.
         SaveOptions { external_threshold: 1 << 30 }
     }
-}
-
-/// Writes a file atomically (see [`crate::temp_files::write_atomically`]), readable by everyone.
-pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
-    crate::temp_files::write_atomically(path, 0o644, write)
 }
 
 /// Where [`save_model`] puts the weights of a large model saved at `path`: `<file name>.data` beside it.

@@ -14,7 +14,8 @@ use std::path::Path;
 use prost::bytes::Bytes;
 use prost::Message;
 
-use super::io::{kv, write_atomic, MappedData, EXTERNAL_MIN_BYTES};
+use super::io::{kv, MappedData, EXTERNAL_MIN_BYTES};
+use crate::temp_files::write_atomic;
 use super::proto::{tensor_proto::DataLocation, ModelProto};
 use crate::Result;
 

@@ -75,7 +75,7 @@ pub fn save(run: &Path, state: &TrainerState, params: &[RawTensor], moments: &[R
     write_safetensors_raw(&tmp.join(PARAMS), params, None)?;
     write_safetensors_raw(&tmp.join(OPTIMIZER), moments, None)?;
     let text = serde_json::to_string_pretty(state).expect("state serialises");
-    crate::onnx::write_atomic(&tmp.join(STATE), |w| w.write_all(text.as_bytes()))?;
+    crate::temp_files::write_atomic(&tmp.join(STATE), |w| w.write_all(text.as_bytes()))?;
     if final_dir.exists() {
         remove(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
     }

@@ -161,7 +161,7 @@ impl MetricsLog {
                 .filter(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v.get("step").and_then(Value::as_u64)).map(|s| s <= limit).unwrap_or(false))
                 .collect();
             let body = kept.iter().map(|l| format!("{l}\n")).collect::<String>();
-            crate::onnx::write_atomic(path, |w| w.write_all(body.as_bytes()))?;
+            crate::temp_files::write_atomic(path, |w| w.write_all(body.as_bytes()))?;
         } else if keep_through_step.is_none() && exists {
             std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
         }

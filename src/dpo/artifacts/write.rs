@@ -28,9 +28,9 @@ pub fn write_all<const N: usize>(
         save_models_sharing_data(tmp, models, model_data)?;
         write_safetensors_raw(&tmp.join(PARAMS_FILE), params, None)?;
         let text = serde_json::to_string_pretty(manifest).expect("manifest serialises");
-        crate::onnx::write_atomic(&tmp.join(MANIFEST_FILE), |w| w.write_all(text.as_bytes()))?;
+        crate::temp_files::write_atomic(&tmp.join(MANIFEST_FILE), |w| w.write_all(text.as_bytes()))?;
         if let Some(text) = hf_map {
-            crate::onnx::write_atomic(&tmp.join(HF_MAP_FILE), |w| w.write_all(text.as_bytes()))?;
+            crate::temp_files::write_atomic(&tmp.join(HF_MAP_FILE), |w| w.write_all(text.as_bytes()))?;
         }
         Ok(())
     })

@@ -150,7 +150,7 @@ fn write_checkpoint(dir: &Path, name: &str, tensors: &[NamedTensor], written: &m
 
 fn write_json(dir: &Path, name: &str, v: &serde_json::Value, written: &mut Vec<String>) -> Result<()> {
     let text = serde_json::to_string_pretty(v).expect("json serialises") + "\n";
-    crate::onnx::write_atomic(&dir.join(name), |w| w.write_all(text.as_bytes()))?;
+    crate::temp_files::write_atomic(&dir.join(name), |w| w.write_all(text.as_bytes()))?;
     written.push(name.into());
     Ok(())
 }

@@ -135,7 +135,7 @@ pub fn train_with(cfg: &TrainConfig, coll: &dyn Collective) -> Result<TrainSumma
 /// resume) and, with `--report-to tensorboard`, the event file.
 fn open_outputs(cfg: &TrainConfig, run: &std::path::Path, resumed_from: Option<u64>) -> Result<(Option<MetricsLog>, Option<EventWriter>)> {
     let cfg_text = serde_json::to_string_pretty(cfg).expect("config serialises");
-    crate::onnx::write_atomic(&run.join(CONFIG_FILE), |w| w.write_all(cfg_text.as_bytes()))?;
+    crate::temp_files::write_atomic(&run.join(CONFIG_FILE), |w| w.write_all(cfg_text.as_bytes()))?;
     let log = MetricsLog::open(&run.join(METRICS_FILE), resumed_from)?;
     let events = if cfg.report_to == ReportTo::Tensorboard { Some(EventWriter::create(run)?) } else { None };
     Ok((Some(log), events))
