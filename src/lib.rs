@@ -20,8 +20,19 @@
 
 /// The layers of the library, bottom to top; each entry lists the top-level modules of one layer.
 #[doc(hidden)]
-pub const LAYERS: &[&str] =
-    &["error temp_files paths limits fs_guard dir_lock", "onnx store output_dir run_layout", "text", "runtime", "graph", "autodiff", "model_import", "dpo", "distributed", "train", "infer"];
+pub const LAYERS: &[&str] = &[
+    "error temp_files paths limits fs_guard dir_lock",
+    "onnx store output_dir run_layout",
+    "text",
+    "runtime",
+    "graph",
+    "autodiff",
+    "model_import",
+    "dpo",
+    "distributed",
+    "train",
+    "infer",
+];
 
 pub mod autodiff;
 pub mod dir_lock;

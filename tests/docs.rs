@@ -11,7 +11,8 @@ fn root() -> PathBuf {
 
 fn pages() -> Vec<PathBuf> {
     let mut v = vec![root().join("README.md")];
-    let mut docs: Vec<PathBuf> = std::fs::read_dir(root().join("docs")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|x| x == "md")).collect();
+    let mut docs: Vec<PathBuf> =
+        std::fs::read_dir(root().join("docs")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|x| x == "md")).collect();
     docs.sort();
     v.extend(docs);
     v
@@ -114,7 +115,8 @@ fn every_relative_link_points_at_a_file() {
 
 #[test]
 fn the_parser_finds_flags_on_continued_and_indented_lines() {
-    let lines = ["betadpo train --artifacts a \\", "    --lr 1e-6 [--epochs 1 | --max-steps N]", "echo --not-a-flag", "cargo run --release -- quickstart --out q"];
+    let lines =
+        ["betadpo train --artifacts a \\", "    --lr 1e-6 [--epochs 1 | --max-steps N]", "echo --not-a-flag", "cargo run --release -- quickstart --out q"];
     let c = commands(&lines);
     assert_eq!(c[0], ("train".to_string(), vec!["--artifacts".into(), "--lr".into(), "--epochs".into(), "--max-steps".into()]));
     assert_eq!(c[1], ("quickstart".to_string(), vec!["--out".into()]));

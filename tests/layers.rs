@@ -345,11 +345,8 @@ fn an_upward_import_is_caught_in_a_use_tree_and_in_a_path() {
 #[test]
 fn files_that_import_each_other_are_a_cycle_even_through_a_reexport() {
     let layers = ["m"];
-    let sources = [
-        file("m", "mod a; mod b; pub use a::A; pub use b::B;"),
-        file("m::a", "use super::B; pub struct A;"),
-        file("m::b", "use crate::m::A; pub struct B;"),
-    ];
+    let sources =
+        [file("m", "mod a; mod b; pub use a::A; pub use b::B;"), file("m::a", "use super::B; pub struct A;"), file("m::b", "use crate::m::A; pub struct B;")];
     let v = check(&sources, &layers);
     assert!(matches!(v.as_slice(), [Violation::Cycle(c)] if c.len() == 2), "{v:?}");
     // the module file using its own parts is no cycle

@@ -1203,7 +1203,11 @@ fn nonfinite_loss() {
         v
     };
     let stop = dir.join("stop");
-    let e = assert_one_line_error(&run_bin(&a(&stop, &[]), &[]), &["non-finite", "at step 2", "step-1", "written from finite state", "--skip-nonfinite"], "non-finite loss");
+    let e = assert_one_line_error(
+        &run_bin(&a(&stop, &[]), &[]),
+        &["non-finite", "at step 2", "step-1", "written from finite state", "--skip-nonfinite"],
+        "non-finite loss",
+    );
     eprintln!("{e}");
     assert_eq!(checkpoint::list(&stop).iter().map(|c| c.0).collect::<Vec<_>>(), vec![1], "only the finite step is saved");
     assert_eq!(checkpoint_entries(&stop), vec!["step-1"]);

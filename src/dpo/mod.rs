@@ -25,5 +25,5 @@ pub mod reference_copy;
 pub mod validate;
 
 pub use artifacts::{build_artifacts, BuildOptions, BuildReport};
-pub use manifest::Manifest;
 pub use layout::Layout;
+pub use manifest::Manifest;

@@ -91,8 +91,12 @@ pub fn probe_shapes(graph: &Graph, batch: &ProbeBatch) -> Result<TensorInfos> {
 fn weight_views(graph: &Graph, infos: &mut TensorInfos) -> HashSet<String> {
     use crate::onnx::NodeAttrs;
     let mut views = HashSet::new();
-    let weights: HashSet<&str> =
-        graph.initializers.iter().filter(|t| dtype::is_float(t.data_type) && t.dims.iter().product::<i64>() >= ZERO_FILL_MIN_ELEMENTS).map(|t| t.name.as_str()).collect();
+    let weights: HashSet<&str> = graph
+        .initializers
+        .iter()
+        .filter(|t| dtype::is_float(t.data_type) && t.dims.iter().product::<i64>() >= ZERO_FILL_MIN_ELEMENTS)
+        .map(|t| t.name.as_str())
+        .collect();
     for n in &graph.nodes {
         let Some(x) = n.input.first().filter(|x| n.input.len() == 1 && (weights.contains(x.as_str()) || views.contains(x.as_str()))) else { continue };
         let Some(info) = infos.get(x) else { continue };

@@ -52,11 +52,20 @@ impl Family {
 pub enum RopeScaling {
     Default,
     /// Positions divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// NTK-aware scaling past `max_position_embeddings`; identical to the default up to it.
-    Dynamic { factor: f64 },
+    Dynamic {
+        factor: f64,
+    },
     /// Llama 3.1's wavelength-dependent scaling.
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
 }
 
 /// The fields of `config.json` the graph writers read, with each family's defaults filled in.
@@ -224,7 +233,9 @@ fn windows(family: Family, raw: &Value, layers: usize) -> Result<Vec<Option<i64>
     Ok((0..layers)
         .map(|i| match family {
             Family::Mistral | Family::Phi3 => window,
-            Family::Qwen2 | Family::Qwen3 => window.filter(|_| flag(raw, "use_sliding_window") == Some(true) && i as i64 >= int(raw, "max_window_layers").unwrap_or(0)),
+            Family::Qwen2 | Family::Qwen3 => {
+                window.filter(|_| flag(raw, "use_sliding_window") == Some(true) && i as i64 >= int(raw, "max_window_layers").unwrap_or(0))
+            }
             Family::Gemma2 => window.filter(|_| i % 2 == 0),
             _ => None,
         })
@@ -241,12 +252,16 @@ mod tests {
 
     #[test]
     fn llama_defaults_and_llama3_scaling_in_both_spellings() {
-        let v4 = parse(r#"{"model_type":"llama","vocab_size":10,"hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,
+        let v4 = parse(
+            r#"{"model_type":"llama","vocab_size":10,"hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,
             "num_attention_heads":4,"num_key_value_heads":2,"rope_theta":500000.0,"tie_word_embeddings":true,
-            "rope_scaling":{"rope_type":"llama3","factor":32.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}}"#);
-        let v5 = parse(r#"{"model_type":"llama","vocab_size":10,"hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,
+            "rope_scaling":{"rope_type":"llama3","factor":32.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}}"#,
+        );
+        let v5 = parse(
+            r#"{"model_type":"llama","vocab_size":10,"hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,
             "num_attention_heads":4,"num_key_value_heads":2,"tie_word_embeddings":true,
-            "rope_parameters":{"rope_type":"llama3","rope_theta":500000.0,"factor":32.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}}"#);
+            "rope_parameters":{"rope_type":"llama3","rope_theta":500000.0,"factor":32.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}}"#,
+        );
         for c in [&v4, &v5] {
             assert_eq!((c.family, c.head_dim, c.num_kv_heads, c.rope_theta), (Family::Llama, 16, 2, 500000.0));
             assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 32.0));

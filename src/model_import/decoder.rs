@@ -107,7 +107,8 @@ fn self_attention(w: &mut Writer, c: &HfConfig, p: &str, x: &str, ctx: &LayerInp
     let v = w.split_heads(&v, c.num_kv_heads, c.head_dim, &format!("{a}.v"));
     let q = w.apply_rotary(&q, ctx.cos, ctx.sin, c.head_dim, &format!("{a}.q"));
     let k = w.apply_rotary(&k, ctx.cos, ctx.sin, c.head_dim, &format!("{a}.k"));
-    let shape = AttentionShape { heads: c.num_heads, kv_heads: c.num_kv_heads, head_dim: c.head_dim, scale: c.attention_scale, softcap: c.attn_logit_softcapping };
+    let shape =
+        AttentionShape { heads: c.num_heads, kv_heads: c.num_kv_heads, head_dim: c.head_dim, scale: c.attention_scale, softcap: c.attn_logit_softcapping };
     let context = w.attention(&q, &k, &v, &shape, ctx.mask, ctx.window, &a);
     // Llama's o_proj has a bias with attention_bias; Qwen2's q/k/v biases leave o_proj without one
     let o_bias = c.attention_bias && c.family != Family::Qwen2;

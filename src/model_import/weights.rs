@@ -82,7 +82,8 @@ impl Weights {
             let bad = |detail: String| (path.clone(), detail);
             let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file, or truncated ({e})")))?;
             for (tname, view) in st.tensors() {
-                let data_type = onnx_dtype(view.dtype()).ok_or_else(|| bad(format!("tensor {tname} has dtype {:?} (F32, F16 and BF16 are read)", view.dtype())))?;
+                let data_type =
+                    onnx_dtype(view.dtype()).ok_or_else(|| bad(format!("tensor {tname} has dtype {:?} (F32, F16 and BF16 are read)", view.dtype())))?;
                 let start = view.data().as_ptr() as usize - bytes.as_ptr() as usize;
                 let t = TensorProto {
                     name: tname.clone(),

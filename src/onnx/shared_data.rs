@@ -15,8 +15,8 @@ use prost::bytes::Bytes;
 use prost::Message;
 
 use super::io::{kv, MappedData, EXTERNAL_MIN_BYTES};
-use crate::temp_files::write_atomic;
 use super::proto::{tensor_proto::DataLocation, ModelProto};
+use crate::temp_files::write_atomic;
 use crate::Result;
 
 /// The data file written for initializers that are in no cloned source file.

@@ -11,8 +11,8 @@ use rand::Rng;
 use super::{pack, HeadReads, PairTokens};
 use crate::dpo::manifest::{GraphSpec, Manifest};
 use crate::dpo::BetaSource;
-use crate::text::RightPadded;
 use crate::runtime::{f32_output, run, HostTensor};
+use crate::text::RightPadded;
 use crate::{Error, Result};
 
 /// Relative tolerance on log-probs (and on betas), floored at 1: float32 sums in a different order

@@ -208,7 +208,9 @@ fn check_packed_length<'a>(manifest: &Manifest, pairs: impl Iterator<Item = &'a 
     if longest > limit {
         return Err(Error::BadFlag {
             flag: "--max-length".into(),
-            detail: format!("a sequence has {longest} tokens; these packed artifacts were verified for up to {limit} (lower --max-length, or build with --layout padded)"),
+            detail: format!(
+                "a sequence has {longest} tokens; these packed artifacts were verified for up to {limit} (lower --max-length, or build with --layout padded)"
+            ),
         });
     }
     Ok(())
