@@ -8,8 +8,8 @@ use ort::session::{Adapter, RunOptions, Session, SessionInputValue};
 use ort::value::Tensor;
 
 use crate::runtime::SessionConfig;
+use crate::text::{Message, PairTokenizer, Text};
 use crate::train::model_limits::{ModelLimits, HIDDEN_SIZE_KEY, MAX_POSITIONS_KEY, VOCAB_SIZE_KEY};
-use crate::train::{Message, PairTokenizer, Text};
 use crate::{Error, Result};
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -81,7 +81,7 @@ impl Predictor {
         self.tokenizer.chat_template().is_some()
     }
 
-    fn template(&self) -> Result<&crate::train::ChatTemplate> {
+    fn template(&self) -> Result<&crate::text::ChatTemplate> {
         self.tokenizer.chat_template().ok_or_else(|| Error::Data("the tokenizer has no chat_template (tokenizer_config.json)".into()))
     }
 

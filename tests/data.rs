@@ -6,6 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use betadpo::text::*;
 use betadpo::train::*;
 
 fn here(name: &str) -> PathBuf {

@@ -7,8 +7,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use betadpo::train::data::parse_preferences;
-use betadpo::train::{load_preferences, LoadOptions, PairTokenizer, PreferenceRow, Text, TokenizedPair, TruncationConfig};
+use betadpo::text::data::parse_preferences;
+use betadpo::text::{load_preferences, LoadOptions, PairTokenizer, PreferenceRow, Text, TokenizedPair, TruncationConfig};
 
 fn formats() -> PathBuf {
     common::fixtures::repo().join("tests/fixtures/data/formats")
@@ -73,7 +73,7 @@ fn tool_calls_pass_to_the_template_as_given() {
     assert_eq!((call["name"].as_str(), call["arguments"]["zone"].as_str()), (Some("get_time"), Some("UTC")));
     // The template sees content None (not "") and the calls: the expected strings are what transformers'
     // render_jinja_template (apply_chat_template's renderer) gives for the same rows and template.
-    let template = betadpo::train::ChatTemplate::new(
+    let template = betadpo::text::ChatTemplate::new(
         "{% for m in messages %}[{{ m.role }}|{{ m.content is none }}|{% for c in m.tool_calls or [] %}{{ c.function.name }}({{ c.function.arguments | tojson }}){% endfor %}]{% endfor %}",
         None,
         None,

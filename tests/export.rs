@@ -8,9 +8,9 @@ use std::process::Command;
 
 use betadpo::dpo::export::export_model;
 use betadpo::dpo::{build_artifacts, BuildOptions};
+use betadpo::text::PairTokenizer;
 use betadpo::train::config::TrainConfig;
 use betadpo::train::trainer::train;
-use betadpo::train::PairTokenizer;
 
 fn quickstart() -> PathBuf {
     common::fixtures::repo().join("graphs/quickstart")

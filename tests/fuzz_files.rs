@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use betadpo::dpo::Manifest;
 use betadpo::store::{read_safetensors, RawTensor};
+use betadpo::text::truncation::TruncationMode;
+use betadpo::text::{load_preferences, LoadOptions, PairTokenizer, TruncationConfig};
 use betadpo::train::checkpoint::{self, TrainerState};
-use betadpo::train::truncation::TruncationMode;
-use betadpo::train::{load_preferences, LoadOptions, PairTokenizer, TruncationConfig};
 use common::fuzz::{case_count, run, snapshot, Mutator};
 
 const SEED: u64 = 0x5eed_f11e;

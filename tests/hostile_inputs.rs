@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use betadpo::train::{load_preferences, LoadOptions, PairTokenizer, TruncationConfig};
+use betadpo::text::{load_preferences, LoadOptions, PairTokenizer, TruncationConfig};
 use common::timed::{arg as s, assert_refused, betadpo_within, build, peak_child_rss, quickstart, Outcome};
 use serde_json::json;
 
@@ -119,7 +119,7 @@ fn padding_and_truncation_stored_in_tokenizer_json_are_turned_off_as_transformer
     t["truncation"] = json!({"direction": "Right", "max_length": 20, "strategy": "LongestFirst", "stride": 0});
     std::fs::write(dir.join("tokenizer.json"), t.to_string()).unwrap();
     let mut raw: tokenizers::Tokenizer = t.to_string().parse().unwrap();
-    let notice = betadpo::train::tokenize::without_stored_padding_and_truncation(&mut raw).unwrap();
+    let notice = betadpo::text::tokenize::without_stored_padding_and_truncation(&mut raw).unwrap();
     assert_eq!(
         notice,
         "the padding (Fixed 64) and truncation (max_length 20) stored in tokenizer.json are turned off, as transformers does per call (rows are cut by --max-length)"

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use betadpo::dpo::packing::HeadReads;
 use betadpo::dpo::{BetaAggregate, BetaSource};
+use betadpo::text::*;
 use betadpo::train::batch::Packing;
 use betadpo::train::*;
 

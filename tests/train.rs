@@ -18,6 +18,7 @@ use betadpo::dpo::{build_artifacts, BetaDpoConfig, BuildOptions, EpsilonDpoConfi
 use betadpo::graph::{MixedPrecision, Precision};
 use betadpo::runtime::{ExecutionProvider, SessionConfig};
 use betadpo::store::{read_safetensors, write_safetensors, NamedTensor};
+use betadpo::text::{load_preferences, LoadOptions, PairTokenizer, TokenizedPair, TruncationConfig};
 use betadpo::train::checkpoint::{self, TrainerState};
 use betadpo::train::config::TrainConfig;
 use betadpo::train::device::Device;
@@ -26,7 +27,7 @@ use betadpo::train::metrics::read_log;
 use betadpo::train::schedule::Schedule;
 use betadpo::train::session_io::{forward_values, Feeds};
 use betadpo::train::trainer::{train, TrainSummary};
-use betadpo::train::{collate, load_preferences, CollateOptions, DataLoader, LoadOptions, LoaderConfig, PairTokenizer, TokenizedPair, TruncationConfig};
+use betadpo::train::{collate, CollateOptions, DataLoader, LoaderConfig};
 use serde_json::{Map, Value};
 
 use common::fixtures::{repo, scratch, shared};

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use betadpo::infer::Predictor;
 use betadpo::runtime::{ExecutionProvider, SessionConfig};
-use betadpo::train::data::parse_messages;
-use betadpo::train::Text;
+use betadpo::text::data::parse_messages;
+use betadpo::text::Text;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -46,7 +46,7 @@ pub struct Args {
 /// Prompts from a JSONL file (or a JSON array), read row by row with the data's row limit.
 fn read_prompts(path: &PathBuf) -> Result<Vec<Text>> {
     let mut out = Vec::new();
-    betadpo::train::rows::read_json_rows(path, betadpo::limits::DEFAULT_MAX_ROW_BYTES, &mut |at, row| {
+    betadpo::text::rows::read_json_rows(path, betadpo::limits::DEFAULT_MAX_ROW_BYTES, &mut |at, row| {
         let bad = |what: &str| betadpo::Error::Data(format!("{at}: {what}"));
         let p = match row.map_err(|e| bad(&e))? {
             serde_json::Value::String(s) => Text::Plain(s),

@@ -11,10 +11,10 @@ use betadpo::dpo::{build_artifacts, BuildOptions, ObjectiveConfig};
 use betadpo::infer::Predictor;
 use betadpo::output_dir;
 use betadpo::runtime::SessionConfig;
+use betadpo::text::{load_preferences, LoadOptions};
 use betadpo::train::config::TrainConfig;
 use betadpo::train::report::eval_groups;
 use betadpo::train::trainer::{train, TrainSummary};
-use betadpo::train::{load_preferences, LoadOptions};
 use serde_json::{Map, Value};
 
 #[derive(clap::Args)]

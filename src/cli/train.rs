@@ -2,11 +2,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use betadpo::runtime::ExecutionProvider;
+use betadpo::text::truncation::TruncationMode;
 use betadpo::train::config::{ReportTo, TrainConfig};
 use betadpo::train::schedule::Schedule;
 use betadpo::train::trainer::train_with;
 use betadpo::train::trl_config::{check_artifacts, ArtifactSettings, OwnFlag};
-use betadpo::train::truncation::TruncationMode;
 
 /// TRL's spellings are aliases where they mean the same (`--learning-rate` is `--lr`); a flag given
 /// twice keeps its last value, so the command line overrides `--config`.

@@ -11,7 +11,7 @@ use crate::distributed::share;
 use crate::dpo::packing::{lay_out, plan_rows, HeadReads, PackedBatch, PairTokens, RowPlan};
 use crate::error::{Error, Result};
 use crate::text::RightPadded;
-use crate::train::tokenize::TokenizedPair;
+use crate::text::TokenizedPair;
 
 /// One batch of `B` pairs as `2B` rows of width `T`.
 #[derive(Debug, Clone, PartialEq)]

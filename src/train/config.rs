@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use super::loss_scale;
 use super::schedule::Schedule;
-use super::truncation::TruncationMode;
 use crate::runtime::ExecutionProvider;
+use crate::text::truncation::TruncationMode;
 use crate::{Error, Result};
 
 /// TRL's default learning rate: safe on a pretrained model (1e-3 turns SmolLM2's answers into

@@ -25,10 +25,10 @@ use sha2::{Digest, Sha256};
 use super::batch::{collate, CollateOptions};
 use super::device::Device;
 use super::session_io::{forward_values, Feeds};
-use super::tokenize::TokenizedPair;
 use crate::dpo::manifest::GraphSpec;
 use crate::dpo::Manifest;
 use crate::store::{write_safetensors, NamedTensor};
+use crate::text::TokenizedPair;
 use crate::{Error, Result};
 
 /// `(chosen, rejected)` reference log-prob per pair, indexed by the pair's source index.

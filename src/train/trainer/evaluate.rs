@@ -7,13 +7,13 @@ use serde_json::{Map, Value};
 use crate::distributed::wire::{Reader, Writer};
 use crate::distributed::Collective;
 use crate::dpo::Manifest;
+use crate::text::TokenizedPair;
 use crate::train::batch::{collate, CollateOptions};
 use crate::train::checkpoint::TrainerState;
 use crate::train::device::Device;
 use crate::train::metrics::{num, summarise, summarise_groups, PairValues};
 use crate::train::reference::{batch_refs, RefTable};
 use crate::train::session_io::{run_graph, BatchBetaInputs, Feeds, GraphBatch};
-use crate::train::tokenize::TokenizedPair;
 use crate::{Error, Result};
 
 pub struct Evaluator<'a> {

@@ -13,19 +13,19 @@ use crate::dpo::{Layout, Manifest};
 use crate::graph::Precision;
 use crate::runtime::{ExecutionProvider, SessionConfig, SharedWeights};
 use crate::store::read_safetensors_inside;
+use crate::text::data::{load_preferences, LoadOptions};
+use crate::text::data_source::DEFAULT_EVAL_SPLIT;
+use crate::text::{PairTokenizer, TokenizedPair, TruncationConfig};
 use crate::train::batch::{CollateOptions, DataLoader, LoaderConfig, LoaderPosition, Packing};
 use crate::train::batch_beta::MarginStats;
 use crate::train::checkpoint::{self, TrainerState};
 use crate::train::config::{OptimizerKind, TrainConfig};
-use crate::train::data::{load_preferences, LoadOptions};
-use crate::train::data_source::DEFAULT_EVAL_SPLIT;
 use crate::train::device::Device;
 use crate::train::loss_scale::LossScale;
 use crate::train::optimizer_step::State;
 use crate::train::reference::cache_key;
 use crate::train::session_io::Feeds;
 use crate::train::summary::{CONFIG_FILE, FINAL_DIR, METRICS_FILE};
-use crate::train::tokenize::{PairTokenizer, TokenizedPair, TruncationConfig};
 use crate::{Error, Result};
 
 /// The kind written in a run directory's marker.

@@ -12,9 +12,9 @@ use super::prepare::Prepared;
 use super::progress;
 use crate::distributed::wire::{Reader, Writer};
 use crate::distributed::Collective;
+use crate::text::TokenizedPair;
 use crate::train::config::TrainConfig;
 use crate::train::reference::{cache_key, RefCache, RefModel, RefTable};
-use crate::train::tokenize::TokenizedPair;
 use crate::{Error, Result};
 
 /// Reference log-probs by source index.

@@ -22,10 +22,10 @@ use serde_json::Value;
 use tokenizers::processors::template::TemplateProcessing;
 
 use crate::error::{Error, Result};
-use crate::train::chat_template::{ChatTemplate, TemplateVars};
-use crate::train::data::{Message, PreferenceRow, Text};
-pub use crate::train::tokenized::TokenizedPair;
-pub use crate::train::truncation::{TokenizeStats, TruncationConfig, TruncationMode};
+use crate::text::chat_template::{ChatTemplate, TemplateVars};
+use crate::text::data::{Message, PreferenceRow, Text};
+use crate::text::tokenized::TokenizedPair;
+use crate::text::truncation::{TokenizeStats, TruncationConfig};
 
 /// Tokens tried, in order, when `tokenizer_config.json` names no EOS token.
 const EOS_FALLBACKS: &[&str] = &["<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eos|>"];

@@ -15,7 +15,6 @@
 //! [`parse_row`].
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
 use std::path::Path;
 
 use serde::ser::SerializeMap;
@@ -23,6 +22,7 @@ use serde_json::{Map, Value};
 
 use super::data_arrow::visit_arrow_rows;
 use super::data_source::{resolve, DataSource};
+use super::rows::{json_rows, read_json_rows};
 use crate::error::{Error, Result};
 
 /// One chat message, as the chat template sees it: `role`, `content` and any other fields the row
@@ -121,10 +121,6 @@ pub struct LoadedData {
 
 const MAX_SKIP_EXAMPLES: usize = 5;
 
-/// What a row reader hands on: where the row is (`file:line`, `file: row N`) and its JSON object,
-/// or why it could not be read.
-pub type RowVisitor<'a> = dyn FnMut(String, std::result::Result<Value, String>) -> Result<()> + 'a;
-
 /// Reads preference data: a JSONL or JSON file, Parquet, or a folder (see [`resolve`]).
 ///
 /// Errors name the file and the line (JSONL), the 0-based element (array) or row (Arrow), e.g.
@@ -134,7 +130,7 @@ pub fn load_preferences(path: &Path, opts: &LoadOptions) -> Result<LoadedData> {
     let mut visit = |location: String, value: std::result::Result<Value, String>| add_row(&mut out, opts, location, value.and_then(|v| parse_row(&v)));
     match resolve(path, opts.split.as_deref())? {
         // streamed, each row held to --max-row-bytes before it is parsed
-        DataSource::Json(file) => super::rows::read_json_rows(&file, opts.max_row_bytes, &mut visit)?,
+        DataSource::Json(file) => read_json_rows(&file, opts.max_row_bytes, &mut visit)?,
         DataSource::Arrow(files) => {
             for (file, kind) in files {
                 visit_arrow_rows(&file, kind, &mut visit)?;
@@ -144,10 +140,11 @@ pub fn load_preferences(path: &Path, opts: &LoadOptions) -> Result<LoadedData> {
     Ok(out)
 }
 
-/// [`load_preferences`] on JSONL or JSON text already in memory; `name` is used in error messages.
+/// [`load_preferences`] on JSONL or JSON text already in memory (rows held to
+/// [`LoadOptions::max_row_bytes`] as from a file); `name` is used in error messages.
 pub fn parse_preferences(text: &str, name: &str, opts: &LoadOptions) -> Result<LoadedData> {
     let mut out = LoadedData::default();
-    visit_json_rows(text.as_bytes(), name, &mut |location, value| add_row(&mut out, opts, location, value.and_then(|v| parse_row(&v))))?;
+    json_rows(text.as_bytes(), name, opts.max_row_bytes, &mut |location, value| add_row(&mut out, opts, location, value.and_then(|v| parse_row(&v))))?;
     Ok(out)
 }
 
@@ -163,58 +160,6 @@ fn add_row(out: &mut LoadedData, opts: &LoadOptions, location: String, parsed: s
         Err(what) => return Err(Error::Data(format!("{location}: {what}"))),
     }
     Ok(())
-}
-
-/// Rows of JSON text: one JSON array if its first non-blank character is `[`, JSON Lines otherwise.
-pub fn visit_json_rows(mut reader: impl BufRead, name: &str, visit: &mut RowVisitor) -> Result<()> {
-    let io = |e| Error::io(name, e);
-    let mut skipped_lines = 0;
-    let mut at_start = true;
-    loop {
-        let buf = reader.fill_buf().map_err(io)?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let bom = if at_start && buf.starts_with(b"\xef\xbb\xbf") { 3 } else { 0 };
-        at_start = false;
-        let blank = buf[bom..].iter().take_while(|b| b.is_ascii_whitespace()).count();
-        let first = buf.get(bom + blank).copied();
-        skipped_lines += buf[bom..bom + blank].iter().filter(|&&b| b == b'\n').count();
-        reader.consume(bom + blank);
-        match first {
-            Some(b'[') => {
-                // An unparsable array cannot be split into rows, so it fails even in skip mode.
-                let items: Vec<Value> = serde_json::from_reader(reader).map_err(|e| Error::Data(format!("{name}: invalid JSON array: {e}")))?;
-                for (i, item) in items.into_iter().enumerate() {
-                    visit(format!("{name}: element {i}"), Ok(item))?;
-                }
-                return Ok(());
-            }
-            Some(_) => return read_jsonl_rows(reader, name, skipped_lines, visit),
-            // Only blank space in the buffer: look further.
-            None => {}
-        }
-    }
-}
-
-/// JSON Lines, one row at a time (the file is never held whole); `first_line` lines were already
-/// consumed. Every row a JSONL file yields is read here.
-pub fn read_jsonl_rows(mut reader: impl BufRead, name: &str, first_line: usize, visit: &mut RowVisitor) -> Result<()> {
-    let mut line = Vec::new();
-    let mut number = first_line;
-    loop {
-        line.clear();
-        if reader.read_until(b'\n', &mut line).map_err(|e| Error::io(name, e))? == 0 {
-            return Ok(());
-        }
-        number += 1;
-        let text = line.strip_prefix(b"\xef\xbb\xbf".as_slice()).unwrap_or(&line[..]);
-        if text.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        let parsed = serde_json::from_slice::<Value>(text).map_err(|e| format!("invalid JSON: {e}"));
-        visit(format!("{name}:{number}"), parsed)?;
-    }
 }
 
 /// Parses one row object into a [`PreferenceRow`]; the error says what is wrong, without location.

@@ -12,7 +12,7 @@ use minijinja::value::{Kwargs, Value};
 use minijinja::{Environment, ErrorKind};
 
 use crate::error::{Error, Result};
-use crate::train::data::Message;
+use crate::text::data::Message;
 
 const NAME: &str = "chat_template";
 

@@ -14,6 +14,7 @@ use arrow_array::{Array, RecordBatch, RecordBatchReader};
 use arrow_schema::{ArrowError, DataType};
 use serde_json::{Map, Number, Value};
 
+use super::rows::RowSink;
 use crate::{Error, Result};
 
 /// Which Arrow container a file is.
@@ -28,7 +29,7 @@ pub enum ArrowFile {
 
 /// Calls `visit(location, row)` for every row of `path`, in order; the location is `file: row N`
 /// (0-based, as `datasets` and pandas number rows).
-pub fn visit_arrow_rows(path: &Path, kind: ArrowFile, visit: &mut dyn FnMut(String, std::result::Result<Value, String>) -> Result<()>) -> Result<()> {
+pub fn visit_arrow_rows(path: &Path, kind: ArrowFile, visit: &mut RowSink) -> Result<()> {
     let file = crate::fs_guard::open_regular(path)?;
     let bad = |e: &dyn std::fmt::Display| Error::Data(format!("{}: not a readable {} file ({e})", path.display(), kind.name()));
     let reader: Box<dyn RecordBatchReader> = match kind {

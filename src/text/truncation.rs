@@ -12,7 +12,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
-use crate::train::tokenized::TokenizedPair;
+use crate::text::tokenized::TokenizedPair;
 
 /// Which end of a row `max_length` keeps (TRL's `truncation_mode`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -21,23 +21,28 @@ fn too_long(max_row_bytes: usize) -> String {
 /// Reads `path`: a JSON array if its first non-blank character is `[`, JSONL otherwise.
 pub fn read_json_rows(path: &Path, max_row_bytes: usize, sink: &mut RowSink) -> Result<()> {
     let file = crate::fs_guard::open_regular(path)?;
-    let mut reader = BufReader::with_capacity(1 << 16, file);
-    let name = path.display().to_string();
-    if starts_with_array(&mut reader).map_err(|e| Error::io(path, e))? {
+    json_rows(BufReader::with_capacity(1 << 16, file), &path.display().to_string(), max_row_bytes, sink)
+}
+
+/// The rows `reader` holds (a file, or text already in memory as bytes): a JSON array if its first
+/// non-blank character is `[`, JSONL otherwise; `name` is used in locations and errors.
+pub fn json_rows(mut reader: impl BufRead, name: &str, max_row_bytes: usize, sink: &mut RowSink) -> Result<()> {
+    let io = |e: std::io::Error| Error::io(name, e);
+    if starts_with_array(&mut reader).map_err(io)? {
         let mut text = String::new();
         reader.read_to_string(&mut text).map_err(|e| Error::Data(format!("{name}: {e}")))?;
-        return array_rows(&text, &name, max_row_bytes, sink);
+        return array_rows(&text, name, max_row_bytes, sink);
     }
     let mut line = Vec::new();
     for number in 1.. {
         line.clear();
-        let read = (&mut reader).take((max_row_bytes as u64).saturating_add(1)).read_until(b'\n', &mut line).map_err(|e| Error::io(path, e))?;
+        let read = (&mut reader).take((max_row_bytes as u64).saturating_add(1)).read_until(b'\n', &mut line).map_err(io)?;
         if read == 0 {
             break;
         }
         let location = format!("{name}:{number}");
         if line.last() != Some(&b'\n') && line.len() > max_row_bytes {
-            skip_line(&mut reader).map_err(|e| Error::io(path, e))?;
+            skip_line(&mut reader).map_err(io)?;
             sink(location, Err(too_long(max_row_bytes)))?;
             continue;
         }
@@ -49,23 +54,6 @@ pub fn read_json_rows(path: &Path, max_row_bytes: usize, sink: &mut RowSink) -> 
             .map_err(|e| format!("not UTF-8 ({e})"))
             .and_then(|t| serde_json::from_str::<Value>(t).map_err(|e| format!("invalid JSON: {e}")));
         sink(location, parsed)?;
-    }
-    Ok(())
-}
-
-/// [`read_json_rows`] on text already in memory; `name` is used in locations.
-pub fn json_rows_of_text(text: &str, name: &str, max_row_bytes: usize, sink: &mut RowSink) -> Result<()> {
-    let body = text.trim_start_matches('\u{feff}');
-    if body.trim_start().starts_with('[') {
-        return array_rows(body, name, max_row_bytes, sink);
-    }
-    for (i, line) in body.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let parsed =
-            if line.len() > max_row_bytes { Err(too_long(max_row_bytes)) } else { serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}")) };
-        sink(format!("{name}:{}", i + 1), parsed)?;
     }
     Ok(())
 }
@@ -171,7 +159,7 @@ mod tests {
 
     fn rows(text: &str, max: usize) -> Vec<(String, std::result::Result<Value, String>)> {
         let mut out = Vec::new();
-        json_rows_of_text(text, "f", max, &mut |l, r| {
+        json_rows(text.as_bytes(), "f", max, &mut |l, r| {
             out.push((l, r));
             Ok(())
         })
