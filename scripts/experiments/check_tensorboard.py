@@ -9,6 +9,7 @@ scalars are float32). Exit 1 on any difference.
 Usage: scripts/.venv/bin/python scripts/experiments/check_tensorboard.py RUN
 """
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -18,7 +19,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 
 def main():
-    run = Path(sys.argv[1])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path, help="the run folder (metrics.jsonl and runs/)")
+    run = ap.parse_args().run
     acc = EventAccumulator(str(run / "runs"), size_guidance={"scalars": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
