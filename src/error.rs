@@ -48,7 +48,7 @@ pub enum Error {
     #[error("{path}: {}", one_line(detail))]
     BadHfFolder { path: PathBuf, detail: String },
     /// A Hugging Face model whose architecture betadpo does not write itself.
-    #[error("{path}: architecture {architecture} is not one betadpo builds from a Hugging Face folder (supported: {supported}); export it to ONNX with scripts/export_hf.py --model DIR and pass the model.onnx")]
+    #[error("{path}: architecture {architecture} is not one betadpo builds from a Hugging Face folder (supported: {supported}); export it to ONNX with scripts/tools/export_hf.py --model DIR and pass the model.onnx")]
     UnsupportedArchitecture { path: PathBuf, architecture: String, supported: String },
     #[error("{}", one_line(.0))]
     Other(String),

@@ -68,7 +68,7 @@ pub fn onnx_folder_error(dir: &Path) -> Error {
     } else if is_hf_model_folder(dir) {
         format!(
             "a Hugging Face model folder (holding {}), not an ONNX model file: write its ONNX model with \
-             `python scripts/export_hf.py --model {shown} --out DIR` and pass DIR/model.onnx",
+             `python scripts/tools/export_hf.py --model {shown} --out DIR` and pass DIR/model.onnx",
             listing(dir)
         )
     } else {

@@ -1,6 +1,6 @@
 //! Preference data in every form `datasets` users have it (JSON array, Parquet with snappy or zstd
 //! pages, Hub Parquet shards, `save_to_disk` folders) reads as exactly the rows and token pairs of
-//! the JSONL it was made from (tests/fixtures/data/formats, written by scripts/make_data_fixtures.py
+//! the JSONL it was made from (tests/fixtures/data/formats, written by scripts/fixtures/make_data_fixtures.py
 //! with `datasets` and pyarrow); rows with a mistake are refused in one line naming it.
 
 mod common;

@@ -127,3 +127,45 @@ fn the_readme_leads_in_at_most_200_lines() {
     let n = std::fs::read_to_string(root().join("README.md")).unwrap().lines().count();
     assert!(n <= 200, "README.md has {n} lines; move detail into docs/");
 }
+
+/// Every text file the checker reads for `scripts/…` paths: the docs, the CI entry point, the Rust sources
+/// and tests (error messages and comments name scripts) and the scripts themselves.
+fn files_naming_scripts() -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            if path.is_symlink() || name.starts_with('.') || name == "target" || name == "fixtures" && dir.ends_with("tests") {
+                continue;
+            }
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|x| ["md", "rs", "py", "sh"].iter().any(|e| x == *e)) {
+                out.push(path);
+            }
+        }
+    }
+    let mut out = pages();
+    out.push(root().join(".ci/run"));
+    for dir in ["src", "tests", "scripts"] {
+        walk(&root().join(dir), &mut out);
+    }
+    out
+}
+
+#[test]
+fn every_script_path_named_in_the_repository_exists() {
+    let named = regex::Regex::new(r"(?:^|[^\w./-])(scripts/[\w./-]*[\w/])").unwrap();
+    let mut missing = BTreeSet::new();
+    for file in files_naming_scripts() {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for c in named.captures_iter(&text) {
+            let path = &c[1];
+            // the virtual environments are made by scripts/tools/setup_venv.sh, not committed
+            if !path.starts_with("scripts/.venv") && !root().join(path).exists() {
+                missing.insert(format!("{}: {path}", file.strip_prefix(root()).unwrap().display()));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "paths under scripts/ that do not exist:\n{}", missing.into_iter().collect::<Vec<_>>().join("\n"));
+}

@@ -1,5 +1,5 @@
 //! epsilon-DPO's graphs (`--beta-method epsilon-dpo`) against PyTorch: the golden of
-//! `scripts/make_epsilon_dpo_golden.py` (the authors' formulas in float64 on the shared tiny Llama
+//! `scripts/fixtures/make_epsilon_dpo_golden.py` (the authors' formulas in float64 on the shared tiny Llama
 //! and its golden batch, with the policy's weights perturbed away from the reference's) gives the
 //! per-pair steps (+1, -1 and 0 all occur), betas, the next global beta, the loss and the
 //! gradient, on both layouts. The frozen reference copy is what makes the steps non-zero: at the

@@ -46,7 +46,7 @@ fn a_folder_given_as_the_model_says_what_it_is() {
         &["build-graph", "--model", s(&hf), "--out", s(&out)],
         "architecture (none named) is not one betadpo builds from a Hugging Face folder (supported: llama,",
     );
-    assert!(err.contains("scripts/export_hf.py --model DIR"), "{err}");
+    assert!(err.contains("scripts/tools/export_hf.py --model DIR"), "{err}");
     let plain = dir.join("plain");
     std::fs::create_dir_all(&plain).unwrap();
     std::fs::write(plain.join("notes.txt"), "").unwrap();

@@ -1,5 +1,5 @@
 //! `export --hf` against what transformers itself writes and computes (`hf_reference.*`, made by
-//! scripts/make_hf_reference.py): on untrained artifacts the checkpoint equals `save_pretrained`'s
+//! scripts/fixtures/make_hf_reference.py): on untrained artifacts the checkpoint equals `save_pretrained`'s
 //! tensor for tensor (SHA-256 of the bytes; tied weights once) with the same config.json, and ORT's
 //! logits of `export`'s ONNX model equal transformers' logits of that checkpoint; after a
 //! deterministic change of every trained parameter, the checkpoint equals transformers' perturbed
@@ -50,7 +50,7 @@ fn reference(family: &str) -> Reference {
     Reference { json, f32s: t.f32s, i64s: t.i64s }
 }
 
-/// The perturbation scripts/make_hf_reference.py applies, element `k` of a checkpoint tensor.
+/// The perturbation scripts/fixtures/make_hf_reference.py applies, element `k` of a checkpoint tensor.
 fn delta(k: usize) -> f32 {
     ((k as i64 * 7919) % 2001 - 1000) as f32 * 1e-5f32
 }
@@ -223,7 +223,7 @@ fn refusals_are_one_line_and_touch_nothing() {
     let hf = dir.join("hf");
     let (code, _, err) = betadpo(&["export", "--artifacts", s(&art), "--hf", s(&hf)]);
     assert_ne!(code, 0);
-    assert!(err.contains("no hf_export.json") && err.contains("scripts/export_hf.py") && err.trim().lines().count() == 1, "{err}");
+    assert!(err.contains("no hf_export.json") && err.contains("scripts/tools/export_hf.py") && err.trim().lines().count() == 1, "{err}");
     assert!(!hf.exists());
 
     // a map written for another model is not carried into the artifacts

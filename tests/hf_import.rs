@@ -1,5 +1,5 @@
 //! `build-graph --model <Hugging Face folder>` against transformers: for every family under
-//! tests/fixtures/hf (made by scripts/make_hf_import_fixtures.py), the graph betadpo writes from
+//! tests/fixtures/hf (made by scripts/fixtures/make_hf_import_fixtures.py), the graph betadpo writes from
 //! config.json + model.safetensors gives transformers' float64 logits, and the train graph built from the
 //! folder gives PyTorch's DPO loss and the gradient of every checkpoint tensor, in the padded and the packed
 //! layout. Architectures it does not write, and broken folders, are refused in one line.
@@ -124,7 +124,7 @@ fn build_error(model: &Path) -> String {
 fn unsupported_architecture_is_refused_in_one_line() {
     let dir = write_folder("hf-falcon", r#"{"model_type": "falcon", "architectures": ["FalconForCausalLM"], "hidden_size": 64}"#);
     let e = build_error(&dir);
-    assert!(e.contains("FalconForCausalLM") && e.contains("scripts/export_hf.py"), "{e}");
+    assert!(e.contains("FalconForCausalLM") && e.contains("scripts/tools/export_hf.py"), "{e}");
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! `build-graph --lora-rank` against PyTorch + PEFT autograd, and `train` on a LoRA build.
 //!
-//! Goldens: tests/fixtures/lora/<family>.{safetensors,json}, written by scripts/make_lora_goldens.py
+//! Goldens: tests/fixtures/lora/<family>.{safetensors,json}, written by scripts/fixtures/make_lora_goldens.py
 //! (PEFT LoRA rank 4, alpha 8 on the shared fixture models, non-zero A and B, float64 autograd of the
 //! golden DPO loss). The train graph fed the same adapters and beta head gives the same loss and the
 //! same gradient for every A, B and head parameter, and nothing else has a gradient or an optimizer

@@ -2,7 +2,7 @@
 //! Runtime's adapter file beside a model that takes the adapters as inputs) and `export --hf` on
 //! LoRA artifacts (a PEFT directory).
 //!
-//! Independent truth: the PEFT goldens of tests/fixtures/lora (scripts/make_lora_goldens.py: the
+//! Independent truth: the PEFT goldens of tests/fixtures/lora (scripts/fixtures/make_lora_goldens.py: the
 //! shared fixture models wrapped by PEFT with non-zero adapters, their policy log-probs computed by
 //! PyTorch), the shared golden's base-model logits, and ONNX Runtime's own reading of the adapter
 //! file (Python `onnxruntime`).
@@ -76,7 +76,7 @@ fn build(family: &str, label: &str) -> Option<Built> {
     Some(Built { dir, art, params, golden, peft, meta })
 }
 
-/// `hf_export.json` as scripts/export_hf.py writes it, made from golden.json (one tensor per
+/// `hf_export.json` as scripts/tools/export_hf.py writes it, made from golden.json (one tensor per
 /// PyTorch parameter: tied copies are left out, they are not adapted).
 fn write_name_map(src: &Path, model_dir: &Path) {
     let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("golden.json")).unwrap()).unwrap();

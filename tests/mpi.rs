@@ -3,7 +3,7 @@
 //! metrics and reference cache, on padded and packed artifacts, straight and resumed; and a killed
 //! rank ends the job with a message, leaving complete checkpoints to resume from.
 //!
-//! The MPI binary: `$BETADPO_MPI_BIN` (`.ci/run` builds one with `scripts/build_mpi.sh`, as plain
+//! The MPI binary: `$BETADPO_MPI_BIN` (`.ci/run` builds one with `scripts/ci/build_mpi.sh`, as plain
 //! `cargo test` builds without the `mpi` feature), else this build's own when it has the feature
 //! (`cargo test --features mpi`). Without one, or without `mpirun`, the tests skip with a notice on a
 //! developer's machine and fail under `CI=true`.

@@ -1,5 +1,5 @@
 //! The learning-rate schedules against the multipliers transformers' `get_scheduler` computed
-//! (tests/fixtures/schedules/transformers_schedules.json, from scripts/make_schedule_fixture.py).
+//! (tests/fixtures/schedules/transformers_schedules.json, from scripts/fixtures/make_schedule_fixture.py).
 
 use betadpo::train::schedule::{factor, warmup_steps, Schedule};
 use serde_json::Value;

@@ -1,5 +1,5 @@
 //! betadpo's token ids against TRL's own. `tests/fixtures/tokens/*.json` were written by
-//! `scripts/make_trl_token_fixtures.py`, which runs TRL 1.16's DPO preprocessing
+//! `scripts/fixtures/make_trl_token_fixtures.py`, which runs TRL 1.16's DPO preprocessing
 //! (`DPOTrainer._prepare_dataset`) and collator (`DataCollatorForPreference`) on the project's
 //! tokenizer and data and on `../shared/fixtures`: prompt, chosen and rejected ids per pair, each
 //! row as the collator cuts it to `max_length`, and TRL's warning when the prompt is not a prefix.

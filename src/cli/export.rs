@@ -18,7 +18,7 @@ pub struct Args {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Output Hugging Face checkpoint directory (model.safetensors, config.json, tokenizer files,
-    /// beta_head.safetensors + beta_head.json); needs the hf_export.json that scripts/export_hf.py writes.
+    /// beta_head.safetensors + beta_head.json); needs the hf_export.json that scripts/tools/export_hf.py writes.
     #[arg(long)]
     hf: Option<PathBuf>,
     /// Tokenizer to copy into --hf: tokenizer.json or its directory (default: the run's tokenizer,
@@ -26,7 +26,7 @@ pub struct Args {
     #[arg(long, requires = "hf")]
     tokenizer: Option<PathBuf>,
     /// LoRA artifacts: the base model the PEFT adapter in --hf names (`base_model_name_or_path`):
-    /// a Hub id or a local folder (default: the model scripts/export_hf.py exported, if it loaded one).
+    /// a Hub id or a local folder (default: the model scripts/tools/export_hf.py exported, if it loaded one).
     #[arg(long, requires = "hf")]
     base_model: Option<String>,
     /// LoRA artifacts: fold the trained adapters into the base weights of --out (one plain model).
@@ -88,7 +88,7 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-/// How to load what `--hf` wrote, as Python that runs (scripts/check_peft_snippet.py executes it):
+/// How to load what `--hf` wrote, as Python that runs (scripts/experiments/check_peft_snippet.py executes it):
 /// the lines after "load it in Python:", indented by four spaces.
 fn print_loader(dir: &Path, report: &HfReport, has_tokenizer: bool) {
     let dir = py_str(&dir.display().to_string());

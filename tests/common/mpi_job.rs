@@ -59,7 +59,7 @@ pub fn mpi() -> Option<(PathBuf, PathBuf)> {
         Some(b) => PathBuf::from(b),
         None if cfg!(feature = "mpi") => PathBuf::from(env!("CARGO_BIN_EXE_betadpo")),
         None => {
-            skip("BETADPO_MPI_BIN is not set and this test build lacks the mpi feature (scripts/build_mpi.sh builds one; .ci/run does)");
+            skip("BETADPO_MPI_BIN is not set and this test build lacks the mpi feature (scripts/ci/build_mpi.sh builds one; .ci/run does)");
             return None;
         }
     };

@@ -1,5 +1,5 @@
 //! Phase 2: the Hugging Face name map (`hf_export.json`) written beside the model by
-//! `scripts/export_hf.py`: copied into the artifacts for `export --hf`, and read for LoRA's module names.
+//! `scripts/tools/export_hf.py`: copied into the artifacts for `export --hf`, and read for LoRA's module names.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -56,7 +56,7 @@ impl HfNames {
 mod tests {
     use super::*;
 
-    /// The quickstart model's map (written by `scripts/export_hf.py` with PyTorch's names) is found,
+    /// The quickstart model's map (written by `scripts/tools/export_hf.py` with PyTorch's names) is found,
     /// and every module it names is a PyTorch module path of a weight the model has.
     #[test]
     fn finds_the_map_written_beside_the_quickstart_model() {

@@ -1,5 +1,5 @@
 //! `hf_export.json`: how the model's Hugging Face checkpoint tensors sit in its ONNX initializers.
-//! `scripts/export_hf.py` writes it beside `model.onnx` (it has PyTorch and matches every tensor that
+//! `scripts/tools/export_hf.py` writes it beside `model.onnx` (it has PyTorch and matches every tensor that
 //! `save_pretrained` writes to an initializer by value); `build-graph` copies it into the artifacts.
 
 use std::collections::HashMap;
@@ -116,7 +116,7 @@ impl HfMap {
             return Ok(beside);
         }
         Err(Error::Other(format!(
-            "{}: no {HF_MAP_FILE} (the Hugging Face name map); re-export the model with scripts/export_hf.py, which writes it beside model.onnx, and rebuild the artifacts",
+            "{}: no {HF_MAP_FILE} (the Hugging Face name map); re-export the model with scripts/tools/export_hf.py, which writes it beside model.onnx, and rebuild the artifacts",
             artifacts.display()
         )))
     }

@@ -63,7 +63,7 @@ pub fn peft_tensors(adapters: &[TrainedAdapter]) -> Result<Vec<NamedTensor>> {
     for ad in adapters {
         let module = ad.spec.module.as_deref().ok_or_else(|| {
             Error::Other(format!(
-                "the adapter on {} has no PyTorch module name; rebuild the artifacts from a model exported by scripts/export_hf.py (its hf_export.json names the modules)",
+                "the adapter on {} has no PyTorch module name; rebuild the artifacts from a model exported by scripts/tools/export_hf.py (its hf_export.json names the modules)",
                 ad.spec.base_weight
             ))
         })?;
