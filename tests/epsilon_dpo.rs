@@ -174,9 +174,9 @@ fn validate_passes_on_both_layouts() {
 /// the two are the same.
 #[test]
 fn reference_copy_is_the_model_frozen_at_its_weights() {
+    use betadpo::dpo::model::params::{lift_parameters, InitializerRef, Param};
     use betadpo::dpo::model::recognise;
-    use betadpo::dpo::params::{lift_parameters, InitializerRef, Param};
-    use betadpo::dpo::reference_copy::{add_reference_copy, freeze_reference};
+    use betadpo::dpo::model::reference_copy::{add_reference_copy, freeze_reference};
     use betadpo::onnx::{dtype, load_model, save_model, value_info, Dim, SaveOptions};
 
     let path = repo().join("graphs/quickstart/model.onnx");

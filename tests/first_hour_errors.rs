@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use betadpo::dpo::export::export_model;
-use betadpo::dpo::lora::LoraOptions;
+use betadpo::dpo::model::lora::LoraOptions;
 use betadpo::dpo::{build_artifacts, BuildOptions};
 use common::cli::{assert_one_line_error, betadpo};
 

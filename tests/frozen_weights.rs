@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use betadpo::dpo::{build_artifacts, params::Selection, BuildOptions, Manifest};
+use betadpo::dpo::model::params::Selection;
+use betadpo::dpo::{build_artifacts, BuildOptions, Manifest};
 use betadpo::onnx::proto::ModelProto;
 use betadpo::onnx::{TensorProto, EXTERNAL_MIN_BYTES};
 use betadpo::runtime::{run, HostTensor, SessionConfig, SharedWeights};

@@ -227,7 +227,7 @@ fn preference_data() {
 #[test]
 fn hf_name_map() {
     let dir = copy_dir(artifacts(), "fuzz-hf-map");
-    let read = |d: &Path| betadpo::dpo::hf_export::map::HfMap::load(&d.join("hf_export.json")).map(|_| ());
+    let read = |d: &Path| betadpo::dpo::export::hf::map::HfMap::load(&d.join("hf_export.json")).map(|_| ());
     fuzz_file("hf_export.json", &dir, "hf_export.json", cases("hf_export.json"), 40, read);
 }
 

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use betadpo::dpo::export::export_model;
-use betadpo::dpo::hf_export::export_hf;
+use betadpo::dpo::export::hf::export_hf;
 use betadpo::dpo::{build_artifacts, BuildOptions, Manifest};
 use betadpo::runtime::{run, HostTensor, SessionConfig};
 use betadpo::store::{read_safetensors, write_safetensors, NamedTensor};

@@ -152,7 +152,7 @@ fn export_hf_writes_the_folders_checkpoint_back() {
         let out = art.join("a");
         build_artifacts(&dir, &out, &BuildOptions::default()).unwrap();
         let hf = art.join("hf");
-        betadpo::dpo::hf_export::export_hf(&out, &out.join("params.safetensors"), &hf, None, None).unwrap();
+        betadpo::dpo::export::hf::export_hf(&out, &out.join("params.safetensors"), &hf, None, None).unwrap();
         let (ours, _) = betadpo::store::read_safetensors(&hf.join("model.safetensors")).unwrap();
         let (theirs, _) = betadpo::store::read_safetensors(&dir.join("model.safetensors")).unwrap();
         let names = |v: &[betadpo::store::NamedTensor]| v.iter().map(|t| t.name.clone()).collect::<std::collections::BTreeSet<_>>();
@@ -171,7 +171,7 @@ fn export_hf_writes_the_folders_checkpoint_back() {
 fn lora_adapters_carry_hugging_face_module_names() {
     let dir = folder("qwen2");
     let out = common::fixtures::scratch("hf-lora").join("a");
-    let lora = betadpo::dpo::lora::LoraOptions { rank: 2, alpha: None, dropout: 0.0, targets: Some(regex::Regex::new(r"q_proj|v_proj").unwrap()) };
+    let lora = betadpo::dpo::model::lora::LoraOptions { rank: 2, alpha: None, dropout: 0.0, targets: Some(regex::Regex::new(r"q_proj|v_proj").unwrap()) };
     let report = build_artifacts(&dir, &out, &BuildOptions { lora: Some(lora), ..Default::default() }).unwrap();
     let modules: Vec<String> = report.manifest.lora.unwrap().adapters.iter().map(|a| a.module.clone().unwrap()).collect();
     let expected: Vec<String> = (0..2).flat_map(|l| ["q_proj", "v_proj"].map(|p| format!("model.layers.{l}.self_attn.{p}"))).collect();

@@ -11,7 +11,7 @@ mod common;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use betadpo::dpo::lora::LoraOptions;
+use betadpo::dpo::model::lora::LoraOptions;
 use betadpo::dpo::packing::LayoutChoice;
 use betadpo::dpo::{build_artifacts, BuildOptions, HeadInput, Manifest, ObjectiveConfig};
 use betadpo::runtime::{run, HostTensor, SessionConfig};

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use betadpo::dpo::export::{export_model, AdapterForm};
-use betadpo::dpo::lora::LoraOptions;
+use betadpo::dpo::model::lora::LoraOptions;
 use betadpo::dpo::packing::LayoutChoice;
 use betadpo::dpo::{build_artifacts, BuildOptions, HeadInput, Manifest, ObjectiveConfig};
 use betadpo::runtime::{run, HostTensor, SessionConfig};
@@ -259,7 +259,7 @@ fn check_peft_dir(family: &str, conv1d: bool) {
         read_safetensors(&dir.join("adapter_model.safetensors")).unwrap().0.into_iter().map(|t| (t.name.clone(), t)).collect();
     assert!(initial.iter().filter(|(n, _)| n.ends_with("lora_B.weight")).all(|(_, t)| t.data.iter().all(|v| *v == 0.0)));
     // the trained parameters: the PEFT golden's adapters come back under PEFT's names
-    betadpo::dpo::hf_export::export_hf(&b.art, &b.params, &dir, None, None).unwrap();
+    betadpo::dpo::export::hf::export_hf(&b.art, &b.params, &dir, None, None).unwrap();
     let (written, meta) = read_safetensors(&dir.join("adapter_model.safetensors")).unwrap();
     assert_eq!(meta.get("format").map(String::as_str), Some("pt"));
     let peft_names: Vec<&String> = b.peft.f32s.keys().filter(|k| k.starts_with("base_model.") && !k.starts_with("grad/")).collect();

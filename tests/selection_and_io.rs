@@ -3,8 +3,9 @@
 
 mod common;
 
+use betadpo::dpo::model::params::Selection;
 use betadpo::dpo::validate::{validate, ValidateOptions};
-use betadpo::dpo::{build_artifacts, params::Selection, BuildOptions, Manifest};
+use betadpo::dpo::{build_artifacts, BuildOptions, Manifest};
 use betadpo::onnx::{load_model, save_model, SaveOptions};
 use betadpo::runtime::{run, HostTensor, SessionConfig};
 use ndarray::{ArrayD, IxDyn};

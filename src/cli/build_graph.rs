@@ -3,9 +3,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use betadpo::dpo::artifacts::recompute::MemoryOptions;
-use betadpo::dpo::lora::LoraOptions;
+use betadpo::dpo::model::lora::LoraOptions;
+use betadpo::dpo::model::params::Selection;
 use betadpo::dpo::packing::LayoutChoice;
-use betadpo::dpo::params::Selection;
 use betadpo::dpo::{build_artifacts, BetaAggregate, BetaDpoConfig, BetaSource, BuildOptions, EpsilonDpoConfig, HeadInput, LossKind, ObjectiveConfig};
 use betadpo::graph::{MixedPrecision, Precision};
 use betadpo::onnx::dtype;

@@ -2,8 +2,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use betadpo::dpo::artifacts::PARAMS_FILE;
+use betadpo::dpo::export::hf::{export_hf, HfReport, TokenizerSource};
 use betadpo::dpo::export::{export_model, locate_run, AdapterForm};
-use betadpo::dpo::hf_export::{export_hf, HfReport, TokenizerSource};
 use betadpo::dpo::Manifest;
 
 #[derive(clap::Args)]

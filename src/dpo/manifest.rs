@@ -6,8 +6,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::params::InitializerRef;
 use super::ObjectiveConfig;
+use crate::dpo::model::params::InitializerRef;
 use crate::{Error, Result};
 
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -136,7 +136,7 @@ pub struct Manifest {
     pub parameters_file: String,
     /// The LoRA adapters, when the artifacts train adapters instead of the model's weights.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lora: Option<super::lora::LoraSpec>,
+    pub lora: Option<crate::dpo::model::lora::LoraSpec>,
     /// What the model's matrix products compute in (manifests without it: fp32).
     #[serde(default)]
     pub precision: crate::graph::Precision,
@@ -165,7 +165,7 @@ impl Manifest {
     /// The names of the files `build-graph` writes into `dir`: those its manifest lists (graphs,
     /// parameters), the manifest, the shared weight files and the Hugging Face map.
     fn own_files(dir: &Path) -> Vec<String> {
-        // `artifacts::PARAMS_FILE` and `hf_export::map::HF_MAP_FILE`, named here: both modules sit above the manifest
+        // `artifacts::PARAMS_FILE` and `export::hf::map::HF_MAP_FILE`, named here: both modules sit above the manifest
         let mut own: Vec<String> = [MANIFEST_FILE, "params.safetensors", "hf_export.json", crate::onnx::SHARED_DATA_FILE].map(String::from).into();
         own.extend(["train.onnx", "eval.onnx", "optimizer.onnx", "infer.onnx"].map(String::from));
         let listed =

@@ -1,29 +1,18 @@
-//! DPO with a learned beta: the objective appended to a causal LM, the trainable set, the
-//! optimizer graph, and the artifacts (graphs, initial parameters, manifest) `train` drives.
+//! DPO with a learned beta, split by concern as the subcommands use it: the causal LM as build-graph
+//! reads and changes it ([`model`]: signature, KV-cache removal, the trainable set, the reference
+//! copy, LoRA), the objective and beta methods appended to it ([`objective`]), the two batch layouts
+//! ([`packing`]), the artifacts `build-graph` assembles and `train` drives ([`artifacts`], described
+//! by [`manifest`]), their check ([`validate`]) and the deployable forms `export` writes ([`export`]).
 
-pub mod answer_logps;
-pub mod config;
+pub mod artifacts;
+pub mod export;
+pub mod manifest;
 pub mod model;
 pub mod objective;
-pub mod params;
-
-pub use config::{BetaAggregate, BetaDpoConfig, BetaSource, EpsilonDpoConfig, HeadInput, LossKind, ObjectiveConfig};
-pub mod artifacts;
-pub mod beta_dpo;
-pub mod chunked_logps;
-pub mod epsilon_dpo;
-pub mod export;
-pub mod hf_export;
-pub mod kv_cache;
-pub mod layout;
-pub mod lora;
-pub mod lora_export;
-pub mod manifest;
-pub mod optimizer;
 pub mod packing;
-pub mod reference_copy;
 pub mod validate;
 
 pub use artifacts::{build_artifacts, BuildOptions, BuildReport};
-pub use layout::Layout;
 pub use manifest::Manifest;
+pub use objective::config::{BetaAggregate, BetaDpoConfig, BetaSource, EpsilonDpoConfig, HeadInput, LossKind, ObjectiveConfig};
+pub use packing::Layout;

@@ -5,7 +5,7 @@
 //! 3. the train graph's gradient agrees with its own loss: for random directions v,
 //!    `(L(θ+εv) − L(θ−εv)) / 2ε ≈ ⟨∇L(θ), v⟩` on a random batch;
 //! 4. packed artifacts: the packed graphs' log-probs and betas equal the model's own forward on
-//!    padded rows ([`super::packing::packed_matches_model`]).
+//!    padded rows ([`crate::dpo::packing::packed_matches_model`]).
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -14,8 +14,8 @@ use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use ort::session::Session;
 use rand::{Rng, SeedableRng};
 
-use super::config::LossKind;
-use super::manifest::{GraphSpec, Manifest};
+use crate::dpo::manifest::{GraphSpec, Manifest};
+use crate::dpo::objective::config::LossKind;
 use crate::onnx::{load_model, ModelProto};
 use crate::runtime::{f32_output, run, HostTensor, SessionConfig};
 use crate::store::{read_safetensors, NamedTensor};
@@ -83,14 +83,15 @@ pub fn validate(dir: &Path, opts: &ValidateOptions) -> Result<Vec<Check>> {
     let tensors = || stored.as_deref().map_err(|e| Error::Other(e.to_string()));
     checks.push(check("parameters file", tensors().and_then(|t| parameters_file(t, &manifest)).map(|n| format!("{n} tensors with the manifest's shapes"))));
     let mut take = |which: &str| sessions.remove(which).ok_or_else(|| Error::Other(format!("the {which} graph did not load")));
-    let map = dir.join(super::hf_export::map::HF_MAP_FILE);
+    let map = dir.join(crate::dpo::export::hf::map::HF_MAP_FILE);
     if map.exists() {
         // what `export --hf` reads before it writes anything
-        let read = super::hf_export::map::HfMap::load(&map).map(|m| format!("{} tensors, each listed once, transposes of matrices only", m.tensors.len()));
+        let read =
+            crate::dpo::export::hf::map::HfMap::load(&map).map(|m| format!("{} tensors, each listed once, transposes of matrices only", m.tensors.len()));
         checks.push(check("Hugging Face name map", read));
     }
     checks.push(check("train: directional derivatives", take("train").and_then(|mut s| directional(tensors()?, &manifest, opts, &mut s))));
-    if manifest.layout == super::packing::Layout::Packed {
+    if manifest.layout == crate::dpo::packing::Layout::Packed {
         let packed = take("eval").and_then(|mut eval| take("infer").and_then(|mut infer| packed_vs_model(tensors()?, &manifest, opts, &mut eval, &mut infer)));
         checks.push(check("packed layout: the model's own forward agrees", packed));
     }
@@ -208,7 +209,7 @@ fn random_padded_batch(m: &Manifest, spec: &GraphSpec, rng: &mut impl Rng, pairs
 /// The packed equivalent: prompts of `t / 2` tokens, rejected answers two tokens shorter than
 /// the chosen ones, in rows of 3 pairs at most.
 fn random_packed_batch(m: &Manifest, spec: &GraphSpec, rng: &mut impl Rng, pairs: usize, t: usize) -> Vec<(String, HostTensor)> {
-    use super::packing::{pack, HeadReads, PairTokens};
+    use crate::dpo::packing::{pack, HeadReads, PairTokens};
     let vocab = m.model.vocab_size.max(2) as u32;
     let mut ids = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..vocab)).collect() };
     let (p, a) = (t / 2, t - t / 2);
@@ -254,7 +255,7 @@ impl<'a> Theta<'a> {
 fn packed_vs_model(tensors: &[NamedTensor], m: &Manifest, opts: &ValidateOptions, eval: &mut Session, infer: &mut Session) -> Result<String> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
     let theta = Theta::new(tensors, m, &mut rng)?;
-    super::packing::packed_matches_model(m, (eval, infer), &|n| theta.value(n), &mut rng)
+    crate::dpo::packing::packed_matches_model(m, (eval, infer), &|n| theta.value(n), &mut rng)
 }
 
 type HeldLoss<'a> = Box<dyn Fn(&[(String, HostTensor)]) -> Result<f64> + 'a>;
@@ -309,7 +310,7 @@ fn held_beta_loss<'a>(m: &'a Manifest, spec: &'a GraphSpec, batch: &'a [(String,
             return Ok(head_loss_at_betas(cfg, &beta_c, &beta_r, &dc, &dr) + reg);
         }
         let u: Vec<f64> = dc.iter().zip(&dr).map(|(c, r)| c - r).collect();
-        Ok(super::beta_dpo::detached_loss(&m.objective, &betas_at, &kept_at, &u) + reg)
+        Ok(crate::dpo::objective::beta_dpo::detached_loss(&m.objective, &betas_at, &kept_at, &u) + reg)
     });
     let graph_loss = f32_output(at, &spec.output("loss").ok_or_else(missing)?.name)?.iter().next().copied().unwrap_or(f32::NAN) as f64;
     let ours = held(at)?;

@@ -1,4 +1,4 @@
-//! The trainer's side of beta-DPO (see `dpo::beta_dpo`): the running margin statistics it carries
+//! The trainer's side of beta-DPO (see `dpo::objective::beta_dpo`): the running margin statistics it carries
 //! from batch to batch and checkpoints, and the Gumbel noise its filter samples with.
 
 use rand::{Rng, SeedableRng};

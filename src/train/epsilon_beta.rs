@@ -1,4 +1,4 @@
-//! The trainer's side of epsilon-DPO (see `dpo::epsilon_dpo`): the global beta it carries from step
+//! The trainer's side of epsilon-DPO (see `dpo::objective::epsilon_dpo`): the global beta it carries from step
 //! to step and checkpoints, and the tally of the pairs' steps over the micro-batches of one
 //! optimizer step that updates it.
 

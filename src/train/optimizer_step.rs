@@ -8,8 +8,8 @@ use ort::value::{Tensor, TensorValueType};
 
 use super::device::Device;
 use super::session_io::Feeds;
+use crate::dpo::artifacts::optimizer::{state_name, updated};
 use crate::dpo::manifest::GraphSpec;
-use crate::dpo::optimizer::{state_name, updated};
 use crate::graph::{Builder, Graph, Names};
 use crate::onnx::{dtype, value_info, Dim, OperatorSetIdProto};
 use crate::runtime::SessionConfig;

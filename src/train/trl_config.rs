@@ -11,7 +11,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::dpo::config::{LossKind, ObjectiveConfig};
+use crate::dpo::objective::config::{LossKind, ObjectiveConfig};
 use crate::{Error, Result};
 
 /// A long flag of `train` as the command line defines it (the caller reads them from clap).

@@ -18,7 +18,7 @@ use super::fixtures::{repo, scratch, shared, skip};
 /// Float32 tolerance on parameters between N ranks and one process. The ranks' gradients are
 /// means over shares of the batch, weighted and summed, where one process sums the whole batch at
 /// once: the same values rounded in another order (a pair's own log-probs are the same bits, see
-/// `dpo::answer_logps`). AdamW divides each gradient by its running RMS, so an element whose
+/// `dpo::objective::answer_logps`). AdamW divides each gradient by its running RMS, so an element whose
 /// gradient is a near-cancelling sum (|g| near Adam's epsilon) turns a rounding difference into
 /// a step difference of up to about `lr |dg| / epsilon`. Measured max |diff| (lr 1e-3): 2 ranks,
 /// 6 steps: 4.8e-6 padded, 1.6e-6 packed; 3 ranks with unequal shares and 2 micro-batches, 3

@@ -3,9 +3,9 @@
 
 use std::collections::HashMap;
 
-use crate::dpo::lora::{self, LoraOptions, LoraSpec};
+use crate::dpo::model::lora::{self, LoraOptions, LoraSpec};
+use crate::dpo::model::params::{Param, Selection};
 use crate::dpo::model::LmSignature;
-use crate::dpo::params::{Param, Selection};
 use crate::graph::Graph;
 use crate::{Error, Result};
 
@@ -42,7 +42,7 @@ pub fn train_adapters_only(params: &mut [Param], spec: &LoraSpec) -> Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dpo::params::InitializerRef;
+    use crate::dpo::model::params::InitializerRef;
 
     fn param(name: &str, beta_head: bool) -> Param {
         Param { name: name.into(), dims: vec![2, 2], trainable: true, beta_head, initializers: vec![InitializerRef { name: name.into(), transposed: false }] }

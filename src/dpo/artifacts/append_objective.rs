@@ -2,13 +2,14 @@
 //! per-pair beta), the answer log-probs, the loss and TRL's metrics — with the batch inputs it reads.
 //! epsilon-DPO also gets a frozen copy of the model here, whose logits it reads.
 
-use crate::dpo::chunked_logps::VocabChunks;
 use crate::dpo::manifest::TensorSpec;
+use crate::dpo::model::reference_copy::{self, ReferenceCopy};
 use crate::dpo::model::LmSignature;
+use crate::dpo::objective::chunked_logps::VocabChunks;
 use crate::dpo::objective::{self, ModelTensors, Objective, COMPLETION_MASK, REF_LOGPS};
+use crate::dpo::objective::{beta_dpo, epsilon_dpo};
 use crate::dpo::packing;
-use crate::dpo::reference_copy::{self, ReferenceCopy};
-use crate::dpo::{beta_dpo, epsilon_dpo, ObjectiveConfig};
+use crate::dpo::ObjectiveConfig;
 use crate::graph::Builder;
 use crate::Result;
 

@@ -5,10 +5,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::dpo::lora::LoraSpec;
 use crate::dpo::manifest::{GraphSpec, Manifest, ModelSpec, ParameterSpec, FORMAT, FORMAT_VERSION};
+use crate::dpo::model::lora::LoraSpec;
+use crate::dpo::model::params::Param;
 use crate::dpo::packing::{self, Layout};
-use crate::dpo::params::Param;
 use crate::dpo::ObjectiveConfig;
 use crate::graph::MixedPrecision;
 

@@ -4,8 +4,8 @@
 
 use crate::autodiff::{differentiate, Gradients};
 use crate::dpo::manifest::TensorSpec;
+use crate::dpo::model::params::Param;
 use crate::dpo::objective::{self, Objective};
-use crate::dpo::params::Param;
 use crate::graph::{Builder, Graph, TensorInfo, TensorInfos};
 use crate::onnx::{dtype, value_info};
 use crate::Result;

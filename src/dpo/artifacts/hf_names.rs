@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::dpo::hf_export::map::{beside_model, HfMap, HF_MAP_FILE};
+use crate::dpo::export::hf::map::{beside_model, HfMap, HF_MAP_FILE};
 use crate::graph::Graph;
 
 /// The map's text, or why the one beside the model was skipped (it belongs to another model).

@@ -3,9 +3,9 @@
 //! method outputs its constant instead.
 
 use crate::dpo::manifest::{GraphSpec, SpecDim, TensorSpec};
+use crate::dpo::model::params::{lift_parameters, Param};
 use crate::dpo::model::LmSignature;
 use crate::dpo::objective::{self, ModelTensors};
-use crate::dpo::params::{lift_parameters, Param};
 use crate::dpo::{BetaSource, ObjectiveConfig};
 use crate::graph::{Builder, Graph};
 use crate::onnx::{dtype, value_info, Dim};

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::dpo::kv_cache::{remove_kv_cache, CacheRemoval};
+use crate::dpo::model::kv_cache::{remove_kv_cache, CacheRemoval};
 use crate::dpo::model::{recognise, LmSignature};
 use crate::graph::{compute_in_float32, raise_to_scatter_add_opset, Graph, HalfOrigin};
 use crate::onnx::{value_info_type, Dim, MappedData};

@@ -12,7 +12,7 @@
 //! 9. [`differentiate`]: the eval graph, and the train graph with its reverse pass
 //! 9b. [`recompute`]: decoder blocks and vocabulary slices recomputed in the reverse pass (`--gradient-checkpointing`, `--vocab-chunk`)
 //! 10. [`infer_graph`]: the deployable model with its head
-//! 11. `dpo::optimizer::build`: the optimizer graph
+//! 11. [`optimizer`]: the optimizer graph
 //! 12. [`assemble_manifest`]: the manifest
 //! 13. [`store_weights`]: initial values and frozen weights in their dtype
 //! 14. [`write`]: every file, swapped into place only when complete
@@ -27,6 +27,7 @@ pub mod hf_names;
 pub mod infer_graph;
 pub mod layout;
 pub mod load;
+pub mod optimizer;
 pub mod parameters;
 pub mod probe;
 pub mod recompute;
@@ -39,13 +40,13 @@ pub mod write;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::kv_cache::CacheRemoval;
-use super::lora::LoraOptions;
 use super::manifest::{GraphSpec, Manifest};
+use super::model::kv_cache::CacheRemoval;
+use super::model::lora::LoraOptions;
+use super::model::params::Selection;
 use super::objective;
 use super::packing::LayoutChoice;
-use super::params::Selection;
-use super::{optimizer, ObjectiveConfig};
+use super::ObjectiveConfig;
 use crate::graph::{products_in_half, MixedPrecision};
 use crate::Result;
 
@@ -140,7 +141,7 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
         not_packed_because: laid.not_packed_because,
         cache_removal: model.cache_removal,
         opset_raised_from: model.opset_raised_from,
-        parameter_table: super::params::describe(&params),
+        parameter_table: super::model::params::describe(&params),
         backward_nodes,
         out_dir: out_dir.to_path_buf(),
         hf_map_skipped: hf.skipped,

@@ -2,10 +2,10 @@
 //! (or LoRA's adapters only), plus the beta head — lifted from initializers to graph inputs, so
 //! `train` feeds their current values and reads their gradients.
 
-use crate::dpo::lora::LoraSpec;
+use crate::dpo::model::lora::LoraSpec;
+use crate::dpo::model::params::{find_parameters, lift_parameters, InitializerRef, Param, Selection};
+use crate::dpo::model::reference_copy::{self, ReferenceCopy};
 use crate::dpo::objective::{Objective, HEAD_BIAS, HEAD_WEIGHT};
-use crate::dpo::params::{find_parameters, lift_parameters, InitializerRef, Param, Selection};
-use crate::dpo::reference_copy::{self, ReferenceCopy};
 use crate::graph::{Graph, TensorInfos};
 use crate::{Error, Result};
 

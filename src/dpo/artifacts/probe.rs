@@ -6,9 +6,10 @@ use ndarray::{ArrayD, IxDyn};
 
 use crate::dpo::manifest::TensorSpec;
 use crate::dpo::model::LmSignature;
+use crate::dpo::objective::{beta_dpo, epsilon_dpo};
 use crate::dpo::objective::{COMPLETION_MASK, REF_LOGPS};
 use crate::dpo::packing::{self, Layout};
-use crate::dpo::{beta_dpo, epsilon_dpo, ObjectiveConfig};
+use crate::dpo::ObjectiveConfig;
 use crate::graph::{probe_shapes, Graph, ProbeBatch, TensorInfos};
 use crate::runtime::HostTensor;
 use crate::Result;

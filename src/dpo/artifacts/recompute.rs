@@ -1,12 +1,12 @@
 //! Phase 9b (after [`super::differentiate`]): `--gradient-checkpointing` and `--vocab-chunk` — which
 //! parts of the train graph's forward pass the backward pass recomputes (`graph::recompute`) instead
 //! of keeping: each decoder block (only block inputs live from the forward to the backward pass),
-//! and each vocabulary slice of the answer log-probs ([`crate::dpo::chunked_logps`], which phase 5
+//! and each vocabulary slice of the answer log-probs ([`crate::dpo::objective::chunked_logps`], which phase 5
 //! builds when [`vocab_chunks`] says so).
 
 use crate::autodiff::Gradients;
-use crate::dpo::chunked_logps::{chunk_of, VocabChunks};
 use crate::dpo::model::LmSignature;
+use crate::dpo::objective::chunked_logps::{chunk_of, VocabChunks};
 use crate::graph::{decoder_blocks, recompute, Graph, Recomputed};
 use crate::onnx::NodeAttrs;
 

@@ -1,11 +1,11 @@
 //! The manifest's descriptions of the graphs' inputs and outputs, and the graph edits that make a
 //! graph's outputs and input order match them. Shared by the phases; not a phase itself.
 
-use crate::dpo::epsilon_dpo;
 use crate::dpo::manifest::{SpecDim, TensorSpec};
+use crate::dpo::model::params::Param;
 use crate::dpo::model::LmSignature;
+use crate::dpo::objective::epsilon_dpo;
 use crate::dpo::objective::Objective;
-use crate::dpo::params::Param;
 use crate::dpo::{BetaSource, ObjectiveConfig};
 use crate::graph::Graph;
 use crate::onnx::{dtype, value_info, Dim};

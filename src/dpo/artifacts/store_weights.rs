@@ -4,8 +4,8 @@
 
 use std::collections::HashSet;
 
+use crate::dpo::model::params::Param;
 use crate::dpo::objective::Objective;
-use crate::dpo::params::Param;
 use crate::graph::{cast_per_use, drop_exact_round_trips, materialize_deferred, store_frozen, Graph, HalfOrigin, StoredWeights};
 use crate::onnx::DType;
 use crate::store::RawTensor;

@@ -82,7 +82,7 @@ pub struct Prepared {
     pub laid: super::layout::LaidOut,
     pub appended: super::append_objective::Appended,
     pub infos: crate::graph::TensorInfos,
-    pub params: Vec<crate::dpo::params::Param>,
+    pub params: Vec<crate::dpo::model::params::Param>,
 }
 
 pub fn prepared(cfg: &crate::dpo::ObjectiveConfig) -> Prepared {
@@ -95,7 +95,7 @@ pub fn prepared_from(
     dir: tempfile::TempDir,
     model: &std::path::Path,
     cfg: &crate::dpo::ObjectiveConfig,
-    selection: &crate::dpo::params::Selection,
+    selection: &crate::dpo::model::params::Selection,
 ) -> crate::Result<Prepared> {
     let model = super::load::load(model, None)?;
     let mut laid = super::layout::choose(&model.base, &model.sig, crate::dpo::packing::LayoutChoice::Padded)?;

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::dpo::hf_export::map::HF_MAP_FILE;
+use crate::dpo::export::hf::map::HF_MAP_FILE;
 use crate::dpo::manifest::{Manifest, MANIFEST_FILE};
 use crate::graph::Graph;
 use crate::onnx::{save_models_sharing_data, MappedData};

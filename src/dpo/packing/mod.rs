@@ -1,11 +1,12 @@
 //! The packed layout: pairs written as `prompt · chosen · rejected` in shared rows, with no padding
 //! between sequences and each prompt computed once. The padded layout (TRL's) computes `2B` rows
 //! of the longest sequence's length; on short, uneven pairs most of that is padding and repeated
-//! prompts. Both layouts give the same log-probs, betas and gradients.
+//! prompts. Both layouts give the same log-probs, betas and gradients. ([`layout`] names the two.)
 
 mod batch;
 mod graph;
 pub mod inputs;
+pub mod layout;
 pub mod objective;
 mod verify;
 
@@ -13,7 +14,7 @@ pub use batch::{lay_out, pack, plan_rows, HeadReads, PackedBatch, PairTokens, Ro
 pub use graph::{make_packable, ATTENTION_BIAS, POSITIONS, VERIFIED_SEQUENCE_TOKENS};
 pub use verify::packed_matches_model;
 
-pub use crate::dpo::layout::{Layout, LayoutChoice};
+pub use layout::{Layout, LayoutChoice};
 
 use crate::dpo::manifest::TensorSpec;
 use crate::runtime::HostTensor;

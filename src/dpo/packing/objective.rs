@@ -1,7 +1,7 @@
 //! The objective's reads of the packed layout: answer-token log-probs at explicit positions, and
 //! the beta head's context vector as a weighted sum of explicit hidden states.
 
-use crate::dpo::answer_logps::{tokens_to_sequences, AnswerTokens, ModelTensors, REF_LOGPS};
+use crate::dpo::objective::answer_logps::{tokens_to_sequences, AnswerTokens, ModelTensors, REF_LOGPS};
 use crate::graph::Builder;
 use crate::onnx::{attr_i, attr_s, attr_t, dtype, value_info, zero_value, Dim, ValueInfoProto};
 

@@ -51,10 +51,10 @@ pub fn packed_matches_model(
     let batch_feeds = batch.feeds(&eval.inputs, &HostTensor::F32(ArrayD::zeros(IxDyn(&[sequences]))));
     let mut batch_feeds = batch_feeds;
     if m.objective.beta_dpo.is_some() {
-        batch_feeds.extend(crate::dpo::beta_dpo::probe_inputs(tokens.len()));
+        batch_feeds.extend(crate::dpo::objective::beta_dpo::probe_inputs(tokens.len()));
     }
     if let Some(e) = m.objective.epsilon_dpo {
-        batch_feeds.extend(crate::dpo::epsilon_dpo::probe_inputs(e.beta0));
+        batch_feeds.extend(crate::dpo::objective::epsilon_dpo::probe_inputs(e.beta0));
     }
     // beta-DPO's and epsilon-DPO's betas are training quantities; the deployed model has beta_0.
     let training_beta = m.objective.beta_dpo.is_some() || m.objective.epsilon_dpo.is_some();

@@ -7,8 +7,8 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Map, Value};
 
-use crate::dpo::config::ObjectiveConfig;
 use crate::dpo::manifest::Manifest;
+use crate::dpo::objective::config::ObjectiveConfig;
 use crate::train::config::TrainConfig;
 
 /// A bar of `total` units labelled `prefix`, at `pos`; hidden unless `enabled`.

@@ -5,7 +5,7 @@
 //! three. The step counter and all hyper-parameters are inputs, so a schedule is just a different
 //! value per call.
 
-use super::manifest::{GraphSpec, ParameterSpec, TensorSpec};
+use crate::dpo::manifest::{GraphSpec, ParameterSpec, TensorSpec};
 use crate::graph::{Builder, Graph, Names};
 use crate::onnx::{attr_i, dtype, value_info, Dim, OperatorSetIdProto};
 

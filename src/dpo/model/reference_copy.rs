@@ -17,8 +17,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::model::{LmSignature, Projection};
-use super::params::Param;
+use crate::dpo::model::params::Param;
+use crate::dpo::model::{LmSignature, Projection};
 use crate::graph::Graph;
 use crate::onnx::NodeProto;
 use crate::{Error, Result};

@@ -5,7 +5,7 @@
 //! recomputes them in the backward pass (`graph::recompute`); without that the backward pass would
 //! keep every slice's logits and the peak would be the full tensor again.
 
-use super::model::Projection;
+use crate::dpo::model::Projection;
 use crate::graph::Builder;
 use crate::onnx::{attr_i, attr_ints};
 

@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
-use super::model::LmSignature;
+use crate::dpo::model::LmSignature;
 use crate::graph::{Builder, Graph};
 use crate::onnx::{attr_i, dtype, tensor_f32, NodeAttrs, NodeProto, TensorProto};
 use crate::{Error, Result};

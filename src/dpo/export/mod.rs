@@ -1,15 +1,20 @@
 //! `export`: the inference graph (LM + beta head) with trained parameters baked in as
-//! initializers, deployable in any ONNX Runtime binding.
+//! initializers, deployable in any ONNX Runtime binding (here), or LoRA adapters merged into it or
+//! kept apart as an ONNX Runtime adapter file ([`lora`]), or the policy as a Hugging Face checkpoint
+//! or PEFT adapter ([`hf`]).
+
+pub mod hf;
+pub mod lora;
 
 use std::path::{Path, PathBuf};
 
-use super::lora_export::{merge_adapters, trained_adapters, TrainedAdapter};
-use super::manifest::Manifest;
+use crate::dpo::manifest::Manifest;
 use crate::graph::Graph;
 use crate::onnx::{encode_adapter, load_model, save_model, tensor_f32, AdapterParameter, SaveOptions};
 use crate::run_layout;
 use crate::store::read_safetensors;
 use crate::{Error, Result};
+use lora::{merge_adapters, trained_adapters, TrainedAdapter};
 
 /// Where a run's trained parameters are and which artifacts they belong to.
 pub struct RunParams {

@@ -14,8 +14,8 @@
 //!   (the Gumbel-top-k trick draws exactly that distribution).
 //! - `beta = max(beta_0 (1 + alpha (mean of kept M - M_0)), 1e-3)`; the loss is the mean over kept pairs.
 
-use super::config::{BetaDpoConfig, LossKind, ObjectiveConfig};
 use crate::autodiff::STOP_GRADIENT;
+use crate::dpo::objective::config::{BetaDpoConfig, LossKind, ObjectiveConfig};
 use crate::graph::Builder;
 use crate::onnx::{attr_i, dtype, Dim, ValueInfoProto};
 use crate::runtime::HostTensor;

@@ -5,14 +5,14 @@
 //! - **ONNX Runtime adapter** (`export --adapter FILE`): the model with every `A`/`B` left as an
 //!   input whose default leaves the base model unchanged (`B` = 0), and ONNX Runtime's own adapter
 //!   file holding the trained values, made active per run (`RunOptions.add_active_adapter`);
-//! - **PEFT** (`export --hf DIR` on LoRA artifacts): see `hf_export::peft`.
+//! - **PEFT** (`export --hf DIR` on LoRA artifacts): see `export::hf::peft`.
 
 use std::collections::HashMap;
 
 use half::{bf16, f16};
 use ndarray::Array2;
 
-use super::lora::{AdapterSpec, LoraSpec};
+use crate::dpo::model::lora::{AdapterSpec, LoraSpec};
 use crate::graph::Graph;
 use crate::onnx::{dtype, tensor_to_f32, TensorProto};
 use crate::store::NamedTensor;

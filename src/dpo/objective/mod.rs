@@ -4,17 +4,28 @@
 //! Batch layout (TRL's): rows `0..B` are the chosen and rows `B..2B` the rejected sequences,
 //! right-padded; `completion_mask[r, t] = 1` marks answer tokens, whose log-prob is read from
 //! `logits[r, t-1]`.
+//!
+//! Its parts: what the user chose ([`config`]), answer-token log-probs ([`answer_logps`], and
+//! [`chunked_logps`] that never holds the full logits), and the beta methods beside the learned head
+//! ([`beta_dpo`]'s batch beta and margin filter, [`epsilon_dpo`]'s per-pair beta).
 
-use super::answer_logps::{tokens_to_sequences, AnswerTokens};
-use super::beta_dpo::{self, BatchBeta};
-use super::config::{inverse_softplus, BetaAggregate, BetaSource, HeadInput, LossKind, ObjectiveConfig};
-use super::epsilon_dpo::{self, PairBeta};
-use super::packing::{objective as packed, Layout};
+pub mod answer_logps;
+pub mod beta_dpo;
+pub mod chunked_logps;
+pub mod config;
+pub mod epsilon_dpo;
+
+use answer_logps::{tokens_to_sequences, AnswerTokens};
+use beta_dpo::BatchBeta;
+use config::{inverse_softplus, BetaAggregate, BetaSource, HeadInput, LossKind, ObjectiveConfig};
+use epsilon_dpo::PairBeta;
+
 use crate::autodiff::STOP_GRADIENT;
+use crate::dpo::packing::{objective as packed, Layout};
 use crate::graph::Builder;
 use crate::onnx::{attr_i, dtype, tensor_f32, Dim, TensorProto, ValueInfoProto};
 
-pub use super::answer_logps::{ModelTensors, REF_LOGPS};
+pub use answer_logps::{ModelTensors, REF_LOGPS};
 
 /// The prefix of the names of the objective's nodes (the phases after it tell them from the model's by it).
 pub const NODE_PREFIX: &str = "dpo/";

@@ -1,10 +1,10 @@
 //! Answer-token log-probs summed per sequence, read from the model's tensors: the part of the
-//! objective both layouts share (the padded one in [`super::objective`], the packed one in
-//! [`super::packing::objective`]) and epsilon-DPO's perturbed policies reuse, kept below all of
+//! objective both layouts share (the padded one in [`crate::dpo::objective`], the packed one in
+//! [`crate::dpo::packing::objective`]) and epsilon-DPO's perturbed policies reuse, kept below all of
 //! them so none imports another.
 
-use super::chunked_logps::{token_logps, VocabChunks};
-use super::packing::Layout;
+use crate::dpo::objective::chunked_logps::{token_logps, VocabChunks};
+use crate::dpo::packing::Layout;
 use crate::graph::Builder;
 use crate::onnx::{attr_i, attr_s, attr_t, dtype, zero_value};
 
@@ -19,7 +19,7 @@ pub struct ModelTensors<'a> {
     pub hidden: &'a str,
     pub hidden_size: i64,
     /// When set, answer log-probs apply this lm_head to the answer positions only.
-    pub projection: Option<&'a super::model::Projection>,
+    pub projection: Option<&'a crate::dpo::model::Projection>,
     pub layout: Layout,
     /// The frozen reference copy's tensors, for epsilon-DPO (see `reference_copy`).
     pub reference: Option<&'a ModelTensors<'a>>,
@@ -30,7 +30,7 @@ pub struct ModelTensors<'a> {
 impl<'a> ModelTensors<'a> {
     /// The tensors of a recognised model; `answer_positions` lets the objective apply the lm_head
     /// to answer positions only (training), where the deployable graph keeps the full `logits`.
-    pub fn of(sig: &'a super::model::LmSignature, answer_positions: bool) -> Self {
+    pub fn of(sig: &'a crate::dpo::model::LmSignature, answer_positions: bool) -> Self {
         ModelTensors {
             input_ids: &sig.input_ids,
             attention_mask: &sig.attention_mask,

@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 use self::map::{transpose, HfMap, HfTensor, InitializerValues};
-use super::manifest::Manifest;
-use super::objective::{HEAD_BIAS, HEAD_REFERENCE_WIDTH, HEAD_WEIGHT};
-use super::{BetaAggregate, HeadInput};
+use crate::dpo::manifest::Manifest;
+use crate::dpo::objective::{HEAD_BIAS, HEAD_REFERENCE_WIDTH, HEAD_WEIGHT};
+use crate::dpo::{BetaAggregate, HeadInput};
 use crate::store::{read_safetensors, write_safetensors, NamedTensor};
 use crate::{Error, Result};
 

@@ -12,9 +12,9 @@ use serde_json::json;
 
 use super::map::HfMap;
 use super::{beta_head, claim, tokenizer_files, write_checkpoint, write_export_dir, write_json, ExportSource, HfReport, TokenizerSource};
-use crate::dpo::lora::LoraSpec;
-use crate::dpo::lora_export::{trained_adapters, TrainedAdapter};
+use crate::dpo::export::lora::{trained_adapters, TrainedAdapter};
 use crate::dpo::manifest::Manifest;
+use crate::dpo::model::lora::LoraSpec;
 use crate::store::{read_safetensors, NamedTensor};
 use crate::{Error, Result};
 

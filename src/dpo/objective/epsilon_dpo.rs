@@ -10,16 +10,16 @@
 //!
 //! None of this carries a gradient (the reference code computes it under `torch.no_grad()`): the
 //! policy's answer logits enter behind a stop-gradient, the reference's come from the frozen copy
-//! ([`super::reference_copy`]). The graph takes the global beta as an input and returns the
+//! ([`crate::dpo::model::reference_copy`]). The graph takes the global beta as an input and returns the
 //! pairs' betas and steps and the beta this batch alone would lead to (the trainer accumulates the
 //! steps over the micro-batches of a step).
 
-use super::answer_logps::{answer_logits, logits_to_sequences, AnswerTokens, ModelTensors};
-use super::manifest::TensorSpec;
-use super::model::LmSignature;
-use super::packing::Layout;
-use super::reference_copy::ReferenceCopy;
 use crate::autodiff::STOP_GRADIENT;
+use crate::dpo::manifest::TensorSpec;
+use crate::dpo::model::reference_copy::ReferenceCopy;
+use crate::dpo::model::LmSignature;
+use crate::dpo::objective::answer_logps::{answer_logits, logits_to_sequences, AnswerTokens, ModelTensors};
+use crate::dpo::packing::Layout;
 use crate::graph::Builder;
 use crate::onnx::{attr_i, dtype, Dim, ValueInfoProto};
 use crate::runtime::HostTensor;
