@@ -23,9 +23,7 @@ for f in sorted(glob.glob(sys.argv[1] + "/*.onnx")):
 print("\n".join(bad))
 sys.exit(1 if bad else 0)
 "#;
-    let has_onnx = Command::new("python3").args(["-c", "import onnx"]).status().map(|s| s.success()).unwrap_or(false);
-    if !has_onnx {
-        common::fixtures::skip("python3 -c 'import onnx' failed (pip install onnx)");
+    if !common::fixtures::python_imports("onnx", "onnx.checker's full check") {
         return;
     }
     let out = Command::new("python3").args(["-c", script, dir.to_str().unwrap()]).output().unwrap();
@@ -161,7 +159,8 @@ fn packed_artifacts_match_the_models_forward() {
 
 /// Rewrites `path` so every reader of the packed attention bias reads `bias * 0` instead.
 fn zero_attention_bias(path: &Path) {
-    use betadpo::onnx::{attr_t, load_model, save_model, tensor_f32, NodeProto, SaveOptions};
+    use betadpo::onnx::{attr_t, load_model, save_model, tensor_f32, SaveOptions};
+    use common::onnx_model::{node, node_with};
     let mut model = load_model(path).unwrap();
     let g = model.graph.as_mut().unwrap();
     for n in g.node.iter_mut() {
@@ -169,18 +168,8 @@ fn zero_attention_bias(path: &Path) {
             *i = "tampered_bias".into();
         }
     }
-    let zero = NodeProto {
-        op_type: "Constant".into(),
-        output: vec!["tampered_zero".into()],
-        attribute: vec![attr_t("value", tensor_f32("", &[], &[0.0]))],
-        ..Default::default()
-    };
-    let mul = NodeProto {
-        op_type: "Mul".into(),
-        input: vec![ATTENTION_BIAS.into(), "tampered_zero".into()],
-        output: vec!["tampered_bias".into()],
-        ..Default::default()
-    };
+    let zero = node_with("Constant", &[], &["tampered_zero"], vec![attr_t("value", tensor_f32("", &[], &[0.0]))]);
+    let mul = node("Mul", &[ATTENTION_BIAS, "tampered_zero"], &["tampered_bias"]);
     g.node.splice(0..0, [zero, mul]);
     save_model(&model, path, &SaveOptions::default()).unwrap();
 }

@@ -18,11 +18,7 @@ use betadpo::store::read_safetensors;
 use ndarray::{ArrayD, IxDyn};
 use rand::SeedableRng;
 
-use common::fixtures::{repo, scratch};
-
-fn model() -> PathBuf {
-    repo().join("graphs/quickstart/model.onnx")
-}
+use common::fixtures::{quickstart_model as model, scratch};
 
 fn build(dir: &Path, name: &str, objective: ObjectiveConfig, layout: LayoutChoice) -> PathBuf {
     let out = dir.join(name);

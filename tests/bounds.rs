@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::timed::{arg as s, assert_refused, betadpo_within, build, peak_child_rss, quickstart, Outcome};
+use common::fixtures::quickstart;
+use common::timed::{arg as s, assert_refused, betadpo_within, build, peak_child_rss, Outcome};
 
 const LIMIT: Duration = Duration::from_secs(120);
 const HUGE: &str = "18446744073709551615";

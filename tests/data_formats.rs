@@ -25,7 +25,7 @@ fn err(path: &Path, split: Option<&str>) -> String {
 }
 
 fn tokenized(rows: &[PreferenceRow]) -> Vec<TokenizedPair> {
-    let tok = PairTokenizer::from_dir(&common::fixtures::repo().join("graphs/quickstart")).unwrap();
+    let tok = PairTokenizer::from_dir(&common::fixtures::quickstart()).unwrap();
     let (pairs, stats) = tok.tokenize_all(rows, &TruncationConfig::default()).unwrap();
     assert_eq!(stats.kept, rows.len());
     pairs
@@ -148,7 +148,7 @@ fn folders_train_exactly_as_their_jsonl() {
     use betadpo::train::config::TrainConfig;
     use betadpo::train::trainer::train;
     let f = formats();
-    let q = common::fixtures::repo().join("graphs/quickstart");
+    let q = common::fixtures::quickstart();
     let dir = common::fixtures::scratch("data-formats-train");
     let art = dir.join("art");
     build_artifacts(&q.join("model.onnx"), &art, &BuildOptions::default()).unwrap();

@@ -158,7 +158,7 @@ fn validate_passes_on_both_layouts() {
     for (layout, loss) in [(LayoutChoice::Padded, LossKind::Sigmoid), (LayoutChoice::Packed, LossKind::Ipo), (LayoutChoice::Packed, LossKind::Hinge)] {
         let art = dir.join(format!("{layout:?}-{loss:?}"));
         let objective = ObjectiveConfig { loss, epsilon_dpo: Some(EpsilonDpoConfig { beta0: 0.1, epsilon: 0.1 }), ..Default::default() };
-        build_artifacts(&repo().join("graphs/quickstart/model.onnx"), &art, &BuildOptions { objective, layout, ..Default::default() }).unwrap();
+        build_artifacts(&common::fixtures::quickstart_model(), &art, &BuildOptions { objective, layout, ..Default::default() }).unwrap();
         let checks = validate(&art, &ValidateOptions { pairs: 4, ..Default::default() }).unwrap();
         for c in &checks {
             assert!(c.ok, "{layout:?}, {loss:?}: {}: {}", c.name, c.detail);
@@ -179,7 +179,7 @@ fn reference_copy_is_the_model_frozen_at_its_weights() {
     use betadpo::dpo::model::reference_copy::{add_reference_copy, freeze_reference};
     use betadpo::onnx::{dtype, load_model, save_model, value_info, Dim, SaveOptions};
 
-    let path = repo().join("graphs/quickstart/model.onnx");
+    let path = common::fixtures::quickstart_model();
     let mut g = betadpo::graph::Graph::from_model(load_model(&path).unwrap()).unwrap();
     let sig = recognise(&g, None).unwrap();
     let copy = add_reference_copy(&mut g, &sig).unwrap();

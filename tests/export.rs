@@ -11,10 +11,7 @@ use betadpo::dpo::{build_artifacts, BuildOptions};
 use betadpo::text::PairTokenizer;
 use betadpo::train::config::TrainConfig;
 use betadpo::train::trainer::train;
-
-fn quickstart() -> PathBuf {
-    common::fixtures::repo().join("graphs/quickstart")
-}
+use common::fixtures::quickstart;
 
 fn betadpo(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_betadpo")).args(args).output().unwrap();

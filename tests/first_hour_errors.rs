@@ -9,10 +9,7 @@ use betadpo::dpo::export::export_model;
 use betadpo::dpo::model::lora::LoraOptions;
 use betadpo::dpo::{build_artifacts, BuildOptions};
 use common::cli::{assert_one_line_error, betadpo};
-
-fn quickstart() -> PathBuf {
-    common::fixtures::repo().join("graphs/quickstart")
-}
+use common::fixtures::quickstart;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

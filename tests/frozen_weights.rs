@@ -16,9 +16,7 @@ use betadpo::store::read_safetensors;
 use ndarray::{ArrayD, IxDyn};
 use prost::Message;
 
-fn quickstart_model() -> PathBuf {
-    common::fixtures::repo().join("graphs/quickstart/model.onnx")
-}
+use common::fixtures::quickstart_model;
 
 fn build(sel: Selection, tag: &str) -> PathBuf {
     let out = common::fixtures::scratch(tag);
@@ -196,9 +194,7 @@ print(json.dumps({"stored": len(stored), "vs_rounded": float(np.abs(h - r).max()
 
 #[test]
 fn half_precision_frozen_weights_compute_like_rounded_float32() {
-    let has_ort = std::process::Command::new("python3").args(["-c", "import onnx, onnxruntime, numpy"]).status().map(|s| s.success()).unwrap_or(false);
-    if !has_ort {
-        common::fixtures::skip("python3 cannot import onnx, onnxruntime and numpy (the half-precision reference)");
+    if !common::fixtures::python_imports("onnx, onnxruntime, numpy", "the half-precision reference") {
         return;
     }
     let head = Selection { head_only: true, ..Default::default() };
@@ -241,7 +237,7 @@ fn first_step(tag: &str, frozen_dtype: Option<betadpo::onnx::DType>) -> serde_js
     let art = dir.join("art");
     let opts = BuildOptions { selection: Selection { head_only: true, ..Default::default() }, frozen_dtype, ..Default::default() };
     build_artifacts(&quickstart_model(), &art, &opts).unwrap();
-    let qs = common::fixtures::repo().join("graphs/quickstart");
+    let qs = common::fixtures::quickstart();
     let run = dir.join("run");
     let path = |p: &Path| p.to_str().unwrap().to_string();
     let args = ["train", "--artifacts", &path(&art), "--data", &path(&qs.join("train.jsonl")), "--tokenizer", &path(&qs.join("tokenizer.json"))];
@@ -270,24 +266,16 @@ fn half_precision_build_trains() {
 #[test]
 fn a_bfloat16_graph_computes_in_float32() {
     use betadpo::graph::{compute_in_float32, store_frozen, stored_name, Graph, StoredWeights};
-    use betadpo::onnx::{attr_i, attr_t, dtype, value_info, Dim, NodeProto};
+    use betadpo::onnx::{attr_i, attr_t, dtype, value_info, Dim};
     let bf16 = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes()).collect() };
     let w: Vec<f32> = (0..12).map(|i| (i as f32 - 5.5) * 0.3).collect();
     let half_w = TensorProto { name: "w".into(), dims: vec![3, 4], data_type: dtype::BFLOAT16, raw_data: bf16(&w).into(), ..Default::default() };
     let half_c = TensorProto { dims: vec![1], data_type: dtype::BFLOAT16, raw_data: bf16(&[0.5]).into(), ..Default::default() };
-    let node = |op: &str, i: &[&str], o: &str, attribute| NodeProto {
-        op_type: op.into(),
-        name: o.into(),
-        input: i.iter().map(|s| s.to_string()).collect(),
-        output: vec![o.into()],
-        attribute,
-        ..Default::default()
-    };
     let nodes = vec![
-        node("MatMul", &["x", "w"], "y", vec![]),
-        node("Constant", &[], "c", vec![attr_t("value", half_c)]),
-        node("Mul", &["y", "c"], "z", vec![]),
-        node("Cast", &["z"], "out", vec![attr_i("to", dtype::BFLOAT16 as i64)]),
+        common::onnx_model::node("MatMul", &["x", "w"], &["y"]),
+        common::onnx_model::node_with("Constant", &[], &["c"], vec![attr_t("value", half_c)]),
+        common::onnx_model::node("Mul", &["y", "c"], &["z"]),
+        common::onnx_model::node_with("Cast", &["z"], &["out"], vec![attr_i("to", dtype::BFLOAT16 as i64)]),
     ];
     let model = common::onnx_model::model(
         "half",

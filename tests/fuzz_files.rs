@@ -20,6 +20,7 @@ use betadpo::store::{read_safetensors, RawTensor};
 use betadpo::text::truncation::TruncationMode;
 use betadpo::text::{load_preferences, LoadOptions, PairTokenizer, TruncationConfig};
 use betadpo::train::checkpoint::{self, TrainerState};
+use common::fixtures::quickstart;
 use common::fuzz::{case_count, run, snapshot, Mutator};
 
 const SEED: u64 = 0x5eed_f11e;
@@ -50,10 +51,6 @@ fn cases(kind: &str) -> usize {
 #[test]
 fn at_least_twenty_thousand_cases_in_all() {
     assert!(CASES.iter().map(|(_, n)| n).sum::<usize>() >= 20_000);
-}
-
-fn quickstart() -> PathBuf {
-    common::fixtures::repo().join("graphs/quickstart")
 }
 
 /// Artifacts of the quickstart model, built once per test process.

@@ -13,16 +13,13 @@ use std::time::Duration;
 use betadpo::graph::Graph;
 use betadpo::onnx::proto::{self, tensor_proto::DataLocation, StringStringEntryProto};
 use betadpo::onnx::{attr, AttrValue, ModelProto, TensorProto};
+use common::fixtures::quickstart;
 use common::fuzz::{case_count, run, snapshot, Mutator};
 use prost::Message;
 use rand::Rng;
 
 const SEED: u64 = 0x0b5e_55ed;
 const BOUND: Duration = Duration::from_secs(20);
-
-fn quickstart() -> PathBuf {
-    common::fixtures::repo().join("graphs/quickstart")
-}
 
 /// What `build-graph` does with a model before it is first run: load (external data included),
 /// check, sort, recognise the LM signature.

@@ -6,8 +6,9 @@
 mod common;
 
 use betadpo::graph::{cast_per_use, compute_in_float32, is_deferred, materialize_deferred, store_frozen, Graph, StoredWeights};
-use betadpo::onnx::{attr_ints, dtype, proto, value_info, DType, Dim, NodeProto, TensorProto};
+use betadpo::onnx::{attr_ints, dtype, value_info, DType, Dim, TensorProto};
 use betadpo::runtime::{run, HostTensor, SessionConfig};
+use common::onnx_model::{node, node_with};
 use ndarray::{ArrayD, IxDyn};
 
 const K: usize = 64; // hidden
@@ -28,27 +29,16 @@ fn bf16_tensor(name: &str, dims: &[usize], f: impl Fn(usize) -> f32) -> (TensorP
     (t, values.iter().map(|v| v.to_f64()).collect())
 }
 
-fn node(op: &str, inputs: &[&str], output: &str, attribute: Vec<proto::AttributeProto>) -> NodeProto {
-    NodeProto {
-        op_type: op.into(),
-        name: format!("{op}/{output}"),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: vec![output.into()],
-        attribute,
-        ..Default::default()
-    }
-}
-
 /// A half model where `W` is read twice (`y = x·W`, then `z = y·Wᵀ`, as a backward pass reads it) and a
 /// tied `E` is gathered: emb = E[ids], the way an embedding reads it.
 fn model() -> (Graph, Vec<f64>, Vec<f64>) {
     let (w, wv) = bf16_tensor("W", &[K, N], |i| ((i * 37 % 101) as f32 - 50.0) / 97.0);
     let (e, ev) = bf16_tensor("E", &[V, K], |i| ((i * 53 % 89) as f32 - 44.0) / 61.0);
     let nodes = vec![
-        node("Gather", &["E", "ids"], "emb", vec![]),
-        node("MatMul", &["x", "W"], "y", vec![]),
-        node("Transpose", &["W"], "Wt", vec![attr_ints("perm", &[1, 0])]),
-        node("MatMul", &["y", "Wt"], "z", vec![]),
+        node("Gather", &["E", "ids"], &["emb"]),
+        node("MatMul", &["x", "W"], &["y"]),
+        node_with("Transpose", &["W"], &["Wt"], vec![attr_ints("perm", &[1, 0])]),
+        node("MatMul", &["y", "Wt"], &["z"]),
     ];
     let io = |name: &str, t: DType, dims: &[i64]| value_info(name, t, &dims.iter().map(|&d| Dim::Fixed(d)).collect::<Vec<_>>());
     let model = common::onnx_model::model(

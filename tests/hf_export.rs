@@ -246,7 +246,7 @@ fn refusals_are_one_line_and_touch_nothing() {
     assert_eq!(std::fs::read_dir(&mine).unwrap().count(), 1);
 
     // an earlier output is replaced whole; one with a file added by someone else is not
-    let tok = common::fixtures::repo().join("graphs/quickstart/tokenizer.json");
+    let tok = common::fixtures::quickstart().join("tokenizer.json");
     let (code, out, err) = betadpo(&["export", "--artifacts", s(&good), "--hf", s(&hf)]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("no tokenizer found") && !hf.join("tokenizer.json").exists(), "{out}");

@@ -10,7 +10,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::fixtures::scratch;
-use common::hostile::{artifacts, assert_unchanged, fifo, fingerprint, link, quickstart_assets, refused, run_ok, strs, train_args};
+use common::fixtures::{quickstart, quickstart_artifacts as artifacts};
+use common::hostile::{assert_unchanged, fifo, fingerprint, link, refused, run_ok, strs, train_args};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -24,13 +25,13 @@ fn build_args<'a>(model: &'a Path, out: &'a Path) -> Vec<&'a str> {
 fn a_rebuild_over_artifacts_holding_a_run_an_export_and_notes_is_refused() {
     let dir = scratch("rebuild-foreign");
     let art = artifacts(&dir);
-    let model = quickstart_assets().join("model.onnx");
+    let model = quickstart().join("model.onnx");
     // a rebuild over artifacts holding only betadpo's files replaces them
     run_ok(&build_args(&model, &art));
     run_ok(&strs(&train_args(&art, &art.join("myrun"), 1)));
     run_ok(&["export", "--run", s(&art.join("myrun")), "--out", s(&art.join("m.onnx"))]);
     std::fs::write(art.join("NOTES.md"), "my notes").unwrap();
-    std::fs::copy(quickstart_assets().join("tokenizer.json"), art.join("tokenizer.json")).unwrap();
+    std::fs::copy(quickstart().join("tokenizer.json"), art.join("tokenizer.json")).unwrap();
     let before = fingerprint(&dir);
     refused(&build_args(&model, &art), &["NOTES.md", "m.onnx", "myrun", "tokenizer.json", "which betadpo did not write there"]);
     assert_unchanged(&dir, &before, "a refused rebuild");
@@ -56,7 +57,7 @@ fn a_directory_another_process_holds_is_refused_naming_its_pid() {
     lock.try_lock().unwrap();
     std::fs::write(art.join(betadpo::dir_lock::LOCK_FILE), "4242 build-graph\n").unwrap();
     let before = fingerprint(&dir);
-    let model = quickstart_assets().join("model.onnx");
+    let model = quickstart().join("model.onnx");
     refused(&build_args(&model, &art), &["in use by betadpo process 4242 (build-graph)"]);
     assert_unchanged(&dir, &before, "a rebuild of held artifacts");
     drop(lock);
@@ -107,7 +108,7 @@ fn fifos_devices_and_links_out_of_the_artifacts_are_refused_without_hanging() {
 #[test]
 fn a_model_data_or_tokenizer_that_is_a_fifo_is_refused_without_hanging() {
     let dir = scratch("fifo-inputs");
-    let q = quickstart_assets();
+    let q = quickstart();
     let model = dir.join("model.onnx");
     fifo(&model);
     let out = dir.join("art");
@@ -134,7 +135,7 @@ fn a_model_data_or_tokenizer_that_is_a_fifo_is_refused_without_hanging() {
 #[test]
 fn a_train_pattern_that_matches_no_weight_is_refused() {
     let dir = scratch("train-nomatch");
-    let model = quickstart_assets().join("model.onnx");
+    let model = quickstart().join("model.onnx");
     let out = dir.join("art");
     for flag in ["--train", "--freeze"] {
         let mut args = build_args(&model, &out);
@@ -150,7 +151,7 @@ fn a_train_pattern_that_matches_no_weight_is_refused() {
 fn a_rebuild_of_clean_artifacts_succeeds() {
     let dir = scratch("rebuild-clean");
     let art = artifacts(&dir);
-    run_ok(&build_args(&quickstart_assets().join("model.onnx"), &art));
+    run_ok(&build_args(&quickstart().join("model.onnx"), &art));
     let names: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).collect();
     assert_eq!(names, [art], "only the artifacts in {}", dir.display());
 }

@@ -11,7 +11,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use betadpo::text::{load_preferences, LoadOptions, PairTokenizer, TruncationConfig};
-use common::timed::{arg as s, assert_refused, betadpo_within, build, peak_child_rss, quickstart, Outcome};
+use common::fixtures::quickstart;
+use common::timed::{arg as s, assert_refused, betadpo_within, build, peak_child_rss, Outcome};
 use serde_json::json;
 
 const LIMIT: Duration = Duration::from_secs(120);

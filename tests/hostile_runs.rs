@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use betadpo::store::RawTensor;
 use betadpo::train::batch::LoaderPosition;
 use betadpo::train::checkpoint::{self, TrainerState};
+use common::fixtures::quickstart_artifacts as artifacts;
 use common::fixtures::scratch;
-use common::hostile::{artifacts, assert_unchanged, fifo, fingerprint, link, refused, run_ok, spawn, strs, train_args, wait, LIMIT};
+use common::hostile::{assert_unchanged, fifo, fingerprint, link, refused, run_ok, spawn, strs, train_args, wait, LIMIT};
 
 /// Artifacts and a finished 3-step run (`--save-every 1`, the last two checkpoints kept).
 fn finished_run(name: &str) -> (PathBuf, PathBuf, Vec<String>) {

@@ -9,7 +9,7 @@
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use betadpo::dpo::model::lora::LoraOptions;
 use betadpo::dpo::packing::LayoutChoice;
@@ -144,19 +144,9 @@ fn llama_lora_matches_peft() {
     check_family("tiny-llama-dynamo");
 }
 
-fn quickstart() -> Option<PathBuf> {
-    let q = repo().join("graphs/quickstart");
-    if q.join("model.onnx").exists() {
-        Some(q)
-    } else {
-        common::fixtures::skip("graphs/quickstart/model.onnx is absent");
-        None
-    }
-}
-
 #[test]
 fn lora_flags_are_checked() {
-    let Some(q) = quickstart() else { return };
+    let q = common::fixtures::quickstart();
     let model = q.join("model.onnx");
     let model = model.to_str().unwrap();
     let dir = scratch("lora-flags");
@@ -229,7 +219,7 @@ fn train_with(art: &Path, data: &Path, tokenizer: &Path, run: &Path, steps: &str
 /// (the exported model carries them bit for bit, and the adapters as trained).
 #[test]
 fn train_runs_on_a_lora_build() {
-    let Some(q) = quickstart() else { return };
+    let q = common::fixtures::quickstart();
     let dir = scratch("lora-train");
     let text = std::fs::read_to_string(q.join("train.jsonl")).unwrap();
     let data = dir.join("train.jsonl");
@@ -292,7 +282,7 @@ fn train_runs_on_a_lora_build() {
 /// randomness of their own, dropout is refused).
 #[test]
 fn lora_resume_is_exact() {
-    let Some(q) = quickstart() else { return };
+    let q = common::fixtures::quickstart();
     let dir = scratch("lora-resume");
     let text = std::fs::read_to_string(q.join("train.jsonl")).unwrap();
     let data = dir.join("train.jsonl");

@@ -307,7 +307,7 @@ fn merge_and_adapter_are_refused_without_lora() {
 /// differ from the same model without the adapter. A file that is not an adapter is one line.
 #[test]
 fn infer_with_the_adapter_file_equals_the_merged_model() {
-    let q = repo().join("graphs/quickstart");
+    let q = common::fixtures::quickstart();
     let dir = scratch("lora-export-infer");
     let art = dir.join("art");
     let (code, _, err) = betadpo(&["build-graph", "--model", q.join("model.onnx").to_str().unwrap(), "--out", art.to_str().unwrap(), "--lora-rank", "4", "-q"]);

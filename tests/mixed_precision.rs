@@ -255,13 +255,7 @@ fn bf16_products_read_frozen_bf16_weights_directly() {
 fn one_product(a: &ArrayD<f32>, b: &ArrayD<f32>, precision: Precision, emulated: bool) -> betadpo::Result<ArrayD<f32>> {
     let dims = |x: &ArrayD<f32>| x.shape().iter().map(|&d| d as i64).collect::<Vec<i64>>();
     let mut g = Graph {
-        nodes: vec![betadpo::onnx::NodeProto {
-            name: "product".into(),
-            op_type: "MatMul".into(),
-            input: vec!["a".into(), "b".into()],
-            output: vec!["y".into()],
-            ..Default::default()
-        }],
+        nodes: vec![common::onnx_model::named_node("product", "MatMul", &["a", "b"], &["y"], vec![])],
         inputs: vec![value_info("a", dtype::FLOAT, &[Dim::Fixed(8), Dim::Fixed(64)]), value_info("b", dtype::FLOAT, &[Dim::Fixed(64), Dim::Fixed(8)])],
         outputs: vec![value_info("y", dtype::FLOAT, &[Dim::Fixed(8), Dim::Fixed(8)])],
         opsets: vec![betadpo::onnx::OperatorSetIdProto { domain: String::new(), version: 17 }],

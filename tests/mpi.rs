@@ -176,10 +176,8 @@ fn ranks_with_different_flags_refuse() {
 /// A betadpo built without the `mpi` feature, started as several ranks, refuses (each rank would
 /// otherwise train alone into the same run directory).
 #[test]
+#[cfg(not(feature = "mpi"))]
 fn build_without_mpi_refuses_several_ranks() {
-    if cfg!(feature = "mpi") {
-        return;
-    }
     let Some((mpirun, _)) = mpi() else { return };
     let dir = scratch("mpi-plain");
     let o = Command::new(mpirun)

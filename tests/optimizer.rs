@@ -11,7 +11,7 @@ use betadpo::train::trainer::train;
 
 #[test]
 fn fused_adamw_matches_the_optimizer_graph() {
-    let q = common::fixtures::repo().join("graphs/quickstart");
+    let q = common::fixtures::quickstart();
     let dir = common::fixtures::scratch("optimizer-kinds");
     let art = dir.join("art");
     build_artifacts(&q.join("model.onnx"), &art, &BuildOptions::default()).unwrap();

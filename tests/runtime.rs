@@ -11,20 +11,11 @@ mod provision;
 use betadpo::onnx::proto::NodeProto;
 use betadpo::onnx::{dtype, value_info, Dim};
 use betadpo::runtime::{self, input_names, output_names, run, ExecutionProvider, HostTensor, OptLevel, SessionConfig};
+use common::onnx_model::node;
 use ndarray::ArrayD;
 use prost::Message;
 
 // ---------------------------------------------------------------------------------------------- model builders
-
-fn node(op: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
-    NodeProto {
-        op_type: op.into(),
-        name: format!("{op}_{}", outputs[0]),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: outputs.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    }
-}
 
 fn model(nodes: Vec<NodeProto>, inputs: Vec<(&str, i32)>, outputs: Vec<(&str, i32, Vec<Dim>)>) -> Vec<u8> {
     let dims = || vec![Dim::Fixed(2), Dim::Fixed(3)];

@@ -10,9 +10,7 @@ use betadpo::onnx::{load_model, save_model, SaveOptions};
 use betadpo::runtime::{run, HostTensor, SessionConfig};
 use ndarray::{ArrayD, IxDyn};
 
-fn quickstart_model() -> std::path::PathBuf {
-    common::fixtures::repo().join("graphs/quickstart/model.onnx")
-}
+use common::fixtures::quickstart_model;
 
 fn build(sel: Selection, tag: &str) -> (std::path::PathBuf, Manifest) {
     let out = common::fixtures::scratch(tag);

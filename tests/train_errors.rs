@@ -6,7 +6,7 @@ use std::process::Command;
 
 #[test]
 fn failed_start_leaves_no_run_directory() {
-    let q = common::fixtures::repo().join("graphs/quickstart");
+    let q = common::fixtures::quickstart();
     let dir = common::fixtures::scratch("train-nothing-left");
     let art = dir.join("art");
     betadpo::dpo::build_artifacts(&q.join("model.onnx"), &art, &Default::default()).unwrap();
@@ -28,7 +28,7 @@ fn failed_start_leaves_no_run_directory() {
 fn packed_artifacts_refuse_sequences_longer_than_verified() {
     use betadpo::dpo::packing::LayoutChoice;
     use betadpo::dpo::BuildOptions;
-    let q = common::fixtures::repo().join("graphs/quickstart");
+    let q = common::fixtures::quickstart();
     let dir = common::fixtures::scratch("train-packed-limit");
     let art = dir.join("art");
     let report = betadpo::dpo::build_artifacts(&q.join("model.onnx"), &art, &BuildOptions { layout: LayoutChoice::Packed, ..Default::default() }).unwrap();
@@ -55,7 +55,7 @@ fn packed_artifacts_refuse_sequences_longer_than_verified() {
 /// leaves no run directory.
 #[test]
 fn impossible_flag_values_are_refused_by_name() {
-    let q = common::fixtures::repo().join("graphs/quickstart");
+    let q = common::fixtures::quickstart();
     let dir = common::fixtures::scratch("train-bad-flags");
     let out = dir.join("run");
     let base = |extra: &[&str]| -> Vec<String> {

@@ -23,17 +23,13 @@ struct Setup {
 }
 
 /// Fixed-beta (0.1) artifacts of the bundled tiny model, so that TRL's `beta: 0.1` holds.
-fn setup(name: &str) -> Option<Setup> {
-    let q = common::fixtures::repo().join("graphs/quickstart");
-    if !q.join("model.onnx").exists() {
-        common::fixtures::skip("graphs/quickstart/model.onnx is absent");
-        return None;
-    }
+fn setup(name: &str) -> Setup {
+    let q = common::fixtures::quickstart();
     let dir = common::fixtures::scratch(name);
     let art = dir.join("art");
     let objective = ObjectiveConfig { fixed_beta: Some(0.1), ..Default::default() };
     build_artifacts(&q.join("model.onnx"), &art, &BuildOptions { objective, layout: LayoutChoice::Padded, ..Default::default() }).unwrap();
-    Some(Setup { dir, art, data: q.join("train.jsonl"), tokenizer: q.join("tokenizer.json") })
+    Setup { dir, art, data: q.join("train.jsonl"), tokenizer: q.join("tokenizer.json") }
 }
 
 fn s(p: &Path) -> &str {
@@ -71,7 +67,7 @@ fn yaml(st: &Setup, out: &Path) -> String {
 
 #[test]
 fn dpo_config_yaml_trains_the_same_run_as_flags() {
-    let Some(st) = setup("trl-config-same-run") else { return };
+    let st = setup("trl-config-same-run");
     let (by_file, by_flags) = (st.dir.join("by-file"), st.dir.join("by-flags"));
     let config = st.dir.join("dpo.yaml");
     std::fs::write(&config, yaml(&st, &by_file)).unwrap();
@@ -124,7 +120,7 @@ fn dpo_config_yaml_trains_the_same_run_as_flags() {
 
 #[test]
 fn the_command_line_overrides_the_file_and_bad_keys_are_named() {
-    let Some(st) = setup("trl-config-override") else { return };
+    let st = setup("trl-config-override");
     let out = st.dir.join("run");
     let config = st.dir.join("dpo.yaml");
     std::fs::write(&config, yaml(&st, &out)).unwrap();

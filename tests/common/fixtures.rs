@@ -12,6 +12,24 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The bundled quickstart folder (`graphs/quickstart`): tiny model, tokenizer and data in every clone, so a test
+/// that uses it needs no `../shared`.
+pub fn quickstart() -> PathBuf {
+    repo().join("graphs/quickstart")
+}
+
+/// The quickstart folder's model.
+pub fn quickstart_model() -> PathBuf {
+    quickstart().join("model.onnx")
+}
+
+/// Artifacts of the quickstart model with the default options, built in-process into `dir/art`.
+pub fn quickstart_artifacts(dir: &Path) -> PathBuf {
+    let art = dir.join("art");
+    betadpo::dpo::build_artifacts(&quickstart_model(), &art, &Default::default()).unwrap();
+    art
+}
+
 /// Says why the caller skips. CI always has `../shared` and the Python packages `.ci/run`
 /// installs, so under `CI=true` a skip is a failure, never silent.
 pub fn skip(why: &str) {

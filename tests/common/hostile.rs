@@ -142,21 +142,9 @@ pub fn link(path: &Path, target: &Path) {
     std::os::unix::fs::symlink(target, path).unwrap();
 }
 
-/// The bundled tiny model, tokenizer and data (`graphs/quickstart`): no `../shared` needed.
-pub fn quickstart_assets() -> PathBuf {
-    super::fixtures::repo().join("graphs/quickstart")
-}
-
-/// Artifacts of the bundled model built in-process into `dir/art`.
-pub fn artifacts(dir: &Path) -> PathBuf {
-    let art = dir.join("art");
-    betadpo::dpo::build_artifacts(&quickstart_assets().join("model.onnx"), &art, &Default::default()).unwrap();
-    art
-}
-
 /// `train` arguments for `steps` steps on the bundled data into `out`, checkpointing every step.
 pub fn train_args(art: &Path, out: &Path, steps: u64) -> Vec<String> {
-    let q = quickstart_assets();
+    let q = super::fixtures::quickstart();
     [
         "train",
         "--artifacts",

@@ -8,3 +8,4 @@ pub mod mpi_job;
 pub mod onnx_model;
 pub mod timed;
 pub mod tiny_lm;
+pub mod train_run;

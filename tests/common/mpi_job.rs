@@ -13,7 +13,7 @@ use betadpo::train::checkpoint;
 use betadpo::train::metrics::read_log;
 use serde_json::{Map, Value};
 
-use super::fixtures::{repo, scratch, shared, skip};
+use super::fixtures::{scratch, skip};
 
 /// Float32 tolerance on parameters between N ranks and one process. The ranks' gradients are
 /// means over shares of the batch, weighted and summed, where one process sums the whole batch at
@@ -26,27 +26,6 @@ use super::fixtures::{repo, scratch, shared, skip};
 pub const PARAM_TOL: f32 = 5e-5;
 /// Metrics (float64 sums of float32 values, over the same pairs in the same order).
 pub const METRIC_TOL: f64 = 1e-4;
-
-pub struct Inputs {
-    pub model: PathBuf,
-    pub tokenizer: PathBuf,
-    pub train: PathBuf,
-    pub test: PathBuf,
-}
-
-pub fn inputs() -> Option<Inputs> {
-    let q = repo().join("graphs/quickstart");
-    if q.join("model.onnx").exists() {
-        return Some(Inputs { model: q.join("model.onnx"), tokenizer: q.join("tokenizer.json"), train: q.join("train.jsonl"), test: q.join("test.jsonl") });
-    }
-    let f = shared("")?;
-    Some(Inputs {
-        model: f.join("tiny-llama-dynamo/model.onnx"),
-        tokenizer: f.join("tokenizer/tokenizer.json"),
-        train: f.join("prefs/train.jsonl"),
-        test: f.join("prefs/test.jsonl"),
-    })
-}
 
 /// `mpirun` and a betadpo built with the `mpi` feature, or a notice (a failure under CI) and `None`.
 pub fn mpi() -> Option<(PathBuf, PathBuf)> {
@@ -91,7 +70,7 @@ pub struct Setup {
 impl Setup {
     pub fn new(layout: LayoutChoice, name: &str) -> Option<(Setup, PathBuf)> {
         let (mpirun, mpi_bin) = mpi()?;
-        let inp = inputs()?;
+        let inp = super::train_run::inputs()?;
         let dir = scratch(name);
         let art = dir.join("art");
         build_artifacts(&inp.model, &art, &BuildOptions { layout, objective: ObjectiveConfig::default(), ..Default::default() }).unwrap();

@@ -33,11 +33,6 @@ pub fn peak_child_rss() -> u64 {
     usage.ru_maxrss as u64 * 1024
 }
 
-/// The bundled quickstart model, tokenizer and data.
-pub fn quickstart() -> std::path::PathBuf {
-    super::fixtures::repo().join("graphs/quickstart")
-}
-
 /// A path as a command-line argument.
 pub fn arg(p: &std::path::Path) -> &str {
     p.to_str().unwrap()

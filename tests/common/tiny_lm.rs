@@ -3,7 +3,9 @@
 
 #![allow(dead_code)]
 
-use betadpo::onnx::{dtype, proto, tensor_f32, value_info, Dim, NodeProto};
+use betadpo::onnx::{dtype, proto, tensor_f32, value_info, Dim};
+
+use super::onnx_model::named_node;
 
 pub const VOCAB: i64 = 16;
 pub const HIDDEN: i64 = 8;
@@ -16,29 +18,11 @@ fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
 pub fn model(ops: &[&str]) -> proto::ModelProto {
     let emb = tensor_f32("emb.weight", &[VOCAB, HIDDEN], &pseudo_random((VOCAB * HIDDEN) as usize, 1));
     let head = tensor_f32("lm_head.weight", &[HIDDEN, VOCAB], &pseudo_random((VOCAB * HIDDEN) as usize, 2));
-    let mut nodes = vec![NodeProto {
-        name: "embed".into(),
-        op_type: "Gather".into(),
-        input: vec!["emb.weight".into(), "input_ids".into()],
-        output: vec!["h0".into()],
-        ..Default::default()
-    }];
+    let mut nodes = vec![named_node("embed", "Gather", &["emb.weight", "input_ids"], &["h0"], vec![])];
     for (i, op) in ops.iter().enumerate() {
-        nodes.push(NodeProto {
-            name: format!("act{i}"),
-            op_type: op.to_string(),
-            input: vec![format!("h{i}")],
-            output: vec![format!("h{}", i + 1)],
-            ..Default::default()
-        });
+        nodes.push(named_node(&format!("act{i}"), op, &[&format!("h{i}")], &[&format!("h{}", i + 1)], vec![]));
     }
-    nodes.push(NodeProto {
-        name: "lm_head".into(),
-        op_type: "MatMul".into(),
-        input: vec![format!("h{}", ops.len()), "lm_head.weight".into()],
-        output: vec!["logits".into()],
-        ..Default::default()
-    });
+    nodes.push(named_node("lm_head", "MatMul", &[&format!("h{}", ops.len()), "lm_head.weight"], &["logits"], vec![]));
     let bs = [Dim::Sym("batch".into()), Dim::Sym("sequence".into())];
     super::onnx_model::model(
         "tiny_lm",

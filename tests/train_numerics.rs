@@ -1,0 +1,125 @@
+//! `betadpo train`'s numerics: fp16 dynamic loss scaling (trains, resumes exactly, skips and halves on
+//! overflow) and non-finite losses.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use betadpo::dpo::packing::LayoutChoice;
+use betadpo::dpo::{build_artifacts, BuildOptions, ObjectiveConfig};
+use betadpo::graph::{MixedPrecision, Precision};
+use betadpo::train::checkpoint;
+use betadpo::train::config::TrainConfig;
+use betadpo::train::loss_scale::{LossScale, INITIAL_SCALE, MAX_SCALE};
+
+use common::fixtures::scratch;
+use common::train_run::*;
+
+/// Emulated fp16 artifacts (the CPU provider would run real ones in float32) and 40 training pairs.
+fn fp16_artifacts(inp: &Inputs, dir: &Path) -> (PathBuf, PathBuf) {
+    let fp16 = dir.join("fp16");
+    let precision = MixedPrecision { precision: Precision::Fp16, emulated: true };
+    build_artifacts(&inp.model, &fp16, &BuildOptions { layout: LayoutChoice::Padded, precision, ..Default::default() }).unwrap();
+    (fp16, head(&inp.train, 40, dir, "train.jsonl"))
+}
+
+/// fp16 artifacts train with dynamic loss scaling: the train graph is fed the scale, the optimizer sees
+/// unscaled gradients (the first step's gradient norm agrees with the float32 build's to within fp16's
+/// error, where a scaled one would be 65536 times larger), and the scale is part of the checkpoint:
+/// 8 straight steps equal 4 + --resume to 8, bit for bit.
+#[test]
+fn fp16_loss_scaling_trains_and_resumes_exactly() {
+    let Some(inp) = inputs() else { return };
+    let dir = scratch("fp16-resume");
+    let (fp16, data) = fp16_artifacts(&inp, &dir);
+    let (straight, split) = straight_and_resumed(&fp16, &data, &inp, &dir);
+    let records = train_records(&straight);
+    assert!(records.iter().all(|r| f(r, "loss_scale") == INITIAL_SCALE), "no overflow on this model: {records:?}");
+    let state = state_of(&checkpoint::checkpoints_dir(&split).join("step-8"));
+    assert_eq!(state.loss_scale, Some(LossScale { scale: INITIAL_SCALE, clean_steps: 8 }));
+
+    let art32 = artifacts(&inp.model, &dir, ObjectiveConfig::default());
+    let run32 = dir.join("fp32");
+    run_train(&TrainConfig { grad_accum: 2, ..config(&art32, &data, &inp, &run32, 1) });
+    let (n16, n32) = (f(&records[0], "grad_norm"), f(&train_records(&run32)[0], "grad_norm"));
+    eprintln!("first step's gradient norm: fp16 {n16}, fp32 {n32}");
+    assert!(((n16 - n32) / n32).abs() < 1e-3, "first step's gradient norm: fp16 {n16}, fp32 {n32}");
+    assert!(state_of(&checkpoint::checkpoints_dir(&run32).join("step-1")).loss_scale.is_none());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A loss scale too large for float16 (2^24, the most `--loss-scale-init` takes): the first steps'
+/// gradients overflow; each such step is skipped (no Adam update counted) and halves the scale, a clean
+/// one keeps it, and the checkpoint holds the scale the next step uses.
+#[test]
+fn fp16_overflow_skips_the_step_and_halves_the_scale() {
+    let Some(inp) = inputs() else { return };
+    let dir = scratch("fp16-overflow");
+    let (fp16, data) = fp16_artifacts(&inp, &dir);
+    let run = dir.join("run");
+    run_train(&TrainConfig { loss_scale_init: Some(MAX_SCALE), save_every: 1, save_total_limit: 100, ..config(&fp16, &data, &inp, &run, 10) });
+    let records = train_records(&run);
+    let overflowed: Vec<bool> = records.iter().map(|r| r.contains_key("loss_scale_overflow")).collect();
+    eprintln!("overflowed per step from 2^24: {overflowed:?}");
+    assert!(overflowed[0] && !overflowed.iter().all(|&o| o), "2^24 overflows at first, then the scale fits: {overflowed:?}");
+    let mut scale = MAX_SCALE;
+    let mut updates = 0;
+    for (r, &o) in records.iter().zip(&overflowed) {
+        assert_eq!(f(r, "loss_scale"), scale, "step {}", r["step"]);
+        assert_eq!(r["grad_norm"].is_null(), o, "a skipped step has no gradient norm (step {})", r["step"]);
+        scale = if o { scale / 2.0 } else { scale };
+        updates += u64::from(!o);
+        let state = state_of(&checkpoint::checkpoints_dir(&run).join(format!("step-{}", r["step"])));
+        assert_eq!((state.updates, state.loss_scale.unwrap().scale), (updates, scale), "step {}", r["step"]);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Non-finite loss
+
+#[test]
+fn nonfinite_loss() {
+    let Some(inp) = inputs() else { return };
+    let dir = scratch("nonfinite");
+    let art = artifacts(&inp.model, &dir, ObjectiveConfig::default());
+    let data = head(&inp.train, 24, &dir, "train.jsonl");
+    // lr 1e30: step 1 is finite, but moves every weight by ~1e30, so step 2's logits overflow.
+    let a = |out: &Path, more: &[&str]| {
+        let mut v = train_args(&art, &data, &inp.tokenizer, out, "--max-steps 5 --batch-size 4 --save-every 1 --threads 1 --lr 1e30 --quiet");
+        v.extend(args(more));
+        v
+    };
+    let stop = dir.join("stop");
+    let e = assert_one_line_error(
+        &run_bin(&a(&stop, &[]), &[]),
+        &["non-finite", "at step 2", "step-1", "written from finite state", "--skip-nonfinite"],
+        "non-finite loss",
+    );
+    eprintln!("{e}");
+    assert_eq!(checkpoint::list(&stop).iter().map(|c| c.0).collect::<Vec<_>>(), vec![1], "only the finite step is saved");
+    assert_eq!(checkpoint_entries(&stop), vec!["step-1"]);
+    let ck = checkpoint::checkpoints_dir(&stop).join("step-1");
+    assert_complete_checkpoint(&ck);
+    let step1 = params(&ck.join(checkpoint::PARAMS));
+    assert!(step1.iter().all(|t| t.data.iter().all(|x| x.is_finite())), "the checkpoint holds finite parameters");
+    assert!(step1.iter().any(|t| t.data.iter().any(|x| x.abs() > 1e29)), "lr 1e30 should have moved the weights by ~1e30");
+    assert_eq!(steps_of(&train_records(&stop)), vec![1], "the failed step is not logged");
+    assert!(!stop.join("final").exists());
+
+    // --skip-nonfinite: the bad steps are skipped (weights unchanged) and counted.
+    let skip = dir.join("skip");
+    let (code, stdout, err) = run_bin(&a(&skip, &["--skip-nonfinite"]), &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("trained 5 steps"), "{stdout}");
+    let recs = train_records(&skip);
+    assert_eq!(steps_of(&recs), vec![1, 2, 3, 4, 5]);
+    assert!(recs[0].get("skipped_nonfinite").is_none() && recs[0]["grad_norm"].is_number());
+    for (i, r) in recs.iter().enumerate().skip(1) {
+        assert_eq!(r["skipped_nonfinite"].as_u64(), Some(i as u64), "step {}", i + 1);
+        assert!(r["grad_norm"].is_null(), "a skipped step has no gradient norm");
+    }
+    assert_eq!(state_of(&checkpoint::list(&skip).last().unwrap().1).skipped_nonfinite, 4);
+    assert_bit_identical(&step1, &final_params(&skip), "skipped steps leave the step-1 weights unchanged");
+    let _ = std::fs::remove_dir_all(&dir);
+}
