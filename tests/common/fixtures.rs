@@ -85,6 +85,16 @@ pub fn all_models() -> Vec<PathBuf> {
 pub fn scratch(name: &str) -> PathBuf {
     static SWEPT: std::sync::Once = std::sync::Once::new();
     SWEPT.call_once(remove_scratch_of_ended_processes);
+    // tests run in parallel threads of one process: two tests asking for the same name would share (and
+    // delete) each other's folder, so a claim from a second test fails here rather than as a race (one
+    // test may reuse its own name: its uses are sequential)
+    static CLAIMED: std::sync::Mutex<Vec<(String, std::thread::ThreadId)>> = std::sync::Mutex::new(Vec::new());
+    let me = std::thread::current().id();
+    let mut claimed = CLAIMED.lock().unwrap_or_else(|e| e.into_inner());
+    let other = claimed.iter().any(|(c, by)| c == name && *by != me);
+    assert!(!other, "scratch folder {name:?} claimed by two tests of this binary: give each its own name");
+    claimed.push((name.to_string(), me));
+    drop(claimed);
     let d = std::env::temp_dir().join(format!("betadpo-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
