@@ -11,12 +11,8 @@ use betadpo::dpo::{build_artifacts, BuildOptions};
 use betadpo::text::PairTokenizer;
 use betadpo::train::config::TrainConfig;
 use betadpo::train::trainer::train;
+use common::cli::betadpo;
 use common::fixtures::quickstart;
-
-fn betadpo(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_betadpo")).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
-}
 
 fn trained_export(dir: &Path) -> PathBuf {
     let q = quickstart();

@@ -11,13 +11,13 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use betadpo::dpo::export::export_model;
 use betadpo::dpo::export::hf::export_hf;
 use betadpo::dpo::{build_artifacts, BuildOptions, Manifest};
 use betadpo::runtime::{run, HostTensor, SessionConfig};
 use betadpo::store::{read_safetensors, write_safetensors, NamedTensor};
+use common::cli::betadpo;
 use ndarray::ArrayD;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -26,11 +26,6 @@ const FAMILIES: &[&str] = &["gpt2", "llama", "qwen2", "gemma"];
 
 fn fixture(family: &str) -> PathBuf {
     common::fixtures::repo().join("tests/fixtures/models").join(family)
-}
-
-fn betadpo(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_betadpo")).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
 fn s(p: &Path) -> &str {
