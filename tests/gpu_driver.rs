@@ -2,8 +2,10 @@
 //! checks on a machine without a driver, TensorRT's optimization profiles, `betadpo doctor`, and the
 //! summary of what TensorRT left to the CUDA provider.
 
-use std::path::Path;
-use std::process::Command;
+#[path = "common/cli.rs"]
+mod cli;
+
+use cli::doctor;
 
 use betadpo::runtime::driver;
 
@@ -101,16 +103,6 @@ mod tensorrt_profiles {
 }
 
 // ---------------------------------------------------------------------------------------------- betadpo doctor
-
-fn doctor(ep: &str, env: &[(&str, &Path)]) -> (i32, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_betadpo"));
-    cmd.args(["doctor", "--ep", ep]);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
-}
 
 #[test]
 fn doctor_on_the_cpu_reports_the_runtime_and_succeeds() {

@@ -3,8 +3,12 @@
 //! with `--no-index --find-links`) and preloading real tiny shared libraries in dependency order
 //! (tests/gpu_driver.rs has the driver checks, TensorRT profiles and `betadpo doctor`).
 
+#[path = "common/cli.rs"]
+mod cli;
 #[path = "common/fixtures.rs"]
 mod fixtures;
+
+use cli::doctor;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

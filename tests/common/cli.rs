@@ -7,8 +7,23 @@ use std::path::Path;
 use std::process::Command;
 
 pub fn betadpo(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_betadpo")).args(args).output().unwrap();
+    betadpo_with_env(args, &[])
+}
+
+/// `betadpo ARGS` with extra environment variables (a cache folder, a fake wheel index).
+pub fn betadpo_with_env(args: &[&str], env: &[(&str, &Path)]) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_betadpo"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// `betadpo doctor --ep EP`: exit code, stdout, stderr.
+pub fn doctor(ep: &str, env: &[(&str, &Path)]) -> (i32, String, String) {
+    betadpo_with_env(&["doctor", "--ep", ep], env)
 }
 
 pub fn assert_one_line_error(args: &[&str], needle: &str) -> String {
