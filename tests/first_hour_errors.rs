@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use betadpo::dpo::export::export_model;
 use betadpo::dpo::model::lora::LoraOptions;
 use betadpo::dpo::{build_artifacts, BuildOptions};
+use betadpo::run_layout;
 use common::cli::{assert_one_line_error, betadpo};
 use common::fixtures::quickstart;
 
@@ -94,7 +95,7 @@ fn train_names_data_and_tokenizer_mistakes() {
     std::fs::write(&typo, "{\"prompt\": \"Q\", \"chosen\": \"a\", \"rejected\": \"b\"}\n{\"promt\": \"Q\", \"chosen\": \"a\", \"rejected\": \"b\"}\n").unwrap();
     let v = train(s(&typo), &q);
     assert_one_line_error(&args(&v), &format!("{}:2: unknown column \"promt\" (did you mean \"prompt\"?)", typo.display()));
-    assert!(!out.join("final").exists());
+    assert!(!out.join(run_layout::FINAL_DIR).exists());
 }
 
 #[test]

@@ -11,6 +11,7 @@ use betadpo::dpo::model::params::Selection;
 use betadpo::dpo::{build_artifacts, BuildOptions, Manifest};
 use betadpo::onnx::proto::ModelProto;
 use betadpo::onnx::{TensorProto, EXTERNAL_MIN_BYTES};
+use betadpo::run_layout;
 use betadpo::runtime::{run, HostTensor, SessionConfig, SharedWeights};
 use betadpo::store::read_safetensors;
 use ndarray::{ArrayD, IxDyn};
@@ -244,7 +245,7 @@ fn first_step(tag: &str, frozen_dtype: Option<betadpo::onnx::DType>) -> serde_js
     let more = ["--out", &path(&run), "--max-steps", "1", "--batch-size", "4", "--lr", "1e-3", "--quiet"];
     let (code, _, err) = common::cli::betadpo(&[&args[..], &more[..]].concat());
     assert_eq!(code, 0, "{tag}: {err}");
-    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let metrics = std::fs::read_to_string(run.join(run_layout::METRICS_FILE)).unwrap();
     serde_json::from_str(metrics.lines().find(|l| l.contains("\"loss\"")).unwrap()).unwrap()
 }
 

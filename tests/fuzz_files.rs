@@ -16,6 +16,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use betadpo::dpo::Manifest;
+use betadpo::run_layout;
 use betadpo::store::{read_safetensors, RawTensor};
 use betadpo::text::truncation::TruncationMode;
 use betadpo::text::{load_preferences, LoadOptions, PairTokenizer, TruncationConfig};
@@ -152,17 +153,17 @@ fn checkpoint_dir() -> PathBuf {
 fn checkpoints() {
     let dir = checkpoint_dir();
     let load = |d: &Path| checkpoint::load(d).map(|_| ());
-    fuzz_file("trainer_state.json", &dir, checkpoint::STATE, cases("trainer_state.json"), 3, load);
-    fuzz_file("checkpoint params", &dir, checkpoint::PARAMS, cases("checkpoint params"), 4, load);
-    fuzz_file("checkpoint moments", &dir, checkpoint::OPTIMIZER, cases("checkpoint moments"), 5, load);
+    fuzz_file("trainer_state.json", &dir, run_layout::STATE, cases("trainer_state.json"), 3, load);
+    fuzz_file("checkpoint params", &dir, run_layout::PARAMS, cases("checkpoint params"), 4, load);
+    fuzz_file("checkpoint moments", &dir, run_layout::OPTIMIZER, cases("checkpoint moments"), 5, load);
     // counters a resume would do arithmetic with: corrupt beyond any real run
-    let state = std::fs::read_to_string(dir.join(checkpoint::STATE)).unwrap();
+    let state = std::fs::read_to_string(dir.join(run_layout::STATE)).unwrap();
     let mut v: serde_json::Value = serde_json::from_str(&state).unwrap();
     v["position"]["epoch"] = serde_json::json!(u64::MAX);
-    std::fs::write(dir.join(checkpoint::STATE), v.to_string()).unwrap();
+    std::fs::write(dir.join(run_layout::STATE), v.to_string()).unwrap();
     let err = checkpoint::load(&dir).err().expect("refused").to_string();
     assert!(err.contains("position.epoch 18446744073709551615 is beyond any real run"), "{err}");
-    std::fs::write(dir.join(checkpoint::STATE), state.replace("\"updates\": 3", "\"updates\": 4")).unwrap();
+    std::fs::write(dir.join(run_layout::STATE), state.replace("\"updates\": 3", "\"updates\": 4")).unwrap();
     let err = checkpoint::load(&dir).err().expect("refused").to_string();
     assert!(err.contains("updates 4 and skipped steps 0 cannot exceed steps 3"), "{err}");
 }

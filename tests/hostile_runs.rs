@@ -8,6 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use betadpo::run_layout;
 use betadpo::store::RawTensor;
 use betadpo::train::batch::LoaderPosition;
 use betadpo::train::checkpoint::{self, TrainerState};
@@ -43,7 +44,7 @@ fn resume_refused(run: &Path, args: &[String], needles: &[&str]) {
 }
 
 fn steps_logged(run: &Path) -> Vec<u64> {
-    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let text = std::fs::read_to_string(run.join(run_layout::METRICS_FILE)).unwrap();
     let steps = text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("step")?.as_u64());
     let mut v: Vec<u64> = steps.collect();
     v.dedup();
@@ -73,7 +74,7 @@ fn a_second_run_into_the_same_directory_is_refused_naming_the_first() {
     assert!(steps.windows(2).all(|w| w[0] < w[1]) && steps.last() == Some(&300), "one run's steps, once each: {steps:?}");
     // the first run is intact and resumable
     run_ok(&strs(&resume_args(&train_args(&art, &run, 302))));
-    assert_eq!(checkpoint::list(&run).last().unwrap().0, 302);
+    assert_eq!(run_layout::list_checkpoints(&run).last().unwrap().0, 302);
 }
 
 #[test]
@@ -84,7 +85,7 @@ fn a_killed_runs_lock_never_blocks_its_resume() {
     let args = train_args(&art, &run, 200);
     let mut child = spawn(&strs(&args));
     let t = Instant::now();
-    while checkpoint::list(&run).is_empty() {
+    while run_layout::list_checkpoints(&run).is_empty() {
         assert!(t.elapsed() < LIMIT && child.try_wait().unwrap().is_none(), "no checkpoint before the run ended");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -93,22 +94,22 @@ fn a_killed_runs_lock_never_blocks_its_resume() {
     let holder = std::fs::read_to_string(run.join(betadpo::dir_lock::LOCK_FILE)).unwrap();
     assert!(holder.starts_with(&format!("{} ", child.id())), "{holder}");
     run_ok(&strs(&resume_args(&args)));
-    assert_eq!(checkpoint::list(&run).last().unwrap().0, 200);
+    assert_eq!(run_layout::list_checkpoints(&run).last().unwrap().0, 200);
 }
 
 #[test]
 fn fifos_and_devices_in_a_run_are_refused_without_hanging() {
     let (_, run, args) = finished_run("run-fifos");
-    let (_, last) = checkpoint::list(&run).pop().unwrap();
+    let (_, last) = run_layout::list_checkpoints(&run).pop().unwrap();
     for (file, needle) in
-        [(last.join(checkpoint::OPTIMIZER), "is a FIFO"), (last.join(checkpoint::STATE), "is a FIFO"), (run.join("metrics.jsonl"), "is a FIFO")]
+        [(last.join(run_layout::OPTIMIZER), "is a FIFO"), (last.join(run_layout::STATE), "is a FIFO"), (run.join(run_layout::METRICS_FILE), "is a FIFO")]
     {
         let keep = dir_copy(&file);
         fifo(&file);
         resume_refused(&run, &args, &[file.file_name().unwrap().to_str().unwrap(), needle]);
         restore(&file, &keep);
     }
-    let params = last.join(checkpoint::PARAMS);
+    let params = last.join(run_layout::PARAMS);
     let keep = dir_copy(&params);
     link(&params, Path::new("/dev/zero"));
     resume_refused(&run, &args, &["params.safetensors", "kernel file"]);
@@ -137,8 +138,8 @@ fn a_reference_cache_that_is_a_device_is_an_error_not_ignored() {
 #[test]
 fn checkpoints_that_lie_about_their_step_or_position_are_refused() {
     let (_, run, args) = finished_run("run-lying-state");
-    let (_, last) = checkpoint::list(&run).pop().unwrap();
-    let state_path = last.join(checkpoint::STATE);
+    let (_, last) = run_layout::list_checkpoints(&run).pop().unwrap();
+    let state_path = last.join(run_layout::STATE);
     let original = std::fs::read_to_string(&state_path).unwrap();
     let edit = |f: &dyn Fn(&mut serde_json::Value)| {
         let mut v: serde_json::Value = serde_json::from_str(&original).unwrap();
@@ -165,7 +166,7 @@ fn checkpoints_that_lie_about_their_step_or_position_are_refused() {
 }
 
 fn edit_state(dir: &Path, f: impl Fn(&mut serde_json::Value)) {
-    let path = dir.join(checkpoint::STATE);
+    let path = dir.join(run_layout::STATE);
     let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     f(&mut v);
     std::fs::write(&path, v.to_string()).unwrap();
@@ -200,7 +201,7 @@ fn a_checkpoint_is_written_only_from_finite_state() {
     let inf = [f32::INFINITY, 0.0];
     let err = checkpoint::save(&run, &state(4), &[RawTensor::of_f32("w", vec![2], &inf)], &[], 2).unwrap_err().to_string();
     assert!(err.contains("w[0] is inf"), "{err}");
-    assert_eq!(checkpoint::list(&run).iter().map(|c| c.0).collect::<Vec<_>>(), [3]);
+    assert_eq!(run_layout::list_checkpoints(&run).iter().map(|c| c.0).collect::<Vec<_>>(), [3]);
 }
 
 #[test]
@@ -211,11 +212,11 @@ fn retention_never_removes_a_checkpoint_newer_than_the_one_saved() {
     for step in [1, 2, 9] {
         save(step);
     }
-    assert_eq!(checkpoint::list(&run).iter().map(|c| c.0).collect::<Vec<_>>(), [2, 9]);
+    assert_eq!(run_layout::list_checkpoints(&run).iter().map(|c| c.0).collect::<Vec<_>>(), [2, 9]);
     // a run resumed at step 2 (the newest once step-9 was set aside) saves 3 and 4; step-9 stays
     save(3);
     save(4);
-    assert_eq!(checkpoint::list(&run).iter().map(|c| c.0).collect::<Vec<_>>(), [3, 4, 9]);
+    assert_eq!(run_layout::list_checkpoints(&run).iter().map(|c| c.0).collect::<Vec<_>>(), [3, 4, 9]);
 }
 
 #[test]

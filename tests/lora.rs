@@ -14,6 +14,7 @@ use std::path::Path;
 use betadpo::dpo::model::lora::LoraOptions;
 use betadpo::dpo::packing::LayoutChoice;
 use betadpo::dpo::{build_artifacts, BuildOptions, HeadInput, Manifest, ObjectiveConfig};
+use betadpo::run_layout;
 use betadpo::runtime::{run, HostTensor, SessionConfig};
 use betadpo::store::{read_safetensors, NamedTensor};
 use common::cli::{assert_absent, assert_one_line_error, betadpo};
@@ -240,7 +241,7 @@ fn train_runs_on_a_lora_build() {
     eprintln!("LoRA build vs full build reference log-probs: max |difference| {worst:e} over {} values", lora_ref.len());
     assert!(worst < 1e-4, "reference log-probs of the LoRA build differ from the base model's by {worst}");
 
-    let log = betadpo::train::metrics::read_log(&run.join("metrics.jsonl")).unwrap();
+    let log = betadpo::train::metrics::read_log(&run.join(run_layout::METRICS_FILE)).unwrap();
     let losses: Vec<f64> = log.iter().filter_map(|r| r.get("loss")?.as_f64()).collect();
     assert!(losses.len() >= 12, "{losses:?}");
     assert!((losses[0] - std::f64::consts::LN_2).abs() < 1e-5, "step 0 loss {} is not ln 2: the adapters are not off", losses[0]);

@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use betadpo::dpo::packing::LayoutChoice;
+use betadpo::run_layout;
 use betadpo::store::read_safetensors;
 use betadpo::train::checkpoint;
 use serde_json::{Map, Value};
@@ -44,7 +45,7 @@ fn two_ranks_train_as_one(layout: LayoutChoice) {
     assert_close_records(&metrics(&one), &metrics(&two), &format!("{layout:?} metrics, one process vs 2 ranks"));
     assert_eq!(reference_files(&one), reference_files(&two), "{layout:?}: reference caches differ");
     for run in [&one, &two] {
-        assert_eq!(checkpoint::list(run).iter().map(|c| c.0).collect::<Vec<_>>(), vec![3, 6], "{}", run.display());
+        assert_eq!(run_layout::list_checkpoints(run).iter().map(|c| c.0).collect::<Vec<_>>(), vec![3, 6], "{}", run.display());
     }
 
     setup.ranks(2, &split, "--max-steps 3 --eval-every 3 --save-every 3");
@@ -114,7 +115,7 @@ fn killed_rank_stops_the_job() {
         .spawn()
         .unwrap();
     let started = Instant::now();
-    while checkpoint::list(&run).len() < 2 {
+    while run_layout::list_checkpoints(&run).len() < 2 {
         if job.try_wait().unwrap().is_some() {
             let mut err = String::new();
             std::io::Read::read_to_string(job.stderr.as_mut().unwrap(), &mut err).unwrap();
@@ -143,7 +144,7 @@ fn killed_rank_stops_the_job() {
     assert!(!status.success(), "mpirun exited 0 after a rank was killed");
     assert!(err.contains("rank 1") && (err.contains("signal 9") || err.contains("Killed")), "the message names the dead rank and how it died:\n{err}");
 
-    let saved = checkpoint::list(&run);
+    let saved = run_layout::list_checkpoints(&run);
     assert!(!saved.is_empty());
     for (step, d) in &saved {
         let l = checkpoint::load(d).unwrap_or_else(|e| panic!("{}: {e}", d.display()));
@@ -152,7 +153,7 @@ fn killed_rank_stops_the_job() {
     let last = saved.last().unwrap().0;
     let out = setup.ranks(2, &run, &format!("--max-steps {} --save-every 2 --eval-every 0 --resume", last + 2));
     assert!(out.status.success());
-    assert_eq!(checkpoint::list(&run).last().unwrap().0, last + 2, "resumed to its end");
+    assert_eq!(run_layout::list_checkpoints(&run).last().unwrap().0, last + 2, "resumed to its end");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -169,7 +170,7 @@ fn ranks_with_different_flags_refuse() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "mismatched ranks trained:\n{err}");
     assert!(err.contains("would train different runs") && err.contains("same flags and data"), "{err}");
-    assert!(checkpoint::list(&run).is_empty(), "a checkpoint was written");
+    assert!(run_layout::list_checkpoints(&run).is_empty(), "a checkpoint was written");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -173,9 +173,9 @@ fn nccl_refusals() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("notice: gradients are summed through MPI on host memory: rank 0 cannot use NCCL: distributed training: cannot load NCCL ("), "{err}");
-    assert_eq!(betadpo::train::checkpoint::list(&dir.join("fallback")).last().map(|c| c.0), Some(2));
+    assert_eq!(betadpo::run_layout::list_checkpoints(&dir.join("fallback")).last().map(|c| c.0), Some(2));
     for run in ["cpu", "missing"] {
-        assert!(betadpo::train::checkpoint::list(&dir.join(run)).is_empty(), "{run}: a checkpoint was written");
+        assert!(betadpo::run_layout::list_checkpoints(&dir.join(run)).is_empty(), "{run}: a checkpoint was written");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -5,6 +5,7 @@
 mod common;
 
 use betadpo::dpo::{build_artifacts, BuildOptions};
+use betadpo::run_layout;
 use betadpo::store::read_safetensors;
 use betadpo::train::config::{OptimizerKind, TrainConfig};
 use betadpo::train::trainer::train;
@@ -37,7 +38,7 @@ fn fused_adamw_matches_the_optimizer_graph() {
         };
         train(&cfg).unwrap();
         let (params, _) = read_safetensors(&dir.join(name).join("final/params.safetensors")).unwrap();
-        let norms: Vec<f64> = std::fs::read_to_string(dir.join(name).join("metrics.jsonl"))
+        let norms: Vec<f64> = std::fs::read_to_string(dir.join(name).join(run_layout::METRICS_FILE))
             .unwrap()
             .lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["grad_norm"].as_f64().unwrap())

@@ -119,7 +119,7 @@ fn export_overwrites_only_models_it_wrote() {
     assert_eq!(code, 0, "{err}");
     // A run whose parameters are the initial ones: export needs only its config and parameters.
     let run = dir.join("run");
-    std::fs::create_dir_all(run.join("final")).unwrap();
+    std::fs::create_dir_all(run.join(betadpo::run_layout::FINAL_DIR)).unwrap();
     std::fs::copy(art.join("params.safetensors"), run.join("final/params.safetensors")).unwrap();
     let cfg = serde_json::to_string(&betadpo::train::config::TrainConfig { artifacts: art.clone(), ..Default::default() }).unwrap();
     std::fs::write(run.join("train_config.json"), cfg).unwrap();

@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use betadpo::dpo::ObjectiveConfig;
-use betadpo::train::checkpoint;
+use betadpo::run_layout;
 use betadpo::train::config::TrainConfig;
 use betadpo::train::trainer::train;
 use serde_json::{Map, Value};
@@ -110,7 +110,7 @@ fn bad_input() {
     let out = dir.join("run-missing");
     let e = assert_one_line_error(&run_bin(&base(&dir.join("nope.jsonl"), &out), &[]), &["nope.jsonl"], "missing data");
     assert!(e.contains("No such file"), "{e}");
-    assert!(!out.join("metrics.jsonl").exists() && checkpoint::list(&out).is_empty());
+    assert!(!out.join(run_layout::METRICS_FILE).exists() && run_layout::list_checkpoints(&out).is_empty());
 
     // A malformed row: file:line, in one line; --skip-bad-rows counts it and trains on the rest.
     let mut lines: Vec<String> = std::fs::read_to_string(&good).unwrap().lines().map(String::from).collect();
@@ -120,7 +120,7 @@ fn bad_input() {
     std::fs::write(&bad, lines.join("\n") + "\n").unwrap();
     let out = dir.join("run-bad");
     assert_one_line_error(&run_bin(&base(&bad, &out), &[]), &["bad.jsonl:6", "rejected"], "malformed row");
-    assert!(!out.join("metrics.jsonl").exists());
+    assert!(!out.join(run_layout::METRICS_FILE).exists());
     let (code, stdout, err) = run_bin(&with(base(&bad, &out), &["--skip-bad-rows"]), &[]);
     assert_eq!(code, 0, "--skip-bad-rows:\n{err}");
     assert!(err.contains("16 pairs kept of 16") && err.contains("2 malformed rows skipped"), "skip count not reported:\n{err}");
@@ -134,7 +134,7 @@ fn bad_input() {
     let out = dir.join("run-cuda");
     let r = run_bin(&with(base(&good, &out), &["--ep", "cuda", "--quiet"]), &[("ORT_DYLIB_PATH", cpu_lib.to_str().unwrap())]);
     assert_one_line_error(&r, &["CUDA", "not available"], "--ep cuda without CUDA");
-    assert!(!out.join("metrics.jsonl").exists() && checkpoint::list(&out).is_empty(), "--ep cuda trained anyway");
+    assert!(!out.join(run_layout::METRICS_FILE).exists() && run_layout::list_checkpoints(&out).is_empty(), "--ep cuda trained anyway");
 
     // Flag values.
     for (flags, needle) in [
@@ -149,18 +149,18 @@ fn bad_input() {
     ] {
         let out = dir.join("run-flags");
         assert_one_line_error(&run_bin(&with(base(&good, &out), flags), &[]), &[needle], &format!("{flags:?}"));
-        assert!(!out.join("metrics.jsonl").exists(), "{flags:?} trained anyway");
+        assert!(!out.join(run_layout::METRICS_FILE).exists(), "{flags:?} trained anyway");
     }
 
     // A run directory with checkpoints is not overwritten without --resume.
     let out = dir.join("run-existing");
     let (code, _, err) = run_bin(&with(base(&good, &out), &["--quiet"]), &[]);
     assert_eq!(code, 0, "{err}");
-    let before = std::fs::read(out.join("metrics.jsonl")).unwrap();
-    let ck = checkpoint::list(&out).last().unwrap().1.join(checkpoint::PARAMS);
+    let before = std::fs::read(out.join(run_layout::METRICS_FILE)).unwrap();
+    let ck = run_layout::list_checkpoints(&out).last().unwrap().1.join(run_layout::PARAMS);
     let ck_before = std::fs::read(&ck).unwrap();
     assert_one_line_error(&run_bin(&with(base(&good, &out), &["--quiet"]), &[]), &["already holds checkpoints", "--resume"], "existing run without --resume");
-    assert_eq!(std::fs::read(out.join("metrics.jsonl")).unwrap(), before, "metrics.jsonl was touched");
+    assert_eq!(std::fs::read(out.join(run_layout::METRICS_FILE)).unwrap(), before, "metrics.jsonl was touched");
     assert_eq!(std::fs::read(&ck).unwrap(), ck_before, "the checkpoint was touched");
     // ... nor resumed with other optimizer flags or data.
     assert_one_line_error(
@@ -170,6 +170,6 @@ fn bad_input() {
     );
     let other = head(&inp.train, 12, &dir, "other.jsonl");
     assert_one_line_error(&run_bin(&with(base(&other, &out), &["--quiet", "--resume"]), &[]), &["resume needs the same"], "resume with other data");
-    assert_eq!(std::fs::read(out.join("metrics.jsonl")).unwrap(), before);
+    assert_eq!(std::fs::read(out.join(run_layout::METRICS_FILE)).unwrap(), before);
     let _ = std::fs::remove_dir_all(&dir);
 }

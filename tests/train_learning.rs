@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use betadpo::dpo::packing::LayoutChoice;
 use betadpo::dpo::{build_artifacts, BetaDpoConfig, BuildOptions, EpsilonDpoConfig, ObjectiveConfig};
+use betadpo::run_layout;
 use betadpo::store::read_safetensors;
-use betadpo::train::checkpoint;
 use betadpo::train::config::TrainConfig;
 use serde_json::{Map, Value};
 
@@ -123,7 +123,7 @@ fn beta_dpo_learns() {
         assert_eq!(f(&r, "beta_dpo/kept_fraction"), 6.0 / 8.0, "floor(8 x 0.8) of 8 pairs kept at step {}", r["step"]);
         assert_eq!(f(&r, "beta/std"), 0.0, "one beta per batch");
     }
-    let last = state_of(&checkpoint::checkpoints_dir(&out).join("step-30"));
+    let last = state_of(&run_layout::checkpoint_dir(&out, 30));
     assert!(last.margin_stats.mean != 0.0 && last.margin_stats.std > 0.0, "{:?}", last.margin_stats);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -137,7 +137,7 @@ fn beta_dpo_resume_is_exact() {
     let art = artifacts(&inp.model, &dir, ObjectiveConfig { beta_dpo: Some(BetaDpoConfig::default()), ..Default::default() });
     let data = head(&inp.train, 40, &dir, "train.jsonl");
     let (_, split) = straight_and_resumed(&art, &data, &inp, &dir);
-    let state = state_of(&checkpoint::checkpoints_dir(&split).join("step-8"));
+    let state = state_of(&run_layout::checkpoint_dir(&split, 8));
     assert!(state.margin_stats.std > 0.0, "the statistic is carried: {:?}", state.margin_stats);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -161,7 +161,7 @@ fn epsilon_dpo_resume_is_exact() {
         assert_eq!(f(&w[1], "kl/beta"), next(&w[0]), "beta at step {}", w[1]["step"]);
     }
     assert!(records.iter().any(|r| f(r, "kl/avg_steps") != 0.0), "some pairs step once the policy moves");
-    let state = state_of(&checkpoint::checkpoints_dir(&split).join("step-8"));
+    let state = state_of(&run_layout::checkpoint_dir(&split, 8));
     assert_eq!(state.epsilon_beta, Some(next(records.last().unwrap())), "the checkpoint holds the beta of step 9");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use betadpo::dpo::packing::LayoutChoice;
 use betadpo::dpo::{build_artifacts, BuildOptions, ObjectiveConfig};
 use betadpo::graph::{MixedPrecision, Precision};
-use betadpo::train::checkpoint;
+use betadpo::run_layout;
 use betadpo::train::config::TrainConfig;
 use betadpo::train::loss_scale::{LossScale, INITIAL_SCALE, MAX_SCALE};
 
@@ -35,7 +35,7 @@ fn fp16_loss_scaling_trains_and_resumes_exactly() {
     let (straight, split) = straight_and_resumed(&fp16, &data, &inp, &dir);
     let records = train_records(&straight);
     assert!(records.iter().all(|r| f(r, "loss_scale") == INITIAL_SCALE), "no overflow on this model: {records:?}");
-    let state = state_of(&checkpoint::checkpoints_dir(&split).join("step-8"));
+    let state = state_of(&run_layout::checkpoint_dir(&split, 8));
     assert_eq!(state.loss_scale, Some(LossScale { scale: INITIAL_SCALE, clean_steps: 8 }));
 
     let art32 = artifacts(&inp.model, &dir, ObjectiveConfig::default());
@@ -44,7 +44,7 @@ fn fp16_loss_scaling_trains_and_resumes_exactly() {
     let (n16, n32) = (f(&records[0], "grad_norm"), f(&train_records(&run32)[0], "grad_norm"));
     eprintln!("first step's gradient norm: fp16 {n16}, fp32 {n32}");
     assert!(((n16 - n32) / n32).abs() < 1e-3, "first step's gradient norm: fp16 {n16}, fp32 {n32}");
-    assert!(state_of(&checkpoint::checkpoints_dir(&run32).join("step-1")).loss_scale.is_none());
+    assert!(state_of(&run_layout::checkpoint_dir(&run32, 1)).loss_scale.is_none());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -69,7 +69,7 @@ fn fp16_overflow_skips_the_step_and_halves_the_scale() {
         assert_eq!(r["grad_norm"].is_null(), o, "a skipped step has no gradient norm (step {})", r["step"]);
         scale = if o { scale / 2.0 } else { scale };
         updates += u64::from(!o);
-        let state = state_of(&checkpoint::checkpoints_dir(&run).join(format!("step-{}", r["step"])));
+        let state = state_of(&run_layout::checkpoints_dir(&run).join(format!("step-{}", r["step"])));
         assert_eq!((state.updates, state.loss_scale.unwrap().scale), (updates, scale), "step {}", r["step"]);
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -97,15 +97,15 @@ fn nonfinite_loss() {
         "non-finite loss",
     );
     eprintln!("{e}");
-    assert_eq!(checkpoint::list(&stop).iter().map(|c| c.0).collect::<Vec<_>>(), vec![1], "only the finite step is saved");
+    assert_eq!(run_layout::list_checkpoints(&stop).iter().map(|c| c.0).collect::<Vec<_>>(), vec![1], "only the finite step is saved");
     assert_eq!(checkpoint_entries(&stop), vec!["step-1"]);
-    let ck = checkpoint::checkpoints_dir(&stop).join("step-1");
+    let ck = run_layout::checkpoint_dir(&stop, 1);
     assert_complete_checkpoint(&ck);
-    let step1 = params(&ck.join(checkpoint::PARAMS));
+    let step1 = params(&ck.join(run_layout::PARAMS));
     assert!(step1.iter().all(|t| t.data.iter().all(|x| x.is_finite())), "the checkpoint holds finite parameters");
     assert!(step1.iter().any(|t| t.data.iter().any(|x| x.abs() > 1e29)), "lr 1e30 should have moved the weights by ~1e30");
     assert_eq!(steps_of(&train_records(&stop)), vec![1], "the failed step is not logged");
-    assert!(!stop.join("final").exists());
+    assert!(!stop.join(run_layout::FINAL_DIR).exists());
 
     // --skip-nonfinite: the bad steps are skipped (weights unchanged) and counted.
     let skip = dir.join("skip");
@@ -119,7 +119,7 @@ fn nonfinite_loss() {
         assert_eq!(r["skipped_nonfinite"].as_u64(), Some(i as u64), "step {}", i + 1);
         assert!(r["grad_norm"].is_null(), "a skipped step has no gradient norm");
     }
-    assert_eq!(state_of(&checkpoint::list(&skip).last().unwrap().1).skipped_nonfinite, 4);
+    assert_eq!(state_of(&run_layout::list_checkpoints(&skip).last().unwrap().1).skipped_nonfinite, 4);
     assert_bit_identical(&step1, &final_params(&skip), "skipped steps leave the step-1 weights unchanged");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use betadpo::dpo::packing::LayoutChoice;
 use betadpo::dpo::ObjectiveConfig;
+use betadpo::run_layout;
 use betadpo::store::NamedTensor;
-use betadpo::train::checkpoint;
 use betadpo::train::config::TrainConfig;
 use betadpo::train::schedule::Schedule;
 
@@ -43,8 +43,8 @@ fn resume_is_exact(layout: LayoutChoice) {
 
     // (a) constant schedule: 8 straight steps == 4 steps, then --resume to 8.
     let (straight, split) = straight_and_resumed(&art, &data, &inp, &dir);
-    let ck = |run: &Path, f: &str| params(&checkpoint::checkpoints_dir(run).join("step-8").join(f));
-    assert_bit_identical(&ck(&straight, checkpoint::OPTIMIZER), &ck(&split, checkpoint::OPTIMIZER), "Adam moments at step 8");
+    let ck = |run: &Path, f: &str| params(&run_layout::checkpoint_dir(run, 8).join(f));
+    assert_bit_identical(&ck(&straight, run_layout::OPTIMIZER), &ck(&split, run_layout::OPTIMIZER), "Adam moments at step 8");
     assert_eq!(steps_of(&train_records(&split)), (1..=8).collect::<Vec<_>>(), "one metrics line per step after resume");
 
     // (b) linear schedule with warmup and evaluation: a run of 8 steps loses its last checkpoints
@@ -66,9 +66,9 @@ fn resume_is_exact(layout: LayoutChoice) {
     assert_eq!(steps_of(&reference_eval), vec![0, 4, 8]);
     assert_eq!(checkpoint_entries(&full), vec!["step-2", "step-4", "step-6", "step-8"], "save_total_limit 0 keeps all");
     for n in [6, 8] {
-        std::fs::remove_dir_all(checkpoint::checkpoints_dir(&full).join(format!("step-{n}"))).unwrap();
+        std::fs::remove_dir_all(run_layout::checkpoints_dir(&full).join(format!("step-{n}"))).unwrap();
     }
-    std::fs::remove_dir_all(full.join("final")).unwrap();
+    std::fs::remove_dir_all(full.join(run_layout::FINAL_DIR)).unwrap();
     let s = run_train(&TrainConfig { resume: true, ..lin(&full) });
     assert_eq!((s.steps, s.resumed_from), (8, Some(4)));
     assert!(s.initial_eval.is_none(), "a resumed run does not re-evaluate step 0");
@@ -101,7 +101,7 @@ impl KillSetup {
     /// `--resume` once a checkpoint exists (with none, `--resume` is refused, as transformers'
     /// `resume_from_checkpoint=True` is: a run killed before its first checkpoint starts again).
     fn args(&self, out: &Path) -> Vec<String> {
-        let resume = if checkpoint::list(out).is_empty() { "" } else { " --resume" };
+        let resume = if run_layout::list_checkpoints(out).is_empty() { "" } else { " --resume" };
         let flags = format!("--max-steps {} --batch-size 4 --save-every 1 --threads 1 --max-length 128 --quiet{resume}", self.steps);
         train_args(&self.art, &self.data, &self.tokenizer, out, &flags)
     }
@@ -123,7 +123,7 @@ fn check_after_kill(run: &Path, what: &str) -> usize {
         if name.starts_with(".partial-") {
             partial += 1;
         } else {
-            let d = checkpoint::checkpoints_dir(run).join(&name);
+            let d = run_layout::checkpoints_dir(run).join(&name);
             assert!(d.is_dir(), "{what}: stray file {name}");
             assert_complete_checkpoint(&d);
         }
@@ -137,12 +137,12 @@ fn check_after_resume(run: &Path, k: &KillSetup, reference: &[NamedTensor], what
     assert!(!entries.is_empty(), "{what}: no checkpoints");
     for name in &entries {
         assert!(name.starts_with("step-"), "{what}: {name} left in checkpoints/ after resume ({entries:?})");
-        assert_complete_checkpoint(&checkpoint::checkpoints_dir(run).join(name));
+        assert_complete_checkpoint(&run_layout::checkpoints_dir(run).join(name));
     }
-    assert_eq!(checkpoint::list(run).last().unwrap().0, k.steps, "{what}");
+    assert_eq!(run_layout::list_checkpoints(run).last().unwrap().0, k.steps, "{what}");
     assert_bit_identical(reference, &final_params(run), what);
     assert_eq!(steps_of(&train_records(run)), (1..=k.steps).collect::<Vec<_>>(), "{what}: one metrics line per step");
-    for dir in [run.to_path_buf(), run.join("final"), run.join("reference")] {
+    for dir in [run.to_path_buf(), run.join(run_layout::FINAL_DIR), run.join("reference")] {
         let stray: Vec<String> = std::fs::read_dir(&dir)
             .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(".betadpo-tmp-")).collect())
             .unwrap_or_default();
@@ -180,7 +180,7 @@ fn sigkill_then_resume(layout: LayoutChoice) {
     let mut child = k.spawn(&reference_run);
     let mut first_save = None;
     while child.try_wait().unwrap().is_none() {
-        if first_save.is_none() && !checkpoint::list(&reference_run).is_empty() {
+        if first_save.is_none() && !run_layout::list_checkpoints(&reference_run).is_empty() {
             first_save = Some(t.elapsed());
         }
         std::thread::sleep(Duration::from_millis(1));
@@ -201,7 +201,7 @@ fn sigkill_then_resume(layout: LayoutChoice) {
         let delay = first_save.mul_f64((0.1 + 0.8 * rng.unit()) / f64::from(1 << (attempt / 2)));
         let mut child = k.spawn(&run);
         std::thread::sleep(delay);
-        let before_first_save = checkpoint::list(&run).is_empty() && child.try_wait().unwrap().is_none();
+        let before_first_save = run_layout::list_checkpoints(&run).is_empty() && child.try_wait().unwrap().is_none();
         child.kill().unwrap();
         child.wait().unwrap();
         check_after_kill(&run, &format!("start-up kill {attempt} after {delay:?}"));
@@ -223,7 +223,7 @@ fn sigkill_then_resume(layout: LayoutChoice) {
         let mut child = k.spawn(&run);
         let t = Instant::now();
         let delay = {
-            while checkpoint::list(&run).is_empty() && child.try_wait().unwrap().is_none() {
+            while run_layout::list_checkpoints(&run).is_empty() && child.try_wait().unwrap().is_none() {
                 std::thread::sleep(Duration::from_millis(1));
             }
             t.elapsed() + whole.saturating_sub(first_save).mul_f64(0.9 * rng.unit())
@@ -234,7 +234,7 @@ fn sigkill_then_resume(layout: LayoutChoice) {
         child.wait().unwrap();
         killed += usize::from(!finished);
         let partial = check_after_kill(&run, &format!("kill {i} after {delay:?}"));
-        let done = checkpoint::list(&run).last().map(|c| c.0);
+        let done = run_layout::list_checkpoints(&run).last().map(|c| c.0);
         eprintln!("kill {i}: after {:.0} ms, newest checkpoint {done:?}, {partial} partial", delay.as_secs_f64() * 1e3);
         k.complete(&run);
         check_after_resume(&run, &k, &reference, &format!("random kill {i} after {delay:?}"));
@@ -272,7 +272,7 @@ fn sigkill_then_resume(layout: LayoutChoice) {
         let _ = child.kill();
         child.wait().unwrap();
         let partial = check_after_kill(&run, &format!("kill {i} during a save"));
-        eprintln!("kill during save {i}: {} partial entries left, newest checkpoint {:?}", partial, checkpoint::list(&run).last().map(|c| c.0));
+        eprintln!("kill during save {i}: {} partial entries left, newest checkpoint {:?}", partial, run_layout::list_checkpoints(&run).last().map(|c| c.0));
         k.complete(&run);
         check_after_resume(&run, &k, &reference, &format!("kill {i} during a save"));
     }
@@ -302,15 +302,15 @@ fn sigkill_then_resume(layout: LayoutChoice) {
     eprintln!("caught {caught} of 3 runs while an old checkpoint was being removed");
     let run = dir.join("planted-rotation");
     let mut child = k.spawn(&run);
-    while checkpoint::list(&run).len() < 2 && child.try_wait().unwrap().is_none() {
+    while run_layout::list_checkpoints(&run).len() < 2 && child.try_wait().unwrap().is_none() {
         std::thread::sleep(Duration::from_millis(1));
     }
     let _ = child.kill();
     child.wait().unwrap();
-    let (step, oldest) = checkpoint::list(&run).first().cloned().expect("a checkpoint before the kill");
-    let removing = checkpoint::checkpoints_dir(&run).join(format!(".partial-removing-step-{step}-1"));
+    let (step, oldest) = run_layout::list_checkpoints(&run).first().cloned().expect("a checkpoint before the kill");
+    let removing = run_layout::checkpoints_dir(&run).join(format!(".partial-removing-step-{step}-1"));
     std::fs::rename(&oldest, &removing).unwrap();
-    std::fs::remove_file(removing.join(checkpoint::PARAMS)).unwrap();
+    std::fs::remove_file(removing.join(run_layout::PARAMS)).unwrap();
     k.complete(&run);
     assert!(!removing.exists(), "a half-removed checkpoint is cleaned up on resume");
     check_after_resume(&run, &k, &reference, "after a kill while an old checkpoint was being removed");
@@ -329,9 +329,9 @@ fn sigkill_then_resume(layout: LayoutChoice) {
     check_after_resume(&run, &k, &reference, "after 4 kills in a row");
 
     // A temporary directory left behind is removed, never loaded.
-    let ck = checkpoint::checkpoints_dir(&run);
+    let ck = run_layout::checkpoints_dir(&run);
     std::fs::create_dir_all(ck.join(".partial-step-99-1")).unwrap();
-    std::fs::write(ck.join(".partial-step-99-1").join(checkpoint::STATE), "{ half").unwrap();
+    std::fs::write(ck.join(".partial-step-99-1").join(run_layout::STATE), "{ half").unwrap();
     k.complete(&run);
     assert!(!checkpoint_entries(&run).iter().any(|n| n.starts_with(".partial-")), "{:?}", checkpoint_entries(&run));
     check_after_resume(&run, &k, &reference, "with a planted partial checkpoint");

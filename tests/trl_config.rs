@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 
 use betadpo::dpo::packing::LayoutChoice;
 use betadpo::dpo::{build_artifacts, BuildOptions, ObjectiveConfig};
+use betadpo::run_layout::{self, EVENTS_DIR};
 use betadpo::train::metrics::read_log;
-use betadpo::train::tensorboard::{read_events, scalars, EVENTS_DIR};
+use betadpo::train::tensorboard::{read_events, scalars};
 use serde_json::{Map, Value};
 
 use common::cli::{assert_one_line_error, betadpo};
@@ -38,7 +39,7 @@ fn s(p: &Path) -> &str {
 
 /// Every metrics line without its timings (the only values that differ between identical runs).
 fn metrics_without_timings(run: &Path) -> Vec<Map<String, Value>> {
-    let mut log = read_log(&run.join("metrics.jsonl")).unwrap();
+    let mut log = read_log(&run.join(run_layout::METRICS_FILE)).unwrap();
     for r in &mut log {
         r.retain(|k, _| !k.ends_with("_time_s"));
     }
@@ -107,7 +108,7 @@ fn dpo_config_yaml_trains_the_same_run_as_flags() {
     assert_eq!(files.len(), 1, "{files:?}");
     let events = read_events(&files[0]).unwrap();
     assert_eq!(events[0].file_version.as_deref(), Some("brain.Event:2"));
-    let log = read_log(&by_flags.join("metrics.jsonl")).unwrap();
+    let log = read_log(&by_flags.join(run_layout::METRICS_FILE)).unwrap();
     assert_eq!(events.len(), 1 + log.len());
     for (e, rec) in events[1..].iter().zip(&log) {
         assert_eq!(e.step, rec["step"].as_i64().unwrap());

@@ -1,7 +1,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use betadpo::dpo::artifacts::PARAMS_FILE;
 use betadpo::dpo::export::hf::{export_hf, HfReport, TokenizerSource};
 use betadpo::dpo::export::{export_model, locate_run, AdapterForm};
 use betadpo::dpo::Manifest;
@@ -48,7 +47,7 @@ pub fn run(a: Args) -> Result<()> {
             let tok = TokenizerSource { path: found.tokenizer, config: found.tokenizer_config };
             (found.artifacts, found.params, run.clone(), Some(tok))
         }
-        (None, Some(art)) => (art.clone(), art.join(PARAMS_FILE), art.clone(), None),
+        (None, Some(art)) => (art.clone(), art.join(betadpo::run_layout::PARAMS), art.clone(), None),
         (None, None) => anyhow::bail!("export needs --run RUN (trained parameters) or --artifacts ART (untrained ones)"),
     };
     if let Some(out) = &a.out {

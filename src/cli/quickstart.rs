@@ -198,6 +198,6 @@ pub fn run(a: Args) -> Result<()> {
         println!("baseline:       {}", f.report.display());
     }
     println!("exported model: {}", model.display());
-    println!("metrics:        {}", learned.run.join("metrics.jsonl").display());
+    println!("metrics:        {}", learned.run.join(betadpo::run_layout::METRICS_FILE).display());
     Ok(())
 }

@@ -8,9 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use super::ObjectiveConfig;
 use crate::dpo::model::params::InitializerRef;
+use crate::run_layout::{graph_file, GRAPHS, HF_MAP_FILE, MANIFEST_FILE, PARAMS};
 use crate::{Error, Result};
-
-pub const MANIFEST_FILE: &str = "manifest.json";
 pub const FORMAT: &str = "betadpo-artifacts";
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -165,9 +164,8 @@ impl Manifest {
     /// The names of the files `build-graph` writes into `dir`: those its manifest lists (graphs,
     /// parameters), the manifest, the shared weight files and the Hugging Face map.
     fn own_files(dir: &Path) -> Vec<String> {
-        // `artifacts::PARAMS_FILE` and `export::hf::map::HF_MAP_FILE`, named here: both modules sit above the manifest
-        let mut own: Vec<String> = [MANIFEST_FILE, "params.safetensors", "hf_export.json", crate::onnx::SHARED_DATA_FILE].map(String::from).into();
-        own.extend(["train.onnx", "eval.onnx", "optimizer.onnx", "infer.onnx"].map(String::from));
+        let mut own: Vec<String> = [MANIFEST_FILE, PARAMS, HF_MAP_FILE, crate::onnx::SHARED_DATA_FILE].map(String::from).into();
+        own.extend(GRAPHS.map(graph_file));
         let listed =
             crate::fs_guard::read_to_string_inside(dir, &dir.join(MANIFEST_FILE)).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
         if let Some(m) = listed {

@@ -83,7 +83,7 @@ pub fn validate(dir: &Path, opts: &ValidateOptions) -> Result<Vec<Check>> {
     let tensors = || stored.as_deref().map_err(|e| Error::Other(e.to_string()));
     checks.push(check("parameters file", tensors().and_then(|t| parameters_file(t, &manifest)).map(|n| format!("{n} tensors with the manifest's shapes"))));
     let mut take = |which: &str| sessions.remove(which).ok_or_else(|| Error::Other(format!("the {which} graph did not load")));
-    let map = dir.join(crate::dpo::export::hf::map::HF_MAP_FILE);
+    let map = dir.join(crate::run_layout::HF_MAP_FILE);
     if map.exists() {
         // what `export --hf` reads before it writes anything
         let read =

@@ -11,7 +11,7 @@ use super::batch::LoaderPosition;
 use crate::store::{read_safetensors_inside, write_safetensors_raw, NamedTensor, RawTensor};
 use crate::{Error, Result};
 
-pub use crate::run_layout::{checkpoints_dir, list_checkpoints as list, OPTIMIZER, PARAMS, STATE};
+use crate::run_layout::{checkpoint_step, checkpoints_dir, list_checkpoints, OPTIMIZER, PARAMS, STATE};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TrainerState {
@@ -82,7 +82,7 @@ pub fn save(run: &Path, state: &TrainerState, params: &[RawTensor], moments: &[R
     std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
     sync_dir(&dir);
     // only checkpoints up to this one count: a newer one (from a run resumed at an earlier step) is never removed
-    let upto: Vec<_> = list(run).into_iter().filter(|(s, _)| *s <= state.step).collect();
+    let upto: Vec<_> = list_checkpoints(run).into_iter().filter(|(s, _)| *s <= state.step).collect();
     if keep > 0 && upto.len() > keep {
         for (_, p) in &upto[..upto.len() - keep] {
             let _ = remove(p);
@@ -121,7 +121,7 @@ pub fn read_state(dir: &Path) -> Result<TrainerState> {
     let text = crate::fs_guard::read_to_string_inside(dir, &path)?;
     let state: TrainerState = serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
     state.check().map_err(|why| Error::Other(format!("{}: {why}", path.display())))?;
-    let named = dir.file_name().and_then(|n| n.to_str()?.strip_prefix("step-")?.parse::<u64>().ok());
+    let named = checkpoint_step(dir);
     if named.is_some_and(|n| n != state.step) {
         return Err(Error::Other(format!(
             "{}: holds the state of step {}, not of step {} its directory is named for (the checkpoint was moved or altered; resume from another)",

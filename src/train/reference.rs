@@ -107,7 +107,7 @@ impl RefCache {
     /// A cache that is not a regular file in the run (a FIFO, a device, a link out of the run) is
     /// an error: betadpo never wrote it.
     pub fn open(run: &Path, name: &str, key: &str) -> Result<RefCache> {
-        let path = run.join("reference").join(format!("{name}-{key}.safetensors"));
+        let path = run.join(crate::run_layout::REFERENCE_DIR).join(format!("{name}-{key}.safetensors"));
         let table = match std::fs::symlink_metadata(&path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => RefTable::default(),
             _ => {

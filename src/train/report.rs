@@ -8,10 +8,9 @@ use plotters::prelude::*;
 use serde_json::{Map, Value};
 
 use super::metrics::read_log;
-use super::summary::{TrainSummary, METRICS_FILE};
+use super::summary::TrainSummary;
+use crate::run_layout::{METRICS_FILE, REPORT_FILE};
 use crate::{Error, Result};
-
-pub const REPORT_FILE: &str = "report.svg";
 
 type Series = Vec<(f64, f64)>;
 

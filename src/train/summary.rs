@@ -1,11 +1,8 @@
-//! What a finished run reports, and the names of the files a run directory holds: shared by the
-//! trainer that writes them and the report that reads them.
+//! What a finished run reports.
 
 use std::path::PathBuf;
 
 use serde_json::{Map, Value};
-
-pub use crate::run_layout::{CONFIG_FILE, FINAL_DIR, METRICS_FILE};
 
 /// What a finished run reports.
 pub struct TrainSummary {

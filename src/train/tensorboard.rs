@@ -10,10 +10,8 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 use serde_json::{Map, Value};
 
+use crate::run_layout::EVENTS_DIR;
 use crate::{Error, Result};
-
-/// Where the event files go inside the run directory (transformers' default `logging_dir` is `runs/...`).
-pub const EVENTS_DIR: &str = "runs";
 
 /// `tensorflow.Event`, the fields written (`what` is a oneof: one of them is set).
 #[derive(Clone, PartialEq, Message)]

@@ -8,8 +8,8 @@ use std::process::{Command, Output};
 
 use betadpo::dpo::packing::LayoutChoice;
 use betadpo::dpo::{build_artifacts, BuildOptions, ObjectiveConfig};
+use betadpo::run_layout;
 use betadpo::store::{read_safetensors, NamedTensor};
-use betadpo::train::checkpoint;
 use betadpo::train::metrics::read_log;
 use serde_json::{Map, Value};
 
@@ -129,7 +129,7 @@ impl Setup {
 }
 
 pub fn final_params(run: &Path) -> Vec<NamedTensor> {
-    read_safetensors(&run.join("final").join(checkpoint::PARAMS)).unwrap().0
+    read_safetensors(&run.join(run_layout::FINAL_DIR).join(run_layout::PARAMS)).unwrap().0
 }
 
 /// The largest |a - b| over all parameters (names and shapes must agree).
@@ -147,7 +147,7 @@ pub fn max_diff(a: &[NamedTensor], b: &[NamedTensor]) -> f32 {
 }
 
 pub fn metrics(run: &Path) -> Vec<Map<String, Value>> {
-    read_log(&run.join("metrics.jsonl")).unwrap()
+    read_log(&run.join(run_layout::METRICS_FILE)).unwrap()
 }
 
 /// Same records (steps, keys), every number within `METRIC_TOL` (relative), times aside.

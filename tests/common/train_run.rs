@@ -9,6 +9,7 @@ use std::time::SystemTime;
 
 use betadpo::dpo::packing::LayoutChoice;
 use betadpo::dpo::{build_artifacts, BuildOptions, Layout, ObjectiveConfig};
+use betadpo::run_layout;
 use betadpo::store::{read_safetensors, NamedTensor};
 use betadpo::train::checkpoint::{self, TrainerState};
 use betadpo::train::config::TrainConfig;
@@ -120,7 +121,7 @@ pub fn params(path: &Path) -> Vec<NamedTensor> {
 }
 
 pub fn final_params(run: &Path) -> Vec<NamedTensor> {
-    params(&run.join("final").join(checkpoint::PARAMS))
+    params(&run.join(run_layout::FINAL_DIR).join(run_layout::PARAMS))
 }
 
 /// Same tensor names, shapes and bit patterns.
@@ -137,7 +138,7 @@ pub fn assert_bit_identical(a: &[NamedTensor], b: &[NamedTensor], what: &str) {
 }
 
 pub fn metrics(run: &Path) -> Vec<Map<String, Value>> {
-    read_log(&run.join("metrics.jsonl")).unwrap()
+    read_log(&run.join(run_layout::METRICS_FILE)).unwrap()
 }
 
 /// Training records (not evaluation ones).
@@ -172,7 +173,7 @@ pub fn f(rec: &Map<String, Value>, key: &str) -> f64 {
 
 /// Names of the entries of RUN/checkpoints, sorted.
 pub fn checkpoint_entries(run: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(checkpoint::checkpoints_dir(run))
+    let mut v: Vec<String> = std::fs::read_dir(run_layout::checkpoints_dir(run))
         .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default();
     v.sort();
@@ -183,7 +184,7 @@ pub fn checkpoint_entries(run: &Path) -> Vec<String> {
 pub fn assert_complete_checkpoint(dir: &Path) {
     let name = dir.file_name().unwrap().to_string_lossy().into_owned();
     let step: u64 = name.strip_prefix("step-").and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("unexpected checkpoint entry {name}"));
-    for f in [checkpoint::PARAMS, checkpoint::OPTIMIZER, checkpoint::STATE] {
+    for f in [run_layout::PARAMS, run_layout::OPTIMIZER, run_layout::STATE] {
         assert!(dir.join(f).is_file(), "{}: {f} is missing (incomplete checkpoint)", dir.display());
     }
     let l = checkpoint::load(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
@@ -271,11 +272,11 @@ pub fn straight_and_resumed(art: &Path, data: &Path, inp: &Inputs, dir: &Path) -
     assert_eq!((s.steps, s.resumed_from), (8, None));
     let split = dir.join("split");
     assert_eq!(run_train(&base(&split, 4)).steps, 4);
-    assert_eq!(state_of(&checkpoint::checkpoints_dir(&split).join("step-4")).step, 4);
+    assert_eq!(state_of(&run_layout::checkpoint_dir(&split, 4)).step, 4);
     let s = run_train(&TrainConfig { resume: true, ..base(&split, 8) });
     assert_eq!((s.steps, s.resumed_from), (8, Some(4)));
     assert_bit_identical(&final_params(&straight), &final_params(&split), "final params, 8 steps vs 4 + resume to 8");
-    let state = |run: &Path| state_of(&checkpoint::checkpoints_dir(run).join("step-8"));
+    let state = |run: &Path| state_of(&run_layout::checkpoint_dir(run, 8));
     assert_eq!(state(&straight), state(&split));
     assert_same_records(&train_records(&straight), &train_records(&split), "metrics, straight vs resumed");
     (straight, split)

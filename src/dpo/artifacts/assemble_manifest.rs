@@ -13,7 +13,7 @@ use crate::dpo::ObjectiveConfig;
 use crate::graph::MixedPrecision;
 
 use super::load::LoadedModel;
-use super::PARAMS_FILE;
+use crate::run_layout::PARAMS;
 
 /// The parameters as the manifest lists them; weight decay applies to matrices, never to the head.
 pub fn parameter_specs(params: &[Param]) -> Vec<ParameterSpec> {
@@ -75,7 +75,7 @@ pub fn assemble(p: ManifestParts) -> Manifest {
         max_sequence_tokens: (p.layout == Layout::Packed).then_some(packing::VERIFIED_SEQUENCE_TOKENS.min(max_positions.unwrap_or(usize::MAX))),
         graphs: p.graphs,
         parameters: p.parameters,
-        parameters_file: PARAMS_FILE.into(),
+        parameters_file: PARAMS.into(),
         lora: p.lora,
         precision: p.precision.precision,
         precision_emulated: p.precision.emulated,

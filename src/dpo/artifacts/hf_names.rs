@@ -4,8 +4,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::dpo::export::hf::map::{beside_model, HfMap, HF_MAP_FILE};
+use crate::dpo::export::hf::map::{beside_model, HfMap};
 use crate::graph::Graph;
+use crate::run_layout::HF_MAP_FILE;
 
 /// The map's text, or why the one beside the model was skipped (it belongs to another model).
 #[derive(Default)]

@@ -59,7 +59,7 @@ pub fn spec(sig: &LmSignature, vocab: i64, params: &[Param]) -> GraphSpec {
         TensorSpec::new(&sig.logits, "logits", "float32", &[SpecDim::Named("rows"), SpecDim::Named("sequence"), SpecDim::Fixed(vocab)]),
         TensorSpec::float_named("beta", "beta", &["rows"]),
     ];
-    GraphSpec { file: "infer.onnx".into(), inputs, outputs }
+    GraphSpec { file: crate::run_layout::graph_file("infer"), inputs, outputs }
 }
 
 #[cfg(test)]

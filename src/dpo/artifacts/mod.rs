@@ -48,11 +48,10 @@ use super::objective;
 use super::packing::LayoutChoice;
 use super::ObjectiveConfig;
 use crate::graph::{products_in_half, MixedPrecision};
+use crate::run_layout::graph_file;
 use crate::Result;
 
 pub use differentiate::LOSS_SCALE;
-
-pub const PARAMS_FILE: &str = "params.safetensors";
 
 #[derive(Clone, Debug, Default)]
 pub struct BuildOptions {
@@ -155,8 +154,8 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
 fn graph_specs(g: &differentiate::TrainAndEval, optimizer: GraphSpec, infer: GraphSpec) -> BTreeMap<String, GraphSpec> {
     let eval_outputs = g.train_outputs.iter().filter(|o| o.role != "gradient").cloned().collect();
     let mut specs = BTreeMap::new();
-    specs.insert("train".to_string(), GraphSpec { file: "train.onnx".into(), inputs: g.train_inputs.clone(), outputs: g.train_outputs.clone() });
-    specs.insert("eval".to_string(), GraphSpec { file: "eval.onnx".into(), inputs: g.eval_inputs.clone(), outputs: eval_outputs });
+    specs.insert("train".to_string(), GraphSpec { file: graph_file("train"), inputs: g.train_inputs.clone(), outputs: g.train_outputs.clone() });
+    specs.insert("eval".to_string(), GraphSpec { file: graph_file("eval"), inputs: g.eval_inputs.clone(), outputs: eval_outputs });
     specs.insert("optimizer".to_string(), optimizer);
     specs.insert("infer".to_string(), infer);
     specs

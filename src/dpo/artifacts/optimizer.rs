@@ -124,5 +124,5 @@ pub fn build(params: &[ParameterSpec], grad_name: impl Fn(&str) -> String) -> (G
         let dims: Vec<Dim> = o.shape.iter().map(|d| Dim::Fixed(d.as_i64().unwrap_or(0))).collect();
         *vi = value_info(&o.name, dtype::FLOAT, &dims);
     }
-    (g, GraphSpec { file: "optimizer.onnx".into(), inputs, outputs })
+    (g, GraphSpec { file: crate::run_layout::graph_file("optimizer"), inputs, outputs })
 }

@@ -3,14 +3,12 @@
 
 use std::path::Path;
 
-use crate::dpo::export::hf::map::HF_MAP_FILE;
-use crate::dpo::manifest::{Manifest, MANIFEST_FILE};
+use crate::dpo::manifest::Manifest;
 use crate::graph::Graph;
 use crate::onnx::{save_models_sharing_data, MappedData};
+use crate::run_layout::{HF_MAP_FILE, MANIFEST_FILE, PARAMS};
 use crate::store::{write_safetensors_raw, RawTensor};
 use crate::Result;
-
-use super::PARAMS_FILE;
 
 /// The graphs share one copy of the frozen weights (see `onnx::save_models_sharing_data`): the model's
 /// own data file, cloned, when they are unchanged and the file system shares blocks.
@@ -26,7 +24,7 @@ pub fn write_all<const N: usize>(
     crate::temp_files::write_dir(out, Manifest::claim_out_dir, |tmp| {
         let models = graphs.into_iter().map(|(which, g)| (manifest.graphs[which].file.clone(), g.into_model())).collect();
         save_models_sharing_data(tmp, models, model_data)?;
-        write_safetensors_raw(&tmp.join(PARAMS_FILE), params, None)?;
+        write_safetensors_raw(&tmp.join(PARAMS), params, None)?;
         let text = serde_json::to_string_pretty(manifest).expect("manifest serialises");
         crate::temp_files::write_atomic(&tmp.join(MANIFEST_FILE), |w| w.write_all(text.as_bytes()))?;
         if let Some(text) = hf_map {
@@ -50,7 +48,7 @@ mod tests {
         let report = build_artifacts(&model, &out, &BuildOptions::default()).unwrap();
         let read = Manifest::load(&out).unwrap();
         assert_eq!(serde_json::to_value(&read).unwrap(), serde_json::to_value(&report.manifest).unwrap());
-        let bytes = std::fs::read(out.join(PARAMS_FILE)).unwrap();
+        let bytes = std::fs::read(out.join(PARAMS)).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
         names.sort();

@@ -18,10 +18,11 @@ use evaluate::Evaluator;
 use step::Stepper;
 
 use crate::distributed::{Collective, Single};
+use crate::run_layout::{CONFIG_FILE, METRICS_FILE};
 use crate::train::config::ReportTo;
 use crate::train::config::TrainConfig;
 use crate::train::metrics::MetricsLog;
-pub use crate::train::summary::{TrainSummary, CONFIG_FILE, FINAL_DIR, METRICS_FILE};
+pub use crate::train::summary::TrainSummary;
 use crate::train::tensorboard::EventWriter;
 use crate::Result;
 
@@ -116,7 +117,7 @@ pub fn train_with(cfg: &TrainConfig, coll: &dyn Collective) -> Result<TrainSumma
         save::final_params(&p.run, &cfg.artifacts, tstate.step, &state, &p.device)?;
         crate::train::report::write_report(&p.run)?
     } else {
-        p.run.join(crate::train::report::REPORT_FILE)
+        p.run.join(crate::run_layout::REPORT_FILE)
     };
     Ok(TrainSummary {
         run: p.run,

@@ -11,6 +11,7 @@ use crate::distributed::Collective;
 use crate::dpo::packing::HeadReads;
 use crate::dpo::{Layout, Manifest};
 use crate::graph::Precision;
+use crate::run_layout::{checkpoints_dir, list_checkpoints, CONFIG_FILE, FINAL_DIR, METRICS_FILE, PARAMS, REFERENCE_DIR};
 use crate::runtime::{ExecutionProvider, SessionConfig, SharedWeights};
 use crate::store::read_safetensors_inside;
 use crate::text::data::{load_preferences, LoadOptions};
@@ -25,7 +26,6 @@ use crate::train::loss_scale::LossScale;
 use crate::train::optimizer_step::State;
 use crate::train::reference::cache_key;
 use crate::train::session_io::Feeds;
-use crate::train::summary::{CONFIG_FILE, FINAL_DIR, METRICS_FILE};
 use crate::{Error, Result};
 
 /// The kind written in a run directory's marker.
@@ -100,7 +100,7 @@ fn prepare_locked(cfg: &TrainConfig, coll: &dyn Collective) -> Result<Prepared> 
     crate::runtime::init(&cfg.ep)?;
     let manifest = Manifest::load(&cfg.artifacts)?;
     check_precision(&manifest, cfg)?;
-    let manifest_text = crate::fs_guard::read_to_string_inside(&cfg.artifacts, &cfg.artifacts.join(crate::dpo::manifest::MANIFEST_FILE))?;
+    let manifest_text = crate::fs_guard::read_to_string_inside(&cfg.artifacts, &cfg.artifacts.join(crate::run_layout::MANIFEST_FILE))?;
     if coll.size() > 1 && manifest.objective.beta_dpo.is_some() {
         return Err(Error::Distributed(
             "beta-DPO's batch statistics (margin mean and spread, the filter) are of the whole batch, which no rank sees; train beta-DPO artifacts in one process".into(),
@@ -175,7 +175,7 @@ fn open_run_folder(run: &Path, coll: &dyn Collective) -> Result<()> {
             }
         }
         checkpoint::clean_partial(run);
-        for dir in [run.to_path_buf(), run.join(FINAL_DIR), run.join("reference")] {
+        for dir in [run.to_path_buf(), run.join(FINAL_DIR), run.join(REFERENCE_DIR)] {
             crate::temp_files::remove_stale(&dir, None);
         }
     }
@@ -184,14 +184,14 @@ fn open_run_folder(run: &Path, coll: &dyn Collective) -> Result<()> {
 
 /// The run's checkpoints: `--resume` needs one, and a run that has some continues only with `--resume`.
 fn existing_checkpoints(cfg: &TrainConfig, run: &Path) -> Result<Vec<(u64, PathBuf)>> {
-    let previous = checkpoint::list(run);
+    let previous = list_checkpoints(run);
     if cfg.resume && previous.is_empty() {
         return Err(Error::BadFlag {
             flag: "--resume".into(),
             detail: format!(
                 "{} holds no checkpoint to resume (expected {}/step-N); run without --resume to start it",
                 run.display(),
-                checkpoint::checkpoints_dir(run).display()
+                checkpoints_dir(run).display()
             ),
         });
     }
@@ -237,7 +237,7 @@ pub fn start_state(p: &mut Prepared, cfg: &TrainConfig) -> Result<(TrainerState,
     let device = p.device;
     if let Some(r) = &p.resume {
         let l = checkpoint::load(&r.dir)?;
-        p.manifest.check_parameter_values(&l.params, &r.dir.join(checkpoint::PARAMS))?;
+        p.manifest.check_parameter_values(&l.params, &r.dir.join(PARAMS))?;
         let params = to_feeds(l.params, &p.manifest, &device)?;
         let mut moments = by_name(l.moments);
         let mut take = |suffix: &str| {

@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::host::HostViews;
+use crate::run_layout::{FINAL_DIR, PARAMS};
 use crate::store::{write_safetensors_raw, RawTensor};
 use crate::train::checkpoint::{self, TrainerState};
 use crate::train::device::Device;
 use crate::train::optimizer_step::State;
-use crate::train::summary::FINAL_DIR;
 use crate::{Error, Result};
 
 /// Saves `state` and `tstate` as the checkpoint of step `tstate.step`, keeping the newest `keep`.
@@ -30,5 +30,5 @@ pub fn final_params(run: &Path, artifacts: &Path, step: u64, state: &State, devi
     let mut meta = BTreeMap::new();
     meta.insert("step".to_string(), step.to_string());
     meta.insert("artifacts".to_string(), std::fs::canonicalize(artifacts).unwrap_or(artifacts.to_path_buf()).display().to_string());
-    write_safetensors_raw(&final_dir.join(checkpoint::PARAMS), &params.raw(), Some(&meta))
+    write_safetensors_raw(&final_dir.join(PARAMS), &params.raw(), Some(&meta))
 }

@@ -18,7 +18,7 @@ use crate::dpo::manifest::GraphSpec;
 use crate::dpo::EpsilonDpoConfig;
 use crate::train::batch::DataLoader;
 use crate::train::batch_beta::MarginStats;
-use crate::train::checkpoint::{self, TrainerState};
+use crate::train::checkpoint::TrainerState;
 use crate::train::config::TrainConfig;
 use crate::train::device::Device;
 use crate::train::epsilon_beta::{self, StepTally};
@@ -247,7 +247,7 @@ impl<'a> Stepper<'a> {
                 f32::NAN
             }
             None => {
-                let last = checkpoint::list(run)
+                let last = crate::run_layout::list_checkpoints(run)
                     .last()
                     .map(|(s, p)| format!("; the last checkpoint, {} (step {s}), was written from finite state", p.display()))
                     .unwrap_or_default();

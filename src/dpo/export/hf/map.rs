@@ -10,10 +10,10 @@ use serde::Deserialize;
 use crate::dpo::manifest::Manifest;
 use crate::graph::Graph;
 use crate::onnx::{load_model, tensor_to_f32, TensorProto};
+use crate::run_layout::HF_MAP_FILE;
 use crate::store::NamedTensor;
 use crate::{Error, Result};
 
-pub const HF_MAP_FILE: &str = "hf_export.json";
 const FORMAT: &str = "betadpo-hf-map";
 const FORMAT_VERSION: u32 = 1;
 
