@@ -1,3 +1,5 @@
+//! `betadpo build-graph`: its flags, and the library's build options made from them.
+
 use std::path::PathBuf;
 use std::time::Instant;
 

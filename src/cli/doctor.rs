@@ -1,3 +1,5 @@
+//! `betadpo doctor`: what ONNX Runtime and the GPU stack this machine has, for an execution provider.
+
 use anyhow::Result;
 use betadpo::runtime::{doctor, ExecutionProvider};
 

@@ -1,3 +1,5 @@
+//! `betadpo export`: its flags, and the ONNX, Hugging Face or PEFT folder they write.
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};

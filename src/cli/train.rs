@@ -1,3 +1,5 @@
+//! `betadpo train`: its flags (and a TRL `DPOConfig` file's keys), and the run they start.
+
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};

@@ -1,3 +1,5 @@
+//! `betadpo validate`: its flags, and the checks of artifacts or a run printed one per line.
+
 use std::path::PathBuf;
 
 use anyhow::Result;
