@@ -50,6 +50,35 @@ pub enum Error {
     /// A Hugging Face model whose architecture betadpo does not write itself.
     #[error("{path}: architecture {architecture} is not one betadpo builds from a Hugging Face folder (supported: {supported}); export it to ONNX with scripts/tools/export_hf.py --model DIR and pass the model.onnx")]
     UnsupportedArchitecture { path: PathBuf, architecture: String, supported: String },
+    /// A path that cannot name what it must: no file name, or a NUL byte.
+    #[error("{path}: {}", one_line(detail))]
+    BadPath { path: PathBuf, detail: String },
+    /// A safetensors file that cannot be read or written as asked: malformed, a tensor of another dtype,
+    /// bytes that do not fit the shape.
+    #[error("{path}: {}", one_line(detail))]
+    BadSafetensors { path: PathBuf, detail: String },
+    /// A model or adapter given to `infer` that is not what `betadpo export` writes.
+    #[error("{path}: {}", one_line(detail))]
+    NotAnExport { path: PathBuf, detail: String },
+    /// Host values whose count does not fit the shape they are given.
+    #[error("values do not fit shape {shape:?}: {}", one_line(detail))]
+    ShapeMismatch { shape: Vec<usize>, detail: String },
+    /// pip ran, but did not fetch a distribution it was asked for.
+    #[error("pip did not download {package}")]
+    NotDownloaded { package: String },
+    /// A wheel, or an installed Python package, that cannot be read or is not the build betadpo wants.
+    #[error("{path}: {}", one_line(detail))]
+    BadPackage { path: PathBuf, detail: String },
+    /// A wheel, or an installed Python package, without libraries betadpo needs from it.
+    #[error("{path} lacks {missing}")]
+    PackageLacks { path: PathBuf, missing: String },
+    /// A downloaded NVIDIA wheel without a library it must carry.
+    #[error("the {package} {version} wheel has no {file}")]
+    WheelLacks { package: String, version: String, file: String },
+    /// Getting ONNX Runtime or the NVIDIA libraries: pip absent or failing, an installed Python package that
+    /// is missing or of another release.
+    #[error("{}", one_line(.0))]
+    Provision(String),
     #[error("{}", one_line(.0))]
     Other(String),
 }

@@ -40,12 +40,13 @@ impl Predictor {
         let names = crate::runtime::input_names(&session);
         for needed in ["input_ids", "attention_mask"] {
             if !names.iter().any(|n| n == needed) {
-                return Err(Error::Other(format!("{}: the model has no `{needed}` input; is it a betadpo export?", model.display())));
+                return Err(Error::NotAnExport { path: model.clone(), detail: format!("the model has no `{needed}` input; is it a betadpo export?") });
             }
         }
         let outs = crate::runtime::output_names(&session);
         if !outs.iter().any(|n| n == "beta") || !outs.iter().any(|n| n == "logits") {
-            return Err(Error::Other(format!("{}: the model needs `logits` and `beta` outputs (export it with `betadpo export`)", model.display())));
+            let detail = "the model needs `logits` and `beta` outputs (export it with `betadpo export`)".into();
+            return Err(Error::NotAnExport { path: model.clone(), detail });
         }
         let tokenizer = PairTokenizer::from_files(tokenizer, tokenizer_config)?;
         let (limits, hidden_size) = model_limits(&session);
@@ -57,9 +58,10 @@ impl Predictor {
     pub fn with_adapter(mut self, file: &Path) -> Result<Self> {
         let meta = std::fs::metadata(file).map_err(|e| Error::io(file, e))?;
         if !meta.is_file() {
-            return Err(Error::Other(format!("{}: not a file", file.display())));
+            return Err(Error::NotRegularFile { path: file.to_path_buf(), detail: "not a file".into() });
         }
-        let adapter = Adapter::from_file(file, None).map_err(|e| Error::Other(format!("{}: not an ONNX Runtime adapter file ({e})", file.display())))?;
+        let adapter = Adapter::from_file(file, None)
+            .map_err(|e| Error::NotAnExport { path: file.to_path_buf(), detail: format!("not an ONNX Runtime adapter file ({e})") })?;
         let mut options = RunOptions::new()?;
         options.add_adapter(&adapter)?;
         self.adapter = Some(options);

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use safetensors::tensor::Dtype;
 
+use crate::onnx::{dtype, le};
 use crate::{Error, Result};
 
 /// A named float32 tensor held on the host.
@@ -59,7 +60,7 @@ pub fn write_safetensors_raw(path: &Path, tensors: &[RawTensor], metadata: Optio
     for t in tensors {
         let len = t.bytes.len();
         if len != t.shape.iter().product::<usize>() * 4 {
-            return Err(Error::Other(format!("{}: tensor {} has {len} bytes for shape {:?}", path.display(), t.name, t.shape)));
+            return Err(bad(path, format!("tensor {} has {len} bytes for shape {:?}", t.name, t.shape)));
         }
         header.insert(t.name.to_string(), serde_json::json!({"dtype": "F32", "shape": t.shape, "data_offsets": [offset, offset + len]}));
         offset += len;
@@ -92,22 +93,22 @@ pub fn read_safetensors_inside(dir: &Path, path: &Path) -> Result<(Vec<NamedTens
 }
 
 fn tensors_of(path: &Path, bytes: &[u8]) -> Result<(Vec<NamedTensor>, BTreeMap<String, String>)> {
-    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::Other(format!("{}: not a valid safetensors file ({e})", path.display())))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(path, format!("not a valid safetensors file ({e})")))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(path, e))?;
     let metadata: BTreeMap<String, String> = meta.metadata().clone().unwrap_or_default().into_iter().collect();
     let mut out = Vec::new();
     let mut names: Vec<(usize, String)> = meta.tensors().iter().map(|(n, info)| (info.data_offsets.0, n.clone())).collect();
     names.sort();
     for (_, name) in names {
-        let v = st.tensor(&name).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
-        let raw = v.data();
-        let data: Vec<f32> = match v.dtype() {
-            Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::F64 => raw.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
-            Dtype::F16 => raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            Dtype::BF16 => raw.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            other => return Err(Error::Other(format!("{}: tensor {name} has dtype {other:?}, expected a float", path.display()))),
+        let v = st.tensor(&name).map_err(|e| bad(path, e))?;
+        let onnx_dtype = match v.dtype() {
+            Dtype::F32 => dtype::FLOAT,
+            Dtype::F64 => dtype::DOUBLE,
+            Dtype::F16 => dtype::FLOAT16,
+            Dtype::BF16 => dtype::BFLOAT16,
+            other => return Err(bad(path, format!("tensor {name} has dtype {other:?}, expected a float"))),
         };
+        let data = le::decode_f32(onnx_dtype, v.data()).expect("a float dtype");
         out.push(NamedTensor { name, shape: v.shape().to_vec(), data });
     }
     Ok((out, metadata))
@@ -116,10 +117,14 @@ fn tensors_of(path: &Path, bytes: &[u8]) -> Result<(Vec<NamedTensor>, BTreeMap<S
 /// Reads the int64 tensors of a safetensors file (token ids in golden files).
 pub fn read_i64(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
     let bytes = crate::fs_guard::read(path)?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
-    let v = st.tensor(name).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(path, e))?;
+    let v = st.tensor(name).map_err(|e| bad(path, e))?;
     if v.dtype() != Dtype::I64 {
-        return Err(Error::Other(format!("{}: {name} is {:?}, not int64", path.display(), v.dtype())));
+        return Err(bad(path, format!("{name} is {:?}, not int64", v.dtype())));
     }
-    Ok((v.shape().to_vec(), v.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()))
+    Ok((v.shape().to_vec(), le::elements::<i64>(v.data()).collect()))
+}
+
+fn bad(path: &Path, detail: impl ToString) -> Error {
+    Error::BadSafetensors { path: path.to_path_buf(), detail: detail.to_string() }
 }

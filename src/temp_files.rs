@@ -72,7 +72,7 @@ pub fn old_dir_name(name: &str) -> String {
 pub fn write_dir(out: &Path, claim: impl Fn(&Path) -> Result<()>, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let name = out.file_name().ok_or_else(|| Error::Other(format!("{}: not a directory path", out.display())))?.to_string_lossy();
+    let name = out.file_name().ok_or_else(|| Error::BadPath { path: out.to_path_buf(), detail: "not a directory path".into() })?.to_string_lossy();
     // refused before the lock, which writes a file into `out`
     if std::fs::symlink_metadata(out).is_ok() {
         claim(out)?;
@@ -117,7 +117,9 @@ fn swap_into_place(tmp: &Path, out: &Path, parent: &Path, name: &str) -> Result<
     #[cfg(target_os = "linux")]
     {
         use std::os::unix::ffi::OsStrExt;
-        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::Other(format!("{}: path contains a NUL byte", p.display())));
+        let c = |p: &Path| {
+            std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::BadPath { path: p.to_path_buf(), detail: "path contains a NUL byte".into() })
+        };
         let (a, b) = (c(tmp)?, c(out)?);
         // SAFETY: both paths are valid NUL-terminated strings; renameat2 only reads them.
         let r = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };

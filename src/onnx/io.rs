@@ -196,7 +196,7 @@ impl Default for SaveOptions {
 
 /// Where [`save_model`] puts the weights of a large model saved at `path`: `<file name>.data` beside it.
 pub fn external_data_path(path: &Path) -> Result<PathBuf> {
-    let name = path.file_name().ok_or_else(|| Error::Other(format!("{}: not a file path", path.display())))?;
+    let name = path.file_name().ok_or_else(|| Error::BadPath { path: path.to_path_buf(), detail: "not a file path".into() })?;
     Ok(path.with_file_name(format!("{}.data", name.to_string_lossy())))
 }
 

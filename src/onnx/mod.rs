@@ -7,6 +7,7 @@ pub mod proto;
 mod adapter_file;
 mod attr;
 mod io;
+pub mod le;
 mod shared_data;
 mod tensor;
 

@@ -1,5 +1,6 @@
 //! Tensor constructors and readers, and the dtype codes of `TensorProto.DataType`.
 
+use super::le;
 use super::proto::{
     tensor_shape_proto::{dimension::Value as DimValue, Dimension},
     type_proto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
@@ -150,50 +151,42 @@ fn numel(t: &TensorProto) -> usize {
 
 /// Reads a float tensor (f32, f16, bf16 or f64 storage) as f32 values.
 pub fn tensor_to_f32(t: &TensorProto) -> Result<Vec<f32>> {
-    let n = numel(t);
-    let raw = &t.raw_data;
-    let out: Vec<f32> = match t.data_type {
-        dtype::FLOAT if !raw.is_empty() => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        dtype::FLOAT => t.float_data.clone(),
-        dtype::DOUBLE if !raw.is_empty() => raw.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
-        dtype::DOUBLE => t.double_data.iter().map(|&v| v as f32).collect(),
-        dtype::FLOAT16 | dtype::BFLOAT16 => {
-            let bits: Vec<u16> = if !raw.is_empty() {
-                raw.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
-            } else {
-                t.int32_data.iter().map(|&v| v as u16).collect()
-            };
-            if t.data_type == dtype::FLOAT16 {
-                bits.into_iter().map(|b| half::f16::from_bits(b).to_f32()).collect()
-            } else {
-                bits.into_iter().map(|b| half::bf16::from_bits(b).to_f32()).collect()
-            }
+    let out = if !t.raw_data.is_empty() {
+        le::decode_f32(t.data_type, &t.raw_data)
+    } else {
+        match t.data_type {
+            dtype::FLOAT => Some(t.float_data.clone()),
+            dtype::DOUBLE => Some(t.double_data.iter().map(|&v| v as f32).collect()),
+            dtype::FLOAT16 => Some(t.int32_data.iter().map(|&v| half::f16::from_bits(v as u16).to_f32()).collect()),
+            dtype::BFLOAT16 => Some(t.int32_data.iter().map(|&v| half::bf16::from_bits(v as u16).to_f32()).collect()),
+            _ => None,
         }
-        other => return Err(Error::graph(format!("tensor {} has dtype {} where a float was expected", t.name, dtype::name(other)))),
     };
-    if out.len() != n {
-        return Err(Error::graph(format!("tensor {} holds {} values for shape {:?}", t.name, out.len(), t.dims)));
-    }
-    Ok(out)
+    let out = out.ok_or_else(|| Error::graph(format!("tensor {} has dtype {} where a float was expected", t.name, dtype::name(t.data_type))))?;
+    check_count(t, out)
 }
 
 /// Reads an integer tensor (int64, int32, int8, uint8 or bool storage) as i64 values.
 pub fn tensor_to_i64(t: &TensorProto) -> Result<Vec<i64>> {
-    let n = numel(t);
-    let raw = &t.raw_data;
-    let out: Vec<i64> = match t.data_type {
-        dtype::INT64 if !raw.is_empty() => raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect(),
-        dtype::INT64 => t.int64_data.clone(),
-        dtype::INT32 if !raw.is_empty() => raw.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect(),
-        dtype::INT32 | dtype::INT8 | dtype::UINT8 | dtype::BOOL if raw.is_empty() => t.int32_data.iter().map(|&v| v as i64).collect(),
-        dtype::INT8 => raw.iter().map(|&b| b as i8 as i64).collect(),
-        dtype::UINT8 | dtype::BOOL => raw.iter().map(|&b| b as i64).collect(),
-        other => return Err(Error::graph(format!("tensor {} has dtype {} where an integer was expected", t.name, dtype::name(other)))),
+    let out = if !t.raw_data.is_empty() {
+        le::decode_i64(t.data_type, &t.raw_data)
+    } else {
+        match t.data_type {
+            dtype::INT64 => Some(t.int64_data.clone()),
+            dtype::INT32 | dtype::INT8 | dtype::UINT8 | dtype::BOOL => Some(t.int32_data.iter().map(|&v| v as i64).collect()),
+            _ => None,
+        }
     };
-    if out.len() != n {
-        return Err(Error::graph(format!("tensor {} holds {} values for shape {:?}", t.name, out.len(), t.dims)));
+    let out = out.ok_or_else(|| Error::graph(format!("tensor {} has dtype {} where an integer was expected", t.name, dtype::name(t.data_type))))?;
+    check_count(t, out)
+}
+
+/// `values` when they are as many as `t`'s dims call for.
+fn check_count<T>(t: &TensorProto, values: Vec<T>) -> Result<Vec<T>> {
+    if values.len() != numel(t) {
+        return Err(Error::graph(format!("tensor {} holds {} values for shape {:?}", t.name, values.len(), t.dims)));
     }
-    Ok(out)
+    Ok(values)
 }
 
 /// A typed graph input/output declaration.

@@ -12,7 +12,7 @@
 //! every library it lists is there: an interrupted download never looks complete. Provisioning holds a lock
 //! file per directory, so concurrent processes download once.
 
-use std::fs::{self, File};
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -185,24 +185,23 @@ pub fn find(cache_dir: &Path, set: &LibrarySet) -> Option<Provisioned> {
 
 /// Returns the provisioned `set`, downloading and extracting it first if needed.
 pub fn provision(cache_dir: &Path, set: &LibrarySet, source: &WheelSource) -> Result<Provisioned> {
-    let dir = cache_dir.join(&set.dir_name);
-    fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let lock_path = cache_dir.join(format!("{}.lock", set.dir_name));
-    let lock = File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
-    lock.lock().map_err(|e| Error::io(&lock_path, e))?; // released when `lock` drops
-
-    if let Some(done) = find(cache_dir, set) {
-        return Ok(done);
-    }
-    eprintln!("provisioning the {} libraries into {} ...", set.what, dir.display());
-    fill(cache_dir, &dir, set, source).map_err(|e| {
-        Error::Runtime(format!(
-            "could not provision the {} libraries: {e}. Fix: allow pip to reach PyPI, or install them yourself, put \
-             them on LD_LIBRARY_PATH and set ORT_DYLIB_PATH to an onnxruntime-gpu libonnxruntime.so",
-            set.what
-        ))
-    })?;
-    find(cache_dir, set).ok_or_else(|| Error::Runtime(format!("{}: provisioned, yet {MANIFEST} does not list complete files", dir.display())))
+    let what = format!("the {} libraries", set.what);
+    wheel::provision_once(
+        cache_dir,
+        &set.dir_name,
+        &what,
+        || find(cache_dir, set),
+        |dir| {
+            fill(cache_dir, dir, set, source).map_err(|e| {
+                Error::Runtime(format!(
+                    "could not provision the {} libraries: {e}. Fix: allow pip to reach PyPI, or install them yourself, put \
+                 them on LD_LIBRARY_PATH and set ORT_DYLIB_PATH to an onnxruntime-gpu libonnxruntime.so",
+                    set.what
+                ))
+            })?;
+            find(cache_dir, set).ok_or_else(|| Error::Runtime(format!("{}: provisioned, yet {MANIFEST} does not list complete files", dir.display())))
+        },
+    )
 }
 
 fn fill(cache_dir: &Path, dir: &Path, set: &LibrarySet, source: &WheelSource) -> Result<()> {
@@ -211,12 +210,12 @@ fn fill(cache_dir: &Path, dir: &Path, set: &LibrarySet, source: &WheelSource) ->
     let downloaded = wheel::download(source, cache_dir, &specs)?;
     let mut versions = Vec::new();
     for (package, _) in &packages {
-        let path = downloaded.wheel_of(package).ok_or_else(|| Error::Other(format!("pip did not download {package}")))?;
+        let path = downloaded.require(package)?;
         let version = wheel::wheel_name_and_version(path).map(|(_, v)| v).unwrap_or_default();
         let extracted = extract_libraries(path, dir)?;
         for wanted in set.libraries.iter().filter(|w| w.package == *package && w.required) {
             if !extracted.contains(&wanted.file) {
-                return Err(Error::Other(format!("the {package} {version} wheel has no {}", wanted.file)));
+                return Err(Error::WheelLacks { package: package.to_string(), version, file: wanted.file.clone() });
             }
         }
         versions.push((package.to_string(), version));
@@ -230,7 +229,7 @@ fn fill(cache_dir: &Path, dir: &Path, set: &LibrarySet, source: &WheelSource) ->
             ProvisionedLibrary { package: w.package.clone(), version, file: w.file.clone(), required: w.required }
         })
         .collect();
-    let json = serde_json::to_vec_pretty(&Manifest { libraries }).map_err(|e| Error::Other(e.to_string()))?;
+    let json = serde_json::to_vec_pretty(&Manifest { libraries }).expect("a manifest of strings serialises");
     crate::temp_files::write_atomically(&dir.join(MANIFEST), 0o644, |out| out.write_all(&json))
 }
 

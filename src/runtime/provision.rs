@@ -145,12 +145,15 @@ pub fn cuda_version_of(main_lib: &Path) -> Result<String> {
 }
 
 /// Reads `cuda_version = '13.0'` from the GPU package's `build_and_package_info.py`.
-fn parse_cuda_version(build_info: &str, source: &str) -> Result<String> {
+fn parse_cuda_version(build_info: &str, source: &Path) -> Result<String> {
     build_info
         .lines()
         .find_map(|l| l.trim().strip_prefix("cuda_version")?.trim_start().strip_prefix('=').map(|v| v.trim().trim_matches(['\'', '"']).to_string()))
         .filter(|v| !v.is_empty())
-        .ok_or_else(|| Error::Other(format!("{source}: {BUILD_INFO} names no cuda_version; is this really the onnxruntime-gpu build?")))
+        .ok_or_else(|| Error::BadPackage {
+            path: source.to_path_buf(),
+            detail: format!("{BUILD_INFO} names no cuda_version; is this really the onnxruntime-gpu build?"),
+        })
 }
 
 /// `$BETADPO_CACHE_DIR`, else `$XDG_CACHE_HOME/betadpo`, else `~/.cache/betadpo`.
@@ -172,38 +175,30 @@ pub fn default_cache_dir() -> Result<PathBuf> {
 ///
 /// Safe to call from many threads and processes at once: all but one wait on the lock and then find the files.
 pub fn provision(cache_dir: &Path, flavor: Flavor, wheels: &WheelSource) -> Result<PathBuf> {
-    let target_dir = cache_dir.join(flavor.dir_name());
-    let main_lib = target_dir.join(flavor.lib_name());
-    let version = flavor.version();
-    fs::create_dir_all(&target_dir).map_err(|e| Error::io(&target_dir, e))?;
+    let main_lib = cache_dir.join(flavor.dir_name()).join(flavor.lib_name());
+    let what = format!("ONNX Runtime {} ({})", flavor.version(), flavor.package());
+    let complete = || is_complete(&main_lib, flavor).then(|| main_lib.clone());
+    wheel::provision_once(cache_dir, &flavor.dir_name(), &what, complete, |target_dir| fill(cache_dir, target_dir, flavor, wheels).map(|()| main_lib.clone()))
+}
 
-    let lock_path = cache_dir.join(format!("{}.lock", flavor.dir_name()));
-    let lock = File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
-    lock.lock().map_err(|e| Error::io(&lock_path, e))?;
-    // The lock is released when `lock` is dropped, on every return path.
-
-    if is_complete(&main_lib, flavor) {
-        return Ok(main_lib);
-    }
-    eprintln!("provisioning ONNX Runtime {version} ({}) into {} ...", flavor.package(), target_dir.display());
-    let spec = format!("{}=={version}", flavor.package());
-    let from_wheel = wheel::download(wheels, cache_dir, &[spec]).and_then(|got| {
-        let path = got.wheel_of(flavor.package()).ok_or_else(|| Error::Other(format!("pip did not download {}", flavor.package())))?;
-        extract_from_wheel(path, &target_dir, flavor)
-    });
+/// Downloads the wheel and extracts it, or failing that copies an installed Python package of the same release.
+fn fill(cache_dir: &Path, target_dir: &Path, flavor: Flavor, wheels: &WheelSource) -> Result<()> {
+    let spec = format!("{}=={}", flavor.package(), flavor.version());
+    let from_wheel = wheel::download(wheels, cache_dir, &[spec]).and_then(|got| extract_from_wheel(got.require(flavor.package())?, target_dir, flavor));
     let first_error = match from_wheel {
-        Ok(()) => return Ok(main_lib),
+        Ok(()) => return Ok(()),
         Err(e) => e,
     };
-    match copy_from_installed_package(&target_dir, flavor) {
+    match copy_from_installed_package(target_dir, flavor) {
         Ok(()) => {
             eprintln!("(pip download failed: {first_error}; copied the installed Python package instead)");
-            Ok(main_lib)
+            Ok(())
         }
         Err(second_error) => Err(Error::Runtime(format!(
             "could not provision ONNX Runtime {version}: downloading the `{pkg}` wheel failed ({first_error}), \
              and no usable installed `{pkg}` Python package was found ({second_error}). \
              Fix: run `pip install {pkg}=={version}`, or set ORT_DYLIB_PATH=/path/to/{lib}",
+            version = flavor.version(),
             pkg = flavor.package(),
             lib = flavor.lib_name()
         ))),
@@ -221,10 +216,10 @@ fn extract_from_wheel(path: &Path, target_dir: &Path, flavor: Flavor) -> Result<
             (base.starts_with("libonnxruntime") && base.contains(".so") && !base.contains('/')).then(|| (name.to_string(), base.to_string()))
         })
         .collect();
-    check_required(flavor, members.iter().map(|(_, b)| b.as_str()), &path.display().to_string())?;
+    check_required(flavor, members.iter().map(|(_, b)| b.as_str()), path)?;
     if flavor == Flavor::Gpu {
         let info = wheel.read_text(&format!("onnxruntime/capi/{BUILD_INFO}"))?;
-        write_cuda_version(target_dir, &parse_cuda_version(&info, &path.display().to_string())?)?;
+        write_cuda_version(target_dir, &parse_cuda_version(&info, path)?)?;
     }
     members.sort_by_key(|(_, base)| base == flavor.lib_name()); // the main library last
     for (name, base) in members {
@@ -246,15 +241,16 @@ fn copy_from_installed_package(target_dir: &Path, flavor: Flavor) -> Result<()> 
          print(u.find_spec('onnxruntime').submodule_search_locations[0])",
         flavor.package()
     );
-    let output = Command::new("python3").args(["-c", &script]).stdin(Stdio::null()).output().map_err(|e| Error::Other(format!("cannot run python3: {e}")))?;
+    let output =
+        Command::new("python3").args(["-c", &script]).stdin(Stdio::null()).output().map_err(|e| Error::Provision(format!("cannot run python3: {e}")))?;
     if !output.status.success() {
-        return Err(Error::Other(format!("`{}` is not installed for python3", flavor.package())));
+        return Err(Error::Provision(format!("`{}` is not installed for python3", flavor.package())));
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
     let mut lines = stdout.lines();
     let (version, location) = (lines.next().unwrap_or("").trim(), lines.next().unwrap_or("").trim());
     if version != flavor.version() {
-        return Err(Error::Other(format!("installed `{}` is version {version}, not {}", flavor.package(), flavor.version())));
+        return Err(Error::Provision(format!("installed `{}` is version {version}, not {}", flavor.package(), flavor.version())));
     }
     let capi = Path::new(location).join("capi");
     let mut names: Vec<String> = fs::read_dir(&capi)
@@ -262,11 +258,11 @@ fn copy_from_installed_package(target_dir: &Path, flavor: Flavor) -> Result<()> 
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter(|n| n.starts_with("libonnxruntime") && n.contains(".so"))
         .collect();
-    check_required(flavor, names.iter().map(String::as_str), &capi.display().to_string())?;
+    check_required(flavor, names.iter().map(String::as_str), &capi)?;
     if flavor == Flavor::Gpu {
         let info_path = capi.join(BUILD_INFO);
         let info = fs::read_to_string(&info_path).map_err(|e| Error::io(&info_path, e))?;
-        write_cuda_version(target_dir, &parse_cuda_version(&info, &capi.display().to_string())?)?;
+        write_cuda_version(target_dir, &parse_cuda_version(&info, &capi)?)?;
     }
     names.sort_by_key(|n| n == flavor.lib_name());
     for name in names {
@@ -277,12 +273,12 @@ fn copy_from_installed_package(target_dir: &Path, flavor: Flavor) -> Result<()> 
     Ok(())
 }
 
-fn check_required<'a>(flavor: Flavor, present: impl Iterator<Item = &'a str>, source: &str) -> Result<()> {
+fn check_required<'a>(flavor: Flavor, present: impl Iterator<Item = &'a str>, source: &Path) -> Result<()> {
     let present: Vec<&str> = present.collect();
     let missing: Vec<&str> = flavor.required_files().iter().copied().filter(|f| !present.contains(f)).collect();
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(Error::Other(format!("{source} lacks {}", missing.join(", "))))
+        Err(Error::PackageLacks { path: source.to_path_buf(), missing: missing.join(", ") })
     }
 }

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use ort::value::{DynValue, PrimitiveTensorElementType, Tensor};
 
 use super::ExecutionProvider;
+use crate::onnx::le::{self, LeElement};
 use crate::onnx::{dtype, load_model_mapped, TensorProto, EXTERNAL_MIN_BYTES};
 use crate::{Error, Result};
 
@@ -44,7 +45,7 @@ impl SharedWeights {
         let mut first = None;
         for path in graphs {
             let (model, files) = load_model_mapped(path)?;
-            let graph = model.graph.as_ref().ok_or_else(|| Error::Other(format!("{}: model has no graph", path.display())))?;
+            let graph = model.graph.as_ref().ok_or_else(|| Error::graph(format!("{}: model has no graph", path.display())))?;
             let placed: BTreeMap<String, Placement> = graph
                 .initializer
                 .iter()
@@ -92,20 +93,17 @@ impl SharedWeights {
 
 /// A copy of an initializer in a buffer betadpo owns: ONNX Runtime shares only such user-owned tensors.
 fn user_owned(t: &TensorProto) -> Result<DynValue> {
-    fn typed<T: PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static, const N: usize>(
-        t: &TensorProto,
-        read: impl Fn([u8; N]) -> T,
-    ) -> std::result::Result<DynValue, ort::Error> {
-        let data: Vec<T> = t.raw_data.chunks_exact(N).map(|c| read(c.try_into().expect("chunks of N"))).collect();
+    fn typed<T: PrimitiveTensorElementType + LeElement + Clone + std::fmt::Debug + 'static>(t: &TensorProto) -> std::result::Result<DynValue, ort::Error> {
+        let data: Vec<T> = le::elements(&t.raw_data).collect();
         Ok(Tensor::from_array((t.dims.clone(), data))?.into_dyn())
     }
     let made = match t.data_type {
-        dtype::FLOAT => typed(t, f32::from_le_bytes),
-        dtype::FLOAT16 => typed(t, |b| half::f16::from_bits(u16::from_le_bytes(b))),
-        dtype::BFLOAT16 => typed(t, |b| half::bf16::from_bits(u16::from_le_bytes(b))),
-        dtype::DOUBLE => typed(t, f64::from_le_bytes),
-        dtype::INT64 => typed(t, i64::from_le_bytes),
-        dtype::INT32 => typed(t, i32::from_le_bytes),
+        dtype::FLOAT => typed::<f32>(t),
+        dtype::FLOAT16 => typed::<half::f16>(t),
+        dtype::BFLOAT16 => typed::<half::bf16>(t),
+        dtype::DOUBLE => typed::<f64>(t),
+        dtype::INT64 => typed::<i64>(t),
+        dtype::INT32 => typed::<i32>(t),
         other => return Err(Error::Runtime(format!("initializer {}: element type {} cannot be shared", t.name, dtype::name(other)))),
     };
     made.map_err(|e| Error::Runtime(format!("initializer {}: {e}", t.name)))

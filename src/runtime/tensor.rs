@@ -114,7 +114,7 @@ impl HostTensor {
 }
 
 fn shape_error(shape: &[usize], e: ndarray::ShapeError) -> Error {
-    Error::Other(format!("values do not fit shape {shape:?}: {e}"))
+    Error::ShapeMismatch { shape: shape.to_vec(), detail: e.to_string() }
 }
 
 impl From<ArrayD<f32>> for HostTensor {

@@ -28,6 +28,28 @@ impl Downloaded {
     pub fn wheel_of(&self, name: &str) -> Option<&Path> {
         self.wheels.iter().find(|w| wheel_name_and_version(w).is_some_and(|(n, _)| normalize(&n) == normalize(name))).map(PathBuf::as_path)
     }
+
+    /// The wheel of distribution `name`, or an error saying pip did not fetch it.
+    pub fn require(&self, name: &str) -> Result<&Path> {
+        self.wheel_of(name).ok_or_else(|| Error::NotDownloaded { package: name.to_string() })
+    }
+}
+
+/// Provisions the cache directory `cache_dir/<dir_name>` once across threads and processes, the one routine
+/// both the ONNX Runtime build and the NVIDIA libraries go through: creates the directory, holds the lock file
+/// `<dir_name>.lock` beside it until this returns, gives what `complete` finds when an earlier holder already
+/// finished, and otherwise announces `what` and runs `fill` (pip download, extract, mark complete).
+pub fn provision_once<T>(cache_dir: &Path, dir_name: &str, what: &str, complete: impl Fn() -> Option<T>, fill: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    let dir = cache_dir.join(dir_name);
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let lock_path = cache_dir.join(format!("{dir_name}.lock"));
+    let lock = File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
+    lock.lock().map_err(|e| Error::io(&lock_path, e))?; // released when `lock` drops, on every return path
+    if let Some(done) = complete() {
+        return Ok(done);
+    }
+    eprintln!("provisioning {what} into {} ...", dir.display());
+    fill(&dir)
 }
 
 /// Runs one `pip download --no-deps` for all `specs` (e.g. `nvidia-cublas-cu12>=12,<13`).
@@ -45,12 +67,12 @@ pub fn download(source: &WheelSource, cache_dir: &Path, specs: &[String]) -> Res
         pip.arg("--no-index").arg("--find-links").arg(links);
     }
     let output =
-        pip.arg("-d").arg(dir.path()).args(specs).stdin(Stdio::null()).output().map_err(|e| Error::Other(format!("cannot run `python3 -m pip`: {e}")))?;
+        pip.arg("-d").arg(dir.path()).args(specs).stdin(Stdio::null()).output().map_err(|e| Error::Provision(format!("cannot run `python3 -m pip`: {e}")))?;
     let what = format!("pip download {}", specs.join(" "));
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
-        return Err(Error::Other(format!("`{what}` exited with {}: {}", output.status, last.trim())));
+        return Err(Error::Provision(format!("`{what}` exited with {}: {}", output.status, last.trim())));
     }
     let wheels: Vec<PathBuf> = std::fs::read_dir(dir.path())
         .map_err(|e| Error::io(dir.path(), e))?
@@ -58,7 +80,7 @@ pub fn download(source: &WheelSource, cache_dir: &Path, specs: &[String]) -> Res
         .filter(|p| p.extension().is_some_and(|x| x == "whl"))
         .collect();
     if wheels.is_empty() {
-        return Err(Error::Other(format!("`{what}` produced no wheel")));
+        return Err(Error::Provision(format!("`{what}` produced no wheel")));
     }
     Ok(Downloaded { _dir: dir, wheels })
 }
@@ -84,7 +106,7 @@ pub struct Wheel {
 impl Wheel {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let archive = zip::ZipArchive::new(file).map_err(|e| Error::Other(format!("{}: not a valid wheel: {e}", path.display())))?;
+        let archive = zip::ZipArchive::new(file).map_err(|e| Error::BadPackage { path: path.to_path_buf(), detail: format!("not a valid wheel: {e}") })?;
         Ok(Wheel { path: path.to_path_buf(), archive })
     }
 
@@ -99,18 +121,21 @@ impl Wheel {
 
     /// Copies member `name` into `to` atomically, executable (shared libraries are mapped with exec rights).
     pub fn extract(&mut self, name: &str, to: &Path) -> Result<()> {
-        let display = self.path.display().to_string();
-        let mut entry = self.archive.by_name(name).map_err(|e| Error::Other(format!("{display}: cannot read {name}: {e}")))?;
+        let mut entry = self.member(name)?;
         crate::temp_files::write_atomically(to, 0o755, |out| std::io::copy(&mut entry, out).map(|_| ()))
     }
 
     /// A small text member (e.g. `onnxruntime/capi/build_and_package_info.py`).
     pub fn read_text(&mut self, name: &str) -> Result<String> {
-        let display = self.path.display().to_string();
-        let mut entry = self.archive.by_name(name).map_err(|e| Error::Other(format!("{display}: cannot read {name}: {e}")))?;
+        let path = self.path.clone();
         let mut text = String::new();
-        entry.read_to_string(&mut text).map_err(|e| Error::Other(format!("{display}: {name}: {e}")))?;
+        self.member(name)?.read_to_string(&mut text).map_err(|e| Error::BadPackage { path, detail: format!("{name}: {e}") })?;
         Ok(text)
+    }
+
+    fn member(&mut self, name: &str) -> Result<zip::read::ZipFile<'_, File>> {
+        let path = &self.path;
+        self.archive.by_name(name).map_err(|e| Error::BadPackage { path: path.clone(), detail: format!("cannot read {name}: {e}") })
     }
 }
 
