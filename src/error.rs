@@ -50,6 +50,9 @@ pub enum Error {
     /// A Hugging Face model whose architecture betadpo does not write itself.
     #[error("{path}: architecture {architecture} is not one betadpo builds from a Hugging Face folder (supported: {supported}); export it to ONNX with scripts/tools/export_hf.py --model DIR and pass the model.onnx")]
     UnsupportedArchitecture { path: PathBuf, architecture: String, supported: String },
+    /// LoRA parameters beyond what one ONNX Runtime adapter file (one FlatBuffers buffer) can hold.
+    #[error("the adapter holds about {bytes} bytes; an ONNX Runtime adapter file holds at most {max}")]
+    AdapterTooLarge { bytes: usize, max: usize },
     /// A path that cannot name what it must: no file name, or a NUL byte.
     #[error("{path}: {}", one_line(detail))]
     BadPath { path: PathBuf, detail: String },

@@ -26,7 +26,7 @@ fn onnxruntime_reads_and_applies_the_adapter_file() {
         AdapterParameter { name: "half", dims: &[3], data_type: 10, raw: &rh },
     ];
     let file = dir.join("a.onnx_adapter");
-    std::fs::write(&file, encode_adapter(&params, 5, 9)).unwrap();
+    std::fs::write(&file, encode_adapter(&params, 5, 9).unwrap()).unwrap();
     let script = r#"
 import sys, json, numpy as np, onnx, onnxruntime as ort
 from onnx import helper, TensorProto
@@ -77,7 +77,7 @@ fn an_empty_adapter_is_still_a_valid_file() {
     }
     let dir = common::fixtures::scratch("onnx-adapter-empty");
     let file = dir.join("e.onnx_adapter");
-    std::fs::write(&file, encode_adapter(&[], 0, 0)).unwrap();
+    std::fs::write(&file, encode_adapter(&[], 0, 0).unwrap()).unwrap();
     let script = "import sys, onnxruntime as ort; f = ort.AdapterFormat.read_adapter(sys.argv[1]); print(len(f.get_parameters()))";
     let out = Command::new("python3").args(["-c", script, file.to_str().unwrap()]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -1,19 +1,33 @@
-//! ONNX Runtime's LoRA adapter file (`.onnx_adapter`, ORT >= 1.20): a FlatBuffers buffer with the
-//! file identifier `TORT` and the schema of `onnxruntime/lora/adapter_format/adapter_schema.fbs`:
+//! ONNX Runtime's LoRA adapter file (`.onnx_adapter`, ORT >= 1.20), written and read through the
+//! `flatbuffers` crate against the schema of `onnxruntime/lora/adapter_format/adapter_schema.fbs`
+//! (file identifier `TORT`):
 //!
 //! ```text
 //! table Adapter   { format_version:int; adapter_version:int; model_version:int; parameters:[Parameter]; }
 //! table Parameter { name:string; dims:[int64]; data_type:TensorDataType; raw_data:[uint8] (force_align: 8); }
 //! ```
 //!
-//! The schema is four fields deep, so the buffer is laid out front to back by hand rather than
-//! through a FlatBuffers builder: every table is preceded by its vtable, every offset points
-//! forward, and the `int64` dims and the raw bytes start on 8-byte boundaries (ONNX Runtime hands
-//! `raw_data` to its kernels in place, without a copy).
+//! `flatc` emits no code for `force_align` on a Rust vector, so the writer pads before `raw_data` itself:
+//! ONNX Runtime hands those bytes to its kernels in place, without a copy. The view types below are what
+//! `flatc --rust` generates for the two tables, cut to the fields betadpo reads.
+
+use flatbuffers::{FlatBufferBuilder, Follow, ForwardsUOffset, InvalidFlatbuffer, Table, VOffsetT, Vector, Verifiable, Verifier, WIPOffset};
+
+use crate::{Error, Result};
 
 /// The only format version ONNX Runtime reads (`kAdapterFormatVersion`).
 pub const ADAPTER_FORMAT_VERSION: i32 = 1;
-const FILE_IDENTIFIER: &[u8; 4] = b"TORT";
+const FILE_IDENTIFIER: &str = "TORT";
+
+// Field slots: the n-th field of a table (from 0) sits at vtable offset 4 + 2n.
+const VT_FORMAT_VERSION: VOffsetT = 4;
+const VT_ADAPTER_VERSION: VOffsetT = 6;
+const VT_MODEL_VERSION: VOffsetT = 8;
+const VT_PARAMETERS: VOffsetT = 10;
+const VT_NAME: VOffsetT = 4;
+const VT_DIMS: VOffsetT = 6;
+const VT_DATA_TYPE: VOffsetT = 8;
+const VT_RAW_DATA: VOffsetT = 10;
 
 /// One tensor of an adapter. `data_type` uses ONNX's `TensorProto.DataType` numbering, which the
 /// adapter schema's `TensorDataType` repeats.
@@ -24,93 +38,135 @@ pub struct AdapterParameter<'a> {
     pub raw: &'a [u8],
 }
 
-/// The bytes of an adapter file holding `params`.
-pub fn encode_adapter(params: &[AdapterParameter], adapter_version: i32, model_version: i32) -> Vec<u8> {
-    let mut w = Writer::default();
-    let root = w.slot();
-    w.buf.extend_from_slice(FILE_IDENTIFIER);
-    // Adapter: three ints and the parameter vector
-    let table = w.table(4);
-    w.i32(ADAPTER_FORMAT_VERSION);
-    w.i32(adapter_version);
-    w.i32(model_version);
-    let vector = w.slot();
-    w.patch(root, table);
-
-    w.align(4, 0);
-    w.patch(vector, w.buf.len());
-    w.u32(params.len() as u32);
-    let entries: Vec<usize> = params.iter().map(|_| w.slot()).collect();
-    for (p, entry) in params.iter().zip(entries) {
-        let table = w.table(4);
-        w.patch(entry, table);
-        let (name, dims) = (w.slot(), w.slot());
-        w.i32(p.data_type);
-        let raw = w.slot();
-
-        w.align(4, 0);
-        w.patch(name, w.buf.len());
-        w.u32(p.name.len() as u32);
-        w.buf.extend_from_slice(p.name.as_bytes());
-        w.buf.push(0);
-
-        w.align(8, 4);
-        w.patch(dims, w.buf.len());
-        w.u32(p.dims.len() as u32);
-        for d in p.dims {
-            w.buf.extend_from_slice(&d.to_le_bytes());
-        }
-
-        w.align(8, 4);
-        w.patch(raw, w.buf.len());
-        w.u32(p.raw.len() as u32);
-        w.buf.extend_from_slice(p.raw);
+/// The bytes of an adapter file holding `params`; refused when they would not fit one FlatBuffers buffer
+/// (2 GiB), which is all ONNX Runtime reads.
+pub fn encode_adapter(params: &[AdapterParameter], adapter_version: i32, model_version: i32) -> Result<Vec<u8>> {
+    // each parameter's payload, plus a generous allowance for its vtable, table, offsets and padding
+    let estimate: usize = params.iter().map(|p| p.raw.len() + 8 * p.dims.len() + p.name.len() + 64).sum::<usize>() + 64;
+    if estimate >= flatbuffers::FLATBUFFERS_MAX_BUFFER_SIZE {
+        return Err(Error::AdapterTooLarge { bytes: estimate, max: flatbuffers::FLATBUFFERS_MAX_BUFFER_SIZE });
     }
-    w.buf
+    let mut fbb = FlatBufferBuilder::with_capacity(estimate);
+    let tables: Vec<_> = params.iter().map(|p| parameter(&mut fbb, p)).collect();
+    let parameters = fbb.create_vector(&tables);
+    let adapter = fbb.start_table();
+    fbb.push_slot_always(VT_PARAMETERS, parameters);
+    fbb.push_slot(VT_MODEL_VERSION, model_version, 0);
+    fbb.push_slot(VT_ADAPTER_VERSION, adapter_version, 0);
+    fbb.push_slot(VT_FORMAT_VERSION, ADAPTER_FORMAT_VERSION, 0);
+    let adapter = fbb.end_table(adapter);
+    fbb.finish(adapter, Some(FILE_IDENTIFIER));
+    // the builder writes back to front: the finished buffer is the tail of its vector
+    let (mut buf, head) = fbb.collapse();
+    buf.drain(..head);
+    Ok(buf)
 }
 
-#[derive(Default)]
-struct Writer {
-    buf: Vec<u8>,
+fn parameter<'b>(fbb: &mut FlatBufferBuilder<'b>, p: &AdapterParameter) -> WIPOffset<flatbuffers::TableFinishedWIPOffset> {
+    // `raw_data (force_align: 8)`: zero bytes after the data so that it starts 8 bytes from a boundary
+    // counted from the buffer's end, which `finish` makes a multiple of 8 (the int64 dims ask for it)
+    let pad = (8 - (fbb.unfinished_data().len() + p.raw.len()) % 8) % 8;
+    for _ in 0..pad {
+        fbb.push(0u8);
+    }
+    let raw = fbb.create_vector(p.raw);
+    let dims = fbb.create_vector(p.dims);
+    let name = fbb.create_string(p.name);
+    let table = fbb.start_table();
+    fbb.push_slot_always(VT_RAW_DATA, raw);
+    fbb.push_slot_always(VT_DIMS, dims);
+    fbb.push_slot_always(VT_NAME, name);
+    fbb.push_slot(VT_DATA_TYPE, p.data_type, 0);
+    fbb.end_table(table)
 }
 
-impl Writer {
-    fn u32(&mut self, v: u32) {
-        self.buf.extend_from_slice(&v.to_le_bytes());
+/// The root table of a verified adapter file (see [`read_adapter`]).
+#[derive(Clone, Copy)]
+pub struct AdapterView<'a> {
+    table: Table<'a>,
+}
+
+/// One parameter of an [`AdapterView`].
+#[derive(Clone, Copy)]
+pub struct ParameterView<'a> {
+    table: Table<'a>,
+}
+
+/// Checks `bytes` against the schema (identifier, offsets, bounds) and gives its root table.
+pub fn read_adapter(bytes: &[u8]) -> std::result::Result<AdapterView<'_>, String> {
+    if !flatbuffers::buffer_has_identifier(bytes, FILE_IDENTIFIER, false) {
+        return Err(format!("no `{FILE_IDENTIFIER}` file identifier"));
     }
-    fn i32(&mut self, v: i32) {
-        self.buf.extend_from_slice(&v.to_le_bytes());
+    flatbuffers::root::<AdapterView>(bytes).map_err(|e| e.to_string())
+}
+
+// SAFETY (every `get` below): `read_adapter` ran the verifier, which checked that each slot holds the type read.
+impl<'a> AdapterView<'a> {
+    pub fn format_version(&self) -> i32 {
+        unsafe { self.table.get::<i32>(VT_FORMAT_VERSION, Some(0)) }.unwrap_or_default()
     }
-    /// Pads with zeros until the length is `rem` past a multiple of `to`.
-    fn align(&mut self, to: usize, rem: usize) {
-        while self.buf.len() % to != rem {
-            self.buf.push(0);
-        }
+    pub fn adapter_version(&self) -> i32 {
+        unsafe { self.table.get::<i32>(VT_ADAPTER_VERSION, Some(0)) }.unwrap_or_default()
     }
-    /// A forward offset to be filled in by [`Writer::patch`] once its target is written.
-    fn slot(&mut self) -> usize {
-        let at = self.buf.len();
-        self.u32(0);
-        at
+    pub fn model_version(&self) -> i32 {
+        unsafe { self.table.get::<i32>(VT_MODEL_VERSION, Some(0)) }.unwrap_or_default()
     }
-    fn patch(&mut self, slot: usize, target: usize) {
-        let off = (target - slot) as u32;
-        self.buf[slot..slot + 4].copy_from_slice(&off.to_le_bytes());
+    pub fn parameters(&self) -> Vec<ParameterView<'a>> {
+        let v = unsafe { self.table.get::<ForwardsUOffset<Vector<'a, ForwardsUOffset<ParameterView<'a>>>>>(VT_PARAMETERS, None) };
+        v.map(|v| v.iter().collect()).unwrap_or_default()
     }
-    /// Writes the vtable of a table whose `fields` are all 4 bytes wide and present, then the
-    /// table's own offset back to it; returns where the table starts. The fields follow.
-    fn table(&mut self, fields: u16) -> usize {
-        self.align(4, 0);
-        let vtable = self.buf.len();
-        self.buf.extend_from_slice(&(4 + 2 * fields).to_le_bytes());
-        self.buf.extend_from_slice(&(4 + 4 * fields).to_le_bytes());
-        for i in 0..fields {
-            self.buf.extend_from_slice(&(4 + 4 * i).to_le_bytes());
-        }
-        self.align(4, 0);
-        let table = self.buf.len();
-        self.i32((table - vtable) as i32);
-        table
+}
+
+impl<'a> ParameterView<'a> {
+    pub fn name(&self) -> &'a str {
+        unsafe { self.table.get::<ForwardsUOffset<&str>>(VT_NAME, None) }.unwrap_or_default()
+    }
+    pub fn dims(&self) -> Vec<i64> {
+        unsafe { self.table.get::<ForwardsUOffset<Vector<'a, i64>>>(VT_DIMS, None) }.map(|v| v.iter().collect()).unwrap_or_default()
+    }
+    pub fn data_type(&self) -> i32 {
+        unsafe { self.table.get::<i32>(VT_DATA_TYPE, Some(0)) }.unwrap_or_default()
+    }
+    pub fn raw_data(&self) -> &'a [u8] {
+        unsafe { self.table.get::<ForwardsUOffset<Vector<'a, u8>>>(VT_RAW_DATA, None) }.map(|v| v.bytes()).unwrap_or_default()
+    }
+}
+
+impl<'a> Follow<'a> for AdapterView<'a> {
+    type Inner = Self;
+    unsafe fn follow(buf: &'a [u8], loc: usize) -> Self {
+        AdapterView { table: unsafe { Table::new(buf, loc) } }
+    }
+}
+
+impl<'a> Follow<'a> for ParameterView<'a> {
+    type Inner = Self;
+    unsafe fn follow(buf: &'a [u8], loc: usize) -> Self {
+        ParameterView { table: unsafe { Table::new(buf, loc) } }
+    }
+}
+
+impl Verifiable for AdapterView<'_> {
+    fn run_verifier(v: &mut Verifier, pos: usize) -> std::result::Result<(), InvalidFlatbuffer> {
+        v.visit_table(pos)?
+            .visit_field::<i32>("format_version", VT_FORMAT_VERSION, false)?
+            .visit_field::<i32>("adapter_version", VT_ADAPTER_VERSION, false)?
+            .visit_field::<i32>("model_version", VT_MODEL_VERSION, false)?
+            .visit_field::<ForwardsUOffset<Vector<'_, ForwardsUOffset<ParameterView>>>>("parameters", VT_PARAMETERS, false)?
+            .finish();
+        Ok(())
+    }
+}
+
+impl Verifiable for ParameterView<'_> {
+    fn run_verifier(v: &mut Verifier, pos: usize) -> std::result::Result<(), InvalidFlatbuffer> {
+        v.visit_table(pos)?
+            .visit_field::<ForwardsUOffset<&str>>("name", VT_NAME, false)?
+            .visit_field::<ForwardsUOffset<Vector<'_, i64>>>("dims", VT_DIMS, false)?
+            .visit_field::<i32>("data_type", VT_DATA_TYPE, false)?
+            .visit_field::<ForwardsUOffset<Vector<'_, u8>>>("raw_data", VT_RAW_DATA, false)?
+            .finish();
+        Ok(())
     }
 }
 
@@ -118,25 +174,32 @@ impl Writer {
 mod tests {
     use super::*;
 
-    fn u32_at(b: &[u8], at: usize) -> usize {
-        u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as usize
+    #[test]
+    fn what_is_written_reads_back_through_the_verifier_with_raw_data_8_byte_aligned() {
+        let a: Vec<u8> = [1.0f32, -2.5].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let b = [3u8, 4, 5]; // an odd length moves what follows off any boundary
+        let params =
+            [AdapterParameter { name: "lora_A", dims: &[1, 2], data_type: 1, raw: &a }, AdapterParameter { name: "odd", dims: &[3], data_type: 2, raw: &b }];
+        let bytes = encode_adapter(&params, 3, 7).unwrap();
+        assert_eq!(&bytes[4..8], b"TORT");
+        let view = read_adapter(&bytes).unwrap();
+        assert_eq!((view.format_version(), view.adapter_version(), view.model_version()), (ADAPTER_FORMAT_VERSION, 3, 7));
+        let read = view.parameters();
+        assert_eq!(read.len(), 2);
+        for (p, r) in params.iter().zip(&read) {
+            assert_eq!((r.name(), r.dims(), r.data_type(), r.raw_data()), (p.name, p.dims.to_vec(), p.data_type, p.raw));
+            let at = r.raw_data().as_ptr() as usize - bytes.as_ptr() as usize;
+            assert_eq!(at % 8, 0, "{}: raw_data starts at {at}", p.name);
+        }
     }
 
     #[test]
-    fn layout_follows_the_schema() {
-        let raw: Vec<u8> = [1.0f32, -2.5].iter().flat_map(|v| v.to_le_bytes()).collect();
-        let b = encode_adapter(&[AdapterParameter { name: "a", dims: &[1, 2], data_type: 1, raw: &raw }], 3, 7);
-        assert_eq!(&b[4..8], b"TORT");
-        let table = u32_at(&b, 0);
-        let vtable = table - i32::from_le_bytes(b[table..table + 4].try_into().unwrap()) as usize;
-        assert_eq!(u16::from_le_bytes([b[vtable], b[vtable + 1]]), 12);
-        assert_eq!(i32::from_le_bytes(b[table + 4..table + 8].try_into().unwrap()), ADAPTER_FORMAT_VERSION);
-        assert_eq!(i32::from_le_bytes(b[table + 8..table + 12].try_into().unwrap()), 3);
-        let vector = table + 16 + u32_at(&b, table + 16);
-        assert_eq!(u32_at(&b, vector), 1);
-        let param = vector + 4 + u32_at(&b, vector + 4);
-        let raw_at = param + 16 + u32_at(&b, param + 16);
-        assert_eq!((raw_at + 4) % 8, 0, "raw_data is 8-byte aligned");
-        assert_eq!(&b[raw_at + 4..raw_at + 12], &raw[..]);
+    fn a_buffer_of_another_kind_or_cut_short_is_refused() {
+        let bytes = encode_adapter(&[AdapterParameter { name: "w", dims: &[2], data_type: 1, raw: &[0; 8] }], 0, 0).unwrap();
+        assert!(read_adapter(&bytes[..bytes.len() - 9]).is_err());
+        let mut other = bytes.clone();
+        other[4..8].copy_from_slice(b"XXXX");
+        let Err(why) = read_adapter(&other) else { panic!("a buffer without the TORT identifier was accepted") };
+        assert!(why.contains("identifier"), "{why}");
     }
 }

@@ -11,7 +11,7 @@ pub mod le;
 mod shared_data;
 mod tensor;
 
-pub use adapter_file::{encode_adapter, AdapterParameter, ADAPTER_FORMAT_VERSION};
+pub use adapter_file::{encode_adapter, read_adapter, AdapterParameter, AdapterView, ParameterView, ADAPTER_FORMAT_VERSION};
 pub use attr::{attr, attr_f, attr_g, attr_i, attr_ints, attr_s, attr_t, AttrValue, NodeAttrs};
 pub use io::{external_data_path, load_model, load_model_mapped, producer_name, save_model, MappedData, SaveOptions, EXTERNAL_MIN_BYTES};
 pub use proto::{AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto};

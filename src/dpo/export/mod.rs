@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use crate::dpo::manifest::Manifest;
 use crate::graph::Graph;
-use crate::onnx::{encode_adapter, load_model, save_model, tensor_f32, AdapterParameter, SaveOptions};
+use crate::onnx::{encode_adapter, load_model, read_adapter, save_model, tensor_f32, AdapterParameter, SaveOptions};
 use crate::run_layout;
 use crate::store::read_safetensors;
 use crate::{Error, Result};
@@ -165,7 +165,7 @@ fn write_adapter_file(file: &Path, trained: &[TrainedAdapter]) -> Result<()> {
         .collect();
     let params: Vec<AdapterParameter> =
         bytes.iter().map(|(name, dims, raw)| AdapterParameter { name, dims, data_type: crate::onnx::dtype::FLOAT, raw }).collect();
-    let encoded = encode_adapter(&params, ADAPTER_VERSION, 0);
+    let encoded = encode_adapter(&params, ADAPTER_VERSION, 0)?;
     crate::temp_files::write_atomic(file, |w| w.write_all(&encoded))
 }
 
@@ -173,9 +173,6 @@ fn write_adapter_file(file: &Path, trained: &[TrainedAdapter]) -> Result<()> {
 const ADAPTER_VERSION: i32 = 0x0BE7_AD90;
 
 fn is_our_adapter_file(file: &Path) -> bool {
-    // Adapter table: root offset at 0, identifier at 4; adapter_version is the table's second field
     let Ok(b) = crate::fs_guard::read(file) else { return false };
-    let u32_at = |at: usize| b.get(at..at + 4).map(|s| u32::from_le_bytes(s.try_into().unwrap()) as usize);
-    let Some(table) = u32_at(0) else { return false };
-    b.get(4..8) == Some(b"TORT") && u32_at(table + 8) == Some(ADAPTER_VERSION as usize)
+    read_adapter(&b).is_ok_and(|a| a.adapter_version() == ADAPTER_VERSION)
 }
