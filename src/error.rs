@@ -82,8 +82,47 @@ pub enum Error {
     /// is missing or of another release.
     #[error("{}", one_line(.0))]
     Provision(String),
+    /// A JSON record betadpo wrote that cannot be used: the artifacts' manifest, the Hugging Face name map, a
+    /// checkpoint's trainer state, a run's record (malformed, of another format version, or inconsistent).
+    #[error("{path}: {}", one_line(detail))]
+    BadManifest { path: PathBuf, detail: String },
+    /// Trained parameters or optimizer state that do not fit the artifacts: missing, or of another shape.
     #[error("{}", one_line(.0))]
-    Other(String),
+    ParameterMismatch(String),
+    /// Artifacts whose parts do not fit together: a graph, an input or an output the manifest or the trainer
+    /// needs is absent or of a role it does not know.
+    #[error("{}", one_line(.0))]
+    Artifacts(String),
+    /// A numerical check that failed: `validate`'s, or the packed layout's at build time.
+    #[error("{}", one_line(.0))]
+    Validation(String),
+    /// An input path that is not there: a run folder, a tokenizer, a run's parameters.
+    #[error("{path}: {}", one_line(detail))]
+    NotFound { path: PathBuf, detail: String },
+    /// A checkpoint a run cannot resume from: moved, altered, or from another run.
+    #[error("{path}: {}", one_line(detail))]
+    BadCheckpoint { path: PathBuf, detail: String },
+    /// `train` into a run folder that holds checkpoints, without `--resume`.
+    #[error("{path} already holds checkpoints; pass --resume to continue it, or choose a new --out")]
+    RunHasCheckpoints { path: PathBuf },
+    /// `train --resume` with other artifacts, data or optimizer flags than the run was started with.
+    #[error(
+        "{path} was trained with other artifacts, data or optimizer flags; resume needs the same ones (or choose a new --out; \
+         runs started before subnormals were flushed by default resume with --keep-denormals)"
+    )]
+    ResumeMismatch { path: PathBuf },
+    /// Trained artifacts that cannot be written in the asked form (Hugging Face, PEFT, merged or adapter LoRA).
+    #[error("{}", one_line(.0))]
+    NotExportable(String),
+    /// A TensorBoard event file that does not read back: truncated, or a failed CRC.
+    #[error("{path}: {}", one_line(detail))]
+    BadEventFile { path: PathBuf, detail: String },
+    /// Drawing or writing the training report (`report.svg`).
+    #[error("{}", one_line(.0))]
+    Report(String),
+    /// A broken invariant of betadpo itself (a bug, not bad input).
+    #[error("{}", one_line(.0))]
+    Internal(String),
 }
 
 /// Messages from other libraries (ONNX Runtime's end in a newline and may span several) shown on

@@ -128,3 +128,27 @@ pub fn read_i64(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
 fn bad(path: &Path, detail: impl ToString) -> Error {
     Error::BadSafetensors { path: path.to_path_buf(), detail: detail.to_string() }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_that_is_not_safetensors_or_holds_integers_is_a_bad_safetensors_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk.safetensors");
+        std::fs::write(&junk, b"not a header").unwrap();
+        let Err(e) = read_safetensors(&junk) else { panic!("junk was read") };
+        assert!(matches!(&e, Error::BadSafetensors { path, .. } if path == &junk), "{e:?}");
+        assert!(e.to_string().starts_with(&format!("{}: not a valid safetensors file (", junk.display())), "{e}");
+
+        // int64 token ids: readable by read_i64, refused as floats
+        let ids = dir.path().join("ids.safetensors");
+        let bytes: Vec<u8> = [7i64, -1].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let view = safetensors::tensor::TensorView::new(Dtype::I64, vec![2], &bytes).unwrap();
+        std::fs::write(&ids, safetensors::serialize([("ids", view)], None).unwrap()).unwrap();
+        assert_eq!(read_i64(&ids, "ids").unwrap(), (vec![2], vec![7, -1]));
+        let Err(e) = read_safetensors(&ids) else { panic!("int64 read as floats") };
+        assert_eq!(e.to_string(), format!("{}: tensor ids has dtype I64, expected a float", ids.display()));
+    }
+}

@@ -108,7 +108,7 @@ fn read_artifacts(dir: &Path) -> betadpo::Result<()> {
     let m = Manifest::load(dir)?;
     let (tensors, _) = read_safetensors(&dir.join(&m.parameters_file))?;
     for p in &m.parameters {
-        let t = tensors.iter().find(|t| t.name == p.name).ok_or_else(|| betadpo::Error::Other(format!("no parameter {}", p.name)))?;
+        let t = tensors.iter().find(|t| t.name == p.name).ok_or_else(|| betadpo::Error::ParameterMismatch(format!("no parameter {}", p.name)))?;
         assert_eq!(t.data.len(), t.shape.iter().product::<usize>());
     }
     for g in m.graphs.values() {

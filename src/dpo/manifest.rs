@@ -183,11 +183,15 @@ impl Manifest {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST_FILE);
         let text = crate::fs_guard::read_to_string_inside(dir, &path)?;
-        let m: Manifest = serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: not a betadpo manifest ({e})", path.display())))?;
+        let m: Manifest =
+            serde_json::from_str(&text).map_err(|e| Error::BadManifest { path: path.to_path_buf(), detail: format!("not a betadpo manifest ({e})") })?;
         if m.format != FORMAT || m.format_version != FORMAT_VERSION {
-            return Err(Error::Other(format!("{}: format {} v{} is not {FORMAT} v{FORMAT_VERSION}", path.display(), m.format, m.format_version)));
+            return Err(Error::BadManifest {
+                path: path.to_path_buf(),
+                detail: format!("format {} v{} is not {FORMAT} v{FORMAT_VERSION}", m.format, m.format_version),
+            });
         }
-        m.check().map_err(|detail| Error::Other(format!("{}: {detail}", path.display())))?;
+        m.check().map_err(|detail| Error::BadManifest { path: path.to_path_buf(), detail })?;
         m.check_files(dir)?;
         Ok(m)
     }
@@ -263,16 +267,25 @@ impl Manifest {
     /// it (the optimizer's moments are): every trainable parameter present, with its shape.
     pub fn check_parameter_values(&self, tensors: &[crate::store::NamedTensor], file: &Path) -> Result<()> {
         for p in self.trainable() {
-            let t = tensors.iter().find(|t| t.name == p.name).ok_or_else(|| Error::Other(format!("{}: parameter {} is missing", file.display(), p.name)))?;
+            let t = tensors
+                .iter()
+                .find(|t| t.name == p.name)
+                .ok_or_else(|| Error::ParameterMismatch(format!("{}: parameter {} is missing", file.display(), p.name)))?;
             if t.shape.len() != p.shape.len() || t.shape.iter().zip(&p.shape).any(|(&a, &b)| a as i64 != b) {
-                return Err(Error::Other(format!("{}: parameter {} has shape {:?}, the manifest says {:?}", file.display(), p.name, t.shape, p.shape)));
+                return Err(Error::ParameterMismatch(format!(
+                    "{}: parameter {} has shape {:?}, the manifest says {:?}",
+                    file.display(),
+                    p.name,
+                    t.shape,
+                    p.shape
+                )));
             }
         }
         Ok(())
     }
 
     pub fn graph(&self, which: &str) -> Result<&GraphSpec> {
-        self.graphs.get(which).ok_or_else(|| Error::Other(format!("the manifest has no `{which}` graph")))
+        self.graphs.get(which).ok_or_else(|| Error::Artifacts(format!("the manifest has no `{which}` graph")))
     }
 
     pub fn trainable(&self) -> impl Iterator<Item = &ParameterSpec> {

@@ -71,7 +71,7 @@ pub fn validate(dir: &Path, opts: &ValidateOptions) -> Result<Vec<Check>> {
         let loaded = SessionConfig { intra_threads: opts.threads, ..Default::default() }.session_from_file(&path);
         let detail = match &loaded {
             Ok(s) => Ok(format!("{} inputs, {} outputs", s.inputs().len(), s.outputs().len())),
-            Err(e) => Err(Error::Other(e.to_string())),
+            Err(e) => Err(Error::Validation(e.to_string())),
         };
         checks.push(check(&format!("{which}: ONNX Runtime loads it"), detail));
         if let Ok(session) = loaded {
@@ -80,9 +80,9 @@ pub fn validate(dir: &Path, opts: &ValidateOptions) -> Result<Vec<Check>> {
     }
     // Read once: the numerical checks share these values (SmolLM2: 540 MB).
     let stored = read_safetensors(&dir.join(&manifest.parameters_file)).map(|(t, _)| t);
-    let tensors = || stored.as_deref().map_err(|e| Error::Other(e.to_string()));
+    let tensors = || stored.as_deref().map_err(|e| Error::Validation(e.to_string()));
     checks.push(check("parameters file", tensors().and_then(|t| parameters_file(t, &manifest)).map(|n| format!("{n} tensors with the manifest's shapes"))));
-    let mut take = |which: &str| sessions.remove(which).ok_or_else(|| Error::Other(format!("the {which} graph did not load")));
+    let mut take = |which: &str| sessions.remove(which).ok_or_else(|| Error::Artifacts(format!("the {which} graph did not load")));
     let map = dir.join(crate::run_layout::HF_MAP_FILE);
     if map.exists() {
         // what `export --hf` reads before it writes anything
@@ -156,7 +156,7 @@ fn parameters_file(tensors: &[NamedTensor], m: &Manifest) -> Result<usize> {
     for p in m.trainable() {
         let t = by_name[p.name.as_str()];
         if t.data.iter().any(|v| !v.is_finite()) {
-            return Err(Error::Other(format!("parameter {} holds non-finite values", p.name)));
+            return Err(Error::Validation(format!("parameter {} holds non-finite values", p.name)));
         }
     }
     Ok(tensors.len())
@@ -233,7 +233,10 @@ impl<'a> Theta<'a> {
         for t in tensors {
             if m.parameters.iter().any(|p| p.name == t.name && p.beta_head) && t.data.iter().all(|&x| x == 0.0) {
                 let data = t.data.iter().map(|_| rng.random_range(-0.05..0.05)).collect();
-                live_head.insert(t.name.clone(), ArrayD::from_shape_vec(IxDyn(&t.shape), data).map_err(|e| Error::Other(e.to_string()))?);
+                live_head.insert(
+                    t.name.clone(),
+                    ArrayD::from_shape_vec(IxDyn(&t.shape), data).map_err(|e| Error::ShapeMismatch { shape: t.shape.clone(), detail: e.to_string() })?,
+                );
             }
         }
         Ok(Theta { stored: tensors.iter().map(|t| (t.name.as_str(), t)).collect(), live_head })
@@ -243,8 +246,8 @@ impl<'a> Theta<'a> {
         if let Some(a) = self.live_head.get(name) {
             return Ok(a.view());
         }
-        let t = self.stored.get(name).ok_or_else(|| Error::Other(format!("no value for parameter {name} in the parameters file")))?;
-        ArrayViewD::from_shape(IxDyn(&t.shape), &t.data).map_err(|e| Error::Other(format!("parameter {name}: {e}")))
+        let t = self.stored.get(name).ok_or_else(|| Error::ParameterMismatch(format!("no value for parameter {name} in the parameters file")))?;
+        ArrayViewD::from_shape(IxDyn(&t.shape), &t.data).map_err(|e| Error::ParameterMismatch(format!("parameter {name}: {e}")))
     }
 
     fn value(&self, name: &str) -> Result<ArrayD<f32>> {
@@ -280,7 +283,7 @@ fn held_beta_loss<'a>(m: &'a Manifest, spec: &'a GraphSpec, batch: &'a [(String,
         (None, None) => return Ok(None),
     };
     let name = |role: &str, k: usize| spec.outputs.iter().filter(|o| o.role == role).nth(k).map(|o| o.name.clone());
-    let missing = || Error::Other(format!("the {method} train graph lacks its beta, kept or log-prob outputs"));
+    let missing = || Error::Artifacts(format!("the {method} train graph lacks its beta, kept or log-prob outputs"));
     let (beta, logps) = (name("beta", 0).ok_or_else(missing)?, name("metric", 2).ok_or_else(missing)?);
     let refs_name = spec.input("ref_logps").map(|i| i.name.clone()).ok_or_else(missing)?;
     let refs: Vec<f64> = batch.iter().find(|(n, _)| *n == refs_name).and_then(|(_, t)| t.as_f32()).ok_or_else(missing)?.iter().map(|&x| x as f64).collect();
@@ -316,7 +319,7 @@ fn held_beta_loss<'a>(m: &'a Manifest, spec: &'a GraphSpec, batch: &'a [(String,
     let ours = held(at)?;
     let gap = (ours - graph_loss).abs();
     if gap.is_nan() || gap > 1e-4 * graph_loss.abs().max(1.0) {
-        return Err(Error::Other(format!("{method}'s loss {graph_loss} differs from the paper's formula at its own betas ({ours})")));
+        return Err(Error::Validation(format!("{method}'s loss {graph_loss} differs from the paper's formula at its own betas ({ours})")));
     }
     Ok(Some(held))
 }
@@ -344,7 +347,7 @@ fn directional(tensors: &[NamedTensor], m: &Manifest, opts: &ValidateOptions, se
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
     let batch = random_batch(m, spec, &mut rng, opts.pairs, opts.seq_len);
     let theta = Theta::new(tensors, m, &mut rng)?;
-    let loss_name = &spec.output("loss").ok_or_else(|| Error::Other("the train graph has no loss output".into()))?.name;
+    let loss_name = &spec.output("loss").ok_or_else(|| Error::Artifacts("the train graph has no loss output".into()))?.name;
     let feeds = |param: &dyn Fn(&str) -> Result<ArrayD<f32>>| -> Result<Vec<(&str, HostTensor)>> {
         let mut f: Vec<(&str, HostTensor)> = batch.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
         f.extend(spec.parameter_feeds(param)?);
@@ -386,7 +389,7 @@ fn directional(tensors: &[NamedTensor], m: &Manifest, opts: &ValidateOptions, se
         };
         let vnorm: f64 = v.values().map(|a| a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>()).sum::<f64>().sqrt();
         if vnorm == 0.0 || gnorm == 0.0 {
-            return Err(Error::Other("the gradient is exactly zero on a random batch".into()));
+            return Err(Error::Validation("the gradient is exactly zero on a random batch".into()));
         }
         let analytic: f64 = grads.iter().map(|(p, g)| g.iter().zip(v[p].iter()).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>()).sum();
         let eps = step / vnorm;
@@ -418,7 +421,7 @@ fn directional(tensors: &[NamedTensor], m: &Manifest, opts: &ValidateOptions, se
         worst = worst.max(err);
         if !(err < tolerance) {
             let what = if k == 0 { "along the gradient" } else { "along a random direction" };
-            return Err(Error::Other(format!(
+            return Err(Error::Validation(format!(
                 "directional derivative mismatch {what}: autodiff {analytic:.6e}, central difference {numeric:.6e} (error {err:.2e} of |grad||v|, tolerance {tolerance:.1e})"
             )));
         }

@@ -1,7 +1,7 @@
 //! Decoding little-endian tensor bytes (an ONNX initializer's `raw_data`, a safetensors tensor's data): the
 //! one place in betadpo where raw bytes become element values.
 
-use super::tensor::{dtype, DType};
+use super::dtype::{self, DType};
 
 /// An element type stored as little-endian bytes.
 pub trait LeElement: Sized + 'static {

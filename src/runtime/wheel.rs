@@ -143,3 +143,24 @@ impl Wheel {
 pub fn is_shared_library(base: &str) -> bool {
     base.ends_with(".so") || base.contains(".so.")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_that_is_not_a_zip_is_a_bad_package_and_pip_misses_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("onnxruntime-1.32.0-py3-none-any.whl");
+        std::fs::write(&path, b"not a zip").unwrap();
+        let Err(e) = Wheel::open(&path) else { panic!("a non-zip opened as a wheel") };
+        assert!(matches!(&e, Error::BadPackage { path: p, .. } if p == &path), "{e:?}");
+        assert!(e.to_string().starts_with(&format!("{}: not a valid wheel: ", path.display())), "{e}");
+
+        let got = Downloaded { _dir: tempfile::tempdir().unwrap(), wheels: vec![path] };
+        assert_eq!(got.require("ONNXRuntime").unwrap(), got.wheels[0].as_path());
+        let Err(e) = got.require("nvidia-cublas-cu12") else { panic!("a wheel pip did not fetch was found") };
+        assert!(matches!(&e, Error::NotDownloaded { package } if package == "nvidia-cublas-cu12"));
+        assert_eq!(e.to_string(), "pip did not download nvidia-cublas-cu12");
+    }
+}

@@ -52,7 +52,7 @@ pub fn clean_partial(run: &Path) {
 /// The first tensor holding a NaN or an infinity, with the index of that value.
 pub fn first_nonfinite<'a>(tensors: &'a [RawTensor]) -> Option<(&'a str, usize, f32)> {
     tensors.iter().find_map(|t| {
-        let values = t.bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+        let values = crate::onnx::le::elements::<f32>(&t.bytes);
         values.enumerate().find(|(_, v)| !v.is_finite()).map(|(i, v)| (t.name, i, v))
     })
 }
@@ -119,16 +119,18 @@ pub struct Loaded {
 pub fn read_state(dir: &Path) -> Result<TrainerState> {
     let path = dir.join(STATE);
     let text = crate::fs_guard::read_to_string_inside(dir, &path)?;
-    let state: TrainerState = serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
-    state.check().map_err(|why| Error::Other(format!("{}: {why}", path.display())))?;
+    let state: TrainerState = serde_json::from_str(&text).map_err(|e| Error::BadManifest { path: path.clone(), detail: e.to_string() })?;
+    state.check().map_err(|why| Error::BadManifest { path: path.clone(), detail: why })?;
     let named = checkpoint_step(dir);
     if named.is_some_and(|n| n != state.step) {
-        return Err(Error::Other(format!(
-            "{}: holds the state of step {}, not of step {} its directory is named for (the checkpoint was moved or altered; resume from another)",
-            path.display(),
-            state.step,
-            named.unwrap_or_default()
-        )));
+        return Err(Error::BadCheckpoint {
+            path,
+            detail: format!(
+                "holds the state of step {}, not of step {} its directory is named for (the checkpoint was moved or altered; resume from another)",
+                state.step,
+                named.unwrap_or_default()
+            ),
+        });
     }
     Ok(state)
 }
@@ -148,10 +150,10 @@ pub fn check_reachable(path: &Path, state: &TrainerState, total_steps: u64, batc
     } else {
         return Ok(());
     };
-    Err(Error::Other(format!(
-        "{}: {why}; the checkpoint does not belong to this run (resume with its flags, or choose a new --out)",
-        path.join(STATE).display()
-    )))
+    Err(Error::BadCheckpoint {
+        path: path.join(STATE),
+        detail: format!("{why}; the checkpoint does not belong to this run (resume with its flags, or choose a new --out)"),
+    })
 }
 
 /// Counters beyond this are corrupt, not trained: 2^48 steps is millennia of training, and

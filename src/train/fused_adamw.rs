@@ -170,7 +170,7 @@ pub fn step(state: &mut State, grads: &[Tensor<f32>], kinds: &[ParamKind], h: &H
         let (_, mk) = mk.try_extract_tensor_mut::<f32>()?;
         let (_, vk) = vk.try_extract_tensor_mut::<f32>()?;
         if p.len() != g.len() || mk.len() != g.len() || vk.len() != g.len() {
-            return Err(Error::Other(format!("optimizer state of parameter {} does not match its gradient", params.names[k])));
+            return Err(Error::ParameterMismatch(format!("optimizer state of parameter {} does not match its gradient", params.names[k])));
         }
         for (((pc, mc), vc), gc) in p.chunks_mut(CHUNK).zip(mk.chunks_mut(CHUNK)).zip(vk.chunks_mut(CHUNK)).zip(g.chunks(CHUNK)) {
             jobs.push(Job { p: pc, m: mc, v: vc, g: gc, lr, wd });

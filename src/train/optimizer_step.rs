@@ -61,14 +61,14 @@ pub fn apply(session: &mut Session, spec: &GraphSpec, state: &mut State, grads: 
             inputs.push((Cow::Owned(i.name.clone()), SessionInputValue::Owned(Tensor::from_array((Vec::<usize>::new(), vec![v]))?.into_dyn())));
             continue;
         }
-        let p = i.parameter.as_deref().ok_or_else(|| Error::Other(format!("optimizer input {} has role {} and no parameter", i.name, i.role)))?;
-        let k = state.params.names.iter().position(|n| n == p).ok_or_else(|| Error::Other(format!("no state for parameter {p}")))?;
+        let p = i.parameter.as_deref().ok_or_else(|| Error::Artifacts(format!("optimizer input {} has role {} and no parameter", i.name, i.role)))?;
+        let k = state.params.names.iter().position(|n| n == p).ok_or_else(|| Error::ParameterMismatch(format!("no state for parameter {p}")))?;
         let value = match i.role.as_str() {
             "parameter" => &state.params.values[k],
             "gradient" => &grads[k],
             "adam_m" => &state.m[k],
             "adam_v" => &state.v[k],
-            other => return Err(Error::Other(format!("optimizer input role {other} is unknown"))),
+            other => return Err(Error::Artifacts(format!("optimizer input role {other} is unknown"))),
         };
         inputs.push((Cow::Owned(i.name.clone()), SessionInputValue::from(value)));
     }

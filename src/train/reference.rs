@@ -210,7 +210,7 @@ fn table_of(tensors: &[NamedTensor]) -> Option<RefTable> {
 pub fn batch_refs(table: &RefTable, sources: &[usize]) -> Result<Vec<f32>> {
     let mut v = vec![0.0f32; 2 * sources.len()];
     for (i, s) in sources.iter().enumerate() {
-        let (c, r) = *table.get(s).ok_or_else(|| Error::Other(format!("no reference log-prob for pair {s}")))?;
+        let (c, r) = *table.get(s).ok_or_else(|| Error::Internal(format!("no reference log-prob for pair {s}")))?;
         v[i] = c;
         v[sources.len() + i] = r;
     }

@@ -22,7 +22,7 @@ const COLORS: [RGBColor; 6] =
     [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(255, 127, 14), RGBColor(148, 103, 189), RGBColor(140, 86, 75)];
 
 fn panel<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>, title: &str, lines: &[(String, Series)]) -> Result<()> {
-    let err = |e: String| Error::Other(format!("drawing the report: {e}"));
+    let err = |e: String| Error::Report(format!("drawing the report: {e}"));
     let pts: Vec<&(f64, f64)> = lines.iter().flat_map(|(_, s)| s.iter()).collect();
     if pts.is_empty() {
         return Ok(());
@@ -84,7 +84,7 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
     let tmp = run.join(format!(".{REPORT_FILE}.partial"));
     {
         let root = SVGBackend::new(&tmp, (1200, 800)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| Error::Other(e.to_string()))?;
+        root.fill(&WHITE).map_err(|e| Error::Report(e.to_string()))?;
         let areas = root.split_evenly((2, 2));
         panel(&areas[0], "loss", &[("train".into(), series(&train, "loss")), ("eval".into(), series(&eval, "eval/loss"))])?;
         let mut acc = vec![("train".into(), series(&train, "rewards/accuracies")), ("eval".into(), series(&eval, "eval/rewards/accuracies"))];
@@ -103,7 +103,7 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
             beta.push((format!("eval {g}"), series(&eval, &format!("eval/beta/mean/{g}"))));
         }
         panel(&areas[3], "learned beta", &beta)?;
-        root.present().map_err(|e| Error::Other(format!("writing {}: {e}", tmp.display())))?;
+        root.present().map_err(|e| Error::Report(format!("writing {}: {e}", tmp.display())))?;
     }
     std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
     Ok(path)

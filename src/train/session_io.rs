@@ -84,7 +84,7 @@ fn batch_inputs<'v>(spec: &GraphSpec, GraphBatch { batch, refs, batch_beta: extr
             "epsilon_beta" => Tensor::from_array((vec![1], vec![extra.epsilon_beta]))?.into_dyn(),
             "loss_scale" => Tensor::from_array((Vec::<usize>::new(), vec![extra.loss_scale]))?.into_dyn(),
             "parameter" => continue,
-            other => return Err(Error::Other(format!("the graph wants an input with role {other}, which train does not know"))),
+            other => return Err(Error::Artifacts(format!("the graph wants an input with role {other}, which train does not know"))),
         };
         v.push((Cow::Owned(i.name.clone()), SessionInputValue::Owned(value)));
     }
@@ -108,7 +108,7 @@ pub fn run_graph(
 ) -> Result<(ForwardOut, Vec<Tensor<f32>>)> {
     let mut inputs = batch_inputs(spec, fed)?;
     for i in spec.inputs.iter().filter(|i| i.role == "parameter") {
-        let v = params.get(&i.name).ok_or_else(|| Error::Other(format!("no value for parameter {}", i.name)))?;
+        let v = params.get(&i.name).ok_or_else(|| Error::ParameterMismatch(format!("no value for parameter {}", i.name)))?;
         inputs.push((Cow::Owned(i.name.clone()), SessionInputValue::from(v)));
     }
     let mut outputs = device.run(session, inputs, &|name| grad_outputs.iter().any(|g| g == name))?;

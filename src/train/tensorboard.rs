@@ -125,7 +125,7 @@ impl EventWriter {
 /// Reads an event file back, checking every length and CRC (for tests and tools).
 pub fn read_events(path: &Path) -> Result<Vec<Event>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let bad = |what: String| Error::Other(format!("{}: {what}", path.display()));
+    let bad = |what: String| Error::BadEventFile { path: path.to_path_buf(), detail: what };
     let mut events = Vec::new();
     let mut rest = &bytes[..];
     while !rest.is_empty() {

@@ -111,7 +111,7 @@ pub fn parameter_feeds(p: &Prepared) -> Vec<(String, HostTensor)> {
     initial
         .iter()
         .map(|t| {
-            let v: Vec<f32> = t.bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            let v: Vec<f32> = crate::onnx::le::elements(&t.bytes).collect();
             (t.name.to_string(), HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&t.shape), v).unwrap()))
         })
         .collect()

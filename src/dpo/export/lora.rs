@@ -37,9 +37,10 @@ impl TrainedAdapter<'_> {
 /// The adapters' trained values from a parameters file's tensors.
 pub fn trained_adapters<'a>(spec: &'a LoraSpec, tensors: &[NamedTensor]) -> Result<Vec<TrainedAdapter<'a>>> {
     let get = |name: &str, rows: i64, cols: i64| -> Result<Array2<f32>> {
-        let t = tensors.iter().find(|t| t.name == name).ok_or_else(|| Error::Other(format!("LoRA parameter {name} is missing from the parameters")))?;
+        let t =
+            tensors.iter().find(|t| t.name == name).ok_or_else(|| Error::ParameterMismatch(format!("LoRA parameter {name} is missing from the parameters")))?;
         if t.shape != [rows as usize, cols as usize] {
-            return Err(Error::Other(format!("LoRA parameter {name} has shape {:?}, the artifacts expect [{rows}, {cols}]", t.shape)));
+            return Err(Error::ParameterMismatch(format!("LoRA parameter {name} has shape {:?}, the artifacts expect [{rows}, {cols}]", t.shape)));
         }
         Ok(Array2::from_shape_vec((rows as usize, cols as usize), t.data.clone()).expect("shape checked"))
     };

@@ -28,7 +28,7 @@ pub struct RunParams {
 /// Finds `RUN/final/params.safetensors` (or the newest checkpoint when the run did not finish).
 pub fn locate_run(run: &Path) -> Result<RunParams> {
     if !run.is_dir() {
-        return Err(Error::Other(format!("{}: no such run directory", run.display())));
+        return Err(Error::NotFound { path: run.to_path_buf(), detail: "no such run directory".into() });
     }
     let final_params = run.join(run_layout::FINAL_DIR).join(run_layout::PARAMS);
     let params = if final_params.exists() {
@@ -37,12 +37,12 @@ pub fn locate_run(run: &Path) -> Result<RunParams> {
         let newest = run_layout::list_checkpoints(run).pop();
         match newest {
             Some((_, dir)) => dir.join(run_layout::PARAMS),
-            None => return Err(Error::Other(format!("{}: no final parameters and no checkpoint (did training run?)", run.display()))),
+            None => return Err(Error::NotFound { path: run.to_path_buf(), detail: "no final parameters and no checkpoint (did training run?)".into() }),
         }
     };
     let cfg_path = run.join(run_layout::CONFIG_FILE);
     let text = crate::fs_guard::read_to_string_inside(run, &cfg_path)?;
-    let cfg: run_layout::RunRecord = serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", cfg_path.display())))?;
+    let cfg: run_layout::RunRecord = serde_json::from_str(&text).map_err(|e| Error::BadManifest { path: cfg_path.to_path_buf(), detail: e.to_string() })?;
     Ok(RunParams { params, artifacts: cfg.artifacts, tokenizer: cfg.tokenizer, tokenizer_config: cfg.tokenizer_config })
 }
 
@@ -89,7 +89,7 @@ pub fn export_model(artifacts: &Path, params: &Path, out: &Path, form: &AdapterF
     let lora = match (&m.lora, form) {
         (None, AdapterForm::Baked) => None,
         (None, _) => {
-            return Err(Error::Other(format!(
+            return Err(Error::NotExportable(format!(
                 "{}: the artifacts train no LoRA adapters (--merge and --adapter are for --lora-rank builds)",
                 artifacts.display()
             )))

@@ -83,14 +83,18 @@ pub fn packed_matches_model(
     // One beta per pair (read from the prompt, or fixed) or one per sequence: chosen rows come first.
     let pairs = tokens.len();
     if packed_logps.len() != sequences || !(packed_beta.len() == pairs || packed_beta.len() == sequences) {
-        return Err(Error::Other(format!("the packed eval graph returned {} log-probs and {} betas for {pairs} pairs", packed_logps.len(), packed_beta.len())));
+        return Err(Error::Validation(format!(
+            "the packed eval graph returned {} log-probs and {} betas for {pairs} pairs",
+            packed_logps.len(),
+            packed_beta.len()
+        )));
     }
     let padded_beta = &padded_beta[..packed_beta.len()];
     let worst = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).abs() / (y as f64).abs().max(1.0)).fold(0.0, f64::max);
     let db = if training_beta { 0.0 } else { worst(&packed_beta, padded_beta) };
     let dl = worst(&packed_logps, &padded_logps);
     if !(dl < TOLERANCE && db < TOLERANCE) {
-        return Err(Error::Other(format!(
+        return Err(Error::Validation(format!(
             "the packed graphs do not reproduce the model's forward: answer log-probs {packed_logps:?} (packed) against \
              {padded_logps:?} (the model on padded rows), betas {packed_beta:?} against {padded_beta:?}; rebuild with --layout padded"
         )));
@@ -114,7 +118,7 @@ fn forward(session: &mut Session, spec: &GraphSpec, rows: &[Vec<u32>], theta: &d
     }
     feeds.extend(spec.parameter_feeds(theta)?);
     let outs = run(session, &feeds)?;
-    let logits_name = &spec.outputs.iter().find(|o| o.role == "logits").ok_or_else(|| Error::Other("infer has no logits output".into()))?.name;
+    let logits_name = &spec.outputs.iter().find(|o| o.role == "logits").ok_or_else(|| Error::Artifacts("infer has no logits output".into()))?.name;
     Ok((f32_output(&outs, logits_name)?.clone(), f32_output(&outs, "beta")?.iter().copied().collect()))
 }
 

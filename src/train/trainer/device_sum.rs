@@ -62,6 +62,6 @@ impl GradientReduce for DeviceGradientSum {
     }
 
     fn take(&mut self, _device: &Device) -> Result<Vec<Tensor<f32>>> {
-        self.sum.take().ok_or_else(|| Error::Other("the summed gradients were taken before the allreduce".into()))
+        self.sum.take().ok_or_else(|| Error::Internal("the summed gradients were taken before the allreduce".into()))
     }
 }

@@ -22,7 +22,7 @@ pub fn take_uploaded(
     wanted
         .iter()
         .map(|n| {
-            let t = by_name.remove(n).ok_or_else(|| Error::Other(missing(n)))?;
+            let t = by_name.remove(n).ok_or_else(|| Error::ParameterMismatch(missing(n)))?;
             device.upload(&t.shape, t.data)
         })
         .collect()

@@ -196,7 +196,7 @@ fn existing_checkpoints(cfg: &TrainConfig, run: &Path) -> Result<Vec<(u64, PathB
         });
     }
     if !cfg.resume && !previous.is_empty() {
-        return Err(Error::Other(format!("{} already holds checkpoints; pass --resume to continue it, or choose a new --out", run.display())));
+        return Err(Error::RunHasCheckpoints { path: run.to_path_buf() });
     }
     Ok(previous)
 }
@@ -222,11 +222,7 @@ fn resume_point(cfg: &TrainConfig, run: &Path, newest: Option<&(u64, PathBuf)>, 
     let (true, Some((step, dir))) = (cfg.resume, newest) else { return Ok(None) };
     let state = checkpoint::read_state(dir)?;
     if state.run_key != run_key {
-        return Err(Error::Other(format!(
-            "{} was trained with other artifacts, data or optimizer flags; resume needs the same ones (or choose a new --out; \
-             runs started before subnormals were flushed by default resume with --keep-denormals)",
-            run.display()
-        )));
+        return Err(Error::ResumeMismatch { path: run.to_path_buf() });
     }
     Ok(Some(ResumePoint { step: *step, dir: dir.clone(), state }))
 }

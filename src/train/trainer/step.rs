@@ -67,7 +67,7 @@ impl<'a> Stepper<'a> {
             .params
             .names
             .iter()
-            .map(|p| train_spec.output_for("gradient", p).map(|o| o.name.clone()).ok_or_else(|| Error::Other(format!("no gradient output for {p}"))))
+            .map(|p| train_spec.output_for("gradient", p).map(|o| o.name.clone()).ok_or_else(|| Error::Artifacts(format!("no gradient output for {p}"))))
             .collect::<Result<_>>()?;
         let kinds: Vec<ParamKind> = state
             .params
@@ -251,7 +251,9 @@ impl<'a> Stepper<'a> {
                     .last()
                     .map(|(s, p)| format!("; the last checkpoint, {} (step {s}), was written from finite state", p.display()))
                     .unwrap_or_default();
-                return Err(Error::Other(format!("non-finite loss or gradient at step {step} (loss {loss}){last}; --skip-nonfinite skips such steps")));
+                return Err(Error::NonFiniteState(format!(
+                    "non-finite loss or gradient at step {step} (loss {loss}){last}; --skip-nonfinite skips such steps"
+                )));
             }
         };
         if norm.is_finite() {

@@ -63,11 +63,15 @@ impl HfMap {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
-        let m: HfMap = serde_json::from_str(text).map_err(|e| Error::Other(format!("{}: not a Hugging Face name map ({e})", path.display())))?;
+        let m: HfMap =
+            serde_json::from_str(text).map_err(|e| Error::BadManifest { path: path.to_path_buf(), detail: format!("not a Hugging Face name map ({e})") })?;
         if m.format != FORMAT || m.format_version != FORMAT_VERSION {
-            return Err(Error::Other(format!("{}: format {} v{} is not {FORMAT} v{FORMAT_VERSION}", path.display(), m.format, m.format_version)));
+            return Err(Error::BadManifest {
+                path: path.to_path_buf(),
+                detail: format!("format {} v{} is not {FORMAT} v{FORMAT_VERSION}", m.format, m.format_version),
+            });
         }
-        m.check().map_err(|why| Error::Other(format!("{}: {why}", path.display())))?;
+        m.check().map_err(|why| Error::BadManifest { path: path.to_path_buf(), detail: why })?;
         Ok(m)
     }
 
@@ -115,7 +119,7 @@ impl HfMap {
         if beside.exists() {
             return Ok(beside);
         }
-        Err(Error::Other(format!(
+        Err(Error::NotExportable(format!(
             "{}: no {HF_MAP_FILE} (the Hugging Face name map); re-export the model with scripts/tools/export_hf.py, which writes it beside model.onnx, and rebuild the artifacts",
             artifacts.display()
         )))
@@ -143,10 +147,10 @@ impl HfMap {
 /// A 2-D tensor's transpose (anything else is refused: the map or the manifest lied about it).
 pub fn transpose(data: &[f32], shape: &[usize]) -> Result<(Vec<f32>, Vec<usize>)> {
     let &[r, c] = shape else {
-        return Err(Error::Other(format!("a tensor of shape {shape:?} cannot be transposed (only 2-D ones)")));
+        return Err(Error::NotExportable(format!("a tensor of shape {shape:?} cannot be transposed (only 2-D ones)")));
     };
     if r.checked_mul(c) != Some(data.len()) {
-        return Err(Error::Other(format!("a tensor of shape {shape:?} holds {} values", data.len())));
+        return Err(Error::NotExportable(format!("a tensor of shape {shape:?} holds {} values", data.len())));
     }
     let mut out = vec![0.0; data.len()];
     for i in 0..r {
@@ -176,7 +180,10 @@ impl<'a> InitializerValues<'a> {
     pub fn get(&mut self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
         for p in self.manifest.trainable() {
             let Some(r) = p.initializers.iter().find(|r| r.name == name) else { continue };
-            let t = self.trained.get(p.name.as_str()).ok_or_else(|| Error::Other(format!("parameter {} is missing from the trained parameters", p.name)))?;
+            let t = self
+                .trained
+                .get(p.name.as_str())
+                .ok_or_else(|| Error::ParameterMismatch(format!("parameter {} is missing from the trained parameters", p.name)))?;
             return if r.transposed { transpose(&t.data, &t.shape) } else { Ok((t.data.clone(), t.shape.clone())) };
         }
         if self.frozen.is_none() {
@@ -186,7 +193,7 @@ impl<'a> InitializerValues<'a> {
         // a frozen weight stored in half precision keeps its name for the float32 cast that reads it
         let stored = crate::graph::stored_names(name);
         let t = self.frozen.as_ref().and_then(|f| stored.iter().find_map(|n| f.get(n))).ok_or_else(|| {
-            Error::Other(format!(
+            Error::NotExportable(format!(
                 "initializer {name} is neither a trained parameter nor in {} (was the map written for another model?)",
                 self.infer_path.display()
             ))

@@ -82,7 +82,8 @@ pub fn export_hf(artifacts: &Path, params: &Path, out: &Path, tokenizer: Option<
     let mut values = InitializerValues::new(artifacts, &manifest, &trained)?;
     let mut checkpoint = Vec::with_capacity(map.tensors.len());
     for t in &map.tensors {
-        checkpoint.push(checkpoint_tensor(t, &mut values).map_err(|e| Error::Other(format!("{}: {}: {e}", map_path.display(), t.name)))?);
+        checkpoint
+            .push(checkpoint_tensor(t, &mut values).map_err(|e| Error::BadManifest { path: map_path.to_path_buf(), detail: format!("{}: {e}", t.name) })?);
     }
     let head = beta_head(&manifest, &trained, params)?;
 
@@ -161,12 +162,15 @@ fn checkpoint_tensor(t: &HfTensor, values: &mut InitializerValues) -> Result<Nam
     let as_checkpoint = |(data, shape): (Vec<f32>, Vec<usize>), transposed: bool| if transposed { transpose(&data, &shape) } else { Ok((data, shape)) };
     let (mut data, shape) = as_checkpoint(values.get(&t.initializer)?, t.transposed)?;
     if shape != t.shape {
-        return Err(Error::Other(format!("initializer {} has shape {shape:?} (as stored in the checkpoint), the map expects {:?}", t.initializer, t.shape)));
+        return Err(Error::NotExportable(format!(
+            "initializer {} has shape {shape:?} (as stored in the checkpoint), the map expects {:?}",
+            t.initializer, t.shape
+        )));
     }
     for c in &t.tied_copies {
         let (copy, _) = as_checkpoint(values.get(&c.initializer)?, c.transposed)?;
         if copy != data {
-            return Err(Error::Other(format!(
+            return Err(Error::NotExportable(format!(
                 "the tied copies {} and {} hold different values (trained apart?); Hugging Face ties them into one tensor",
                 t.initializer, c.initializer
             )));
@@ -195,7 +199,7 @@ fn float32_config(map: &HfMap) -> serde_json::Value {
 /// The PyTorch loader hooks the lm_head's input, so the head must read exactly that tensor.
 fn check_head_input(manifest: &Manifest, map: &HfMap, map_path: &Path) -> Result<()> {
     match &map.lm_head_input {
-        Some(h) if *h != manifest.model.hidden_state => Err(Error::Other(format!(
+        Some(h) if *h != manifest.model.hidden_state => Err(Error::NotExportable(format!(
             "the beta head reads {} (--hidden-state), not the lm_head's input {h} ({}); a PyTorch loader could not reproduce it, rebuild the artifacts without --hidden-state",
             manifest.model.hidden_state,
             map_path.display()
@@ -213,7 +217,7 @@ fn beta_head(manifest: &Manifest, trained: &[NamedTensor], params: &Path) -> Res
             .iter()
             .find(|t| t.name == name)
             .map(|t| NamedTensor { name: short.into(), ..t.clone() })
-            .ok_or_else(|| Error::Other(format!("{}: parameter {name} is missing", params.display())))
+            .ok_or_else(|| Error::ParameterMismatch(format!("{}: parameter {name} is missing", params.display())))
     };
     Ok(Some(vec![get(HEAD_WEIGHT, "weight")?, get(HEAD_BIAS, "bias")?]))
 }
@@ -248,7 +252,7 @@ fn tokenizer_files(t: &TokenizerSource) -> Result<Vec<(String, PathBuf)>> {
         files.push(("tokenizer.json".to_string(), t.path.clone()));
         t.path.parent().map(Path::to_path_buf).unwrap_or_default()
     } else {
-        return Err(Error::Other(format!("{}: no such tokenizer file or directory", t.path.display())));
+        return Err(Error::NotFound { path: t.path.to_path_buf(), detail: "no such tokenizer file or directory".into() });
     };
     for name in TOKENIZER_FILES {
         let src = dir.join(name);
@@ -261,7 +265,7 @@ fn tokenizer_files(t: &TokenizerSource) -> Result<Vec<(String, PathBuf)>> {
         files.push(("tokenizer_config.json".into(), c.clone()));
     }
     if !files.iter().any(|(n, _)| n == "tokenizer.json") {
-        return Err(Error::Other(format!("{}: no tokenizer.json there", t.path.display())));
+        return Err(Error::NotFound { path: t.path.to_path_buf(), detail: "no tokenizer.json there".into() });
     }
     Ok(files)
 }

@@ -62,7 +62,7 @@ pub fn peft_tensors(adapters: &[TrainedAdapter]) -> Result<Vec<NamedTensor>> {
     let mut out = Vec::new();
     for ad in adapters {
         let module = ad.spec.module.as_deref().ok_or_else(|| {
-            Error::Other(format!(
+            Error::NotExportable(format!(
                 "the adapter on {} has no PyTorch module name; rebuild the artifacts from a model exported by scripts/tools/export_hf.py (its hf_export.json names the modules)",
                 ad.spec.base_weight
             ))
@@ -82,12 +82,12 @@ fn fan_in_fan_out(adapters: &[TrainedAdapter], map: &HfMap) -> Result<bool> {
     let mut layouts = Vec::new();
     for ad in adapters {
         let name = format!("{}.weight", ad.spec.module.as_deref().unwrap_or_default());
-        let t = map.tensors.iter().find(|t| t.name == name).ok_or_else(|| Error::Other(format!("the Hugging Face name map has no tensor {name}")))?;
+        let t = map.tensors.iter().find(|t| t.name == name).ok_or_else(|| Error::NotExportable(format!("the Hugging Face name map has no tensor {name}")))?;
         let checkpoint_out_in = ad.spec.weight_out_in != t.transposed;
         layouts.push((checkpoint_out_in, name));
     }
     match (layouts.iter().find(|l| l.0), layouts.iter().find(|l| !l.0)) {
-        (Some(linear), Some(conv1d)) => Err(Error::Other(format!(
+        (Some(linear), Some(conv1d)) => Err(Error::NotExportable(format!(
             "{} is stored [out, in] and {} [in, out]: PEFT's fan_in_fan_out is one flag for the whole adapter; narrow --lora-targets to one kind",
             linear.1, conv1d.1
         ))),
