@@ -126,3 +126,85 @@ pub fn build(params: &[ParameterSpec], grad_name: impl Fn(&str) -> String) -> (G
     }
     (g, GraphSpec { file: crate::run_layout::graph_file("optimizer"), inputs, outputs })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_model::{output, run_graph};
+    use super::*;
+    use crate::runtime::HostTensor;
+    use ndarray::{ArrayD, IxDyn};
+
+    fn param(name: &str, shape: &[i64], beta_head: bool, weight_decay: bool) -> ParameterSpec {
+        ParameterSpec { name: name.into(), shape: shape.to_vec(), trainable: true, beta_head, initializers: vec![], weight_decay }
+    }
+
+    fn f32s(shape: &[usize], values: impl Fn(usize) -> f64) -> ArrayD<f32> {
+        let n = shape.iter().product();
+        ArrayD::from_shape_vec(IxDyn(shape), (0..n).map(|i| values(i) as f32).collect()).unwrap()
+    }
+
+    /// One step of the graph against PyTorch's AdamW (`torch.optim.AdamW`, decoupled decay
+    /// `p -= lr·wd·p` before the Adam step) after `clip_grad_norm_`, written out in float64: a
+    /// decayed matrix, the head at its own rate without decay, gradients scaled by 1/2 then clipped,
+    /// at step 3 with moments already non-zero; and a frozen parameter is not in the graph.
+    #[test]
+    fn one_step_is_pytorchs_adamw_after_clipping() {
+        let params =
+            [param("w", &[2, 3], false, true), param("head", &[3], true, false), ParameterSpec { trainable: false, ..param("frozen", &[4], false, true) }];
+        let (graph, spec) = build(&params, |p| format!("{p}_grad"));
+        assert!(!graph.has_input("frozen"), "a frozen parameter is updated");
+        let (lr, head_lr, step, b1, b2, eps, wd, max_norm, scale) = (1e-2, 3e-2, 3.0, 0.9, 0.999, 1e-8, 0.1, 0.5, 0.5);
+        let mut feeds: Vec<(String, HostTensor)> = [
+            ("learning_rate", lr),
+            ("head_learning_rate", head_lr),
+            ("step", step),
+            ("adam_beta1", b1),
+            ("adam_beta2", b2),
+            ("adam_epsilon", eps),
+            ("weight_decay", wd),
+            ("max_grad_norm", max_norm),
+            ("gradient_scale", scale),
+        ]
+        .into_iter()
+        .map(|(n, v)| (n.to_string(), HostTensor::F32(ArrayD::from_elem(IxDyn(&[]), v as f32))))
+        .collect();
+        let values = |shape: &[usize], k: f64| {
+            [
+                f32s(shape, |i| (i as f64 * 0.7 + k).sin()),
+                f32s(shape, |i| (i as f64 * 1.3 - k).cos()),
+                f32s(shape, |i| 0.01 * (i as f64 + k).sin()),
+                f32s(shape, |i| 1e-4 * (1.0 + i as f64 + k)),
+            ]
+        };
+        let cases = [("w", vec![2usize, 3], values(&[2, 3], 0.0)), ("head", vec![3], values(&[3], 5.0))];
+        for (name, _, [p, g, m, v]) in &cases {
+            for (n, t) in [(name.to_string(), p), (format!("{name}_grad"), g), (state_name(name, "m"), m), (state_name(name, "v"), v)] {
+                feeds.push((n, HostTensor::F32(t.clone())));
+            }
+        }
+        let outs = run_graph(&graph, &feeds);
+
+        let norm = cases.iter().flat_map(|c| c.2[1].iter()).map(|&g| (g as f64 * scale).powi(2)).sum::<f64>().sqrt();
+        let coef = (max_norm / (norm + 1e-6)).min(1.0);
+        assert!(coef < 0.9, "the case should clip (norm {norm})");
+        assert!((output(&outs, "grad_norm").iter().next().copied().unwrap() as f64 - norm).abs() < 1e-5 * norm);
+        for (name, _, [p, g, m, v]) in &cases {
+            let (rate, decay) = if *name == "head" { (head_lr, 0.0) } else { (lr, wd) };
+            for i in 0..p.len() {
+                let at = |a: &ArrayD<f32>| a.as_slice().unwrap()[i] as f64;
+                let gc = at(g) * scale * coef;
+                let m1 = b1 * at(m) + (1.0 - b1) * gc;
+                let v1 = b2 * at(v) + (1.0 - b2) * gc * gc;
+                let mut p1 = at(p) * (1.0 - rate * decay);
+                p1 -= rate * (m1 / (1.0 - b1.powf(step))) / ((v1 / (1.0 - b2.powf(step))).sqrt() + eps);
+                for (out, want) in [(updated(name), p1), (updated(&state_name(name, "m")), m1), (updated(&state_name(name, "v")), v1)] {
+                    let got = output(&outs, &out).as_slice().unwrap()[i] as f64;
+                    // float32 arithmetic: a few roundings of each term
+                    assert!((got - want).abs() <= 1e-5 * want.abs() + 1e-8, "{out}[{i}]: {got} vs {want}");
+                }
+            }
+        }
+        let listed: Vec<&str> = spec.outputs.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(listed, ["grad_norm", "w.new", "w.adam_m.new", "w.adam_v.new", "head.new", "head.adam_m.new", "head.adam_v.new"]);
+    }
+}
