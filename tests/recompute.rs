@@ -138,3 +138,32 @@ fn the_backward_pass_reads_recomputed_blocks_and_slices() {
         assert_eq!(big(&both_reads), 0, "{}: still kept: {both_reads:?}", model.display());
     }
 }
+
+/// A model betadpo writes from a Hugging Face folder (`build-graph --model DIR`) has its decoder blocks
+/// found by the recompute phase (the importer names every weight `model.layers.N.`, GPT-2's `h.N.`): one
+/// segment per layer of `config.json`, and the recomputed graph gives the plain graph's values, on every
+/// family the importer writes.
+#[test]
+fn imported_models_recompute_each_decoder_block() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf");
+    let mut folders: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().map(|e| e.path()).collect();
+    folders.sort();
+    assert!(folders.len() >= 8, "HF fixture folders missing: {folders:?}");
+    for folder in folders {
+        let name = folder.file_name().unwrap().to_string_lossy().to_string();
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(folder.join("config.json")).unwrap()).unwrap();
+        let layers = config["num_hidden_layers"].as_u64().or(config["n_layer"].as_u64()).unwrap() as usize;
+        let out = common::fixtures::scratch(&format!("recompute-imported-{name}"));
+        let opts = BuildOptions { objective: objective(), layout: LayoutChoice::Padded, memory: RECOMPUTED, ..Default::default() };
+        let report = build_artifacts(&folder, &out, &opts).unwrap();
+        assert_eq!(report.recomputed.segments, layers, "{name}: {:?}", report.recomputed);
+
+        let plain = outputs(&folder, LayoutChoice::Padded, PLAIN, &format!("imported-plain-{name}")).unwrap();
+        let recomputed = outputs(&folder, LayoutChoice::Padded, RECOMPUTED, &format!("imported-recomputed-{name}")).unwrap();
+        let largest = plain.values().map(norm).fold(0.0, f64::max);
+        for (output, want) in &plain {
+            let r = diff(&recomputed[output], want) / norm(want).max(1e-6 * largest);
+            assert!(r <= 1e-6, "{name}: {output} differs by {r:.2e} (relative)");
+        }
+    }
+}
