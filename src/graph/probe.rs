@@ -6,9 +6,11 @@
 //! runs is static; one that differs depends on the batch. Gradient rules use this to decide, for
 //! example, which axes a broadcast gradient must be summed over.
 //!
-//! Large float initializers (and deferred half ones, which have no values yet) are replaced by zeros made at
-//! run time (`ConstantOfShape`), so the probe never holds a second copy of the weights; values do not affect
-//! shapes on the float path.
+//! Large float initializers (and deferred half ones, which have no values yet) are replaced by zeros: the
+//! products and embedding lookups that read them read a stand-in of one zero row and column instead
+//! (`probe_stand_ins`, which computes the same values), and the other readers zeros made at run time
+//! (`ConstantOfShape`), so the probe never holds a copy of the weights; values do not affect shapes on the
+//! float path.
 
 use std::collections::{HashMap, HashSet};
 
@@ -48,21 +50,25 @@ pub struct ProbeBatch {
 }
 
 const ZERO_FILL_MIN_ELEMENTS: i64 = 64;
+const FILL_PREFIX: &str = "probe_fill/";
+
+/// How the probe stands in for large weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeWeights {
+    /// Rewrite the products and embedding lookups that read them (`probe_stand_ins`), zero-fill the rest.
+    StandIns,
+    /// Zero-fill every one at its full shape (the reference the stand-ins are tested against).
+    FullFills,
+}
 
 pub fn probe_shapes(graph: &Graph, batch: &ProbeBatch) -> Result<TensorInfos> {
-    let mut infos = TensorInfos::new();
-    for t in &graph.initializers {
-        infos.insert(t.name.clone(), TensorInfo::fixed(t.data_type, &t.dims));
-    }
-    for n in &graph.nodes {
-        if n.op_type == "Constant" {
-            if let Some(t) = n.attribute.iter().find(|a| a.name == "value").and_then(|a| a.t.as_ref()) {
-                infos.insert(n.output[0].clone(), TensorInfo::fixed(t.data_type, &t.dims));
-            }
-        }
-    }
+    probe_shapes_with(graph, batch, ProbeWeights::StandIns)
+}
+
+pub fn probe_shapes_with(graph: &Graph, batch: &ProbeBatch, weights: ProbeWeights) -> Result<TensorInfos> {
+    let mut infos = initial_infos(graph);
     let views = weight_views(graph, &mut infos);
-    let model = probe_model(graph, &views)?;
+    let model = probe_model(graph, &infos, &views, weights)?;
     let bytes = prost::Message::encode_to_vec(&model);
     let mut session = SessionConfig { optimization: OptLevel::Disable, intra_threads: Some(1), ..Default::default() }.session_from_bytes(&bytes)?;
     let mut seen: [HashMap<String, (DType, Vec<i64>)>; 2] = Default::default();
@@ -84,12 +90,36 @@ pub fn probe_shapes(graph: &Graph, batch: &ProbeBatch) -> Result<TensorInfos> {
     Ok(infos)
 }
 
-/// Tensors computed from one weight alone by a Transpose, Cast or Identity (a model written from
-/// Hugging Face weights reads every `[out, in]` weight through a Transpose): their shapes follow from the
-/// weight's, and are recorded here instead of being probe outputs, which would hold a float32 copy of every
-/// weight until the run ends.
+/// The shapes of the initializers and Constant nodes.
+fn initial_infos(graph: &Graph) -> TensorInfos {
+    let mut infos = TensorInfos::new();
+    for t in &graph.initializers {
+        infos.insert(t.name.clone(), TensorInfo::fixed(t.data_type, &t.dims));
+    }
+    for n in &graph.nodes {
+        if n.op_type == "Constant" {
+            if let Some(t) = n.attribute.iter().find(|a| a.name == "value").and_then(|a| a.t.as_ref()) {
+                infos.insert(n.output[0].clone(), TensorInfo::fixed(t.data_type, &t.dims));
+            }
+        }
+    }
+    infos
+}
+
+/// The weights the probe of `graph` fills with zeros at their full shape (the others it stands in for).
+pub fn filled_weights(graph: &Graph, weights: ProbeWeights) -> Result<Vec<String>> {
+    let mut infos = initial_infos(graph);
+    let views = weight_views(graph, &mut infos);
+    let model = probe_model(graph, &infos, &views, weights)?;
+    let fills = model.graph.iter().flat_map(|g| &g.node).filter(|n| n.name.starts_with(FILL_PREFIX));
+    Ok(fills.map(|n| n.output[0].clone()).collect())
+}
+
+/// Tensors computed from one weight alone by a Transpose, Cast, Identity or a Split into constant sizes (a
+/// model written from Hugging Face weights reads every `[out, in]` weight through a Transpose; the chunked
+/// objective splits the lm_head by vocabulary): their shapes follow from the weight's, and are recorded
+/// here instead of being probe outputs, which would hold a float32 copy of every weight until the run ends.
 fn weight_views(graph: &Graph, infos: &mut TensorInfos) -> HashSet<String> {
-    use crate::onnx::NodeAttrs;
     let mut views = HashSet::new();
     let weights: HashSet<&str> = graph
         .initializers
@@ -97,39 +127,71 @@ fn weight_views(graph: &Graph, infos: &mut TensorInfos) -> HashSet<String> {
         .filter(|t| dtype::is_float(t.data_type) && t.dims.iter().product::<i64>() >= ZERO_FILL_MIN_ELEMENTS)
         .map(|t| t.name.as_str())
         .collect();
+    let constants = super::constant_tensors(&graph.nodes, &graph.initializers);
     for n in &graph.nodes {
-        let Some(x) = n.input.first().filter(|x| n.input.len() == 1 && (weights.contains(x.as_str()) || views.contains(x.as_str()))) else { continue };
+        let Some(x) = n.input.first().filter(|x| weights.contains(x.as_str()) || views.contains(x.as_str())) else { continue };
         let Some(info) = infos.get(x) else { continue };
-        let dims = &info.dims[0];
-        let (dt, out) = match n.op_type.as_str() {
-            "Identity" => (info.dtype, dims.clone()),
-            "Cast" => (n.int_or("to", info.dtype as i64) as DType, dims.clone()),
-            "Transpose" => {
-                let perm = n.ints_attr("perm").unwrap_or_else(|| (0..dims.len() as i64).rev().collect());
-                match perm.iter().map(|&p| dims.get(p as usize).copied()).collect::<Option<Vec<i64>>>() {
-                    Some(d) if perm.len() == dims.len() => (info.dtype, d),
-                    _ => continue,
-                }
-            }
-            _ => continue,
-        };
-        infos.insert(n.output[0].clone(), TensorInfo::fixed(dt, &out));
-        views.insert(n.output[0].clone());
+        let Some((dt, shapes)) = view_shapes(n, info, &constants) else { continue };
+        for (o, dims) in n.output.iter().zip(shapes) {
+            infos.insert(o.clone(), TensorInfo::fixed(dt, &dims));
+            views.insert(o.clone());
+        }
     }
     views
 }
 
-fn probe_model(graph: &Graph, views: &HashSet<String>) -> Result<crate::onnx::ModelProto> {
+/// The dtype and output shapes of `n` when it is a view of the weight `info` describes.
+fn view_shapes(n: &NodeProto, info: &TensorInfo, constants: &HashMap<String, TensorProto>) -> Option<(DType, Vec<Vec<i64>>)> {
+    use crate::onnx::NodeAttrs;
+    let dims = &info.dims[0];
+    let single = n.input.len() == 1;
+    match n.op_type.as_str() {
+        "Identity" if single => Some((info.dtype, vec![dims.clone()])),
+        "Cast" if single => Some((n.int_or("to", info.dtype as i64) as DType, vec![dims.clone()])),
+        "Transpose" if single => {
+            let perm = n.ints_attr("perm").unwrap_or_else(|| (0..dims.len() as i64).rev().collect());
+            let out = perm.iter().map(|&p| dims.get(usize::try_from(p).ok()?).copied()).collect::<Option<Vec<i64>>>()?;
+            (perm.len() == dims.len()).then_some((info.dtype, vec![out]))
+        }
+        "Split" => {
+            let axis = usize::try_from(n.int_or("axis", 0).rem_euclid(dims.len().max(1) as i64)).ok()?;
+            let sizes = match n.input.get(1).filter(|s| !s.is_empty()) {
+                Some(s) => crate::onnx::tensor_to_i64(constants.get(s)?).ok()?,
+                None => n.ints_attr("split")?,
+            };
+            let whole = sizes.len() == n.output.len() && sizes.iter().all(|&k| k >= 0) && sizes.iter().sum::<i64>() == *dims.get(axis)?;
+            let shape = |k: i64| dims.iter().enumerate().map(|(i, &d)| if i == axis { k } else { d }).collect();
+            whole.then(|| (info.dtype, sizes.into_iter().map(shape).collect()))
+        }
+        _ => None,
+    }
+}
+
+fn probe_model(graph: &Graph, infos: &TensorInfos, views: &HashSet<String>, weights: ProbeWeights) -> Result<crate::onnx::ModelProto> {
     let mut g = graph.clone();
     let graph_inputs: HashSet<String> = g.inputs.iter().map(|i| i.name.clone()).collect();
+    let large: HashSet<String> = g
+        .initializers
+        .iter()
+        .filter(|t| {
+            let numel: i64 = t.dims.iter().product();
+            let small = !dtype::is_float(t.data_type) || numel < ZERO_FILL_MIN_ELEMENTS || graph_inputs.contains(&t.name);
+            !small || super::precision::is_deferred(t)
+        })
+        .map(|t| t.name.clone())
+        .collect();
+    let read = match weights {
+        ProbeWeights::StandIns => super::probe_stand_ins::stand_in_for_weights(&mut g, infos, &large, views).0,
+        ProbeWeights::FullFills => large.clone(),
+    };
     let mut fills: Vec<NodeProto> = Vec::new();
     g.initializers.retain(|t| {
-        let numel: i64 = t.dims.iter().product();
-        let small = !dtype::is_float(t.data_type) || numel < ZERO_FILL_MIN_ELEMENTS || graph_inputs.contains(&t.name);
-        if small && !super::precision::is_deferred(t) {
+        if !large.contains(&t.name) {
             return true;
         }
-        fills.extend(zero_fill(t));
+        if read.contains(&t.name) {
+            fills.extend(zero_fill(t));
+        }
         false
     });
     fills.append(&mut g.nodes);
@@ -170,7 +232,7 @@ fn zero_fill(t: &TensorProto) -> [NodeProto; 2] {
         zero = crate::onnx::zero_value(t.data_type);
     }
     let fill = NodeProto {
-        name: format!("probe_fill/{}", t.name),
+        name: format!("{FILL_PREFIX}{}", t.name),
         op_type: "ConstantOfShape".into(),
         input: vec![format!("probe_shape/{}", t.name)],
         output: vec![t.name.clone()],

@@ -15,6 +15,11 @@ use crate::runtime::HostTensor;
 use crate::Result;
 
 pub fn probe(graph: &Graph, layout: Layout, sig: &LmSignature, vocab: i64, batch_inputs: &[TensorSpec], cfg: &ObjectiveConfig) -> Result<TensorInfos> {
+    probe_shapes(graph, &batches(layout, sig, vocab, batch_inputs, cfg))
+}
+
+/// The two probe batches of the layout, with the inputs the objective's method reads.
+fn batches(layout: Layout, sig: &LmSignature, vocab: i64, batch_inputs: &[TensorSpec], cfg: &ObjectiveConfig) -> ProbeBatch {
     let mut probes = match layout {
         Layout::Padded => padded_batches(sig, vocab),
         Layout::Packed => packing::inputs::probe_batch(batch_inputs, vocab, cfg),
@@ -29,7 +34,7 @@ pub fn probe(graph: &Graph, layout: Layout, sig: &LmSignature, vocab: i64, batch
             run.extend(epsilon_dpo::probe_inputs(e.beta0));
         }
     }
-    probe_shapes(graph, &probes)
+    probes
 }
 
 /// The padded probes: 2 pairs x 6 tokens, then 3 pairs x 9 tokens; the last row is padded by two
@@ -60,7 +65,12 @@ mod tests {
         layout::choose,
         load::{load, tests::quickstart_model},
     };
+    use crate::dpo::artifacts::adapters::add;
+    use crate::dpo::artifacts::layout::LaidOut;
+    use crate::dpo::artifacts::recompute::{vocab_chunks, MemoryOptions};
+    use crate::dpo::model::lora::LoraOptions;
     use crate::dpo::packing::LayoutChoice;
+    use crate::graph::{filled_weights, probe_shapes_with, ProbeWeights};
 
     /// The probed shapes are what ONNX Runtime computed on the two batches (4 rows x 6 tokens, then
     /// 6 rows x 9): a scalar loss, one log-prob per row, hidden states [rows, tokens, hidden size].
@@ -75,5 +85,51 @@ mod tests {
         assert_eq!(infos[&a.obj.policy_logps].dims, [vec![4], vec![6]]);
         let h = m.sig.hidden_size;
         assert_eq!(infos[&m.sig.hidden].dims, [vec![4, 6, h], vec![6, 9, h]]);
+    }
+
+    /// Phases 1 to 5 on `model`: with LoRA (rank 2), the chosen layout, and the vocabulary cut in three
+    /// slices (the chunked log-probs split the lm_head, where it is a plain product) or whole.
+    fn laid_out(model: &std::path::Path, lora: bool, layout: LayoutChoice, chunked: bool) -> (LaidOut, crate::dpo::artifacts::load::LoadedModel, Vec<TensorSpec>, bool) {
+        let mut m = load(model, None).unwrap();
+        let opts = LoraOptions { rank: 2, alpha: None, dropout: 0.0, targets: None };
+        add(&mut m.base, &m.sig, lora.then_some(&opts), &Default::default()).unwrap();
+        let mut laid = choose(&m.base, &m.sig, layout).unwrap();
+        let memory = MemoryOptions { vocab_chunk: if chunked { m.vocab / 3 + 1 } else { 0 }, ..Default::default() };
+        let chunks = vocab_chunks(&memory, &laid.graph, &m.sig, m.vocab);
+        let sliced = chunks.is_some();
+        let a = append(&mut laid, &m.sig, &ObjectiveConfig::default(), chunks).unwrap();
+        (laid, m, a.batch_inputs, sliced)
+    }
+
+    /// The probe that stands in for the weights (one zero row and column per product and lookup) finds
+    /// every tensor's dtype and shape exactly as the probe that fills each weight with zeros at its full
+    /// shape, on an exported model and on every family betadpo writes from a Hugging Face folder, padded
+    /// and packed, with LoRA and the chunked lm_head; and on the imported models it fills no matrix.
+    #[test]
+    fn standing_in_for_the_weights_finds_the_shapes_the_full_weights_give() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let families = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2"];
+        let mut models: Vec<std::path::PathBuf> = families.iter().map(|f| root.join("tests/fixtures/hf").join(f)).collect();
+        models.push(quickstart_model());
+        let cfg = ObjectiveConfig::default();
+        let mut sliced_models = 0;
+        for model in &models {
+            for (lora, layout, chunked) in [(true, LayoutChoice::Auto, true), (false, LayoutChoice::Padded, false)] {
+                let (laid, m, inputs, sliced) = laid_out(model, lora, layout, chunked);
+                sliced_models += usize::from(sliced);
+                let batch = batches(laid.layout, &m.sig, m.vocab, &inputs, &cfg);
+                let want = probe_shapes_with(&laid.graph, &batch, ProbeWeights::FullFills).unwrap();
+                let got = probe_shapes_with(&laid.graph, &batch, ProbeWeights::StandIns).unwrap();
+                assert_eq!(got, want, "{} ({lora}, {layout:?}, {chunked})", model.display());
+                let full = filled_weights(&laid.graph, ProbeWeights::FullFills).unwrap();
+                let filled = filled_weights(&laid.graph, ProbeWeights::StandIns).unwrap();
+                let matrices: Vec<&String> = filled.iter().filter(|w| laid.graph.initializer(w).is_some_and(|t| t.dims.len() > 1)).collect();
+                assert!(full.len() > filled.len(), "{}: nothing stood in for", model.display());
+                if model.is_dir() {
+                    assert!(matrices.is_empty(), "{}: {matrices:?} filled", model.display());
+                }
+            }
+        }
+        assert!(sliced_models >= 7, "the chunked lm_head was probed on {sliced_models} models");
     }
 }
