@@ -30,6 +30,8 @@ pub struct Predictor {
     /// The model's limits, from the metadata `export` writes (or the logits' width).
     limits: Option<ModelLimits>,
     hidden_size: Option<usize>,
+    /// The tokens that end a continuation: the tokenizer's EOS, and those of a generation config.
+    stop_ids: Vec<u32>,
 }
 
 impl Predictor {
@@ -50,7 +52,8 @@ impl Predictor {
         }
         let tokenizer = PairTokenizer::from_files(tokenizer, tokenizer_config)?;
         let (limits, hidden_size) = model_limits(&session);
-        Ok(Predictor { session, adapter: None, tokenizer, has_position_ids: names.iter().any(|n| n == "position_ids"), limits, hidden_size })
+        let stop_ids = vec![tokenizer.eos_id()];
+        Ok(Predictor { session, adapter: None, tokenizer, has_position_ids: names.iter().any(|n| n == "position_ids"), limits, hidden_size, stop_ids })
     }
 
     /// Makes the adapters of an ONNX Runtime adapter file (`export --adapter`) active in every run:
@@ -66,6 +69,16 @@ impl Predictor {
         options.add_adapter(&adapter)?;
         self.adapter = Some(options);
         Ok(self)
+    }
+
+    /// Also ends continuations at `ids` (a generation config's `eos_token_id`).
+    pub fn stop_at(mut self, ids: &[u32]) -> Self {
+        for &id in ids {
+            if !self.stop_ids.contains(&id) {
+                self.stop_ids.push(id);
+            }
+        }
+        self
     }
 
     /// The text the model sees: plain prompts as they are (or through the chat template with
@@ -145,7 +158,7 @@ impl Predictor {
                     continue;
                 }
                 let next = logits.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32;
-                if next == self.tokenizer.eos_id() {
+                if self.stop_ids.contains(&next) {
                     done[r] = true;
                 } else {
                     rows[r].push(next);

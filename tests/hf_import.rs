@@ -179,3 +179,55 @@ fn lora_adapters_carry_hugging_face_module_names() {
     sorted.sort();
     assert_eq!(sorted, expected);
 }
+
+/// `infer` on a model built from a folder follows the generation_config.json beside the tokenizer: it stops
+/// at any of its `eos_token_id` (here the list of tokens that could begin the plain greedy continuation:
+/// nothing is generated), a bare `--generate` continues for its `max_new_tokens` exactly as `--generate N`
+/// does, a number given to `--generate` overrides it, and sampling it asks for is named as not followed.
+#[test]
+fn infer_follows_the_generation_config_beside_the_tokenizer() {
+    let dir = folder("llama");
+    let work = common::fixtures::scratch("hf-generation-config");
+    let art = work.join("a");
+    build_artifacts(&dir, &art, &BuildOptions::default()).unwrap();
+    let model = work.join("m.onnx");
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let (code, _, err) = common::cli::betadpo(&["export", "--artifacts", &path(&art), "--out", &path(&model)]);
+    assert_eq!(code, 0, "{err}");
+    let tok = work.join("tok");
+    std::fs::create_dir_all(&tok).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(dir.join(f), tok.join(f)).unwrap();
+    }
+    let infer = |generation: Option<&str>, generate: &[&str]| -> (i32, String, String) {
+        let config = tok.join("generation_config.json");
+        match generation {
+            Some(text) => std::fs::write(&config, text).unwrap(),
+            None => std::fs::remove_file(&config).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }).unwrap(),
+        }
+        let mut args = vec!["infer", "--json", "--model", model.to_str().unwrap(), "--tokenizer", tok.to_str().unwrap(), "--prompt", "hello there"];
+        args.push("--generate");
+        args.extend(generate);
+        common::cli::betadpo(&args)
+    };
+    let completion = |generation: Option<&str>, generate: &[&str]| -> String {
+        let (code, out, err) = infer(generation, generate);
+        assert_eq!(code, 0, "{err}");
+        let row: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+        row["completion"].as_str().unwrap().to_string()
+    };
+    let greedy = completion(None, &["6"]);
+    let tokenizer = tokenizers::Tokenizer::from_file(tok.join("tokenizer.json")).unwrap();
+    let starts = |id: &u32| tokenizer.decode(&[*id], false).is_ok_and(|t| !t.is_empty() && greedy.starts_with(&t));
+    let firsts: Vec<u32> = (0..tokenizer.get_vocab_size(true) as u32).filter(starts).collect();
+    assert!(!firsts.is_empty(), "no token begins {greedy:?}");
+    assert_eq!(completion(Some(&format!(r#"{{"eos_token_id": {firsts:?}}}"#)), &["6"]), "", "greedy continuation {greedy:?}");
+    let three = completion(None, &["3"]);
+    assert!(!three.is_empty() && greedy.starts_with(&three) && three != greedy, "{three:?} of {greedy:?}");
+    assert_eq!(completion(Some(r#"{"max_new_tokens": 3}"#), &[]), three);
+    assert_eq!(completion(Some(r#"{"max_new_tokens": 3}"#), &["6"]), greedy);
+    let (_, _, note) = infer(Some(r#"{"do_sample": true, "temperature": 0.6}"#), &["2"]);
+    assert!(note.contains("sampling (temperature 0.6); betadpo continues greedily"), "{note}");
+    let (code, _, err) = infer(None, &[]);
+    assert!(code != 0 && err.contains("--generate") && err.lines().count() == 1, "{err}");
+}

@@ -1,9 +1,11 @@
-//! `betadpo infer`: the learned beta per prompt (and a greedy continuation), as a table or JSON.
+//! `betadpo infer`: the learned beta per prompt (and a greedy continuation, which stops where the tokenizer's
+//! folder's generation_config.json says), as a table or JSON.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 use betadpo::infer::Predictor;
+use betadpo::model_import::generation::GenerationConfig;
 use betadpo::runtime::{ExecutionProvider, SessionConfig};
 use betadpo::text::data::parse_messages;
 use betadpo::text::Text;
@@ -27,9 +29,13 @@ pub struct Args {
     /// Render plain prompts through the chat template as a user message.
     #[arg(long)]
     chat: bool,
-    /// Continue each prompt greedily for up to N tokens.
-    #[arg(long, default_value_t = 0)]
-    generate: usize,
+    /// Continue each prompt greedily for up to N tokens (bare: the generation config's max_new_tokens), stopping
+    /// at the tokenizer's EOS and the generation config's eos_token_id.
+    #[arg(long, value_name = "N", num_args = 0..=1)]
+    generate: Option<Option<usize>>,
+    /// A Hugging Face generation_config.json (default: the one beside the tokenizer, when there is one).
+    #[arg(long)]
+    generation_config: Option<PathBuf>,
     /// One JSON object per prompt instead of a table.
     #[arg(long)]
     json: bool,
@@ -71,9 +77,21 @@ pub fn run(a: Args) -> Result<()> {
     if prompts.is_empty() {
         anyhow::bail!(betadpo::Error::BadFlag { flag: "--prompt/--file".into(), detail: "give at least one prompt".into() });
     }
-    betadpo::limits::at_most("--generate", a.generate, betadpo::limits::MAX_COUNT, "tokens, beyond any model's positions")?;
+    let generation = generation_config(&a)?;
+    let generate = match a.generate {
+        None => 0,
+        Some(Some(n)) => n,
+        Some(None) => generation.max_new_tokens.ok_or_else(|| betadpo::Error::BadFlag {
+            flag: "--generate".into(),
+            detail: "give the number of tokens (no generation_config.json with max_new_tokens was found)".into(),
+        })?,
+    };
+    betadpo::limits::at_most("--generate", generate, betadpo::limits::MAX_COUNT, "tokens, beyond any model's positions")?;
+    if let Some(sampling) = generation.sampling.as_deref().filter(|_| generate > 0) {
+        eprintln!("note: generation_config.json asks for {sampling}; betadpo continues greedily");
+    }
     let cfg = SessionConfig { ep: a.ep, intra_threads: a.threads, ..Default::default() };
-    let mut p = Predictor::new(&a.model, &a.tokenizer, a.tokenizer_config.as_deref(), &cfg)?;
+    let mut p = Predictor::new(&a.model, &a.tokenizer, a.tokenizer_config.as_deref(), &cfg)?.stop_at(&generation.eos_token_ids);
     if let Some(file) = &a.adapter {
         p = p.with_adapter(file)?;
     }
@@ -83,7 +101,7 @@ pub fn run(a: Args) -> Result<()> {
              as a chat model is trained and used (beta is read at the prompt's last token, so the two forms give different betas)"
         );
     }
-    let preds = p.predict(&prompts, a.chat, a.generate)?;
+    let preds = p.predict(&prompts, a.chat, generate)?;
     for (pr, prompt) in preds.iter().zip(&prompts) {
         if a.json {
             println!("{}", serde_json::to_string(pr)?);
@@ -96,6 +114,22 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--generation-config`, else the generation_config.json in the tokenizer's folder (a Hugging Face folder's);
+/// the default settings when there is none.
+fn generation_config(a: &Args) -> Result<GenerationConfig> {
+    let found = match &a.generation_config {
+        Some(path) => Some(
+            GenerationConfig::read(path)?
+                .ok_or_else(|| betadpo::Error::BadFlag { flag: "--generation-config".into(), detail: format!("{}: no such file", path.display()) })?,
+        ),
+        None => {
+            let folder = if a.tokenizer.is_dir() { a.tokenizer.as_path() } else { a.tokenizer.parent().unwrap_or(std::path::Path::new(".")) };
+            GenerationConfig::read(&folder.join(betadpo::model_import::GENERATION_CONFIG_FILE))?
+        }
+    };
+    Ok(found.unwrap_or_default())
 }
 
 /// What a prompt asks, for the table: the last user turn of a conversation (the rendered text

@@ -76,7 +76,9 @@ fn rewrite(n: &NodeProto, i: usize, infos: &TensorInfos, weightish: &HashSet<Str
     // `x @ w`, or Gemm's `alpha * x @ w'` without a bias: `(x @ 0[k, 1]) * 0[cols]`
     let product = match n.op_type.as_str() {
         "MatMul" => Some(matrix(&n.input[1])),
-        "Gemm" if n.input.len() == 2 && n.int_or("transA", 0) == 0 => Some(matrix(&n.input[1]).map(|(r, c)| if n.int_or("transB", 0) == 1 { (c, r) } else { (r, c) })),
+        "Gemm" if n.input.len() == 2 && n.int_or("transA", 0) == 0 => {
+            Some(matrix(&n.input[1]).map(|(r, c)| if n.int_or("transB", 0) == 1 { (c, r) } else { (r, c) }))
+        }
         _ => None,
     };
     if let Some(by) = product.filter(|_| weightish.contains(&n.input[1]) && !weightish.contains(&n.input[0])) {
@@ -121,7 +123,14 @@ mod tests {
     use ndarray::{ArrayD, IxDyn};
 
     fn op(op: &str, input: &[&str], output: &str, attribute: Vec<crate::onnx::AttributeProto>) -> NodeProto {
-        NodeProto { name: output.into(), op_type: op.into(), input: input.iter().map(|s| s.to_string()).collect(), output: vec![output.into()], attribute, ..Default::default() }
+        NodeProto {
+            name: output.into(),
+            op_type: op.into(),
+            input: input.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            attribute,
+            ..Default::default()
+        }
     }
 
     /// An imported model's pattern on zero weights: embedding rows, a `[out, in]` projection read through a

@@ -8,6 +8,7 @@
 
 pub mod config;
 mod decoder;
+pub mod generation;
 mod gpt2;
 mod ops;
 mod rope;

@@ -60,14 +60,14 @@ fn padded_batches(sig: &LmSignature, vocab: i64) -> ProbeBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dpo::artifacts::adapters::add;
+    use crate::dpo::artifacts::layout::LaidOut;
+    use crate::dpo::artifacts::recompute::{vocab_chunks, MemoryOptions};
     use crate::dpo::artifacts::{
         append_objective::append,
         layout::choose,
         load::{load, tests::quickstart_model},
     };
-    use crate::dpo::artifacts::adapters::add;
-    use crate::dpo::artifacts::layout::LaidOut;
-    use crate::dpo::artifacts::recompute::{vocab_chunks, MemoryOptions};
     use crate::dpo::model::lora::LoraOptions;
     use crate::dpo::packing::LayoutChoice;
     use crate::graph::{filled_weights, probe_shapes_with, ProbeWeights};
@@ -89,7 +89,12 @@ mod tests {
 
     /// Phases 1 to 5 on `model`: with LoRA (rank 2), the chosen layout, and the vocabulary cut in three
     /// slices (the chunked log-probs split the lm_head, where it is a plain product) or whole.
-    fn laid_out(model: &std::path::Path, lora: bool, layout: LayoutChoice, chunked: bool) -> (LaidOut, crate::dpo::artifacts::load::LoadedModel, Vec<TensorSpec>, bool) {
+    fn laid_out(
+        model: &std::path::Path,
+        lora: bool,
+        layout: LayoutChoice,
+        chunked: bool,
+    ) -> (LaidOut, crate::dpo::artifacts::load::LoadedModel, Vec<TensorSpec>, bool) {
         let mut m = load(model, None).unwrap();
         let opts = LoraOptions { rank: 2, alpha: None, dropout: 0.0, targets: None };
         add(&mut m.base, &m.sig, lora.then_some(&opts), &Default::default()).unwrap();
