@@ -12,6 +12,7 @@ mod precision;
 mod probe;
 mod probe_stand_ins;
 mod recompute;
+mod tensor_info;
 
 pub use blocks::{decoder_blocks, layer_index};
 pub use builder::Builder;
@@ -20,8 +21,9 @@ pub use mixed_precision::{drop_exact_round_trips, products_in_half, MixedPrecisi
 pub use names::Names;
 pub use opset::{raise_to_scatter_add_opset, SCATTER_ADD_OPSET};
 pub use precision::{compute_in_float32, is_deferred, materialize_deferred, store_frozen, stored_name, stored_names, HalfOrigin, StoredWeights};
-pub use probe::{filled_weights, probe_shapes, probe_shapes_with, ProbeBatch, ProbeWeights, TensorInfo, TensorInfos};
+pub use probe::{filled_weights, probe_shapes, probe_shapes_with, ProbeBatch, ProbeWeights};
 pub use recompute::{recompute, Recomputed};
+pub use tensor_info::{TensorInfo, TensorInfos};
 
 use std::collections::HashMap;
 

@@ -10,7 +10,8 @@
 
 use std::collections::HashSet;
 
-use super::{Graph, TensorInfos};
+use super::tensor_info::TensorInfos;
+use super::Graph;
 use crate::onnx::{attr_i, dtype, tensor_i64, NodeAttrs, NodeProto, TensorProto};
 
 const PREFIX: &str = "probe_stand_in/";
