@@ -15,8 +15,9 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::dependency::{exists_after, gate, gradient_tensors};
 use super::{Builder, Graph};
-use crate::onnx::{attr_i, dtype, NodeProto};
+use crate::onnx::NodeProto;
 
 /// What [`recompute`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -82,17 +83,6 @@ pub fn recompute(graph: &mut Graph, forward_len: usize, seed: &str, segments: &[
     report
 }
 
-/// The tensors of `backward` (in order) that depend on `seed`.
-fn gradient_tensors(backward: &[NodeProto], seed: &str) -> HashSet<String> {
-    let mut g: HashSet<String> = HashSet::from([seed.to_string()]);
-    for n in backward {
-        if n.input.iter().any(|x| g.contains(x)) {
-            g.extend(n.output.iter().filter(|o| !o.is_empty()).cloned());
-        }
-    }
-    g
-}
-
 /// Marks the names of copied nodes and tensors.
 const COPY_MARK: &str = "recomputed/";
 
@@ -142,7 +132,7 @@ fn plan_segment(ctx: &Context, seg: &[usize], names: &mut super::Names) -> Optio
             } else if let Some(r) = renamed.get(x) {
                 r.clone()
             } else {
-                let gated = gate(&mut b, x, dep.as_deref());
+                let gated = gate(&mut b, x, dep.as_deref(), COPY_MARK);
                 renamed.insert(x.clone(), gated.clone());
                 gated
             };
@@ -179,30 +169,5 @@ fn backward_reached(b: &mut Builder, ctx: &Context, readers: &[usize], first: us
         let last = nodes[..first].iter().rev().find(|n| n.output.iter().any(|o| gradients.contains(o)));
         triggers.extend(last.into_iter().flat_map(|n| n.output.iter().map(String::as_str).filter(|o| gradients.contains(*o))));
     }
-    let flat = b.ints(&[-1]);
-    let (zero, zero2) = (b.ints(&[0]), b.ints(&[0]));
-    let empties: Vec<String> = triggers
-        .iter()
-        .map(|t| {
-            let v = b.op("Reshape", &[t, &flat], vec![], &format!("{COPY_MARK}{t}_flat"));
-            let e = b.op("Slice", &[&v, &zero, &zero2], vec![], &format!("{COPY_MARK}{t}_none"));
-            b.op("Cast", &[&e], vec![attr_i("to", dtype::INT64 as i64)], &format!("{COPY_MARK}{t}_reached"))
-        })
-        .collect();
-    match empties.len() {
-        0 => None,
-        1 => empties.into_iter().next(),
-        _ => {
-            let refs: Vec<&str> = empties.iter().map(String::as_str).collect();
-            Some(b.op("Concat", &refs, vec![attr_i("axis", 0)], &format!("{COPY_MARK}reached")))
-        }
-    }
-}
-
-/// `x` unchanged, but readable only once `dep` exists.
-fn gate(b: &mut Builder, x: &str, dep: Option<&str>) -> String {
-    let Some(dep) = dep else { return x.to_string() };
-    let shape = b.op("Shape", &[x], vec![], &format!("{COPY_MARK}{x}_shape"));
-    let same = b.op("Concat", &[&shape, dep], vec![attr_i("axis", 0)], &format!("{COPY_MARK}{x}_shape_after"));
-    b.op("Reshape", &[x, &same], vec![], &format!("{COPY_MARK}{x}_after"))
+    exists_after(b, &triggers, COPY_MARK)
 }
