@@ -71,6 +71,22 @@ def estimate(shape, params, trainable, rows, row_tokens, answer_tokens, gradient
     return terms
 
 
+def recommendation(plain, memory_bytes):
+    """Whether to build with --gradient-checkpointing, from the plain graph's terms: on when what the blocks
+    keep is a quarter of the machine's memory or more (it costs about one more forward pass a step), or when
+    the plain graph would not fit."""
+    share = plain["activations"] / memory_bytes
+    if share >= RECOMPUTE_SHARE or plain["total"] > memory_bytes:
+        return (f"build-graph --gradient-checkpointing: the blocks keep {plain['activations'] / 2**30:.1f} GiB "
+                f"({share:.0%} of this machine's memory)")
+    return (f"no --gradient-checkpointing needed: the blocks keep {plain['activations'] / 2**30:.1f} GiB "
+            f"({share:.0%} of this machine's memory)")
+
+
+# The share of memory the plain graph's kept activations may take before recomputing them pays.
+RECOMPUTE_SHARE = 0.25
+
+
 def describe(terms):
     """One line: each term in MiB."""
     parts = [f"{k} {v / 2**20:,.0f}" for k, v in terms.items() if k != "total"]
@@ -91,9 +107,11 @@ def main():
     shape = model_shape(load_config(a.config))
     params = a.params or (shape["vocab"] * shape["hidden"]
                           + shape["layers"] * (4 * shape["hidden"] ** 2 + 3 * shape["hidden"] * shape["intermediate"]))
-    t = estimate(shape, params, a.trainable if a.trainable is not None else params, a.rows, a.row_tokens,
-                 a.answer_tokens, a.gradient_checkpointing, a.vocab_chunk)
+    trainable = a.trainable if a.trainable is not None else params
+    t = estimate(shape, params, trainable, a.rows, a.row_tokens, a.answer_tokens, a.gradient_checkpointing, a.vocab_chunk)
     print(describe(t))
+    plain = estimate(shape, params, trainable, a.rows, a.row_tokens, a.answer_tokens, False, a.vocab_chunk)
+    print(recommendation(plain, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")))
 
 
 if __name__ == "__main__":
