@@ -175,6 +175,13 @@ def run_measured(cmd, env=None, rss_limit=None, timeline=None):
             "".join(chunks["err"]), killed)
 
 
+def error_tail(text, killed):
+    """What a failed child said last, for its one-line failure: nothing when this script killed it (its output
+    then is only progress), else its last lines without progress bars (tqdm's lines hold '%|')."""
+    lines = [l for l in text.replace("\r", "\n").splitlines() if l.strip() and "%|" not in l]
+    return "" if killed or not lines else ": " + " / ".join(lines[-3:])[-2000:]
+
+
 def read_safetensors_f32(path):
     """{name: (shape, list of floats)} of a float32 safetensors file (stdlib only)."""
     with open(path, "rb") as f:
@@ -421,7 +428,7 @@ def run_torch(a, data_file, grad_ckpt=False):
     rc, wall, rss, out, err, killed = run_measured(cmd, env=env, rss_limit=a.rss_limit, timeline=timeline)
     if killed or rc != 0:
         why = f"killed above the RSS limit ({a.rss_limit / 2**30:.1f} GiB)" if killed else f"exit {rc}"
-        return dict(failed=f"the PyTorch worker failed ({why}): {err.strip()[-2000:]}", peak_rss=rss,
+        return dict(failed=f"the PyTorch worker failed ({why}){error_tail(err, killed)}", peak_rss=rss,
                     wall_s=wall, rss_timeline=timeline)
     r = json.loads(out.strip().splitlines()[-1])
     r.update(peak_rss=rss, wall_s=wall, rss_timeline=timeline)
@@ -459,8 +466,8 @@ def run_betadpo(a, data_file, pairs, workdir, artifacts):
     r = dict(steps=steps, ref_logps=refs, peak_rss=rss, wall_s=wall, command=cmd, rss_timeline=timeline)
     if killed or rc != 0:
         why = f"killed above the RSS limit ({a.rss_limit / 2**30:.1f} GiB)" if killed else f"exit {rc}"
-        r["failed"] = (f"betadpo train failed ({why}) after {len(steps)} of {a.warmup + a.steps} steps: "
-                       f"{(err + out).strip()[-2000:]}")
+        r["failed"] = (f"betadpo train failed ({why}) after {len(steps)} of {a.warmup + a.steps} steps"
+                       f"{error_tail(err + out, killed)}")
     return r
 
 
