@@ -180,7 +180,7 @@ fn packed_layout_trains_like_padded() {
     let eval = head(&inp.test, 24, &dir, "eval.jsonl");
     let run = |art: &Path, name: &str| {
         let out = dir.join(name);
-        let cfg = TrainConfig { eval_data: Some(eval.clone()), batch_size: 8, pack_tokens: 64, ..config(art, &data, &inp, &out, 1) };
+        let cfg = TrainConfig { eval_data: Some(eval.clone()), batch_size: 8, pack_tokens: Some(64), ..config(art, &data, &inp, &out, 1) };
         let s = run_train(&cfg);
         let refs = reference_files(&out).into_iter().find(|f| f.0.starts_with("train-")).unwrap();
         let (t, _) = read_safetensors(&out.join("reference").join(&refs.0)).unwrap();

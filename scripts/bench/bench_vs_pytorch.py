@@ -108,6 +108,7 @@ import threading
 import time
 
 from betadpo_py.paths import ROOT, SHARED_FIXTURES
+from memory_formula import describe
 
 SHARED = str(SHARED_FIXTURES)
 
@@ -174,6 +175,13 @@ def run_measured(cmd, env=None, rss_limit=None, timeline=None):
             "".join(chunks["err"]), killed)
 
 
+def error_tail(text, killed):
+    """What a failed child said last, for its one-line failure: nothing when this script killed it (its output
+    then is only progress), else its last lines without progress bars (tqdm's lines hold '%|')."""
+    lines = [l for l in text.replace("\r", "\n").splitlines() if l.strip() and "%|" not in l]
+    return "" if killed or not lines else ": " + " / ".join(lines[-3:])[-2000:]
+
+
 def read_safetensors_f32(path):
     """{name: (shape, list of floats)} of a float32 safetensors file (stdlib only)."""
     with open(path, "rb") as f:
@@ -194,7 +202,7 @@ def read_safetensors_f32(path):
 # ------------------------------------------------------------------------------------------------------
 # PyTorch worker (runs in its own process: --worker torch)
 # ------------------------------------------------------------------------------------------------------
-def tokenize_like_betadpo(tokenizer_json, rows):
+def tokenize_like_betadpo(tokenizer_json, rows, max_length=1024):
     """Token ids of the pairs, pieces encoded separately (the same ids as betadpo's joint encoding on
     rows whose answers start with a space); returns (pairs, pad_id)."""
     from tokenizers import Tokenizer
@@ -220,8 +228,8 @@ def tokenize_like_betadpo(tokenizer_json, rows):
         p, c, j = enc(r["prompt"]), enc(r["chosen"]) + [eos_id], enc(r["rejected"]) + [eos_id]
         if bos_id is not None and (add_bos or not p) and (not p or p[0] != bos_id):
             p = [bos_id] + p
-        if len(p) > 256 or len(p) + max(len(c), len(j)) > 512:
-            raise SystemExit("a pair exceeds betadpo's default truncation limits; use shorter data")
+        if len(p) + max(len(c), len(j)) > max_length:
+            raise SystemExit(f"a pair exceeds --max-length {max_length} (betadpo would truncate it); use shorter data")
         pairs.append((p, c, j))
     return pairs, pad_id
 
@@ -278,7 +286,7 @@ def torch_worker(a):
     if a.flush_denormal:
         torch.set_flush_denormal(True)
     rows = [json.loads(l) for l in open(a.data_file)]
-    pairs, pad_id = tokenize_like_betadpo(a.tokenizer, rows)
+    pairs, pad_id = tokenize_like_betadpo(a.tokenizer, rows, a.max_length)
     B = len(pairs)
     T = max(len(p) + max(len(c), len(j)) for p, c, j in pairs)
     ids = torch.full((2 * B, T), pad_id, dtype=torch.long)
@@ -298,6 +306,8 @@ def torch_worker(a):
     ids, mask, comp, prompt_last = ids.to(dev), mask.to(dev), comp.to(dev), prompt_last.to(dev)
     model = load_torch_model(a.torch_model, a.gguf_file, a.weights_map, a.onnx, a.attn).to(dev)
     model.train()  # no dropout in these models; train mode as in real training
+    if a.grad_ckpt:  # as TRL's gradient_checkpointing=True (non-reentrant, transformers' default since 4.35)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hidden = model.config.get_text_config().hidden_size
     w = torch.zeros(hidden, requires_grad=True, device=dev)
     b = torch.tensor([math.log(math.expm1(a.beta_init))], requires_grad=True, device=dev)
@@ -340,6 +350,9 @@ def torch_worker(a):
     params = [p for p in model.parameters() if p.requires_grad]  # all, or the adapters with --lora
     opt = torch.optim.AdamW([{"params": params, "lr": a.lr}, {"params": [w, b], "lr": a.head_lr}],
                             betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    total = a.warmup + a.steps  # betadpo's --max-steps: both sides decay over the same steps
+    factor = {"linear": lambda s: max(0.0, (total - s) / total), "constant": lambda s: 1.0}[a.lr_schedule]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)  # transformers' get_scheduler, no warm-up
     # peak RSS from here on = training only (loading, e.g. GGUF dequantization, excluded)
     rss_after_load = _proc_status("VmRSS")
     try:
@@ -368,6 +381,7 @@ def torch_worker(a):
         t2 = time.perf_counter()
         gn = torch.nn.utils.clip_grad_norm_(params + [w, b], a.max_grad_norm)
         opt.step()
+        sched.step()
         sync()
         t3 = time.perf_counter()
         steps.append(dict(step=step + 1, time_s=t3 - t0, forward_s=t1 - t0, backward_s=t2 - t1,
@@ -391,13 +405,16 @@ def _proc_status(key):
 # ------------------------------------------------------------------------------------------------------
 # Driver
 # ------------------------------------------------------------------------------------------------------
-def run_torch(a, data_file):
+def run_torch(a, data_file, grad_ckpt=False):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "torch", "--data-file", data_file,
            "--tokenizer", a.tokenizer, "--torch-model", a.torch_model, "--onnx", a.onnx,
            "--threads", str(a.threads), "--steps", str(a.steps), "--warmup", str(a.warmup),
            "--attn", a.attn, "--lr", str(a.lr), "--head-lr", str(a.head_lr),
            "--beta-init", str(a.beta_init), "--beta-max", str(a.beta_max), "--max-grad-norm", str(a.max_grad_norm),
-           "--device", a.device, "--lora", str(a.lora), "--torch-amp", a.torch_amp]
+           "--device", a.device, "--lora", str(a.lora), "--torch-amp", a.torch_amp,
+           "--lr-schedule", a.lr_schedule, "--max-length", str(a.max_length)]
+    if grad_ckpt:
+        cmd += ["--grad-ckpt"]
     if a.torch_compile:
         cmd += ["--torch-compile"]
     if a.gguf_file:
@@ -411,20 +428,21 @@ def run_torch(a, data_file):
     rc, wall, rss, out, err, killed = run_measured(cmd, env=env, rss_limit=a.rss_limit, timeline=timeline)
     if killed or rc != 0:
         why = f"killed above the RSS limit ({a.rss_limit / 2**30:.1f} GiB)" if killed else f"exit {rc}"
-        return dict(failed=f"the PyTorch worker failed ({why}): {err.strip()[-2000:]}", peak_rss=rss,
+        return dict(failed=f"the PyTorch worker failed ({why}){error_tail(err, killed)}", peak_rss=rss,
                     wall_s=wall, rss_timeline=timeline)
     r = json.loads(out.strip().splitlines()[-1])
     r.update(peak_rss=rss, wall_s=wall, rss_timeline=timeline)
     return r
 
 
-def run_betadpo(a, data_file, pairs, workdir):
+def run_betadpo(a, data_file, pairs, workdir, artifacts):
     run_dir = tempfile.mkdtemp(prefix="run-", dir=workdir)
     shutil.rmtree(run_dir)
-    cmd = [a.betadpo, "train", "--artifacts", a.artifacts, "--data", data_file, "--tokenizer", a.tokenizer,
+    cmd = [a.betadpo, "train", "--artifacts", artifacts, "--data", data_file, "--tokenizer", a.tokenizer,
            "--out", run_dir, "--max-steps", str(a.warmup + a.steps), "--batch-size", str(pairs),
            "--threads", str(a.threads), "--lr", str(a.lr), "--head-lr", str(a.head_lr),
-           "--max-grad-norm", str(a.max_grad_norm), "--ep", a.ep, "--quiet", *a.betadpo_arg]
+           "--max-grad-norm", str(a.max_grad_norm), "--ep", a.ep, "--lr-schedule", a.lr_schedule,
+           "--max-length", str(a.max_length), "--quiet", *a.betadpo_arg]
     if a.keep_denormals:
         cmd.append("--keep-denormals")
     timeline = []
@@ -448,23 +466,27 @@ def run_betadpo(a, data_file, pairs, workdir):
     r = dict(steps=steps, ref_logps=refs, peak_rss=rss, wall_s=wall, command=cmd, rss_timeline=timeline)
     if killed or rc != 0:
         why = f"killed above the RSS limit ({a.rss_limit / 2**30:.1f} GiB)" if killed else f"exit {rc}"
-        r["failed"] = (f"betadpo train failed ({why}) after {len(steps)} of {a.warmup + a.steps} steps: "
-                       f"{(err + out).strip()[-2000:]}")
+        r["failed"] = (f"betadpo train failed ({why}) after {len(steps)} of {a.warmup + a.steps} steps"
+                       f"{error_tail(err + out, killed)}")
     return r
 
 
-def ensure_artifacts(a):
-    if os.path.exists(os.path.join(a.artifacts, "manifest.json")) and not a.rebuild:
-        man = json.load(open(os.path.join(a.artifacts, "manifest.json")))
+def ensure_artifacts(a, artifacts, recompute=False, vocab_chunk=8192):
+    """Builds `artifacts` (with --gradient-checkpointing when `recompute`) unless they exist and fit."""
+    if os.path.exists(os.path.join(artifacts, "manifest.json")) and not a.rebuild:
+        man = json.load(open(os.path.join(artifacts, "manifest.json")))
         if os.path.abspath(man["model"]["source"]) != os.path.abspath(a.onnx):
-            raise SystemExit(f"{a.artifacts} was built from {man['model']['source']}, not {a.onnx}; pass --rebuild")
+            raise SystemExit(f"{artifacts} was built from {man['model']['source']}, not {a.onnx}; pass --rebuild")
         if man.get("layout", "padded") != a.layout:
-            raise SystemExit(f"{a.artifacts} has the {man.get('layout', 'padded')} layout, not {a.layout}; pass --rebuild")
+            raise SystemExit(f"{artifacts} has the {man.get('layout', 'padded')} layout, not {a.layout}; pass --rebuild")
         rank = (man.get("lora") or {}).get("rank", 0)
         if rank != a.lora:
-            raise SystemExit(f"{a.artifacts} has LoRA rank {rank}, not --lora {a.lora}; pass --rebuild")
+            raise SystemExit(f"{artifacts} has LoRA rank {rank}, not --lora {a.lora}; pass --rebuild")
         return
-    cmd = [a.betadpo, "build-graph", "--model", a.onnx, "--out", a.artifacts, "--layout", a.layout, "--quiet"]
+    cmd = [a.betadpo, "build-graph", "--model", a.onnx, "--out", artifacts, "--layout", a.layout, "--quiet",
+           "--vocab-chunk", str(vocab_chunk)]
+    if recompute:
+        cmd += ["--gradient-checkpointing"]
     if a.lora:
         cmd += ["--lora-rank", str(a.lora), "--lora-alpha", str(2 * a.lora)]
     log("building artifacts:", " ".join(cmd))
@@ -472,7 +494,7 @@ def ensure_artifacts(a):
     if rc != 0:
         raise SystemExit(f"build-graph failed (exit {rc}):\n{err}{out}")
     log(f"  {wall:.2f} s, peak RSS {rss / 2**20:.0f} MiB")
-    a.build = dict(wall_s=wall, peak_rss=rss, command=cmd)
+    a.builds.append(dict(wall_s=wall, peak_rss=rss, command=cmd))
 
 
 def onnx_bytes(path):
@@ -490,22 +512,22 @@ def onnx_bytes(path):
     return files, stored
 
 
-def disk_report(a):
+def disk_report(a, artifacts):
     """Bytes on disk of the artifacts next to the model file's and the frozen weights' bytes."""
     model_files, _ = onnx_bytes(a.onnx)
     model_bytes = sum(os.path.getsize(f) for f in model_files)
     model_inodes = {(st.st_dev, st.st_ino) for st in map(os.stat, model_files)}
     total = linked = 0
-    for f in os.listdir(a.artifacts):
-        st = os.lstat(os.path.join(a.artifacts, f))
+    for f in os.listdir(artifacts):
+        st = os.lstat(os.path.join(artifacts, f))
         if not stat.S_ISREG(st.st_mode):
             continue
         total += st.st_size
         if (st.st_dev, st.st_ino) in model_inodes:
             linked += st.st_size
-    man = json.load(open(os.path.join(a.artifacts, "manifest.json")))
+    man = json.load(open(os.path.join(artifacts, "manifest.json")))
     trainable = {i["name"] for p in man["parameters"] if p.get("trainable", True) for i in p.get("initializers", [])}
-    _, stored = onnx_bytes(os.path.join(a.artifacts, man["graphs"]["train"]["file"]))
+    _, stored = onnx_bytes(os.path.join(artifacts, man["graphs"]["train"]["file"]))
     frozen = sum(n for name, n in stored.items() if name not in trainable)
     d = dict(artifacts_bytes=total, hard_linked_to_model_bytes=linked, new_disk_bytes=total - linked,
              model_file_bytes=model_bytes, frozen_bytes=frozen, lora_adapters=len((man.get("lora") or {}).get("adapters", [])),
@@ -550,7 +572,18 @@ def main():
     ap.add_argument("--rebuild", action="store_true", help="rebuild --artifacts even if present")
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
     ap.add_argument("--keep-runs", action="store_true", help="keep betadpo's run directories")
-    ap.add_argument("--only", choices=["torch", "betadpo"], help="run one side only")
+    ap.add_argument("--only", choices=["torch", "betadpo"], help="run one side's variants only")
+    ap.add_argument("--row-tokens", help="comma-separated row lengths, e.g. 128,512,1024,2048: one benchmark per "
+                    "length and --pairs, on synthetic rows of that length (scripts/bench/synthetic_rows.py) instead of --data")
+    ap.add_argument("--variants", help="comma-separated, in run order, from torch, torch-gc (PyTorch with "
+                    "gradient_checkpointing_enable()), betadpo, betadpo-gc (artifacts built with "
+                    "--gradient-checkpointing), betadpo-nochunk (--vocab-chunk 0); default torch,betadpo, and "
+                    "torch,torch-gc,betadpo,betadpo-gc with --row-tokens")
+    ap.add_argument("--vocab-chunk", type=int, default=8192, help="build-graph --vocab-chunk of betadpo's artifacts")
+    ap.add_argument("--lr-schedule", default="linear", choices=["linear", "constant"],
+                    help="both sides: linear decay to 0 over the run's steps (TRL's default) or constant")
+    ap.add_argument("--max-length", type=int, help="betadpo's --max-length and the longest pair allowed "
+                    "(default: the longest --row-tokens, at least 1024)")
     ap.add_argument("--json", help="write all measurements (incl. RSS timelines) to this file")
     ap.add_argument("--rss-limit-gb", type=float, default=None,
                     help="kill a run whose RSS exceeds this (default: 75%% of physical memory)")
@@ -569,6 +602,7 @@ def main():
     ap.add_argument("--worker", choices=["torch"], help=argparse.SUPPRESS)
     ap.add_argument("--data-file", help=argparse.SUPPRESS)
     ap.add_argument("--flush-denormal", action="store_true", help=argparse.SUPPRESS)  # worker: set by the driver
+    ap.add_argument("--grad-ckpt", action="store_true", help=argparse.SUPPRESS)  # worker: the torch-gc variant
     a = ap.parse_args()
     if a.worker:
         return torch_worker(a)
@@ -588,45 +622,44 @@ def main():
     os.makedirs(workdir, exist_ok=True)
     a.artifacts = a.artifacts or os.path.join(workdir, "artifacts")
     pair_counts = [int(x) for x in a.pairs.split(",")]
-    rows = [json.loads(l) for l in open(a.data) if l.strip()]
-    if len(rows) < max(pair_counts):
-        sys.exit(f"{a.data} has {len(rows)} rows; --pairs needs {max(pair_counts)}")
+    lengths = [int(x) for x in a.row_tokens.split(",")] if a.row_tokens else [None]
+    a.max_length = a.max_length or max([1024] + [t for t in lengths if t])
+    variants = (a.variants or ("torch,torch-gc,betadpo,betadpo-gc" if a.row_tokens else "torch,betadpo")).split(",")
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        ap.error(f"--variants: unknown {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    variants = [v for v in variants if not a.only or v.split("-")[0] == a.only]
+    if not a.row_tokens:
+        rows = [json.loads(l) for l in open(a.data) if l.strip()]
+        if len(rows) < max(pair_counts):
+            sys.exit(f"{a.data} has {len(rows)} rows; --pairs needs {max(pair_counts)}")
 
     log(f"date {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {os.cpu_count()} CPUs, load average "
         f"{os.getloadavg()[0]:.2f}; betadpo {a.betadpo}; python {sys.executable}")
-    log(f"model {a.onnx}; torch model {a.torch_model}; data {a.data}; threads {a.threads}; "
-        f"{a.warmup} warm-up + {a.steps} timed steps per run, {a.rounds} rounds; betadpo layout {a.layout}")
-    a.build = None
+    log(f"model {a.onnx}; torch model {a.torch_model}; data {'synthetic rows' if a.row_tokens else a.data}; threads "
+        f"{a.threads}; {a.warmup} warm-up + {a.steps} timed steps per run, {a.rounds} rounds; betadpo layout "
+        f"{a.layout}; variants {', '.join(variants)}; lr schedule {a.lr_schedule} on both sides")
+    a.builds = []
+    a.artifacts_of = {v: a.artifacts + v[len("betadpo"):] for v in VARIANTS if v.startswith("betadpo")}
     disk = None
-    if a.only != "torch":
-        ensure_artifacts(a)
-        disk = disk_report(a)
+    for v in variants:
+        if v.startswith("betadpo"):
+            ensure_artifacts(a, a.artifacts_of[v], recompute=v.endswith("-gc"),
+                             vocab_chunk=0 if v.endswith("-nochunk") else a.vocab_chunk)
+            disk = disk or disk_report(a, a.artifacts_of[v])
 
     results = []
-    for P in pair_counts:
-        data_file = os.path.join(workdir, f"pairs{P}.jsonl")
-        with open(data_file, "w") as f:
-            for r in rows[:P]:
-                f.write(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n")
-        runs = {"torch": [], "betadpo": []}
-        for rnd in range(a.rounds):
-            for side in ("torch", "betadpo"):
-                if a.only and side != a.only:
-                    continue
-                load = os.getloadavg()[0]
-                r = run_torch(a, data_file) if side == "torch" else run_betadpo(a, data_file, P, workdir)
-                r["load_before"] = load
-                runs[side].append(r)
-                if "failed" in r:
-                    log(f"pairs {P:3d} round {rnd + 1} {side:8s}: FAILED after {r['wall_s']:.1f} s, peak RSS "
-                        f"{r['peak_rss'] / 2**20:.0f} MiB: {r['failed']}")
-                if len(r.get("steps", [])) <= a.warmup:
-                    continue
-                timed = [s["time_s"] for s in r["steps"][a.warmup:]]
-                log(f"pairs {P:3d} round {rnd + 1} {side:8s}: step median {med(timed):7.3f} s  "
-                    f"(all: {' '.join('%.3f' % s['time_s'] for s in r['steps'])})  peak RSS "
-                    f"{r['peak_rss'] / 2**20:7.0f} MiB  process {r['wall_s']:.1f} s  load {load:.2f}")
-        results.append(summarise(a, P, runs, batch_shape(a, P, rows), disk))
+    for T in lengths:
+        for P in pair_counts:
+            if T:
+                from synthetic_rows import synthetic_rows
+                rows = synthetic_rows(a.tokenizer, P, T)
+            data_file = os.path.join(workdir, f"pairs{P}-tokens{T or 'data'}.jsonl")
+            with open(data_file, "w") as f:
+                for r in rows[:P]:
+                    f.write(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n")
+            runs = run_variants(a, variants, P, data_file, workdir)
+            results.append(summarise(a, P, runs, batch_shape(a, P, rows), disk))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(args=vars(a), disk=disk, results=results), f, indent=1)
@@ -634,20 +667,77 @@ def main():
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+VARIANTS = ("torch", "torch-gc", "betadpo", "betadpo-gc", "betadpo-nochunk")
+
+
+def run_variants(a, variants, P, data_file, workdir):
+    """{variant: [run, ...]}: the variants alternate, --rounds times, so drift in machine load hits all."""
+    runs = {v: [] for v in variants}
+    for rnd in range(a.rounds):
+        for v in variants:
+            load = os.getloadavg()[0]
+            if v.startswith("torch"):
+                r = run_torch(a, data_file, grad_ckpt=v == "torch-gc")
+            else:
+                r = run_betadpo(a, data_file, P, workdir, a.artifacts_of[v])
+            r["load_before"] = load
+            runs[v].append(r)
+            if "failed" in r:
+                log(f"pairs {P:3d} round {rnd + 1} {v:10s}: FAILED after {r['wall_s']:.1f} s, peak RSS "
+                    f"{r['peak_rss'] / 2**20:.0f} MiB: {r['failed']}")
+            if len(r.get("steps", [])) <= a.warmup:
+                continue
+            timed = [s["time_s"] for s in r["steps"][a.warmup:]]
+            log(f"pairs {P:3d} round {rnd + 1} {v:10s}: step median {med(timed):7.3f} s  "
+                f"(all: {' '.join('%.3f' % s['time_s'] for s in r['steps'])})  peak RSS "
+                f"{r['peak_rss'] / 2**20:7.0f} MiB  process {r['wall_s']:.1f} s  load {load:.2f}")
+    return runs
+
+
+def packed_plan(lengths, row_tokens=512):
+    """(rows, width) of betadpo's packing of pairs of `lengths` written tokens (dpo/packing/batch.rs's
+    first-fit in decreasing length, rows as wide as the longest pair or `row_tokens`)."""
+    capacity = max(max(lengths), row_tokens)
+    used = []
+    for n in sorted(lengths, reverse=True):
+        i = next((i for i, u in enumerate(used) if u + n <= capacity), None)
+        if i is None:
+            used.append(n)
+        else:
+            used[i] += n
+    return len(used), max(used)
+
+
 def batch_shape(a, P, rows):
-    """Width, padded and real token counts of the P-pair batch (the parent tokenizes too)."""
-    pairs, _ = tokenize_like_betadpo(a.tokenizer, rows[:P])
+    """Width, padded and real token counts of the P-pair batch (the parent tokenizes too), and the rows
+    betadpo computes on."""
+    pairs, _ = tokenize_like_betadpo(a.tokenizer, rows[:P], a.max_length)
     width = max(len(p) + max(len(c), len(j)) for p, c, j in pairs)
     real = sum(2 * len(p) + len(c) + len(j) for p, c, j in pairs)
     # packed rows hold each prompt once and each answer without its last token (a label only)
-    packed = sum(len(p) + len(c) + len(j) - 2 for p, c, j in pairs)
-    return dict(width=width, padded_tokens=2 * P * width, real_tokens=real, packed_tokens=packed)
+    written = [len(p) + len(c) + len(j) - 2 for p, c, j in pairs]
+    prows, pwidth = packed_plan(written) if a.layout == "packed" else (2 * P, width)
+    return dict(width=width, padded_tokens=2 * P * width, real_tokens=real, packed_tokens=sum(written),
+                answer_tokens=sum(len(c) + len(j) for _, c, j in pairs), betadpo_rows=prows, betadpo_width=pwidth)
+
+
+def memory_estimate(a, shape, disk, recompute, vocab_chunk):
+    """The memory formula's terms for betadpo on this batch (scripts/bench/memory_formula.py), or None without
+    a Hugging Face config beside the model."""
+    from memory_formula import estimate, load_config, model_shape
+    try:
+        config = load_config(os.path.dirname(os.path.abspath(a.onnx)))
+    except (OSError, ValueError):
+        return None
+    params = disk["trainable_elements"] + disk["frozen_bytes"] // 4
+    return estimate(model_shape(config), params, disk["trainable_elements"], shape["betadpo_rows"],
+                    shape["betadpo_width"], shape["answer_tokens"], recompute, vocab_chunk)
 
 
 def summarise(a, P, runs, shape, disk):
     # a run counts when it timed steps, even if its process failed later (e.g. at the final checkpoint)
     ok = {side: [r for r in rs if len(r.get("steps", [])) > a.warmup] for side, rs in runs.items()}
-    tr = ok["torch"][0] if ok["torch"] else None
+    tr = next((rs[0] for v, rs in ok.items() if v.startswith("torch") and rs), None)
     if tr:
         shape.update(n_params=tr["n_params"], p_matmul=tr["p_matmul"])
     elif "p_matmul" not in shape:  # no PyTorch run: all ONNX parameters but the beta head
@@ -656,7 +746,8 @@ def summarise(a, P, runs, shape, disk):
                                                     if not p.get("beta_head"))
     out = dict(pairs=P, shape=dict(shape), sides={}, runs=runs)
     log(f"\n=== {P} pairs: {2 * P} rows x {shape['width']} tokens padded ({shape['padded_tokens']}), "
-        f"{shape['real_tokens']} real tokens, {shape['packed_tokens']} packed; {shape['n_params'] / 1e6:.2f}M parameters, "
+        f"{shape['real_tokens']} real tokens, {shape['packed_tokens']} packed (betadpo: {shape['betadpo_rows']} rows x "
+        f"{shape['betadpo_width']}), {shape['answer_tokens']} answer tokens; {shape['n_params'] / 1e6:.2f}M parameters, "
         f"{shape['p_matmul'] / 1e6:.2f}M in matmuls" + (f"; LoRA rank {a.lora}, alpha {2 * a.lora}" if a.lora else ""))
     if a.lora and tr:
         log(f"LoRA adapters: PyTorch + PEFT {tr['n_adapters']} ({tr['n_trainable']:,} trainable elements incl. the "
@@ -665,7 +756,7 @@ def summarise(a, P, runs, shape, disk):
     for side, rs in runs.items():
         for r in rs:
             if "failed" in r:
-                log(f"{side:8s}: a run FAILED: {r['failed'][:500]}")
+                log(f"{side:10s}: a run FAILED: {r['failed'][:500]}")
                 out["sides"].setdefault(side, {}).setdefault("failures", []).append(r["failed"])
         if not ok[side]:
             continue
@@ -678,12 +769,12 @@ def summarise(a, P, runs, shape, disk):
         gpu_peaks = [r["gpu_peak_bytes"] for r in ok[side] if r.get("gpu_peak_bytes")]
         if gpu_peaks:
             rec["gpu_peak_bytes"] = max(gpu_peaks)
-        computed = shape["packed_tokens"] if side == "betadpo" and a.layout == "packed" else shape["padded_tokens"]
+        computed = shape["packed_tokens"] if side.startswith("betadpo") and a.layout == "packed" else shape["padded_tokens"]
         rec["gflops"] = flops_per_param_token * shape["p_matmul"] * computed / m / 1e9
-        line = (f"{side:8s}: median step {m:7.3f} s over {len(timed)} steps (min {min(timed):.3f}, "
+        line = (f"{side:10s}: median step {m:7.3f} s over {len(timed)} steps (min {min(timed):.3f}, "
                 f"max {max(timed):.3f}), {rec['tokens_per_s']:7.1f} tokens/s, ~{rec['gflops']:6.1f} GFLOP/s, "
                 f"peak RSS {rec['peak_rss'] / 2**20:.0f} MiB")
-        if side == "torch":
+        if side.startswith("torch"):
             tp = [r["train_peak_rss"] for r in ok[side] if r.get("train_peak_rss")]
             if tp:
                 rec["train_peak_rss"] = max(tp)
@@ -698,47 +789,76 @@ def summarise(a, P, runs, shape, disk):
                 rec["train_graph_s"] = med([s["train_graph_s"] for s in split])
                 rec["optimizer_s"] = med([s["optimizer_s"] for s in split])
                 line += f"; train graph {rec['train_graph_s']:.3f} / optimizer {rec['optimizer_s']:.3f} s"
-        if disk and disk["frozen_bytes"] > 0:  # full fine-tuning of every weight freezes none
+            chunk = 0 if side.endswith("-nochunk") else a.vocab_chunk
+            est = memory_estimate(a, shape, disk, side.endswith("-gc"), chunk) if disk else None
+            if est:
+                rec["memory_estimate"] = est
+                line += (f"\n{'':12s}peak RSS estimated (scripts/bench/memory_formula.py) {describe(est)}; "
+                         f"measured / estimated {rec['peak_rss'] / est['total']:.2f}")
+        # full fine-tuning freezes no weight (only a few constant initializers, a few bytes)
+        if disk and disk["frozen_bytes"] > 0.01 * disk["model_file_bytes"]:
             rec["peak_rss_over_frozen"] = rec["peak_rss"] / disk["frozen_bytes"]
             line += f"; peak RSS / frozen weights {rec['peak_rss_over_frozen']:.2f}x"
         log(line)
-    if ok["torch"] and ok["betadpo"]:
-        t, b = out["sides"]["torch"], out["sides"]["betadpo"]
-        out["ratio_betadpo_over_torch"] = b["median_step_s"] / t["median_step_s"]
-        log(f"ratio betadpo/pytorch: {out['ratio_betadpo_over_torch']:.2f}x median step time "
-            f"({b['min_step_s'] / t['min_step_s']:.2f}x fastest step); peak RSS {b['peak_rss'] / t['peak_rss']:.2f}x")
-        tl = [s["loss"] for s in ok["torch"][0]["steps"][:4]]
-        bl = [s["loss"] for s in ok["betadpo"][0]["steps"][:4]]
-        log("first losses  torch: " + " ".join(f"{x:.5g}" for x in tl) + "   betadpo: " + " ".join(f"{x:.5g}" for x in bl))
-        br = ok["betadpo"][0]["ref_logps"]
-        if br:
-            d = max(abs(x - y) for x, y in zip(br, ok["torch"][0]["ref_logps"]))
-            out["ref_logps_max_abs_diff"] = d
-            log(f"reference log-probs, max |betadpo - torch| = {d:.2e} (over {len(br)} rows)")
+    compare_variants(a, ok, out)
     side_by_side(a, P, out["sides"], disk)
     return out
 
 
+def compare_variants(a, ok, out):
+    """Every betadpo variant's time and memory over every PyTorch variant's, and the losses side by side
+    (both sides run the same learning-rate schedule, so they agree at every step up to float rounding)."""
+    torch_vs = [v for v in ok if v.startswith("torch") and ok[v]]
+    ours = [v for v in ok if v.startswith("betadpo") and ok[v]]
+    out["ratios"] = {}
+    for b in ours:
+        for t in torch_vs:
+            tb, tt = out["sides"][b], out["sides"][t]
+            r = dict(step=tb["median_step_s"] / tt["median_step_s"], fastest=tb["min_step_s"] / tt["min_step_s"],
+                     peak_rss=tb["peak_rss"] / tt["peak_rss"])
+            out["ratios"][f"{b}/{t}"] = r
+            log(f"ratio {b}/{t}: {r['step']:.2f}x median step time ({r['fastest']:.2f}x fastest step); "
+                f"peak RSS {r['peak_rss']:.2f}x")
+    if ours and torch_vs:  # kept for readers of earlier --json files
+        out["ratio_betadpo_over_torch"] = out["ratios"][f"{ours[0]}/{torch_vs[0]}"]["step"]
+    for v in torch_vs + ours:
+        log(f"losses {v:10s}: " + " ".join(f"{s['loss']:.6g}" for s in ok[v][0]["steps"]))
+    if torch_vs and ours:
+        tl = [s["loss"] for s in ok[torch_vs[0]][0]["steps"]]
+        bl = [s["loss"] for s in ok[ours[0]][0]["steps"]]
+        d = max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(tl, bl))
+        out["loss_max_rel_diff"] = d
+        log(f"losses, max relative |{ours[0]} - {torch_vs[0]}| over {min(len(tl), len(bl))} steps = {d:.2e}")
+        br = ok[ours[0]][0]["ref_logps"]
+        if br:
+            d = max(abs(x - y) for x, y in zip(br, ok[torch_vs[0]][0]["ref_logps"]))
+            out["ref_logps_max_abs_diff"] = d
+            log(f"reference log-probs, max |betadpo - torch| = {d:.2e} (over {len(br)} rows)")
+
+
 def side_by_side(a, P, sides, disk):
-    """One Markdown table: both sides' speed, memory and (betadpo) bytes on disk."""
-    name = {"torch": "PyTorch + PEFT" if a.lora else "PyTorch", "betadpo": "betadpo"}
+    """One Markdown table: every variant's speed, memory and (betadpo) bytes on disk."""
+    name = {"torch": "PyTorch + PEFT" if a.lora else "PyTorch", "torch-gc": "PyTorch, gradient checkpointing",
+            "betadpo": "betadpo", "betadpo-gc": "betadpo --gradient-checkpointing",
+            "betadpo-nochunk": "betadpo --vocab-chunk 0"}
     log(f"\n| {P} pairs, {a.threads} threads{f', LoRA r={a.lora}' if a.lora else ''} | step (median) | tokens/s "
-        f"| peak RSS | peak RSS / frozen weights | on disk |")
-    log("| --- | --- | --- | --- | --- | --- |")
-    for side in ("torch", "betadpo"):
+        f"| peak RSS | estimated | peak RSS / frozen weights | on disk |")
+    log("| --- | --- | --- | --- | --- | --- | --- |")
+    for side in VARIANTS:
         r = sides.get(side)
         if not r or "median_step_s" not in r:
             continue
         frozen = f"{r['peak_rss_over_frozen']:.2f}x" if "peak_rss_over_frozen" in r else "-"
-        if side == "betadpo" and disk:
+        if side.startswith("betadpo") and disk:
             on_disk = (f"artifacts {disk['artifacts_bytes'] / 1e9:.3f} GB = "
                        f"{disk['artifacts_bytes'] / disk['model_file_bytes']:.2f}x the model file")
             if disk["hard_linked_to_model_bytes"]:
                 on_disk += f" ({disk['new_disk_bytes'] / 1e9:.3f} GB new, the rest hard links to it)"
         else:
             on_disk = "-"
+        est = f"{r['memory_estimate']['total'] / 2**30:.2f} GiB" if "memory_estimate" in r else "-"
         log(f"| {name[side]} | {r['median_step_s']:.3f} s | {r['tokens_per_s']:.1f} | "
-            f"{r['peak_rss'] / 2**30:.2f} GiB | {frozen} | {on_disk} |")
+            f"{r['peak_rss'] / 2**30:.2f} GiB | {est} | {frozen} | {on_disk} |")
     if disk:
         log(f"model file {disk['model_file_bytes'] / 1e9:.3f} GB, frozen weights {disk['frozen_bytes'] / 1e9:.3f} GB\n")
 

@@ -155,10 +155,11 @@ pub struct Args {
     /// The default; accepted for scripts written when flushing was opt-in.
     #[arg(long = "flush-denormals", hide = true, conflicts_with = "keep_denormals")]
     _flush_denormals: bool,
-    /// With packed artifacts: tokens per row (a longer pair gets its own row). Longer rows mean
-    /// fewer, wider attention products; 512 suits models of SmolLM2's size.
-    #[arg(long, default_value_t = 512)]
-    pack_tokens: usize,
+    /// With packed artifacts: tokens per row (a longer pair gets a row as wide as itself). Longer rows
+    /// mean fewer, wider attention products. Default: as wide as the data's longest pair needs, 512 at
+    /// least (suits models of SmolLM2's size) and at most the model's positions
+    #[arg(long)]
+    pack_tokens: Option<usize>,
     /// With fp16 artifacts (`build-graph --precision fp16`): the first loss scale (default 65536, as
     /// PyTorch's GradScaler). A step whose gradients overflow is skipped and halves it; 2000 clean steps
     /// in a row double it.

@@ -8,7 +8,7 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::distributed::share;
-use crate::dpo::packing::{lay_out, plan_rows, HeadReads, PackedBatch, PairTokens, RowPlan};
+use crate::dpo::packing::{lay_out, plan_rows, widest_pair, HeadReads, PackedBatch, PairTokens, RowPlan};
 use crate::error::{Error, Result};
 use crate::text::RightPadded;
 use crate::text::TokenizedPair;
@@ -161,6 +161,19 @@ fn answer_of(pair: &TokenizedPair, k: usize) -> &[u32] {
 }
 
 /// The pairs as the packed layout takes them: one prompt that both answers follow.
+/// `--pack-tokens` when it is not given: rows as wide as the data's longest pair needs, so that a long
+/// pair shares its row with shorter ones and every batch packs into rows of one width (at least
+/// [`DEFAULT_PACK_TOKENS`]; no wider than the model's positions, since a row's attention grows with the
+/// square of its width: a pair that needs more still gets a row as wide as itself, see `assign_rows`).
+pub fn pack_tokens_from_data(pairs: &[&TokenizedPair], head: HeadReads, max_positions: Option<usize>) -> Result<usize> {
+    let widest = widest_pair(&packable(pairs)?, head);
+    let cap = max_positions.unwrap_or(usize::MAX).max(DEFAULT_PACK_TOKENS);
+    Ok(widest.clamp(DEFAULT_PACK_TOKENS, cap))
+}
+
+/// Rows of `--pack-tokens` when the data's pairs are all shorter: what SmolLM2-sized models run fastest with.
+pub const DEFAULT_PACK_TOKENS: usize = 512;
+
 fn packable<'a>(pairs: &[&'a TokenizedPair]) -> Result<Vec<PairTokens<'a>>> {
     pairs
         .iter()
@@ -369,6 +382,42 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    fn pair_of(prompt: usize, chosen: usize, rejected: usize) -> TokenizedPair {
+        let ids = |n: usize| (0..n as u32).collect::<Vec<u32>>();
+        TokenizedPair { prompt: ids(prompt), chosen: ids(chosen), rejected: ids(rejected), prompt_cut: [0, 0], extras: Default::default(), source_index: 0 }
+    }
+
+    /// Without `--pack-tokens`, rows are as wide as the longest pair writes (its prompt once, each
+    /// answer without its last token, which is only a label), 512 at least, the model's positions at most.
+    #[test]
+    fn pack_tokens_follow_the_longest_pair() {
+        let head = HeadReads { source: BetaSource::Prompt, aggregate: BetaAggregate::Last };
+        let short = [pair_of(30, 40, 50), pair_of(100, 200, 150)];
+        let long = [pair_of(30, 40, 50), pair_of(200, 400, 390), pair_of(100, 200, 150)];
+        fn refs(ps: &[TokenizedPair]) -> Vec<&TokenizedPair> {
+            ps.iter().collect()
+        }
+        assert_eq!(pack_tokens_from_data(&refs(&short), head, Some(2048)).unwrap(), DEFAULT_PACK_TOKENS);
+        assert_eq!(pack_tokens_from_data(&refs(&long), head, Some(2048)).unwrap(), 200 + 399 + 389);
+        assert_eq!(pack_tokens_from_data(&refs(&long), head, None).unwrap(), 988);
+        assert_eq!(pack_tokens_from_data(&refs(&long), head, Some(900)).unwrap(), 900, "within the model's positions");
+        assert_eq!(pack_tokens_from_data(&refs(&long), head, Some(128)).unwrap(), DEFAULT_PACK_TOKENS, "never below the default");
+        let sequence = HeadReads { source: BetaSource::Sequence, aggregate: BetaAggregate::Last };
+        assert_eq!(pack_tokens_from_data(&refs(&long), sequence, None).unwrap(), 990, "the head reads the last tokens");
+
+        // every batch packs into rows as wide as the data's longest pair: a batch of the two shorter pairs
+        // (118 and 448 tokens) shares one row, where rows of 512 tokens gave each a row of its own
+        let packed = |batch: Vec<&TokenizedPair>, row_tokens: usize| {
+            let opts = CollateOptions { pad_id: 0, packing: Some(Packing { row_tokens, head }), ..Default::default() };
+            let p = collate(&batch, &opts).unwrap().packed.unwrap();
+            (p.input_ids.nrows(), p.input_ids.ncols())
+        };
+        let from_data = pack_tokens_from_data(&refs(&long), head, None).unwrap();
+        assert_eq!(packed(vec![&long[0], &long[2]], DEFAULT_PACK_TOKENS), (2, 448));
+        assert_eq!(packed(vec![&long[0], &long[2]], from_data), (1, 118 + 448));
+        assert_eq!(packed(refs(&long), from_data), (2, 988), "the longest pair fills its row");
     }
 
     /// Each rank's rows are rows of the whole batch, bit for bit, and the shares hold every pair once.

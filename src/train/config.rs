@@ -88,9 +88,10 @@ pub struct TrainConfig {
     /// a run started without it resumes only without it.
     #[serde(default = "flush_by_default")]
     pub flush_denormals: bool,
-    /// Tokens per row when the artifacts take packed batches (`build-graph --layout packed`).
-    #[serde(default = "default_pack_tokens")]
-    pub pack_tokens: usize,
+    /// Tokens per row when the artifacts take packed batches (`build-graph --layout packed`);
+    /// `None`: as wide as the data's longest pair needs, 512 at least (`train::batch::pack_tokens_from_data`).
+    #[serde(default)]
+    pub pack_tokens: Option<usize>,
     /// fp16 artifacts: the first loss scale (`None`: PyTorch's 65536; see `train::loss_scale`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scale_init: Option<f64>,
@@ -170,10 +171,6 @@ fn flush_by_default() -> bool {
     true
 }
 
-fn default_pack_tokens() -> usize {
-    512
-}
-
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
@@ -239,7 +236,7 @@ impl Default for TrainConfig {
             optimizer: OptimizerKind::Auto,
             profile: None,
             flush_denormals: true,
-            pack_tokens: default_pack_tokens(),
+            pack_tokens: None,
             loss_scale_init: None,
             allreduce: AllreduceKind::Auto,
             nccl_timeout_s: default_nccl_timeout(),
@@ -272,7 +269,7 @@ impl TrainConfig {
         if self.optimizer == OptimizerKind::Fused && self.ep != ExecutionProvider::Cpu {
             return bad("--optimizer", "fused runs on host memory; use graph (or auto) with a GPU provider".into());
         }
-        if self.pack_tokens == 0 {
+        if self.pack_tokens == Some(0) {
             return bad("--pack-tokens", "must be at least 1".into());
         }
         if let Some(s) = self.loss_scale_init.filter(|s| !(loss_scale::MIN_SCALE..=loss_scale::MAX_SCALE).contains(s)) {
@@ -338,7 +335,7 @@ impl TrainConfig {
         at_most("--batch-size", self.batch_size, MAX_COUNT, "pairs in one micro-batch")?;
         at_most("--grad-accum", self.grad_accum, MAX_COUNT, "micro-batches in one optimizer step")?;
         at_most("--max-length", self.max_length.unwrap_or(0), MAX_COUNT, "tokens in one row, beyond any model's positions")?;
-        at_most("--pack-tokens", self.pack_tokens, MAX_COUNT, "tokens in one packed row")?;
+        at_most("--pack-tokens", self.pack_tokens.unwrap_or(0), MAX_COUNT, "tokens in one packed row")?;
         at_most("--bucket-batches", self.bucket_batches, MAX_COUNT, "batches in one sorting window")?;
         if let Some(t) = self.threads {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -76,6 +76,12 @@ pub struct PackedBatch {
     pub head_weight: Array1<f32>,
 }
 
+/// Tokens the longest of `pairs` writes into its row: the narrowest row that holds every pair.
+pub fn widest_pair(pairs: &[PairTokens], head: HeadReads) -> usize {
+    let last_tokens = head.source == BetaSource::Sequence;
+    pairs.iter().map(|p| p.written(last_tokens)).max().unwrap_or(0)
+}
+
 /// Rows of at most `row_tokens` tokens (a longer pair gets a row of its own), filled first-fit in
 /// order of decreasing pair length.
 fn assign_rows(lengths: &[usize], row_tokens: usize) -> Vec<Vec<usize>> {

@@ -10,7 +10,7 @@ pub mod layout;
 pub mod objective;
 mod verify;
 
-pub use batch::{lay_out, pack, plan_rows, HeadReads, PackedBatch, PairTokens, RowPlan};
+pub use batch::{lay_out, pack, plan_rows, widest_pair, HeadReads, PackedBatch, PairTokens, RowPlan};
 pub use graph::{make_packable, ATTENTION_BIAS, POSITIONS, VERIFIED_SEQUENCE_TOKENS};
 pub use verify::packed_matches_model;
 

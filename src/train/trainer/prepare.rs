@@ -129,14 +129,18 @@ fn prepare_locked(cfg: &TrainConfig, coll: &dyn Collective) -> Result<Prepared> 
         check_group_column(column, &cfg.data, &train_pairs)?;
     }
     check_packed_length(&manifest, train_pairs.iter().chain(eval_pairs.iter().flatten()))?;
+    let pack_tokens = pack_tokens(cfg, &manifest, train_pairs.iter().chain(eval_pairs.iter().flatten()))?;
+    if let (Some(n), None, true, true) = (pack_tokens, cfg.pack_tokens, cfg.progress, coll.is_root()) {
+        eprintln!("packing: rows of {n} tokens (the longest pair's, 512 at least; --pack-tokens sets it)");
+    }
     // Refuse a mismatched resume before any expensive work (reference log-probs).
     let train_key = cache_key(&train_pairs, &cfg.artifacts, &manifest)?;
-    let run_key = run_key(cfg, &manifest, &manifest_text, &train_key);
+    let run_key = run_key(cfg, &manifest_text, &train_key, pack_tokens);
     let resume = resume_point(cfg, &run, previous.last(), &run_key)?;
     agree_on_start(coll, &format!("{run_key} allreduce {:?}", cfg.allreduce), resume.as_ref().map(|r| r.step))?;
 
     let session_config = session_config(cfg);
-    let sessions = sessions(cfg, &manifest, &session_config)?;
+    let sessions = sessions(cfg, &manifest, &session_config, pack_tokens)?;
     let device = Device::for_ep(&cfg.ep);
     let params_path = cfg.artifacts.join(&manifest.parameters_file);
     let (params, _) = read_safetensors_inside(&cfg.artifacts, &params_path)?;
@@ -148,7 +152,7 @@ fn prepare_locked(cfg: &TrainConfig, coll: &dyn Collective) -> Result<Prepared> 
         std::fs::create_dir_all(&run).map_err(|e| Error::io(&run, e))?;
         crate::output_dir::mark(&run, RUN_MARK)?;
     }
-    let packing = (manifest.layout == Layout::Packed).then_some(Packing { row_tokens: cfg.pack_tokens, head: HeadReads::of(&manifest.objective) });
+    let packing = pack_tokens.map(|row_tokens| Packing { row_tokens, head: HeadReads::of(&manifest.objective) });
     let collate = CollateOptions { pad_id: tok.pad_id(), group_by: cfg.group_by.clone(), pad_to_multiple_of: None, packing };
     let mut loader = DataLoader::new(
         train_pairs,
@@ -202,6 +206,21 @@ fn existing_checkpoints(cfg: &TrainConfig, run: &Path) -> Result<Vec<(u64, PathB
 }
 
 /// Packed artifacts were verified up to a sequence length; longer pairs are refused.
+/// Tokens per packed row (`None` for padded artifacts): `--pack-tokens`, or chosen from the data.
+fn pack_tokens<'a>(cfg: &TrainConfig, manifest: &Manifest, pairs: impl Iterator<Item = &'a TokenizedPair>) -> Result<Option<usize>> {
+    if manifest.layout != Layout::Packed {
+        return Ok(None);
+    }
+    match cfg.pack_tokens {
+        Some(n) => Ok(Some(n)),
+        None => {
+            let pairs: Vec<&TokenizedPair> = pairs.collect();
+            let head = HeadReads::of(&manifest.objective);
+            crate::train::batch::pack_tokens_from_data(&pairs, head, manifest.model.max_positions).map(Some)
+        }
+    }
+}
+
 fn check_packed_length<'a>(manifest: &Manifest, pairs: impl Iterator<Item = &'a TokenizedPair>) -> Result<()> {
     let Some(limit) = manifest.max_sequence_tokens else { return Ok(()) };
     let longest = pairs.map(TokenizedPair::max_len).max().unwrap_or(0);
@@ -367,7 +386,7 @@ pub fn uses_fused(cfg: &TrainConfig) -> bool {
 }
 
 /// Everything a resumed run must share with the original, hashed.
-fn run_key(cfg: &TrainConfig, manifest: &Manifest, manifest_text: &str, train_key: &str) -> String {
+fn run_key(cfg: &TrainConfig, manifest_text: &str, train_key: &str, pack_tokens: Option<usize>) -> String {
     let mut h = Sha256::new();
     h.update(manifest_text.as_bytes());
     h.update(train_key.as_bytes());
@@ -385,8 +404,8 @@ fn run_key(cfg: &TrainConfig, manifest: &Manifest, manifest_text: &str, train_ke
         // only when set, so runs from before the flag existed keep their key
         essentials["warmup_ratio"] = serde_json::json!(cfg.warmup_ratio);
     }
-    if manifest.layout == Layout::Packed {
-        essentials["pack_tokens"] = serde_json::json!(cfg.pack_tokens);
+    if let Some(n) = pack_tokens {
+        essentials["pack_tokens"] = serde_json::json!(n);
     }
     h.update(essentials.to_string().as_bytes());
     format!("{:x}", h.finalize())[..16].to_string()
@@ -411,12 +430,12 @@ fn session_config(cfg: &TrainConfig) -> SessionConfig {
     }
 }
 
-fn sessions(cfg: &TrainConfig, manifest: &Manifest, scfg: &SessionConfig) -> Result<Sessions> {
+fn sessions(cfg: &TrainConfig, manifest: &Manifest, scfg: &SessionConfig, pack_tokens: Option<usize>) -> Result<Sessions> {
     let graph_path = |which: &str| -> Result<PathBuf> { Ok(cfg.artifacts.join(&manifest.graph(which)?.file)) };
     let (train_path, eval_path) = (graph_path("train")?, graph_path("eval")?);
     let shared = SharedWeights::load(&scfg.ep, &[&train_path, &eval_path])?;
-    let train = tensorrt_config(scfg, cfg, manifest, "train")?.session_sharing(&train_path, &shared)?;
-    let eval = tensorrt_config(scfg, cfg, manifest, "eval")?.session_sharing(&eval_path, &shared)?;
+    let train = tensorrt_config(scfg, cfg, manifest, "train", pack_tokens)?.session_sharing(&train_path, &shared)?;
+    let eval = tensorrt_config(scfg, cfg, manifest, "eval", pack_tokens)?.session_sharing(&eval_path, &shared)?;
     if matches!(cfg.ep, crate::runtime::ExecutionProvider::TensorRt { .. }) {
         // Once per run, for the train graph: which operators TensorRT left to CUDA (or the CPU).
         let placement = crate::runtime::placement::node_placement(&train)?;
@@ -431,7 +450,7 @@ fn sessions(cfg: &TrainConfig, manifest: &Manifest, scfg: &SessionConfig) -> Res
 /// On TensorRT: engine and timing caches in the run directory, and an optimisation profile for the graph's
 /// batch-dependent inputs (without `max_length` the longest sequence is unknown, and TensorRT builds for the
 /// shapes it meets). Other providers get `scfg` unchanged.
-fn tensorrt_config(scfg: &SessionConfig, cfg: &TrainConfig, manifest: &Manifest, which: &str) -> Result<SessionConfig> {
+fn tensorrt_config(scfg: &SessionConfig, cfg: &TrainConfig, manifest: &Manifest, which: &str, pack_tokens: Option<usize>) -> Result<SessionConfig> {
     use crate::runtime::tensorrt::{batch_dim_ranges, profile, BatchShape, InputDim};
     let mut out = scfg.clone();
     if !matches!(cfg.ep, crate::runtime::ExecutionProvider::TensorRt { .. }) {
@@ -440,7 +459,6 @@ fn tensorrt_config(scfg: &SessionConfig, cfg: &TrainConfig, manifest: &Manifest,
     out.tensorrt.cache_dir = Some(cfg.out.join("tensorrt"));
     out.record_placement = true;
     if let Some(max_length) = cfg.max_length {
-        let pack_tokens = (manifest.layout == Layout::Packed).then_some(cfg.pack_tokens);
         let ranges = batch_dim_ranges(&BatchShape { pairs: cfg.batch_size, max_length, pack_tokens });
         let inputs: Vec<(String, Vec<InputDim>)> = manifest
             .graph(which)?

@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""betadpo's peak memory while training, estimated from the model's shape and the batch (docs/long-sequences.md).
+
+The same formula the docs state, as code: `scripts/bench/bench_vs_pytorch.py` prints it beside each measured peak,
+and it can be run alone to size a batch before training:
+    python3 scripts/bench/memory_formula.py --config HF_DIR_OR/hf_export.json --rows 16 --row-tokens 1024 \
+        --answer-tokens 12288 [--gradient-checkpointing] [--vocab-chunk 8192] [--trainable N]
+Float32 everywhere (4 bytes). All terms in bytes; `total` is their sum.
+
+Terms (P parameters, P_t trainable; R rows of T tokens, N = R x T; A answer tokens; L blocks of width H,
+MLP width I, `heads` query heads, vocabulary V):
+  runtime     a fixed 0.35 GiB: the binary, ONNX Runtime, two sessions' graphs and plans, the tokenizer
+  weights     4 P                 every parameter, once (train and eval sessions share them)
+  moments     8 P_t               AdamW's two moments (the fused host optimizer)
+  gradients   4 P_t               the train graph's gradient outputs
+  activations plain:     4 N L (12 H + 5 I + 2 heads T)   what every block keeps for its backward pass:
+                                  norms, q/k/v/o, rotary, residuals (12 H), the MLP's gate/up/act/product (5 I)
+                                  and the attention scores and probabilities [heads, T] per token (2 heads T)
+              recompute: 4 N L H + 2 x one block of the above   block inputs, and one block recomputed with
+                                  its gradients at a time
+  mask        4 R T^2             the packed/padded attention mask (one [T, T] per row, shared by the blocks)
+  logits      plain (--vocab-chunk 0): 4 A V x 3 (logits, log-softmax, its gradient)
+              sliced: 4 A min(V, chunk) x 3
+"""
+import argparse
+import json
+import os
+
+RUNTIME_BYTES = int(0.35 * 2**30)
+FLOAT = 4
+
+
+def model_shape(config):
+    """(layers, hidden, intermediate, heads, vocab) of a Hugging Face config dict (a text config inside
+    a multimodal one is used)."""
+    c = config.get("text_config", config)
+    return dict(layers=c["num_hidden_layers"], hidden=c["hidden_size"],
+                intermediate=c.get("intermediate_size", 4 * c["hidden_size"]),
+                heads=c["num_attention_heads"], vocab=c["vocab_size"])
+
+
+def load_config(path):
+    """A config.json, an export_hf.py hf_export.json (its "config"), or a folder holding either."""
+    if os.path.isdir(path):
+        for name in ("hf_export.json", "config.json"):
+            if os.path.exists(os.path.join(path, name)):
+                path = os.path.join(path, name)
+                break
+    d = json.load(open(path))
+    return d.get("config", d)
+
+
+def block_activations_per_token(shape, row_tokens):
+    """Floats one decoder block keeps per token for its backward pass (see the module doc)."""
+    return 12 * shape["hidden"] + 5 * shape["intermediate"] + 2 * shape["heads"] * row_tokens
+
+
+def estimate(shape, params, trainable, rows, row_tokens, answer_tokens, gradient_checkpointing, vocab_chunk):
+    """The peak's terms in bytes, and their sum as "total"."""
+    n = rows * row_tokens
+    block = FLOAT * n * block_activations_per_token(shape, row_tokens)
+    if gradient_checkpointing:
+        acts = FLOAT * n * shape["layers"] * shape["hidden"] + 2 * block
+    else:
+        acts = shape["layers"] * block
+    width = shape["vocab"] if vocab_chunk <= 0 else min(shape["vocab"], vocab_chunk)
+    terms = dict(runtime=RUNTIME_BYTES, weights=FLOAT * params, moments=2 * FLOAT * trainable,
+                 gradients=FLOAT * trainable, activations=acts, mask=FLOAT * rows * row_tokens ** 2,
+                 logits=3 * FLOAT * answer_tokens * width)
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def recommendation(plain, memory_bytes):
+    """Whether to build with --gradient-checkpointing, from the plain graph's terms: on when what the blocks
+    keep is a quarter of the machine's memory or more (it costs about one more forward pass a step), or when
+    the plain graph would not fit."""
+    share = plain["activations"] / memory_bytes
+    if share >= RECOMPUTE_SHARE or plain["total"] > memory_bytes:
+        return (f"build-graph --gradient-checkpointing: the blocks keep {plain['activations'] / 2**30:.1f} GiB "
+                f"({share:.0%} of this machine's memory)")
+    return (f"no --gradient-checkpointing needed: the blocks keep {plain['activations'] / 2**30:.1f} GiB "
+            f"({share:.0%} of this machine's memory)")
+
+
+# The share of memory the plain graph's kept activations may take before recomputing them pays.
+RECOMPUTE_SHARE = 0.25
+
+
+def describe(terms):
+    """One line: each term in MiB."""
+    parts = [f"{k} {v / 2**20:,.0f}" for k, v in terms.items() if k != "total"]
+    return f"{terms['total'] / 2**20:,.0f} MiB = " + " + ".join(parts)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True, help="config.json, hf_export.json or a folder holding one")
+    ap.add_argument("--params", type=int, help="parameters (default: counted from the config's shape, roughly)")
+    ap.add_argument("--trainable", type=int, help="trainable parameters (default: all)")
+    ap.add_argument("--rows", type=int, required=True)
+    ap.add_argument("--row-tokens", type=int, required=True)
+    ap.add_argument("--answer-tokens", type=int, required=True)
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--vocab-chunk", type=int, default=8192)
+    a = ap.parse_args()
+    shape = model_shape(load_config(a.config))
+    params = a.params or (shape["vocab"] * shape["hidden"]
+                          + shape["layers"] * (4 * shape["hidden"] ** 2 + 3 * shape["hidden"] * shape["intermediate"]))
+    trainable = a.trainable if a.trainable is not None else params
+    t = estimate(shape, params, trainable, a.rows, a.row_tokens, a.answer_tokens, a.gradient_checkpointing, a.vocab_chunk)
+    print(describe(t))
+    plain = estimate(shape, params, trainable, a.rows, a.row_tokens, a.answer_tokens, False, a.vocab_chunk)
+    print(recommendation(plain, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")))
+
+
+if __name__ == "__main__":
+    main()
