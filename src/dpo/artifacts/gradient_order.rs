@@ -1,4 +1,4 @@
-//! Phase 9a (after [`super::differentiate`], before [`super::recompute`]): each decoder block's weight
+//! Phase 9a (after [`super::differentiate`], before [`super::recompute`]; with `--gradient-checkpointing`): each decoder block's weight
 //! gradients computed as soon as the backward pass has been through the block (`graph::gradient_order`),
 //! so that the block's activations and the gradients flowing into it die there instead of at the end of
 //! the run. Values are unchanged.

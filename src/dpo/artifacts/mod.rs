@@ -10,7 +10,7 @@
 //! 7. [`parameters`]: the trainable set, lifted to graph inputs
 //! 8. `graph::products_in_half`: half-precision matrix products (`--precision`)
 //! 9. [`differentiate`]: the eval graph, and the train graph with its reverse pass
-//! 9a. [`gradient_order`]: each decoder block's weight gradients computed with the block, not at the end of the run
+//! 9a. [`gradient_order`]: each decoder block's weight gradients computed with the block, not at the end of the run (`--gradient-checkpointing`)
 //! 9b. [`recompute`]: decoder blocks and vocabulary slices recomputed in the reverse pass (`--gradient-checkpointing`, `--vocab-chunk`)
 //! 10. [`infer_graph`]: the deployable model with its head
 //! 11. [`optimizer`]: the optimizer graph
@@ -114,7 +114,12 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     let objectives = differentiate::Objectives { obj: &appended.obj, batch_inputs: &appended.batch_inputs, metric_outputs: &appended.outputs };
     let needs_loss_scale = opts.precision.precision.needs_loss_scale();
     let mut graphs = differentiate::train_and_eval(laid.graph, &mut infos, &params, objectives, needs_loss_scale)?;
-    let ordered = gradient_order::weight_gradients_with_their_blocks(&mut graphs.train, &mut graphs.grads);
+    // with recomputation only: there it decides the peak; a plain graph keeps every block's activations
+    // anyway (measured: no gain), and stays as it was, without empty tensors for other providers to meet
+    let ordered = match opts.memory.gradient_checkpointing {
+        true => gradient_order::weight_gradients_with_their_blocks(&mut graphs.train, &mut graphs.grads),
+        false => Default::default(),
+    };
     let recomputed = recompute::recompute_segments(&mut graphs.train, &graphs.grads, &opts.memory);
     let mut infer = infer_graph::inference_graph(&model.base, &model.sig, cfg, &params)?;
     // the same products as the train graph's (its names are the model's), so that eval and infer agree;
