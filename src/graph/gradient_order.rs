@@ -10,7 +10,7 @@
 //! gradient and read after it is read through a gate (`dependency::gate`) on that block's weight
 //! gradients. Values are unchanged; only when nodes may run changes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::dependency::{exists_after, gate, gradient_tensors};
 use super::{Builder, Graph};
@@ -42,32 +42,27 @@ pub fn tie_weight_gradients(graph: &mut Graph, forward_len: usize, seed: &str, b
     }
     let gradients = gradient_tensors(&graph.nodes[forward_len..], seed);
     let producer: HashMap<String, usize> = graph.producers().into_iter().map(|(t, i)| (t.to_string(), i)).collect();
-    // (boundary, tensor) -> the backward nodes that read the tensor after the boundary
-    let mut crossings: HashMap<(usize, String), Vec<usize>> = HashMap::new();
+    // per boundary: tensor -> the backward nodes that read it after the boundary
+    let mut crossings: Vec<BTreeMap<String, Vec<usize>>> = vec![BTreeMap::new(); boundaries.len()];
     for j in forward_len..graph.nodes.len() {
         for x in &graph.nodes[j].input {
             let Some(&p) = producer.get(x).filter(|_| gradients.contains(x)) else { continue };
             // the latest boundary between the tensor and its reader
             if let Some(k) = boundaries.iter().rposition(|b| p <= b.last && b.last < j) {
-                crossings.entry((k, x.clone())).or_default().push(j);
+                crossings[k].entry(x.clone()).or_default().push(j);
             }
         }
     }
     let mut names = std::mem::take(&mut graph.names);
     let mut inserts: Vec<(usize, Vec<crate::onnx::NodeProto>)> = Vec::new();
     let mut report = Ordered::default();
-    for (k, boundary) in boundaries.iter().enumerate() {
-        let mut tensors: Vec<&String> = crossings.keys().filter(|(b, _)| *b == k).map(|(_, x)| x).collect();
-        if tensors.is_empty() {
-            continue;
-        }
-        tensors.sort();
+    for (boundary, tensors) in boundaries.iter().zip(&crossings).filter(|(_, t)| !t.is_empty()) {
         let mut b = Builder::new(&mut names, "");
         let waits: Vec<&str> = boundary.gradients.iter().map(String::as_str).collect();
         let dep = exists_after(&mut b, &waits, MARK);
-        for x in tensors {
+        for (x, readers) in tensors {
             let gated = gate(&mut b, x, dep.as_deref(), MARK);
-            for &j in &crossings[&(k, x.clone())] {
+            for &j in readers {
                 for input in graph.nodes[j].input.iter_mut().filter(|i| *i == x) {
                     *input = gated.clone();
                 }
@@ -101,8 +96,8 @@ fn boundaries(graph: &Graph, forward_len: usize, blocks: &[Vec<usize>], by_param
             let members: HashSet<usize> = block.iter().copied().collect();
             let mut gradients: Vec<String> = readers
                 .iter()
+                // every reader in the block (each parameter listed has at least one)
                 .filter(|(_, r)| r.iter().all(|i| members.contains(i)))
-                .filter(|(_, r)| r.iter().any(|i| members.contains(i)))
                 .map(|(p, _)| grad_of[p].to_string())
                 .collect();
             gradients.sort();
