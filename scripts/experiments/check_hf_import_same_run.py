@@ -20,8 +20,8 @@ import sys
 from betadpo_py.paths import ROOT
 from betadpo_py.runs import sh
 
-# what a run logs that is not a number of the training itself
-NOT_COMPARED = {"step", "epoch", "train_runtime", "train_samples_per_second", "train_steps_per_second", "step_time", "tokens_per_second"}
+# what a run logs that is not a number of the training itself (besides timings: keys with "time" or "per_second")
+NOT_COMPARED = {"step", "epoch"}
 
 
 def metrics(run):
