@@ -1,20 +1,12 @@
 //! The shape of the library's code, checked so it stays readable: every function in `src/` fits in
 //! 100 lines, and every file opens with a `//!` line saying what it is (generated code aside).
 
-use std::path::{Path, PathBuf};
+#[path = "common/source_files.rs"]
+mod source_files;
+
+use std::path::Path;
 
 const MAX_FUNCTION_LINES: usize = 100;
-
-fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            sources(&p, out);
-        } else if p.extension().is_some_and(|x| x == "rs") {
-            out.push(p);
-        }
-    }
-}
 
 fn is_generated(text: &str) -> bool {
     text.lines().next().is_some_and(|l| l.contains("@generated"))
@@ -88,8 +80,7 @@ fn function_lengths(text: &str) -> Vec<(String, usize, usize)> {
 
 #[test]
 fn every_function_fits_in_100_lines_and_every_file_says_what_it_is() {
-    let mut files = Vec::new();
-    sources(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut files);
+    let files = source_files::rust_files(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"));
     assert!(files.len() > 100, "found only {} source files", files.len());
     let mut problems = Vec::new();
     let mut functions = 0;

@@ -10,6 +10,9 @@
 //! A test, not a workspace of crates: the layers are one crate's modules, and splitting them into
 //! crates would make every `pub(crate)` item public. See docs/design.md.
 
+#[path = "common/source_files.rs"]
+mod source_files;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
@@ -31,21 +34,13 @@ fn module_of(rel: &Path) -> Vec<String> {
 
 fn read_sources(src: &Path) -> Vec<SourceFile> {
     let mut out = Vec::new();
-    let mut stack = vec![src.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in std::fs::read_dir(&dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "rs") {
-                let rel = p.strip_prefix(src).unwrap();
-                // the binary (main.rs, cli/) is the top and uses the library by its crate name
-                if rel.starts_with("cli") || rel == Path::new("main.rs") {
-                    continue;
-                }
-                out.push(SourceFile { module: module_of(rel), text: std::fs::read_to_string(&p).unwrap() });
-            }
+    for p in source_files::rust_files(src) {
+        let rel = p.strip_prefix(src).unwrap();
+        // the binary (main.rs, cli/) is the top and uses the library by its crate name
+        if rel.starts_with("cli") || rel == Path::new("main.rs") {
+            continue;
         }
+        out.push(SourceFile { module: module_of(rel), text: std::fs::read_to_string(&p).unwrap() });
     }
     out
 }
