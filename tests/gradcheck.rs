@@ -176,6 +176,12 @@ fn slices() {
     // steps and dynamic dims go through the index-grid scatter
     check(&Case::new("Slice", vec![f(&[4, 6]), ints(&[5]), ints(&[0]), ints(&[1]), ints(&[-2])]));
     check(&Case::new("Slice", vec![f(&[4, 6]), ints(&[1]), ints(&[i64::MAX]), ints(&[0])]).dynamic(vec![vec![5, 6]]));
+    // run-time bounds on constant axes become a Pad with run-time pads: negative, clamped, empty
+    let fed = |v: &[i64]| In::IntsFed(vec![v.len()], v.to_vec());
+    check(&Case::new("Slice", vec![f(&[4, 6]), fed(&[1]), fed(&[3]), ints(&[1])]));
+    check(&Case::new("Slice", vec![f(&[2, 4, 6]), fed(&[0, -4]), fed(&[2, i64::MAX]), ints(&[-1, 1])]).dynamic(vec![vec![3, 5, 7]]));
+    check(&Case::new("Slice", vec![f(&[4, 6]), fed(&[-9]), fed(&[2]), ints(&[1]), ints(&[1])]));
+    check(&Case::new("Slice", vec![f(&[4, 6]), fed(&[3]), fed(&[1]), ints(&[0])]));
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! train graph keeps, never what it computes: on every fixture family (GPT-2 TorchScript, Llama
 //! dynamo, the repository's own models) the loss, log-probs and every gradient equal the plain
 //! graph's within 1e-6 (relative), in both layouts; and the transform did recompute each block and
-//! slice, with the backward pass no longer reading their intermediate tensors.
+//! slice, with the backward pass no longer reading their intermediate tensors. Attention in query
+//! chunks (`--attention-chunks`) likewise, alone and with the other two.
 
 mod common;
 
@@ -22,10 +23,15 @@ fn objective() -> ObjectiveConfig {
     ObjectiveConfig { head_input: HeadInput::Raw, detach_head_input: false, beta_reg: 0.0, ..Default::default() }
 }
 
-const PLAIN: MemoryOptions = MemoryOptions { gradient_checkpointing: false, vocab_chunk: 0 };
-const RECOMPUTED: MemoryOptions = MemoryOptions { gradient_checkpointing: true, vocab_chunk: 0 };
+const PLAIN: MemoryOptions = MemoryOptions { gradient_checkpointing: false, vocab_chunk: 0, attention_chunks: 0 };
+const RECOMPUTED: MemoryOptions = MemoryOptions { gradient_checkpointing: true, vocab_chunk: 0, attention_chunks: 0 };
 /// 512-word fixtures: slices of 100 words (the last one 12), so the ragged last slice is covered.
-const BOTH: MemoryOptions = MemoryOptions { gradient_checkpointing: true, vocab_chunk: 100 };
+const BOTH: MemoryOptions = MemoryOptions { gradient_checkpointing: true, vocab_chunk: 100, attention_chunks: 0 };
+/// Three query chunks: uneven and, at the golden batches' lengths, of different sizes.
+const ATTENTION_CHUNKS: MemoryOptions = MemoryOptions { gradient_checkpointing: false, vocab_chunk: 0, attention_chunks: 3 };
+const RECOMPUTED_IN_CHUNKS: MemoryOptions = MemoryOptions { gradient_checkpointing: true, vocab_chunk: 0, attention_chunks: 3 };
+/// Everything at once, the attention chunks recomputed inside each block.
+const ALL: MemoryOptions = MemoryOptions { gradient_checkpointing: true, vocab_chunk: 100, attention_chunks: 3 };
 
 fn outputs(model: &std::path::Path, layout: LayoutChoice, memory: MemoryOptions, tag: &str) -> Option<HashMap<String, ArrayD<f32>>> {
     let golden = load_golden(model);
@@ -74,6 +80,13 @@ fn recomputed_graphs_give_the_plain_graphs_values() {
     compare_with_plain(RECOMPUTED, 1e-6, 1e-6, "recomputed");
 }
 
+/// Query chunks leave out only keys the causal mask gives zero weight, so each softmax sums the
+/// same nonzero terms: the same values to rounding.
+#[test]
+fn attention_in_query_chunks_gives_the_plain_graphs_values() {
+    compare_with_plain(ATTENTION_CHUNKS, 1e-6, 1e-6, "attention-chunks");
+}
+
 /// Vocabulary slices compute the log-sum-exp in another order (per slice, then across slices) and
 /// the label's logit as a dot product: loss, log-probs and the gradients as a whole within 1e-6;
 /// single small gradients that nearly cancel (GPT-2's first layer norm, norm 4e-4 against 2e2 for
@@ -91,6 +104,12 @@ fn sliced_and_recomputed_graphs_give_the_plain_graphs_values() {
         golden.f32s["policy_logps"]
     );
     compare_with_plain(BOTH, 1e-5, 1e-6, "sliced");
+}
+
+/// Query chunks, recomputed blocks and vocabulary slices together (what a long-row build uses).
+#[test]
+fn every_memory_option_together_gives_the_plain_graphs_values() {
+    compare_with_plain(ALL, 1e-5, 1e-6, "all-options");
 }
 
 /// The forward tensors the train graph's backward pass (the nodes from the first `grad/` one on,
@@ -126,11 +145,14 @@ fn the_backward_pass_reads_recomputed_blocks_and_slices() {
             let report = build_artifacts(&model.join("model.onnx"), &out, &opts).unwrap();
             let reads = backward_reads_of_forward(&out.join("train.onnx"));
             let _ = std::fs::remove_dir_all(&out);
-            (report.recomputed, reads)
+            (report.recomputed, reads, report.attention_chunked)
         };
         let big = |reads: &[(String, String)]| reads.iter().filter(|(_, op)| ["MatMul", "Gemm", "Softmax"].contains(&op.as_str())).count();
-        let (plain, plain_reads) = build(PLAIN, "plain");
-        let (both, both_reads) = build(BOTH, "both");
+        let (plain, plain_reads, _) = build(PLAIN, "plain");
+        let (both, both_reads, _) = build(BOTH, "both");
+        let (_, all_reads, chunked) = build(ALL, "all");
+        assert_eq!(chunked, 2, "{}: both blocks' attentions in query chunks", model.display());
+        assert_eq!(big(&all_reads), 0, "{}: still kept with attention chunks: {all_reads:?}", model.display());
         assert_eq!(plain.segments, 0);
         // 2 decoder blocks and 6 vocabulary slices
         assert_eq!(both.segments, 8, "{}: {both:?}", model.display());
@@ -140,9 +162,10 @@ fn the_backward_pass_reads_recomputed_blocks_and_slices() {
 }
 
 /// A model betadpo writes from a Hugging Face folder (`build-graph --model DIR`) has its decoder blocks
-/// found by the recompute phase (the importer names every weight `model.layers.N.`, GPT-2's `h.N.`): one
-/// segment per layer of `config.json`, and the recomputed graph gives the plain graph's values, on every
-/// family the importer writes.
+/// found by the recompute phase (the importer names every weight `model.layers.N.`, GPT-2's `h.N.`) and
+/// its attentions by the query-chunk phase: one segment and one chunked attention per layer of
+/// `config.json`, and the graph gives the plain graph's values, on every family the importer writes
+/// (soft-capped, sliding-window and biased attentions among them).
 #[test]
 fn imported_models_recompute_each_decoder_block() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf");
@@ -154,12 +177,13 @@ fn imported_models_recompute_each_decoder_block() {
         let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(folder.join("config.json")).unwrap()).unwrap();
         let layers = config["num_hidden_layers"].as_u64().or(config["n_layer"].as_u64()).unwrap() as usize;
         let out = common::fixtures::scratch(&format!("recompute-imported-{name}"));
-        let opts = BuildOptions { objective: objective(), layout: LayoutChoice::Padded, memory: RECOMPUTED, ..Default::default() };
+        let opts = BuildOptions { objective: objective(), layout: LayoutChoice::Padded, memory: RECOMPUTED_IN_CHUNKS, ..Default::default() };
         let report = build_artifacts(&folder, &out, &opts).unwrap();
         assert_eq!(report.recomputed.segments, layers, "{name}: {:?}", report.recomputed);
+        assert_eq!(report.attention_chunked, layers, "{name}");
 
         let plain = outputs(&folder, LayoutChoice::Padded, PLAIN, &format!("imported-plain-{name}")).unwrap();
-        let recomputed = outputs(&folder, LayoutChoice::Padded, RECOMPUTED, &format!("imported-recomputed-{name}")).unwrap();
+        let recomputed = outputs(&folder, LayoutChoice::Padded, RECOMPUTED_IN_CHUNKS, &format!("imported-recomputed-{name}")).unwrap();
         let largest = plain.values().map(norm).fold(0.0, f64::max);
         for (output, want) in &plain {
             let r = diff(&recomputed[output], want) / norm(want).max(1e-6 * largest);

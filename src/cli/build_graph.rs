@@ -136,6 +136,11 @@ pub struct Args {
     /// tensor exists. 0 computes the whole vocabulary at once.
     #[arg(long, default_value_t = betadpo::dpo::artifacts::recompute::DEFAULT_VOCAB_CHUNK)]
     vocab_chunk: i64,
+    /// Compute each attention in this many query chunks, each against only the keys its causal
+    /// queries see: no [rows, heads, T, T] tensor exists, about half the attention products go, and
+    /// the backward pass keeps half the probabilities. 0 or 1: whole. See docs/long-sequences.md.
+    #[arg(long, default_value_t = 0)]
+    attention_chunks: usize,
     /// Print less.
     #[arg(long, short)]
     quiet: bool,
@@ -261,7 +266,7 @@ pub fn options(a: &Args) -> Result<BuildOptions> {
     if a.vocab_chunk < 0 {
         anyhow::bail!(betadpo::Error::BadFlag { flag: "--vocab-chunk".into(), detail: "must be 0 (off) or a number of words".into() });
     }
-    let memory = MemoryOptions { gradient_checkpointing: a.gradient_checkpointing, vocab_chunk: a.vocab_chunk };
+    let memory = MemoryOptions { gradient_checkpointing: a.gradient_checkpointing, vocab_chunk: a.vocab_chunk, attention_chunks: a.attention_chunks };
     Ok(BuildOptions { objective, layout, selection, hidden_state: a.hidden_state.clone(), lora: lora(a)?, frozen_dtype, precision, memory })
 }
 
@@ -300,6 +305,9 @@ pub fn run(a: Args) -> Result<()> {
     if report.half_products > 0 {
         let how = if report.manifest.precision_emulated { " (emulated in float32)" } else { "" };
         println!("precision: {} matrix products in {}{how}, everything else in float32", report.half_products, report.manifest.precision.name());
+    }
+    if report.attention_chunked > 0 {
+        println!("attention: {} attentions computed in query chunks (--attention-chunks)", report.attention_chunked);
     }
     let r = &report.recomputed;
     if r.segments > 0 {

@@ -1,6 +1,7 @@
 //! An editable view of an ONNX graph: nodes, initializers, declared inputs/outputs, and a name
 //! table so that every tensor this crate adds gets a fresh, readable name.
 
+mod attention_chunks;
 mod blocks;
 mod builder;
 mod cast_per_use;
@@ -16,6 +17,7 @@ mod probe_stand_ins;
 mod recompute;
 mod tensor_info;
 
+pub use attention_chunks::{chunk_attention, find_attentions, Attention};
 pub use blocks::{decoder_blocks, layer_index};
 pub use builder::Builder;
 pub use cast_per_use::cast_per_use;

@@ -25,6 +25,8 @@ pub enum In {
     FloatConst(Vec<usize>, Vec<f64>),
     /// An int64 initializer (axes, shapes, indices).
     Ints(Vec<usize>, Vec<i64>),
+    /// An int64 graph input, fed at run time (bounds no rule can read as constants).
+    IntsFed(Vec<usize>, Vec<i64>),
     /// A bool graph input.
     Bool(Vec<usize>, Vec<bool>),
     /// An absent optional input.
@@ -130,6 +132,10 @@ fn base_graph(case: &Case, t: i32, seed: u64) -> Built {
             In::Ints(shape, v) => {
                 let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
                 g.initializers.push(betadpo::onnx::tensor_i64(&name, &dims, v));
+            }
+            In::IntsFed(shape, v) => {
+                g.inputs.push(value_info(&name, dtype::INT64, &dyn_dims(shape)));
+                feeds.push((name.clone(), HostTensor::I64(ArrayD::from_shape_vec(IxDyn(shape), v.clone()).unwrap())));
             }
             In::Bool(shape, v) => {
                 g.inputs.push(value_info(&name, dtype::BOOL, &dyn_dims(shape)));

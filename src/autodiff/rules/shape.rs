@@ -126,6 +126,10 @@ pub fn slice(ctx: &mut RuleCtx) -> Result<()> {
         ctx.op_gi(0, "Pad", &[&g, &p], vec![]);
         return Ok(());
     }
+    if let Some(pads) = run_time_slice_pads(ctx)? {
+        ctx.op_gi(0, "Pad", &[&g, &pads], vec![]);
+        return Ok(());
+    }
     let shape = ctx.op("Shape", &[x], vec![]);
     let size = ctx.op("Size", &[x], vec![]);
     let zero = ctx.b.int(0);
@@ -174,6 +178,56 @@ fn static_slice_pads(ctx: &RuleCtx) -> Result<Option<Vec<i64>>> {
         pads[rank + a] = d - e.max(s);
     }
     Ok(Some(pads))
+}
+
+/// Pads computed at run time when the axes are constant and the steps 1 but the starts, ends or
+/// sizes are run-time values (an attention's query chunks): each bound clamped as Slice clamps it,
+/// `begin = clamp(start)`, `end = dim - max(clamp(end), begin)`. Cheaper than the index-grid scatter,
+/// which builds int64 and float tensors the size of the whole input.
+fn run_time_slice_pads(ctx: &mut RuleCtx) -> Result<Option<String>> {
+    let x = ctx.i(0);
+    let rank = ctx.rank(x)?;
+    // how many bounds there are, to pair them with their axes
+    let n = match ctx.const_ints(ctx.i(1)) {
+        Some(s) => s.len(),
+        None => match ctx.info(ctx.i(1))?.static_dims().as_slice() {
+            [Some(n)] => *n as usize,
+            _ => return Ok(None),
+        },
+    };
+    let axes = if ctx.i(3).is_empty() { Some((0..n as i64).collect()) } else { ctx.const_ints(ctx.i(3)) };
+    let steps_one = ctx.i(4).is_empty() || ctx.const_ints(ctx.i(4)).is_some_and(|s| s.iter().all(|&v| v == 1));
+    let Some(axes) = axes.filter(|a| a.len() == n && steps_one) else { return Ok(None) };
+    let zero = ctx.ints(&[0]);
+    let mut begins = vec![zero.clone(); rank];
+    let mut ends = vec![zero; rank];
+    let shape = ctx.op("Shape", &[x], vec![]);
+    let (starts_in, ends_in) = (ctx.i(1), ctx.i(2));
+    for (j, &a) in axes.iter().enumerate() {
+        let a = norm_axis(a, rank) as usize;
+        let at = ctx.ints(&[a as i64]);
+        let dim = ctx.op("Gather", &[&shape, &at], vec![attr_i("axis", 0)]);
+        let jj = ctx.ints(&[j as i64]);
+        let s = ctx.op("Gather", &[starts_in, &jj], vec![attr_i("axis", 0)]);
+        let e = ctx.op("Gather", &[ends_in, &jj], vec![attr_i("axis", 0)]);
+        let s = clamp_bound(ctx, &s, &dim);
+        let e = clamp_bound(ctx, &e, &dim);
+        let e = ctx.op("Max", &[&e, &s], vec![]);
+        ends[a] = ctx.op("Sub", &[&dim, &e], vec![]);
+        begins[a] = s;
+    }
+    let parts: Vec<&str> = begins.iter().chain(&ends).map(String::as_str).collect();
+    Ok(Some(ctx.op("Concat", &parts, vec![attr_i("axis", 0)])))
+}
+
+/// A Slice bound as Slice reads it: negative counts from the end, then clamped to `[0, dim]`.
+fn clamp_bound(ctx: &mut RuleCtx, v: &str, dim: &str) -> String {
+    let zero = ctx.ints(&[0]);
+    let negative = ctx.op("Less", &[v, &zero], vec![]);
+    let from_end = ctx.op("Add", &[v, dim], vec![]);
+    let v = ctx.op("Where", &[&negative, &from_end, v], vec![]);
+    let v = ctx.op("Max", &[&v, &zero], vec![]);
+    ctx.op("Min", &[&v, dim], vec![])
 }
 
 /// Tile with static shapes: view the gradient as [r0, d0, r1, d1, ..] and sum the repeat axes.

@@ -7,6 +7,7 @@
 //! 4. [`layout`]: packed or padded batches
 //! 5. [`append_objective`]: the beta head, answer log-probs, loss and metrics
 //! 6. [`probe`]: every tensor's shape, from two probe runs
+//! 6a. [`attention_chunks`]: attention in query chunks against the keys each chunk sees (`--attention-chunks`)
 //! 7. [`parameters`]: the trainable set, lifted to graph inputs
 //! 8. `graph::products_in_half`: half-precision matrix products (`--precision`)
 //! 9. [`differentiate`]: the eval graph, and the train graph with its reverse pass
@@ -22,6 +23,7 @@
 
 pub mod adapters;
 pub mod append_objective;
+pub mod attention_chunks;
 pub mod assemble_manifest;
 pub mod differentiate;
 pub mod gradient_order;
@@ -94,6 +96,8 @@ pub struct BuildReport {
     pub recomputed: crate::graph::Recomputed,
     /// Decoder blocks whose weight gradients the backward pass computes with the block.
     pub ordered: crate::graph::Ordered,
+    /// Attentions computed in query chunks (`--attention-chunks`).
+    pub attention_chunked: usize,
 }
 
 pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -> Result<BuildReport> {
@@ -108,6 +112,7 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     let chunks = recompute::vocab_chunks(&opts.memory, &laid.graph, &model.sig, model.vocab);
     let appended = append_objective::append(&mut laid, &model.sig, cfg, chunks)?;
     let mut infos = probe::probe(&laid.graph, laid.layout, &model.sig, model.vocab, &appended.batch_inputs, cfg)?;
+    let attention_chunked = attention_chunks::attention_in_chunks(&mut laid.graph, &mut infos, opts.memory.attention_chunks);
     let params = parameters::select(&mut laid.graph, &appended.obj, &infos, &opts.selection, lora.as_ref(), appended.reference.as_ref())?;
     // before differentiation, so that the backward products are half precision too; the objective stays float32
     let half_products = products_in_half(&mut laid.graph, &mut infos, opts.precision, |n| n.name.starts_with(objective::NODE_PREFIX));
@@ -158,6 +163,7 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
         half_products,
         recomputed,
         ordered,
+        attention_chunked,
     })
 }
 

@@ -21,11 +21,13 @@ pub struct MemoryOptions {
     pub gradient_checkpointing: bool,
     /// Words per vocabulary slice of the answer log-probs; 0 computes the whole vocabulary at once.
     pub vocab_chunk: i64,
+    /// Query chunks per attention (phase 6a); 0 or 1 computes each attention whole.
+    pub attention_chunks: usize,
 }
 
 impl Default for MemoryOptions {
     fn default() -> Self {
-        MemoryOptions { gradient_checkpointing: false, vocab_chunk: DEFAULT_VOCAB_CHUNK }
+        MemoryOptions { gradient_checkpointing: false, vocab_chunk: DEFAULT_VOCAB_CHUNK, attention_chunks: 0 }
     }
 }
 
