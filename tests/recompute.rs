@@ -181,6 +181,8 @@ fn imported_models_recompute_each_decoder_block() {
         let report = build_artifacts(&folder, &out, &opts).unwrap();
         assert_eq!(report.recomputed.segments, layers, "{name}: {:?}", report.recomputed);
         assert_eq!(report.attention_chunked, layers, "{name}");
+        let recorded = &report.manifest.memory;
+        assert!(recorded.gradient_checkpointing && recorded.attention_chunks == 3 && recorded.vocab_chunk == 0, "{name}: {recorded:?}");
 
         let plain = outputs(&folder, LayoutChoice::Padded, PLAIN, &format!("imported-plain-{name}")).unwrap();
         let recomputed = outputs(&folder, LayoutChoice::Padded, RECOMPUTED_IN_CHUNKS, &format!("imported-recomputed-{name}")).unwrap();

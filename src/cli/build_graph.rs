@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use betadpo::dpo::artifacts::recompute::MemoryOptions;
+use betadpo::dpo::artifacts::recompute::{MemoryOptions, DEFAULT_ATTENTION_CHUNKS};
 use betadpo::dpo::model::lora::LoraOptions;
 use betadpo::dpo::model::params::Selection;
 use betadpo::dpo::packing::LayoutChoice;
@@ -138,9 +138,10 @@ pub struct Args {
     vocab_chunk: i64,
     /// Compute each attention in this many query chunks, each against only the keys its causal
     /// queries see: no [rows, heads, T, T] tensor exists, about half the attention products go, and
-    /// the backward pass keeps half the probabilities. 0 or 1: whole. See docs/long-sequences.md.
-    #[arg(long, default_value_t = 0)]
-    attention_chunks: usize,
+    /// the backward pass keeps half the probabilities. 0 or 1: whole. Default: 8 with
+    /// --gradient-checkpointing (long rows), else whole. See docs/long-sequences.md.
+    #[arg(long)]
+    attention_chunks: Option<usize>,
     /// Print less.
     #[arg(long, short)]
     quiet: bool,
@@ -266,7 +267,7 @@ pub fn options(a: &Args) -> Result<BuildOptions> {
     if a.vocab_chunk < 0 {
         anyhow::bail!(betadpo::Error::BadFlag { flag: "--vocab-chunk".into(), detail: "must be 0 (off) or a number of words".into() });
     }
-    let memory = MemoryOptions { gradient_checkpointing: a.gradient_checkpointing, vocab_chunk: a.vocab_chunk, attention_chunks: a.attention_chunks };
+    let memory = MemoryOptions { gradient_checkpointing: a.gradient_checkpointing, vocab_chunk: a.vocab_chunk, attention_chunks: a.attention_chunks.unwrap_or(if a.gradient_checkpointing { DEFAULT_ATTENTION_CHUNKS } else { 0 }) };
     Ok(BuildOptions { objective, layout, selection, hidden_state: a.hidden_state.clone(), lora: lora(a)?, frozen_dtype, precision, memory })
 }
 

@@ -133,7 +133,7 @@ fn print_table(learned: &TrainSummary, fixed: Option<&TrainSummary>) {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    betadpo::runtime::keep_freed_memory_for_reuse();
+    betadpo::runtime::tune_heap(betadpo::runtime::HeapUse::Speed);
     if a.steps == 0 {
         anyhow::bail!(betadpo::Error::BadFlag { flag: "--steps".into(), detail: "0 (must be at least 1)".into() });
     }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use betadpo::runtime::ExecutionProvider;
+use betadpo::runtime::{ExecutionProvider, HeapUse};
 use betadpo::text::truncation::TruncationMode;
 use betadpo::train::config::{ReportTo, TrainConfig};
 use betadpo::train::schedule::Schedule;
@@ -319,10 +319,15 @@ pub fn run(a: Args) -> Result<()> {
     let settings = ArtifactSettings { beta: a.beta, loss_type: a.loss_type.clone(), label_smoothing: a.label_smoothing };
     let cfg = config(a)?;
     // Artifacts that do not load are reported by training itself, with its context.
+    let mut heap = HeapUse::Speed;
     if let Ok(m) = betadpo::dpo::manifest::Manifest::load(&cfg.artifacts) {
         check_artifacts(&m.objective, &settings)?;
+        // artifacts built to hold less at long rows: a heap that leaves fewer holes
+        if m.memory.gradient_checkpointing {
+            heap = HeapUse::Memory;
+        }
     }
-    betadpo::runtime::keep_freed_memory_for_reuse();
+    betadpo::runtime::tune_heap(heap);
     let coll = betadpo::distributed::from_environment()?;
     let s = match train_with(&cfg, coll.as_ref()).with_context(|| format!("training into {}", cfg.out.display())) {
         Ok(s) => s,

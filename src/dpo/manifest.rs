@@ -142,6 +142,22 @@ pub struct Manifest {
     /// The half products are emulated in float32 (operands and results rounded to half), so that a CPU runs them.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub precision_emulated: bool,
+    /// What the train graph recomputes or cuts to hold less (manifests without it: nothing).
+    #[serde(default)]
+    pub memory: MemorySpec,
+}
+
+/// The memory options the artifacts were built with (`build-graph --gradient-checkpointing`,
+/// `--attention-chunks`, `--vocab-chunk`): `train` reads them to favour memory over speed in the
+/// C heap when blocks are recomputed (see `runtime::tune_heap`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemorySpec {
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
+    #[serde(default)]
+    pub attention_chunks: usize,
+    #[serde(default)]
+    pub vocab_chunk: i64,
 }
 
 impl Manifest {

@@ -34,7 +34,7 @@ use ort::environment::Environment;
 
 pub use ep::{ExecutionProvider, EP_CHOICES};
 pub use gpu_libs::{GpuStack, Provisioned};
-pub use host_memory::keep_freed_memory_for_reuse;
+pub use host_memory::{tune_heap, HeapUse};
 pub use provision::{default_cache_dir, Flavor, Locator, GPU_ORT_VERSION, LIB_NAME, ORT_VERSION};
 pub use session::{OptLevel, SessionConfig};
 pub use shared_weights::SharedWeights;

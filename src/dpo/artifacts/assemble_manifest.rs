@@ -41,6 +41,7 @@ pub struct ManifestParts<'a> {
     pub precision: MixedPrecision,
     /// The context the model's Hugging Face config gives (see [`super::hf_names::HfNames::context_length`]).
     pub context_length: Option<usize>,
+    pub memory: crate::dpo::manifest::MemorySpec,
 }
 
 pub fn assemble(p: ManifestParts) -> Manifest {
@@ -79,6 +80,7 @@ pub fn assemble(p: ManifestParts) -> Manifest {
         lora: p.lora,
         precision: p.precision.precision,
         precision_emulated: p.precision.emulated,
+        memory: p.memory,
     }
 }
 

@@ -110,6 +110,7 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
     let mut laid = layout::choose(&model.base, &model.sig, opts.layout)?;
     let cfg = &opts.objective;
     let chunks = recompute::vocab_chunks(&opts.memory, &laid.graph, &model.sig, model.vocab);
+    let sliced = chunks.is_some();
     let appended = append_objective::append(&mut laid, &model.sig, cfg, chunks)?;
     let mut infos = probe::probe(&laid.graph, laid.layout, &model.sig, model.vocab, &appended.batch_inputs, cfg)?;
     let attention_chunked = attention_chunks::attention_in_chunks(&mut laid.graph, &mut infos, opts.memory.attention_chunks);
@@ -144,6 +145,7 @@ pub fn build_artifacts(model_path: &Path, out_dir: &Path, opts: &BuildOptions) -
         lora,
         precision: opts.precision,
         context_length: hf.context_length(),
+        memory: opts.memory.spec(sliced, attention_chunked > 0),
     });
     let initial = store_weights::initial_values(&model.base, &appended.obj, &params, &model.half_origin)?;
     let half_frozen = store_weights::store_frozen_weights([&mut graphs.train, &mut graphs.eval, &mut infer], &params, opts.frozen_dtype, &model.half_origin)?;

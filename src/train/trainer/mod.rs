@@ -27,7 +27,7 @@ use crate::train::tensorboard::EventWriter;
 use crate::Result;
 
 /// Trains as `betadpo train` does. A process that trains on the CPU should call
-/// [`crate::runtime::keep_freed_memory_for_reuse`] first, as the command line does: without it every
+/// [`crate::runtime::tune_heap`] first, as the command line does: without it every
 /// step faults its activations in afresh (SmolLM2-135M: 2.0 instead of 1.7 s a step).
 pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     train_with(cfg, &Single)

@@ -420,7 +420,7 @@ fn session_config(cfg: &TrainConfig) -> SessionConfig {
         // ONNX Runtime's arena rounds blocks up and never shrinks (SmolLM2-135M, 8 pairs: peak RSS
         // 5.3 GB with it, 3.1 GB without). Its memory pattern puts all intermediates in one block
         // allocated per run, which glibc maps fresh every step; tensor by tensor, they come from a
-        // heap that keeps freed pages (`runtime::keep_freed_memory_for_reuse`): 2.0 -> 1.7 s a step.
+        // heap that keeps freed pages (`runtime::tune_heap`): 2.0 -> 1.7 s a step.
         cpu_arena: false,
         memory_pattern: cfg.ep != crate::runtime::ExecutionProvider::Cpu,
         // Spinning pool threads would hold a core the fused optimizer needs right after each run
