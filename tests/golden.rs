@@ -145,11 +145,11 @@ fn prompt_beta_matches_pytorch() {
     }
 }
 
-/// `--gradient-checkpointing` with vocabulary slices (of 100 words: the fixtures have 512) gives
-/// PyTorch's loss and gradients too, in both layouts.
+/// `--gradient-checkpointing` with vocabulary slices (of 100 words: the fixtures have 512) and
+/// attention in three query chunks gives PyTorch's loss and gradients too, in both layouts.
 #[test]
 fn recomputed_graphs_match_pytorch() {
-    let memory = MemoryOptions { gradient_checkpointing: true, vocab_chunk: 100 };
+    let memory = MemoryOptions { gradient_checkpointing: true, vocab_chunk: 100, attention_chunks: 3 };
     for m in common::fixtures::all_models() {
         for mode in [Mode::Prompt, Mode::Sequence] {
             check_model_with(&m, mode, Layout::Padded, memory.clone()).unwrap();

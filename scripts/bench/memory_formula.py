@@ -4,7 +4,7 @@
 The same formula the docs state, as code: `scripts/bench/bench_vs_pytorch.py` prints it beside each measured peak,
 and it can be run alone to size a batch before training:
     python3 scripts/bench/memory_formula.py --config HF_DIR_OR/hf_export.json --rows 16 --row-tokens 1024 \
-        --answer-tokens 12288 [--gradient-checkpointing] [--vocab-chunk 8192] [--trainable N]
+        --answer-tokens 12288 [--gradient-checkpointing] [--vocab-chunk 8192] [--attention-chunks 8] [--trainable N]
 Float32 everywhere (4 bytes). All terms in bytes; `total` is their sum.
 
 Terms (P parameters, P_t trainable; R rows of T tokens, N = R x T; A answer tokens; L blocks of width H,
@@ -15,7 +15,9 @@ MLP width I, `heads` query heads, vocabulary V):
   gradients   4 P_t               the train graph's gradient outputs
   activations plain:     4 N L (12 H + 5 I + 2 heads T)   what every block keeps for its backward pass:
                                   norms, q/k/v/o, rotary, residuals (12 H), the MLP's gate/up/act/product (5 I)
-                                  and the attention scores and probabilities [heads, T] per token (2 heads T)
+                                  and the attention scores and probabilities [heads, T] per token (2 heads T);
+                                  in K query chunks (--attention-chunks K) the probabilities' lower triangle
+                                  and one chunk's scores and gradients: heads T ((K + 1) / 2K + 2 / K)
               recompute: 4 N L H + 2 x one block of the above   block inputs, and one block recomputed with
                                   its gradients at a time
   mask        4 R T^2             the packed/padded attention mask (one [T, T] per row, shared by the blocks)
@@ -50,15 +52,18 @@ def load_config(path):
     return d.get("config", d)
 
 
-def block_activations_per_token(shape, row_tokens):
+def block_activations_per_token(shape, row_tokens, attention_chunks=0):
     """Floats one decoder block keeps per token for its backward pass (see the module doc)."""
-    return 12 * shape["hidden"] + 5 * shape["intermediate"] + 2 * shape["heads"] * row_tokens
+    k = attention_chunks
+    attention = 2.0 if k < 2 else (k + 1) / (2 * k) + 2 / k
+    return 12 * shape["hidden"] + 5 * shape["intermediate"] + attention * shape["heads"] * row_tokens
 
 
-def estimate(shape, params, trainable, rows, row_tokens, answer_tokens, gradient_checkpointing, vocab_chunk):
+def estimate(shape, params, trainable, rows, row_tokens, answer_tokens, gradient_checkpointing, vocab_chunk,
+             attention_chunks=0):
     """The peak's terms in bytes, and their sum as "total"."""
     n = rows * row_tokens
-    block = FLOAT * n * block_activations_per_token(shape, row_tokens)
+    block = FLOAT * n * block_activations_per_token(shape, row_tokens, attention_chunks)
     if gradient_checkpointing:
         acts = FLOAT * n * shape["layers"] * shape["hidden"] + 2 * block
     else:
@@ -103,12 +108,16 @@ def main():
     ap.add_argument("--answer-tokens", type=int, required=True)
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--vocab-chunk", type=int, default=8192)
+    ap.add_argument("--attention-chunks", type=int, default=None,
+                    help="query chunks per attention (default: 8 with --gradient-checkpointing, else 0, as build-graph)")
     a = ap.parse_args()
+    chunks = a.attention_chunks if a.attention_chunks is not None else (8 if a.gradient_checkpointing else 0)
     shape = model_shape(load_config(a.config))
     params = a.params or (shape["vocab"] * shape["hidden"]
                           + shape["layers"] * (4 * shape["hidden"] ** 2 + 3 * shape["hidden"] * shape["intermediate"]))
     trainable = a.trainable if a.trainable is not None else params
-    t = estimate(shape, params, trainable, a.rows, a.row_tokens, a.answer_tokens, a.gradient_checkpointing, a.vocab_chunk)
+    t = estimate(shape, params, trainable, a.rows, a.row_tokens, a.answer_tokens, a.gradient_checkpointing, a.vocab_chunk,
+                 chunks)
     print(describe(t))
     plain = estimate(shape, params, trainable, a.rows, a.row_tokens, a.answer_tokens, False, a.vocab_chunk)
     print(recommendation(plain, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")))
