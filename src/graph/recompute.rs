@@ -44,7 +44,14 @@ struct Plan {
 /// `forward_len` on are the backward pass, in the order [`crate::autodiff::differentiate`] emits
 /// them) in the backward pass; `seed` is the loss's gradient the backward pass starts from.
 /// Segments must not overlap.
-pub fn recompute(graph: &mut Graph, forward_len: usize, seed: &str, segments: &[Vec<usize>]) -> Recomputed {
+///
+/// The segments listed in `one_at_a_time` (indices into `segments`) are recomputed one after
+/// another in the order the backward pass reaches them: each one's copies also wait for every
+/// gradient computed between the previous one's first backward reader and its own that is read
+/// later (the gradients the previous segment sends on), so no two are alive at once. Without it
+/// nothing stops a runtime from recomputing them all first: the gradient that reaches each
+/// vocabulary slice is the same tensor.
+pub fn recompute(graph: &mut Graph, forward_len: usize, seed: &str, segments: &[Vec<usize>], one_at_a_time: &[usize]) -> Recomputed {
     let mut names = std::mem::take(&mut graph.names);
     let g: &Graph = graph;
     let ctx = Context {
@@ -55,10 +62,12 @@ pub fn recompute(graph: &mut Graph, forward_len: usize, seed: &str, segments: &[
         constants: g.nodes.iter().filter(|n| n.op_type == "Constant").flat_map(|n| n.output.iter().map(String::as_str)).collect(),
         initializers: g.initializers.iter().map(|t| t.name.as_str()).collect(),
     };
+    let waits = waits_for_previous(&ctx, segments, one_at_a_time);
     let mut plans = Vec::new();
     let mut report = Recomputed::default();
-    for seg in segments {
-        if let Some(plan) = plan_segment(&ctx, seg, &mut names) {
+    for (k, seg) in segments.iter().enumerate() {
+        let after = waits.get(&k).map(Vec::as_slice).unwrap_or_default();
+        if let Some(plan) = plan_segment(&ctx, seg, after, &mut names) {
             report.segments += 1;
             report.tensors += plan.renamed.len();
             report.nodes += plan.copies;
@@ -96,7 +105,27 @@ struct Context<'a> {
     initializers: HashSet<&'a str>,
 }
 
-fn plan_segment(ctx: &Context, seg: &[usize], names: &mut super::Names) -> Option<Plan> {
+/// For each segment of `one_at_a_time` but the first the backward pass reaches: the gradients its
+/// copies wait for (see [`recompute`]).
+fn waits_for_previous(ctx: &Context, segments: &[Vec<usize>], one_at_a_time: &[usize]) -> HashMap<usize, Vec<String>> {
+    let mut order: Vec<(usize, usize)> = one_at_a_time.iter().filter_map(|&k| Some((*readers_of(ctx, &segments[k]).1.first()?, k))).collect();
+    order.sort_unstable();
+    let nodes = &ctx.graph.nodes;
+    let consumers = ctx.graph.consumers();
+    let outputs: HashSet<&str> = ctx.graph.outputs.iter().map(|o| o.name.as_str()).collect();
+    let mut waits = HashMap::new();
+    for pair in order.windows(2) {
+        let ((from, _), (to, next)) = (pair[0], pair[1]);
+        let sent_on = |o: &&String| ctx.gradients.contains(o.as_str()) && (outputs.contains(o.as_str()) || consumers.get(o.as_str()).is_some_and(|c| c.iter().any(|&j| j >= to)));
+        let finished: Vec<String> = nodes[from..to].iter().flat_map(|n| n.output.iter().filter(sent_on).cloned()).collect();
+        waits.insert(next, finished);
+    }
+    waits
+}
+
+/// A segment's inner tensors (what it produces that no forward node outside it and no graph output
+/// reads), and the backward nodes that read them, in order.
+fn readers_of<'a>(ctx: &Context<'a>, seg: &[usize]) -> (HashMap<&'a str, usize>, Vec<usize>, HashSet<&'a str>) {
     let (graph, forward_len) = (ctx.graph, ctx.forward_len);
     let nodes = &graph.nodes;
     let members: HashSet<usize> = seg.iter().copied().collect();
@@ -105,8 +134,14 @@ fn plan_segment(ctx: &Context, seg: &[usize], names: &mut super::Names) -> Optio
     for (_, n) in nodes[..forward_len].iter().enumerate().filter(|(i, _)| !members.contains(i)) {
         boundary.extend(n.input.iter().map(String::as_str).filter(|x| produced_by.contains_key(x)));
     }
+    let readers: Vec<usize> = (forward_len..nodes.len()).filter(|&j| nodes[j].input.iter().any(|x| produced_by.contains_key(x.as_str()) && !boundary.contains(x.as_str()))).collect();
+    (produced_by, readers, boundary)
+}
+
+fn plan_segment(ctx: &Context, seg: &[usize], after: &[String], names: &mut super::Names) -> Option<Plan> {
+    let nodes = &ctx.graph.nodes;
+    let (produced_by, readers, boundary) = readers_of(ctx, seg);
     let inner = |x: &str| produced_by.contains_key(x) && !boundary.contains(x);
-    let readers: Vec<usize> = (forward_len..nodes.len()).filter(|&j| nodes[j].input.iter().any(|x| inner(x))).collect();
     let first = *readers.first()?;
     // the segment's nodes the read tensors need, through inner tensors only
     let mut needed: HashSet<usize> = HashSet::new();
@@ -118,7 +153,7 @@ fn plan_segment(ctx: &Context, seg: &[usize], names: &mut super::Names) -> Optio
         }
     }
     let mut b = Builder::new(names, "");
-    let dep = backward_reached(&mut b, ctx, &readers, first);
+    let dep = backward_reached(&mut b, ctx, &readers, first, after);
     let mut renamed: HashMap<String, String> = HashMap::new();
     let mut order: Vec<usize> = needed.into_iter().collect();
     order.sort_unstable();
@@ -151,10 +186,10 @@ fn plan_segment(ctx: &Context, seg: &[usize], names: &mut super::Names) -> Optio
 }
 
 /// An empty int64 tensor computed from gradients the segment's first backward reader consumes
-/// (or, when it consumes none, from the last gradient computed before it): it exists only once the
-/// backward pass has reached the segment. Gradients are the backward tensors that depend on the
+/// (or, when it consumes none, from the last gradient computed before it) and from `after`: it
+/// exists only once the backward pass has reached the segment. Gradients are the backward tensors that depend on the
 /// loss's gradient `seed`; other backward tensors (a reshaped forward tensor) could run early.
-fn backward_reached(b: &mut Builder, ctx: &Context, readers: &[usize], first: usize) -> Option<String> {
+fn backward_reached(b: &mut Builder, ctx: &Context, readers: &[usize], first: usize, after: &[String]) -> Option<String> {
     let (nodes, gradients) = (&ctx.graph.nodes, &ctx.gradients);
     let mut triggers: Vec<&str> = Vec::new();
     for &j in readers {
@@ -169,5 +204,6 @@ fn backward_reached(b: &mut Builder, ctx: &Context, readers: &[usize], first: us
         let last = nodes[..first].iter().rev().find(|n| n.output.iter().any(|o| gradients.contains(o)));
         triggers.extend(last.into_iter().flat_map(|n| n.output.iter().map(String::as_str).filter(|o| gradients.contains(*o))));
     }
+    triggers.extend(after.iter().map(String::as_str).filter(|t| !triggers.contains(t)).collect::<Vec<_>>());
     exists_after(b, &triggers, COPY_MARK)
 }

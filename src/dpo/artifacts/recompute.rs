@@ -86,11 +86,13 @@ pub fn recompute_segments(graph: &mut Graph, grads: &Gradients, opts: &MemoryOpt
     }
     let in_chunk: std::collections::HashSet<usize> = chunks.iter().flatten().copied().collect();
     let mut segments: Vec<Vec<usize>> = chunks.into_iter().filter(|c| !c.is_empty()).collect();
+    // one vocabulary slice's logits and their gradient at a time
+    let slices: Vec<usize> = (0..segments.len()).collect();
     if opts.gradient_checkpointing {
         for mut block in decoder_blocks(graph, forward_len) {
             block.retain(|i| !in_chunk.contains(i));
             segments.push(block);
         }
     }
-    recompute(graph, forward_len, seed, &segments)
+    recompute(graph, forward_len, seed, &segments, &slices)
 }
