@@ -108,7 +108,7 @@ struct Context<'a> {
 /// For each segment of `one_at_a_time` but the first the backward pass reaches: the gradients its
 /// copies wait for (see [`recompute`]).
 fn waits_for_previous(ctx: &Context, segments: &[Vec<usize>], one_at_a_time: &[usize]) -> HashMap<usize, Vec<String>> {
-    let mut order: Vec<(usize, usize)> = one_at_a_time.iter().filter_map(|&k| Some((*readers_of(ctx, &segments[k]).1.first()?, k))).collect();
+    let mut order: Vec<(usize, usize)> = one_at_a_time.iter().filter_map(|&k| Some((*segment_reads(ctx, &segments[k]).readers.first()?, k))).collect();
     order.sort_unstable();
     let nodes = &ctx.graph.nodes;
     let consumers = ctx.graph.consumers();
@@ -123,9 +123,23 @@ fn waits_for_previous(ctx: &Context, segments: &[Vec<usize>], one_at_a_time: &[u
     waits
 }
 
-/// A segment's inner tensors (what it produces that no forward node outside it and no graph output
-/// reads), and the backward nodes that read them, in order.
-fn readers_of<'a>(ctx: &Context<'a>, seg: &[usize]) -> (HashMap<&'a str, usize>, Vec<usize>, HashSet<&'a str>) {
+/// What a segment produces, which of it stays as it is, and who reads the rest in the backward pass.
+struct SegmentReads<'a> {
+    /// tensor -> the segment's node that produces it
+    produced_by: HashMap<&'a str, usize>,
+    /// produced tensors that forward nodes outside the segment or graph outputs read: kept
+    boundary: HashSet<&'a str>,
+    /// the backward nodes that read the other produced tensors (its inner ones), in order
+    readers: Vec<usize>,
+}
+
+impl SegmentReads<'_> {
+    fn inner(&self, x: &str) -> bool {
+        self.produced_by.contains_key(x) && !self.boundary.contains(x)
+    }
+}
+
+fn segment_reads<'a>(ctx: &Context<'a>, seg: &[usize]) -> SegmentReads<'a> {
     let (graph, forward_len) = (ctx.graph, ctx.forward_len);
     let nodes = &graph.nodes;
     let members: HashSet<usize> = seg.iter().copied().collect();
@@ -134,14 +148,16 @@ fn readers_of<'a>(ctx: &Context<'a>, seg: &[usize]) -> (HashMap<&'a str, usize>,
     for (_, n) in nodes[..forward_len].iter().enumerate().filter(|(i, _)| !members.contains(i)) {
         boundary.extend(n.input.iter().map(String::as_str).filter(|x| produced_by.contains_key(x)));
     }
-    let readers: Vec<usize> = (forward_len..nodes.len()).filter(|&j| nodes[j].input.iter().any(|x| produced_by.contains_key(x.as_str()) && !boundary.contains(x.as_str()))).collect();
-    (produced_by, readers, boundary)
+    let mut reads = SegmentReads { produced_by, boundary, readers: Vec::new() };
+    reads.readers = (forward_len..nodes.len()).filter(|&j| nodes[j].input.iter().any(|x| reads.inner(x))).collect();
+    reads
 }
 
 fn plan_segment(ctx: &Context, seg: &[usize], after: &[String], names: &mut super::Names) -> Option<Plan> {
     let nodes = &ctx.graph.nodes;
-    let (produced_by, readers, boundary) = readers_of(ctx, seg);
-    let inner = |x: &str| produced_by.contains_key(x) && !boundary.contains(x);
+    let reads = segment_reads(ctx, seg);
+    let (produced_by, readers) = (&reads.produced_by, &reads.readers);
+    let inner = |x: &str| reads.inner(x);
     let first = *readers.first()?;
     // the segment's nodes the read tensors need, through inner tensors only
     let mut needed: HashSet<usize> = HashSet::new();
@@ -182,7 +198,7 @@ fn plan_segment(ctx: &Context, seg: &[usize], after: &[String], names: &mut supe
     }
     // only the inner tensors are read from copies; gated inputs serve the copies alone
     renamed.retain(|k, _| inner(k));
-    Some(Plan { at: first, nodes: b.take(), renamed, readers, copies })
+    Some(Plan { at: first, nodes: b.take(), renamed, readers: readers.clone(), copies })
 }
 
 /// An empty int64 tensor computed from gradients the segment's first backward reader consumes
