@@ -240,4 +240,3 @@ fn slices_wait_for_each_other(model: &std::path::Path) {
         }
     }
 }
-

@@ -267,7 +267,11 @@ pub fn options(a: &Args) -> Result<BuildOptions> {
     if a.vocab_chunk < 0 {
         anyhow::bail!(betadpo::Error::BadFlag { flag: "--vocab-chunk".into(), detail: "must be 0 (off) or a number of words".into() });
     }
-    let memory = MemoryOptions { gradient_checkpointing: a.gradient_checkpointing, vocab_chunk: a.vocab_chunk, attention_chunks: a.attention_chunks.unwrap_or(if a.gradient_checkpointing { DEFAULT_ATTENTION_CHUNKS } else { 0 }) };
+    let memory = MemoryOptions {
+        gradient_checkpointing: a.gradient_checkpointing,
+        vocab_chunk: a.vocab_chunk,
+        attention_chunks: a.attention_chunks.unwrap_or(if a.gradient_checkpointing { DEFAULT_ATTENTION_CHUNKS } else { 0 }),
+    };
     Ok(BuildOptions { objective, layout, selection, hidden_state: a.hidden_state.clone(), lora: lora(a)?, frozen_dtype, precision, memory })
 }
 

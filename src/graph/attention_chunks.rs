@@ -78,7 +78,13 @@ pub fn find_attentions(graph: &Graph, infos: &TensorInfos) -> Vec<Attention> {
 }
 
 /// Walks up from the softmax's input through private element-wise nodes to the scores' MatMul.
-fn chain_to_scores(graph: &Graph, infos: &TensorInfos, producer: &HashMap<&str, usize>, private: &impl Fn(&str) -> bool, from: &str) -> Option<(usize, Vec<(usize, usize)>)> {
+fn chain_to_scores(
+    graph: &Graph,
+    infos: &TensorInfos,
+    producer: &HashMap<&str, usize>,
+    private: &impl Fn(&str) -> bool,
+    from: &str,
+) -> Option<(usize, Vec<(usize, usize)>)> {
     let mut chain = Vec::new();
     let mut x = from.to_string();
     for _ in 0..16 {
@@ -115,7 +121,9 @@ fn shapes_agree(graph: &Graph, infos: &TensorInfos, a: &Attention) -> bool {
     let dims = |t: &str| infos.get(t).map(|i| i.dims.clone());
     let axis = |d: &[Vec<i64>; 2], k: usize| [d[0][k], d[1][k]];
     let n = &graph.nodes;
-    let (Some(s), Some(q), Some(kt), Some(v)) = (dims(&n[a.scores].output[0]), dims(&n[a.scores].input[0]), dims(&n[a.scores].input[1]), dims(&n[a.context].input[1])) else {
+    let (Some(s), Some(q), Some(kt), Some(v)) =
+        (dims(&n[a.scores].output[0]), dims(&n[a.scores].input[0]), dims(&n[a.scores].input[1]), dims(&n[a.context].input[1]))
+    else {
         return false;
     };
     let r = s[0].len();
@@ -190,10 +198,10 @@ fn cut(b: &mut Builder, graph: &Graph, infos: &mut TensorInfos, a: &Attention, c
     let tk = ints.size(kt, r - 1, "keys");
     let offset = ints.op("Sub", &[&tk, &tq], "key_offset");
     let zero = ints.constant(&[0]);
+    let of = ints.constant(&[chunks as i64]);
     let mut bounds = vec![zero.clone()];
     for k in 1..chunks {
         let times = ints.constant(&[k as i64]);
-        let of = ints.constant(&[chunks as i64]);
         let m = ints.op("Mul", &[&tq, &times], "bound_times");
         bounds.push(ints.op("Div", &[&m, &of], "bound"));
     }
@@ -241,7 +249,8 @@ impl Chunk<'_> {
                     _ => {
                         let (query, key) = side_slices(infos, input, &scores_dims).expect("checked when found");
                         let rx = infos[input].rank() as i64;
-                        let axes: Vec<(i64, bool)> = [(rx - 2, true), (rx - 1, false)].into_iter().zip([query, key]).filter(|(_, s)| *s).map(|(a, _)| a).collect();
+                        let axes: Vec<(i64, bool)> =
+                            [(rx - 2, true), (rx - 1, false)].into_iter().zip([query, key]).filter(|(_, s)| *s).map(|(a, _)| a).collect();
                         self.slice(b, infos, input, &axes)
                     }
                 });

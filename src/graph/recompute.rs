@@ -62,18 +62,20 @@ pub fn recompute(graph: &mut Graph, forward_len: usize, seed: &str, segments: &[
         constants: g.nodes.iter().filter(|n| n.op_type == "Constant").flat_map(|n| n.output.iter().map(String::as_str)).collect(),
         initializers: g.initializers.iter().map(|t| t.name.as_str()).collect(),
     };
-    let waits = waits_for_previous(&ctx, segments, one_at_a_time);
+    let reads: Vec<SegmentReads> = segments.iter().map(|seg| segment_reads(&ctx, seg)).collect();
+    let waits = waits_for_previous(&ctx, &reads, one_at_a_time);
     let mut plans = Vec::new();
     let mut report = Recomputed::default();
-    for (k, seg) in segments.iter().enumerate() {
+    for (k, seg_reads) in reads.iter().enumerate() {
         let after = waits.get(&k).map(Vec::as_slice).unwrap_or_default();
-        if let Some(plan) = plan_segment(&ctx, seg, after, &mut names) {
+        if let Some(plan) = plan_segment(&ctx, seg_reads, after, &mut names) {
             report.segments += 1;
             report.tensors += plan.renamed.len();
             report.nodes += plan.copies;
             plans.push(plan);
         }
     }
+    drop(reads);
     drop(ctx);
     graph.names = names;
     for plan in &plans {
@@ -107,8 +109,11 @@ struct Context<'a> {
 
 /// For each segment of `one_at_a_time` but the first the backward pass reaches: the gradients its
 /// copies wait for (see [`recompute`]).
-fn waits_for_previous(ctx: &Context, segments: &[Vec<usize>], one_at_a_time: &[usize]) -> HashMap<usize, Vec<String>> {
-    let mut order: Vec<(usize, usize)> = one_at_a_time.iter().filter_map(|&k| Some((*segment_reads(ctx, &segments[k]).readers.first()?, k))).collect();
+fn waits_for_previous(ctx: &Context, reads: &[SegmentReads], one_at_a_time: &[usize]) -> HashMap<usize, Vec<String>> {
+    let mut order: Vec<(usize, usize)> = one_at_a_time.iter().filter_map(|&k| Some((*reads[k].readers.first()?, k))).collect();
+    if order.len() < 2 {
+        return HashMap::new();
+    }
     order.sort_unstable();
     let nodes = &ctx.graph.nodes;
     let consumers = ctx.graph.consumers();
@@ -116,7 +121,9 @@ fn waits_for_previous(ctx: &Context, segments: &[Vec<usize>], one_at_a_time: &[u
     let mut waits = HashMap::new();
     for pair in order.windows(2) {
         let ((from, _), (to, next)) = (pair[0], pair[1]);
-        let sent_on = |o: &&String| ctx.gradients.contains(o.as_str()) && (outputs.contains(o.as_str()) || consumers.get(o.as_str()).is_some_and(|c| c.iter().any(|&j| j >= to)));
+        let sent_on = |o: &&String| {
+            ctx.gradients.contains(o.as_str()) && (outputs.contains(o.as_str()) || consumers.get(o.as_str()).is_some_and(|c| c.iter().any(|&j| j >= to)))
+        };
         let finished: Vec<String> = nodes[from..to].iter().flat_map(|n| n.output.iter().filter(sent_on).cloned()).collect();
         waits.insert(next, finished);
     }
@@ -153,9 +160,8 @@ fn segment_reads<'a>(ctx: &Context<'a>, seg: &[usize]) -> SegmentReads<'a> {
     reads
 }
 
-fn plan_segment(ctx: &Context, seg: &[usize], after: &[String], names: &mut super::Names) -> Option<Plan> {
+fn plan_segment(ctx: &Context, reads: &SegmentReads, after: &[String], names: &mut super::Names) -> Option<Plan> {
     let nodes = &ctx.graph.nodes;
-    let reads = segment_reads(ctx, seg);
     let (produced_by, readers) = (&reads.produced_by, &reads.readers);
     let inner = |x: &str| reads.inner(x);
     let first = *readers.first()?;

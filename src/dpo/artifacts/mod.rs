@@ -23,8 +23,8 @@
 
 pub mod adapters;
 pub mod append_objective;
-pub mod attention_chunks;
 pub mod assemble_manifest;
+pub mod attention_chunks;
 pub mod differentiate;
 pub mod gradient_order;
 pub mod hf_names;
