@@ -10,7 +10,7 @@
 //! But a heap cannot give back the holes between blocks still in use. At long rows the tensors come
 //! in many sizes (a 1,787-token row's attention chunks alone: 64 KiB to 115 MiB) and the holes add
 //! up: SmolLM2-135M, 8 pairs of 1,023 tokens, `--gradient-checkpointing --attention-chunks 8`, heap
-//! blocks up to 32 MiB: killed above 12.5 GiB; up to 4 MiB: 6.69 GiB; 2 pairs of 511 tokens: 3.98 /
+//! blocks up to 32 MiB: killed above 12.4 GiB; up to 4 MiB: 6.69 GiB; 2 pairs of 511 tokens: 3.98 /
 //! 3.18 GiB for 11.9 / 13.3 s a step. So artifacts built to save memory get the smaller heap blocks.
 
 /// What [`tune_heap`] favours.
