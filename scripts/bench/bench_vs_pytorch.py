@@ -471,7 +471,7 @@ def run_betadpo(a, data_file, pairs, workdir, artifacts):
     return r
 
 
-def ensure_artifacts(a, artifacts, recompute=False, vocab_chunk=8192):
+def ensure_artifacts(a, artifacts, recompute=False, vocab_chunk=None):
     """Builds `artifacts` (with --gradient-checkpointing when `recompute`) unless they exist and fit."""
     if os.path.exists(os.path.join(artifacts, "manifest.json")) and not a.rebuild:
         man = json.load(open(os.path.join(artifacts, "manifest.json")))
@@ -483,8 +483,9 @@ def ensure_artifacts(a, artifacts, recompute=False, vocab_chunk=8192):
         if rank != a.lora:
             raise SystemExit(f"{artifacts} has LoRA rank {rank}, not --lora {a.lora}; pass --rebuild")
         return
-    cmd = [a.betadpo, "build-graph", "--model", a.onnx, "--out", artifacts, "--layout", a.layout, "--quiet",
-           "--vocab-chunk", str(vocab_chunk)]
+    cmd = [a.betadpo, "build-graph", "--model", a.onnx, "--out", artifacts, "--layout", a.layout, "--quiet"]
+    if vocab_chunk is not None:
+        cmd += ["--vocab-chunk", str(vocab_chunk)]
     if recompute:
         cmd += ["--gradient-checkpointing"]
     if a.lora:
@@ -577,9 +578,11 @@ def main():
                     "length and --pairs, on synthetic rows of that length (scripts/bench/synthetic_rows.py) instead of --data")
     ap.add_argument("--variants", help="comma-separated, in run order, from torch, torch-gc (PyTorch with "
                     "gradient_checkpointing_enable()), betadpo, betadpo-gc (artifacts built with "
-                    "--gradient-checkpointing), betadpo-nochunk (--vocab-chunk 0); default torch,betadpo, and "
+                    "--gradient-checkpointing), betadpo-nochunk (--vocab-chunk 0), betadpo-chunk (--vocab-chunk 8192); "
+                    "default torch,betadpo, and "
                     "torch,torch-gc,betadpo,betadpo-gc with --row-tokens")
-    ap.add_argument("--vocab-chunk", type=int, default=8192, help="build-graph --vocab-chunk of betadpo's artifacts")
+    ap.add_argument("--vocab-chunk", type=int, default=None, help="build-graph --vocab-chunk of betadpo's artifacts "
+                    "(default: build-graph's, 8192 with --gradient-checkpointing, else 0)")
     ap.add_argument("--lr-schedule", default="linear", choices=["linear", "constant"],
                     help="both sides: linear decay to 0 over the run's steps (TRL's default) or constant")
     ap.add_argument("--max-length", type=int, help="betadpo's --max-length and the longest pair allowed "
@@ -645,7 +648,7 @@ def main():
     for v in variants:
         if v.startswith("betadpo"):
             ensure_artifacts(a, a.artifacts_of[v], recompute=v.endswith("-gc"),
-                             vocab_chunk=0 if v.endswith("-nochunk") else a.vocab_chunk)
+                             vocab_chunk=vocab_chunk_of(a, v))
             disk = disk or disk_report(a, a.artifacts_of[v])
 
     results = []
@@ -667,7 +670,12 @@ def main():
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-VARIANTS = ("torch", "torch-gc", "betadpo", "betadpo-gc", "betadpo-nochunk")
+VARIANTS = ("torch", "torch-gc", "betadpo", "betadpo-gc", "betadpo-nochunk", "betadpo-chunk")
+
+
+def vocab_chunk_of(a, variant):
+    """The --vocab-chunk a betadpo variant's artifacts are built with (None: build-graph's default)."""
+    return {"betadpo-nochunk": 0, "betadpo-chunk": 8192}.get(variant, a.vocab_chunk)
 
 
 def run_variants(a, variants, P, data_file, workdir):
@@ -731,7 +739,8 @@ def memory_estimate(a, shape, disk, recompute, vocab_chunk):
         return None
     params = disk["trainable_elements"] + disk["frozen_bytes"] // 4
     return estimate(model_shape(config), params, disk["trainable_elements"], shape["betadpo_rows"],
-                    shape["betadpo_width"], shape["answer_tokens"], recompute, vocab_chunk)
+                    shape["betadpo_width"], shape["answer_tokens"], recompute, vocab_chunk,
+                    attention_chunks=8 if recompute else 0)
 
 
 def summarise(a, P, runs, shape, disk):
@@ -789,7 +798,8 @@ def summarise(a, P, runs, shape, disk):
                 rec["train_graph_s"] = med([s["train_graph_s"] for s in split])
                 rec["optimizer_s"] = med([s["optimizer_s"] for s in split])
                 line += f"; train graph {rec['train_graph_s']:.3f} / optimizer {rec['optimizer_s']:.3f} s"
-            chunk = 0 if side.endswith("-nochunk") else a.vocab_chunk
+            chunk = vocab_chunk_of(a, side)
+            chunk = chunk if chunk is not None else (8192 if side.endswith("-gc") else 0)
             est = memory_estimate(a, shape, disk, side.endswith("-gc"), chunk) if disk else None
             if est:
                 rec["memory_estimate"] = est
@@ -840,7 +850,7 @@ def side_by_side(a, P, sides, disk):
     """One Markdown table: every variant's speed, memory and (betadpo) bytes on disk."""
     name = {"torch": "PyTorch + PEFT" if a.lora else "PyTorch", "torch-gc": "PyTorch, gradient checkpointing",
             "betadpo": "betadpo", "betadpo-gc": "betadpo --gradient-checkpointing",
-            "betadpo-nochunk": "betadpo --vocab-chunk 0"}
+            "betadpo-nochunk": "betadpo --vocab-chunk 0", "betadpo-chunk": "betadpo --vocab-chunk 8192"}
     log(f"\n| {P} pairs, {a.threads} threads{f', LoRA r={a.lora}' if a.lora else ''} | step (median) | tokens/s "
         f"| peak RSS | estimated | peak RSS / frozen weights | on disk |")
     log("| --- | --- | --- | --- | --- | --- | --- |")

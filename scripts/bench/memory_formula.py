@@ -107,19 +107,21 @@ def main():
     ap.add_argument("--row-tokens", type=int, required=True)
     ap.add_argument("--answer-tokens", type=int, required=True)
     ap.add_argument("--gradient-checkpointing", action="store_true")
-    ap.add_argument("--vocab-chunk", type=int, default=8192)
+    ap.add_argument("--vocab-chunk", type=int, default=None,
+                    help="words per vocabulary slice (default: 8192 with --gradient-checkpointing, else 0, as build-graph)")
     ap.add_argument("--attention-chunks", type=int, default=None,
                     help="query chunks per attention (default: 8 with --gradient-checkpointing, else 0, as build-graph)")
     a = ap.parse_args()
     chunks = a.attention_chunks if a.attention_chunks is not None else (8 if a.gradient_checkpointing else 0)
+    vocab_chunk = a.vocab_chunk if a.vocab_chunk is not None else (8192 if a.gradient_checkpointing else 0)
     shape = model_shape(load_config(a.config))
     params = a.params or (shape["vocab"] * shape["hidden"]
                           + shape["layers"] * (4 * shape["hidden"] ** 2 + 3 * shape["hidden"] * shape["intermediate"]))
     trainable = a.trainable if a.trainable is not None else params
-    t = estimate(shape, params, trainable, a.rows, a.row_tokens, a.answer_tokens, a.gradient_checkpointing, a.vocab_chunk,
+    t = estimate(shape, params, trainable, a.rows, a.row_tokens, a.answer_tokens, a.gradient_checkpointing, vocab_chunk,
                  chunks)
     print(describe(t))
-    plain = estimate(shape, params, trainable, a.rows, a.row_tokens, a.answer_tokens, False, a.vocab_chunk)
+    plain = estimate(shape, params, trainable, a.rows, a.row_tokens, a.answer_tokens, False, vocab_chunk)
     print(recommendation(plain, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")))
 
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use betadpo::dpo::artifacts::recompute::{MemoryOptions, DEFAULT_ATTENTION_CHUNKS};
+use betadpo::dpo::artifacts::recompute::MemoryOptions;
 use betadpo::dpo::model::lora::LoraOptions;
 use betadpo::dpo::model::params::Selection;
 use betadpo::dpo::packing::LayoutChoice;
@@ -133,9 +133,10 @@ pub struct Args {
     gradient_checkpointing: bool,
     /// Words per vocabulary slice of the answer log-probs: the lm_head, log-sum-exp and gradient
     /// run one slice at a time (recomputed in the backward pass), so no [answer tokens, vocab]
-    /// tensor exists. 0 computes the whole vocabulary at once.
-    #[arg(long, default_value_t = betadpo::dpo::artifacts::recompute::DEFAULT_VOCAB_CHUNK)]
-    vocab_chunk: i64,
+    /// tensor exists. 0 computes the whole vocabulary at once. Default: 8192 with
+    /// --gradient-checkpointing (long rows), else 0. See docs/long-sequences.md.
+    #[arg(long)]
+    vocab_chunk: Option<i64>,
     /// Compute each attention in this many query chunks, each against only the keys its causal
     /// queries see: no [rows, heads, T, T] tensor exists, about half the attention products go, and
     /// the backward pass keeps half the probabilities. 0 or 1: whole. Default: 8 with
@@ -264,13 +265,14 @@ pub fn options(a: &Args) -> Result<BuildOptions> {
         anyhow::bail!(betadpo::Error::BadFlag { flag: "--emulate-half".into(), detail: "needs --precision bf16 or fp16".into() });
     }
     let precision = MixedPrecision { precision, emulated: a.emulate_half };
-    if a.vocab_chunk < 0 {
+    if a.vocab_chunk.is_some_and(|c| c < 0) {
         anyhow::bail!(betadpo::Error::BadFlag { flag: "--vocab-chunk".into(), detail: "must be 0 (off) or a number of words".into() });
     }
+    let defaults = if a.gradient_checkpointing { MemoryOptions::long_rows() } else { MemoryOptions::default() };
     let memory = MemoryOptions {
         gradient_checkpointing: a.gradient_checkpointing,
-        vocab_chunk: a.vocab_chunk,
-        attention_chunks: a.attention_chunks.unwrap_or(if a.gradient_checkpointing { DEFAULT_ATTENTION_CHUNKS } else { 0 }),
+        vocab_chunk: a.vocab_chunk.unwrap_or(defaults.vocab_chunk),
+        attention_chunks: a.attention_chunks.unwrap_or(defaults.attention_chunks),
     };
     Ok(BuildOptions { objective, layout, selection, hidden_state: a.hidden_state.clone(), lora: lora(a)?, frozen_dtype, precision, memory })
 }

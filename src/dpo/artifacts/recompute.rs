@@ -10,17 +10,20 @@ use crate::dpo::objective::chunked_logps::{chunk_of, VocabChunks};
 use crate::graph::{decoder_blocks, recompute, Graph, Recomputed};
 use crate::onnx::NodeAttrs;
 
-/// The words per vocabulary slice when `--vocab-chunk` is not given: big enough that each slice's
-/// product is a full-speed matrix product, small enough that `answer tokens x 8192 x 4` bytes is
-/// a small share of memory (4,096 answer tokens: 134 MB, against 2.1 GB for a 128,256-word vocabulary).
+/// The words per vocabulary slice with `--gradient-checkpointing` when `--vocab-chunk` is not
+/// given: big enough that each slice's product is a full-speed matrix product, small enough that
+/// `answer tokens x 8192 x 4` bytes is a small share of memory (4,096 answer tokens: 134 MB, against
+/// 2.1 GB for a 128,256-word vocabulary).
 pub const DEFAULT_VOCAB_CHUNK: i64 = 8192;
 
-/// Query chunks per attention when `--gradient-checkpointing` is given without `--attention-chunks`:
-/// SmolLM2-135M, 8 pairs of 1,023 tokens, recomputed: peak 7.53 GiB whole, 6.49 GiB in 8 chunks
-/// (docs/long-sequences.md).
+/// Query chunks per attention with `--gradient-checkpointing` when `--attention-chunks` is not
+/// given: SmolLM2-135M, 8 pairs of 1,023 tokens, recomputed: peak 7.53 GiB whole, 6.49 GiB in 8
+/// chunks (docs/long-sequences.md).
 pub const DEFAULT_ATTENTION_CHUNKS: usize = 8;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What the train graph keeps for its backward pass. [`MemoryOptions::default`] keeps everything
+/// (fastest at short rows); [`MemoryOptions::long_rows`] is what `--gradient-checkpointing` means.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MemoryOptions {
     /// Recompute each decoder block's forward pass in the backward pass.
     pub gradient_checkpointing: bool,
@@ -31,6 +34,15 @@ pub struct MemoryOptions {
 }
 
 impl MemoryOptions {
+    /// Blocks recomputed, attention in query chunks and the vocabulary in slices: memory over
+    /// speed. The slices are not the default without recomputation: splitting the head and
+    /// concatenating its gradient cost 5% of SmolLM2's step at 44-token rows (1.265 against
+    /// 1.174 s, docs/long-sequences.md), and rows long enough for the logits to matter need
+    /// recomputation anyway.
+    pub fn long_rows() -> Self {
+        MemoryOptions { gradient_checkpointing: true, vocab_chunk: DEFAULT_VOCAB_CHUNK, attention_chunks: DEFAULT_ATTENTION_CHUNKS }
+    }
+
     /// The manifest's record of these options, as far as they applied (`sliced`: the vocabulary was
     /// cut; `chunked`: attentions were found to cut).
     pub fn spec(&self, sliced: bool, chunked: bool) -> crate::dpo::manifest::MemorySpec {
@@ -39,12 +51,6 @@ impl MemoryOptions {
             attention_chunks: if chunked { self.attention_chunks } else { 0 },
             vocab_chunk: if sliced { self.vocab_chunk } else { 0 },
         }
-    }
-}
-
-impl Default for MemoryOptions {
-    fn default() -> Self {
-        MemoryOptions { gradient_checkpointing: false, vocab_chunk: DEFAULT_VOCAB_CHUNK, attention_chunks: 0 }
     }
 }
 

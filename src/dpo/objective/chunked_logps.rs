@@ -1,7 +1,6 @@
 //! Answer-token log-probs that never hold the `[answer tokens, vocab]` logits: the lm_head is
 //! applied to one static slice of the vocabulary at a time, each slice reduced at once to its
-//! log-sum-exp `[N, 1]`, and the label's logit is the dot product of the hidden state with the
-//! label's row of the head. Each slice's nodes are marked (see [`chunk_of`]) so that the build
+//! log-sum-exp `[N, 1]`, and the label's logit is picked from the slice that holds it. Each slice's nodes are marked (see [`chunk_of`]) so that the build
 //! recomputes them in the backward pass (`graph::recompute`); without that the backward pass would
 //! keep every slice's logits and the peak would be the full tensor again.
 
@@ -56,7 +55,15 @@ pub fn token_logps(b: &mut Builder, h: &str, labels: &str, chunks: &VocabChunks)
     // one Split (not a Slice per chunk): its gradient is one Concat, where slices would each pad
     // their gradient to the full weight's size
     let weights = b.op_n("Split", &[&p.weight, &split], sizes.len(), vec![attr_i("axis", vocab_axis)], "dpo/lm_head_slice");
+    // the label's logit is read from the slice that holds it, at its place in the slice: its gradient
+    // is then a scatter into a slice's logits gradient, not one into a zero tensor the size of the
+    // whole head (a dot product with the label's row of the head)
+    let size = b.int(chunks.size.max(1));
+    let within = b.op("Mod", &[labels, &size], vec![], "dpo/label_within_slice");
+    let axis1 = b.ints(&[1]);
+    let place = b.op("Unsqueeze", &[&within, &axis1], vec![], "dpo/label_place");
     let mut sums = Vec::with_capacity(weights.len());
+    let mut picks = Vec::with_capacity(weights.len());
     for (k, w) in weights.iter().enumerate() {
         let mark = format!("dpo/{CHUNK_MARK}{k}/");
         let z = if p.trans_b {
@@ -65,14 +72,27 @@ pub fn token_logps(b: &mut Builder, h: &str, labels: &str, chunks: &VocabChunks)
             b.op("MatMul", &[h, w], vec![], &format!("{mark}logits"))
         };
         sums.push(reduce(b, "ReduceLogSumExp", &z, 1, true, chunks.opset, &format!("{mark}log_sum_exp")));
+        let place = if sizes[k] < chunks.size {
+            // a short last slice: the places of labels in other slices may lie past its end
+            let end = b.int(sizes[k]);
+            let fits = b.op("Less", &[&place, &end], vec![], &format!("{mark}label_fits"));
+            let start = b.int(0);
+            b.op("Where", &[&fits, &place, &start], vec![], &format!("{mark}label_place"))
+        } else {
+            place.clone()
+        };
+        picks.push(b.op("GatherElements", &[&z, &place], vec![attr_i("axis", 1)], &format!("{mark}label_logit")));
     }
     let refs: Vec<&str> = sums.iter().map(String::as_str).collect();
     let per_chunk = b.op("Concat", &refs, vec![attr_i("axis", 1)], "dpo/chunk_log_sum_exp");
     let log_z = reduce(b, "ReduceLogSumExp", &per_chunk, 1, false, chunks.opset, "dpo/log_sum_exp");
-    let rows = b.op("Gather", &[&p.weight, labels], vec![attr_i("axis", vocab_axis)], "dpo/label_rows");
-    let rows = if p.trans_b { rows } else { b.op("Transpose", &[&rows], vec![attr_ints("perm", &[1, 0])], "dpo/label_rows_t") };
-    let products = b.op("Mul", &[h, &rows], vec![], "dpo/label_products");
-    let label_logit = reduce(b, "ReduceSum", &products, 1, false, chunks.opset, "dpo/label_logit");
+    let refs: Vec<&str> = picks.iter().map(String::as_str).collect();
+    let per_slice = b.op("Concat", &refs, vec![attr_i("axis", 1)], "dpo/slice_label_logits");
+    let slice = b.op("Div", &[labels, &size], vec![], "dpo/label_slice");
+    let slice = b.op("Unsqueeze", &[&slice, &axis1], vec![], "dpo/label_slice_index");
+    let label_logit = b.op("GatherElements", &[&per_slice, &slice], vec![attr_i("axis", 1)], "dpo/label_logit");
+    let flat = b.ints(&[-1]);
+    let label_logit = b.op("Reshape", &[&label_logit, &flat], vec![], "dpo/label_logit_flat");
     b.op("Sub", &[&label_logit, &log_z], vec![], "dpo/token_logp")
 }
 
