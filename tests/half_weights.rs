@@ -153,3 +153,51 @@ fn deferred_weights_kept_in_float32_get_their_values() {
     assert_close(&z, &want_z, "z");
     assert_eq!(cast_per_use(&mut g), 0, "no half weights, nothing to rewrite");
 }
+
+/// A frozen half head cut into vocabulary slices (`Split`, as the sliced log-probs read it), each slice read by
+/// a product and, as recomputation gates read it, by a `Shape`.
+#[test]
+fn slices_of_a_half_weight_cast_only_their_part() {
+    let (e, ev) = bf16_tensor("E", &[V, K], |i| ((i * 53 % 89) as f32 - 44.0) / 61.0);
+    let sizes = betadpo::onnx::tensor_i64("sizes", &[3], &[30, 30, 10]);
+    let nodes = vec![
+        node_with("Split", &["E", "sizes"], &["E0", "E1", "E2"], vec![betadpo::onnx::attr_i("axis", 0)]),
+        node_with("Gemm", &["x", "E0"], &["z0"], vec![betadpo::onnx::attr_i("transB", 1)]),
+        node_with("Gemm", &["x", "E1"], &["z1"], vec![betadpo::onnx::attr_i("transB", 1)]),
+        node_with("Gemm", &["x", "E2"], &["z2"], vec![betadpo::onnx::attr_i("transB", 1)]),
+        node_with("Concat", &["z0", "z1", "z2"], &["z"], vec![betadpo::onnx::attr_i("axis", 1)]),
+        node("Shape", &["E1"], &["s1"]),
+    ];
+    let io = |name: &str, t: DType, dims: &[i64]| value_info(name, t, &dims.iter().map(|&d| Dim::Fixed(d)).collect::<Vec<_>>());
+    let model = common::onnx_model::model(
+        "half_slices",
+        nodes,
+        vec![e, sizes],
+        vec![io("x", dtype::FLOAT, &[2, K as i64])],
+        vec![io("z", dtype::FLOAT, &[2, V as i64]), io("s1", dtype::INT64, &[2])],
+    );
+    let mut g = Graph::from_model(model).unwrap();
+    let origin = compute_in_float32(&mut g).unwrap();
+    assert_eq!(store_frozen(&mut g, &["E".to_string()].into(), None, &origin, &mut StoredWeights::default()).unwrap(), 1);
+    assert_eq!(cast_per_use(&mut g), 4, "three products and the shape");
+
+    let x = x();
+    let want: Vec<f64> = (0..2 * V).map(|k| (0..K).map(|j| x[k / V * K + j] * ev[(k % V) * K + j]).sum()).collect();
+    let bytes = prost::Message::encode_to_vec(&g.clone().into_model());
+    let mut s = SessionConfig::default().session_from_bytes(&bytes).unwrap();
+    let xs: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+    let out = run(&mut s, &[("x", HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[2, K]), xs).unwrap()))]).unwrap();
+    match (&out[0].1, &out[1].1) {
+        (HostTensor::F32(z), HostTensor::I64(s1)) => {
+            assert_close(&z.iter().copied().collect::<Vec<_>>(), &want, "z");
+            assert_eq!(s1.iter().copied().collect::<Vec<_>>(), vec![30, K as i64]);
+        }
+        other => panic!("{other:?}"),
+    }
+    // no float32 copy of the whole head: each cast reads one slice of the half weight
+    assert!(!g.nodes.iter().any(|n| n.op_type == "Split"), "the Split of the whole cast is gone");
+    let casts: Vec<_> = g.nodes.iter().filter(|n| n.op_type == "Cast").collect();
+    assert_eq!(casts.len(), 3);
+    let producer = |t: &str| g.nodes.iter().find(|n| n.output.iter().any(|o| o == t)).map(|n| n.op_type.clone());
+    assert!(casts.iter().all(|c| producer(&c.input[0]).as_deref() == Some("Slice")), "{casts:?}");
+}
