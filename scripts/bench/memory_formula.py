@@ -4,13 +4,16 @@
 The same formula the docs state, as code: `scripts/bench/bench_vs_pytorch.py` prints it beside each measured peak,
 and it can be run alone to size a batch before training:
     python3 scripts/bench/memory_formula.py --config HF_DIR_OR/hf_export.json --rows 16 --row-tokens 1024 \
-        --answer-tokens 12288 [--gradient-checkpointing] [--vocab-chunk 8192] [--attention-chunks 8] [--trainable N]
-Float32 everywhere (4 bytes). All terms in bytes; `total` is their sum.
+        --answer-tokens 12288 [--gradient-checkpointing] [--vocab-chunk 8192] [--attention-chunks 8] [--trainable N] \
+        [--frozen-bytes-per-weight 2]
+Float32 everywhere (4 bytes) but frozen weights stored in half precision (--frozen-bytes-per-weight 2: LoRA on a
+bf16 checkpoint). All terms in bytes; `total` is their sum.
 
 Terms (P parameters, P_t trainable; R rows of T tokens, N = R x T; A answer tokens; L blocks of width H,
 MLP width I, `heads` query heads, vocabulary V):
   runtime     a fixed 0.35 GiB: the binary, ONNX Runtime, two sessions' graphs and plans, the tokenizer
-  weights     4 P                 every parameter, once (train and eval sessions share them)
+  weights     4 P_t + b (P - P_t)  every parameter, once (train and eval sessions share them); b bytes a frozen
+                                  weight as stored (4, or 2 in half precision)
   moments     8 P_t               AdamW's two moments (the fused host optimizer)
   gradients   4 P_t               the train graph's gradient outputs
   activations plain:     4 N L (12 H + 5 I + 2 heads T)   what every block keeps for its backward pass:
@@ -103,6 +106,8 @@ def main():
     ap.add_argument("--config", required=True, help="config.json, hf_export.json or a folder holding one")
     ap.add_argument("--params", type=int, help="parameters (default: counted from the config's shape, roughly)")
     ap.add_argument("--trainable", type=int, help="trainable parameters (default: all)")
+    ap.add_argument("--frozen-bytes-per-weight", type=int, default=FLOAT, choices=(2, 4),
+                    help="bytes of a frozen weight as stored: 2 for half-precision frozen weights (LoRA on a bf16 model)")
     ap.add_argument("--rows", type=int, required=True)
     ap.add_argument("--row-tokens", type=int, required=True)
     ap.add_argument("--answer-tokens", type=int, required=True)
@@ -118,6 +123,8 @@ def main():
     params = a.params or (shape["vocab"] * shape["hidden"]
                           + shape["layers"] * (4 * shape["hidden"] ** 2 + 3 * shape["hidden"] * shape["intermediate"]))
     trainable = a.trainable if a.trainable is not None else params
+    # the estimate counts 4 bytes a parameter: frozen half weights count as half as many float32 ones
+    params = trainable + (params - trainable) * a.frozen_bytes_per_weight // FLOAT
     t = estimate(shape, params, trainable, a.rows, a.row_tokens, a.answer_tokens, a.gradient_checkpointing, vocab_chunk,
                  chunks)
     print(describe(t))
