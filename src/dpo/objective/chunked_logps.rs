@@ -1,8 +1,9 @@
 //! Answer-token log-probs that never hold the `[answer tokens, vocab]` logits: the lm_head is
 //! applied to one static slice of the vocabulary at a time, each slice reduced at once to its
-//! log-sum-exp `[N, 1]`, and the label's logit is picked from the slice that holds it. Each slice's nodes are marked (see [`chunk_of`]) so that the build
-//! recomputes them in the backward pass (`graph::recompute`); without that the backward pass would
-//! keep every slice's logits and the peak would be the full tensor again.
+//! log-sum-exp `[N, 1]`, and the label's logit is picked from the slice that holds it. Each slice's
+//! nodes are marked (see [`chunk_of`]) so that the build recomputes them in the backward pass
+//! (`graph::recompute`); without that the backward pass would keep every slice's logits and the peak
+//! would be the full tensor again.
 
 use crate::dpo::model::Projection;
 use crate::graph::Builder;
