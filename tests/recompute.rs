@@ -194,6 +194,42 @@ fn imported_models_recompute_each_decoder_block() {
     }
 }
 
+/// Each decoder block is found whole in an imported model with LoRA adapters: every product and sum
+/// of layer N's forward pass falls in block N (the importer writes layer N+1's weight transposes among
+/// layer N's nodes; a block once started at one of them, and took in the rest of layer N: one
+/// Llama-3.2-1B-shaped block in place of sixteen, so recomputation kept nearly everything).
+#[test]
+fn imported_lora_models_are_cut_at_their_layers() {
+    use betadpo::dpo::model::lora::LoraOptions;
+    use betadpo::graph::{decoder_blocks, layer_index, Graph};
+    for family in ["llama", "qwen2", "gpt2"] {
+        let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(family);
+        let out = common::fixtures::scratch(&format!("recompute-lora-{family}"));
+        let lora = Some(LoraOptions { rank: 2, alpha: None, dropout: 0.0, targets: None });
+        let opts = BuildOptions { objective: objective(), layout: LayoutChoice::Packed, memory: RECOMPUTED_IN_CHUNKS, lora, ..Default::default() };
+        build_artifacts(&folder, &out, &opts).unwrap();
+        let g = Graph::from_model(load_model(&out.join("train.onnx")).unwrap()).unwrap();
+        let forward_len = g.nodes.iter().position(|n| n.name.starts_with("grad/") || n.name.starts_with("recomputed/")).unwrap();
+        let blocks = decoder_blocks(&g, forward_len);
+        let producer: HashMap<&str, &str> =
+            g.nodes[..forward_len].iter().flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n.op_type.as_str()))).collect();
+        let mut checked = 0;
+        for (i, n) in g.nodes[..forward_len].iter().enumerate() {
+            let computes = matches!(n.op_type.as_str(), "MatMul" | "Gemm" | "Add" | "Softmax");
+            let Some(layer) = layer_index(&n.name).filter(|_| computes) else { continue };
+            // a product of two activations, or of an activation and a weight (a weight arrives as itself or transposed, or cast per use)
+            let reads_activation = n.input.iter().any(|x| producer.get(x.as_str()).is_some_and(|op| !matches!(*op, "Transpose" | "Cast" | "Constant")));
+            if !reads_activation {
+                continue;
+            }
+            let block = blocks.iter().position(|b| b.contains(&i));
+            assert_eq!(block, Some(layer), "{family}: {} (layer {layer}) is in block {block:?} of {}", n.name, blocks.len());
+            checked += 1;
+        }
+        assert!(checked > 10, "{family}: only {checked} nodes checked");
+    }
+}
+
 /// The vocabulary slices are recomputed one at a time: each slice's logits are recomputed only once
 /// every reader of the previous slice's logits gradient has run (its lm_head and hidden-state
 /// gradients), so no runtime can hold all slices' logits gradients at once (ONNX Runtime did: five of
