@@ -21,8 +21,8 @@ MLP width I, `heads` query heads, vocabulary V):
                                   and the attention scores and probabilities [heads, T] per token (2 heads T);
                                   in K query chunks (--attention-chunks K) the probabilities' lower triangle
                                   and one chunk's scores and gradients: heads T ((K + 1) / 2K + 2 / K)
-              recompute: 4 N L H + 2 x one block of the above   block inputs, and one block recomputed with
-                                  its gradients at a time
+              recompute: 4 N L H + one block of the above + 4 N 2 I   block inputs, one block recomputed at a
+                                  time, and the widest of its gradients (the MLP's; the attention's are in its term)
   mask        4 R T^2             the packed/padded attention mask (one [T, T] per row, shared by the blocks)
   logits      plain (--vocab-chunk 0): 4 A V x 3 (logits, log-softmax, its gradient)
               sliced: 4 A min(V, chunk) x 3
@@ -68,7 +68,9 @@ def estimate(shape, params, trainable, rows, row_tokens, answer_tokens, gradient
     n = rows * row_tokens
     block = FLOAT * n * block_activations_per_token(shape, row_tokens, attention_chunks)
     if gradient_checkpointing:
-        acts = FLOAT * n * shape["layers"] * shape["hidden"] + 2 * block
+        # one block's forward tensors, recomputed; of its gradients only the MLP's widest two at once (the
+        # attention's are in the chunk term): by the time the attention's gradients exist, the MLP's tensors are gone
+        acts = FLOAT * n * shape["layers"] * shape["hidden"] + block + FLOAT * n * 2 * shape["intermediate"]
     else:
         acts = shape["layers"] * block
     width = shape["vocab"] if vocab_chunk <= 0 else min(shape["vocab"], vocab_chunk)
