@@ -276,3 +276,28 @@ fn slices_wait_for_each_other(model: &std::path::Path) {
         }
     }
 }
+
+/// `build-graph`'s memory defaults, read back from the manifest: nothing recomputed or cut without
+/// `--gradient-checkpointing`; with it, 8 query chunks per attention and 8,192-word vocabulary slices
+/// (not applied to a 512-word vocabulary); either option given on its own wins.
+#[test]
+fn build_graph_memory_defaults_follow_gradient_checkpointing() {
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llama");
+    let cases: [(&[&str], (bool, u64, u64)); 4] = [
+        (&[], (false, 0, 0)),
+        (&["--gradient-checkpointing"], (true, 8, 0)),
+        (&["--gradient-checkpointing", "--vocab-chunk", "100", "--attention-chunks", "3"], (true, 3, 100)),
+        (&["--vocab-chunk", "100"], (false, 0, 100)),
+    ];
+    for (k, (flags, (gc, attention, vocab))) in cases.into_iter().enumerate() {
+        let out = common::fixtures::scratch(&format!("memory-defaults-{k}"));
+        let mut args = vec!["build-graph", "--model", model.to_str().unwrap(), "--out", out.to_str().unwrap(), "--quiet"];
+        args.extend_from_slice(flags);
+        let (code, _, err) = common::cli::betadpo(&args);
+        assert_eq!(code, 0, "{flags:?}: {err}");
+        let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+        let memory = &manifest["memory"];
+        let got = (memory["gradient_checkpointing"].as_bool().unwrap(), memory["attention_chunks"].as_u64().unwrap(), memory["vocab_chunk"].as_u64().unwrap());
+        assert_eq!(got, (gc, attention, vocab), "{flags:?}: {memory}");
+    }
+}
