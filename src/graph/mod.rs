@@ -6,7 +6,7 @@ mod blocks;
 mod builder;
 mod cast_per_use;
 mod check;
-mod dependency;
+pub mod dependency;
 mod gradient_order;
 mod mixed_precision;
 mod names;

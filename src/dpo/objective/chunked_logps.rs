@@ -6,6 +6,7 @@
 //! would be the full tensor again.
 
 use crate::dpo::model::Projection;
+use crate::graph::dependency::{exists_after, gate};
 use crate::graph::Builder;
 use crate::onnx::{attr_i, attr_ints};
 
@@ -63,10 +64,18 @@ pub fn token_logps(b: &mut Builder, h: &str, labels: &str, chunks: &VocabChunks)
     let within = b.op("Mod", &[labels, &size], vec![], "dpo/label_within_slice");
     let axis1 = b.ints(&[1]);
     let place = b.op("Unsqueeze", &[&within, &axis1], vec![], "dpo/label_place");
-    let mut sums = Vec::with_capacity(weights.len());
-    let mut picks = Vec::with_capacity(weights.len());
+    let mut sums: Vec<String> = Vec::with_capacity(weights.len());
+    let mut picks: Vec<String> = Vec::with_capacity(weights.len());
     for (k, w) in weights.iter().enumerate() {
         let mark = format!("dpo/{CHUNK_MARK}{k}/");
+        // one slice's logits at a time in the forward pass too: a slice starts once the previous one is
+        // reduced (ONNX Runtime otherwise ran all 16 of Llama 3's slice products first, 750 MB at a
+        // 1,787-token row); the recomputation orders them in the backward pass
+        let previous = match (sums.last(), picks.last()) {
+            (Some(sum), Some(pick)) => exists_after(b, &[sum.as_str(), pick.as_str()], &format!("dpo/slice_order{k}/")),
+            _ => None,
+        };
+        let h = &gate(b, h, previous.as_deref(), &format!("dpo/slice_order{k}/"));
         let z = if p.trans_b {
             b.op("Gemm", &[h, w], vec![attr_i("transB", 1)], &format!("{mark}logits"))
         } else {
