@@ -263,6 +263,15 @@ fn slices_wait_for_each_other(model: &std::path::Path) {
         seen
     };
     let named = |suffix: String| g.node.iter().position(|n| n.name.ends_with(&suffix)).unwrap_or_else(|| panic!("{name}: no node {suffix}"));
+    // in the forward pass, slice k + 1's product runs only once slice k's logits are reduced and picked from
+    for k in 0..5 {
+        let product = named(format!("dpo/dpo/vocab_chunk{}/logits", k + 1));
+        let before = ancestors(product);
+        for reader in ["log_sum_exp", "label_logit"] {
+            let r = g.node.iter().position(|n| n.name == format!("dpo/dpo/vocab_chunk{k}/{reader}")).unwrap();
+            assert!(before.contains(&r), "{name}: slice {} is computed before slice {k}'s {reader}", k + 1);
+        }
+    }
     // the backward pass reaches the last slice first: slice k is recomputed after slice k + 1's
     // logits gradient has been read by all its readers
     for k in 0..5 {
