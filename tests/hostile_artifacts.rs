@@ -54,7 +54,18 @@ fn a_directory_another_process_holds_is_refused_naming_its_pid() {
     let art = artifacts(&dir);
     // stand in for a live betadpo process: hold the lock as it would, with its pid in the file
     let lock = std::fs::OpenOptions::new().read(true).write(true).open(art.join(betadpo::dir_lock::LOCK_FILE)).unwrap();
-    lock.try_lock().unwrap();
+    // the build above held the lock in this process: a child that another test thread forked meanwhile
+    // holds a copy of that descriptor until it executes its program (close-on-exec), so wait for that
+    let waited = std::time::Instant::now();
+    loop {
+        match lock.try_lock() {
+            Ok(()) => break,
+            Err(std::fs::TryLockError::WouldBlock) if waited.elapsed() < std::time::Duration::from_secs(30) => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
     std::fs::write(art.join(betadpo::dir_lock::LOCK_FILE), "4242 build-graph\n").unwrap();
     let before = fingerprint(&dir);
     let model = quickstart().join("model.onnx");
