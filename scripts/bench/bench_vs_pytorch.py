@@ -731,8 +731,10 @@ def batch_shape(a, P, rows):
 
 def memory_estimate(a, shape, disk, recompute, vocab_chunk):
     """The memory formula's terms for betadpo on this batch (scripts/bench/memory_formula.py), or None without
-    a Hugging Face config beside the model."""
-    from memory_formula import estimate, load_config, model_shape
+    a Hugging Face config beside the model; `vocab_chunk` None: build-graph's default."""
+    from memory_formula import build_graph_defaults, estimate, load_config, model_shape
+    attention_chunks, default_vocab_chunk = build_graph_defaults(recompute)
+    vocab_chunk = default_vocab_chunk if vocab_chunk is None else vocab_chunk
     try:
         config = load_config(os.path.dirname(os.path.abspath(a.onnx)))
     except (OSError, ValueError):
@@ -740,7 +742,7 @@ def memory_estimate(a, shape, disk, recompute, vocab_chunk):
     params = disk["trainable_elements"] + disk["frozen_bytes"] // 4
     return estimate(model_shape(config), params, disk["trainable_elements"], shape["betadpo_rows"],
                     shape["betadpo_width"], shape["answer_tokens"], recompute, vocab_chunk,
-                    attention_chunks=8 if recompute else 0)
+                    attention_chunks=attention_chunks)
 
 
 def summarise(a, P, runs, shape, disk):
@@ -798,9 +800,7 @@ def summarise(a, P, runs, shape, disk):
                 rec["train_graph_s"] = med([s["train_graph_s"] for s in split])
                 rec["optimizer_s"] = med([s["optimizer_s"] for s in split])
                 line += f"; train graph {rec['train_graph_s']:.3f} / optimizer {rec['optimizer_s']:.3f} s"
-            chunk = vocab_chunk_of(a, side)
-            chunk = chunk if chunk is not None else (8192 if side.endswith("-gc") else 0)
-            est = memory_estimate(a, shape, disk, side.endswith("-gc"), chunk) if disk else None
+            est = memory_estimate(a, shape, disk, side.endswith("-gc"), vocab_chunk_of(a, side)) if disk else None
             if est:
                 rec["memory_estimate"] = est
                 line += (f"\n{'':12s}peak RSS estimated (scripts/bench/memory_formula.py) {describe(est)}; "

@@ -62,6 +62,12 @@ def block_activations_per_token(shape, row_tokens, attention_chunks=0):
     return 12 * shape["hidden"] + 5 * shape["intermediate"] + attention * shape["heads"] * row_tokens
 
 
+def build_graph_defaults(gradient_checkpointing):
+    """(query chunks per attention, words per vocabulary slice) that `build-graph` uses when neither flag is
+    given: 8 and 8,192 with --gradient-checkpointing, else 0 and 0 (`MemoryOptions::long_rows`)."""
+    return (8, 8192) if gradient_checkpointing else (0, 0)
+
+
 def estimate(shape, params, trainable, rows, row_tokens, answer_tokens, gradient_checkpointing, vocab_chunk,
              attention_chunks=0):
     """The peak's terms in bytes, and their sum as "total"."""
@@ -119,8 +125,9 @@ def main():
     ap.add_argument("--attention-chunks", type=int, default=None,
                     help="query chunks per attention (default: 8 with --gradient-checkpointing, else 0, as build-graph)")
     a = ap.parse_args()
-    chunks = a.attention_chunks if a.attention_chunks is not None else (8 if a.gradient_checkpointing else 0)
-    vocab_chunk = a.vocab_chunk if a.vocab_chunk is not None else (8192 if a.gradient_checkpointing else 0)
+    default_chunks, default_vocab_chunk = build_graph_defaults(a.gradient_checkpointing)
+    chunks = a.attention_chunks if a.attention_chunks is not None else default_chunks
+    vocab_chunk = a.vocab_chunk if a.vocab_chunk is not None else default_vocab_chunk
     shape = model_shape(load_config(a.config))
     params = a.params or (shape["vocab"] * shape["hidden"]
                           + shape["layers"] * (4 * shape["hidden"] ** 2 + 3 * shape["hidden"] * shape["intermediate"]))
