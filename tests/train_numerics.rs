@@ -1,12 +1,12 @@
 //! `betadpo train`'s numerics: fp16 dynamic loss scaling (trains, resumes exactly, skips and halves on
-//! overflow) and non-finite losses.
+//! overflow), non-finite losses, and micro-batches computed in parts (`--micro-batch-tokens`).
 
 mod common;
 
 use std::path::{Path, PathBuf};
 
 use betadpo::dpo::packing::LayoutChoice;
-use betadpo::dpo::{build_artifacts, BuildOptions, ObjectiveConfig};
+use betadpo::dpo::{build_artifacts, BetaDpoConfig, BuildOptions, ObjectiveConfig};
 use betadpo::graph::{MixedPrecision, Precision};
 use betadpo::run_layout;
 use betadpo::train::config::TrainConfig;
@@ -121,5 +121,63 @@ fn nonfinite_loss() {
     }
     assert_eq!(state_of(&run_layout::list_checkpoints(&skip).last().unwrap().1).skipped_nonfinite, 4);
     assert_bit_identical(&step1, &final_params(&skip), "skipped steps leave the step-1 weights unchanged");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Micro-batches in parts
+
+/// A micro-batch computed in parts (`--micro-batch-tokens 1`: every pair, or packed row, a pass of its
+/// own, its gradients weighted by its share of the micro-batch) trains as the whole micro-batch in one
+/// pass does, on both layouts and with gradient accumulation: the same losses, gradient norms and
+/// weights up to float rounding, where a wrong weight (a part's gradient counted as the batch's) would
+/// scale the gradient norm by the parts' count. The runs are not bit-identical: the parts did run.
+#[test]
+fn micro_batches_in_parts_train_as_the_whole_micro_batch() {
+    let Some(inp) = inputs() else { return };
+    let dir = scratch("micro-parts");
+    let data = head(&inp.train, 24, &dir, "train.jsonl");
+    for (layout, grad_accum) in [(LayoutChoice::Padded, 1), (LayoutChoice::Packed, 2)] {
+        let art = artifacts_in(layout, &inp.model, &dir.join(format!("{layout:?}")), ObjectiveConfig::default());
+        let run = |parts: usize| {
+            let out = dir.join(format!("{layout:?}-{parts}"));
+            // packed rows of at most 64 tokens: each of these pairs gets a row of its own, so 4 rows
+            let cfg = TrainConfig { micro_batch_tokens: Some(parts), grad_accum, pack_tokens: Some(64), ..config(&art, &data, &inp, &out, 3) };
+            run_train(&cfg);
+            (train_records(&out), final_params(&out))
+        };
+        let ((whole, w_params), (parts, p_params)) = (run(0), run(1));
+        for (a, b) in whole.iter().zip(&parts) {
+            for key in ["loss", "grad_norm", "rewards/margins"] {
+                let (x, y) = (f(a, key), f(b, key));
+                assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{layout:?} step {}: {key} {x} whole, {y} in parts", a["step"]);
+            }
+        }
+        assert_eq!(whole.len(), parts.len());
+        let max = w_params.iter().zip(&p_params).flat_map(|(x, y)| x.data.iter().zip(&y.data).map(|(p, q)| (p - q).abs())).fold(0.0f32, f32::max);
+        let differing = w_params.iter().zip(&p_params).flat_map(|(x, y)| x.data.iter().zip(&y.data)).filter(|(p, q)| p.to_bits() != q.to_bits()).count();
+        eprintln!("{layout:?}: final weights differ by at most {max:e} ({differing} values not bit-identical)");
+        // Adam's update is about lr * sign(g) wherever |g| is well above its epsilon, so where a gradient
+        // is a near-cancelling sum its rounding moves a weight by up to a fraction of lr (1e-3) a step
+        assert!(max <= 3e-5, "{layout:?}: final weights differ by {max} after 3 steps at lr 1e-3");
+        assert!(differing > 0, "{layout:?}: bit-identical weights: the micro-batches were not cut into parts");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// beta-DPO's filter reads the margins of the whole micro-batch: an explicit `--micro-batch-tokens`
+/// is refused before anything is written, and without it beta-DPO runs its micro-batches whole.
+#[test]
+fn beta_dpo_refuses_micro_batches_in_parts() {
+    let Some(inp) = inputs() else { return };
+    let dir = scratch("micro-parts-beta-dpo");
+    let data = head(&inp.train, 8, &dir, "train.jsonl");
+    let objective = ObjectiveConfig { beta_dpo: Some(BetaDpoConfig { beta0: 0.1, alpha: 0.6, rho: 0.3, momentum: 0.9 }), ..Default::default() };
+    let art = artifacts(&inp.model, &dir, objective);
+    let out = dir.join("run");
+    let refused = run_bin(&train_args(&art, &data, &inp.tokenizer, &out, "--max-steps 1 --micro-batch-tokens 1"), &[]);
+    assert_one_line_error(&refused, &["--micro-batch-tokens", "beta-DPO"], "beta-DPO with parts");
+    assert!(!out.join("metrics.jsonl").exists(), "nothing trained");
+    run_train(&config(&art, &data, &inp, &dir.join("whole"), 1));
     let _ = std::fs::remove_dir_all(&dir);
 }

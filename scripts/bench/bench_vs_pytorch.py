@@ -335,18 +335,27 @@ def torch_worker(a):
     labels = ids[:, 1:]
     lmask = comp[:, 1:]
 
-    def seq_logps_and_hidden():
+    # micro-batches of --micro-pairs pairs (TRL's gradient_accumulation_steps): each holds its pairs'
+    # chosen and rejected rows; the losses are scaled so that the step's gradient is the whole batch's
+    micro = min(a.micro_pairs, B) if a.micro_pairs else B
+    if B % micro:
+        raise SystemExit(f"--micro-pairs {micro} does not divide the batch of {B} pairs")
+    micro_rows = [torch.cat([torch.arange(s, s + micro), torch.arange(B + s, B + s + micro)]).to(dev)
+                  for s in range(0, B, micro)]
+
+    def seq_logps_and_hidden(rows):
         amp = a.torch_amp == "bf16"
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
-            h = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            h = base(input_ids=ids[rows], attention_mask=mask[rows], use_cache=False).last_hidden_state
             logits = head(h)
         logits, h = logits.float(), h.float()  # the loss and the beta head in float32
         V = logits.shape[-1]
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels.reshape(-1), reduction="none")
-        return -(nll.view(2 * B, T - 1) * lmask).sum(-1), h
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[rows].reshape(-1), reduction="none")
+        return -(nll.view(len(rows), T - 1) * lmask[rows]).sum(-1), h
 
     with torch.no_grad():
-        ref, _ = seq_logps_and_hidden()
+        parts = [seq_logps_and_hidden(r)[0] for r in micro_rows]
+        ref = torch.cat([p[:micro] for p in parts] + [p[micro:] for p in parts])  # all chosen, then all rejected
     params = [p for p in model.parameters() if p.requires_grad]  # all, or the adapters with --lora
     opt = torch.optim.AdamW([{"params": params, "lr": a.lr}, {"params": [w, b], "lr": a.head_lr}],
                             betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
@@ -367,24 +376,34 @@ def torch_worker(a):
         sync()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        logps, h = seq_logps_and_hidden()
-        hp = h[torch.arange(B, device=dev), prompt_last]  # chosen rows hold the same prompt as the rejected ones
-        beta = F.softplus(hp @ w + b)
-        if math.isfinite(a.beta_max):
-            beta = torch.clamp(beta, max=a.beta_max)
-        margin = (logps[:B] - ref[:B]) - (logps[B:] - ref[B:])
-        loss = -F.logsigmoid(beta * margin).mean()
-        sync()
-        t1 = time.perf_counter()
-        loss.backward()
-        sync()
-        t2 = time.perf_counter()
+        fwd_s = bwd_s = 0.0
+        losses = []
+        for k, rows in enumerate(micro_rows):
+            pick = slice(k * micro, (k + 1) * micro)
+            logps, h = seq_logps_and_hidden(rows)
+            hp = h[torch.arange(micro, device=dev), prompt_last[pick]]  # chosen rows hold the same prompt as the rejected ones
+            beta = F.softplus(hp @ w + b)
+            if math.isfinite(a.beta_max):
+                beta = torch.clamp(beta, max=a.beta_max)
+            margin = (logps[:micro] - ref[:B][pick]) - (logps[micro:] - ref[B:][pick])
+            loss = -F.logsigmoid(beta * margin).mean() * (micro / B)
+            sync()
+            t1 = time.perf_counter()
+            loss.backward()
+            sync()
+            t2 = time.perf_counter()
+            fwd_s += t1 - (t0 if k == 0 else t_prev)
+            bwd_s += t2 - t1
+            t_prev = t2
+            losses.append(loss.item())
+        loss = torch.tensor(sum(losses))
+        t1 = t0 + fwd_s
         gn = torch.nn.utils.clip_grad_norm_(params + [w, b], a.max_grad_norm)
         opt.step()
         sched.step()
         sync()
         t3 = time.perf_counter()
-        steps.append(dict(step=step + 1, time_s=t3 - t0, forward_s=t1 - t0, backward_s=t2 - t1,
+        steps.append(dict(step=step + 1, time_s=t3 - t0, forward_s=fwd_s, backward_s=bwd_s,
                           optimizer_s=t3 - t2, loss=loss.item(), grad_norm=gn.item()))
     print(json.dumps(dict(steps=steps, ref_logps=ref.tolist(), pairs=B, width=T, real_tokens=real_tokens,
                           padded_tokens=2 * B * T, n_params=n_params, p_matmul=p_matmul, tied=tied,
@@ -412,7 +431,7 @@ def run_torch(a, data_file, grad_ckpt=False):
            "--attn", a.attn, "--lr", str(a.lr), "--head-lr", str(a.head_lr),
            "--beta-init", str(a.beta_init), "--beta-max", str(a.beta_max), "--max-grad-norm", str(a.max_grad_norm),
            "--device", a.device, "--lora", str(a.lora), "--torch-amp", a.torch_amp,
-           "--lr-schedule", a.lr_schedule, "--max-length", str(a.max_length)]
+           "--lr-schedule", a.lr_schedule, "--max-length", str(a.max_length), "--micro-pairs", str(a.micro_pairs)]
     if grad_ckpt:
         cmd += ["--grad-ckpt"]
     if a.torch_compile:
@@ -435,11 +454,20 @@ def run_torch(a, data_file, grad_ckpt=False):
     return r
 
 
+def batch_args(a, pairs):
+    """betadpo's batch flags for a step of `pairs` pairs (in micro-batches with --micro-pairs)."""
+    if not a.micro_pairs or a.micro_pairs >= pairs:
+        return ["--batch-size", str(pairs)]
+    if pairs % a.micro_pairs:
+        raise SystemExit(f"--micro-pairs {a.micro_pairs} does not divide the batch of {pairs} pairs")
+    return ["--batch-size", str(a.micro_pairs), "--grad-accum", str(pairs // a.micro_pairs)]
+
+
 def run_betadpo(a, data_file, pairs, workdir, artifacts):
     run_dir = tempfile.mkdtemp(prefix="run-", dir=workdir)
     shutil.rmtree(run_dir)
     cmd = [a.betadpo, "train", "--artifacts", artifacts, "--data", data_file, "--tokenizer", a.tokenizer,
-           "--out", run_dir, "--max-steps", str(a.warmup + a.steps), "--batch-size", str(pairs),
+           "--out", run_dir, "--max-steps", str(a.warmup + a.steps), *batch_args(a, pairs),
            "--threads", str(a.threads), "--lr", str(a.lr), "--head-lr", str(a.head_lr),
            "--max-grad-norm", str(a.max_grad_norm), "--ep", a.ep, "--lr-schedule", a.lr_schedule,
            "--max-length", str(a.max_length), "--quiet", *a.betadpo_arg]
@@ -602,6 +630,11 @@ def main():
                     help="LoRA rank R (alpha 2R) on every projection, on both sides (see 'LoRA' above); 0: full training")
     ap.add_argument("--layout", default="packed", choices=["packed", "padded"],
                     help="betadpo's batch layout (build-graph --layout); PyTorch always runs TRL's padded rows")
+    ap.add_argument("--micro-pairs", type=int, default=0, metavar="M",
+                    help="both sides compute each step in micro-batches of M pairs (TRL's "
+                         "per_device_train_batch_size=M with gradient_accumulation_steps=P/M; betadpo's "
+                         "--batch-size M --grad-accum P/M): the same gradient, for batches that do not fit "
+                         "at once (default: the whole batch at once)")
     ap.add_argument("--worker", choices=["torch"], help=argparse.SUPPRESS)
     ap.add_argument("--data-file", help=argparse.SUPPRESS)
     ap.add_argument("--flush-denormal", action="store_true", help=argparse.SUPPRESS)  # worker: set by the driver
@@ -725,7 +758,7 @@ def batch_shape(a, P, rows):
     # packed rows hold each prompt once and each answer without its last token (a label only)
     written = [len(p) + len(c) + len(j) - 2 for p, c, j in pairs]
     prows, pwidth = packed_plan(written) if a.layout == "packed" else (2 * P, width)
-    return dict(width=width, padded_tokens=2 * P * width, real_tokens=real, packed_tokens=sum(written),
+    return dict(pairs=P, width=width, padded_tokens=2 * P * width, real_tokens=real, packed_tokens=sum(written),
                 answer_tokens=sum(len(c) + len(j) for _, c, j in pairs), betadpo_rows=prows, betadpo_width=pwidth)
 
 
@@ -740,8 +773,11 @@ def memory_estimate(a, shape, disk, recompute, vocab_chunk):
     except (OSError, ValueError):
         return None
     params = disk["trainable_elements"] + disk["frozen_bytes"] // 4
-    return estimate(model_shape(config), params, disk["trainable_elements"], shape["betadpo_rows"],
-                    shape["betadpo_width"], shape["answer_tokens"], recompute, vocab_chunk,
+    # with --micro-pairs one micro-batch is alive at a time: its share of the rows and answer tokens
+    share = min(a.micro_pairs, shape["pairs"]) / shape["pairs"] if a.micro_pairs else 1.0
+    return estimate(model_shape(config), params, disk["trainable_elements"],
+                    max(1, math.ceil(shape["betadpo_rows"] * share)), shape["betadpo_width"],
+                    math.ceil(shape["answer_tokens"] * share), recompute, vocab_chunk,
                     attention_chunks=attention_chunks)
 
 
@@ -759,7 +795,8 @@ def summarise(a, P, runs, shape, disk):
     log(f"\n=== {P} pairs: {2 * P} rows x {shape['width']} tokens padded ({shape['padded_tokens']}), "
         f"{shape['real_tokens']} real tokens, {shape['packed_tokens']} packed (betadpo: {shape['betadpo_rows']} rows x "
         f"{shape['betadpo_width']}), {shape['answer_tokens']} answer tokens; {shape['n_params'] / 1e6:.2f}M parameters, "
-        f"{shape['p_matmul'] / 1e6:.2f}M in matmuls" + (f"; LoRA rank {a.lora}, alpha {2 * a.lora}" if a.lora else ""))
+        f"{shape['p_matmul'] / 1e6:.2f}M in matmuls" + (f"; LoRA rank {a.lora}, alpha {2 * a.lora}" if a.lora else "")
+        + (f"; each step in micro-batches of {min(a.micro_pairs, P)} pairs" if a.micro_pairs else ""))
     if a.lora and tr:
         log(f"LoRA adapters: PyTorch + PEFT {tr['n_adapters']} ({tr['n_trainable']:,} trainable elements incl. the "
             f"head)" + (f", betadpo {disk['lora_adapters']} ({disk['trainable_elements']:,})" if disk else ""))

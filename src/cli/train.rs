@@ -160,6 +160,12 @@ pub struct Args {
     /// least (suits models of SmolLM2's size) and at most the model's positions
     #[arg(long)]
     pack_tokens: Option<usize>,
+    /// The most tokens one pass of the train graph computes: a micro-batch whose rows hold more runs
+    /// as several passes of whole rows, their gradients summed (the same step up to float rounding;
+    /// less memory, and on the CPU faster at long rows). 0: the whole micro-batch in one pass.
+    /// Default: 1024 on the CPU (one row of 512-token pairs), 0 with a GPU provider or beta-DPO
+    #[arg(long)]
+    micro_batch_tokens: Option<usize>,
     /// With fp16 artifacts (`build-graph --precision fp16`): the first loss scale (default 65536, as
     /// PyTorch's GradScaler). A step whose gradients overflow is skipped and halves it; 2000 clean steps
     /// in a row double it.
@@ -246,6 +252,7 @@ pub fn config(a: Args) -> Result<TrainConfig> {
         profile: a.profile,
         flush_denormals: !a.keep_denormals,
         pack_tokens: a.pack_tokens,
+        micro_batch_tokens: a.micro_batch_tokens,
         loss_scale_init: a.loss_scale_init,
         allreduce: a.allreduce,
         nccl_timeout_s: a.nccl_timeout,

@@ -62,6 +62,10 @@ pub struct CollateOptions {
     pub pad_to_multiple_of: Option<usize>,
     /// Also lay the batch out packed (for artifacts built with `--layout packed`).
     pub packing: Option<Packing>,
+    /// The most tokens (rows times their width) one pass of the train graph computes: a batch laid
+    /// out wider comes in parts of whole rows (of pairs, without packing), each within it or a single
+    /// row (pair). 0: the whole batch at once. See [`collate_parts`].
+    pub part_tokens: usize,
 }
 
 /// How pairs are packed into rows.
@@ -92,29 +96,44 @@ fn padded_width(pairs: &[&TokenizedPair], opts: &CollateOptions) -> usize {
     }
 }
 
-/// Rank `rank` of `size`'s share of the batch of `pairs`, laid out so that every sequence is
-/// computed as in the whole batch: padded rows as wide as the batch's, and with packing whole rows
-/// of the batch's packing (a contiguous share of them, with the pairs they hold), so each pair's
-/// log-probs are those one process gets (and the reference cache holds). Without packing the share
-/// is a contiguous run of pairs. `None` when the share is empty (fewer pairs or rows than ranks).
-pub fn collate_share(pairs: &[&TokenizedPair], rank: usize, size: usize, opts: &CollateOptions) -> Result<Option<Batch>> {
+/// Rank `rank` of `size`'s share of the batch of `pairs`, in parts of at most `opts.part_tokens`
+/// tokens, laid out so that every sequence is computed as in the whole batch: padded rows as wide as
+/// the batch's, and with packing whole rows of the batch's packing (a contiguous run of them, with the
+/// pairs they hold), so each pair's log-probs are those one process gets from the whole batch (and
+/// the reference cache holds). Without packing a part is a contiguous run of pairs. Empty when the
+/// share is (fewer pairs or rows than ranks).
+///
+/// Why parts: the train graph's memory grows with the tokens it computes at once, and on the CPU so
+/// does its time per token once its tensors outgrow the caches and the heap's reused blocks
+/// (SmolLM2-135M, 8 pairs of 511 tokens with `--gradient-checkpointing`: 74.6 s and 4.20 GiB a step
+/// in one pass, 48.0 s and 3.5 GiB in parts of one 891-token row).
+pub fn collate_parts(pairs: &[&TokenizedPair], rank: usize, size: usize, opts: &CollateOptions) -> Result<Vec<Batch>> {
     let width = padded_width(pairs, opts);
     let Some(pk) = opts.packing else {
         let mine = &pairs[share(pairs.len(), rank, size)];
-        return if mine.is_empty() { Ok(None) } else { collate_as(mine, opts, width, None).map(Some) };
+        return mine.chunks(units_per_part(opts.part_tokens, 2 * width)).map(|part| collate_as(part, opts, width, None)).collect();
     };
     let plan = plan_rows(&packable(pairs)?, pk.row_tokens, pk.head);
     let rows = &plan.rows[share(plan.rows.len(), rank, size)];
-    let mut mine: Vec<usize> = rows.iter().flatten().copied().collect();
-    if mine.is_empty() {
-        return Ok(None);
+    rows.chunks(units_per_part(opts.part_tokens, plan.width))
+        .map(|rows| {
+            let mut mine: Vec<usize> = rows.iter().flatten().copied().collect();
+            mine.sort_unstable();
+            // the plan's rows hold ascending pair indices; renumbered within the part they still do
+            let local = |i: &usize| mine.binary_search(i).expect("a pair of these rows");
+            let part_plan = RowPlan { rows: rows.iter().map(|r| r.iter().map(local).collect()).collect(), width: plan.width };
+            let members: Vec<&TokenizedPair> = mine.iter().map(|&i| pairs[i]).collect();
+            collate_as(&members, opts, width, Some(&part_plan))
+        })
+        .collect()
+}
+
+/// Rows (or pairs) of `unit_tokens` each that fit `part_tokens`: at least one, all for 0.
+fn units_per_part(part_tokens: usize, unit_tokens: usize) -> usize {
+    match part_tokens {
+        0 => usize::MAX,
+        n => (n / unit_tokens.max(1)).max(1),
     }
-    mine.sort_unstable();
-    // the plan's rows hold ascending pair indices; renumbered within the share they still do
-    let local = |i: &usize| mine.binary_search(i).expect("a pair of these rows");
-    let shard_plan = RowPlan { rows: rows.iter().map(|r| r.iter().map(local).collect()).collect(), width: plan.width };
-    let members: Vec<&TokenizedPair> = mine.iter().map(|&i| pairs[i]).collect();
-    collate_as(&members, opts, width, Some(&shard_plan)).map(Some)
 }
 
 /// [`collate`] at padded width `t` (at least the longest pair), packed as `plan` says.
@@ -190,12 +209,12 @@ fn packable<'a>(pairs: &[&'a TokenizedPair]) -> Result<Vec<PairTokens<'a>>> {
         .collect()
 }
 
-/// One rank's part of a batch in data-parallel training (see [`collate_share`]): the ranks' parts
-/// together are the batch.
+/// One rank's share of a batch (the whole batch in one process; see [`collate_parts`]), in the parts
+/// the train graph computes one at a time: the ranks' parts together are the batch.
 #[derive(Debug)]
 pub struct Shard {
-    /// `None` when the batch has fewer pairs than there are ranks and this one gets none.
-    pub batch: Option<Batch>,
+    /// Empty when the batch has fewer pairs than there are ranks and this one gets none.
+    pub parts: Vec<Batch>,
     /// Pairs in the whole batch: a rank's gradient counts `pairs / batch_pairs` of the batch's.
     pub batch_pairs: usize,
 }
@@ -309,15 +328,17 @@ impl DataLoader {
 
     /// Produces the batch at the current position and advances.
     pub fn next_batch(&mut self) -> Result<Batch> {
-        Ok(self.next_shard(0, 1)?.batch.expect("a batch has at least one pair"))
+        let members: Vec<&TokenizedPair> = self.plan[self.position.index].iter().map(|&i| &self.pairs[i]).collect();
+        let batch = collate(&members, &self.collate)?;
+        self.seek(LoaderPosition { epoch: self.position.epoch, index: self.position.index + 1 });
+        Ok(batch)
     }
 
-    /// Rank `rank` of `size`'s share of the batch at the current position (see [`Shard`]), for every
-    /// rank the same advance.
+    /// Rank `rank` of `size`'s share of the batch at the current position, in parts (see [`Shard`]),
+    /// for every rank the same advance.
     pub fn next_shard(&mut self, rank: usize, size: usize) -> Result<Shard> {
         let members: Vec<&TokenizedPair> = self.plan[self.position.index].iter().map(|&i| &self.pairs[i]).collect();
-        let batch = if size == 1 { Some(collate(&members, &self.collate)?) } else { collate_share(&members, rank, size, &self.collate)? };
-        let shard = Shard { batch, batch_pairs: members.len() };
+        let shard = Shard { parts: collate_parts(&members, rank, size, &self.collate)?, batch_pairs: members.len() };
         self.seek(LoaderPosition { epoch: self.position.epoch, index: self.position.index + 1 });
         Ok(shard)
     }
@@ -420,17 +441,32 @@ mod tests {
         assert_eq!(packed(refs(&long), from_data), (2, 988), "the longest pair fills its row");
     }
 
-    /// Each rank's rows are rows of the whole batch, bit for bit, and the shares hold every pair once.
+    /// Each rank's parts hold rows of the whole batch, bit for bit, every pair once, and within
+    /// `part_tokens` unless a part is a single row (pair).
     #[test]
     fn shares_are_parts_of_the_whole_batch() {
         let data = pairs(11);
         let all: Vec<&TokenizedPair> = data.iter().collect();
         let head = HeadReads { source: BetaSource::Prompt, aggregate: BetaAggregate::Last };
-        for packing in [None, Some(Packing { row_tokens: 24, head })] {
-            let opts = CollateOptions { pad_id: 0, packing, ..Default::default() };
-            let whole = collate(&all, &opts).unwrap();
+        for (packing, part_tokens) in [None, Some(Packing { row_tokens: 24, head })].into_iter().flat_map(|p| [(p, 0), (p, 1), (p, 60)]) {
+            let opts = CollateOptions { pad_id: 0, packing, part_tokens, ..Default::default() };
+            let whole = collate(&all, &CollateOptions { part_tokens: 0, ..opts.clone() }).unwrap();
             for size in [1, 2, 3, 5] {
-                let shares: Vec<Batch> = (0..size).filter_map(|r| collate_share(&all, r, size, &opts).unwrap()).collect();
+                let by_rank: Vec<Vec<Batch>> = (0..size).map(|r| collate_parts(&all, r, size, &opts).unwrap()).collect();
+                if part_tokens == 0 {
+                    assert!(by_rank.iter().all(|parts| parts.len() <= 1), "no budget: one part per rank");
+                }
+                let shares: Vec<Batch> = by_rank.into_iter().flatten().collect();
+                for s in &shares {
+                    let (rows, width) = match &s.packed {
+                        Some(p) => (p.input_ids.nrows(), p.input_ids.ncols()),
+                        None => (s.pairs(), 2 * s.width()),
+                    };
+                    assert!(part_tokens == 0 || rows == 1 || rows * width <= part_tokens, "{rows} units of {width} tokens");
+                }
+                if part_tokens == 1 {
+                    assert!(shares.len() > size, "a budget of one token: a part per row");
+                }
                 let mut sources: Vec<usize> = shares.iter().flat_map(|s| s.source_indices.clone()).collect();
                 sources.sort_unstable();
                 assert_eq!(sources, (100..111).collect::<Vec<_>>(), "size {size}: every pair once");
@@ -447,7 +483,7 @@ mod tests {
                     // the shares' packed rows, in rank order, are the batch's packed rows
                     let rows: Vec<Vec<i64>> =
                         shares.iter().flat_map(|s| s.packed.as_ref().unwrap().input_ids.outer_iter().map(|r| r.to_vec()).collect::<Vec<_>>()).collect();
-                    assert_eq!(rows, w.input_ids.outer_iter().map(|r| r.to_vec()).collect::<Vec<_>>(), "size {size}");
+                    assert_eq!(rows, w.input_ids.outer_iter().map(|r| r.to_vec()).collect::<Vec<_>>(), "size {size}, parts of {part_tokens}");
                     assert!(w.input_ids.nrows() > 2, "the test packs into several rows");
                 }
             }

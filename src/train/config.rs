@@ -92,6 +92,13 @@ pub struct TrainConfig {
     /// `None`: as wide as the data's longest pair needs, 512 at least (`train::batch::pack_tokens_from_data`).
     #[serde(default)]
     pub pack_tokens: Option<usize>,
+    /// The most tokens one pass of the train graph computes: a micro-batch laid out wider runs as
+    /// parts of whole rows whose gradients are summed (`train::batch::collate_parts`; the same
+    /// gradient up to float rounding). `None`: [`DEFAULT_MICRO_BATCH_TOKENS`] on the CPU, the whole
+    /// micro-batch on a GPU (not measured there) or with beta-DPO (its filter reads the whole
+    /// micro-batch's margins). 0: the whole micro-batch. Not part of the run key, like `--threads`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub micro_batch_tokens: Option<usize>,
     /// fp16 artifacts: the first loss scale (`None`: PyTorch's 65536; see `train::loss_scale`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scale_init: Option<f64>,
@@ -237,6 +244,7 @@ impl Default for TrainConfig {
             profile: None,
             flush_denormals: true,
             pack_tokens: None,
+            micro_batch_tokens: None,
             loss_scale_init: None,
             allreduce: AllreduceKind::Auto,
             nccl_timeout_s: default_nccl_timeout(),
@@ -244,6 +252,13 @@ impl Default for TrainConfig {
         }
     }
 }
+
+/// `--micro-batch-tokens` on the CPU when not given: one row of 512-token pairs (891 tokens packed)
+/// per pass. SmolLM2-135M, 8 pairs of 511 tokens, `--gradient-checkpointing`, 2 threads: 74.6 s and
+/// 4.20 GiB a step in one pass, 50.4 s in passes of two rows, 48.0 s and 3.5 GiB of one
+/// (docs/long-sequences.md). Short rows (SmolLM2's 8-pair benchmark batch packs into one 512-token
+/// row) are not cut.
+pub const DEFAULT_MICRO_BATCH_TOKENS: usize = 1024;
 
 impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
@@ -336,6 +351,7 @@ impl TrainConfig {
         at_most("--grad-accum", self.grad_accum, MAX_COUNT, "micro-batches in one optimizer step")?;
         at_most("--max-length", self.max_length.unwrap_or(0), MAX_COUNT, "tokens in one row, beyond any model's positions")?;
         at_most("--pack-tokens", self.pack_tokens.unwrap_or(0), MAX_COUNT, "tokens in one packed row")?;
+        at_most("--micro-batch-tokens", self.micro_batch_tokens.unwrap_or(0), MAX_COUNT, "tokens in one pass of the train graph")?;
         at_most("--bucket-batches", self.bucket_batches, MAX_COUNT, "batches in one sorting window")?;
         if let Some(t) = self.threads {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -106,6 +106,14 @@ fn prepare_locked(cfg: &TrainConfig, coll: &dyn Collective) -> Result<Prepared> 
             "beta-DPO's batch statistics (margin mean and spread, the filter) are of the whole batch, which no rank sees; train beta-DPO artifacts in one process".into(),
         ));
     }
+    if manifest.objective.beta_dpo.is_some() && cfg.micro_batch_tokens.is_some_and(|n| n > 0) {
+        return Err(Error::BadFlag {
+            flag: "--micro-batch-tokens".into(),
+            detail:
+                "cuts a micro-batch into passes, but beta-DPO's filter reads the margins of the whole micro-batch; leave it out (or 0) with beta-DPO artifacts"
+                    .into(),
+        });
+    }
     let previous = existing_checkpoints(cfg, &run)?;
 
     let mut stats = String::new();
@@ -153,7 +161,8 @@ fn prepare_locked(cfg: &TrainConfig, coll: &dyn Collective) -> Result<Prepared> 
         crate::output_dir::mark(&run, RUN_MARK)?;
     }
     let packing = pack_tokens.map(|row_tokens| Packing { row_tokens, head: HeadReads::of(&manifest.objective) });
-    let collate = CollateOptions { pad_id: tok.pad_id(), group_by: cfg.group_by.clone(), pad_to_multiple_of: None, packing };
+    let part_tokens = micro_batch_tokens(cfg, &manifest);
+    let collate = CollateOptions { pad_id: tok.pad_id(), group_by: cfg.group_by.clone(), pad_to_multiple_of: None, packing, part_tokens };
     let mut loader = DataLoader::new(
         train_pairs,
         LoaderConfig { batch_size: cfg.batch_size, seed: cfg.seed, shuffle: true, bucket_batches: cfg.bucket_batches, drop_last: false },
@@ -374,6 +383,15 @@ fn check_group_column(column: &str, data: &Path, pairs: &[TokenizedPair]) -> Res
     columns.dedup();
     let have = if columns.is_empty() { "none besides prompt, chosen and rejected".to_string() } else { columns.join(", ") };
     Err(Error::BadFlag { flag: "--group-by".into(), detail: format!("no row of {} has a column {column:?} (its other columns: {have})", data.display()) })
+}
+
+/// `--micro-batch-tokens`, resolved (see [`TrainConfig::micro_batch_tokens`]).
+fn micro_batch_tokens(cfg: &TrainConfig, manifest: &Manifest) -> usize {
+    match cfg.micro_batch_tokens {
+        Some(n) => n,
+        None if manifest.objective.beta_dpo.is_some() || cfg.ep != crate::runtime::ExecutionProvider::Cpu => 0,
+        None => crate::train::config::DEFAULT_MICRO_BATCH_TOKENS,
+    }
 }
 
 /// Whether the AdamW step runs as the fused host kernel rather than the optimizer graph.

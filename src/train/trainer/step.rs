@@ -40,8 +40,11 @@ pub struct Stepper<'a> {
     grad_names: Vec<String>,
     kinds: Vec<ParamKind>,
     fused: bool,
-    /// Sums micro-batch gradients (only with `grad_accum > 1`, in one process).
+    /// Sums the gradients of micro-batches and their parts in one process (built on first use).
     accumulator: Option<Accumulator>,
+    shapes: Vec<Vec<i64>>,
+    session_config: crate::runtime::SessionConfig,
+    device: Device,
     /// Sums the ranks' weighted gradients (only with several ranks).
     gradient_sum: Option<Box<dyn GradientReduce>>,
     coll: &'a dyn Collective,
@@ -58,8 +61,6 @@ impl<'a> Stepper<'a> {
     pub fn new(cfg: &'a TrainConfig, p: &Prepared, state: &State, coll: &'a dyn Collective) -> Result<Self> {
         let manifest = &p.manifest;
         let shapes: Vec<Vec<i64>> = manifest.trainable().map(|t| t.shape.clone()).collect();
-        let distributed = coll.size() > 1;
-        let accumulator = if cfg.grad_accum > 1 && !distributed { Some(Accumulator::new(&shapes, &p.session_config, p.device)?) } else { None };
         let gradient_sum = gradient_reducer(cfg, &shapes, coll, p.device, &p.session_config)?;
         let train_spec = manifest.graph("train")?.clone();
         let opt_spec = manifest.graph("optimizer")?.clone();
@@ -85,7 +86,10 @@ impl<'a> Stepper<'a> {
             grad_names,
             kinds,
             fused: uses_fused(cfg),
-            accumulator,
+            accumulator: None,
+            shapes,
+            session_config: p.session_config.clone(),
+            device: p.device,
             gradient_sum,
             coll,
             beta_dpo: manifest.objective.beta_dpo.is_some(),
@@ -148,41 +152,75 @@ impl<'a> Stepper<'a> {
         }
         for micro in 0..cfg.grad_accum {
             let shard = loader.next_shard(self.coll.rank(), self.coll.size())?;
-            let Some(batch) = shard.batch else {
+            if shard.parts.is_empty() {
                 // fewer pairs than ranks: this rank adds nothing to this micro-batch
                 m.pairs.push(PairValues::default());
                 continue;
-            };
-            let refs = batch_refs(train_refs, &batch.source_indices)?;
-            let micro_batch = tstate.step * cfg.grad_accum as u64 + micro as u64;
-            let mut extra = tstate.margin_stats.inputs(cfg.seed, micro_batch, batch.pairs());
-            extra.epsilon_beta = tstate.epsilon_beta.unwrap_or_default() as f32;
-            extra.loss_scale = tstate.loss_scale.map_or(1.0, |s| s.scale as f32);
-            let graph_started = Instant::now();
-            let fed = GraphBatch { batch: &batch, refs: &refs, batch_beta: &extra };
-            let (out, grads) = run_graph(&mut sessions.train, &self.train_spec, &fed, &state.params, &self.grad_names, device)?;
-            if let Some(s) = out.margin_stats {
-                tstate.margin_stats = MarginStats::of(s);
             }
-            let t = &mut m.totals;
-            t.kept += out.kept.iter().filter(|&&k| k > 0.5).count();
-            t.epsilon_steps.add(&out.epsilon_steps);
-            t.graph_time += graph_started.elapsed().as_secs_f64();
-            t.loss_sum += out.loss as f64 * batch.pairs() as f64;
-            t.pairs += batch.pairs();
-            t.tokens += batch.num_tokens;
-            m.pairs.push(PairValues::from_outputs(&out.chosen_rewards, &out.rejected_rewards, &out.policy_logps, &refs, &out.beta, batch.groups.clone()));
-            if let Some(sum) = self.gradient_sum.as_mut() {
-                sum.add(grads, batch.pairs() as f32 / shard.batch_pairs as f32, device)?;
-            } else {
-                m.acc = Some(match (m.acc.take(), self.accumulator.as_mut()) {
-                    (None, _) => grads,
-                    (Some(a), Some(accum)) => accum.add(a, &grads)?,
-                    (Some(_), None) => unreachable!("accumulating needs grad_accum > 1"),
-                });
+            // one entry per micro-batch, as the ranks' gather expects, whatever the parts
+            let mut values = PairValues::default();
+            for batch in &shard.parts {
+                values.extend(self.part(sessions, batch, shard.batch_pairs, train_refs, state, tstate, device, &mut m, micro)?);
             }
+            m.pairs.push(values);
         }
         Ok(m)
+    }
+
+    /// One part of a micro-batch (the whole micro-batch unless `--micro-batch-tokens` cuts it) through
+    /// the train graph: its gradients, weighted by its share of the micro-batch's `batch_pairs`, added
+    /// to the step's sum (a micro-batch's gradient is the mean over its pairs, and so is the parts' sum).
+    #[allow(clippy::too_many_arguments)]
+    fn part(
+        &mut self,
+        sessions: &mut Sessions,
+        batch: &crate::train::batch::Batch,
+        batch_pairs: usize,
+        train_refs: &RefTable,
+        state: &State,
+        tstate: &mut TrainerState,
+        device: &Device,
+        m: &mut MicroBatches,
+        micro: usize,
+    ) -> Result<PairValues> {
+        let cfg = self.cfg;
+        let refs = batch_refs(train_refs, &batch.source_indices)?;
+        let micro_batch = tstate.step * cfg.grad_accum as u64 + micro as u64;
+        let mut extra = tstate.margin_stats.inputs(cfg.seed, micro_batch, batch.pairs());
+        extra.epsilon_beta = tstate.epsilon_beta.unwrap_or_default() as f32;
+        extra.loss_scale = tstate.loss_scale.map_or(1.0, |s| s.scale as f32);
+        let graph_started = Instant::now();
+        let fed = GraphBatch { batch: &batch, refs: &refs, batch_beta: &extra };
+        let (out, grads) = run_graph(&mut sessions.train, &self.train_spec, &fed, &state.params, &self.grad_names, device)?;
+        if let Some(s) = out.margin_stats {
+            tstate.margin_stats = MarginStats::of(s);
+        }
+        let t = &mut m.totals;
+        t.kept += out.kept.iter().filter(|&&k| k > 0.5).count();
+        t.epsilon_steps.add(&out.epsilon_steps);
+        t.graph_time += graph_started.elapsed().as_secs_f64();
+        t.loss_sum += out.loss as f64 * batch.pairs() as f64;
+        t.pairs += batch.pairs();
+        t.tokens += batch.num_tokens;
+        let values = PairValues::from_outputs(&out.chosen_rewards, &out.rejected_rewards, &out.policy_logps, &refs, &out.beta, batch.groups.clone());
+        let weight = batch.pairs() as f32 / batch_pairs as f32;
+        if let Some(sum) = self.gradient_sum.as_mut() {
+            sum.add(grads, weight, device)?;
+        } else {
+            m.acc = Some(match (m.acc.take(), weight == 1.0) {
+                (None, true) => grads,
+                (acc, _) => self.accumulator()?.add_weighted(acc.as_deref(), &grads, weight)?,
+            });
+        }
+        Ok(values)
+    }
+
+    /// Sums micro-batch gradients in one process (built on first use).
+    fn accumulator(&mut self) -> Result<&mut Accumulator> {
+        if self.accumulator.is_none() {
+            self.accumulator = Some(Accumulator::new(&self.shapes, &self.session_config, self.device)?);
+        }
+        Ok(self.accumulator.as_mut().expect("just built"))
     }
 
     /// The step's gradients, pair values and totals: this process's own, or summed over the ranks
