@@ -73,16 +73,17 @@ fn two_ranks_train_as_one_packed() {
     two_ranks_train_as_one(LayoutChoice::Packed);
 }
 
-/// Unequal shares (8 pairs on 3 ranks: 3, 3, 2) and two micro-batches a step: each rank's
-/// gradient weighs by its share, so the average is still the batch mean.
+/// Unequal shares (8 pairs on 3 ranks: 3, 3, 2), two micro-batches a step, and each rank's share
+/// computed in passes of one pair (`--micro-batch-tokens 1`): each pass's gradient weighs by its
+/// pairs' share of the batch, so the average is still the batch mean of one process's whole batch.
 #[test]
 fn three_ranks_unequal_shares() {
     let Some((setup, dir)) = Setup::new(LayoutChoice::Padded, "mpi-three") else { return };
     let (one, three) = (dir.join("one"), dir.join("three"));
-    setup.single(&one, "--max-steps 3 --grad-accum 2");
-    setup.ranks(3, &three, "--max-steps 3 --grad-accum 2");
+    setup.single(&one, "--max-steps 3 --grad-accum 2 --micro-batch-tokens 0");
+    setup.ranks(3, &three, "--max-steps 3 --grad-accum 2 --micro-batch-tokens 1");
     let diff = max_diff(&final_params(&one), &final_params(&three));
-    eprintln!("max |param diff| one process vs 3 ranks (unequal shares, grad-accum 2) after 3 steps: {diff:e}");
+    eprintln!("max |param diff| one process vs 3 ranks (unequal shares in passes of a pair, grad-accum 2) after 3 steps: {diff:e}");
     assert!(diff <= PARAM_TOL, "3 ranks differ from one process by {diff}");
     assert_close_records(&metrics(&one), &metrics(&three), "metrics, one process vs 3 ranks");
     let _ = std::fs::remove_dir_all(&dir);

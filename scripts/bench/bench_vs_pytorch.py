@@ -773,12 +773,27 @@ def memory_estimate(a, shape, disk, recompute, vocab_chunk):
     except (OSError, ValueError):
         return None
     params = disk["trainable_elements"] + disk["frozen_bytes"] // 4
-    # with --micro-pairs one micro-batch is alive at a time: its share of the rows and answer tokens
-    share = min(a.micro_pairs, shape["pairs"]) / shape["pairs"] if a.micro_pairs else 1.0
-    return estimate(model_shape(config), params, disk["trainable_elements"],
-                    max(1, math.ceil(shape["betadpo_rows"] * share)), shape["betadpo_width"],
-                    math.ceil(shape["answer_tokens"] * share), recompute, vocab_chunk,
+    # one pass of the train graph is alive at a time: a micro-batch's share of the rows (--micro-pairs), and
+    # of those at most train's --micro-batch-tokens (default 1,024 on the CPU) of whole rows
+    rows, width = shape["betadpo_rows"], shape["betadpo_width"]
+    pass_rows = max(1, math.ceil(rows * min(a.micro_pairs, shape["pairs"]) / shape["pairs"])) if a.micro_pairs else rows
+    part_tokens = micro_batch_tokens(a)
+    if part_tokens:
+        pass_rows = min(pass_rows, max(1, part_tokens // width))
+    return estimate(model_shape(config), params, disk["trainable_elements"], pass_rows, width,
+                    math.ceil(shape["answer_tokens"] * pass_rows / rows), recompute, vocab_chunk,
                     attention_chunks=attention_chunks)
+
+
+def micro_batch_tokens(a):
+    """betadpo train's --micro-batch-tokens in this benchmark: given with --betadpo-arg, or its default
+    (1,024 on the CPU, 0 on a GPU)."""
+    for i, arg in enumerate(a.betadpo_arg):
+        if arg.startswith("--micro-batch-tokens="):
+            return int(arg.split("=", 1)[1])
+        if arg == "--micro-batch-tokens" and i + 1 < len(a.betadpo_arg):
+            return int(a.betadpo_arg[i + 1])
+    return 1024 if a.ep == "cpu" else 0
 
 
 def summarise(a, P, runs, shape, disk):
