@@ -765,7 +765,7 @@ def batch_shape(a, P, rows):
 def memory_estimate(a, shape, disk, recompute, vocab_chunk):
     """The memory formula's terms for betadpo on this batch (scripts/bench/memory_formula.py), or None without
     a Hugging Face config beside the model; `vocab_chunk` None: build-graph's default."""
-    from memory_formula import build_graph_defaults, estimate, load_config, model_shape
+    from memory_formula import build_graph_defaults, estimate, load_config, model_shape, pass_rows
     attention_chunks, default_vocab_chunk = build_graph_defaults(recompute)
     vocab_chunk = default_vocab_chunk if vocab_chunk is None else vocab_chunk
     try:
@@ -776,13 +776,11 @@ def memory_estimate(a, shape, disk, recompute, vocab_chunk):
     # one pass of the train graph is alive at a time: a micro-batch's share of the rows (--micro-pairs), and
     # of those at most train's --micro-batch-tokens (default 1,024 on the CPU) of whole rows
     rows, width = shape["betadpo_rows"], shape["betadpo_width"]
-    pass_rows = max(1, math.ceil(rows * min(a.micro_pairs, shape["pairs"]) / shape["pairs"])) if a.micro_pairs else rows
-    part_tokens = micro_batch_tokens(a)
-    if part_tokens:
-        pass_rows = min(pass_rows, max(1, part_tokens // width))
-    return estimate(model_shape(config), params, disk["trainable_elements"], pass_rows, width,
-                    math.ceil(shape["answer_tokens"] * pass_rows / rows), recompute, vocab_chunk,
-                    attention_chunks=attention_chunks)
+    micro_rows = max(1, math.ceil(rows * min(a.micro_pairs, shape["pairs"]) / shape["pairs"])) if a.micro_pairs else rows
+    one_pass = pass_rows(micro_rows, width, micro_batch_tokens(a))
+    return estimate(model_shape(config), params, disk["trainable_elements"], one_pass, width,
+                    math.ceil(shape["answer_tokens"] * one_pass / rows), recompute, vocab_chunk,
+                    attention_chunks=attention_chunks, gradient_sum=one_pass < rows)
 
 
 def micro_batch_tokens(a):
@@ -793,7 +791,8 @@ def micro_batch_tokens(a):
             return int(arg.split("=", 1)[1])
         if arg == "--micro-batch-tokens" and i + 1 < len(a.betadpo_arg):
             return int(a.betadpo_arg[i + 1])
-    return 1024 if a.ep == "cpu" else 0
+    from memory_formula import TRAIN_MICRO_BATCH_TOKENS
+    return TRAIN_MICRO_BATCH_TOKENS if a.ep == "cpu" else 0
 
 
 def summarise(a, P, runs, shape, disk):

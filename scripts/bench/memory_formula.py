@@ -5,7 +5,10 @@ The same formula the docs state, as code: `scripts/bench/bench_vs_pytorch.py` pr
 and it can be run alone to size a batch before training:
     python3 scripts/bench/memory_formula.py --config HF_DIR_OR/hf_export.json --rows 16 --row-tokens 1024 \
         --answer-tokens 12288 [--gradient-checkpointing] [--vocab-chunk 8192] [--attention-chunks 8] [--trainable N] \
-        [--frozen-bytes-per-weight 2]
+        [--frozen-bytes-per-weight 2] [--micro-batch-tokens 1024] [--grad-accum 1]
+--rows, --row-tokens and --answer-tokens describe one micro-batch (`train --batch-size` pairs, as laid out); the
+estimate is of one pass of the train graph, which holds at most `train --micro-batch-tokens` tokens of whole rows
+(1,024 by default on the CPU: SmolLM2's 891-token rows of 511-token pairs one at a time).
 Float32 everywhere (4 bytes) but frozen weights stored in half precision (--frozen-bytes-per-weight 2: LoRA on a
 bf16 checkpoint). All terms in bytes; `total` is their sum.
 
@@ -16,6 +19,8 @@ MLP width I, `heads` query heads, vocabulary V):
                                   weight as stored (4, or 2 in half precision)
   moments     8 P_t               AdamW's two moments (the fused host optimizer)
   gradients   4 P_t               the train graph's gradient outputs
+  gradient_sum 4 P_t              the sum of the passes' gradients, when a step has several (--grad-accum > 1,
+                                  or a micro-batch in passes of --micro-batch-tokens)
   activations plain:     4 N L (12 H + 5 I + 2 heads T)   what every block keeps for its backward pass:
                                   norms, q/k/v/o, rotary, residuals (12 H), the MLP's gate/up/act/product (5 I)
                                   and the attention scores and probabilities [heads, T] per token (2 heads T);
@@ -23,6 +28,7 @@ MLP width I, `heads` query heads, vocabulary V):
                                   and one chunk's scores and gradients: heads T ((K + 1) / 2K + 2 / K)
               recompute: 4 N L H + one block of the above + 4 N 2 I   block inputs, one block recomputed at a
                                   time, and the widest of its gradients (the MLP's; the attention's are in its term)
+  (R below: the rows of one pass)
   mask        4 R T^2             the packed/padded attention mask (one [T, T] per row, shared by the blocks)
   logits      plain (--vocab-chunk 0): 4 A V x 3 (logits, log-softmax, its gradient)
               sliced: 4 A min(V, chunk) x 3
@@ -62,6 +68,18 @@ def block_activations_per_token(shape, row_tokens, attention_chunks=0):
     return 12 * shape["hidden"] + 5 * shape["intermediate"] + attention * shape["heads"] * row_tokens
 
 
+def pass_rows(rows, row_tokens, micro_batch_tokens):
+    """Rows one pass of the train graph computes of a micro-batch of `rows` rows (`train::batch::collate_parts`):
+    as many whole rows as fit `micro_batch_tokens`, at least one; all of them for 0."""
+    if micro_batch_tokens <= 0:
+        return rows
+    return min(rows, max(1, micro_batch_tokens // row_tokens))
+
+
+# `train --micro-batch-tokens` when not given, on the CPU (`train::config::DEFAULT_MICRO_BATCH_TOKENS`)
+TRAIN_MICRO_BATCH_TOKENS = 1024
+
+
 def build_graph_defaults(gradient_checkpointing):
     """(query chunks per attention, words per vocabulary slice) that `build-graph` uses when neither flag is
     given: 8 and 8,192 with --gradient-checkpointing, else 0 and 0 (`MemoryOptions::long_rows`)."""
@@ -69,8 +87,9 @@ def build_graph_defaults(gradient_checkpointing):
 
 
 def estimate(shape, params, trainable, rows, row_tokens, answer_tokens, gradient_checkpointing, vocab_chunk,
-             attention_chunks=0):
-    """The peak's terms in bytes, and their sum as "total"."""
+             attention_chunks=0, gradient_sum=False):
+    """The peak's terms in bytes, and their sum as "total", for one pass of `rows` rows (`gradient_sum`: the
+    step sums several passes' gradients)."""
     n = rows * row_tokens
     block = FLOAT * n * block_activations_per_token(shape, row_tokens, attention_chunks)
     if gradient_checkpointing:
@@ -83,6 +102,8 @@ def estimate(shape, params, trainable, rows, row_tokens, answer_tokens, gradient
     terms = dict(runtime=RUNTIME_BYTES, weights=FLOAT * params, moments=2 * FLOAT * trainable,
                  gradients=FLOAT * trainable, activations=acts, mask=FLOAT * rows * row_tokens ** 2,
                  logits=3 * FLOAT * answer_tokens * width)
+    if gradient_sum:
+        terms["gradient_sum"] = FLOAT * trainable
     terms["total"] = sum(terms.values())
     return terms
 
@@ -120,6 +141,9 @@ def main():
     ap.add_argument("--row-tokens", type=int, required=True)
     ap.add_argument("--answer-tokens", type=int, required=True)
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--micro-batch-tokens", type=int, default=TRAIN_MICRO_BATCH_TOKENS,
+                    help="train --micro-batch-tokens (default 1024, train's on the CPU; 0 on a GPU)")
+    ap.add_argument("--grad-accum", type=int, default=1, help="train --grad-accum")
     ap.add_argument("--vocab-chunk", type=int, default=None,
                     help="words per vocabulary slice (default: 8192 with --gradient-checkpointing, else 0, as build-graph)")
     ap.add_argument("--attention-chunks", type=int, default=None,
@@ -134,10 +158,15 @@ def main():
     trainable = a.trainable if a.trainable is not None else params
     # the estimate counts 4 bytes a parameter: frozen half weights count as half as many float32 ones
     params = trainable + (params - trainable) * a.frozen_bytes_per_weight // FLOAT
-    t = estimate(shape, params, trainable, a.rows, a.row_tokens, a.answer_tokens, a.gradient_checkpointing, vocab_chunk,
-                 chunks)
+    rows = pass_rows(a.rows, a.row_tokens, a.micro_batch_tokens)
+    answer_tokens = -(-a.answer_tokens * rows // a.rows)
+    several = rows < a.rows or a.grad_accum > 1
+    if rows < a.rows:
+        print(f"one pass: {rows} of the micro-batch's {a.rows} rows (--micro-batch-tokens {a.micro_batch_tokens})")
+    t = estimate(shape, params, trainable, rows, a.row_tokens, answer_tokens, a.gradient_checkpointing, vocab_chunk,
+                 chunks, gradient_sum=several)
     print(describe(t))
-    plain = estimate(shape, params, trainable, a.rows, a.row_tokens, a.answer_tokens, False, vocab_chunk)
+    plain = estimate(shape, params, trainable, rows, a.row_tokens, answer_tokens, False, vocab_chunk, gradient_sum=several)
     print(recommendation(plain, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")))
 
 
