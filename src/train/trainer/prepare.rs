@@ -366,9 +366,14 @@ fn check_model_limits<'a>(cfg: &TrainConfig, manifest: &Manifest, tok: &PairToke
     let max_id = pairs.clone().flat_map(|p| [&p.prompt, &p.chosen, &p.rejected]).filter_map(|ids| ids.iter().max()).max().copied();
     limits.check_ids(max_id.max(Some(tok.pad_id())), &cfg.tokenizer)?;
     if cfg.ep == ExecutionProvider::Cpu {
-        let rows = 2 * cfg.batch_size.min(pairs.count());
+        // the pairs of one pass of the train graph: a pair is two rows of up to `longest` tokens
+        let at_once = match micro_batch_tokens(cfg, manifest) {
+            0 => cfg.batch_size,
+            n => (n / (2 * longest).max(1)).clamp(1, cfg.batch_size),
+        };
+        let rows = 2 * at_once.min(pairs.count());
         // the logits and their gradient, the least a step holds
-        limits.check_logits_memory("--batch-size", rows, longest, 2, "lower --batch-size or --max-length")?;
+        limits.check_logits_memory("--batch-size", rows, longest, 2, "lower --batch-size, --micro-batch-tokens or --max-length")?;
     }
     Ok(())
 }
