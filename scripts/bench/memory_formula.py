@@ -21,9 +21,10 @@ MLP width I, `heads` query heads, vocabulary V):
   gradients   4 P_t               the train graph's gradient outputs
   gradient_sum 4 P_t              the sum of the passes' gradients, when a step has several (--grad-accum > 1,
                                   or a micro-batch in passes of --micro-batch-tokens)
-  activations plain:     4 N L (12 H + 5 I + 2 heads T)   what every block keeps for its backward pass:
+  activations plain:     4 N L (12 H + 5 I + heads T)   what every block keeps for its backward pass:
                                   norms, q/k/v/o, rotary, residuals (12 H), the MLP's gate/up/act/product (5 I)
-                                  and the attention scores and probabilities [heads, T] per token (2 heads T);
+                                  and the attention probabilities [heads, T] per token (heads T: the softmax's
+                                  gradient reads its output, and the scores die with the softmax);
                                   in K query chunks (--attention-chunks K) the probabilities' lower triangle
                                   and one chunk's scores and gradients: heads T ((K + 1) / 2K + 2 / K)
               recompute: 4 N L H + one block of the above + 4 N 2 I   block inputs, one block recomputed at a
@@ -64,7 +65,7 @@ def load_config(path):
 def block_activations_per_token(shape, row_tokens, attention_chunks=0):
     """Floats one decoder block keeps per token for its backward pass (see the module doc)."""
     k = attention_chunks
-    attention = 2.0 if k < 2 else (k + 1) / (2 * k) + 2 / k
+    attention = 1.0 if k < 2 else (k + 1) / (2 * k) + 2 / k
     return 12 * shape["hidden"] + 5 * shape["intermediate"] + attention * shape["heads"] * row_tokens
 
 
