@@ -129,24 +129,43 @@ fn nonfinite_loss() {
 
 /// A micro-batch computed in parts (`--micro-batch-tokens 1`: every pair, or packed row, a pass of its
 /// own, its gradients weighted by its share of the micro-batch) trains as the whole micro-batch in one
-/// pass does, on both layouts and with gradient accumulation: the same losses, gradient norms and
-/// weights up to float rounding, where a wrong weight (a part's gradient counted as the batch's) would
-/// scale the gradient norm by the parts' count. The runs are not bit-identical: the parts did run.
+/// pass does, on both layouts and with gradient accumulation: the same losses, gradient norms, reward
+/// margins, evaluation and weights up to float rounding, where a wrong weight (a part's gradient
+/// counted as the batch's) would scale the gradient norm by the parts' count. The first step's loss is
+/// log 2 to the bit in both: each pair's reference log-probs are what the train graph computes for it.
+/// The runs are not bit-identical: the parts did run.
 #[test]
 fn micro_batches_in_parts_train_as_the_whole_micro_batch() {
     let Some(inp) = inputs() else { return };
     let dir = scratch("micro-parts");
     let data = head(&inp.train, 24, &dir, "train.jsonl");
+    let eval = head(&inp.test, 10, &dir, "eval.jsonl");
     for (layout, grad_accum) in [(LayoutChoice::Padded, 1), (LayoutChoice::Packed, 2)] {
         let art = artifacts_in(layout, &inp.model, &dir.join(format!("{layout:?}")), ObjectiveConfig::default());
         let run = |parts: usize| {
             let out = dir.join(format!("{layout:?}-{parts}"));
             // packed rows of at most 64 tokens: each of these pairs gets a row of its own, so 4 rows
-            let cfg = TrainConfig { micro_batch_tokens: Some(parts), grad_accum, pack_tokens: Some(64), ..config(&art, &data, &inp, &out, 3) };
+            let cfg = TrainConfig {
+                micro_batch_tokens: Some(parts),
+                grad_accum,
+                pack_tokens: Some(64),
+                eval_data: Some(eval.clone()),
+                eval_every: 2,
+                ..config(&art, &data, &inp, &out, 3)
+            };
             run_train(&cfg);
-            (train_records(&out), final_params(&out))
+            (train_records(&out), eval_records(&out), final_params(&out))
         };
-        let ((whole, w_params), (parts, p_params)) = (run(0), run(1));
+        let ((whole, w_eval, w_params), (parts, p_eval, p_params)) = (run(0), run(1));
+        let ln2 = f64::from(2f32.ln());
+        assert_eq!((f(&whole[0], "loss"), f(&parts[0], "loss")), (ln2, ln2), "{layout:?}: step 1 is at the reference");
+        assert!(!w_eval.is_empty() && w_eval.len() == p_eval.len());
+        for (a, b) in w_eval.iter().zip(&p_eval) {
+            for key in ["eval/loss", "eval/rewards/margins"] {
+                let (x, y) = (f(a, key), f(b, key));
+                assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{layout:?} eval at step {}: {key} {x} whole, {y} in parts", a["step"]);
+            }
+        }
         for (a, b) in whole.iter().zip(&parts) {
             for key in ["loss", "grad_norm", "rewards/margins"] {
                 let (x, y) = (f(a, key), f(b, key));

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use ort::session::Session;
 use sha2::{Digest, Sha256};
 
-use super::batch::{collate, CollateOptions};
+use super::batch::{collate_parts, CollateOptions};
 use super::device::Device;
 use super::session_io::{forward_values, Feeds};
 use crate::dpo::manifest::GraphSpec;
@@ -81,15 +81,26 @@ pub struct RefModel<'a> {
 }
 
 impl RefModel<'_> {
-    /// `(chosen, rejected)` log-probs of each of `pairs`, run as one batch.
+    /// `(chosen, rejected)` log-probs of each of `pairs`, laid out as one batch and run in the passes
+    /// training computes (`--micro-batch-tokens`), so each pair's values are those the train graph
+    /// gets for it at the first step, and the pass holds no more memory than a training pass.
     fn logps(&mut self, pairs: &[&TokenizedPair]) -> Result<Vec<(f32, f32)>> {
-        let batch = collate(pairs, self.collate)?;
-        let out = forward_values(self.session, self.spec, &batch, &vec![0.0; 2 * pairs.len()], self.params, self.device)?;
-        let (chosen, rejected) = out.policy_logps.split_at(out.policy_logps.len() / 2);
-        if chosen.len() != pairs.len() || rejected.len() != pairs.len() {
-            return Err(Error::Runtime(format!("the eval graph returned {} policy log-probs for {} pairs", out.policy_logps.len(), pairs.len())));
+        let mut by_source = std::collections::HashMap::with_capacity(pairs.len());
+        for batch in collate_parts(pairs, 0, 1, self.collate)? {
+            let n = batch.pairs();
+            let out = forward_values(self.session, self.spec, &batch, &vec![0.0; 2 * n], self.params, self.device)?;
+            let (chosen, rejected) = out.policy_logps.split_at(out.policy_logps.len() / 2);
+            if chosen.len() != n || rejected.len() != n {
+                return Err(Error::Runtime(format!("the eval graph returned {} policy log-probs for {n} pairs", out.policy_logps.len())));
+            }
+            by_source.extend(batch.source_indices.iter().copied().zip(chosen.iter().copied().zip(rejected.iter().copied())));
         }
-        Ok(chosen.iter().copied().zip(rejected.iter().copied()).collect())
+        pairs
+            .iter()
+            .map(|p| {
+                by_source.get(&p.source_index).copied().ok_or_else(|| Error::Internal(format!("no reference log-probs computed for pair {}", p.source_index)))
+            })
+            .collect()
     }
 }
 

@@ -8,7 +8,7 @@ use crate::distributed::wire::{Reader, Writer};
 use crate::distributed::Collective;
 use crate::dpo::Manifest;
 use crate::text::TokenizedPair;
-use crate::train::batch::{collate, CollateOptions};
+use crate::train::batch::{collate_parts, CollateOptions};
 use crate::train::checkpoint::TrainerState;
 use crate::train::device::Device;
 use crate::train::metrics::{num, summarise, summarise_groups, PairValues};
@@ -45,18 +45,19 @@ impl Evaluator<'_> {
         // Whole chunks round-robin over the ranks: each chunk is computed as one process would.
         for (i, chunk) in self.pairs.chunks(self.batch_size).enumerate().filter(|(i, _)| i % coll.size() == coll.rank()) {
             let refs: Vec<&TokenizedPair> = chunk.iter().collect();
-            let batch = collate(&refs, &self.collate)?;
-            let r = batch_refs(&self.refs, &batch.source_indices)?;
-            let stats = tstate.margin_stats;
-            let epsilon_beta = tstate.epsilon_beta.unwrap_or_default() as f32;
-            let extra =
-                BatchBetaInputs { margin_stats: [stats.mean as f32, stats.std as f32], selection_noise: Vec::new(), epsilon_beta, ..Default::default() };
-            let (out, _) = run_graph(session, spec, &GraphBatch { batch: &batch, refs: &r, batch_beta: &extra }, params, &[], device)?;
-            mine.push((
-                i,
-                out.loss,
-                PairValues::from_outputs(&out.chosen_rewards, &out.rejected_rewards, &out.policy_logps, &r, &out.beta, batch.groups.clone()),
-            ));
+            // in the passes training computes (`--micro-batch-tokens`): the same values, one pass's memory
+            let (mut loss_sum, mut values) = (0.0f64, PairValues::default());
+            for batch in collate_parts(&refs, 0, 1, &self.collate)? {
+                let r = batch_refs(&self.refs, &batch.source_indices)?;
+                let stats = tstate.margin_stats;
+                let epsilon_beta = tstate.epsilon_beta.unwrap_or_default() as f32;
+                let extra =
+                    BatchBetaInputs { margin_stats: [stats.mean as f32, stats.std as f32], selection_noise: Vec::new(), epsilon_beta, ..Default::default() };
+                let (out, _) = run_graph(session, spec, &GraphBatch { batch: &batch, refs: &r, batch_beta: &extra }, params, &[], device)?;
+                loss_sum += out.loss as f64 * batch.pairs() as f64;
+                values.extend(PairValues::from_outputs(&out.chosen_rewards, &out.rejected_rewards, &out.policy_logps, &r, &out.beta, batch.groups.clone()));
+            }
+            mine.push((i, (loss_sum / chunk.len() as f64) as f32, values));
         }
         let chunks = if coll.size() > 1 { gather_chunks(coll, &mine)? } else { mine };
         let mut all = PairValues::default();
