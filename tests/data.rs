@@ -120,7 +120,7 @@ fn tokenize_and_collate_exact_ids() {
     let (pairs, stats) = t.tokenize_all(&load("standard.jsonl").rows, &TruncationConfig::default()).unwrap();
     assert_eq!((stats.pairs, stats.kept, stats.truncated_prompts, stats.dropped), (2, 2, 0, 0));
     assert_eq!((pairs[0].prompt.as_slice(), pairs[0].chosen.as_slice()), (&[4, 5][..], &[6, 7, 0][..]));
-    let opts = CollateOptions { pad_id: t.pad_id(), group_by: Some("regime".into()), pad_to_multiple_of: None, packing: None };
+    let opts = CollateOptions { pad_id: t.pad_id(), group_by: Some("regime".into()), pad_to_multiple_of: None, packing: None, part_tokens: 0 };
     let b = collate(&[&pairs[0], &pairs[1]], &opts).unwrap();
     let ids: Vec<Vec<i64>> = b.input_ids.rows().into_iter().map(|r| r.to_vec()).collect();
     assert_eq!(ids, vec![vec![4, 5, 6, 7, 0], vec![6, 7, 8, 9, 0], vec![4, 5, 8, 0, 1], vec![6, 10, 0, 1, 1]]);
