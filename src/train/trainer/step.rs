@@ -16,7 +16,7 @@ use super::ranks::gather_pairs;
 use crate::distributed::Collective;
 use crate::dpo::manifest::GraphSpec;
 use crate::dpo::EpsilonDpoConfig;
-use crate::train::batch::DataLoader;
+use crate::train::batch::{Batch, DataLoader};
 use crate::train::batch_beta::MarginStats;
 use crate::train::checkpoint::TrainerState;
 use crate::train::config::TrainConfig;
@@ -174,7 +174,7 @@ impl<'a> Stepper<'a> {
     fn part(
         &mut self,
         sessions: &mut Sessions,
-        batch: &crate::train::batch::Batch,
+        batch: &Batch,
         batch_pairs: usize,
         train_refs: &RefTable,
         state: &State,
@@ -190,7 +190,7 @@ impl<'a> Stepper<'a> {
         extra.epsilon_beta = tstate.epsilon_beta.unwrap_or_default() as f32;
         extra.loss_scale = tstate.loss_scale.map_or(1.0, |s| s.scale as f32);
         let graph_started = Instant::now();
-        let fed = GraphBatch { batch: &batch, refs: &refs, batch_beta: &extra };
+        let fed = GraphBatch { batch, refs: &refs, batch_beta: &extra };
         let (out, grads) = run_graph(&mut sessions.train, &self.train_spec, &fed, &state.params, &self.grad_names, device)?;
         if let Some(s) = out.margin_stats {
             tstate.margin_stats = MarginStats::of(s);
