@@ -12,6 +12,8 @@ use betadpo::run_layout;
 use betadpo::train::config::TrainConfig;
 use betadpo::train::loss_scale::{LossScale, INITIAL_SCALE, MAX_SCALE};
 
+use serde_json::{Map, Value};
+
 use common::fixtures::scratch;
 use common::train_run::*;
 
@@ -159,20 +161,17 @@ fn micro_batches_in_parts_train_as_the_whole_micro_batch() {
         let ((whole, w_eval, w_params), (parts, p_eval, p_params)) = (run(0), run(1));
         let ln2 = f64::from(2f32.ln());
         assert_eq!((f(&whole[0], "loss"), f(&parts[0], "loss")), (ln2, ln2), "{layout:?}: step 1 is at the reference");
-        assert!(!w_eval.is_empty() && w_eval.len() == p_eval.len());
-        for (a, b) in w_eval.iter().zip(&p_eval) {
-            for key in ["eval/loss", "eval/rewards/margins"] {
-                let (x, y) = (f(a, key), f(b, key));
-                assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{layout:?} eval at step {}: {key} {x} whole, {y} in parts", a["step"]);
+        let close = |whole: &[Map<String, Value>], parts: &[Map<String, Value>], keys: &[&str]| {
+            assert!(!whole.is_empty() && whole.len() == parts.len(), "{layout:?}: {} records whole, {} in parts", whole.len(), parts.len());
+            for (a, b) in whole.iter().zip(parts) {
+                for key in keys {
+                    let (x, y) = (f(a, key), f(b, key));
+                    assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{layout:?} step {}: {key} {x} whole, {y} in parts", a["step"]);
+                }
             }
-        }
-        for (a, b) in whole.iter().zip(&parts) {
-            for key in ["loss", "grad_norm", "rewards/margins"] {
-                let (x, y) = (f(a, key), f(b, key));
-                assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{layout:?} step {}: {key} {x} whole, {y} in parts", a["step"]);
-            }
-        }
-        assert_eq!(whole.len(), parts.len());
+        };
+        close(&w_eval, &p_eval, &["eval/loss", "eval/rewards/margins"]);
+        close(&whole, &parts, &["loss", "grad_norm", "rewards/margins"]);
         let max = w_params.iter().zip(&p_params).flat_map(|(x, y)| x.data.iter().zip(&y.data).map(|(p, q)| (p - q).abs())).fold(0.0f32, f32::max);
         let differing = w_params.iter().zip(&p_params).flat_map(|(x, y)| x.data.iter().zip(&y.data)).filter(|(p, q)| p.to_bits() != q.to_bits()).count();
         eprintln!("{layout:?}: final weights differ by at most {max:e} ({differing} values not bit-identical)");

@@ -328,19 +328,21 @@ impl DataLoader {
 
     /// Produces the batch at the current position and advances.
     pub fn next_batch(&mut self) -> Result<Batch> {
-        let members: Vec<&TokenizedPair> = self.plan[self.position.index].iter().map(|&i| &self.pairs[i]).collect();
-        let batch = collate(&members, &self.collate)?;
-        self.seek(LoaderPosition { epoch: self.position.epoch, index: self.position.index + 1 });
-        Ok(batch)
+        self.advance_with(collate)
     }
 
     /// Rank `rank` of `size`'s share of the batch at the current position, in parts (see [`Shard`]),
     /// for every rank the same advance.
     pub fn next_shard(&mut self, rank: usize, size: usize) -> Result<Shard> {
+        self.advance_with(|members, opts| Ok(Shard { parts: collate_parts(members, rank, size, opts)?, batch_pairs: members.len() }))
+    }
+
+    /// `collate_with` applied to the pairs of the batch at the current position; then moves to the next.
+    fn advance_with<T>(&mut self, collate_with: impl FnOnce(&[&TokenizedPair], &CollateOptions) -> Result<T>) -> Result<T> {
         let members: Vec<&TokenizedPair> = self.plan[self.position.index].iter().map(|&i| &self.pairs[i]).collect();
-        let shard = Shard { parts: collate_parts(&members, rank, size, &self.collate)?, batch_pairs: members.len() };
+        let out = collate_with(&members, &self.collate)?;
         self.seek(LoaderPosition { epoch: self.position.epoch, index: self.position.index + 1 });
-        Ok(shard)
+        Ok(out)
     }
 }
 

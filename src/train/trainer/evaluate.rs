@@ -42,6 +42,9 @@ impl Evaluator<'_> {
         let prefix = "eval/";
         let spec = m.graph("eval")?;
         let mut mine = Vec::new();
+        let stats = tstate.margin_stats;
+        let epsilon_beta = tstate.epsilon_beta.unwrap_or_default() as f32;
+        let extra = BatchBetaInputs { margin_stats: [stats.mean as f32, stats.std as f32], selection_noise: Vec::new(), epsilon_beta, ..Default::default() };
         // Whole chunks round-robin over the ranks: each chunk is computed as one process would.
         for (i, chunk) in self.pairs.chunks(self.batch_size).enumerate().filter(|(i, _)| i % coll.size() == coll.rank()) {
             let refs: Vec<&TokenizedPair> = chunk.iter().collect();
@@ -49,10 +52,6 @@ impl Evaluator<'_> {
             let (mut loss_sum, mut values) = (0.0f64, PairValues::default());
             for batch in collate_parts(&refs, 0, 1, &self.collate)? {
                 let r = batch_refs(&self.refs, &batch.source_indices)?;
-                let stats = tstate.margin_stats;
-                let epsilon_beta = tstate.epsilon_beta.unwrap_or_default() as f32;
-                let extra =
-                    BatchBetaInputs { margin_stats: [stats.mean as f32, stats.std as f32], selection_noise: Vec::new(), epsilon_beta, ..Default::default() };
                 let (out, _) = run_graph(session, spec, &GraphBatch { batch: &batch, refs: &r, batch_beta: &extra }, params, &[], device)?;
                 loss_sum += out.loss as f64 * batch.pairs() as f64;
                 values.extend(PairValues::from_outputs(&out.chosen_rewards, &out.rejected_rewards, &out.policy_logps, &r, &out.beta, batch.groups.clone()));
