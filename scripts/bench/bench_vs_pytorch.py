@@ -397,7 +397,6 @@ def torch_worker(a):
             t_prev = t2
             losses.append(loss.item())
         loss = torch.tensor(sum(losses))
-        t1 = t0 + fwd_s
         gn = torch.nn.utils.clip_grad_norm_(params + [w, b], a.max_grad_norm)
         opt.step()
         sched.step()
